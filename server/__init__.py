@@ -1,0 +1,1 @@
+"""The vmmu server: the KVM model (`kvm`) and its gRPC adapters (`rpc`)."""

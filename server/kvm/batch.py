@@ -1,0 +1,168 @@
+"""A batch of guest accesses in the packed form it travels in (docs/model-api.md).
+
+    gpas        little-endian u64 per access
+    ops         one byte per access: bits 0-1 kind (1 read, 2 write, 3 fetch),
+                bits 2-3 log2(size), bit 4 WITH_DATA; the rest must be zero
+    write_data  the bytes of every WITH_DATA write, in order
+
+Validation happens once, here, before anything runs: a rejected batch changes nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from typing import Iterable
+
+from .errors import einval
+from .types import AccessKind
+
+__all__ = ["AccessBatch", "OP_KIND_MASK", "OP_SIZE_SHIFT", "OP_WITH_DATA", "make_op", "op_size",
+           "tlb_keys"]
+
+OP_KIND_MASK = 0x3
+OP_SIZE_SHIFT = 2
+OP_SIZE_MASK = 0x3 << OP_SIZE_SHIFT
+OP_WITH_DATA = 1 << 4
+_OP_VALID = OP_KIND_MASK | OP_SIZE_MASK | OP_WITH_DATA
+
+
+def make_op(kind: AccessKind, size: int, with_data: bool) -> int:
+    return int(kind) | ((size.bit_length() - 1) << OP_SIZE_SHIFT) | \
+        (OP_WITH_DATA if with_data else 0)
+
+
+class AccessBatch:
+    MAX_ACCESSES = 1 << 20
+
+    __slots__ = ("gpas", "ops", "write_data", "tlb_keys", "has_data")
+
+    def __init__(self, gpas: array, ops: bytes, write_data: bytes) -> None:
+        self.gpas, self.ops, self.write_data = gpas, ops, write_data
+        self.tlb_keys = tlb_keys(gpas, ops)
+        self.has_data = any(op & OP_WITH_DATA for op in set(ops))
+
+    def __len__(self) -> int:
+        return len(self.gpas)
+
+    @classmethod
+    def from_wire(cls, gpas: bytes, ops: bytes, write_data: bytes = b"",
+                  max_gpa: int = 1 << 52) -> "AccessBatch":
+        if not ops:
+            raise einval("the batch is empty")
+        if len(ops) > cls.MAX_ACCESSES:
+            raise einval(f"{len(ops)} accesses is more than the {cls.MAX_ACCESSES} a batch "
+                         "may hold")
+        if len(gpas) != 8 * len(ops):
+            raise einval(f"gpas holds {len(gpas)} bytes, {8 * len(ops)} expected for "
+                         f"{len(ops)} ops")
+        addrs = array("Q")
+        addrs.frombytes(gpas)
+        if sys.byteorder == "big":
+            addrs.byteswap()
+        batch = cls(addrs, bytes(ops), bytes(write_data))
+        batch._validate(max_gpa)
+        return batch
+
+    @classmethod
+    def build(cls, accesses: Iterable[tuple[int, int, int, bytes | None]],
+              max_gpa: int = 1 << 52) -> "AccessBatch":
+        """From (gpa, kind, size, data or None) tuples."""
+        gpas, ops, data = array("Q"), bytearray(), bytearray()
+        for gpa, kind, size, payload in accesses:
+            if size not in (1, 2, 4, 8):
+                raise einval(f"access size {size} is not 1, 2, 4 or 8")
+            gpas.append(gpa)
+            with_data = payload is not None
+            ops.append(make_op(AccessKind(kind), size, with_data))
+            if with_data and kind == AccessKind.WRITE:
+                data += payload
+        if not ops:
+            raise einval("the batch is empty")
+        batch = cls(gpas, bytes(ops), bytes(data))
+        batch._validate(max_gpa)
+        return batch
+
+    def to_wire(self) -> tuple[bytes, bytes, bytes]:
+        gpas = array("Q", self.gpas)
+        if sys.byteorder == "big":
+            gpas.byteswap()
+        return gpas.tobytes(), self.ops, self.write_data
+
+    def _validate(self, max_gpa: int) -> None:
+        """Byte-string operations only (C speed): the batch is checked before it runs."""
+        ops, n = self.ops, len(self.ops)
+        distinct = set(ops)
+        for op in distinct:
+            if op & ~_OP_VALID:
+                raise einval(f"op {op:#04x} sets reserved bits")
+            if not op & OP_KIND_MASK:
+                raise einval(f"op {op:#04x} has no access kind (1 read, 2 write, 3 fetch)")
+        raw = self.gpas.tobytes() if sys.byteorder == "little" else self.to_wire()[0]
+        bits = max_gpa.bit_length() - 1
+        for k in range(bits // 8, 8):
+            column = raw[k::8]
+            if k == bits // 8 and bits % 8:
+                column = column.translate(_at_least(1 << (bits % 8)))
+            if column.count(0) != n:
+                i = next(i for i, b in enumerate(column) if b)
+                raise einval(f"gpa {self.gpas[i]:#x} is beyond the guest physical address "
+                             f"width ({bits} bits)")
+        page_top = int.from_bytes(raw[1::8].translate(_LOW_NIBBLE_FULL), "little")
+        for op in distinct:
+            size = op_size(op)
+            if size == 1:
+                continue
+            crossing = page_top & int.from_bytes(
+                raw[0::8].translate(_at_least(256 - size + 1)), "little") & \
+                int.from_bytes(ops.translate(_equals(op)), "little")
+            if crossing:
+                i = (crossing & -crossing).bit_length() // 8
+                raise einval(f"the {size}-byte access at gpa {self.gpas[i]:#x} crosses a "
+                             "page")
+        needed = sum(ops.count(op) * op_size(op) for op in distinct
+                     if op & OP_WITH_DATA and op & OP_KIND_MASK == AccessKind.WRITE)
+        if needed != len(self.write_data):
+            raise einval(f"write_data holds {len(self.write_data)} bytes, the WITH_DATA "
+                         f"writes need {needed}")
+
+
+def tlb_keys(gpas: array, ops: bytes) -> array:
+    """The TLB key of every access, `gfn << 4 | kind`, computed with byte slicing.
+
+    On a little-endian host the key is gpa >> 8 (drop byte 0) with the low nibble
+    replaced by the kind: a handful of strided copies instead of a Python loop.
+    """
+    keys = array("Q")
+    if sys.byteorder != "little":
+        keys.extend(((gpa >> 12) << 4) | (op & OP_KIND_MASK) for gpa, op in zip(gpas, ops))
+        return keys
+    raw, n = gpas.tobytes(), len(ops)
+    out = bytearray(8 * n)
+    for k in range(1, 7):
+        out[k::8] = raw[k + 1::8]
+    low = int.from_bytes(raw[1::8].translate(_HIGH_NIBBLE), "little") | \
+        int.from_bytes(ops.translate(_KIND), "little")
+    out[0::8] = low.to_bytes(n, "little")
+    keys.frombytes(out)
+    return keys
+
+
+_HIGH_NIBBLE = bytes(b & 0xF0 for b in range(256))
+_KIND = bytes(b & OP_KIND_MASK for b in range(256))
+
+
+def _at_least(threshold: int) -> bytes:
+    """A translate table: 1 where the byte is >= threshold, else 0."""
+    return bytes(int(b >= threshold) for b in range(256))
+
+
+def _equals(value: int) -> bytes:
+    return bytes(int(b == value) for b in range(256))
+
+
+_LOW_NIBBLE_FULL = bytes(int(b & 0xF == 0xF) for b in range(256))
+
+
+def op_size(op: int) -> int:
+    return 1 << ((op & OP_SIZE_MASK) >> OP_SIZE_SHIFT)

@@ -1,0 +1,38 @@
+"""The model's one error family.
+
+    KvmError(errno)            a call KVM would fail with -errno; nothing was changed
+     +-- NoSuchObject          an unknown VM, vCPU, slot, region... (ENOENT)
+    VmBugged                   a broken invariant (KVM_BUG_ON): the VM is dead from now on
+
+`KvmError` is the caller's fault and is mapped to a gRPC status by the RPC layer (the errno
+name travels in the message). `VmBugged` is ours: the VM refuses all further work.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+__all__ = ["KvmError", "NoSuchObject", "VmBugged", "einval"]
+
+
+class KvmError(Exception):
+    """A request KVM would reject with `-errno`. The model state is unchanged."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        self.errno = errno
+        self.errno_name = _errno.errorcode.get(errno, str(errno))
+        self.reason = message
+        super().__init__(f"{self.errno_name}: {message}")
+
+
+class NoSuchObject(KvmError):
+    def __init__(self, message: str) -> None:
+        super().__init__(_errno.ENOENT, message)
+
+
+class VmBugged(Exception):
+    """KVM_BUG_ON: an invariant of the model broke. The VM is marked dead."""
+
+
+def einval(message: str) -> KvmError:
+    return KvmError(_errno.EINVAL, message)

@@ -1,0 +1,244 @@
+"""Memslots: the guest physical memory map, with `KVM_SET_USER_MEMORY_REGION`'s rules.
+
+One `Memslots` set per address space (x86: 0 normal, 1 SMM), sorted by base gfn, with a
+generation that moves on every change. `check_region` is the validation of reference §6.2,
+in KVM's order and with KVM's errnos; it decides the change kind and never mutates, so a
+rejected call changes nothing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import errno
+from dataclasses import dataclass
+
+from .errors import KvmError, einval
+from .types import (PAGE_SHIFT, PAGE_SIZE, level_shift,
+                    pages_per_level)
+
+__all__ = [
+    "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "KVM_MEMSLOT_INVALID",
+    "KVM_USER_MEM_SLOTS", "KVM_MEM_SLOTS_NUM", "KVM_ADDRESS_SPACE_NUM", "KVM_MEM_MAX_NR_PAGES",
+    "Memslot", "MemslotInfo", "Memslots", "MemslotChange", "check_region",
+]
+
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1
+KVM_MEM_GUEST_MEMFD = 1 << 2
+KVM_MEMSLOT_INVALID = 1 << 16     # internal: the slot is being deleted or moved
+VALID_FLAGS_V1 = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
+
+KVM_MEM_SLOTS_NUM = 32767         # SHRT_MAX
+KVM_USER_MEM_SLOTS = 32764        # minus the three x86 private slots
+KVM_ADDRESS_SPACE_NUM = 2
+KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
+TASK_SIZE_MAX = 1 << 47           # user addresses of a 4-level host
+
+
+class MemslotChange(enum.Enum):
+    CREATE = "create"
+    DELETE = "delete"
+    MOVE = "move"
+    FLAGS_ONLY = "flags_only"
+
+
+@dataclass(frozen=True)
+class MemslotInfo:
+    as_id: int
+    id: int
+    flags: int
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+
+
+class Memslot:
+    """One `kvm_memory_slot`. Replaced, never edited, by a memslot update."""
+
+    __slots__ = ("as_id", "id", "base_gfn", "npages", "userspace_addr", "flags")
+
+    def __init__(self, as_id: int, id: int, base_gfn: int, npages: int,
+                 userspace_addr: int, flags: int) -> None:
+        self.as_id, self.id = as_id, id
+        self.base_gfn, self.npages = base_gfn, npages
+        self.userspace_addr, self.flags = userspace_addr, flags
+
+    def copy(self, **changes) -> "Memslot":
+        fields = {k: getattr(self, k) for k in self.__slots__}
+        fields.update(changes)
+        return Memslot(**fields)
+
+    @property
+    def end_gfn(self) -> int:
+        return self.base_gfn + self.npages
+
+    @property
+    def readonly(self) -> bool:
+        return bool(self.flags & KVM_MEM_READONLY)
+
+    @property
+    def dirty_logging(self) -> bool:
+        return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES)
+
+    @property
+    def invalid(self) -> bool:
+        return bool(self.flags & KVM_MEMSLOT_INVALID)
+
+    def gfn_to_hva(self, gfn: int) -> int:
+        return self.userspace_addr + ((gfn - self.base_gfn) << PAGE_SHIFT)
+
+    def hva_to_gfn_range(self, start: int, end: int) -> tuple[int, int] | None:
+        """The gfns whose pages intersect hva [start, end), clipped to the slot."""
+        slot_end = self.userspace_addr + (self.npages << PAGE_SHIFT)
+        start, end = max(start, self.userspace_addr), min(end, slot_end)
+        if start >= end:
+            return None
+        first = self.base_gfn + ((start - self.userspace_addr) >> PAGE_SHIFT)
+        last = self.base_gfn + ((end - 1 - self.userspace_addr) >> PAGE_SHIFT)
+        return first, last + 1
+
+    def lpage_disallowed(self, gfn: int, level: int) -> bool:
+        """`lpage_info[level].disallow_lpage`: may gfn not be mapped by a `level` page?
+
+        Disallowed for the first/last frame when the slot does not start/end on a frame
+        boundary, and for every frame when gfn and hva are misaligned to each other.
+        """
+        mask = pages_per_level(level) - 1
+        if (self.base_gfn ^ (self.userspace_addr >> PAGE_SHIFT)) & mask:
+            return True
+        frame = gfn >> level_shift(level)
+        if frame == self.base_gfn >> level_shift(level) and self.base_gfn & mask:
+            return True
+        return frame == (self.end_gfn - 1) >> level_shift(level) and bool(self.end_gfn & mask)
+
+    def info(self) -> MemslotInfo:
+        return MemslotInfo(self.as_id, self.id, self.flags & ~KVM_MEMSLOT_INVALID,
+                           self.base_gfn << PAGE_SHIFT, self.npages << PAGE_SHIFT,
+                           self.userspace_addr)
+
+
+class Memslots:
+    """The slots of one address space: by id, and sorted by gfn for lookups."""
+
+    def __init__(self, as_id: int) -> None:
+        self.as_id = as_id
+        self.generation = as_id      # moves by KVM_ADDRESS_SPACE_NUM per update
+        self.by_id: dict[int, Memslot] = {}
+        self._bases: list[int] = []
+        self._sorted: list[Memslot] = []
+        self._last_used: Memslot | None = None
+
+    def lookup(self, gfn: int) -> Memslot | None:
+        """`__gfn_to_memslot`: the last used slot first, then a binary search."""
+        slot = self._last_used
+        if slot is not None and slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
+            return slot
+        i = bisect.bisect_right(self._bases, gfn) - 1
+        if i >= 0:
+            slot = self._sorted[i]
+            if gfn < slot.base_gfn + slot.npages:
+                self._last_used = slot
+                return slot
+        return None
+
+    def overlapping(self, start_gfn: int, end_gfn: int, exclude: int | None = None):
+        return [s for s in self._sorted
+                if s.base_gfn < end_gfn and start_gfn < s.end_gfn and s.id != exclude]
+
+    def in_hva_range(self, start: int, end: int):
+        """`kvm_for_each_memslot_in_hva_range`: (slot, gfn_start, gfn_end) triples."""
+        for slot in self._sorted:
+            r = slot.hva_to_gfn_range(start, end)
+            if r is not None:
+                yield slot, r[0], r[1]
+
+    def __iter__(self):
+        return iter(self._sorted)
+
+    def __len__(self) -> int:
+        return len(self._sorted)
+
+    def replace(self, old: Memslot | None, new: Memslot | None) -> None:
+        """Install `new` in place of `old` (either may be None) and move the generation."""
+        if old is not None:
+            i = self._sorted.index(old)
+            del self._sorted[i], self._bases[i]
+            del self.by_id[old.id]
+        if new is not None:
+            i = bisect.bisect_right(self._bases, new.base_gfn)
+            self._sorted.insert(i, new)
+            self._bases.insert(i, new.base_gfn)
+            self.by_id[new.id] = new
+        self._last_used = None
+        self.generation += KVM_ADDRESS_SPACE_NUM
+
+
+def check_region(spaces: list[Memslots], slot: int, flags: int, guest_phys_addr: int,
+                 memory_size: int, userspace_addr: int, max_gfn: int
+                 ) -> tuple[MemslotChange | None, Memslot | None, Memslot | None]:
+    """Validate one `KVM_SET_USER_MEMORY_REGION` call: (change, old, new).
+
+    `change` is None for a call that changes nothing (same base, flags, size and hva).
+    Raises KvmError exactly where KVM's `kvm_set_memory_region` would.
+    """
+    for name, value in (("slot", slot), ("flags", flags), ("guest_phys_addr", guest_phys_addr),
+                        ("memory_size", memory_size), ("userspace_addr", userspace_addr)):
+        if value < 0:
+            raise einval(f"{name} {value} is negative")
+    if flags & ~VALID_FLAGS_V1:
+        raise einval(f"flags {flags:#x} has bits other than LOG_DIRTY_PAGES|READONLY")
+    as_id, id = slot >> 16, slot & 0xFFFF
+    if id >= KVM_USER_MEM_SLOTS:
+        raise einval(f"slot id {id} is not below KVM_USER_MEM_SLOTS ({KVM_USER_MEM_SLOTS})")
+    if memory_size % PAGE_SIZE or memory_size >= 1 << 64:
+        raise einval(f"memory_size {memory_size:#x} is not page aligned")
+    if guest_phys_addr % PAGE_SIZE:
+        raise einval(f"guest_phys_addr {guest_phys_addr:#x} is not page aligned")
+    if userspace_addr % PAGE_SIZE:
+        raise einval(f"userspace_addr {userspace_addr:#x} is not page aligned")
+    if userspace_addr + memory_size > TASK_SIZE_MAX:
+        raise einval(f"userspace_addr {userspace_addr:#x} + size {memory_size:#x} is not a "
+                     "user address range")
+    if as_id >= KVM_ADDRESS_SPACE_NUM:
+        raise einval(f"address space {as_id} does not exist (x86 has "
+                     f"{KVM_ADDRESS_SPACE_NUM})")
+    if guest_phys_addr + memory_size >= 1 << 64:
+        raise einval("guest_phys_addr + memory_size wraps")
+    npages = memory_size >> PAGE_SHIFT
+    if npages > KVM_MEM_MAX_NR_PAGES:
+        raise einval(f"{npages} pages is more than KVM_MEM_MAX_NR_PAGES")
+
+    slots = spaces[as_id]
+    old = slots.by_id.get(id)
+    if npages == 0:
+        if old is None:
+            raise einval(f"slot {as_id}:{id} does not exist, nothing to delete")
+        return MemslotChange.DELETE, old, None
+
+    base_gfn = guest_phys_addr >> PAGE_SHIFT
+    new = Memslot(as_id, id, base_gfn, npages, userspace_addr, flags)
+    if old is None:
+        change = MemslotChange.CREATE
+    else:
+        if userspace_addr != old.userspace_addr or npages != old.npages or \
+                (flags ^ old.flags) & KVM_MEM_READONLY:
+            raise einval(f"slot {as_id}:{id} exists: its size, userspace_addr and READONLY "
+                         "cannot change")
+        if base_gfn != old.base_gfn:
+            change = MemslotChange.MOVE
+        elif flags != old.flags:
+            change = MemslotChange.FLAGS_ONLY
+        else:
+            return None, old, old
+    if change in (MemslotChange.CREATE, MemslotChange.MOVE):
+        clash = slots.overlapping(base_gfn, base_gfn + npages, exclude=id)
+        if clash:
+            raise KvmError(errno.EEXIST, f"gfns [{base_gfn:#x}, {base_gfn + npages:#x}) "
+                           f"overlap slot {as_id}:{clash[0].id}")
+        if base_gfn + npages - 1 > max_gfn:
+            raise einval(f"last gfn {base_gfn + npages - 1:#x} is above the maximum gfn "
+                         f"{max_gfn:#x}")
+    return change, old, new
+
+

@@ -1,0 +1,120 @@
+"""The page-fault path: `kvm_mmu_page_fault` down to `kvm_tdp_mmu_map`.
+
+    page_fault
+      RSVD (EPT misconfig)  -> handle_mmio_page_fault: an MMIO SPTE of this generation
+                               emulates at once; a stale one takes the full path
+      pf_taken++ -> tdp_page_fault
+        faultin_pfn         snapshot mmu_invalidate_seq; memslot; (await) host pfn;
+                            the unlocked retry pre-checks
+        mmu_lock for read   is the fault stale? (root invalid, retry_gfn)
+          hugepage_adjust   the level the slot, the lpage rules and the host allow
+          TdpMmu.map        walk, link, install with CAS
+      FIXED / EMULATE / SPURIOUS are counted; RETRY is not.
+
+A KvmError(EFAULT) out of the pfn lookup is KVM_RUN's -EFAULT (a memory-fault exit).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import spte as S
+from .mmu_internal import PFERR_RSVD_MASK, PageFault, RetPf
+from .types import MAX_HUGEPAGE_LEVEL, PG_LEVEL_4K, pages_per_level
+
+if TYPE_CHECKING:
+    from .vcpu import Vcpu
+
+__all__ = ["page_fault", "hugepage_adjust"]
+
+
+async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
+    stats = vcpu.stat
+    if error_code & PFERR_RSVD_MASK:
+        r = handle_mmio_page_fault(vcpu, gpa)
+        if r is not RetPf.INVALID:
+            return r
+    stats.pf_taken += 1
+    fault = PageFault(gpa, error_code)
+    r = await tdp_page_fault(vcpu, fault)
+    if r is RetPf.FIXED:
+        stats.pf_fixed += 1
+    elif r is RetPf.EMULATE:
+        stats.pf_emulate += 1
+    elif r is RetPf.SPURIOUS:
+        stats.pf_spurious += 1
+    else:
+        stats.pf_retry += 1
+    return r
+
+
+def handle_mmio_page_fault(vcpu: "Vcpu", gpa: int) -> RetPf:
+    """An MMIO SPTE was hit: emulate if its generation is current, else refault."""
+    vm = vcpu.vm
+    path = vm.tdp.walk(vcpu.root, gpa >> 12)
+    leaf = path[-1][3]
+    if not S.is_mmio(leaf):
+        return RetPf.RETRY          # zapped meanwhile
+    if S.mmio_generation(leaf) != vm.memslot_sets[0].generation & S.MMIO_GEN_MASK:
+        return RetPf.INVALID
+    vcpu.stat.mmio_spte_hits += 1
+    return RetPf.EMULATE
+
+
+async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
+    vm = vcpu.vm
+    r = await faultin_pfn(vcpu, fault)
+    if r is not RetPf.CONTINUE:
+        return r
+    await vm.sched.point("fault.before_lock")
+    async with vm.mmu_lock.read:
+        if vcpu.root.invalid:
+            return RetPf.RETRY
+        if fault.slot is not None and vm.notifier.retry_gfn(fault.mmu_seq, fault.gfn):
+            return RetPf.RETRY
+        hugepage_adjust(vcpu, fault)
+        r = vm.tdp.map(fault, vcpu.root)
+        if r is RetPf.EMULATE:
+            vcpu.stat.pf_mmio_spte_created += 1
+        return r
+
+
+async def faultin_pfn(vcpu: "Vcpu", fault: PageFault) -> RetPf:
+    vm = vcpu.vm
+    notifier = vm.notifier
+    fault.mmu_seq = notifier.mmu_invalidate_seq
+    await vm.sched.point("fault.after_seq_snapshot")
+    slots = vm.memslot_sets[fault.as_id]
+    fault.generation = slots.generation
+    slot = slots.lookup(fault.gfn)
+    if slot is None:
+        return RetPf.CONTINUE if fault.gfn < vm.tdp.max_gfn else RetPf.EMULATE
+    if slot.invalid:
+        return RetPf.RETRY
+    if fault.write and slot.readonly:
+        return RetPf.EMULATE                      # KVM_PFN_ERR_RO_FAULT
+    fault.slot = slot
+    if notifier.retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
+        return RetPf.RETRY
+    fault.hva = slot.gfn_to_hva(fault.gfn)
+    await vm.sched.point("fault.hva_to_pfn")
+    fault.pfn, writable, _ = vm.host.hva_to_pfn(fault.hva, fault.write)
+    fault.map_writable = writable and not slot.readonly
+    if notifier.retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
+        return RetPf.RETRY
+    return RetPf.CONTINUE
+
+
+def hugepage_adjust(vcpu: "Vcpu", fault: PageFault) -> None:
+    """Pick `goal_level`: memslot lpage rules, dirty logging and the host mapping level."""
+    slot = fault.slot
+    if slot is None or fault.max_level == PG_LEVEL_4K or slot.dirty_logging:
+        return
+    level = min(fault.max_level, MAX_HUGEPAGE_LEVEL)
+    while level > PG_LEVEL_4K and slot.lpage_disallowed(fault.gfn, level):
+        level -= 1
+    level = min(level, vcpu.vm.host.host_mapping_level(fault.hva))
+    fault.req_level = level
+    if level > PG_LEVEL_4K:
+        fault.goal_level = level
+        fault.pfn &= ~(pages_per_level(level) - 1)

@@ -1,0 +1,169 @@
+"""`mmu_lock`: the VM's reader/writer lock, fair, with owner tracking.
+
+Faults, eager splits and zaps of invalidated roots take it for read ("shared": SPTE writes
+must then be atomic, i.e. compare-and-exchange); MMU-notifier invalidation, memslot zaps and
+root invalidation take it for write.
+
+Behaviour:
+- FIFO: a request that arrives while anyone waits queues behind it, so neither a stream of
+  readers nor a stream of writers can starve the other. When the lock frees, the head
+  writer is granted alone, or every reader at the head of the queue together.
+- Ownership is handed over at release: a granted waiter owns the lock before it runs.
+- Cancellation: a cancelled waiter leaves the queue; if it was granted in the meantime, the
+  grant is released as if it had run, so cancellation never leaks the lock.
+- The owner is the asyncio task; `assert_held_read/write` check it. Read recursion is a bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import dataclass
+
+__all__ = ["MmuLock", "LockStatistics", "LockAssertion"]
+
+
+class LockAssertion(AssertionError):
+    """A locking contract was broken."""
+
+
+@dataclass(frozen=True)
+class LockStatistics:
+    read_acquisitions: int
+    write_acquisitions: int
+    read_contended: int
+    write_contended: int
+    read_wait_ns: int
+    write_wait_ns: int
+    readers: int
+    writer: bool
+    waiters: int
+
+
+class _Guard:
+    __slots__ = ("_acquire", "_release")
+
+    def __init__(self, acquire, release) -> None:
+        self._acquire, self._release = acquire, release
+
+    async def __aenter__(self) -> None:
+        await self._acquire()
+
+    async def __aexit__(self, *exc) -> None:
+        self._release()
+
+
+class MmuLock:
+    READ, WRITE = "read", "write"
+
+    def __init__(self) -> None:
+        self._readers: dict[asyncio.Task | None, int] = {}
+        self._writer: asyncio.Task | None = None
+        self._waiters: collections.deque[tuple[str, asyncio.Future, asyncio.Task]] = \
+            collections.deque()
+        self._stats = {"read_acquisitions": 0, "write_acquisitions": 0, "read_contended": 0,
+                       "write_contended": 0, "read_wait_ns": 0, "write_wait_ns": 0}
+        self.read = _Guard(self.acquire_read, self.release_read)
+        self.write = _Guard(self.acquire_write, self.release_write)
+
+    # -- acquire/release ----------------------------------------------------------
+
+    async def acquire_read(self) -> None:
+        task = asyncio.current_task()
+        if task in self._readers or self._writer is task:
+            raise LockAssertion("mmu_lock taken recursively by the same task")
+        self._stats["read_acquisitions"] += 1
+        if self._writer is None and not self._waiters:
+            self._readers[task] = 1
+            return
+        await self._wait(self.READ, task)
+
+    async def acquire_write(self) -> None:
+        task = asyncio.current_task()
+        if task in self._readers or self._writer is task:
+            raise LockAssertion("mmu_lock taken recursively by the same task")
+        self._stats["write_acquisitions"] += 1
+        if self._writer is None and not self._readers and not self._waiters:
+            self._writer = task
+            return
+        await self._wait(self.WRITE, task)
+
+    async def _wait(self, mode: str, task: asyncio.Task) -> None:
+        self._stats[f"{mode}_contended"] += 1
+        fut = asyncio.get_running_loop().create_future()
+        entry = (mode, fut, task)
+        self._waiters.append(entry)
+        start = time.perf_counter_ns()
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._release_owner(mode, task)       # granted, then cancelled
+            else:
+                self._waiters.remove(entry)
+                self._grant()                          # we may have blocked readers behind
+            raise
+        finally:
+            self._stats[f"{mode}_wait_ns"] += time.perf_counter_ns() - start
+
+    def release_read(self) -> None:
+        self._release_owner(self.READ, asyncio.current_task())
+
+    def release_write(self) -> None:
+        self._release_owner(self.WRITE, asyncio.current_task())
+
+    def _release_owner(self, mode: str, task: asyncio.Task | None) -> None:
+        if mode == self.READ:
+            if self._readers.pop(task, None) is None:
+                raise LockAssertion("mmu_lock released for read by a task that does not "
+                                    "hold it")
+        else:
+            if self._writer is not task:
+                raise LockAssertion("mmu_lock released for write by a task that does not "
+                                    "hold it")
+            self._writer = None
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters and self._writer is None:
+            mode, fut, task = self._waiters[0]
+            if fut.done():                            # cancelled, cleanup pending
+                self._waiters.popleft()
+                continue
+            if mode == self.WRITE:
+                if self._readers:
+                    return
+                self._waiters.popleft()
+                self._writer = task
+                fut.set_result(None)
+                return
+            self._waiters.popleft()
+            self._readers[task] = 1
+            fut.set_result(None)
+
+    # -- contracts ----------------------------------------------------------------
+
+    def assert_held_read(self) -> None:
+        if asyncio.current_task() not in self._readers:
+            raise LockAssertion("mmu_lock must be held for read here")
+
+    def assert_held_write(self) -> None:
+        if self._writer is None or self._writer is not asyncio.current_task():
+            raise LockAssertion("mmu_lock must be held for write here")
+
+    def assert_held(self) -> None:
+        task = asyncio.current_task()
+        if self._writer is not task and task not in self._readers:
+            raise LockAssertion("mmu_lock must be held here")
+
+    def held_for_write(self) -> bool:
+        return self._writer is not None and self._writer is asyncio.current_task()
+
+    def needbreak(self) -> bool:
+        """`rwlock_needbreak`: someone waits, so a long walk should yield."""
+        return bool(self._waiters)
+
+    def statistics(self) -> LockStatistics:
+        return LockStatistics(**self._stats, readers=len(self._readers),
+                              writer=self._writer is not None, waiters=len(self._waiters))

@@ -1,0 +1,73 @@
+"""Page-table pages (`kvm_mmu_page`): 512 real 64-bit SPTEs in an `array('Q')`.
+
+An SPTE points at its child table by pfn, so pages are registered by pfn in `PageTables`.
+A page unlinked from its tree is torn down (every entry frozen) and freed only after an RCU
+grace period; a freed page is poisoned: its entries hold POISON and any walker that reads it
+gets `UseAfterFree`.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from .errors import VmBugged
+from .host_mm import PfnAllocator
+from .spte import NONPRESENT
+from .types import PG_LEVEL_4K, PT_ENTRIES
+
+__all__ = ["MmuPage", "PageTables", "UseAfterFree", "POISON"]
+
+POISON = 0x6B6B_6B6B_6B6B_6B6B            # what a freed page holds (not MMU-present)
+_FRESH = array("Q", [NONPRESENT]) * PT_ENTRIES
+
+
+class UseAfterFree(VmBugged):
+    """A walker read a page-table page after it was freed."""
+
+
+class MmuPage:
+    __slots__ = ("spt", "pfn", "level", "gfn", "as_id", "invalid", "freed", "is_root",
+                 "root_refs")
+
+    def __init__(self, pfn: int, level: int, gfn: int, as_id: int, is_root: bool) -> None:
+        self.spt = array("Q", _FRESH)
+        self.pfn, self.level, self.gfn, self.as_id = pfn, level, gfn, as_id
+        self.invalid = False          # role.invalid: a root that must not be used for new faults
+        self.freed = False
+        self.is_root = is_root
+        self.root_refs = 2 if is_root else 0   # the creating vCPU's and the TDP MMU's own
+
+    def __repr__(self) -> str:
+        return f"MmuPage(pfn={self.pfn:#x}, level={self.level}, gfn={self.gfn:#x})"
+
+
+class PageTables:
+    """Allocation, lookup by pfn and poisoning of page-table pages."""
+
+    def __init__(self) -> None:
+        self._pfns = PfnAllocator()
+        self.by_pfn: dict[int, MmuPage] = {}
+        self.freed = 0
+
+    def alloc(self, level: int, gfn: int, as_id: int, is_root: bool = False) -> MmuPage:
+        page = MmuPage(self._pfns.alloc(PG_LEVEL_4K), level, gfn, as_id, is_root)
+        self.by_pfn[page.pfn] = page
+        return page
+
+    def free(self, page: MmuPage) -> None:
+        if page.freed:
+            raise VmBugged(f"{page!r} freed twice")
+        page.freed = True
+        page.spt[:] = array("Q", [POISON]) * PT_ENTRIES
+        del self.by_pfn[page.pfn]
+        self._pfns.free(page.pfn, PG_LEVEL_4K)
+        self.freed += 1
+
+    def child(self, pfn: int) -> MmuPage:
+        page = self.by_pfn.get(pfn)
+        if page is None:
+            raise UseAfterFree(f"SPTE points at pfn {pfn:#x}, which is no page table")
+        return page
+
+    def __len__(self) -> int:
+        return len(self.by_pfn)

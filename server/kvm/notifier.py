@@ -1,0 +1,114 @@
+"""The MMU-notifier side of a VM: invalidation state and the fault-retry check.
+
+State (reference §4.1): `mmu_invalidate_seq` moves at the end of every invalidation;
+`mmu_invalidate_in_progress` counts begun-not-ended invalidations that hit a memslot, and
+`[range_start, range_end)` is the hull of their gfns; `mn_active_invalidate_count` counts
+every start() whose end() has not finished, and memslot updates wait for it to reach zero.
+
+Contract with the host: once `invalidate_range_start` returns, no SPTE maps the range and
+every TLB is flushed; until the matching end, no fault installs a mapping of the range
+(faults check `retry_gfn` under mmu_lock against the sequence they snapshotted first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from .errors import VmBugged
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+__all__ = ["Notifier"]
+
+INVALID_GFN = -1
+
+
+class Notifier:
+    def __init__(self, vm: "Vm") -> None:
+        self.vm = vm
+        self.mmu_invalidate_seq = 0
+        self.mmu_invalidate_in_progress = 0
+        self.range_start = INVALID_GFN
+        self.range_end = INVALID_GFN
+        self.mn_active_invalidate_count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.start_hooks: list = []     # run at start() before mmu_lock: the GPC sweep
+
+    # -- the host's callbacks -------------------------------------------------------
+
+    async def invalidate_range_start(self, start: int, end: int) -> None:
+        self.mn_active_invalidate_count += 1
+        self._idle.clear()
+        for hook in self.start_hooks:
+            hook(start, end)
+        hits = self._gfn_ranges(start, end)
+        if not hits:
+            return
+        vm = self.vm
+        async with vm.mmu_lock.write:
+            self._begin()
+            flush = False
+            for as_id, gfn_start, gfn_end in hits:
+                self._range_add(gfn_start, gfn_end)
+                flush |= vm.tdp.unmap_gfn_range(as_id, gfn_start, gfn_end)
+            if flush:
+                vm.flush_remote_tlbs()
+
+    async def invalidate_range_end(self, start: int, end: int) -> None:
+        if self._gfn_ranges(start, end):
+            async with self.vm.mmu_lock.write:
+                self._end()
+        self.mn_active_invalidate_count -= 1
+        if self.mn_active_invalidate_count < 0:
+            raise VmBugged("mn_active_invalidate_count went negative")
+        if self.mn_active_invalidate_count == 0:
+            self._idle.set()
+
+    def _gfn_ranges(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        return [(slots.as_id, gfn_start, gfn_end)
+                for slots in self.vm.memslot_sets
+                for _, gfn_start, gfn_end in slots.in_hva_range(start, end)]
+
+    # -- begin/range_add/end: mmu_lock held for write --------------------------------
+
+    def _begin(self) -> None:
+        self.vm.mmu_lock.assert_held_write()
+        self.mmu_invalidate_in_progress += 1
+        if self.mmu_invalidate_in_progress == 1:
+            self.range_start = self.range_end = INVALID_GFN
+
+    def _range_add(self, start: int, end: int) -> None:
+        if self.range_start == INVALID_GFN:
+            self.range_start, self.range_end = start, end
+        else:
+            self.range_start = min(self.range_start, start)
+            self.range_end = max(self.range_end, end)
+
+    def _end(self) -> None:
+        self.vm.mmu_lock.assert_held_write()
+        self.mmu_invalidate_seq += 1
+        self.vm.stat.mmu_invalidate_seq = self.mmu_invalidate_seq
+        self.mmu_invalidate_in_progress -= 1
+        if self.mmu_invalidate_in_progress < 0:
+            raise VmBugged("mmu_invalidate_in_progress went negative")
+
+    # -- what faults ask -------------------------------------------------------------
+
+    def retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
+        """`mmu_invalidate_retry_gfn`, under mmu_lock."""
+        self.vm.mmu_lock.assert_held()
+        return self.retry_gfn_unsafe(mmu_seq, gfn)
+
+    def retry_gfn_unsafe(self, mmu_seq: int, gfn: int) -> bool:
+        """The lockless pre-check: may be wrong both ways without the lock."""
+        if self.mmu_invalidate_in_progress and self.range_start <= gfn < self.range_end:
+            return True
+        return self.mmu_invalidate_seq != mmu_seq
+
+    async def wait_idle(self) -> None:
+        """Wait until no invalidation is between start() and the end of end()."""
+        while self.mn_active_invalidate_count:
+            await self._idle.wait()

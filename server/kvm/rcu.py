@@ -1,0 +1,67 @@
+"""RCU for page-table pages: read-side sections, `call_rcu`, grace periods.
+
+A callback queued by `call_rcu` runs only once every read-side section that was active when
+it was queued has ended (a grace period). Sections may span `await`s (preemptible RCU).
+Lockless walkers (fast page fault, aging, the hardware walker's view of a freed table) run
+inside sections, so a table unlinked while they read it is still intact until they leave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from contextlib import contextmanager
+
+__all__ = ["Rcu"]
+
+
+class Rcu:
+    def __init__(self) -> None:
+        self._seq = 0                                    # advances at every call_rcu
+        self._readers: collections.Counter[int] = collections.Counter()  # start seq -> n
+        self._callbacks: collections.deque[tuple[int, object]] = collections.deque()
+        self.grace_periods = 0
+        self.callbacks_run = 0
+
+    @contextmanager
+    def read_lock(self):
+        start = self._seq
+        self._readers[start] += 1
+        try:
+            yield
+        finally:
+            self._readers[start] -= 1
+            if not self._readers[start]:
+                del self._readers[start]
+            self._advance()
+
+    def in_reader(self) -> bool:
+        return bool(self._readers)
+
+    def call_rcu(self, callback) -> None:
+        """Run `callback()` after every section active now has ended."""
+        self._seq += 1
+        self._callbacks.append((self._seq, callback))
+        self._advance()
+
+    def _advance(self) -> None:
+        oldest = min(self._readers) if self._readers else None
+        while self._callbacks and (oldest is None or oldest >= self._callbacks[0][0]):
+            _, callback = self._callbacks.popleft()
+            self.grace_periods += 1
+            self.callbacks_run += 1
+            callback()
+
+    async def synchronize(self) -> None:
+        """Wait for a grace period: every section active now has ended."""
+        fut = asyncio.get_running_loop().create_future()
+        self.call_rcu(lambda: fut.done() or fut.set_result(None))
+        await fut
+
+    async def barrier(self) -> None:
+        """Wait until every callback queued so far has run."""
+        await self.synchronize()
+
+    @property
+    def pending(self) -> int:
+        return len(self._callbacks)

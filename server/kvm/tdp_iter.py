@@ -1,0 +1,114 @@
+"""The TDP iterator: one cursor for every walk of a root's SPTEs over [start, end).
+
+Walk order, as `next()` does it:
+  1. if the walk yielded (dropped mmu_lock), restart from the root at `next_last_level_gfn`;
+  2. step down into the child of a present non-leaf SPTE, if above `min_level`
+     (re-reading the SPTE first: another task may have changed it);
+  3. otherwise step to the next SPTE of the same table;
+  4. otherwise step up and try 3 again; above the root the walk ends.
+The walk also ends when `gfn` reaches `end`. `old_spte` is the snapshot every
+compare-and-exchange is made against.
+"""
+
+from __future__ import annotations
+
+from .mmu_page import MmuPage, PageTables, UseAfterFree
+from .spte import MMU_PRESENT, LARGE, spte_to_pfn
+from .types import PG_LEVEL_4K, PT_ENTRIES
+
+__all__ = ["TdpIter"]
+
+
+class TdpIter:
+    __slots__ = ("tables", "root", "root_level", "min_level", "end", "next_last_level_gfn",
+                 "yielded_gfn", "pt_path", "level", "gfn", "index", "old_spte", "valid",
+                 "yielded")
+
+    def __init__(self, tables: PageTables, root: MmuPage, start: int, end: int,
+                 min_level: int = PG_LEVEL_4K) -> None:
+        self.tables, self.root = tables, root
+        self.root_level, self.min_level, self.end = root.level, min_level, end
+        self.pt_path: list[MmuPage | None] = [None] * (root.level + 1)
+        self.pt_path[root.level] = root
+        self.next_last_level_gfn = start
+        self._restart()
+
+    def __iter__(self):
+        while self.valid and self.gfn < self.end:
+            yield self
+            self.next()
+
+    # -- position -----------------------------------------------------------------
+
+    def _restart(self) -> None:
+        self.yielded = False
+        self.yielded_gfn = self.next_last_level_gfn
+        self.level = self.root_level
+        self.gfn = self._round(self.next_last_level_gfn, self.level)
+        self._load()
+        self.valid = True
+
+    @staticmethod
+    def _round(gfn: int, level: int) -> int:
+        return gfn & ~((1 << ((level - 1) * 9)) - 1)
+
+    def _load(self) -> None:
+        self.index = (self.gfn >> ((self.level - 1) * 9)) & (PT_ENTRIES - 1)
+        self.old_spte = self.read()
+
+    def read(self) -> int:
+        """Re-read the current SPTE (another task may have written it)."""
+        page = self.pt_path[self.level]
+        if page.freed:
+            raise UseAfterFree(f"read of freed {page!r} at index {self.index}")
+        return page.spt[self.index]
+
+    @property
+    def table(self) -> MmuPage:
+        return self.pt_path[self.level]
+
+    # -- movement -----------------------------------------------------------------
+
+    def next(self) -> None:
+        if self.yielded:
+            self._restart()
+            return
+        if self._step_down():
+            return
+        while not self._step_side():
+            if not self._step_up():
+                self.valid = False
+                return
+
+    def _step_down(self) -> bool:
+        if self.level == self.min_level:
+            return False
+        spte = self.old_spte = self.read()
+        if not spte & MMU_PRESENT or spte & LARGE or self.level == PG_LEVEL_4K:
+            return False
+        self.level -= 1
+        self.pt_path[self.level] = self.tables.child(spte_to_pfn(spte))
+        self.gfn = self._round(self.next_last_level_gfn, self.level)
+        self._load()
+        return True
+
+    def _step_side(self) -> bool:
+        if self.index == PT_ENTRIES - 1:
+            return False
+        self.gfn += 1 << ((self.level - 1) * 9)
+        self.next_last_level_gfn = self.gfn
+        self.index += 1
+        self.old_spte = self.read()
+        return True
+
+    def _step_up(self) -> bool:
+        if self.level == self.root_level:
+            return False
+        self.level += 1
+        self.gfn = self._round(self.gfn, self.level)
+        self.index = (self.gfn >> ((self.level - 1) * 9)) & (PT_ENTRIES - 1)
+        return True
+
+    def mark_yielded(self) -> None:
+        """After dropping mmu_lock: the snapshot is stale, the next step restarts."""
+        self.yielded = True

@@ -1,0 +1,242 @@
+"""The TDP MMU: roots of EPT page tables and every change made to their SPTEs.
+
+Two doors write an SPTE: `set_spte_atomic` (mmu_lock held for read: compare-and-exchange
+against the iterator's snapshot) and `iter_set_spte` (mmu_lock held for write). Both end in
+`handle_changed_spte`, the one place that keeps the books: page counts, teardown of an
+unlinked table, the present-leaf-pfn-never-changes invariant. A table unlinked from a tree
+is frozen entry by entry and freed after an RCU grace period. Functions that may need a TLB
+flush return `flush` and leave it to the caller, who flushes before dropping mmu_lock.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from . import spte as S
+from .errors import VmBugged
+from .mmu_internal import PageFault, RetPf
+from .mmu_lock import MmuLock
+from .mmu_page import MmuPage, PageTables
+from .rcu import Rcu
+from .stats import VmStats
+from .tdp_iter import TdpIter
+from .types import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, PT_ENTRIES, pages_per_level
+
+__all__ = ["TdpMmu"]
+
+_PAGE_STAT = {PG_LEVEL_4K: "pages_4k", PG_LEVEL_2M: "pages_2m", PG_LEVEL_1G: "pages_1g"}
+
+
+class TdpMmu:
+    def __init__(self, *, root_level: int, ad_enabled: bool, mmu_lock: MmuLock, rcu: Rcu,
+                 stats: VmStats, flush_remote_tlbs: Callable[[], None]) -> None:
+        self.root_level, self.ad_enabled = root_level, ad_enabled
+        self.mmu_lock, self.rcu, self.stat = mmu_lock, rcu, stats
+        self.flush_remote_tlbs = flush_remote_tlbs
+        self.tables = PageTables()
+        self.roots: list[MmuPage] = []
+        self.max_gfn = 1 << (9 * root_level)
+
+    # -- roots --------------------------------------------------------------------
+
+    def get_root(self, as_id: int) -> MmuPage:
+        """A valid root for a vCPU in `as_id`, shared with every vCPU of the same role."""
+        self.mmu_lock.assert_held()
+        for root in self.roots:
+            if root.as_id == as_id and not root.invalid:
+                root.root_refs += 1
+                return root
+        root = self.tables.alloc(self.root_level, 0, as_id, is_root=True)
+        self.roots.append(root)
+        self.stat.tdp_mmu_pages += 1
+        return root
+
+    def put_root(self, root: MmuPage) -> None:
+        root.root_refs -= 1
+        if root.root_refs == 0:
+            if not root.invalid:
+                raise VmBugged(f"last reference to valid root {root!r} dropped")
+            self.roots.remove(root)
+            self.stat.tdp_mmu_pages -= 1
+            self.rcu.call_rcu(lambda: self.tables.free(root))
+
+    def invalidate_all_roots(self) -> list[MmuPage]:
+        """Mark every valid root invalid; vCPUs must load fresh roots (and flush)."""
+        self.mmu_lock.assert_held_write()
+        fresh = [root for root in self.roots if not root.invalid]
+        for root in fresh:
+            root.invalid = True
+        return fresh
+
+    def zap_invalidated_roots(self, roots: list[MmuPage]) -> None:
+        """Zap whole roots marked invalid, then drop the TDP MMU's own reference."""
+        self.mmu_lock.assert_held()
+        for root in roots:
+            self.zap_root(root, shared=not self.mmu_lock.held_for_write())
+            self.put_root(root)
+
+    # -- the two doors ------------------------------------------------------------
+
+    def set_spte_atomic(self, it: TdpIter, new: int) -> bool:
+        """cmpxchg against `it.old_spte`; on failure refresh the snapshot and say so."""
+        self.mmu_lock.assert_held_read()
+        if S.is_frozen(it.old_spte) or it.yielded:
+            raise VmBugged("atomic SPTE write from a frozen or stale snapshot")
+        spt, i = it.table.spt, it.index
+        current = spt[i]
+        if current != it.old_spte:
+            it.old_spte = current
+            return False
+        spt[i] = new
+        self.handle_changed_spte(it.table.as_id, it.gfn, current, new, it.level, shared=True)
+        it.old_spte = new
+        return True
+
+    def iter_set_spte(self, it: TdpIter, new: int) -> None:
+        """Exclusive write (mmu_lock held for write): an exchange, so no Dirty bit is lost."""
+        self.mmu_lock.assert_held_write()
+        spt, i = it.table.spt, it.index
+        old = spt[i]
+        spt[i] = new
+        self.handle_changed_spte(it.table.as_id, it.gfn, old, new, it.level, shared=False)
+        it.old_spte = new
+
+    def handle_changed_spte(self, as_id: int, gfn: int, old: int, new: int, level: int,
+                            shared: bool) -> None:
+        was_present, is_present = bool(old & S.MMU_PRESENT), bool(new & S.MMU_PRESENT)
+        was_leaf = was_present and S.is_last(old, level)
+        is_leaf = is_present and S.is_last(new, level)
+        if was_leaf and is_leaf and S.spte_to_pfn(old) != S.spte_to_pfn(new):
+            raise VmBugged(f"present leaf for gfn {gfn:#x} changed pfn {S.spte_to_pfn(old):#x}"
+                           f" -> {S.spte_to_pfn(new):#x} without an invalidation")
+        if is_leaf and not S.check_writable_invariants(new):
+            raise VmBugged(f"illegal writable bits in SPTE {new:#x} for gfn {gfn:#x}")
+        if was_leaf != is_leaf:
+            stat = _PAGE_STAT.get(level)
+            if stat:
+                setattr(self.stat, stat, getattr(self.stat, stat) + (1 if is_leaf else -1))
+        if was_present and not was_leaf and (not is_present or is_leaf):
+            self.handle_removed_pt(self.tables.child(S.spte_to_pfn(old)), shared)
+
+    def handle_removed_pt(self, page: MmuPage, shared: bool) -> None:
+        """Tear down an unlinked table: freeze every entry, free the page after RCU."""
+        self.stat.tdp_mmu_pages -= 1
+        step = pages_per_level(page.level)
+        spt = page.spt
+        for i in range(PT_ENTRIES):
+            old = spt[i]
+            if S.is_frozen(old):
+                raise VmBugged(f"entry {i} of unlinked {page!r} is already frozen")
+            if not shared and not old & S.MMU_PRESENT:
+                continue
+            spt[i] = S.FROZEN
+            self.handle_changed_spte(page.as_id, page.gfn + i * step, old, S.FROZEN,
+                                     page.level, shared)
+        self.rcu.call_rcu(lambda: self.tables.free(page))
+
+    # -- the fault path's walk (mmu_lock held for read) -----------------------------
+
+    def map(self, fault: PageFault, root: MmuPage) -> RetPf:
+        """`kvm_tdp_mmu_map`: walk to the goal level, linking or splitting tables."""
+        self.mmu_lock.assert_held_read()
+        with self.rcu.read_lock():
+            it = None
+            for it in TdpIter(self.tables, root, fault.gfn, fault.gfn + 1, fault.goal_level):
+                if S.is_frozen(it.old_spte):
+                    return RetPf.RETRY
+                if it.level == fault.goal_level:
+                    break
+                old = it.old_spte
+                if old & S.MMU_PRESENT and not S.is_last(old, it.level):
+                    continue
+                sp = self.tables.alloc(it.level - 1, it.gfn, root.as_id)
+                huge = S.is_leaf_present(old, it.level)
+                if huge:
+                    for i in range(PT_ENTRIES):
+                        sp.spt[i] = S.make_small(old, it.level, i)
+                if not self.set_spte_atomic(it, S.make_nonleaf(sp.pfn, self.ad_enabled)):
+                    self.tables.free(sp)
+                    return RetPf.RETRY
+                self.stat.tdp_mmu_pages += 1
+                if huge:
+                    stat = _PAGE_STAT[it.level - 1]
+                    setattr(self.stat, stat, getattr(self.stat, stat) + PT_ENTRIES)
+            if it is None or it.level != fault.goal_level:
+                return RetPf.RETRY
+            return self._map_target_level(fault, it)
+
+    def _map_target_level(self, fault: PageFault, it: TdpIter) -> RetPf:
+        old = it.old_spte
+        if S.is_leaf_present(old, it.level) and (fault.prefetch or _access_allowed(fault, old)):
+            return RetPf.SPURIOUS
+        if fault.slot is None:
+            new = S.make_mmio(fault.gfn, fault.generation)
+        else:
+            new = S.make_leaf(fault.pfn, it.level, host_writable=fault.map_writable,
+                              writable=fault.map_writable, ad_enabled=self.ad_enabled,
+                              prefetch=fault.prefetch)
+        if new == old:
+            return RetPf.SPURIOUS
+        if not self.set_spte_atomic(it, new):
+            return RetPf.RETRY
+        if old & S.MMU_PRESENT and not S.is_last(old, it.level):
+            self.flush_remote_tlbs()          # a table was replaced by a huge leaf
+        if fault.slot is None:
+            return RetPf.EMULATE
+        return RetPf.FIXED
+
+    # -- zaps ---------------------------------------------------------------------
+
+    def zap_leafs(self, root: MmuPage, start: int, end: int) -> bool:
+        """Leaf-only zap of [start, end): tables stay; a huge page partly inside goes whole."""
+        self.mmu_lock.assert_held_write()
+        flush = False
+        with self.rcu.read_lock():
+            for it in TdpIter(self.tables, root, start, min(end, self.max_gfn)):
+                if not S.is_leaf_present(it.old_spte, it.level):
+                    continue
+                self.iter_set_spte(it, S.NONPRESENT)
+                flush = flush or not root.invalid
+        return flush
+
+    def unmap_gfn_range(self, as_id: int, start: int, end: int) -> bool:
+        """The MMU notifier's zap: valid and invalid roots of the address space."""
+        flush = False
+        for root in list(self.roots):
+            if root.as_id == as_id:
+                flush |= self.zap_leafs(root, start, end)
+        return flush
+
+    def zap_root(self, root: MmuPage, shared: bool) -> None:
+        """Zap everything under a root, bottom level first, so each pass stays short."""
+        if shared:
+            self.mmu_lock.assert_held_read()
+        else:
+            self.mmu_lock.assert_held_write()
+        with self.rcu.read_lock():
+            for zap_level in (PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G, root.level):
+                for it in TdpIter(self.tables, root, 0, self.max_gfn, zap_level):
+                    if not it.old_spte & S.MMU_PRESENT or it.level > zap_level:
+                        continue
+                    if shared:
+                        while not self.set_spte_atomic(it, S.NONPRESENT):
+                            if not it.old_spte & S.MMU_PRESENT:
+                                break
+                    else:
+                        self.iter_set_spte(it, S.NONPRESENT)
+
+    # -- introspection ------------------------------------------------------------
+
+    def walk(self, root: MmuPage, gfn: int) -> list[tuple[int, int, int, int]]:
+        """(level, base gfn, index, spte) of every SPTE on the path to gfn, root first."""
+        with self.rcu.read_lock():
+            return [(it.level, it.gfn, it.index, it.old_spte)
+                    for it in TdpIter(self.tables, root, gfn, gfn + 1)]
+
+
+def _access_allowed(fault: PageFault, spte: int) -> bool:
+    if fault.exec:
+        return bool(spte & S.EXECUTABLE)
+    if fault.write:
+        return bool(spte & S.WRITABLE)
+    return bool(spte & S.READABLE)

@@ -1,0 +1,330 @@
+"""A vCPU: its TLB, its requests, the hardware walker, and the run loop with its exits.
+
+The run loop is the guest: accesses execute in order through the TLB (synchronous,
+allocation-free on a hit); a miss walks the EPT as the CPU does, setting Accessed (and
+Dirty on a write) when A/D bits are on; an access the EPT cannot satisfy is an EPT
+violation, converted to a #PF error code as VMX does and handed to the fault path, after
+which the access is executed again. Requests (TLB flush, reload of an obsolete root) are
+serviced at every guest entry, i.e. after every `await`, which is the only place another
+task can have queued one.
+
+TLB entries are 4K-grained, one per permitted access kind: `gfn << 4 | kind` -> pfn. W is
+granted only once the leaf's Dirty bit is set, so that the first write through a clean
+entry walks and sets D, as hardware does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+from operator import indexOf
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import spte as S
+from .batch import OP_KIND_MASK, OP_WITH_DATA, AccessBatch, op_size
+from .errors import KvmError, VmBugged
+from .mmu import page_fault
+from .mmu_internal import RetPf
+from .stats import VcpuStats
+from .types import PAGE_SIZE, AccessKind
+from .vmx import MISCONFIG_ERROR_CODE, ept_violation_qualification, \
+    error_code_from_qualification
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+__all__ = ["Vcpu", "VcpuInfo", "RunResult", "Exit", "ExitReason",
+           "KVM_REQ_TLB_FLUSH", "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS"]
+
+KVM_REQ_TLB_FLUSH = 1 << 0
+KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 1
+
+_NEED = tuple(1 << ((op & OP_KIND_MASK) - 1) if op & OP_KIND_MASK else 0 for op in range(256))
+_WALK_OK, _WALK_VIOLATION, _WALK_MISCONFIG = 0, 1, 2
+
+
+class ExitReason(enum.Enum):
+    DONE = "done"
+    MMIO = "mmio"
+    MEMORY_FAULT = "memory_fault"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True)
+class Exit:
+    reason: ExitReason
+    gpa: int = 0
+    length: int = 0
+    is_write: bool = False
+    data: bytes = b""
+    errno: int = 0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    completed: int
+    exit: Exit
+    read_data: bytes
+
+
+@dataclass(frozen=True)
+class VcpuInfo:
+    id: int
+    running: bool
+    mmio_pending: bool
+
+
+_DONE = Exit(ExitReason.DONE)
+
+
+class Vcpu:
+    def __init__(self, vm: "Vm", vcpu_id: int) -> None:
+        self.vm, self.id = vm, vcpu_id
+        self.tlb: dict[int, int] = {}
+        self.requests = 0
+        self.root = None
+        self.stat = VcpuStats()
+        self._running = False
+        self._batch: AccessBatch | None = None
+        self._pos = 0
+        self._wpos = 0
+        self._read_data = bytearray()
+        self._mmio: Exit | None = None
+        self._walk_exit = (0, 0)
+
+    def info(self) -> VcpuInfo:
+        return VcpuInfo(self.id, self._running, self._mmio is not None)
+
+    def stats(self) -> dict[str, int]:
+        return self.stat.as_dict()
+
+    def make_request(self, request: int) -> None:
+        self.requests |= request
+
+    # -- KVM_RUN ----------------------------------------------------------------------
+
+    async def run(self, batch: AccessBatch | None = None,
+                  mmio_data: bytes | None = None) -> RunResult:
+        """Run `batch` from its start, or complete a pending MMIO and resume."""
+        self.vm.check_alive()
+        if self._running:
+            raise KvmError(errno.EBUSY, f"vCPU {self.id} is already running")
+        if mmio_data is None and batch is None:
+            raise KvmError(errno.EINVAL, "run needs a batch or an MMIO completion")
+        if batch is not None and mmio_data is not None:
+            raise KvmError(errno.EINVAL, "a batch and an MMIO completion in one run")
+        if batch is not None and self._mmio is not None:
+            raise KvmError(errno.EBUSY, f"vCPU {self.id} has an MMIO exit at gpa "
+                           f"{self._mmio.gpa:#x} to complete first")
+        if mmio_data is not None:
+            self._check_mmio_completion(mmio_data)
+        self._running = True
+        try:
+            if batch is not None:
+                self._batch, self._pos, self._wpos = batch, 0, 0
+                self._read_data = bytearray()
+            else:
+                self._complete_mmio(mmio_data)
+            return await self._run_loop()
+        except VmBugged as bug:
+            self.vm.mark_dead(bug)
+            return self._result(Exit(ExitReason.INTERNAL_ERROR, errno=errno.EIO,
+                                     message=str(bug)))
+        finally:
+            self._running = False
+
+    def _check_mmio_completion(self, data: bytes) -> None:
+        pending = self._mmio
+        if pending is None:
+            raise KvmError(errno.EINVAL, f"vCPU {self.id} has no MMIO exit to complete")
+        want = 0 if pending.is_write else pending.length
+        if len(data) != want:
+            raise KvmError(errno.EINVAL, f"the MMIO {'write' if pending.is_write else 'read'}"
+                           f" at {pending.gpa:#x} completes with {want} bytes, not "
+                           f"{len(data)}")
+
+    def _complete_mmio(self, data: bytes) -> None:
+        op = self._batch.ops[self._pos]
+        if op & OP_WITH_DATA and not self._mmio.is_write:
+            self._read_data += data
+        elif op & OP_WITH_DATA:
+            self._wpos += self._mmio.length
+        self._mmio = None
+        self._pos += 1
+
+    def _result(self, exit: Exit) -> RunResult:
+        return RunResult(self._pos, exit, bytes(self._read_data))
+
+    async def _run_loop(self) -> RunResult:
+        batch = self._batch
+        n = len(batch)
+        stats = self.stat
+        while True:
+            if self.requests or self.root is None:
+                await self._enter_guest()
+            start = self._pos
+            i = self._pos = self._execute(start)
+            stats.accesses += i - start
+            if i >= n:
+                return self._result(_DONE)
+            stats.exits += 1
+            status, value = self._walk_exit
+            gpa, op = batch.gpas[i], batch.ops[i]
+            if status == _WALK_MISCONFIG:
+                stats.ept_misconfigs += 1
+                error_code = MISCONFIG_ERROR_CODE
+            else:
+                stats.ept_violations += 1
+                error_code = error_code_from_qualification(value)
+            try:
+                r = await page_fault(self, gpa, error_code)
+            except KvmError as e:
+                return self._result(Exit(ExitReason.MEMORY_FAULT, gpa=gpa,
+                                         length=op_size(op), is_write=_is_write(op),
+                                         errno=e.errno, message=e.reason))
+            if r is RetPf.EMULATE:
+                return self._mmio_exit(i)
+            if r is RetPf.RETRY:
+                await self.vm.sched.point("vcpu.retry")
+                await asyncio.sleep(0)          # let the invalidation or zap move on
+            self.vm.check_alive()
+
+    def _mmio_exit(self, i: int) -> RunResult:
+        batch = self._batch
+        op = batch.ops[i]
+        size = op_size(op)
+        data = b""
+        if _is_write(op):
+            data = batch.write_data[self._wpos:self._wpos + size] if op & OP_WITH_DATA \
+                else bytes(size)
+        self._mmio = Exit(ExitReason.MMIO, gpa=batch.gpas[i], length=size,
+                          is_write=_is_write(op), data=data)
+        self.stat.mmio_exits += 1
+        return self._result(self._mmio)
+
+    async def _enter_guest(self) -> None:
+        """`vcpu_enter_guest`'s request servicing and `kvm_mmu_reload`."""
+        if self.requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS or self.root is None or \
+                self.root.invalid:
+            await self._load_root()
+        if self.requests & KVM_REQ_TLB_FLUSH:
+            self.requests &= ~KVM_REQ_TLB_FLUSH
+            self.tlb.clear()
+            self.stat.tlb_flush += 1
+
+    async def _load_root(self) -> None:
+        vm = self.vm
+        async with vm.mmu_lock.read:
+            self.requests &= ~KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
+            if self.root is not None and self.root.invalid:
+                vm.tdp.put_root(self.root)
+                self.root = None
+            if self.root is None:
+                self.root = vm.tdp.get_root(0)
+                self.requests |= KVM_REQ_TLB_FLUSH      # a fresh root flushes locally
+
+    def release_root(self) -> None:
+        if self.root is not None:
+            self.vm.tdp.put_root(self.root)
+            self.root = None
+
+    # -- guest mode (synchronous: nothing else runs) -----------------------------------
+
+    def _execute(self, i: int) -> int:
+        """Run accesses from i until one needs the host: returns its index (or len).
+
+        Without data to move, hits are found in C: `indexOf(map(tlb.__contains__, keys))`
+        stops at the first key the TLB lacks; only misses come back to Python.
+        """
+        batch = self._batch
+        gpas, ops, n = batch.gpas, batch.ops, len(batch.gpas)
+        if not batch.has_data:
+            keys = memoryview(batch.tlb_keys)
+            contains = self.tlb.__contains__
+            while i < n:
+                try:
+                    i += indexOf(map(contains, keys[i:]), False)
+                except ValueError:
+                    return n
+                if self._tlb_fill(gpas[i], ops[i]) is None:
+                    return i
+                i += 1
+            return i
+        keys, tlb_get = batch.tlb_keys, self.tlb.get
+        while i < n:
+            op = ops[i]
+            pfn = tlb_get(keys[i])
+            if pfn is None:
+                pfn = self._tlb_fill(gpas[i], op)
+                if pfn is None:
+                    return i
+            if op & OP_WITH_DATA:
+                self._move_data(pfn, gpas[i] & (PAGE_SIZE - 1), op)
+            i += 1
+        return i
+
+    def _move_data(self, pfn: int, offset: int, op: int) -> None:
+        size = op_size(op)
+        host = self.vm.host
+        if _is_write(op):
+            host.write_pfn(pfn, offset, self._batch.write_data[self._wpos:self._wpos + size])
+            self._wpos += size
+        else:
+            self._read_data += host.read_pfn(pfn, offset, size)
+
+    def _tlb_fill(self, gpa: int, op: int) -> int | None:
+        """The hardware page walker: the pfn (and a TLB fill), or None with the reason
+        in `_walk_exit`."""
+        kind = op & OP_KIND_MASK
+        need = _NEED[op]
+        write = kind == AccessKind.WRITE
+        ad = self.vm.ad_enabled
+        tables = self.vm.tdp.tables.by_pfn
+        gfn = gpa >> 12
+        page = self.root
+        spt, level = page.spt, page.level
+        while True:
+            shift = (level - 1) * 9
+            index = (gfn >> shift) & 511
+            spte = spt[index]
+            if spte & S.MMIO_MASK == S.MMIO_VALUE:
+                self._walk_exit = (_WALK_MISCONFIG, 0)
+                return None
+            perms = spte & S.RWX
+            if not perms:
+                self._walk_exit = (_WALK_VIOLATION, ept_violation_qualification(kind, 0))
+                return None
+            if level == 1 or spte & S.LARGE:
+                break
+            if ad and not spte & S.ACCESSED:
+                spt[index] = spte | S.ACCESSED
+            page = tables[(spte & S.BASE_ADDR_MASK) >> 12]
+            if page.freed:
+                raise VmBugged(f"hardware walk through freed {page!r}")
+            spt = page.spt
+            level -= 1
+        if not perms & need:
+            self._walk_exit = (_WALK_VIOLATION, ept_violation_qualification(kind, perms))
+            return None
+        if ad:
+            new = spte | S.ACCESSED | (S.DIRTY if write else 0)
+            if new != spte:
+                spt[index] = spte = new
+        if not (spte & S.DIRTY or not ad):
+            perms &= ~S.WRITABLE
+        pfn = ((spte & S.BASE_ADDR_MASK) >> 12) + (gfn & ((1 << shift) - 1))
+        key, tlb = gfn << 4, self.tlb
+        if perms & S.READABLE:
+            tlb[key | AccessKind.READ] = pfn
+        if perms & S.WRITABLE:
+            tlb[key | AccessKind.WRITE] = pfn
+        if perms & S.EXECUTABLE:
+            tlb[key | AccessKind.EXEC] = pfn
+        return pfn
+
+
+def _is_write(op: int) -> bool:
+    return op & OP_KIND_MASK == AccessKind.WRITE

@@ -1,0 +1,257 @@
+"""A VM: the facade the RPC layer talks to, and the owner of every per-VM structure.
+
+Lifecycle: ALIVE -> DESTROYED (by `destroy`), or ALIVE -> DEAD when an invariant breaks
+(`VmBugged`, KVM_BUG_ON): a dead VM answers EIO to everything but `destroy`.
+
+Locks, outermost first: `slots_lock` (memslot updates) -> `mmu_lock`. The MMU notifier
+never takes `slots_lock`; memslot publication waits for `mn_active_invalidate_count == 0`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+from dataclasses import dataclass
+
+from . import spte as S
+from .errors import KvmError, NoSuchObject, VmBugged, einval
+from .host_mm import HostMm, HostRegionInfo
+from .memslots import (KVM_ADDRESS_SPACE_NUM, KVM_MEMSLOT_INVALID, Memslot, MemslotChange,
+                       MemslotInfo, Memslots, check_region)
+from .mmu_lock import MmuLock
+from .notifier import Notifier
+from .rcu import Rcu
+from .sched import Scheduler
+from .stats import VmStats
+from .tdp_mmu import TdpMmu
+from .types import PAGE_SHIFT, Backing
+from .vcpu import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH, Vcpu
+
+__all__ = ["Vm", "VmConfig", "VmInfo", "SpteInfo", "VmState", "KVM_MAX_VCPUS"]
+
+KVM_MAX_VCPUS = 1024
+HOST_MAXPHYADDR = 52
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    max_vcpus: int = 8
+    tdp_levels: int = 4          # 4-level EPT (48-bit gpa) or 5-level (52-bit, host-limited)
+    ad_bits: bool = True         # EPT Accessed/Dirty bits
+    name: str = ""
+
+    def validate(self) -> None:
+        if not 1 <= self.max_vcpus <= KVM_MAX_VCPUS:
+            raise einval(f"max_vcpus {self.max_vcpus} is not in 1..{KVM_MAX_VCPUS}")
+        if self.tdp_levels not in (4, 5):
+            raise einval(f"tdp_levels {self.tdp_levels} is not 4 or 5")
+
+    @property
+    def gpa_bits(self) -> int:
+        return min(HOST_MAXPHYADDR, 12 + 9 * self.tdp_levels)
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    id: int
+    name: str
+    config: VmConfig
+    nr_vcpus: int
+    nr_memslots: int
+    nr_host_regions: int
+    dead: bool
+
+
+@dataclass(frozen=True)
+class SpteInfo:
+    level: int
+    gfn: int
+    index: int
+    spte: int
+    kind: str
+    pfn: int
+    readable: bool
+    writable: bool
+    executable: bool
+    large: bool
+    accessed: bool
+    dirty: bool
+    host_writable: bool
+    mmu_writable: bool
+
+
+class VmState(enum.Enum):
+    ALIVE = "alive"
+    DEAD = "dead"
+    DESTROYED = "destroyed"
+
+
+class Vm:
+    def __init__(self, vm_id: int, config: VmConfig) -> None:
+        config.validate()
+        self.id, self.config = vm_id, config
+        self.state = VmState.ALIVE
+        self.death: str = ""
+        self.ad_enabled = config.ad_bits
+        self.max_gfn = (1 << (config.gpa_bits - PAGE_SHIFT)) - 1
+        self.stat = VmStats()
+        self.sched = Scheduler()
+        self.host = HostMm()
+        self.mmu_lock = MmuLock()
+        self.rcu = Rcu()
+        self.slots_lock = asyncio.Lock()
+        self.memslot_sets = [Memslots(as_id) for as_id in range(KVM_ADDRESS_SPACE_NUM)]
+        self.tdp = TdpMmu(root_level=config.tdp_levels, ad_enabled=config.ad_bits,
+                          mmu_lock=self.mmu_lock, rcu=self.rcu, stats=self.stat,
+                          flush_remote_tlbs=self.flush_remote_tlbs)
+        self.notifier = Notifier(self)
+        self.host.notifiers.append(self.notifier)
+        self._vcpus: dict[int, Vcpu] = {}
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def check_alive(self) -> None:
+        if self.state is VmState.DESTROYED:
+            raise NoSuchObject(f"VM {self.id} was destroyed")
+        if self.state is VmState.DEAD:
+            raise KvmError(errno.EIO, f"VM {self.id} is dead: {self.death}")
+
+    def mark_dead(self, bug: VmBugged) -> None:
+        if self.state is VmState.ALIVE:
+            self.state, self.death = VmState.DEAD, str(bug)
+
+    async def destroy(self) -> None:
+        """`kvm_destroy_vm`: no vCPU runs again; every SPTE and table goes."""
+        if self.state is VmState.DESTROYED:
+            return
+        self.state = VmState.DESTROYED
+        self.host.notifiers.remove(self.notifier)
+        async with self.mmu_lock.write:
+            roots = self.tdp.invalidate_all_roots()
+            for vcpu in self._vcpus.values():
+                vcpu.release_root()
+            self.tdp.zap_invalidated_roots(roots)
+        await self.rcu.barrier()
+
+    def info(self) -> VmInfo:
+        return VmInfo(self.id, self.config.name, self.config, len(self._vcpus),
+                      sum(len(s) for s in self.memslot_sets), len(self.host.regions()),
+                      self.state is VmState.DEAD)
+
+    # -- host memory (the VMM's own mm) ---------------------------------------------
+
+    def mmap(self, size: int, backing: Backing, *, writable: bool = True,
+             hva: int | None = None) -> HostRegionInfo:
+        self.check_alive()
+        return self.host.mmap(size, backing, writable=writable, hva=hva).info()
+
+    async def munmap(self, hva: int, size: int) -> None:
+        self.check_alive()
+        await self.host.munmap(hva, size)
+
+    def host_regions(self) -> list[HostRegionInfo]:
+        return [region.info() for region in self.host.regions()]
+
+    def read_hva(self, hva: int, length: int) -> bytes:
+        self.check_alive()
+        return self.host.read(hva, length)
+
+    def write_hva(self, hva: int, data: bytes) -> None:
+        self.check_alive()
+        self.host.write(hva, data)
+
+    # -- memslots ---------------------------------------------------------------------
+
+    async def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int,
+                                     memory_size: int, userspace_addr: int) -> None:
+        """`KVM_SET_USER_MEMORY_REGION`: create, delete (size 0), move or change flags."""
+        self.check_alive()
+        async with self.slots_lock:
+            change, old, new = check_region(self.memslot_sets, slot, flags, guest_phys_addr,
+                                            memory_size, userspace_addr, self.max_gfn)
+            if change is None:
+                return
+            if change in (MemslotChange.DELETE, MemslotChange.MOVE):
+                invalid = old.copy(flags=old.flags | KVM_MEMSLOT_INVALID)
+                await self._publish(old, invalid)
+                await self._zap_all_fast()
+                old = invalid
+            await self._publish(old, new)
+
+    async def _publish(self, old: Memslot | None, new: Memslot | None) -> None:
+        """`kvm_swap_active_memslots`: wait out MMU-notifier invalidations, then swap."""
+        await self.notifier.wait_idle()
+        self.memslot_sets[(new or old).as_id].replace(old, new)
+
+    async def _zap_all_fast(self) -> None:
+        """`kvm_mmu_zap_all_fast`: invalidate every root under the write lock, then zap
+        the old roots under the read lock while vCPUs fault into fresh ones."""
+        async with self.mmu_lock.write:
+            roots = self.tdp.invalidate_all_roots()
+            for vcpu in self._vcpus.values():
+                vcpu.make_request(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
+        async with self.mmu_lock.read:
+            self.tdp.zap_invalidated_roots(roots)
+
+    def memslots(self) -> list[MemslotInfo]:
+        return [slot.info() for slots in self.memslot_sets for slot in slots]
+
+    # -- vCPUs ------------------------------------------------------------------------
+
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        self.check_alive()
+        if not 0 <= vcpu_id < self.config.max_vcpus:
+            raise einval(f"vCPU id {vcpu_id} is not below max_vcpus "
+                         f"({self.config.max_vcpus})")
+        if vcpu_id in self._vcpus:
+            raise KvmError(errno.EEXIST, f"vCPU {vcpu_id} exists")
+        vcpu = self._vcpus[vcpu_id] = Vcpu(self, vcpu_id)
+        return vcpu
+
+    def vcpu(self, vcpu_id: int) -> Vcpu:
+        self.check_alive()
+        try:
+            return self._vcpus[vcpu_id]
+        except KeyError:
+            raise NoSuchObject(f"VM {self.id} has no vCPU {vcpu_id}") from None
+
+    def vcpus(self) -> list[Vcpu]:
+        return list(self._vcpus.values())
+
+    def flush_remote_tlbs(self) -> None:
+        """`kvm_flush_remote_tlbs`: every vCPU flushes before it next uses its TLB."""
+        self.stat.remote_tlb_flush_requests += 1
+        for vcpu in self._vcpus.values():
+            vcpu.make_request(KVM_REQ_TLB_FLUSH)
+        if self._vcpus:
+            self.stat.remote_tlb_flush += 1
+
+    # -- introspection ----------------------------------------------------------------
+
+    def walk(self, gpa: int, as_id: int = 0) -> list[SpteInfo]:
+        """Every SPTE on the path to gpa in the current root of `as_id`, root first."""
+        self.check_alive()
+        if not 0 <= as_id < KVM_ADDRESS_SPACE_NUM:
+            raise einval(f"address space {as_id} does not exist")
+        if not 0 <= gpa <= (self.max_gfn << PAGE_SHIFT) | 0xFFF:
+            raise einval(f"gpa {gpa:#x} is beyond the guest physical address width")
+        root = next((r for r in self.tdp.roots if r.as_id == as_id and not r.invalid), None)
+        if root is None:
+            return []
+        return [_spte_info(level, gfn, index, value)
+                for level, gfn, index, value in self.tdp.walk(root, gpa >> PAGE_SHIFT)]
+
+    def stats(self) -> dict[str, int]:
+        return self.stat.as_dict()
+
+
+def _spte_info(level: int, gfn: int, index: int, value: int) -> SpteInfo:
+    kind = S.describe(value, level)
+    present = kind in ("leaf", "table")
+    return SpteInfo(level, gfn, index, value, kind,
+                    S.spte_to_pfn(value) if present else 0,
+                    present and bool(value & S.READABLE), present and S.is_writable(value),
+                    present and bool(value & S.EXECUTABLE), present and S.is_large(value),
+                    present and S.is_accessed(value), present and S.is_dirty(value),
+                    S.is_host_writable(value), S.is_mmu_writable(value))
