@@ -40,7 +40,7 @@ class AccessBatch:
     def __init__(self, gpas: array, ops: bytes, write_data: bytes) -> None:
         self.gpas, self.ops, self.write_data = gpas, ops, write_data
         self.tlb_keys = tlb_keys(gpas, ops)
-        self.has_data = any(op & OP_WITH_DATA for op in set(ops))
+        self.has_data = ops.translate(_WITH_DATA).find(1) >= 0
 
     def __len__(self) -> int:
         return len(self.gpas)
@@ -92,12 +92,12 @@ class AccessBatch:
     def _validate(self, max_gpa: int) -> None:
         """Byte-string operations only (C speed): the batch is checked before it runs."""
         ops, n = self.ops, len(self.ops)
-        distinct = set(ops)
-        for op in distinct:
-            if op & ~_OP_VALID:
-                raise einval(f"op {op:#04x} sets reserved bits")
-            if not op & OP_KIND_MASK:
-                raise einval(f"op {op:#04x} has no access kind (1 read, 2 write, 3 fetch)")
+        bad = ops.translate(_INVALID_OP).find(1)
+        if bad >= 0:
+            op = ops[bad]
+            raise einval(f"op {op:#04x} of access {bad} "
+                         + ("sets reserved bits" if op & ~_OP_VALID else
+                            "has no access kind (1 read, 2 write, 3 fetch)"))
         raw = self.gpas.tobytes() if sys.byteorder == "little" else self.to_wire()[0]
         bits = max_gpa.bit_length() - 1
         for k in range(bits // 8, 8):
@@ -106,41 +106,58 @@ class AccessBatch:
                 column = column.translate(_at_least(1 << (bits % 8)))
             if column.count(0) != n:
                 i = next(i for i, b in enumerate(column) if b)
-                raise einval(f"gpa {self.gpas[i]:#x} is beyond the guest physical address "
-                             f"width ({bits} bits)")
-        page_top = int.from_bytes(raw[1::8].translate(_LOW_NIBBLE_FULL), "little")
-        for op in distinct:
-            size = op_size(op)
-            if size == 1:
+                raise einval(f"gpa {self.gpas[i]:#x} of access {i} is beyond the guest "
+                             f"physical address width ({bits} bits)")
+        page_top = None
+        for size, (is_size, low_byte_crosses) in _CROSSING.items():
+            sized = ops.translate(is_size)
+            if sized.find(1) < 0:
                 continue
-            crossing = page_top & int.from_bytes(
-                raw[0::8].translate(_at_least(256 - size + 1)), "little") & \
-                int.from_bytes(ops.translate(_equals(op)), "little")
+            if page_top is None:
+                page_top = int.from_bytes(raw[1::8].translate(_LOW_NIBBLE_FULL), "little")
+            crossing = page_top & int.from_bytes(sized, "little") & \
+                int.from_bytes(raw[0::8].translate(low_byte_crosses), "little")
             if crossing:
                 i = (crossing & -crossing).bit_length() // 8
-                raise einval(f"the {size}-byte access at gpa {self.gpas[i]:#x} crosses a "
-                             "page")
-        needed = sum(ops.count(op) * op_size(op) for op in distinct
-                     if op & OP_WITH_DATA and op & OP_KIND_MASK == AccessKind.WRITE)
+                raise einval(f"the {size}-byte access {i} at gpa {self.gpas[i]:#x} crosses "
+                             "a page")
+        needed = 0
+        if ops.translate(_DATA_WRITE).find(1) >= 0:
+            needed = sum(size * ops.translate(table).count(1)
+                         for size, table in _DATA_WRITE_OF_SIZE.items())
         if needed != len(self.write_data):
             raise einval(f"write_data holds {len(self.write_data)} bytes, the WITH_DATA "
                          f"writes need {needed}")
+
+
+def _table(predicate) -> bytes:
+    """A `bytes.translate` table: 1 where predicate(byte), else 0."""
+    return bytes(int(bool(predicate(b))) for b in range(256))
+
+
+def _at_least(threshold: int) -> bytes:
+    return _table(lambda b: b >= threshold)
+
+
+
+def op_size(op: int) -> int:
+    return 1 << ((op & OP_SIZE_MASK) >> OP_SIZE_SHIFT)
 
 
 def tlb_keys(gpas: array, ops: bytes) -> array:
     """The TLB key of every access, `gfn << 4 | kind`, computed with byte slicing.
 
     On a little-endian host the key is gpa >> 8 (drop byte 0) with the low nibble
-    replaced by the kind: a handful of strided copies instead of a Python loop.
+    replaced by the kind: a copy and two strided writes instead of a Python loop.
     """
     keys = array("Q")
     if sys.byteorder != "little":
         keys.extend(((gpa >> 12) << 4) | (op & OP_KIND_MASK) for gpa, op in zip(gpas, ops))
         return keys
     raw, n = gpas.tobytes(), len(ops)
-    out = bytearray(8 * n)
-    for k in range(1, 7):
-        out[k::8] = raw[k + 1::8]
+    out = bytearray(raw[1:])
+    out.append(0)
+    out[7::8] = bytes(n)               # the byte each key borrowed from the next gpa
     low = int.from_bytes(raw[1::8].translate(_HIGH_NIBBLE), "little") | \
         int.from_bytes(ops.translate(_KIND), "little")
     out[0::8] = low.to_bytes(n, "little")
@@ -150,19 +167,14 @@ def tlb_keys(gpas: array, ops: bytes) -> array:
 
 _HIGH_NIBBLE = bytes(b & 0xF0 for b in range(256))
 _KIND = bytes(b & OP_KIND_MASK for b in range(256))
-
-
-def _at_least(threshold: int) -> bytes:
-    """A translate table: 1 where the byte is >= threshold, else 0."""
-    return bytes(int(b >= threshold) for b in range(256))
-
-
-def _equals(value: int) -> bytes:
-    return bytes(int(b == value) for b in range(256))
-
-
-_LOW_NIBBLE_FULL = bytes(int(b & 0xF == 0xF) for b in range(256))
-
-
-def op_size(op: int) -> int:
-    return 1 << ((op & OP_SIZE_MASK) >> OP_SIZE_SHIFT)
+_INVALID_OP = _table(lambda op: op & ~_OP_VALID or not op & OP_KIND_MASK)
+_WITH_DATA = _table(lambda op: op & OP_WITH_DATA)
+_LOW_NIBBLE_FULL = _table(lambda b: b & 0xF == 0xF)
+# size -> (ops of that size, low gpa bytes that cross a page when bits 8-11 are all set)
+_CROSSING = {size: (_table(lambda op, s=size: op_size(op) == s), _at_least(256 - size + 1))
+             for size in (2, 4, 8)}
+_DATA_WRITE = _table(lambda op: op & OP_WITH_DATA and op & OP_KIND_MASK == AccessKind.WRITE)
+_DATA_WRITE_OF_SIZE = {
+    size: _table(lambda op, s=size: op_size(op) == s and op & OP_WITH_DATA
+                 and op & OP_KIND_MASK == AccessKind.WRITE)
+    for size in (1, 2, 4, 8)}

@@ -80,8 +80,8 @@ class HostRegion:
 class PfnAllocator:
     """Host physical frames, naturally aligned per size, recycled through free lists."""
 
-    def __init__(self) -> None:
-        self._next = FIRST_PFN
+    def __init__(self, first: int = FIRST_PFN) -> None:
+        self._next = first
         self._free: dict[int, list[int]] = {PG_LEVEL_4K: [], PG_LEVEL_2M: [], PG_LEVEL_1G: []}
         self.allocated_4k = 0
 

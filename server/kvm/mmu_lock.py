@@ -101,7 +101,8 @@ class MmuLock:
             if fut.done() and not fut.cancelled():
                 self._release_owner(mode, task)       # granted, then cancelled
             else:
-                self._waiters.remove(entry)
+                if entry in self._waiters:             # a release may have popped it already
+                    self._waiters.remove(entry)
                 self._grant()                          # we may have blocked readers behind
             raise
         finally:

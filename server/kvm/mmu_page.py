@@ -18,6 +18,7 @@ from .types import PG_LEVEL_4K, PT_ENTRIES
 __all__ = ["MmuPage", "PageTables", "UseAfterFree", "POISON"]
 
 POISON = 0x6B6B_6B6B_6B6B_6B6B            # what a freed page holds (not MMU-present)
+FIRST_TABLE_PFN = 0x1000                  # kernel memory for tables: below guest memory
 _FRESH = array("Q", [NONPRESENT]) * PT_ENTRIES
 
 
@@ -45,7 +46,7 @@ class PageTables:
     """Allocation, lookup by pfn and poisoning of page-table pages."""
 
     def __init__(self) -> None:
-        self._pfns = PfnAllocator()
+        self._pfns = PfnAllocator(FIRST_TABLE_PFN)
         self.by_pfn: dict[int, MmuPage] = {}
         self.freed = 0
 

@@ -123,7 +123,8 @@ def make_leaf(pfn: int, level: int, *, host_writable: bool, writable: bool,
 
     `host_writable` is the host mapping's (and the memslot's) permission, fixed for the
     life of the SPTE. `writable` says whether this SPTE may be writable now; a writable leaf
-    gets W | MMU-writable | D, so that hardware never has to set D itself. A host-writable
+    gets W | MMU-writable, and D when A/D bits are on, so that hardware never has to set D
+    itself (with A/D off there is no hardware D and KVM leaves the bit clear). A host-writable
     leaf that is not writable keeps MMU-writable: a later write may be fixed without
     mmu_lock.
     """
@@ -139,7 +140,7 @@ def make_leaf(pfn: int, level: int, *, host_writable: bool, writable: bool,
     if host_writable:
         spte |= HOST_WRITABLE | MMU_WRITABLE
         if writable:
-            spte |= WRITABLE | DIRTY
+            spte |= WRITABLE | (DIRTY if ad_enabled else 0)
     if prefetch:
         spte = mark_for_access_track(spte)
     return spte
@@ -149,7 +150,7 @@ def make_mmio(gfn: int, generation: int) -> int:
     gen = generation & MMIO_GEN_MASK
     low = gen & ((1 << _MMIO_GEN_LOW_BITS) - 1)
     high = gen >> _MMIO_GEN_LOW_BITS
-    return (SUPPRESS_VE | MMIO_VALUE | (low << _MMIO_GEN_LOW_SHIFT)
+    return (MMIO_VALUE | (low << _MMIO_GEN_LOW_SHIFT)
             | (high << _MMIO_GEN_HIGH_SHIFT) | (gfn << 12))
 
 
@@ -177,6 +178,8 @@ def mark_for_access_track(spte: int) -> int:
     """Age an SPTE: clear A, or with A/D disabled stash R/X and clear RWX (W is not kept)."""
     if not ad_disabled(spte):
         return spte & ~ACCESSED
+    if is_access_track(spte):
+        return spte      # already aged: R/X are stashed, recomputing would lose them
     saved = (spte & (READABLE | EXECUTABLE)) << ACC_TRACK_SAVED_SHIFT
     return (spte & ~(RWX | ACCESSED | ACC_TRACK_SAVED_MASK)) | saved
 

@@ -154,6 +154,7 @@ class Vcpu:
             self._wpos += self._mmio.length
         self._mmio = None
         self._pos += 1
+        self.stat.accesses += 1
 
     def _result(self, exit: Exit) -> RunResult:
         return RunResult(self._pos, exit, bytes(self._read_data))
@@ -236,13 +237,16 @@ class Vcpu:
     def _execute(self, i: int) -> int:
         """Run accesses from i until one needs the host: returns its index (or len).
 
-        Without data to move, hits are found in C: `indexOf(map(tlb.__contains__, keys))`
-        stops at the first key the TLB lacks; only misses come back to Python.
+        Without data to move, hits are found in C: a batch whose keys are all in the TLB
+        is done at once, else `indexOf(map(tlb.__contains__, keys))` stops at the first
+        key the TLB lacks; only misses come back to Python.
         """
         batch = self._batch
         gpas, ops, n = batch.gpas, batch.ops, len(batch.gpas)
         if not batch.has_data:
             keys = memoryview(batch.tlb_keys)
+            if i == 0 and self.tlb.keys() >= set(keys):
+                return n                       # every access hits
             contains = self.tlb.__contains__
             while i < n:
                 try:
@@ -284,6 +288,10 @@ class Vcpu:
         ad = self.vm.ad_enabled
         tables = self.vm.tdp.tables.by_pfn
         gfn = gpa >> 12
+        if gfn >= self.vm.tdp.max_gfn:
+            # Beyond what the root maps: indexing would wrap onto a low gfn's entries.
+            self._walk_exit = (_WALK_VIOLATION, ept_violation_qualification(kind, 0))
+            return None
         page = self.root
         spt, level = page.spt, page.level
         while True:

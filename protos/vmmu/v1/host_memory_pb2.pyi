@@ -1,0 +1,109 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Backing(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BACKING_UNSPECIFIED: _ClassVar[Backing]
+    BACKING_PAGE_4K: _ClassVar[Backing]
+    BACKING_THP: _ClassVar[Backing]
+    BACKING_HUGETLB_1G: _ClassVar[Backing]
+BACKING_UNSPECIFIED: Backing
+BACKING_PAGE_4K: Backing
+BACKING_THP: Backing
+BACKING_HUGETLB_1G: Backing
+
+class HostRegion(_message.Message):
+    __slots__ = ("hva", "size", "backing", "read_only", "populated_4k_pages")
+    HVA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    BACKING_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    POPULATED_4K_PAGES_FIELD_NUMBER: _ClassVar[int]
+    hva: int
+    size: int
+    backing: Backing
+    read_only: bool
+    populated_4k_pages: int
+    def __init__(self, hva: _Optional[int] = ..., size: _Optional[int] = ..., backing: _Optional[_Union[Backing, str]] = ..., read_only: _Optional[bool] = ..., populated_4k_pages: _Optional[int] = ...) -> None: ...
+
+class CreateRegionRequest(_message.Message):
+    __slots__ = ("vm_id", "size", "backing", "read_only", "hva")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    BACKING_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    HVA_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    size: int
+    backing: Backing
+    read_only: bool
+    hva: int
+    def __init__(self, vm_id: _Optional[int] = ..., size: _Optional[int] = ..., backing: _Optional[_Union[Backing, str]] = ..., read_only: _Optional[bool] = ..., hva: _Optional[int] = ...) -> None: ...
+
+class CreateRegionResponse(_message.Message):
+    __slots__ = ("region",)
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    region: HostRegion
+    def __init__(self, region: _Optional[_Union[HostRegion, _Mapping]] = ...) -> None: ...
+
+class DestroyRegionRequest(_message.Message):
+    __slots__ = ("vm_id", "hva", "size")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    HVA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    hva: int
+    size: int
+    def __init__(self, vm_id: _Optional[int] = ..., hva: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
+class DestroyRegionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRegionsRequest(_message.Message):
+    __slots__ = ("vm_id",)
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    def __init__(self, vm_id: _Optional[int] = ...) -> None: ...
+
+class ListRegionsResponse(_message.Message):
+    __slots__ = ("regions",)
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    regions: _containers.RepeatedCompositeFieldContainer[HostRegion]
+    def __init__(self, regions: _Optional[_Iterable[_Union[HostRegion, _Mapping]]] = ...) -> None: ...
+
+class ReadHvaRequest(_message.Message):
+    __slots__ = ("vm_id", "hva", "length")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    HVA_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    hva: int
+    length: int
+    def __init__(self, vm_id: _Optional[int] = ..., hva: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class ReadHvaResponse(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class WriteHvaRequest(_message.Message):
+    __slots__ = ("vm_id", "hva", "data")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    HVA_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    hva: int
+    data: bytes
+    def __init__(self, vm_id: _Optional[int] = ..., hva: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class WriteHvaResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -1,0 +1,164 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SpteKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SPTE_KIND_UNSPECIFIED: _ClassVar[SpteKind]
+    SPTE_KIND_NON_PRESENT: _ClassVar[SpteKind]
+    SPTE_KIND_FROZEN: _ClassVar[SpteKind]
+    SPTE_KIND_MMIO: _ClassVar[SpteKind]
+    SPTE_KIND_TABLE: _ClassVar[SpteKind]
+    SPTE_KIND_LEAF: _ClassVar[SpteKind]
+SPTE_KIND_UNSPECIFIED: SpteKind
+SPTE_KIND_NON_PRESENT: SpteKind
+SPTE_KIND_FROZEN: SpteKind
+SPTE_KIND_MMIO: SpteKind
+SPTE_KIND_TABLE: SpteKind
+SPTE_KIND_LEAF: SpteKind
+
+class VmConfig(_message.Message):
+    __slots__ = ("max_vcpus", "tdp_levels", "ad_bits", "name")
+    MAX_VCPUS_FIELD_NUMBER: _ClassVar[int]
+    TDP_LEVELS_FIELD_NUMBER: _ClassVar[int]
+    AD_BITS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    max_vcpus: int
+    tdp_levels: int
+    ad_bits: bool
+    name: str
+    def __init__(self, max_vcpus: _Optional[int] = ..., tdp_levels: _Optional[int] = ..., ad_bits: _Optional[bool] = ..., name: _Optional[str] = ...) -> None: ...
+
+class VmInfo(_message.Message):
+    __slots__ = ("id", "name", "config", "nr_vcpus", "nr_memslots", "nr_host_regions", "dead")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    NR_VCPUS_FIELD_NUMBER: _ClassVar[int]
+    NR_MEMSLOTS_FIELD_NUMBER: _ClassVar[int]
+    NR_HOST_REGIONS_FIELD_NUMBER: _ClassVar[int]
+    DEAD_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    name: str
+    config: VmConfig
+    nr_vcpus: int
+    nr_memslots: int
+    nr_host_regions: int
+    dead: bool
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., config: _Optional[_Union[VmConfig, _Mapping]] = ..., nr_vcpus: _Optional[int] = ..., nr_memslots: _Optional[int] = ..., nr_host_regions: _Optional[int] = ..., dead: _Optional[bool] = ...) -> None: ...
+
+class Spte(_message.Message):
+    __slots__ = ("level", "gfn", "index", "spte", "kind", "pfn", "readable", "writable", "executable", "large", "accessed", "dirty", "host_writable", "mmu_writable")
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    GFN_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SPTE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PFN_FIELD_NUMBER: _ClassVar[int]
+    READABLE_FIELD_NUMBER: _ClassVar[int]
+    WRITABLE_FIELD_NUMBER: _ClassVar[int]
+    EXECUTABLE_FIELD_NUMBER: _ClassVar[int]
+    LARGE_FIELD_NUMBER: _ClassVar[int]
+    ACCESSED_FIELD_NUMBER: _ClassVar[int]
+    DIRTY_FIELD_NUMBER: _ClassVar[int]
+    HOST_WRITABLE_FIELD_NUMBER: _ClassVar[int]
+    MMU_WRITABLE_FIELD_NUMBER: _ClassVar[int]
+    level: int
+    gfn: int
+    index: int
+    spte: int
+    kind: SpteKind
+    pfn: int
+    readable: bool
+    writable: bool
+    executable: bool
+    large: bool
+    accessed: bool
+    dirty: bool
+    host_writable: bool
+    mmu_writable: bool
+    def __init__(self, level: _Optional[int] = ..., gfn: _Optional[int] = ..., index: _Optional[int] = ..., spte: _Optional[int] = ..., kind: _Optional[_Union[SpteKind, str]] = ..., pfn: _Optional[int] = ..., readable: _Optional[bool] = ..., writable: _Optional[bool] = ..., executable: _Optional[bool] = ..., large: _Optional[bool] = ..., accessed: _Optional[bool] = ..., dirty: _Optional[bool] = ..., host_writable: _Optional[bool] = ..., mmu_writable: _Optional[bool] = ...) -> None: ...
+
+class CreateVmRequest(_message.Message):
+    __slots__ = ("config",)
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    config: VmConfig
+    def __init__(self, config: _Optional[_Union[VmConfig, _Mapping]] = ...) -> None: ...
+
+class CreateVmResponse(_message.Message):
+    __slots__ = ("vm",)
+    VM_FIELD_NUMBER: _ClassVar[int]
+    vm: VmInfo
+    def __init__(self, vm: _Optional[_Union[VmInfo, _Mapping]] = ...) -> None: ...
+
+class DestroyVmRequest(_message.Message):
+    __slots__ = ("vm_id",)
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    def __init__(self, vm_id: _Optional[int] = ...) -> None: ...
+
+class DestroyVmResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListVmsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListVmsResponse(_message.Message):
+    __slots__ = ("vms",)
+    VMS_FIELD_NUMBER: _ClassVar[int]
+    vms: _containers.RepeatedCompositeFieldContainer[VmInfo]
+    def __init__(self, vms: _Optional[_Iterable[_Union[VmInfo, _Mapping]]] = ...) -> None: ...
+
+class GetVmRequest(_message.Message):
+    __slots__ = ("vm_id",)
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    def __init__(self, vm_id: _Optional[int] = ...) -> None: ...
+
+class GetVmResponse(_message.Message):
+    __slots__ = ("vm",)
+    VM_FIELD_NUMBER: _ClassVar[int]
+    vm: VmInfo
+    def __init__(self, vm: _Optional[_Union[VmInfo, _Mapping]] = ...) -> None: ...
+
+class GetVmStatsRequest(_message.Message):
+    __slots__ = ("vm_id",)
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    def __init__(self, vm_id: _Optional[int] = ...) -> None: ...
+
+class GetVmStatsResponse(_message.Message):
+    __slots__ = ("stats",)
+    class StatsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    stats: _containers.ScalarMap[str, int]
+    def __init__(self, stats: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class WalkEptRequest(_message.Message):
+    __slots__ = ("vm_id", "gpa", "as_id")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    GPA_FIELD_NUMBER: _ClassVar[int]
+    AS_ID_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    gpa: int
+    as_id: int
+    def __init__(self, vm_id: _Optional[int] = ..., gpa: _Optional[int] = ..., as_id: _Optional[int] = ...) -> None: ...
+
+class WalkEptResponse(_message.Message):
+    __slots__ = ("sptes",)
+    SPTES_FIELD_NUMBER: _ClassVar[int]
+    sptes: _containers.RepeatedCompositeFieldContainer[Spte]
+    def __init__(self, sptes: _Optional[_Iterable[_Union[Spte, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,104 @@
+"""TLB flushes after zaps (reference §3.5, §4.3), and data between guest and host."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from vmmu.server.kvm import AccessBatch, AccessKind, Backing, ExitReason
+
+MIB, GIB = 1 << 20, 1 << 30
+R, W = AccessKind.READ, AccessKind.WRITE
+
+
+def run(vcpu, *accesses):
+    return vcpu.run(AccessBatch.build(accesses))
+
+
+@pytest.mark.parametrize("with_data", [True, False])
+async def test_munmap_zaps_flushes_and_the_next_access_faults(kvm_guest, with_data):
+    vm, vcpu = kvm_guest.vm, kvm_guest.vcpu
+    data = b"" if with_data else None
+    assert (await run(vcpu, (0x1000, R, 8, data))).exit.reason is ExitReason.DONE
+    hits = vcpu.stats()
+    assert (await run(vcpu, (0x1000, R, 8, data))).exit.reason is ExitReason.DONE
+    assert vcpu.stats()["ept_violations"] == hits["ept_violations"]   # a TLB hit
+    vm_before = vm.stats()
+
+    await vm.munmap(kvm_guest.region.hva, kvm_guest.region.size)
+
+    assert vm.walk(0x1000)[-1].kind == "non-present"
+    assert vm.stats()["pages_2m"] == vm_before["pages_2m"] - 1
+    assert vm.stats()["remote_tlb_flush"] == vm_before["remote_tlb_flush"] + 1
+    assert vm.stats()["mmu_invalidate_seq"] == vm_before["mmu_invalidate_seq"] + 1
+    result = await run(vcpu, (0x1000, R, 8, data))
+    assert result.exit.reason is ExitReason.MEMORY_FAULT and result.exit.errno == errno.EFAULT
+    after = vcpu.stats()
+    assert after["tlb_flush"] == hits["tlb_flush"] + 1
+    assert after["ept_violations"] == hits["ept_violations"] + 1
+
+
+async def test_munmap_of_unrelated_memory_flushes_nothing(kvm_guest):
+    vm, vcpu = kvm_guest.vm, kvm_guest.vcpu
+    await run(vcpu, (0x1000, R, 8, None))
+    other = vm.mmap(2 * MIB, Backing.PAGE_4K)
+    before = vm.stats()
+    await vm.munmap(other.hva, other.size)
+    assert vm.stats() == before
+    assert (await run(vcpu, (0x1000, R, 8, None))).exit.reason is ExitReason.DONE
+    assert vcpu.stats()["tlb_flush"] == 1                  # only the first root load
+
+
+async def test_every_vcpu_drops_its_translation(kvm_guest):
+    vm = kvm_guest.vm
+    vcpus = [kvm_guest.vcpu, vm.create_vcpu(1)]
+    for vcpu in vcpus:
+        await run(vcpu, (0x1000, W, 4, b"once"))
+    await vm.munmap(kvm_guest.region.hva, kvm_guest.region.size)
+    for vcpu in vcpus:
+        result = await run(vcpu, (0x1000, R, 4, b""))
+        assert result.exit.reason is ExitReason.MEMORY_FAULT
+
+
+async def test_remapped_hva_is_seen_fresh_after_munmap(kvm_guest):
+    """The same hva mapped again holds new (zeroed) pages; the guest must not see the old."""
+    vm, vcpu, region = kvm_guest.vm, kvm_guest.vcpu, kvm_guest.region
+    await run(vcpu, (0x1000, W, 4, b"old!"))
+    await vm.munmap(region.hva, region.size)
+    vm.mmap(region.size, Backing.THP, hva=region.hva)
+    result = await run(vcpu, (0x1000, R, 4, b""))
+    assert result.exit.reason is ExitReason.DONE and result.read_data == bytes(4)
+
+
+@pytest.mark.parametrize("backing, size, gpa", [
+    (Backing.PAGE_4K, 2 * MIB, 0), (Backing.THP, 4 * MIB, 0),
+    (Backing.HUGETLB_1G, GIB, GIB),
+])
+async def test_guest_writes_reach_the_host_and_host_writes_reach_the_guest(make_guest,
+                                                                           backing, size, gpa):
+    g = await make_guest(backing, size, gpa=gpa)
+    spots = [gpa, gpa + 0x1FF8, gpa + size // 2 + 0x123, gpa + size - 8]
+    for n, spot in enumerate(spots):
+        await run(g.vcpu, (spot, W, 8, b"guest-%02d" % n))
+    for n, spot in enumerate(spots):
+        assert g.vm.read_hva(g.hva(spot), 8) == b"guest-%02d" % n
+        g.vm.write_hva(g.hva(spot), b"host--%02d" % n)
+    result = await run(g.vcpu, *[(spot, R, 8, b"") for spot in spots])
+    assert result.read_data == b"".join(b"host--%02d" % n for n in range(len(spots)))
+
+
+async def test_pure_translations_move_no_data(kvm_guest):
+    vm, vcpu = kvm_guest.vm, kvm_guest.vcpu
+    vm.write_hva(kvm_guest.region.hva + 0x40, b"keep")
+    result = await run(vcpu, (0x40, W, 4, None), (0x40, R, 4, None))
+    assert result.exit.reason is ExitReason.DONE and result.read_data == b""
+    assert vm.read_hva(kvm_guest.region.hva + 0x40, 4) == b"keep"
+
+
+async def test_host_write_to_an_unmapped_page_is_read_by_the_guest(kvm_guest):
+    """The host touches the page first: the guest must map the page the host populated."""
+    vm, vcpu = kvm_guest.vm, kvm_guest.vcpu
+    vm.write_hva(kvm_guest.region.hva + 0x300000, b"first")
+    result = await run(vcpu, (0x300000, R, 4, b""), (0x300004, R, 1, b""))
+    assert result.read_data == b"first"

@@ -1,0 +1,76 @@
+"""A vCPU racing the MMU notifier and other callers; a broken invariant kills the VM."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+
+import pytest
+
+from vmmu.server.kvm import AccessBatch, AccessKind, ExitReason, KvmError, VmBugged
+
+R = AccessKind.READ
+
+
+async def settle():
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def read(gpa):
+    return AccessBatch.build([(gpa, R, 4, b"")])
+
+
+async def test_fault_racing_munmap_retries_instead_of_mapping_a_freed_page(kvm_guest):
+    """§4.5: the pfn was looked up before the invalidation began; the fault must not
+    install it while the invalidation is between start and end."""
+    vm, vcpu, region = kvm_guest.vm, kvm_guest.vcpu, kvm_guest.region
+    await vcpu.run(read(0x0))                              # root loaded, TLB warm
+    await vm.mmu_lock.acquire_write()                      # hold everyone at the door
+    unmap = asyncio.create_task(vm.munmap(region.hva, region.size))
+    await settle()                                         # queued for the write lock
+    run = asyncio.create_task(vcpu.run(read(0x200000)))
+    await settle()                                         # pfn in hand, queued for read
+    assert vcpu.info().running and vcpu.stats()["pf_taken"] == 2   # the warm-up, then this
+    vm.mmu_lock.release_write()
+    result, _ = await asyncio.gather(run, unmap)
+
+    assert vcpu.stats()["pf_retry"] >= 1
+    assert result.exit.reason is ExitReason.MEMORY_FAULT and result.exit.errno == errno.EFAULT
+    assert vm.walk(0x200000)[-1].kind == "non-present"
+    assert vm.stats()["pages_2m"] == 0
+
+
+async def test_one_run_at_a_time(kvm_guest):
+    vm, vcpu = kvm_guest.vm, kvm_guest.vcpu
+    await vm.mmu_lock.acquire_write()
+    first = asyncio.create_task(vcpu.run(read(0x1000)))    # blocks loading its root
+    await settle()
+    assert vcpu.info().running
+    with pytest.raises(KvmError) as err:
+        await vcpu.run(read(0x2000))
+    assert err.value.errno == errno.EBUSY
+    vm.mmu_lock.release_write()
+    assert (await first).exit.reason is ExitReason.DONE
+    assert not vcpu.info().running
+
+
+async def test_a_broken_invariant_kills_the_vm(kvm_guest, monkeypatch):
+    vm, vcpu = kvm_guest.vm, kvm_guest.vcpu
+
+    def broken_map(fault, root):
+        raise VmBugged("test: invariant broken")
+
+    monkeypatch.setattr(vm.tdp, "map", broken_map)
+    result = await vcpu.run(read(0x1000))
+    assert result.exit.reason is ExitReason.INTERNAL_ERROR
+    assert result.exit.errno == errno.EIO and "invariant broken" in result.exit.message
+    assert vm.info().dead
+    for call in (lambda: vcpu.run(read(0x1000)), lambda: vm.munmap(0, 0)):
+        with pytest.raises(KvmError) as err:
+            await call()
+        assert err.value.errno == errno.EIO
+    with pytest.raises(KvmError):
+        vm.create_vcpu(1)
+    await vm.destroy()                                      # teardown still works
+    assert vm.tdp.roots == []

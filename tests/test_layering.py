@@ -1,0 +1,65 @@
+"""The model is pure Python: nothing under server/kvm may reach grpc or protobuf."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import vmmu.server.kvm
+
+MODEL_DIR = Path(vmmu.server.kvm.__file__).parent
+MODEL_FILES = sorted(MODEL_DIR.glob("*.py"))
+FORBIDDEN = ("grpc", "google.protobuf", "vmmu.server.rpc", "vmmu.client", "vmmu.v1")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute module names a file imports (relative imports stay inside the package)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                if node.level > 1:
+                    names.add("." * node.level + (node.module or ""))
+                continue
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "__import__":
+            names.update(arg.value for arg in node.args[:1] if isinstance(arg, ast.Constant))
+    return names
+
+
+def forbidden(name: str) -> bool:
+    return name.startswith("..") or any(name == f or name.startswith(f + ".")
+                                        for f in FORBIDDEN)
+
+
+def test_the_model_has_modules():
+    assert {p.stem for p in MODEL_FILES} >= {"spte", "tdp_mmu", "vcpu", "vm", "mmu_lock"}
+
+
+@pytest.mark.parametrize("path", MODEL_FILES, ids=lambda p: p.name)
+def test_model_module_imports_no_rpc_layer(path):
+    assert sorted(filter(forbidden, imported_modules(path))) == []
+
+
+def test_the_checker_sees_forbidden_imports(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import grpc\nfrom google.protobuf import message\n"
+                      "from ..rpc import servicers\nimport os\nfrom . import spte\n")
+    assert sorted(filter(forbidden, imported_modules(sample))) == [
+        "..rpc", "google.protobuf", "google.protobuf.message", "grpc"]
+
+
+def test_importing_the_model_loads_no_grpc_or_protobuf():
+    probe = ("import sys, vmmu.server.kvm\n"
+             "print(sorted(m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')"
+             " or m.startswith('google.protobuf')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

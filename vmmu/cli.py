@@ -1,0 +1,88 @@
+"""The `vmmu` command line: one function per subcommand, `main` dispatches.
+
+    vmmu serve [--listen HOST:PORT]    serve the vmmu.v1 gRPC API until SIGINT/SIGTERM
+    vmmu demo [--accesses N]           an in-process server driven through the client
+
+A subcommand is a `_add_<name>(subparsers)` that declares its arguments and sets
+`run=<function(args) -> exit status>`; `main` registers every one listed in `SUBCOMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+from vmmu.server.rpc.app import start_server
+
+__all__ = ["main", "serve", "demo"]
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Serve the vmmu.v1 gRPC API on `args.listen` until SIGINT or SIGTERM, then stop
+    gracefully: open Run streams get a grace period, then the model shuts down."""
+    try:
+        asyncio.run(_serve(args.listen))
+    except OSError as exc:
+        print(f"vmmu: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(listen: str) -> None:
+    serving = await start_server(listen)
+    host = listen.rsplit(":", 1)[0]
+    print(f"vmmu serving on {host}:{serving.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    print("vmmu stopping", flush=True)
+    await serving.stop()
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve the vmmu.v1 gRPC API",
+        description="Serve the vmmu.v1 gRPC API (with reflection and health) until SIGINT "
+                    "or SIGTERM, then stop gracefully.")
+    parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                        help=f"address to listen on (default {DEFAULT_LISTEN}; port 0 picks "
+                             "a free port)")
+    parser.set_defaults(run=serve)
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Run the demo: a VM with two memslots and two vCPUs, served and driven locally."""
+    from vmmu.demo import run_demo
+    return run_demo(args.accesses)
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="run a demo VM against an in-process server",
+                                   description=demo.__doc__)
+    parser.add_argument("--accesses", type=int, default=200_000, metavar="N",
+                        help="accesses per vCPU (default 200000)")
+    parser.set_defaults(run=demo)
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_serve, _add_demo)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vmmu", description="An executable model of the Linux KVM x86 TDP MMU.")
+    subparsers = parser.add_subparsers(metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
