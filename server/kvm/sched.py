@@ -29,7 +29,8 @@ _DONE = _Done()
 
 
 class Scheduler:
-    def __init__(self) -> None:
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
         self.hits: dict[str, int] | None = None     # per-point counts when tracing
 
     def point(self, name: str) -> _Done:

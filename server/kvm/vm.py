@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from . import spte as S
 from .errors import KvmError, NoSuchObject, VmBugged, einval
@@ -25,13 +26,27 @@ from .rcu import Rcu
 from .sched import Scheduler
 from .stats import VmStats
 from .tdp_mmu import TdpMmu
+from .trace import Tracer
 from .types import PAGE_SHIFT, Backing
 from .vcpu import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH, Vcpu
 
-__all__ = ["Vm", "VmConfig", "VmInfo", "SpteInfo", "VmState", "KVM_MAX_VCPUS"]
+__all__ = ["Vm", "VmConfig", "VmInfo", "SpteInfo", "VmState", "KVM_MAX_VCPUS", "DEBUG_KNOBS"]
 
 KVM_MAX_VCPUS = 1024
 HOST_MAXPHYADDR = 52
+
+# Debug knobs: each switches one protection of the seeds off, so that schedule exploration
+# can show the race it prevents (docs/explore.md).
+DEBUG_KNOBS = frozenset({
+    "skip_invalidate_retry",     # faults ignore mmu_invalidate_seq/in-progress (§4.5)
+    "free_tables_immediately",   # unlinked page tables are freed without a grace period
+    "skip_zap_tlb_flush",        # zaps do not flush remote TLBs
+    "aging_without_rcu",         # lockless aging walks outside an RCU read-side section
+})
+
+
+def _sanitizers_default() -> bool:
+    return os.environ.get("VMMU_SANITIZERS", "") not in ("", "0")
 
 
 @dataclass(frozen=True)
@@ -40,12 +55,20 @@ class VmConfig:
     tdp_levels: int = 4          # 4-level EPT (48-bit gpa) or 5-level (52-bit, host-limited)
     ad_bits: bool = True         # EPT Accessed/Dirty bits
     name: str = ""
+    schedule_seed: int | None = None   # deterministic schedule: a seeded choice at each point
+    sanitizers: bool = field(default_factory=_sanitizers_default)   # oracles, use-after-free
+    debug: frozenset[str] = frozenset()  # protections switched off (DEBUG_KNOBS)
 
     def validate(self) -> None:
         if not 1 <= self.max_vcpus <= KVM_MAX_VCPUS:
             raise einval(f"max_vcpus {self.max_vcpus} is not in 1..{KVM_MAX_VCPUS}")
         if self.tdp_levels not in (4, 5):
             raise einval(f"tdp_levels {self.tdp_levels} is not 4 or 5")
+        unknown = set(self.debug) - DEBUG_KNOBS
+        if unknown:
+            raise einval(f"unknown debug knobs {sorted(unknown)}; known: {sorted(DEBUG_KNOBS)}")
+        if self.schedule_seed is not None and not 0 <= self.schedule_seed < 1 << 64:
+            raise einval(f"schedule_seed {self.schedule_seed} is not a u64")
 
     @property
     def gpa_bits(self) -> int:
@@ -96,7 +119,9 @@ class Vm:
         self.ad_enabled = config.ad_bits
         self.max_gfn = (1 << (config.gpa_bits - PAGE_SHIFT)) - 1
         self.stat = VmStats()
-        self.sched = Scheduler()
+        self.knobs = frozenset(config.debug)
+        self.tracer = Tracer(vm_id)
+        self.sched = Scheduler(config.schedule_seed)
         self.host = HostMm()
         self.mmu_lock = MmuLock()
         self.rcu = Rcu()
