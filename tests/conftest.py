@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -21,6 +22,9 @@ from vmmu.client import (AsyncClient, AsyncRunStream, AsyncVcpu, AsyncVm, Client
 from vmmu.server.rpc.app import Serving, start_server
 
 T = TypeVar("T")
+
+# Every VM a test creates runs with the sanitizers on (VmConfig's default follows this).
+os.environ.setdefault("VMMU_SANITIZERS", "1")
 
 
 class ServerThread:

@@ -2,6 +2,7 @@
 
     vmmu serve [--listen HOST:PORT]    serve the vmmu.v1 gRPC API until SIGINT/SIGTERM
     vmmu demo [--accesses N]           an in-process server driven through the client
+    vmmu explore SCENARIO --seeds N    run a race scenario under N schedule seeds
 
 A subcommand is a `_add_<name>(subparsers)` that declares its arguments and sets
 `run=<function(args) -> exit status>`; `main` registers every one listed in `SUBCOMMANDS`.
@@ -17,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 from vmmu.server.rpc.app import start_server
 
-__all__ = ["main", "serve", "demo"]
+__all__ = ["main", "serve", "demo", "explore"]
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -71,7 +72,28 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=demo)
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_serve, _add_demo)
+def explore(args: argparse.Namespace) -> int:
+    """Run a race scenario under many schedule seeds with the sanitizers on; exit 1 and
+    print the first violation (seed, oracle, trace) if a seed violates, else exit 0."""
+    from vmmu.explore_cli import run_explore
+    return run_explore(args.scenario, args.seeds, frozenset(args.knob), args.first_seed)
+
+
+def _add_explore(subparsers: argparse._SubParsersAction) -> None:
+    from vmmu.server.kvm.explore import SCENARIOS
+    from vmmu.server.kvm.vm import DEBUG_KNOBS
+    parser = subparsers.add_parser("explore", help="explore a race scenario's schedules",
+                                   description=explore.__doc__)
+    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("--seeds", type=int, default=500, help="seeds to try (default 500)")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0)")
+    parser.add_argument("--knob", action="append", default=[], choices=sorted(DEBUG_KNOBS),
+                        help="switch a protection off (repeatable)")
+    parser.set_defaults(run=explore)
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_serve, _add_demo, _add_explore)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -109,6 +109,7 @@ class HostMm:
         self.pfns = PfnAllocator()
         self.contents: dict[int, bytearray] = {}
         self.notifiers: list[MmuNotifier] = []
+        self.sched = None               # the owning VM's preemption points, if any
 
     # -- regions ---------------------------------------------------------------------
 
@@ -162,6 +163,8 @@ class HostMm:
         for n in self.notifiers:
             await n.invalidate_range_start(start, end)
         try:
+            if self.sched is not None:
+                await self.sched.point("mm.invalidate_window")
             change()
         finally:
             for n in self.notifiers:
@@ -202,6 +205,12 @@ class HostMm:
             found = self._populate(region, hva)
         pfn, level = found
         return pfn, region.writable, level
+
+    def current_pfn(self, hva: int) -> int | None:
+        """The pfn the host maps at hva now, without faulting anything in."""
+        region = self.find(hva)
+        found = region.mapped(hva) if region else None
+        return found[0] if found else None
 
     def host_mapping_level(self, hva: int) -> int:
         region = self.find(hva)

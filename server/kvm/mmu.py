@@ -70,7 +70,8 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
     async with vm.mmu_lock.read:
         if vcpu.root.invalid:
             return RetPf.RETRY
-        if fault.slot is not None and vm.notifier.retry_gfn(fault.mmu_seq, fault.gfn):
+        if fault.slot is not None and vm.notifier.retry_gfn(fault.mmu_seq, fault.gfn) and \
+                "skip_invalidate_retry" not in vm.knobs:
             return RetPf.RETRY
         hugepage_adjust(vcpu, fault)
         r = vm.tdp.map(fault, vcpu.root)
@@ -94,13 +95,14 @@ async def faultin_pfn(vcpu: "Vcpu", fault: PageFault) -> RetPf:
     if fault.write and slot.readonly:
         return RetPf.EMULATE                      # KVM_PFN_ERR_RO_FAULT
     fault.slot = slot
-    if notifier.retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
+    check_retry = "skip_invalidate_retry" not in vm.knobs
+    if check_retry and notifier.retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
         return RetPf.RETRY
     fault.hva = slot.gfn_to_hva(fault.gfn)
     await vm.sched.point("fault.hva_to_pfn")
     fault.pfn, writable, _ = vm.host.hva_to_pfn(fault.hva, fault.write)
     fault.map_writable = writable and not slot.readonly
-    if notifier.retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
+    if check_retry and notifier.retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
         return RetPf.RETRY
     return RetPf.CONTINUE
 

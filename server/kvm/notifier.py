@@ -51,16 +51,20 @@ class Notifier:
         async with vm.mmu_lock.write:
             self._begin()
             flush = False
+            if vm.sanitizers is not None:
+                vm.sanitizers.invalidation_begun(start, end)
             for as_id, gfn_start, gfn_end in hits:
                 self._range_add(gfn_start, gfn_end)
-                flush |= vm.tdp.unmap_gfn_range(as_id, gfn_start, gfn_end)
-            if flush:
+                flush = await vm.tdp.unmap_gfn_range(as_id, gfn_start, gfn_end) or flush
+            if flush and "skip_zap_tlb_flush" not in vm.knobs:
                 vm.flush_remote_tlbs()
 
     async def invalidate_range_end(self, start: int, end: int) -> None:
         if self._gfn_ranges(start, end):
             async with self.vm.mmu_lock.write:
                 self._end()
+                if self.vm.sanitizers is not None:
+                    self.vm.sanitizers.invalidation_ended(start, end)
         self.mn_active_invalidate_count -= 1
         if self.mn_active_invalidate_count < 0:
             raise VmBugged("mn_active_invalidate_count went negative")

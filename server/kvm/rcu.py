@@ -25,15 +25,24 @@ class Rcu:
 
     @contextmanager
     def read_lock(self):
-        start = self._seq
-        self._readers[start] += 1
+        token = self.enter()
         try:
             yield
         finally:
-            self._readers[start] -= 1
-            if not self._readers[start]:
-                del self._readers[start]
-            self._advance()
+            self.exit(token)
+
+    def enter(self) -> int:
+        """`rcu_read_lock`: returns the token `exit` takes."""
+        start = self._seq
+        self._readers[start] += 1
+        return start
+
+    def exit(self, token: int) -> None:
+        """`rcu_read_unlock`."""
+        self._readers[token] -= 1
+        if not self._readers[token]:
+            del self._readers[token]
+        self._advance()
 
     def in_reader(self) -> bool:
         return bool(self._readers)

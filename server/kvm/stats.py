@@ -22,7 +22,8 @@ class _Stats:
 
 class VmStats(_Stats):
     __slots__ = ("remote_tlb_flush_requests", "remote_tlb_flush", "pages_4k", "pages_2m",
-                 "pages_1g", "nx_lpage_splits", "tdp_mmu_pages", "mmu_invalidate_seq")
+                 "pages_1g", "nx_lpage_splits", "tdp_mmu_pages", "mmu_invalidate_seq",
+                 "tdp_mmu_yields")
 
 
 class VcpuStats(_Stats):

@@ -10,6 +10,7 @@ flush return `flush` and leave it to the caller, who flushes before dropping mmu
 
 from __future__ import annotations
 
+import asyncio
 from typing import Callable
 
 from . import spte as S
@@ -35,6 +36,9 @@ class TdpMmu:
         self.flush_remote_tlbs = flush_remote_tlbs
         self.tables = PageTables()
         self.roots: list[MmuPage] = []
+        self.sanitizers = None           # set by the VM when its sanitizers are on
+        self.sched = None                # the VM's preemption points
+        self.knobs: frozenset[str] = frozenset()
         self.max_gfn = 1 << (9 * root_level)
 
     # -- roots --------------------------------------------------------------------
@@ -68,11 +72,11 @@ class TdpMmu:
             root.invalid = True
         return fresh
 
-    def zap_invalidated_roots(self, roots: list[MmuPage]) -> None:
+    async def zap_invalidated_roots(self, roots: list[MmuPage]) -> None:
         """Zap whole roots marked invalid, then drop the TDP MMU's own reference."""
         self.mmu_lock.assert_held()
         for root in roots:
-            self.zap_root(root, shared=not self.mmu_lock.held_for_write())
+            await self.zap_root(root, shared=not self.mmu_lock.held_for_write())
             self.put_root(root)
 
     # -- the two doors ------------------------------------------------------------
@@ -111,6 +115,8 @@ class TdpMmu:
                            f" -> {S.spte_to_pfn(new):#x} without an invalidation")
         if is_leaf and not S.check_writable_invariants(new):
             raise VmBugged(f"illegal writable bits in SPTE {new:#x} for gfn {gfn:#x}")
+        if is_leaf and not was_leaf and self.sanitizers is not None:
+            self.sanitizers.check_new_mapping(as_id, gfn, level)
         if was_leaf != is_leaf:
             stat = _PAGE_STAT.get(level)
             if stat:
@@ -132,7 +138,10 @@ class TdpMmu:
             spt[i] = S.FROZEN
             self.handle_changed_spte(page.as_id, page.gfn + i * step, old, S.FROZEN,
                                      page.level, shared)
-        self.rcu.call_rcu(lambda: self.tables.free(page))
+        if "free_tables_immediately" in self.knobs:
+            self.tables.free(page)          # debug knob: no grace period for lockless walkers
+        else:
+            self.rcu.call_rcu(lambda: self.tables.free(page))
 
     # -- the fault path's walk (mmu_lock held for read) -----------------------------
 
@@ -187,35 +196,44 @@ class TdpMmu:
 
     # -- zaps ---------------------------------------------------------------------
 
-    def zap_leafs(self, root: MmuPage, start: int, end: int) -> bool:
-        """Leaf-only zap of [start, end): tables stay; a huge page partly inside goes whole."""
+    async def zap_leafs(self, root: MmuPage, start: int, end: int, flush: bool = False) -> bool:
+        """Leaf-only zap of [start, end) (mmu_lock held for write): tables stay, and a huge
+        page only partly inside the range goes whole. May yield the lock; returns whether
+        zaps since the last flush still need one."""
         self.mmu_lock.assert_held_write()
-        flush = False
-        with self.rcu.read_lock():
+        with _YieldingWalk(self, shared=False) as walk:
             for it in TdpIter(self.tables, root, start, min(end, self.max_gfn)):
+                if await walk.cond_resched(it, flush):
+                    flush = False
+                    continue
                 if not S.is_leaf_present(it.old_spte, it.level):
                     continue
                 self.iter_set_spte(it, S.NONPRESENT)
                 flush = flush or not root.invalid
         return flush
 
-    def unmap_gfn_range(self, as_id: int, start: int, end: int) -> bool:
+    async def unmap_gfn_range(self, as_id: int, start: int, end: int) -> bool:
         """The MMU notifier's zap: valid and invalid roots of the address space."""
         flush = False
-        for root in list(self.roots):
-            if root.as_id == as_id:
-                flush |= self.zap_leafs(root, start, end)
+        for root in [r for r in self.roots if r.as_id == as_id]:
+            root.root_refs += 1              # the root must outlive a yield
+            try:
+                flush = await self.zap_leafs(root, start, end, flush)
+            finally:
+                self.put_root(root)
         return flush
 
-    def zap_root(self, root: MmuPage, shared: bool) -> None:
+    async def zap_root(self, root: MmuPage, shared: bool) -> None:
         """Zap everything under a root, bottom level first, so each pass stays short."""
         if shared:
             self.mmu_lock.assert_held_read()
         else:
             self.mmu_lock.assert_held_write()
-        with self.rcu.read_lock():
+        with _YieldingWalk(self, shared) as walk:
             for zap_level in (PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G, root.level):
                 for it in TdpIter(self.tables, root, 0, self.max_gfn, zap_level):
+                    if await walk.cond_resched(it, False):
+                        continue
                     if not it.old_spte & S.MMU_PRESENT or it.level > zap_level:
                         continue
                     if shared:
@@ -240,3 +258,54 @@ def _access_allowed(fault: PageFault, spte: int) -> bool:
     if fault.write:
         return bool(spte & S.WRITABLE)
     return bool(spte & S.READABLE)
+
+
+YIELD_BATCH = 4096          # SPTEs a walk may visit before it yields unasked (need_resched)
+
+
+class _YieldingWalk:
+    """A long walk under mmu_lock inside an RCU read-side section, which yields both the
+    way `tdp_mmu_iter_cond_resched` does: only after forward progress, and only when a
+    task waits for the lock or the walk has run a batch; a pending flush is done before
+    the lock is dropped, and the walk restarts from the root where it stopped."""
+
+    def __init__(self, mmu: TdpMmu, shared: bool) -> None:
+        self.mmu, self.shared = mmu, shared
+        self.visited = 0
+        self.token = 0
+
+    def __enter__(self) -> "_YieldingWalk":
+        self.token = self.mmu.rcu.enter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mmu.rcu.exit(self.token)
+
+    async def cond_resched(self, it: TdpIter, flush: bool) -> bool:
+        self.visited += 1
+        mmu = self.mmu
+        lock = mmu.mmu_lock
+        if it.next_last_level_gfn == it.yielded_gfn:
+            return False
+        if not lock.needbreak() and self.visited < YIELD_BATCH:
+            return False
+        if flush and "skip_zap_tlb_flush" not in mmu.knobs:
+            mmu.flush_remote_tlbs()
+        mmu.rcu.exit(self.token)
+        if self.shared:
+            lock.release_read()
+        else:
+            lock.release_write()
+        try:
+            await mmu.sched.point("tdp.cond_resched")
+            await asyncio.sleep(0)
+        finally:
+            if self.shared:
+                await lock.acquire_read()
+            else:
+                await lock.acquire_write()
+            self.token = mmu.rcu.enter()
+        it.mark_yielded()
+        self.visited = 0
+        mmu.stat.tdp_mmu_yields += 1
+        return True

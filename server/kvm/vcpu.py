@@ -243,7 +243,8 @@ class Vcpu:
         """
         batch = self._batch
         gpas, ops, n = batch.gpas, batch.ops, len(batch.gpas)
-        if not batch.has_data:
+        check = self.vm.sanitizers.check_access if self.vm.sanitizers is not None else None
+        if not batch.has_data and check is None:
             keys = memoryview(batch.tlb_keys)
             if i == 0 and self.tlb.keys() >= set(keys):
                 return n                       # every access hits
@@ -265,6 +266,8 @@ class Vcpu:
                 pfn = self._tlb_fill(gpas[i], op)
                 if pfn is None:
                     return i
+            if check is not None:
+                check(gpas[i] >> 12, pfn)
             if op & OP_WITH_DATA:
                 self._move_data(pfn, gpas[i] & (PAGE_SIZE - 1), op)
             i += 1

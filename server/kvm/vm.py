@@ -23,6 +23,7 @@ from .memslots import (KVM_ADDRESS_SPACE_NUM, KVM_MEMSLOT_INVALID, Memslot, Mems
 from .mmu_lock import MmuLock
 from .notifier import Notifier
 from .rcu import Rcu
+from .sanitizers import Sanitizers
 from .sched import Scheduler
 from .stats import VmStats
 from .tdp_mmu import TdpMmu
@@ -123,6 +124,9 @@ class Vm:
         self.tracer = Tracer(vm_id)
         self.sched = Scheduler(config.schedule_seed)
         self.host = HostMm()
+        self.host.sched = self.sched
+        self.sanitizers = Sanitizers(self) if config.sanitizers else None
+        self.violation: VmBugged | None = None
         self.mmu_lock = MmuLock()
         self.rcu = Rcu()
         self.slots_lock = asyncio.Lock()
@@ -130,6 +134,8 @@ class Vm:
         self.tdp = TdpMmu(root_level=config.tdp_levels, ad_enabled=config.ad_bits,
                           mmu_lock=self.mmu_lock, rcu=self.rcu, stats=self.stat,
                           flush_remote_tlbs=self.flush_remote_tlbs)
+        self.tdp.sanitizers, self.tdp.knobs = self.sanitizers, self.knobs
+        self.tdp.sched = self.sched
         self.notifier = Notifier(self)
         self.host.notifiers.append(self.notifier)
         self._vcpus: dict[int, Vcpu] = {}
@@ -144,7 +150,7 @@ class Vm:
 
     def mark_dead(self, bug: VmBugged) -> None:
         if self.state is VmState.ALIVE:
-            self.state, self.death = VmState.DEAD, str(bug)
+            self.state, self.death, self.violation = VmState.DEAD, str(bug), bug
 
     async def destroy(self) -> None:
         """`kvm_destroy_vm`: no vCPU runs again; every SPTE and table goes."""
@@ -156,7 +162,7 @@ class Vm:
             roots = self.tdp.invalidate_all_roots()
             for vcpu in self._vcpus.values():
                 vcpu.release_root()
-            self.tdp.zap_invalidated_roots(roots)
+            await self.tdp.zap_invalidated_roots(roots)
         await self.rcu.barrier()
 
     def info(self) -> VmInfo:
@@ -217,7 +223,7 @@ class Vm:
             for vcpu in self._vcpus.values():
                 vcpu.make_request(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
         async with self.mmu_lock.read:
-            self.tdp.zap_invalidated_roots(roots)
+            await self.tdp.zap_invalidated_roots(roots)
 
     def memslots(self) -> list[MemslotInfo]:
         return [slot.info() for slots in self.memslot_sets for slot in slots]

@@ -12,8 +12,10 @@ import grpc
 
 from vmmu.server.kvm import Kvm, Vcpu, Vm
 from vmmu.server.rpc import convert
-from vmmu.v1 import (host_memory_pb2, host_memory_pb2_grpc, memslot_pb2, memslot_pb2_grpc,
-                     vcpu_pb2, vcpu_pb2_grpc, vm_pb2, vm_pb2_grpc)
+from vmmu.server.rpc.explore import ExploreServicer
+from vmmu.v1 import (explore_pb2, explore_pb2_grpc, host_memory_pb2, host_memory_pb2_grpc,
+                     memslot_pb2, memslot_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc, vm_pb2,
+                     vm_pb2_grpc)
 
 __all__ = ["VmServicer", "HostMemoryServicer", "MemslotServicer", "VcpuServicer",
            "add_servicers"]
@@ -141,5 +143,7 @@ def add_servicers(kvm: Kvm, server: grpc.aio.Server) -> list[str]:
                                                                   server)
     memslot_pb2_grpc.add_MemslotServiceServicer_to_server(MemslotServicer(kvm), server)
     vcpu_pb2_grpc.add_VcpuServiceServicer_to_server(VcpuServicer(kvm), server)
-    return [service.full_name for module in (vm_pb2, host_memory_pb2, memslot_pb2, vcpu_pb2)
+    explore_pb2_grpc.add_ExploreServiceServicer_to_server(ExploreServicer(), server)
+    return [service.full_name
+            for module in (vm_pb2, host_memory_pb2, memslot_pb2, vcpu_pb2, explore_pb2)
             for service in module.DESCRIPTOR.services_by_name.values()]

@@ -105,17 +105,17 @@ async def test_the_doors_check_their_lock(kvm_guest):
         with pytest.raises(LockAssertion):
             vm.tdp.iter_set_spte(it, it.old_spte)
         with pytest.raises(LockAssertion):
-            vm.tdp.zap_leafs(vcpu.root, 0, 512)
+            await vm.tdp.zap_leafs(vcpu.root, 0, 512)
 
 
 async def test_leaf_zap_asks_for_a_flush_only_in_a_valid_root(kvm_guest):
     vm, vcpu = kvm_guest.vm, kvm_guest.vcpu
     await touch(vcpu, 0x0, 0x200000)
     async with vm.mmu_lock.write:
-        assert vm.tdp.zap_leafs(vcpu.root, 0, 1)              # the 2M leaf over gfn 0
-        assert not vm.tdp.zap_leafs(vcpu.root, 0, 1)          # nothing left to zap
+        assert await vm.tdp.zap_leafs(vcpu.root, 0, 1)              # the 2M leaf over gfn 0
+        assert not await vm.tdp.zap_leafs(vcpu.root, 0, 1)          # nothing left to zap
         vcpu.root.invalid = True
-        assert not vm.tdp.zap_leafs(vcpu.root, 0x200, 0x201)  # invalid root: reload flushes
+        assert not await vm.tdp.zap_leafs(vcpu.root, 0x200, 0x201)  # invalid root: reload flushes
         vcpu.root.invalid = False
     assert vm.stats()["pages_2m"] == 0
     assert [s.kind for s in vm.walk(0x200000)] == ["table", "table", "non-present"]

@@ -1,0 +1,220 @@
+"""Schedule exploration: run a scenario under many seeds and report the first violation.
+
+A scenario builds a VM with a schedule seed, the sanitizers on and some protections
+switched off (debug knobs), starts the tasks whose race the seeds argue about, and reports
+what the sanitizers saw. With every protection on, no seed may find a violation; with the
+knob a scenario is about, exploration must find one within a bounded number of seeds.
+
+| scenario | race | protection that prevents it (knob) |
+| --- | --- | --- |
+| `fault_vs_invalidate` | a fault resolves a pfn, the host migrates the page, the fault installs the old pfn | the mmu_invalidate_seq / in-progress retry (`skip_invalidate_retry`) |
+| `tlb_vs_zap` | a vCPU keeps using a TLB entry for a page the host has migrated | the TLB flush after a zap (`skip_zap_tlb_flush`) |
+| `aging_vs_table_free` | lockless aging reads a table that a memslot deletion unlinked and freed | RCU: free after a grace period (`free_tables_immediately`), aging inside a read-side section (`aging_without_rcu`) |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from .batch import AccessBatch
+from .errors import KvmError, VmBugged, einval
+from .kvm import Kvm
+from .sanitizers import SanitizerViolation
+from .types import PAGE_SIZE, AccessKind, Backing
+from .vm import DEBUG_KNOBS, Vm, VmConfig
+
+__all__ = ["SCENARIOS", "Outcome", "ExploreResult", "ExploreStep", "check", "run_scenario",
+           "explore", "explore_steps"]
+
+ROUNDS = 6
+PAGES = 16
+MAX_SEEDS = 1_000_000
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one seed did: `violation` is None when every oracle held."""
+
+    seed: int
+    violation: str | None = None
+    oracle: str = ""
+    gfn: int = -1
+    trace: str = ""
+    points: int = 0
+
+
+@dataclass(frozen=True)
+class ExploreResult:
+    scenario: str
+    knobs: frozenset[str]
+    seeds_run: int
+    first_violation: Outcome | None
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    summary: str
+    knobs: frozenset[str]            # the protections whose absence it demonstrates
+    body: Callable[[Vm, random.Random], Awaitable[None]]
+
+
+async def _guest(vm: Vm, pages: int = PAGES) -> tuple[int, object]:
+    region = vm.mmap(pages * PAGE_SIZE, Backing.PAGE_4K)
+    await vm.set_user_memory_region(0, 0, 0, pages * PAGE_SIZE, region.hva)
+    return region.hva, vm.create_vcpu(0)
+
+
+def _reads(pages: int = PAGES) -> AccessBatch:
+    return AccessBatch.build((g * PAGE_SIZE, AccessKind.READ, 8, None) for g in range(pages))
+
+
+async def _together(**coros) -> None:
+    """Run the scenario's named tasks; the first failure cancels the others and is raised."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for name, coro in coros.items():
+                group.create_task(coro, name=name)
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+
+
+async def _run_rounds(vcpu, rounds: int = ROUNDS) -> None:
+    batch = _reads()
+    for _ in range(rounds):
+        await vcpu.run(batch)
+        await vcpu.vm.sched.point("vcpu.entry")
+
+
+async def _fault_vs_invalidate(vm: Vm, rng: random.Random) -> None:
+    hva, vcpu = await _guest(vm)
+
+    async def host() -> None:
+        for _ in range(ROUNDS * 2):
+            page = rng.randrange(PAGES)
+            await vm.migrate_pages(hva + page * PAGE_SIZE, PAGE_SIZE)
+            await vm.sched.point("mm.invalidate_window")
+
+    await _together(vcpu0=_run_rounds(vcpu), host=host())
+
+
+async def _tlb_vs_zap(vm: Vm, rng: random.Random) -> None:
+    hva, vcpu = await _guest(vm)
+    await vcpu.run(_reads())                   # every page in the TLB
+
+    async def host() -> None:
+        for _ in range(ROUNDS):
+            await vm.migrate_pages(hva + rng.randrange(PAGES) * PAGE_SIZE, PAGE_SIZE)
+            await vm.sched.point("mm.invalidate_window")
+
+    await _together(vcpu0=_run_rounds(vcpu, ROUNDS * 2), host=host())
+
+
+async def _aging_vs_table_free(vm: Vm, rng: random.Random) -> None:
+    hva, vcpu = await _guest(vm)
+    await vcpu.run(_reads())
+
+    async def aging() -> None:
+        for _ in range(ROUNDS):
+            await vm.clear_young(hva, hva + PAGES * PAGE_SIZE)
+
+    async def memslots() -> None:
+        for _ in range(ROUNDS // 2):
+            await vm.sched.point("mm.invalidate_window")
+            await vm.set_user_memory_region(0, 0, 0, 0, 0)                   # delete
+            await vm.set_user_memory_region(0, 0, 0, PAGES * PAGE_SIZE, hva)  # and again
+            await vcpu.run(_reads())
+
+    await _together(aging=aging(), memslots=memslots())
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("fault_vs_invalidate", "a vCPU faults while the host migrates its pages",
+             frozenset({"skip_invalidate_retry"}), _fault_vs_invalidate),
+    Scenario("tlb_vs_zap", "a vCPU hits its TLB while the host migrates its pages",
+             frozenset({"skip_zap_tlb_flush"}), _tlb_vs_zap),
+    Scenario("aging_vs_table_free", "lockless aging while memslot deletion frees tables",
+             frozenset({"free_tables_immediately", "aging_without_rcu"}),
+             _aging_vs_table_free),
+)}
+
+
+def _check_knobs(name: str, knobs: frozenset[str]) -> Scenario:
+    if name not in SCENARIOS:
+        raise einval(f"unknown scenario {name!r}; known: {sorted(SCENARIOS)}")
+    unknown = set(knobs) - DEBUG_KNOBS
+    if unknown:
+        raise einval(f"unknown debug knobs {sorted(unknown)}")
+    return SCENARIOS[name]
+
+
+async def run_scenario(name: str, seed: int, knobs: frozenset[str] = frozenset()) -> Outcome:
+    """Run one scenario under one seed; every oracle is on."""
+    scenario = _check_knobs(name, frozenset(knobs))
+    kvm = Kvm()
+    vm = kvm.create_vm(VmConfig(max_vcpus=1, schedule_seed=seed, sanitizers=True,
+                                debug=frozenset(knobs), name=f"{name}#{seed}"))
+    bug: VmBugged | None = None
+    try:
+        await scenario.body(vm, random.Random(seed))
+    except VmBugged as caught:
+        bug = caught
+    except KvmError:
+        bug = vm.violation       # a dead VM answers EIO to the tasks still running
+        if bug is None:
+            raise
+    finally:
+        points = vm.sched.points_passed
+        try:
+            await kvm.shutdown()
+        except VmBugged:
+            pass                   # teardown of a VM whose tables were already misused
+    bug = bug or vm.violation
+    if bug is None:
+        return Outcome(seed, points=points)
+    if isinstance(bug, SanitizerViolation):
+        return Outcome(seed, str(bug), bug.oracle, bug.gfn, bug.trace, points)
+    return Outcome(seed, str(bug), type(bug).__name__, -1, vm.sched.describe_trace(), points)
+
+
+@dataclass(frozen=True)
+class ExploreStep:
+    """Progress of an exploration: `done` on the last step, with the first violation."""
+
+    seeds_run: int
+    done: bool
+    first_violation: Outcome | None = None
+
+
+def check(name: str, seeds: int, knobs: frozenset[str]) -> None:
+    """Reject a bad exploration request before anything runs."""
+    _check_knobs(name, frozenset(knobs))
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise einval(f"seeds {seeds} is not in 1..{MAX_SEEDS}")
+
+
+async def explore_steps(name: str, seeds: int, knobs: frozenset[str] = frozenset(),
+                        first_seed: int = 0, every: int = 0):
+    """Run seeds first_seed.. in order until a violation or `seeds` runs, yielding a
+    progress step every `every` seeds and a last step with the first violation."""
+    check(name, seeds, knobs)
+    for n, seed in enumerate(range(first_seed, first_seed + seeds), start=1):
+        outcome = await run_scenario(name, seed, knobs)
+        if outcome.violation is not None:
+            yield ExploreStep(n, True, outcome)
+            return
+        if every and n % every == 0 and n != seeds:
+            yield ExploreStep(n, False)
+    yield ExploreStep(seeds, True)
+
+
+async def explore(name: str, seeds: int, knobs: frozenset[str] = frozenset(),
+                  first_seed: int = 0) -> ExploreResult:
+    """Run an exploration to its end: the first violating seed, or that all passed."""
+    async for step in explore_steps(name, seeds, knobs, first_seed):
+        if step.done:
+            return ExploreResult(name, frozenset(knobs), step.seeds_run, step.first_violation)
+    raise AssertionError("explore_steps ended without a last step")

@@ -1,0 +1,38 @@
+"""The servicer of schedule exploration (vmmu.v1.ExploreService)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from vmmu.server.kvm import explore
+from vmmu.v1 import explore_pb2, explore_pb2_grpc
+
+__all__ = ["ExploreServicer"]
+
+Context = grpc.aio.ServicerContext
+
+
+def _outcome(outcome: explore.Outcome | None) -> explore_pb2.SeedOutcome | None:
+    if outcome is None:
+        return None
+    return explore_pb2.SeedOutcome(seed=outcome.seed, violation=outcome.violation or "",
+                                   oracle=outcome.oracle, gfn=outcome.gfn,
+                                   trace=outcome.trace, points=outcome.points)
+
+
+class ExploreServicer(explore_pb2_grpc.ExploreServiceServicer):
+    async def ListScenarios(self, request: explore_pb2.ListScenariosRequest, context: Context
+                            ) -> explore_pb2.ListScenariosResponse:
+        return explore_pb2.ListScenariosResponse(scenarios=[
+            explore_pb2.Scenario(name=s.name, summary=s.summary, knobs=sorted(s.knobs))
+            for s in sorted(explore.SCENARIOS.values(), key=lambda s: s.name)])
+
+    async def Explore(self, request: explore_pb2.ExploreRequest, context: Context
+                      ) -> AsyncIterator[explore_pb2.ExploreResponse]:
+        async for step in explore.explore_steps(request.scenario, request.seeds,
+                                                frozenset(request.knobs), request.first_seed,
+                                                request.progress_every):
+            yield explore_pb2.ExploreResponse(seeds_run=step.seeds_run, done=step.done,
+                                              first_violation=_outcome(step.first_violation))
