@@ -5,22 +5,26 @@ the `errors.VmmuError` family. Batches of guest accesses are built with `BatchBu
 The client imports only the generated vmmu.v1 code, never the server.
 """
 
-from vmmu.client.aio import AsyncClient, AsyncRunStream, AsyncVcpu, AsyncVm
+from vmmu.client.aio import (AsyncClient, AsyncInvalidationHold, AsyncRunStream,
+                             AsyncTraceStream, AsyncVcpu, AsyncVm)
 from vmmu.client.batch import Access, Batch, BatchBuilder
 from vmmu.client.errors import (Aborted, AlreadyExists, FailedPrecondition, Internal,
                                 InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
                                 Unavailable, VmmuError)
-from vmmu.client.sync import Client, RunStream, Vcpu, Vm
+from vmmu.client.sync import Client, InvalidationHold, RunStream, TraceStream, Vcpu, Vm
 from vmmu.client.types import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Backing, Exit,
-                               ExitReason, HostRegion, Memslot, RunResult, Spte, VcpuInfo,
+                               ExitReason, Gpc, GpcState, HeldInvalidation, HoldState, HostRegion,
+                               Invalidations, Memslot, RunResult, Spte, TraceEvent, VcpuInfo,
                                VmConfig, VmInfo)
 
 __all__ = [
-    "Client", "Vm", "Vcpu", "RunStream",
-    "AsyncClient", "AsyncVm", "AsyncVcpu", "AsyncRunStream",
+    "Client", "Vm", "Vcpu", "RunStream", "InvalidationHold", "TraceStream",
+    "AsyncClient", "AsyncVm", "AsyncVcpu", "AsyncRunStream", "AsyncInvalidationHold",
+    "AsyncTraceStream",
     "Access", "Batch", "BatchBuilder",
     "VmmuError", "InvalidArgument", "NotFound", "AlreadyExists", "FailedPrecondition",
     "ResourceExhausted", "PermissionDenied", "Aborted", "Internal", "Unavailable",
     "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "Backing", "ExitReason",
     "VmConfig", "VmInfo", "Spte", "HostRegion", "Memslot", "VcpuInfo", "Exit", "RunResult",
+    "HoldState", "HeldInvalidation", "Invalidations", "TraceEvent", "GpcState", "Gpc",
 ]

@@ -8,17 +8,20 @@ blocking or an awaited stub call) and both translate a failed call with
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf import duration_pb2
 
 from vmmu.client.batch import Batch
-from vmmu.client.types import (Backing, Exit, ExitReason, HostRegion, Memslot, RunResult, Spte,
+from vmmu.client.types import (Backing, Exit, ExitReason, HeldInvalidation, HoldState,
+                               HostRegion, Invalidations, Memslot, RunResult, Spte, TraceEvent,
                                VcpuInfo, VmConfig, VmInfo)
-from vmmu.v1 import (host_memory_pb2, host_memory_pb2_grpc, memslot_pb2, memslot_pb2_grpc,
-                     vcpu_pb2, vcpu_pb2_grpc, vm_pb2, vm_pb2_grpc)
+from vmmu.v1 import (gpc_pb2_grpc, host_memory_pb2, host_memory_pb2_grpc, memslot_pb2,
+                     memslot_pb2_grpc, notifier_pb2, notifier_pb2_grpc, trace_pb2,
+                     trace_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc, vm_pb2, vm_pb2_grpc)
 
 __all__ = ["Call", "Stubs", "CHANNEL_OPTIONS"]
 
@@ -36,6 +39,8 @@ _EXIT_REASON_FROM_WIRE = {vcpu_pb2.ExitReason.Value(f"EXIT_REASON_{r.name}"): r
                           for r in ExitReason}
 _SPTE_KIND_FROM_WIRE = {vm_pb2.SpteKind.Value(name): name.removeprefix("SPTE_KIND_")
                         .lower().replace("_", "-") for name in vm_pb2.SpteKind.keys()}
+_HOLD_STATE_FROM_WIRE = {notifier_pb2.HoldState.Value(f"HOLD_STATE_{s.name}"): s
+                         for s in HoldState}
 
 
 class Stubs:
@@ -46,6 +51,9 @@ class Stubs:
         self.host_memory = host_memory_pb2_grpc.HostMemoryServiceStub(channel)
         self.memslot = memslot_pb2_grpc.MemslotServiceStub(channel)
         self.vcpu = vcpu_pb2_grpc.VcpuServiceStub(channel)
+        self.notifier = notifier_pb2_grpc.NotifierServiceStub(channel)
+        self.trace = trace_pb2_grpc.TraceServiceStub(channel)
+        self.gpc = gpc_pb2_grpc.GpcServiceStub(channel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +79,11 @@ def vm_info(m: vm_pb2.VmInfo) -> VmInfo:
     c = m.config
     return VmInfo(id=m.id, name=m.name,
                   config=VmConfig(max_vcpus=c.max_vcpus, tdp_levels=c.tdp_levels,
-                                  ad_bits=c.ad_bits, name=c.name),
+                                  ad_bits=c.ad_bits, name=c.name,
+                                  schedule_seed=c.schedule_seed if c.HasField("schedule_seed")
+                                  else None,
+                                  sanitizers=c.sanitizers, debug=frozenset(c.debug_knobs),
+                                  gpc_policy=c.gpc_policy),
                   nr_vcpus=m.nr_vcpus, nr_memslots=m.nr_memslots,
                   nr_host_regions=m.nr_host_regions, dead=m.dead)
 
@@ -109,9 +121,12 @@ def run_result(m: vcpu_pb2.RunResult) -> RunResult:
 
 # -- VMs -------------------------------------------------------------------------------
 
-def create_vm(max_vcpus: int, tdp_levels: int, ad_bits: bool, name: str) -> Call[VmInfo]:
+def create_vm(max_vcpus: int, tdp_levels: int, ad_bits: bool, name: str,
+              schedule_seed: int | None, sanitizers: bool | None, debug: Iterable[str],
+              gpc_policy: str) -> Call[VmInfo]:
     config = vm_pb2.VmConfig(max_vcpus=max_vcpus, tdp_levels=tdp_levels, ad_bits=ad_bits,
-                             name=name)
+                             name=name, schedule_seed=schedule_seed, sanitizers=sanitizers,
+                             debug_knobs=sorted(debug), gpc_policy=gpc_policy)
     return Call("vm", "CreateVm", vm_pb2.CreateVmRequest(config=config),
                 lambda r: vm_info(r.vm))
 
@@ -167,6 +182,70 @@ def read_hva(vm_id: int, hva: int, length: int) -> Call[bytes]:
 def write_hva(vm_id: int, hva: int, data: bytes) -> Call[None]:
     return Call("host_memory", "WriteHva",
                 host_memory_pb2.WriteHvaRequest(vm_id=vm_id, hva=hva, data=data), _none)
+
+
+def madvise_dontneed(vm_id: int, hva: int, size: int) -> Call[None]:
+    request = host_memory_pb2.MadviseRequest(vm_id=vm_id, hva=hva, size=size,
+                                             advice=host_memory_pb2.ADVICE_DONTNEED)
+    return Call("host_memory", "Madvise", request, _none)
+
+
+def migrate_pages(vm_id: int, hva: int, size: int) -> Call[int]:
+    return Call("host_memory", "MigratePages",
+                host_memory_pb2.MigratePagesRequest(vm_id=vm_id, hva=hva, size=size),
+                lambda r: r.pages_migrated)
+
+
+def swap_out(vm_id: int, hva: int, size: int) -> Call[int]:
+    return Call("host_memory", "SwapOut",
+                host_memory_pb2.SwapOutRequest(vm_id=vm_id, hva=hva, size=size),
+                lambda r: r.pages_swapped)
+
+
+def mprotect(vm_id: int, hva: int, size: int, writable: bool) -> Call[None]:
+    request = host_memory_pb2.MprotectRequest(vm_id=vm_id, hva=hva, size=size,
+                                              read_only=not writable)
+    return Call("host_memory", "Mprotect", request, _none)
+
+
+def ksm_merge(vm_id: int, hvas: Iterable[int]) -> Call[int]:
+    return Call("host_memory", "KsmMerge",
+                host_memory_pb2.KsmMergeRequest(vm_id=vm_id, hvas=list(hvas)),
+                lambda r: r.pages_merged)
+
+
+def thp_split(vm_id: int, hva: int) -> Call[None]:
+    return Call("host_memory", "ThpSplit",
+                host_memory_pb2.ThpSplitRequest(vm_id=vm_id, hva=hva), _none)
+
+
+def thp_collapse(vm_id: int, hva: int) -> Call[None]:
+    return Call("host_memory", "ThpCollapse",
+                host_memory_pb2.ThpCollapseRequest(vm_id=vm_id, hva=hva), _none)
+
+
+def clear_young(vm_id: int, start: int, end: int) -> Call[bool]:
+    return Call("host_memory", "ClearYoung",
+                host_memory_pb2.ClearYoungRequest(vm_id=vm_id, start=start, end=end),
+                lambda r: r.young)
+
+
+def clear_flush_young(vm_id: int, start: int, end: int) -> Call[bool]:
+    return Call("host_memory", "ClearFlushYoung",
+                host_memory_pb2.ClearFlushYoungRequest(vm_id=vm_id, start=start, end=end),
+                lambda r: r.young)
+
+
+def test_young(vm_id: int, hva: int) -> Call[bool]:
+    return Call("host_memory", "TestYoung",
+                host_memory_pb2.TestYoungRequest(vm_id=vm_id, start=hva, end=hva + 1),
+                lambda r: r.young)
+
+
+def young_bitmap(vm_id: int, start: int, end: int) -> Call[bytes]:
+    return Call("host_memory", "TestYoung",
+                host_memory_pb2.TestYoungRequest(vm_id=vm_id, start=start, end=end),
+                lambda r: r.young_bitmap)
 
 
 # -- memslots --------------------------------------------------------------------------
@@ -228,3 +307,49 @@ def mmio_request(vm_id: int, vcpu_id: int, data: bytes) -> vcpu_pb2.RunRequest:
     """A step of the Run stream that completes the pending MMIO access."""
     return vcpu_pb2.RunRequest(vm_id=vm_id, vcpu_id=vcpu_id,
                                mmio_completion=vcpu_pb2.MmioCompletion(data=data))
+
+
+# -- held MMU-notifier invalidations ---------------------------------------------------
+
+def held_invalidation(m: notifier_pb2.HeldInvalidation) -> HeldInvalidation:
+    lease_s = m.lease.ToNanoseconds() / 1e9 if m.HasField("lease") else None
+    return HeldInvalidation(id=m.id, start=m.start, end=m.end,
+                            state=_HOLD_STATE_FROM_WIRE[m.state], lease_s=lease_s)
+
+
+def begin_invalidation(vm_id: int, start: int, end: int, lease_s: float) -> Call[int]:
+    lease = duration_pb2.Duration()
+    lease.FromNanoseconds(round(lease_s * 1e9))     # ValueError for NaN or infinity
+    request = notifier_pb2.BeginInvalidationRequest(vm_id=vm_id, start=start, end=end,
+                                                    lease=lease)
+    return Call("notifier", "BeginInvalidation", request, lambda r: r.invalidation_id)
+
+
+def end_invalidation(vm_id: int, invalidation_id: int) -> Call[None]:
+    request = notifier_pb2.EndInvalidationRequest(vm_id=vm_id, invalidation_id=invalidation_id)
+    return Call("notifier", "EndInvalidation", request, _none)
+
+
+def invalidations(vm_id: int) -> Call[Invalidations]:
+    return Call("notifier", "ListInvalidations",
+                notifier_pb2.ListInvalidationsRequest(vm_id=vm_id),
+                lambda r: Invalidations(held=[held_invalidation(m) for m in r.held],
+                                        ended=[held_invalidation(m) for m in r.ended]))
+
+
+def hold_request(vm_id: int, start: int, end: int) -> notifier_pb2.HoldInvalidationRequest:
+    return notifier_pb2.HoldInvalidationRequest(vm_id=vm_id, start=start, end=end)
+
+
+# -- tracing ---------------------------------------------------------------------------
+
+def trace_request(vm_ids: Iterable[int], events: Iterable[str], capacity: int | None
+                  ) -> trace_pb2.TraceRequest:
+    return trace_pb2.TraceRequest(vm_ids=list(vm_ids), events=list(events), capacity=capacity)
+
+
+def trace_event(m: trace_pb2.TraceEvent) -> TraceEvent:
+    return TraceEvent(seq=m.seq, time_ns=m.time_ns, vm_id=m.vm_id, event=m.event,
+                      fields={name: getattr(value, value.WhichOneof("value"))
+                              for name, value in m.fields.items()},
+                      dropped_before=m.dropped_before)

@@ -13,17 +13,20 @@ Methods that make an RPC are coroutines; making a handle (`vm`, `vcpu`, `stream`
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 
-from vmmu.client import _base
+from vmmu.client import _base, _gpc
 from vmmu.client.batch import Batch
 from vmmu.client.errors import VmmuError, error_from_rpc, error_from_status
-from vmmu.client.types import Backing, HostRegion, Memslot, RunResult, Spte, VcpuInfo, VmInfo
+from vmmu.client.types import (Backing, Gpc, HeldInvalidation, HostRegion, Invalidations,
+                               Memslot, RunResult, Spte, TraceEvent, VcpuInfo, VmInfo)
 
-__all__ = ["AsyncClient", "AsyncVm", "AsyncVcpu", "AsyncRunStream"]
+__all__ = ["AsyncClient", "AsyncVm", "AsyncVcpu", "AsyncRunStream", "AsyncInvalidationHold",
+           "AsyncTraceStream"]
 
 T = TypeVar("T")
 
@@ -53,8 +56,15 @@ class AsyncClient:
         return call.parse(response)
 
     async def create_vm(self, *, max_vcpus: int = 8, tdp_levels: int = 4,
-                        ad_bits: bool = True, name: str = "") -> AsyncVm:
-        info = await self._invoke(_base.create_vm(max_vcpus, tdp_levels, ad_bits, name))
+                        ad_bits: bool = True, name: str = "", schedule_seed: int | None = None,
+                        sanitizers: bool | None = None, debug: Iterable[str] = (),
+                        gpc_policy: str = "global") -> AsyncVm:
+        """Create a VM. `sanitizers` None keeps the server's default; `debug` names debug
+        knobs to switch protections off; `gpc_policy` ("global" or "range") says which
+        invalidations make a gfn-to-pfn cache refresh retry."""
+        info = await self._invoke(_base.create_vm(max_vcpus, tdp_levels, ad_bits, name,
+                                                  schedule_seed, sanitizers, debug,
+                                                  gpc_policy))
         return AsyncVm(self, info.id)
 
     def vm(self, vm_id: int) -> AsyncVm:
@@ -62,6 +72,14 @@ class AsyncClient:
 
     async def list_vms(self) -> list[VmInfo]:
         return await self._invoke(_base.list_vms())
+
+    async def trace(self, *, vm_ids: Iterable[int] = (), events: Iterable[str] = (),
+                    capacity: int | None = None) -> AsyncTraceStream:
+        """Subscribe to trace events of `vm_ids` (empty: every VM, later ones included),
+        filtered by name (empty: all); returns once the subscription is live."""
+        call = self._stubs.trace.Trace(_base.trace_request(vm_ids, events, capacity))
+        await _read(call)                       # no event: the subscription is live
+        return AsyncTraceStream(call)
 
 
 class AsyncVm:
@@ -104,6 +122,45 @@ class AsyncVm:
     async def write_hva(self, hva: int, data: bytes) -> None:
         await self._client._invoke(_base.write_hva(self.id, hva, data))
 
+    async def madvise_dontneed(self, hva: int, size: int) -> None:
+        """madvise(MADV_DONTNEED): the pages go; the next touch reads zeroes."""
+        await self._client._invoke(_base.madvise_dontneed(self.id, hva, size))
+
+    async def migrate_pages(self, hva: int, size: int) -> int:
+        """Move the range's populated pages to new host frames; returns the pages moved."""
+        return await self._client._invoke(_base.migrate_pages(self.id, hva, size))
+
+    async def swap_out(self, hva: int, size: int) -> int:
+        """Page the range out; returns the pages swapped out."""
+        return await self._client._invoke(_base.swap_out(self.id, hva, size))
+
+    async def mprotect(self, hva: int, size: int, writable: bool) -> None:
+        await self._client._invoke(_base.mprotect(self.id, hva, size, writable))
+
+    async def ksm_merge(self, hvas: list[int]) -> int:
+        """Merge the pages with identical contents; returns the pages merged away."""
+        return await self._client._invoke(_base.ksm_merge(self.id, hvas))
+
+    async def thp_split(self, hva: int) -> None:
+        await self._client._invoke(_base.thp_split(self.id, hva))
+
+    async def thp_collapse(self, hva: int) -> None:
+        await self._client._invoke(_base.thp_collapse(self.id, hva))
+
+    async def clear_young(self, start: int, end: int) -> bool:
+        """Was any page of hva [start, end) young? It is old afterwards."""
+        return await self._client._invoke(_base.clear_young(self.id, start, end))
+
+    async def clear_flush_young(self, start: int, end: int) -> bool:
+        return await self._client._invoke(_base.clear_flush_young(self.id, start, end))
+
+    async def test_young(self, hva: int) -> bool:
+        return await self._client._invoke(_base.test_young(self.id, hva))
+
+    async def young_bitmap(self, start: int, end: int) -> bytes:
+        """One bit per 4K page that hva [start, end) touches, LSB first: young or not."""
+        return await self._client._invoke(_base.young_bitmap(self.id, start, end))
+
     async def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int,
                                      memory_size: int, userspace_addr: int) -> None:
         await self._client._invoke(_base.set_user_memory_region(
@@ -118,6 +175,53 @@ class AsyncVm:
 
     def vcpu(self, vcpu_id: int) -> AsyncVcpu:
         return AsyncVcpu(self._client, self.id, vcpu_id)
+
+    async def begin_invalidation(self, start: int, end: int, lease_s: float) -> int:
+        """Invalidate hva [start, end) and hold it until `end_invalidation` or for
+        `lease_s` seconds at most; returns the hold's id once the range is zapped."""
+        return await self._client._invoke(_base.begin_invalidation(self.id, start, end,
+                                                                   lease_s))
+
+    async def end_invalidation(self, invalidation_id: int) -> None:
+        await self._client._invoke(_base.end_invalidation(self.id, invalidation_id))
+
+    async def invalidations(self) -> Invalidations:
+        return await self._client._invoke(_base.invalidations(self.id))
+
+    async def hold_invalidation(self, start: int, end: int) -> AsyncInvalidationHold:
+        """Invalidate hva [start, end) and hold it while the returned stream is open;
+        returns once the range is zapped."""
+        call = self._client._stubs.notifier.HoldInvalidation(
+            _base.hold_request(self.id, start, end))
+        return AsyncInvalidationHold(self._client, self.id, call, await _next_hold(call))
+
+    async def create_gpc(self, gpa: int, length: int) -> Gpc:
+        """Create a gfn-to-pfn cache of [gpa, gpa + length) (one page at most), activated
+        and refreshed."""
+        return await self._client._invoke(_gpc.create_gpc(self.id, gpa, length))
+
+    async def check_gpc(self, gpc_id: int, length: int) -> bool:
+        """May [gpa, gpa + length) be used through the cache now? False: refresh first."""
+        return await self._client._invoke(_gpc.check_gpc(self.id, gpc_id, length))
+
+    async def refresh_gpc(self, gpc_id: int, length: int) -> Gpc:
+        """Make the cache valid again; waits while invalidations that count are in flight."""
+        return await self._client._invoke(_gpc.refresh_gpc(self.id, gpc_id, length))
+
+    async def read_gpc(self, gpc_id: int, offset: int, length: int) -> bytes:
+        """Read through a valid cache; FailedPrecondition (EAGAIN) when it is not."""
+        return await self._client._invoke(_gpc.read_gpc(self.id, gpc_id, offset, length))
+
+    async def write_gpc(self, gpc_id: int, offset: int, data: bytes) -> None:
+        """Write through a valid cache; FailedPrecondition (EAGAIN) when it is not."""
+        await self._client._invoke(_gpc.write_gpc(self.id, gpc_id, offset, data))
+
+    async def deactivate_gpc(self, gpc_id: int) -> Gpc:
+        """Deactivate the cache and forget it; returns its last state."""
+        return await self._client._invoke(_gpc.deactivate_gpc(self.id, gpc_id))
+
+    async def gpcs(self) -> list[Gpc]:
+        return await self._client._invoke(_gpc.gpcs(self.id))
 
 
 class AsyncVcpu:
@@ -198,3 +302,85 @@ class AsyncRunStream:
                 raise VmmuError(grpc.StatusCode.CANCELLED, "the Run stream is closed")
             raise error_from_status(code, await self._call.details())
         return _base.run_result(response.result)
+
+
+class AsyncInvalidationHold:
+    """An invalidation held while this stream is open (`AsyncVm.hold_invalidation`).
+
+    `invalidation` is the hold as it began. `end()` ends it and returns how it ended;
+    `cancel()` drops the stream as a client that dies would, and the server ends the hold
+    as CLIENT_GONE. With `async with` it ends the hold on exit, or cancels on an error.
+    """
+
+    def __init__(self, client: AsyncClient, vm_id: int, call: Any,
+                 invalidation: HeldInvalidation) -> None:
+        self._client = client
+        self._call = call
+        self.vm_id = vm_id
+        self.id = invalidation.id
+        self.invalidation = invalidation
+
+    async def __aenter__(self) -> AsyncInvalidationHold:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc_type is None:
+            await self.end()
+        else:
+            self.cancel()
+
+    async def end(self) -> HeldInvalidation:
+        await self._client._invoke(_base.end_invalidation(self.vm_id, self.id))
+        return await _next_hold(self._call)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class AsyncTraceStream:
+    """The events of a Trace subscription, in emission order: iterate it with `async for`.
+    Iteration ends when the server ends the stream (its VMs are gone) or after `cancel()`,
+    which also unsubscribes; with `async with` it cancels on exit."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._cancelled = False
+
+    async def __aenter__(self) -> AsyncTraceStream:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.cancel()
+
+    def __aiter__(self) -> AsyncIterator[TraceEvent]:
+        return self
+
+    async def __anext__(self) -> TraceEvent:
+        if self._cancelled:
+            raise StopAsyncIteration
+        response = await _read(self._call)
+        if response is None:
+            raise StopAsyncIteration
+        return _base.trace_event(response.event)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+
+
+async def _read(call: Any) -> Any | None:
+    """The next message of a server stream, or None at its (OK) end."""
+    try:
+        response = await call.read()
+    except grpc.RpcError as exc:
+        raise error_from_rpc(exc) from exc
+    return None if response is grpc.aio.EOF else response
+
+
+async def _next_hold(call: Any) -> HeldInvalidation:
+    response = await _read(call)
+    if response is None:
+        raise VmmuError(grpc.StatusCode.CANCELLED, "the HoldInvalidation stream is closed")
+    return _base.held_invalidation(response.invalidation)

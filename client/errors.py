@@ -4,7 +4,7 @@
      +-- InvalidArgument       INVALID_ARGUMENT    (EINVAL, EFAULT)
      +-- NotFound              NOT_FOUND           (ENOENT: no such VM, vCPU, slot, region)
      +-- AlreadyExists         ALREADY_EXISTS      (EEXIST)
-     +-- FailedPrecondition    FAILED_PRECONDITION (EBUSY, ENXIO)
+     +-- FailedPrecondition    FAILED_PRECONDITION (EBUSY, ENXIO, EAGAIN: refresh the GPC)
      +-- ResourceExhausted     RESOURCE_EXHAUSTED  (ENOMEM, ENOSPC, E2BIG)
      +-- PermissionDenied      PERMISSION_DENIED   (EPERM)
      +-- Aborted               ABORTED             (EINTR)

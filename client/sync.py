@@ -15,17 +15,19 @@ server does not have fails with NotFound on first use. `AsyncClient` mirrors eve
 from __future__ import annotations
 
 import queue
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 
-from vmmu.client import _base
+from vmmu.client import _base, _gpc
 from vmmu.client.batch import Batch
 from vmmu.client.errors import VmmuError, error_from_rpc
-from vmmu.client.types import Backing, HostRegion, Memslot, RunResult, Spte, VcpuInfo, VmInfo
+from vmmu.client.types import (Backing, Gpc, HeldInvalidation, HostRegion, Invalidations,
+                               Memslot, RunResult, Spte, TraceEvent, VcpuInfo, VmInfo)
 
-__all__ = ["Client", "Vm", "Vcpu", "RunStream"]
+__all__ = ["Client", "Vm", "Vcpu", "RunStream", "InvalidationHold", "TraceStream"]
 
 T = TypeVar("T")
 
@@ -55,8 +57,14 @@ class Client:
         return call.parse(response)
 
     def create_vm(self, *, max_vcpus: int = 8, tdp_levels: int = 4, ad_bits: bool = True,
-                  name: str = "") -> Vm:
-        info = self._invoke(_base.create_vm(max_vcpus, tdp_levels, ad_bits, name))
+                  name: str = "", schedule_seed: int | None = None,
+                  sanitizers: bool | None = None, debug: Iterable[str] = (),
+                  gpc_policy: str = "global") -> Vm:
+        """Create a VM. `sanitizers` None keeps the server's default; `debug` names debug
+        knobs to switch protections off; `gpc_policy` ("global" or "range") says which
+        invalidations make a gfn-to-pfn cache refresh retry."""
+        info = self._invoke(_base.create_vm(max_vcpus, tdp_levels, ad_bits, name,
+                                            schedule_seed, sanitizers, debug, gpc_policy))
         return Vm(self, info.id)
 
     def vm(self, vm_id: int) -> Vm:
@@ -64,6 +72,12 @@ class Client:
 
     def list_vms(self) -> list[VmInfo]:
         return self._invoke(_base.list_vms())
+
+    def trace(self, *, vm_ids: Iterable[int] = (), events: Iterable[str] = (),
+              capacity: int | None = None) -> TraceStream:
+        """Subscribe to trace events of `vm_ids` (empty: every VM, later ones included),
+        filtered by name (empty: all); returns once the subscription is live."""
+        return TraceStream(self._stubs, _base.trace_request(vm_ids, events, capacity))
 
 
 class Vm:
@@ -106,6 +120,45 @@ class Vm:
     def write_hva(self, hva: int, data: bytes) -> None:
         self._client._invoke(_base.write_hva(self.id, hva, data))
 
+    def madvise_dontneed(self, hva: int, size: int) -> None:
+        """madvise(MADV_DONTNEED): the pages go; the next touch reads zeroes."""
+        self._client._invoke(_base.madvise_dontneed(self.id, hva, size))
+
+    def migrate_pages(self, hva: int, size: int) -> int:
+        """Move the range's populated pages to new host frames; returns the pages moved."""
+        return self._client._invoke(_base.migrate_pages(self.id, hva, size))
+
+    def swap_out(self, hva: int, size: int) -> int:
+        """Page the range out; returns the pages swapped out."""
+        return self._client._invoke(_base.swap_out(self.id, hva, size))
+
+    def mprotect(self, hva: int, size: int, writable: bool) -> None:
+        self._client._invoke(_base.mprotect(self.id, hva, size, writable))
+
+    def ksm_merge(self, hvas: list[int]) -> int:
+        """Merge the pages with identical contents; returns the pages merged away."""
+        return self._client._invoke(_base.ksm_merge(self.id, hvas))
+
+    def thp_split(self, hva: int) -> None:
+        self._client._invoke(_base.thp_split(self.id, hva))
+
+    def thp_collapse(self, hva: int) -> None:
+        self._client._invoke(_base.thp_collapse(self.id, hva))
+
+    def clear_young(self, start: int, end: int) -> bool:
+        """Was any page of hva [start, end) young? It is old afterwards."""
+        return self._client._invoke(_base.clear_young(self.id, start, end))
+
+    def clear_flush_young(self, start: int, end: int) -> bool:
+        return self._client._invoke(_base.clear_flush_young(self.id, start, end))
+
+    def test_young(self, hva: int) -> bool:
+        return self._client._invoke(_base.test_young(self.id, hva))
+
+    def young_bitmap(self, start: int, end: int) -> bytes:
+        """One bit per 4K page that hva [start, end) touches, LSB first: young or not."""
+        return self._client._invoke(_base.young_bitmap(self.id, start, end))
+
     def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int,
                                memory_size: int, userspace_addr: int) -> None:
         self._client._invoke(_base.set_user_memory_region(
@@ -120,6 +173,52 @@ class Vm:
 
     def vcpu(self, vcpu_id: int) -> Vcpu:
         return Vcpu(self._client, self.id, vcpu_id)
+
+    def begin_invalidation(self, start: int, end: int, lease_s: float) -> int:
+        """Invalidate hva [start, end) and hold it until `end_invalidation` or for
+        `lease_s` seconds at most; returns the hold's id once the range is zapped."""
+        return self._client._invoke(_base.begin_invalidation(self.id, start, end, lease_s))
+
+    def end_invalidation(self, invalidation_id: int) -> None:
+        self._client._invoke(_base.end_invalidation(self.id, invalidation_id))
+
+    def invalidations(self) -> Invalidations:
+        return self._client._invoke(_base.invalidations(self.id))
+
+    def hold_invalidation(self, start: int, end: int) -> InvalidationHold:
+        """Invalidate hva [start, end) and hold it while the returned stream is open;
+        returns once the range is zapped."""
+        responses = self._client._stubs.notifier.HoldInvalidation(
+            _base.hold_request(self.id, start, end))
+        return InvalidationHold(self._client, self.id, responses, _next_hold(responses))
+
+    def create_gpc(self, gpa: int, length: int) -> Gpc:
+        """Create a gfn-to-pfn cache of [gpa, gpa + length) (one page at most), activated
+        and refreshed."""
+        return self._client._invoke(_gpc.create_gpc(self.id, gpa, length))
+
+    def check_gpc(self, gpc_id: int, length: int) -> bool:
+        """May [gpa, gpa + length) be used through the cache now? False: refresh first."""
+        return self._client._invoke(_gpc.check_gpc(self.id, gpc_id, length))
+
+    def refresh_gpc(self, gpc_id: int, length: int) -> Gpc:
+        """Make the cache valid again; waits while invalidations that count are in flight."""
+        return self._client._invoke(_gpc.refresh_gpc(self.id, gpc_id, length))
+
+    def read_gpc(self, gpc_id: int, offset: int, length: int) -> bytes:
+        """Read through a valid cache; FailedPrecondition (EAGAIN) when it is not."""
+        return self._client._invoke(_gpc.read_gpc(self.id, gpc_id, offset, length))
+
+    def write_gpc(self, gpc_id: int, offset: int, data: bytes) -> None:
+        """Write through a valid cache; FailedPrecondition (EAGAIN) when it is not."""
+        self._client._invoke(_gpc.write_gpc(self.id, gpc_id, offset, data))
+
+    def deactivate_gpc(self, gpc_id: int) -> Gpc:
+        """Deactivate the cache and forget it; returns its last state."""
+        return self._client._invoke(_gpc.deactivate_gpc(self.id, gpc_id))
+
+    def gpcs(self) -> list[Gpc]:
+        return self._client._invoke(_gpc.gpcs(self.id))
 
 
 class Vcpu:
@@ -199,3 +298,84 @@ class RunStream:
         if response is None:
             raise VmmuError(grpc.StatusCode.CANCELLED, "the Run stream is closed")
         return _base.run_result(response.result)
+
+
+class InvalidationHold:
+    """An invalidation held while this stream is open (`Vm.hold_invalidation`).
+
+    `invalidation` is the hold as it began. `end()` ends it and returns how it ended;
+    `cancel()` drops the stream as a client that dies would, and the server ends the hold
+    as CLIENT_GONE. As a context manager it ends the hold on exit, or cancels on an error.
+    """
+
+    def __init__(self, client: Client, vm_id: int, responses: Any,
+                 invalidation: HeldInvalidation) -> None:
+        self._client = client
+        self._responses = responses
+        self.vm_id = vm_id
+        self.id = invalidation.id
+        self.invalidation = invalidation
+
+    def __enter__(self) -> InvalidationHold:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.end()
+        else:
+            self.cancel()
+
+    def end(self) -> HeldInvalidation:
+        self._client._invoke(_base.end_invalidation(self.vm_id, self.id))
+        return _next_hold(self._responses)
+
+    def cancel(self) -> None:
+        self._responses.cancel()
+
+
+def _next_hold(responses: Any) -> HeldInvalidation:
+    try:
+        response = next(responses, None)
+    except grpc.RpcError as exc:
+        raise error_from_rpc(exc) from exc
+    if response is None:
+        raise VmmuError(grpc.StatusCode.CANCELLED, "the HoldInvalidation stream is closed")
+    return _base.held_invalidation(response.invalidation)
+
+
+class TraceStream:
+    """The events of a Trace subscription, in emission order: iterate it. Iteration ends
+    when the server ends the stream (its VMs are gone) or after `cancel()`, which also
+    unsubscribes; as a context manager it cancels on exit."""
+
+    def __init__(self, stubs: _base.Stubs, request: Any) -> None:
+        self._responses = stubs.trace.Trace(request)
+        self._cancelled = False
+        try:
+            next(self._responses)               # no event: the subscription is live
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+
+    def __enter__(self) -> TraceStream:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.cancel()
+
+    def __iter__(self) -> Iterator[TraceEvent]:
+        return self
+
+    def __next__(self) -> TraceEvent:
+        try:
+            response = next(self._responses)
+        except grpc.RpcError as exc:
+            if self._cancelled:
+                raise StopIteration from None
+            raise error_from_rpc(exc) from exc
+        return _base.trace_event(response.event)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._responses.cancel()

@@ -7,12 +7,14 @@ reads the same whether it embeds the model or talks to a server.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = [
     "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY",
-    "Backing", "ExitReason",
+    "Backing", "ExitReason", "HoldState",
     "VmConfig", "VmInfo", "Spte", "HostRegion", "Memslot", "VcpuInfo", "Exit", "RunResult",
+    "HeldInvalidation", "Invalidations", "TraceEvent", "GpcState", "Gpc",
 ]
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
@@ -36,12 +38,29 @@ class ExitReason(enum.Enum):
     INTERNAL_ERROR = "internal_error"
 
 
+class HoldState(enum.Enum):
+    """Where a held invalidation is in its life: HELD, then how it ended."""
+
+    HELD = "held"
+    ENDED_BY_CLIENT = "ended_by_client"
+    LEASE_EXPIRED = "lease_expired"
+    CLIENT_GONE = "client_gone"
+    VM_DESTROYED = "vm_destroyed"
+
+
 @dataclass(frozen=True, slots=True)
 class VmConfig:
+    """`schedule_seed` None: no deterministic schedule; `debug`: the debug knobs on;
+    `gpc_policy`: what makes a gfn-to-pfn cache refresh retry, "global" or "range"."""
+
     max_vcpus: int
     tdp_levels: int
     ad_bits: bool
     name: str
+    schedule_seed: int | None
+    sanitizers: bool
+    debug: frozenset[str]
+    gpc_policy: str = "global"
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,3 +148,65 @@ class RunResult:
     completed: int
     exit: Exit
     read_data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HeldInvalidation:
+    """An MMU-notifier invalidation of hva [start, end) that a client holds or held;
+    `lease_s` is None for a hold of a `hold_invalidation` stream."""
+
+    id: int
+    start: int
+    end: int
+    state: HoldState
+    lease_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidations:
+    """The invalidations a VM holds now, and how the latest ones ended (oldest first)."""
+
+    held: list[HeldInvalidation]
+    ended: list[HeldInvalidation]
+
+
+@dataclass(frozen=True, slots=True)
+class TraceEvent:
+    """One tracepoint hit. `seq` counts the VM's events in emission order;
+    `dropped_before` is how many events this stream lost just before this one because
+    its reader fell behind."""
+
+    seq: int
+    time_ns: int
+    vm_id: int
+    event: str
+    fields: Mapping[str, int | str | bool]
+    dropped_before: int
+
+
+class GpcState(enum.Enum):
+    """Where a gfn-to-pfn cache is in its life."""
+
+    INACTIVE = "inactive"
+    ACTIVE_INVALID = "active-invalid"
+    ACTIVE_VALID = "active-valid"
+
+
+@dataclass(frozen=True, slots=True)
+class Gpc:
+    """A gfn-to-pfn cache. `uhva` is None until the gpa resolved to one, `pfn` None while
+    the cache holds none; `generation` is the memslot generation of that resolution;
+    `retries` counts pfn lookups an invalidation made it throw away, `wait_ns` the time
+    refreshes waited for invalidations to end."""
+
+    id: int
+    gpa: int
+    uhva: int | None
+    pfn: int | None
+    state: GpcState
+    active: bool
+    valid: bool
+    generation: int
+    refreshes: int
+    retries: int
+    wait_ns: int

@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from vmmu.client import (AsyncClient, AsyncRunStream, AsyncVcpu, AsyncVm, Client, RunStream,
+from vmmu.client import (AsyncClient, AsyncInvalidationHold, AsyncRunStream, AsyncTraceStream,
+                         AsyncVcpu, AsyncVm, Client, InvalidationHold, RunStream, TraceStream,
                          Vcpu, Vm)
 from vmmu.server.rpc.app import Serving, start_server
 
@@ -57,7 +58,8 @@ def server() -> Iterator[ServerThread]:
 
 
 _TWINS: dict[type, type] = {Client: AsyncClient, Vm: AsyncVm, Vcpu: AsyncVcpu,
-                            RunStream: AsyncRunStream}
+                            RunStream: AsyncRunStream, InvalidationHold: AsyncInvalidationHold,
+                            TraceStream: AsyncTraceStream}
 
 
 class AsAsync:
@@ -88,6 +90,15 @@ class AsAsync:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         self._target.__exit__(*exc_info)
+
+    def __aiter__(self) -> AsAsync:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return next(self._target)
+        except StopIteration:
+            raise StopAsyncIteration from None
 
 
 def _wrap(value: Any) -> Any:

@@ -9,11 +9,14 @@ import sys
 import grpc
 import pytest
 
-from vmmu.client import (AlreadyExists, AsyncClient, AsyncRunStream, AsyncVcpu, AsyncVm, Batch,
-                         BatchBuilder, Client, InvalidArgument, RunStream, Vcpu, Vm, VmmuError)
+from vmmu.client import (AlreadyExists, AsyncClient, AsyncInvalidationHold, AsyncRunStream,
+                         AsyncTraceStream, AsyncVcpu, AsyncVm, Batch, BatchBuilder, Client,
+                         InvalidArgument, InvalidationHold, RunStream, TraceStream, Vcpu, Vm,
+                         VmmuError)
 from vmmu.client.errors import error_from_status
 
-TWINS = [(Client, AsyncClient), (Vm, AsyncVm), (Vcpu, AsyncVcpu), (RunStream, AsyncRunStream)]
+TWINS = [(Client, AsyncClient), (Vm, AsyncVm), (Vcpu, AsyncVcpu), (RunStream, AsyncRunStream),
+         (InvalidationHold, AsyncInvalidationHold), (TraceStream, AsyncTraceStream)]
 
 
 def _public_methods(cls: type) -> dict[str, inspect.Signature]:
@@ -34,7 +37,7 @@ def test_sync_and_async_clients_have_the_same_methods(sync_cls, async_cls):
 
 
 def test_async_methods_that_make_rpcs_are_coroutines():
-    plain = {"vm", "vcpu", "stream"}
+    plain = {"vm", "vcpu", "stream", "cancel"}
     for _, async_cls in TWINS:
         for name in _public_methods(async_cls):
             assert inspect.iscoroutinefunction(getattr(async_cls, name)) == (name not in plain), \

@@ -6,6 +6,7 @@ import pytest
 
 from vmmu.client import (KVM_MEM_READONLY, AlreadyExists, Backing, InvalidArgument, NotFound,
                          VmConfig)
+from vmmu.server.kvm import VmConfig as ModelVmConfig
 
 MiB = 1 << 20
 
@@ -16,7 +17,9 @@ async def test_vm_lifecycle(client):
     info = await vm.info()
     assert info.id == vm.id
     assert info.name == "guest"
-    assert info.config == VmConfig(max_vcpus=2, tdp_levels=5, ad_bits=False, name="guest")
+    assert info.config == VmConfig(max_vcpus=2, tdp_levels=5, ad_bits=False, name="guest",
+                                   schedule_seed=None, sanitizers=ModelVmConfig().sanitizers,
+                                   debug=frozenset())
     assert (info.nr_vcpus, info.nr_memslots, info.nr_host_regions, info.dead) == (0, 0, 0, False)
     assert [v.id for v in await client.list_vms()] == [vm.id]
 
@@ -34,6 +37,29 @@ async def test_unknown_vm_is_not_found_everywhere(client):
     for call in calls:
         with pytest.raises(NotFound, match="ENOENT"):
             await call()
+
+
+async def test_schedule_seed_sanitizers_and_debug_knobs_travel_both_ways(client):
+    vm = await client.create_vm(schedule_seed=2**64 - 1, sanitizers=False,
+                                debug=["skip_zap_tlb_flush", "skip_invalidate_retry"])
+    config = (await vm.info()).config
+    assert (config.schedule_seed, config.sanitizers, config.debug) == \
+        (2**64 - 1, False, frozenset({"skip_zap_tlb_flush", "skip_invalidate_retry"}))
+    other = (await (await client.create_vm(schedule_seed=0, sanitizers=True)).info()).config
+    assert (other.schedule_seed, other.sanitizers, other.debug) == (0, True, frozenset())
+
+
+@pytest.mark.parametrize("env, default", [("0", False), ("1", True)])
+async def test_sanitizers_left_out_follow_the_server_default(client, monkeypatch, env, default):
+    monkeypatch.setenv("VMMU_SANITIZERS", env)      # the server runs in this process
+    assert (await (await client.create_vm()).info()).config.sanitizers is default
+
+
+async def test_unknown_debug_knob_creates_nothing(client):
+    with pytest.raises(InvalidArgument) as excinfo:
+        await client.create_vm(debug=["skip_invalidate_retry", "make_it_fast"])
+    assert excinfo.value.errno_name == "EINVAL" and "make_it_fast" in excinfo.value.reason
+    assert await client.list_vms() == []
 
 
 async def test_invalid_config_creates_nothing(client):

@@ -19,7 +19,7 @@ from vmmu.client import AsyncClient, BatchBuilder, Client, ExitReason, Internal,
 from vmmu.server.rpc.app import start_server
 
 SERVICES = ["vmmu.v1.HostMemoryService", "vmmu.v1.MemslotService", "vmmu.v1.VcpuService",
-            "vmmu.v1.VmService"]
+            "vmmu.v1.VmService", "vmmu.v1.NotifierService", "vmmu.v1.TraceService"]
 MMIO_GPA = 0x1000_0000
 
 

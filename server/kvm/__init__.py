@@ -5,9 +5,11 @@ See docs/model-api.md for the surface and docs/design.md for how the parts fit.
 
 from .batch import OP_WITH_DATA, AccessBatch, make_op
 from .errors import KvmError, NoSuchObject, VmBugged
+from .held import HeldInvalidationInfo, HoldState
 from .host_mm import HostRegionInfo
 from .kvm import Kvm
 from .memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_USER_MEM_SLOTS, MemslotInfo
+from .trace import Subscription, TraceEvent
 from .types import AccessKind, Backing
 from .vcpu import Exit, ExitReason, RunResult, Vcpu, VcpuInfo
 from .vm import SpteInfo, Vm, VmConfig, VmInfo
@@ -17,4 +19,5 @@ __all__ = [
     "Backing", "OP_WITH_DATA", "make_op", "RunResult", "Exit", "ExitReason", "SpteInfo",
     "HostRegionInfo", "MemslotInfo", "KvmError", "NoSuchObject", "VmBugged",
     "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "KVM_USER_MEM_SLOTS",
+    "HoldState", "HeldInvalidationInfo", "Subscription", "TraceEvent",
 ]

@@ -10,6 +10,8 @@ knob a scenario is about, exploration must find one within a bounded number of s
 | `fault_vs_invalidate` | a fault resolves a pfn, the host migrates the page, the fault installs the old pfn | the mmu_invalidate_seq / in-progress retry (`skip_invalidate_retry`) |
 | `tlb_vs_zap` | a vCPU keeps using a TLB entry for a page the host has migrated | the TLB flush after a zap (`skip_zap_tlb_flush`) |
 | `aging_vs_table_free` | lockless aging reads a table that a memslot deletion unlinked and freed | RCU: free after a grace period (`free_tables_immediately`), aging inside a read-side section (`aging_without_rcu`) |
+| `gpc_refresh_vs_invalidate` | a GPC refresh looks up a pfn, the host migrates or drops the page, the refresh sets valid with the old pfn | refresh's wait and retry (`gpc_refresh_no_check`), `global` policy |
+| `gpc_range_refresh_vs_invalidate` | the same, with other pages' invalidations held open meanwhile | the same, `range` policy |
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Scenario:
     summary: str
     knobs: frozenset[str]            # the protections whose absence it demonstrates
     body: Callable[[Vm, random.Random], Awaitable[None]]
+    gpc_policy: str = "global"       # the VM's GPC refresh policy (gpc.py)
 
 
 async def _guest(vm: Vm, pages: int = PAGES) -> tuple[int, object]:
@@ -131,6 +134,44 @@ async def _aging_vs_table_free(vm: Vm, rng: random.Random) -> None:
     await _together(aging=aging(), memslots=memslots())
 
 
+GPC_PAGE = 3                         # the guest page the scenario's cache maps
+
+
+async def _gpc_refresh_vs_invalidate(vm: Vm, rng: random.Random) -> None:
+    hva, vcpu = await _guest(vm)
+    gpc = await vm.gpcs.create(GPC_PAGE * PAGE_SIZE + 8, 8)
+
+    async def user() -> None:
+        for n in range(ROUNDS):
+            while not gpc.check(8):
+                await gpc.refresh(8)
+            gpc.write(0, n.to_bytes(8, "little"))
+            await vm.sched.point("vcpu.entry")
+            if gpc.check(8):
+                gpc.read(0, 8)
+
+    async def host() -> None:
+        for _ in range(ROUNDS):
+            page = GPC_PAGE if rng.random() < 0.6 else rng.randrange(PAGES)
+            take_away = vm.migrate_pages if rng.random() < 0.5 else vm.madvise_dontneed
+            await take_away(hva + page * PAGE_SIZE, PAGE_SIZE)
+            await vm.sched.point("mm.invalidate_window")
+
+    async def holder() -> None:      # invalidations held open a while, mostly of others
+        for _ in range(ROUNDS // 2):
+            page = GPC_PAGE if rng.random() < 0.3 else rng.randrange(PAGES)
+            start = hva + page * PAGE_SIZE
+            async with vm.hold_invalidation(start, start + PAGE_SIZE):
+                await vm.sched.point("mm.invalidate_window")
+
+    async def guest() -> None:       # faults hold mmu_lock for read: an invalidation may
+        for _ in range(ROUNDS // 2):  # wait for it after its GPC sweep, its change to come
+            await vcpu.run(_reads(GPC_PAGE + 1))
+            await vm.sched.point("vcpu.entry")
+
+    await _together(gpc=user(), host=host(), holder=holder(), vcpu0=guest())
+
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("fault_vs_invalidate", "a vCPU faults while the host migrates its pages",
              frozenset({"skip_invalidate_retry"}), _fault_vs_invalidate),
@@ -139,6 +180,12 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("aging_vs_table_free", "lockless aging while memslot deletion frees tables",
              frozenset({"free_tables_immediately", "aging_without_rcu"}),
              _aging_vs_table_free),
+    Scenario("gpc_refresh_vs_invalidate",
+             "a GPC refresh and its user while the host migrates and drops the page",
+             frozenset({"gpc_refresh_no_check"}), _gpc_refresh_vs_invalidate),
+    Scenario("gpc_range_refresh_vs_invalidate",
+             "the same with the range-based refresh policy",
+             frozenset({"gpc_refresh_no_check"}), _gpc_refresh_vs_invalidate, "range"),
 )}
 
 
@@ -156,8 +203,10 @@ async def run_scenario(name: str, seed: int, knobs: frozenset[str] = frozenset()
     scenario = _check_knobs(name, frozenset(knobs))
     kvm = Kvm()
     vm = kvm.create_vm(VmConfig(max_vcpus=1, schedule_seed=seed, sanitizers=True,
-                                debug=frozenset(knobs), name=f"{name}#{seed}"))
+                                debug=frozenset(knobs), name=f"{name}#{seed}",
+                                gpc_policy=scenario.gpc_policy))
     bug: VmBugged | None = None
+    asyncio.current_task().set_name("setup")
     try:
         await scenario.body(vm, random.Random(seed))
     except VmBugged as caught:
@@ -177,7 +226,8 @@ async def run_scenario(name: str, seed: int, knobs: frozenset[str] = frozenset()
         return Outcome(seed, points=points)
     if isinstance(bug, SanitizerViolation):
         return Outcome(seed, str(bug), bug.oracle, bug.gfn, bug.trace, points)
-    return Outcome(seed, str(bug), type(bug).__name__, -1, vm.sched.describe_trace(), points)
+    return Outcome(seed, vm.death or str(bug), type(bug).__name__, -1,
+                   vm.sched.describe_trace(), points)
 
 
 @dataclass(frozen=True)

@@ -2,30 +2,42 @@
 
 A region of hva is created and destroyed like mmap/munmap and backed by 4K pages, THP (2M
 host mappings wherever a whole aligned 2M frame fits in the region) or hugetlb 1G pages.
-Host pages are populated on first touch; their contents live in a sparse dict keyed by 4K
-pfn and untouched memory reads as zero.
+Host pages are populated on first touch (or swapped in); their contents live in a sparse
+dict keyed by 4K pfn and untouched memory reads as zero. `hva_to_pfn` is what GUP does
+for KVM, including the copy-on-write break of a KSM page on a write. The operations that
+take mappings away (madvise, migration, swap-out, mprotect, KSM merging, THP split and
+collapse) live in `host_ops` and change mappings only through `update`.
 
 Invariant: while an hva maps a pfn, every secondary MMU that registered an `MmuNotifier`
-may cache that translation; anything that takes a translation away first calls
-`invalidate_range_start` on every notifier and `invalidate_range_end` after the change.
+may cache that translation; anything that takes a translation away, or changes the level
+of the host page behind it, first calls `invalidate_range_start` on every notifier over a
+range that covers every host page it changes, and `invalidate_range_end` after. The change
+itself is synchronous, so nothing can observe it half done.
 """
 
 from __future__ import annotations
 
 import bisect
 import errno
-from dataclasses import dataclass
-from typing import Protocol
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
-from .errors import KvmError, NoSuchObject, einval
-from .types import (PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K,
-                    Backing, level_shift, pages_per_level)
+from .errors import KvmError, NoSuchObject, VmBugged, einval
+from .host_region import HPAGE_SHIFT, HPAGE_SIZE, HostRegion, HostRegionInfo, keys_in
+from .types import (PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_1G, PG_LEVEL_2M,
+                    PG_LEVEL_4K, Backing, level_shift, pages_per_level)
 
-__all__ = ["HostMm", "HostRegion", "HostRegionInfo", "MmuNotifier", "HVA_BASE"]
+__all__ = ["HostMm", "HostRegion", "HostRegionInfo", "MmuNotifier", "PfnAllocator",
+           "HVA_BASE"]
 
 HVA_BASE = 0x7F00_0000_0000      # where mmap() without a hint starts placing regions
 HVA_LIMIT = 1 << 47              # user address space of a 4-level host
 FIRST_PFN = 0x100000             # host frames start at 4 GiB
+GIB = 1 << 30
+
+T = TypeVar("T")
+_AGAIN = object()                # an update found a wider range to announce
 
 
 class MmuNotifier(Protocol):
@@ -33,63 +45,27 @@ class MmuNotifier(Protocol):
     async def invalidate_range_end(self, start: int, end: int) -> None: ...
 
 
-@dataclass(frozen=True)
-class HostRegionInfo:
-    hva: int
-    size: int
-    backing: Backing
-    writable: bool
-    populated_4k_pages: int
-
-
-class HostRegion:
-    """One VMA. `frames[level]` maps an hva frame number at that level to its base pfn."""
-
-    __slots__ = ("hva", "size", "end", "backing", "writable", "frames")
-
-    def __init__(self, hva: int, size: int, backing: Backing, writable: bool) -> None:
-        self.hva, self.size, self.end = hva, size, hva + size
-        self.backing, self.writable = backing, writable
-        self.frames: dict[int, dict[int, int]] = {PG_LEVEL_4K: {}, PG_LEVEL_2M: {},
-                                                   PG_LEVEL_1G: {}}
-
-    def info(self) -> HostRegionInfo:
-        populated = sum(len(f) * pages_per_level(level) for level, f in self.frames.items())
-        return HostRegionInfo(self.hva, self.size, self.backing, self.writable, populated)
-
-    def mapped(self, hva: int) -> tuple[int, int] | None:
-        """(pfn of the 4K page at hva, host mapping level), or None if not populated."""
-        for level in (PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K):
-            shift = PAGE_SHIFT + level_shift(level)
-            base = self.frames[level].get(hva >> shift)
-            if base is not None:
-                return base + ((hva >> PAGE_SHIFT) & (pages_per_level(level) - 1)), level
-        return None
-
-    def frame_level(self, hva: int) -> int:
-        """The largest page the backing can use at hva: a whole aligned frame in the region."""
-        for level in (PG_LEVEL_1G, PG_LEVEL_2M):
-            if self.backing.page_level >= level:
-                size = PAGE_SIZE << level_shift(level)
-                start = hva & ~(size - 1)
-                if start >= self.hva and start + size <= self.end:
-                    return level
-        return PG_LEVEL_4K
-
-
 class PfnAllocator:
-    """Host physical frames, naturally aligned per size, recycled through free lists."""
+    """Host physical frames, naturally aligned per size, recycled through free lists.
+
+    A freed frame is handed out again only after `REUSE_DELAY` more frames of its size
+    were freed after it (oldest first): a page the host just took away does not come
+    straight back at the same pfn, so a stale translation shows as a wrong pfn.
+    """
+
+    REUSE_DELAY = 16
 
     def __init__(self, first: int = FIRST_PFN) -> None:
         self._next = first
-        self._free: dict[int, list[int]] = {PG_LEVEL_4K: [], PG_LEVEL_2M: [], PG_LEVEL_1G: []}
+        self._free: dict[int, deque[int]] = {PG_LEVEL_4K: deque(), PG_LEVEL_2M: deque(),
+                                              PG_LEVEL_1G: deque()}
         self.allocated_4k = 0
 
     def alloc(self, level: int) -> int:
         count = pages_per_level(level)
         self.allocated_4k += count
-        if self._free[level]:
-            return self._free[level].pop()
+        if len(self._free[level]) > self.REUSE_DELAY:
+            return self._free[level].popleft()
         pfn = (self._next + count - 1) & ~(count - 1)
         self._next = pfn + count
         return pfn
@@ -100,16 +76,17 @@ class PfnAllocator:
 
 
 class HostMm:
-    """The VMM's mm: regions, their host pages and the page contents."""
+    """The VMM's mm: regions, their host pages, KSM pages and the page contents."""
 
     def __init__(self) -> None:
         self._starts: list[int] = []
         self._regions: list[HostRegion] = []
         self._next_hva = HVA_BASE
         self.pfns = PfnAllocator()
+        self.sched = None                          # the owning VM's preemption points
         self.contents: dict[int, bytearray] = {}
+        self.ksm_pages: dict[int, int] = {}      # pfn of a KSM page -> hvas that map it
         self.notifiers: list[MmuNotifier] = []
-        self.sched = None               # the owning VM's preemption points, if any
 
     # -- regions ---------------------------------------------------------------------
 
@@ -120,7 +97,7 @@ class HostMm:
         if size <= 0 or size % align:
             raise einval(f"size {size:#x} is not a positive multiple of {align:#x}")
         if hva is None:
-            hva = self._place(size, max(align, PAGE_SIZE << level_shift(PG_LEVEL_2M)))
+            hva = self._place(size, max(align, HPAGE_SIZE))
         elif hva % align:
             raise einval(f"hva {hva:#x} is not aligned to {align:#x}")
         if hva < PAGE_SIZE or hva + size > HVA_LIMIT:
@@ -139,7 +116,7 @@ class HostMm:
         hva = (self._next_hva + align - 1) & ~(align - 1)
         while self._overlaps(hva, size):
             hva += align
-        self._next_hva = hva + size + (PAGE_SIZE << level_shift(PG_LEVEL_2M))   # leave a gap
+        self._next_hva = hva + size + HPAGE_SIZE      # leave a gap
         return hva
 
     def _overlaps(self, hva: int, size: int) -> bool:
@@ -155,20 +132,40 @@ class HostMm:
         del self._regions[i], self._starts[i]
         for level, frames in region.frames.items():
             for base in frames.values():
-                self._free_frame(base, level)
+                self.put(base, level)
             frames.clear()
+        region.swapped.clear()
 
-    async def invalidate(self, start: int, end: int, change) -> None:
+    async def invalidate(self, start: int, end: int, change: Callable[[], T]) -> T:
         """Run `change()` (synchronous) between invalidate_range_start and _end."""
         for n in self.notifiers:
             await n.invalidate_range_start(start, end)
         try:
-            if self.sched is not None:
+            if self.sched is not None:             # the host works on the range a while
                 await self.sched.point("mm.invalidate_window")
-            change()
+            return change()
         finally:
             for n in self.notifiers:
                 await n.invalidate_range_end(start, end)
+
+    async def update(self, region: HostRegion, start: int, end: int,
+                     apply: Callable[[], T]) -> T:
+        """Run `apply()` under an invalidation of every host page it may change: [start,
+        end) widened to the huge pages at its edges, mapped or about to be. Should a huge
+        page appear at an edge while the notifiers run anyway (a protection change made a
+        frame whole), the wider range is announced again and `apply` runs then."""
+        while True:
+            lo, hi = region.hull(start, end)
+
+            def change():
+                if self.find(start) is not region:
+                    raise KvmError(errno.EFAULT, f"[{start:#x}, {end:#x}) was unmapped "
+                                   "meanwhile")
+                return apply() if region.hull(start, end) == (lo, hi) else _AGAIN
+
+            result = await self.invalidate(lo, hi, change)
+            if result is not _AGAIN:
+                return result
 
     def region_exact(self, hva: int, size: int) -> HostRegion:
         region = self.find(hva)
@@ -188,26 +185,23 @@ class HostMm:
 
     # -- translation (what GUP does for KVM) -----------------------------------------
 
-    def hva_to_pfn(self, hva: int, write: bool) -> tuple[int, bool, int]:
+    async def hva_to_pfn(self, hva: int, write: bool) -> tuple[int, bool, int]:
         """Fault in the page at hva: (pfn, writable, host mapping level).
 
         Raises EFAULT when nothing is mapped there, or for a write to a read-only mapping.
         A read gets a writable pfn when the mapping allows writes (KVM asks for one
-        opportunistically).
+        opportunistically), but never for a KSM page; a write to a KSM page first breaks
+        copy-on-write, which invalidates the page. A swapped-out page comes back at a new
+        pfn with its contents.
         """
-        region = self.find(hva)
-        if region is None:
-            raise KvmError(errno.EFAULT, f"hva {hva:#x} is not mapped")
-        if write and not region.writable:
-            raise KvmError(errno.EFAULT, f"write to read-only hva {hva:#x}")
-        found = region.mapped(hva)
-        if found is None:
-            found = self._populate(region, hva)
-        pfn, level = found
-        return pfn, region.writable, level
+        while True:
+            region = self._region_for_access(hva, write)
+            if not (write and self.is_ksm(region, hva)):
+                return self._get_page(region, hva, write)
+            await self._unshare(region, hva)
 
     def current_pfn(self, hva: int) -> int | None:
-        """The pfn the host maps at hva now, without faulting anything in."""
+        """The pfn mapped at hva now, faulting nothing in (None: not populated)."""
         region = self.find(hva)
         found = region.mapped(hva) if region else None
         return found[0] if found else None
@@ -217,16 +211,76 @@ class HostMm:
         found = region.mapped(hva) if region else None
         return found[1] if found else PG_LEVEL_4K
 
+    def _region_for_access(self, hva: int, write: bool) -> HostRegion:
+        region = self.find(hva)
+        if region is None:
+            raise KvmError(errno.EFAULT, f"hva {hva:#x} is not mapped")
+        if write and not region.writable_at(hva):
+            raise KvmError(errno.EFAULT, f"write to read-only hva {hva:#x}")
+        return region
+
+    def _get_page(self, region: HostRegion, hva: int, write: bool) -> tuple[int, bool, int]:
+        found = region.mapped(hva)
+        if found is None:
+            page = hva >> PAGE_SHIFT
+            found = self._swap_in(region, page) if page in region.swapped \
+                else self._populate(region, hva)
+        pfn, level = found
+        shared = pfn in self.ksm_pages
+        if write and shared:
+            raise VmBugged(f"write mapping of KSM page {pfn:#x} without a COW break")
+        return pfn, region.writable_at(hva) and not shared, level
+
     def _populate(self, region: HostRegion, hva: int) -> tuple[int, int]:
         level = region.frame_level(hva)
+        if level == PG_LEVEL_4K and region.backing is Backing.THP:
+            region.split_2m.add(hva >> HPAGE_SHIFT)     # a table of 4K entries maps it now
         base = self.pfns.alloc(level)
         region.frames[level][hva >> (PAGE_SHIFT + level_shift(level))] = base
         return base + ((hva >> PAGE_SHIFT) & (pages_per_level(level) - 1)), level
 
-    def _free_frame(self, base: int, level: int) -> None:
-        for pfn in range(base, base + pages_per_level(level)):
-            self.contents.pop(pfn, None)
-        self.pfns.free(base, level)
+    def _swap_in(self, region: HostRegion, page: int) -> tuple[int, int]:
+        pfn = self.pfns.alloc(PG_LEVEL_4K)
+        data = region.swapped.pop(page)
+        if data is not None:
+            self.contents[pfn] = data
+        region.frames[PG_LEVEL_4K][page] = pfn
+        return pfn, PG_LEVEL_4K
+
+    def put(self, pfn: int, level: int) -> None:
+        """Drop one mapping of the host page at pfn; free it with the last one."""
+        sharers = self.ksm_pages.get(pfn)
+        if sharers is not None:
+            if sharers > 1:
+                self.ksm_pages[pfn] = sharers - 1
+                return
+            del self.ksm_pages[pfn]
+        for p in keys_in(self.contents, pfn, pfn + pages_per_level(level)):
+            del self.contents[p]
+        self.pfns.free(pfn, level)
+
+    # -- the copy-on-write break of a KSM page (a write fault) ---------------------
+
+    def is_ksm(self, region: HostRegion, hva: int) -> bool:
+        """Does hva map a KSM page (shared, write-protected) in `region`?"""
+        return region.frames[PG_LEVEL_4K].get(hva >> PAGE_SHIFT) in self.ksm_pages
+
+    async def _unshare(self, region: HostRegion, hva: int) -> None:
+        page = hva & PAGE_MASK
+        await self.update(region, page, page + PAGE_SIZE,
+                          lambda: self._break_cow(region, page >> PAGE_SHIFT))
+
+    def _break_cow(self, region: HostRegion, page: int) -> None:
+        """`wp_page_copy`: the page gets a private copy of the KSM page it mapped."""
+        frames = region.frames[PG_LEVEL_4K]
+        kpfn = frames.get(page)
+        if kpfn not in self.ksm_pages:
+            return                                      # another writer broke it first
+        pfn = self.pfns.alloc(PG_LEVEL_4K)
+        if kpfn in self.contents:
+            self.contents[pfn] = bytearray(self.contents[kpfn])
+        frames[page] = pfn
+        self.put(kpfn, PG_LEVEL_4K)
 
     # -- contents --------------------------------------------------------------------
 
@@ -235,20 +289,30 @@ class HostMm:
         self._check_access(hva, length, write=False)
         out = bytearray()
         for chunk_hva, chunk_len in _page_chunks(hva, length):
-            pfn, _, _ = self.hva_to_pfn(chunk_hva, write=False)
+            pfn, _, _ = self._get_page(self.find(chunk_hva), chunk_hva, write=False)
             out += self.read_pfn(pfn, chunk_hva & (PAGE_SIZE - 1), chunk_len)
         return bytes(out)
 
-    def write(self, hva: int, data: bytes) -> list[int]:
-        """Write as the VMM would; returns the pfns written. Nothing is written on error."""
-        self._check_access(hva, len(data), write=True)
-        chunks = [(h, n, self.hva_to_pfn(h, write=True)[0])
-                  for h, n in _page_chunks(hva, len(data))]
+    async def write(self, hva: int, data: bytes) -> list[int]:
+        """Write as the VMM would; returns the pfns written. Nothing is written on error.
+
+        KSM pages in the range break copy-on-write first (invalidations, which may let
+        other tasks run); the write itself then happens without an `await`.
+        """
+        chunks = list(_page_chunks(hva, len(data)))
+        while True:
+            self._check_access(hva, len(data), write=True)
+            shared = [h for h, _ in chunks if self.is_ksm(self.find(h), h)]
+            if not shared:
+                break
+            for chunk_hva in shared:
+                await self._unshare(self.find(chunk_hva), chunk_hva)
+        pfns = [self._get_page(self.find(h), h, write=True)[0] for h, _ in chunks]
         done = 0
-        for chunk_hva, n, pfn in chunks:
+        for (chunk_hva, n), pfn in zip(chunks, pfns):
             self.write_pfn(pfn, chunk_hva & (PAGE_SIZE - 1), data[done:done + n])
             done += n
-        return [pfn for _, _, pfn in chunks]
+        return pfns
 
     def _check_access(self, hva: int, length: int, write: bool) -> None:
         """Fail before touching anything if any byte of the range would fault."""
@@ -259,8 +323,9 @@ class HostMm:
             region = self.find(hva)
             if region is None:
                 raise KvmError(errno.EFAULT, f"hva {hva:#x} is not mapped")
-            if write and not region.writable:
-                raise KvmError(errno.EFAULT, f"hva {hva:#x} is mapped read-only")
+            stop = min(end, region.end)
+            if write and not all(region.protections(hva, stop)):
+                raise KvmError(errno.EFAULT, f"[{hva:#x}, {stop:#x}) is mapped read-only")
             hva = region.end
 
     def read_pfn(self, pfn: int, offset: int, length: int) -> bytes:

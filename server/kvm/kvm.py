@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from .errors import NoSuchObject
+from .trace import DEFAULT_CAPACITY, Subscription
 from .vm import Vm, VmConfig
 
 __all__ = ["Kvm"]
@@ -12,9 +15,12 @@ class Kvm:
     def __init__(self) -> None:
         self._vms: dict[int, Vm] = {}
         self._next_id = 1
+        self._tracing_all: list[Subscription] = []     # subscriptions that follow new VMs
 
     def create_vm(self, config: VmConfig | None = None) -> Vm:
         vm = Vm(self._next_id, config or VmConfig())
+        for sub in self._following():
+            vm.tracer.attach(sub)
         self._vms[vm.id] = vm
         self._next_id += 1
         return vm
@@ -32,6 +38,24 @@ class Kvm:
         vm = self.get_vm(vm_id)
         del self._vms[vm_id]
         await vm.destroy()
+
+    def trace(self, vm_ids: Iterable[int] = (), events: Iterable[str] = (),
+              capacity: int = DEFAULT_CAPACITY) -> Subscription:
+        """Subscribe to the events of `vm_ids`, or of every VM, those created later
+        included, when `vm_ids` is empty; `events` filters by name (empty: all). A
+        subscription to named VMs ends when the last of them is destroyed."""
+        vms = [self.get_vm(vm_id) for vm_id in dict.fromkeys(vm_ids)]
+        sub = Subscription(events, capacity, ends_with_tracers=bool(vms))
+        if not vms:
+            vms = self.vms()
+            self._tracing_all = [*self._following(), sub]
+        for vm in vms:
+            vm.tracer.attach(sub)
+        return sub
+
+    def _following(self) -> list[Subscription]:
+        self._tracing_all = [sub for sub in self._tracing_all if not sub.closed]
+        return self._tracing_all
 
     async def shutdown(self) -> None:
         for vm_id in list(self._vms):

@@ -30,6 +30,9 @@ __all__ = ["page_fault", "hugepage_adjust"]
 
 async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
     stats = vcpu.stat
+    tracer = vcpu.vm.tracer
+    if tracer.on:
+        tracer.emit("kvm_page_fault", vcpu=vcpu.id, gpa=gpa, error_code=error_code)
     if error_code & PFERR_RSVD_MASK:
         r = handle_mmio_page_fault(vcpu, gpa)
         if r is not RetPf.INVALID:
@@ -58,6 +61,8 @@ def handle_mmio_page_fault(vcpu: "Vcpu", gpa: int) -> RetPf:
     if S.mmio_generation(leaf) != vm.memslot_sets[0].generation & S.MMIO_GEN_MASK:
         return RetPf.INVALID
     vcpu.stat.mmio_spte_hits += 1
+    if vm.tracer.on:
+        vm.tracer.emit("handle_mmio_page_fault", gpa=gpa, gfn=gpa >> 12)
     return RetPf.EMULATE
 
 
@@ -74,6 +79,9 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
                 "skip_invalidate_retry" not in vm.knobs:
             return RetPf.RETRY
         hugepage_adjust(vcpu, fault)
+        if vm.tracer.on:
+            vm.tracer.emit("kvm_mmu_spte_requested", gfn=fault.gfn, pfn=fault.pfn,
+                           level=fault.goal_level)
         r = vm.tdp.map(fault, vcpu.root)
         if r is RetPf.EMULATE:
             vcpu.stat.pf_mmio_spte_created += 1
@@ -100,7 +108,7 @@ async def faultin_pfn(vcpu: "Vcpu", fault: PageFault) -> RetPf:
         return RetPf.RETRY
     fault.hva = slot.gfn_to_hva(fault.gfn)
     await vm.sched.point("fault.hva_to_pfn")
-    fault.pfn, writable, _ = vm.host.hva_to_pfn(fault.hva, fault.write)
+    fault.pfn, writable, _ = await vm.host.hva_to_pfn(fault.hva, fault.write)
     fault.map_writable = writable and not slot.readonly
     if check_retry and notifier.retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
         return RetPf.RETRY

@@ -3,7 +3,9 @@
 State (reference §4.1): `mmu_invalidate_seq` moves at the end of every invalidation;
 `mmu_invalidate_in_progress` counts begun-not-ended invalidations that hit a memslot, and
 `[range_start, range_end)` is the hull of their gfns; `mn_active_invalidate_count` counts
-every start() whose end() has not finished, and memslot updates wait for it to reach zero.
+every start() whose end() has not finished, and memslot updates wait for it to reach zero;
+`invalidating_hvas` holds the hva ranges of those same invalidations (what a range-based
+GPC refresh asks about instead of the count).
 
 Contract with the host: once `invalidate_range_start` returns, no SPTE maps the range and
 every TLB is flushed; until the matching end, no fault installs a mapping of the range
@@ -33,15 +35,25 @@ class Notifier:
         self.range_start = INVALID_GFN
         self.range_end = INVALID_GFN
         self.mn_active_invalidate_count = 0
+        self._end_waiters: list[asyncio.Future] = []
         self._idle = asyncio.Event()
         self._idle.set()
         self.start_hooks: list = []     # run at start() before mmu_lock: the GPC sweep
+        # hva ranges between the top of start() and the bottom of end(), kept with
+        # mn_active_invalidate_count: what a range-based GPC refresh asks about (gpc.py).
+        self.invalidating_hvas: list[tuple[int, int]] = []
+        self._hva_range_ended: asyncio.Event | None = None   # made by the first waiter
 
     # -- the host's callbacks -------------------------------------------------------
 
     async def invalidate_range_start(self, start: int, end: int) -> None:
         self.mn_active_invalidate_count += 1
+        self.invalidating_hvas.append((start, end))
         self._idle.clear()
+        tracer = self.vm.tracer
+        if tracer.on:
+            tracer.emit("kvm_mmu_invalidate_range", phase="start", start=start, end=end)
+            tracer.emit("kvm_unmap_hva_range", start=start, end=end)
         for hook in self.start_hooks:
             hook(start, end)
         hits = self._gfn_ranges(start, end)
@@ -60,6 +72,8 @@ class Notifier:
                 vm.flush_remote_tlbs()
 
     async def invalidate_range_end(self, start: int, end: int) -> None:
+        if self.vm.tracer.on:
+            self.vm.tracer.emit("kvm_mmu_invalidate_range", phase="end", start=start, end=end)
         if self._gfn_ranges(start, end):
             async with self.vm.mmu_lock.write:
                 self._end()
@@ -68,6 +82,10 @@ class Notifier:
         self.mn_active_invalidate_count -= 1
         if self.mn_active_invalidate_count < 0:
             raise VmBugged("mn_active_invalidate_count went negative")
+        self.invalidating_hvas.remove((start, end))
+        if self._hva_range_ended is not None:
+            self._hva_range_ended.set()
+            self._hva_range_ended = None
         if self.mn_active_invalidate_count == 0:
             self._idle.set()
 
@@ -98,6 +116,10 @@ class Notifier:
         self.mmu_invalidate_in_progress -= 1
         if self.mmu_invalidate_in_progress < 0:
             raise VmBugged("mmu_invalidate_in_progress went negative")
+        for waiter in self._end_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._end_waiters.clear()
 
     # -- what faults ask -------------------------------------------------------------
 
@@ -112,7 +134,34 @@ class Notifier:
             return True
         return self.mmu_invalidate_seq != mmu_seq
 
+    def blocks(self, gfn: int) -> bool:
+        """Is an invalidation covering gfn between begin and end right now?"""
+        return bool(self.mmu_invalidate_in_progress) and \
+            self.range_start <= gfn < self.range_end
+
+    async def wait_for_end(self) -> None:
+        """Sleep until the next invalidation end (a faulting vCPU need not spin)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._end_waiters.append(waiter)
+        await waiter
+
     async def wait_idle(self) -> None:
         """Wait until no invalidation is between start() and the end of end()."""
         while self.mn_active_invalidate_count:
             await self._idle.wait()
+
+    def invalidating(self, start: int, end: int) -> bool:
+        """Does an invalidation between start() and the end of end() overlap hva
+        [start, end)?"""
+        for s, e in self.invalidating_hvas:
+            if s < end and start < e:
+                return True
+        return False
+
+    async def wait_hva_idle(self, start: int, end: int) -> None:
+        """Wait until no invalidation in flight overlaps hva [start, end); others may
+        go on. Returns at once when none does."""
+        while self.invalidating(start, end):
+            if self._hva_range_ended is None:
+                self._hva_range_ended = asyncio.Event()
+            await self._hva_range_ended.wait()

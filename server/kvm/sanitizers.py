@@ -6,6 +6,9 @@
   mapping);
 - `no-new-mapping-during-invalidation`: no leaf SPTE is installed for a gfn whose hva is in
   a range between invalidation begin and end;
+- `stale-gpc`: a valid gfn-to-pfn cache, whenever it is used or a refresh has just made
+  it valid, maps the pfn the host maps at its uhva now, and no invalidation in flight
+  (from the top of invalidate_range_start to the bottom of _end) covers its page;
 - use-after-free of page-table pages is caught where tables are read (`UseAfterFree`);
 - lock contracts are asserted by `MmuLock` wherever they are stated.
 
@@ -18,15 +21,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .errors import VmBugged
-from .types import PAGE_SHIFT, pages_per_level
+from .types import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, pages_per_level
 
 if TYPE_CHECKING:
     from .vm import Vm
 
-__all__ = ["Sanitizers", "SanitizerViolation", "STALE_TRANSLATION", "NO_NEW_MAPPING"]
+__all__ = ["Sanitizers", "SanitizerViolation", "STALE_TRANSLATION", "NO_NEW_MAPPING",
+           "STALE_GPC"]
 
 STALE_TRANSLATION = "stale-translation"
 NO_NEW_MAPPING = "no-new-mapping-during-invalidation"
+STALE_GPC = "stale-gpc"
 
 
 class SanitizerViolation(VmBugged):
@@ -42,6 +47,7 @@ class Sanitizers:
         self.invalidating: list[tuple[int, int]] = []   # hva ranges begun, not ended
         self.accesses_checked = 0
         self.mappings_checked = 0
+        self.gpcs_checked = 0
 
     # -- invalidation windows (called under mmu_lock held for write) -------------------
 
@@ -83,6 +89,19 @@ class Sanitizers:
         if self._invalidating(hva, hva + (pages_per_level(level) << PAGE_SHIFT)):
             self.violation(NO_NEW_MAPPING, gfn, f"level-{level} leaf installed while hva "
                            f"{hva:#x} is being invalidated")
+
+    def check_gpc(self, gpc_id: int, gpa: int, uhva: int, pfn: int) -> None:
+        """A valid gfn-to-pfn cache is used, or a refresh just made it valid."""
+        self.gpcs_checked += 1
+        page = uhva & PAGE_MASK
+        if self.vm.notifier.invalidating(page, page + PAGE_SIZE):
+            self.violation(STALE_GPC, gpa >> PAGE_SHIFT, f"gpc {gpc_id} is valid (pfn "
+                           f"{pfn:#x}) while hva {uhva:#x} is being invalidated")
+        current = self.vm.host.current_pfn(uhva)
+        if current != pfn:
+            host = "nothing" if current is None else f"pfn {current:#x}"
+            self.violation(STALE_GPC, gpa >> PAGE_SHIFT, f"gpc {gpc_id} is valid with pfn "
+                           f"{pfn:#x}, but the host maps {host} at hva {uhva:#x}")
 
     def violation(self, oracle: str, gfn: int, detail: str) -> None:
         raise SanitizerViolation(oracle, gfn, detail, self.vm.sched.describe_trace())

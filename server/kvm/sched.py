@@ -26,18 +26,22 @@ POINTS = (
     "vcpu.entry",                 # a vCPU about to enter the guest
     "mm.invalidate_window",       # the host between invalidate_range_start and _end
     "tdp.cond_resched",           # a long walk dropped mmu_lock
+    "age.before_clear",           # lockless aging read a young SPTE and has not aged it yet
+    "gpc.refresh_hva_to_pfn",     # GPC refresh snapshotted its sequence, lookup to come
+    "gpc.refresh_before_valid",   # GPC refresh has a pfn and has not set valid yet
 )
 
-TRACE_LENGTH = 48
+TRACE_LENGTH = 24
 _TURNS = (0, 0, 0, 0, 1, 1, 2, 3, 5, 8, 13, 40)   # turns given away: mostly few, some many
 
 
 class _Done:
+    """An awaitable that is already finished: awaiting it never switches tasks."""
+
     __slots__ = ()
 
     def __await__(self):
-        return
-        yield  # pragma: no cover - makes this a generator that finishes at once
+        return iter(())
 
 
 _DONE = _Done()

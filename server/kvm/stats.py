@@ -23,7 +23,11 @@ class _Stats:
 class VmStats(_Stats):
     __slots__ = ("remote_tlb_flush_requests", "remote_tlb_flush", "pages_4k", "pages_2m",
                  "pages_1g", "nx_lpage_splits", "tdp_mmu_pages", "mmu_invalidate_seq",
-                 "tdp_mmu_yields")
+                 "tdp_mmu_yields",
+                 "invalidations_held", "invalidations_lease_expired",
+                 "invalidations_client_gone",
+                 "gpc_invalidations", "gpc_refreshes", "gpc_refresh_retries",
+                 "gpc_refresh_wait_ns")
 
 
 class VcpuStats(_Stats):

@@ -21,6 +21,7 @@ from .mmu_page import MmuPage, PageTables
 from .rcu import Rcu
 from .stats import VmStats
 from .tdp_iter import TdpIter
+from .trace import Tracer
 from .types import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, PT_ENTRIES, pages_per_level
 
 __all__ = ["TdpMmu"]
@@ -30,9 +31,10 @@ _PAGE_STAT = {PG_LEVEL_4K: "pages_4k", PG_LEVEL_2M: "pages_2m", PG_LEVEL_1G: "pa
 
 class TdpMmu:
     def __init__(self, *, root_level: int, ad_enabled: bool, mmu_lock: MmuLock, rcu: Rcu,
-                 stats: VmStats, flush_remote_tlbs: Callable[[], None]) -> None:
+                 stats: VmStats, flush_remote_tlbs: Callable[[], None],
+                 tracer: Tracer) -> None:
         self.root_level, self.ad_enabled = root_level, ad_enabled
-        self.mmu_lock, self.rcu, self.stat = mmu_lock, rcu, stats
+        self.mmu_lock, self.rcu, self.stat, self.tracer = mmu_lock, rcu, stats, tracer
         self.flush_remote_tlbs = flush_remote_tlbs
         self.tables = PageTables()
         self.roots: list[MmuPage] = []
@@ -115,6 +117,9 @@ class TdpMmu:
                            f" -> {S.spte_to_pfn(new):#x} without an invalidation")
         if is_leaf and not S.check_writable_invariants(new):
             raise VmBugged(f"illegal writable bits in SPTE {new:#x} for gfn {gfn:#x}")
+        if self.tracer.on:
+            self.tracer.emit("kvm_tdp_mmu_spte_changed", as_id=as_id, gfn=gfn, level=level,
+                             old=old, new=new)
         if is_leaf and not was_leaf and self.sanitizers is not None:
             self.sanitizers.check_new_mapping(as_id, gfn, level)
         if was_leaf != is_leaf:
@@ -126,6 +131,9 @@ class TdpMmu:
 
     def handle_removed_pt(self, page: MmuPage, shared: bool) -> None:
         """Tear down an unlinked table: freeze every entry, free the page after RCU."""
+        if self.tracer.on:
+            self.tracer.emit("kvm_mmu_prepare_zap_page", as_id=page.as_id, gfn=page.gfn,
+                             level=page.level)
         self.stat.tdp_mmu_pages -= 1
         step = pages_per_level(page.level)
         spt = page.spt
@@ -191,6 +199,8 @@ class TdpMmu:
         if old & S.MMU_PRESENT and not S.is_last(old, it.level):
             self.flush_remote_tlbs()          # a table was replaced by a huge leaf
         if fault.slot is None:
+            if self.tracer.on:
+                self.tracer.emit("mark_mmio_spte", gfn=fault.gfn, gen=fault.generation)
             return RetPf.EMULATE
         return RetPf.FIXED
 
@@ -203,7 +213,8 @@ class TdpMmu:
         self.mmu_lock.assert_held_write()
         with _YieldingWalk(self, shared=False) as walk:
             for it in TdpIter(self.tables, root, start, min(end, self.max_gfn)):
-                if await walk.cond_resched(it, flush):
+                if walk.need_resched(it):
+                    await walk.cond_resched(it, flush)
                     flush = False
                     continue
                 if not S.is_leaf_present(it.old_spte, it.level):
@@ -232,7 +243,8 @@ class TdpMmu:
         with _YieldingWalk(self, shared) as walk:
             for zap_level in (PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G, root.level):
                 for it in TdpIter(self.tables, root, 0, self.max_gfn, zap_level):
-                    if await walk.cond_resched(it, False):
+                    if walk.need_resched(it):
+                        await walk.cond_resched(it, False)
                         continue
                     if not it.old_spte & S.MMU_PRESENT or it.level > zap_level:
                         continue
@@ -265,9 +277,7 @@ YIELD_BATCH = 4096          # SPTEs a walk may visit before it yields unasked (n
 
 class _YieldingWalk:
     """A long walk under mmu_lock inside an RCU read-side section, which yields both the
-    way `tdp_mmu_iter_cond_resched` does: only after forward progress, and only when a
-    task waits for the lock or the walk has run a batch; a pending flush is done before
-    the lock is dropped, and the walk restarts from the root where it stopped."""
+    way `tdp_mmu_iter_cond_resched` does (`need_resched`, then `cond_resched`)."""
 
     def __init__(self, mmu: TdpMmu, shared: bool) -> None:
         self.mmu, self.shared = mmu, shared
@@ -281,14 +291,19 @@ class _YieldingWalk:
     def __exit__(self, *exc) -> None:
         self.mmu.rcu.exit(self.token)
 
-    async def cond_resched(self, it: TdpIter, flush: bool) -> bool:
+    def need_resched(self, it: TdpIter) -> bool:
+        """Yield now? Only after forward progress, and only when a task waits for the lock
+        or the walk has visited a batch of SPTEs."""
         self.visited += 1
-        mmu = self.mmu
-        lock = mmu.mmu_lock
         if it.next_last_level_gfn == it.yielded_gfn:
             return False
-        if not lock.needbreak() and self.visited < YIELD_BATCH:
-            return False
+        return self.visited >= YIELD_BATCH or self.mmu.mmu_lock.needbreak()
+
+    async def cond_resched(self, it: TdpIter, flush: bool) -> None:
+        """Flush if needed, drop RCU and the lock, let others run, retake them; the walk
+        restarts from the root at `it.next_last_level_gfn`."""
+        mmu = self.mmu
+        lock = mmu.mmu_lock
         if flush and "skip_zap_tlb_flush" not in mmu.knobs:
             mmu.flush_remote_tlbs()
         mmu.rcu.exit(self.token)
@@ -308,4 +323,3 @@ class _YieldingWalk:
         it.mark_yielded()
         self.visited = 0
         mmu.stat.tdp_mmu_yields += 1
-        return True

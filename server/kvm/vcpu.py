@@ -157,6 +157,9 @@ class Vcpu:
         self.stat.accesses += 1
 
     def _result(self, exit: Exit) -> RunResult:
+        if self.vm.tracer.on:
+            self.vm.tracer.emit("kvm_userspace_exit", vcpu=self.id, reason=exit.reason.value,
+                                errno=exit.errno)
         return RunResult(self._pos, exit, bytes(self._read_data))
 
     async def _run_loop(self) -> RunResult:
@@ -190,7 +193,10 @@ class Vcpu:
                 return self._mmio_exit(i)
             if r is RetPf.RETRY:
                 await self.vm.sched.point("vcpu.retry")
-                await asyncio.sleep(0)          # let the invalidation or zap move on
+                if self.vm.notifier.blocks(gpa >> 12):
+                    await self.vm.notifier.wait_for_end()   # re-faulting would only spin
+                else:
+                    await asyncio.sleep(0)          # let the zap or the other fault move on
             self.vm.check_alive()
 
     def _mmio_exit(self, i: int) -> RunResult:
@@ -204,6 +210,9 @@ class Vcpu:
         self._mmio = Exit(ExitReason.MMIO, gpa=batch.gpas[i], length=size,
                           is_write=_is_write(op), data=data)
         self.stat.mmio_exits += 1
+        if self.vm.tracer.on:
+            self.vm.tracer.emit("kvm_mmio", vcpu=self.id, gpa=self._mmio.gpa, len=size,
+                                is_write=self._mmio.is_write)
         return self._result(self._mmio)
 
     async def _enter_guest(self) -> None:

@@ -12,11 +12,17 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
+import contextlib
 import os
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
+from . import aging, host_ops
 from . import spte as S
 from .errors import KvmError, NoSuchObject, VmBugged, einval
+from .gpc import GPC_POLICIES, Gpcs
+from .held import HeldInvalidation, HeldInvalidationInfo, HeldInvalidations, HoldState
 from .host_mm import HostMm, HostRegionInfo
 from .memslots import (KVM_ADDRESS_SPACE_NUM, KVM_MEMSLOT_INVALID, Memslot, MemslotChange,
                        MemslotInfo, Memslots, check_region)
@@ -43,6 +49,7 @@ DEBUG_KNOBS = frozenset({
     "free_tables_immediately",   # unlinked page tables are freed without a grace period
     "skip_zap_tlb_flush",        # zaps do not flush remote TLBs
     "aging_without_rcu",         # lockless aging walks outside an RCU read-side section
+    "gpc_refresh_no_check",      # GPC refresh sets valid without waiting or retrying (§5.4)
 })
 
 
@@ -59,6 +66,7 @@ class VmConfig:
     schedule_seed: int | None = None   # deterministic schedule: a seeded choice at each point
     sanitizers: bool = field(default_factory=_sanitizers_default)   # oracles, use-after-free
     debug: frozenset[str] = frozenset()  # protections switched off (DEBUG_KNOBS)
+    gpc_policy: str = "global"   # what makes GPC refresh retry: "global" or "range" (gpc.py)
 
     def validate(self) -> None:
         if not 1 <= self.max_vcpus <= KVM_MAX_VCPUS:
@@ -70,6 +78,9 @@ class VmConfig:
             raise einval(f"unknown debug knobs {sorted(unknown)}; known: {sorted(DEBUG_KNOBS)}")
         if self.schedule_seed is not None and not 0 <= self.schedule_seed < 1 << 64:
             raise einval(f"schedule_seed {self.schedule_seed} is not a u64")
+        if self.gpc_policy not in GPC_POLICIES:
+            raise einval(f"gpc_policy {self.gpc_policy!r} is not one of "
+                         f"{', '.join(GPC_POLICIES)}")
 
     @property
     def gpa_bits(self) -> int:
@@ -133,11 +144,14 @@ class Vm:
         self.memslot_sets = [Memslots(as_id) for as_id in range(KVM_ADDRESS_SPACE_NUM)]
         self.tdp = TdpMmu(root_level=config.tdp_levels, ad_enabled=config.ad_bits,
                           mmu_lock=self.mmu_lock, rcu=self.rcu, stats=self.stat,
-                          flush_remote_tlbs=self.flush_remote_tlbs)
+                          flush_remote_tlbs=self.flush_remote_tlbs, tracer=self.tracer)
         self.tdp.sanitizers, self.tdp.knobs = self.sanitizers, self.knobs
         self.tdp.sched = self.sched
         self.notifier = Notifier(self)
         self.host.notifiers.append(self.notifier)
+        self.holds = HeldInvalidations(self)
+        self.gpcs = Gpcs(self, config.gpc_policy)
+        self.notifier.start_hooks.append(self.gpcs.invalidate_start)
         self._vcpus: dict[int, Vcpu] = {}
 
     # -- lifecycle --------------------------------------------------------------------
@@ -150,13 +164,17 @@ class Vm:
 
     def mark_dead(self, bug: VmBugged) -> None:
         if self.state is VmState.ALIVE:
-            self.state, self.death, self.violation = VmState.DEAD, str(bug), bug
+            death = str(bug)
+            if self.sched.deterministic and "preemption points:" not in death:
+                death += f"; preemption points: {self.sched.describe_trace() or '(none)'}"
+            self.state, self.death, self.violation = VmState.DEAD, death, bug
 
     async def destroy(self) -> None:
         """`kvm_destroy_vm`: no vCPU runs again; every SPTE and table goes."""
         if self.state is VmState.DESTROYED:
             return
         self.state = VmState.DESTROYED
+        await self.holds.release_all(HoldState.VM_DESTROYED)
         self.host.notifiers.remove(self.notifier)
         async with self.mmu_lock.write:
             roots = self.tdp.invalidate_all_roots()
@@ -164,6 +182,7 @@ class Vm:
                 vcpu.release_root()
             await self.tdp.zap_invalidated_roots(roots)
         await self.rcu.barrier()
+        self.tracer.close()
 
     def info(self) -> VmInfo:
         return VmInfo(self.id, self.config.name, self.config, len(self._vcpus),
@@ -188,9 +207,10 @@ class Vm:
         self.check_alive()
         return self.host.read(hva, length)
 
-    def write_hva(self, hva: int, data: bytes) -> None:
+    async def write_hva(self, hva: int, data: bytes) -> None:
+        """Write as the VMM would; a KSM page in the range breaks copy-on-write first."""
         self.check_alive()
-        self.host.write(hva, data)
+        await self.host.write(hva, data)
 
     # -- memslots ---------------------------------------------------------------------
 
@@ -228,6 +248,34 @@ class Vm:
     def memslots(self) -> list[MemslotInfo]:
         return [slot.info() for slots in self.memslot_sets for slot in slots]
 
+    # -- client-held MMU-notifier invalidations (held.py) ------------------------------
+
+    async def begin_invalidation(self, start: int, end: int, lease_s: float) -> int:
+        """Invalidate hva [start, end) as the host mm would and hold it until
+        `end_invalidation(id)` or for `lease_s` seconds at most; returns the hold's id once
+        the range is zapped and flushed."""
+        self.check_alive()
+        return (await self.holds.begin(start, end, lease_s)).id
+
+    async def end_invalidation(self, invalidation_id: int) -> None:
+        """End a hold: after this, faults in the range map it again."""
+        self.check_alive()
+        await self.holds.end(invalidation_id)
+
+    def hold_invalidation(self, start: int, end: int
+                          ) -> AbstractAsyncContextManager[HeldInvalidation]:
+        """`async with vm.hold_invalidation(start, end) as held:` holds the invalidation
+        while the body runs; a cancelled body releases it as CLIENT_GONE."""
+        self.check_alive()
+        return self.holds.hold(start, end)
+
+    def held_invalidations(self) -> list[HeldInvalidationInfo]:
+        return self.holds.held()
+
+    def ended_invalidations(self) -> list[HeldInvalidationInfo]:
+        """How the latest holds ended, oldest first."""
+        return self.holds.ended()
+
     # -- vCPUs ------------------------------------------------------------------------
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
@@ -253,10 +301,17 @@ class Vm:
     def flush_remote_tlbs(self) -> None:
         """`kvm_flush_remote_tlbs`: every vCPU flushes before it next uses its TLB."""
         self.stat.remote_tlb_flush_requests += 1
+        if self.tracer.on:
+            self.tracer.emit("kvm_tlb_flush", vcpus=len(self._vcpus))
         for vcpu in self._vcpus.values():
             vcpu.make_request(KVM_REQ_TLB_FLUSH)
         if self._vcpus:
             self.stat.remote_tlb_flush += 1
+
+    def mark_page_dirty(self, slot: Memslot, gfn: int) -> None:
+        """`mark_page_dirty_in_slot`: KVM's own write to a guest page (a GPC user's)
+        dirties it in the slot's dirty log. The dirty log is not modelled yet: this hook
+        is where it will record the page."""
 
     # -- introspection ----------------------------------------------------------------
 
@@ -275,6 +330,96 @@ class Vm:
 
     def stats(self) -> dict[str, int]:
         return self.stat.as_dict()
+
+    # -- the host mm takes mappings away (host_ops.py) and ages them (aging.py) -------
+
+    async def madvise_dontneed(self, hva: int, size: int) -> None:
+        """madvise(MADV_DONTNEED): the pages go; the next touch reads zeroes."""
+        self.check_alive()
+        with self._dies_on_bug():
+            await host_ops.madvise_dontneed(self.host, hva, size)
+        self._trace_host_op("madvise_dontneed", hva, hva + size)
+
+    async def migrate_pages(self, hva: int, size: int) -> int:
+        """Move the populated pages of the range to new pfns; returns the 4K pages moved."""
+        self.check_alive()
+        with self._dies_on_bug():
+            moved = await host_ops.migrate(self.host, hva, size)
+        self._trace_host_op("migrate", hva, hva + size, moved)
+        return moved
+
+    async def swap_out(self, hva: int, size: int) -> int:
+        """MADV_PAGEOUT: the pages go to swap; returns how many went."""
+        self.check_alive()
+        with self._dies_on_bug():
+            out = await host_ops.swap_out(self.host, hva, size)
+        self._trace_host_op("swap_out", hva, hva + size, out)
+        return out
+
+    async def mprotect(self, hva: int, size: int, writable: bool) -> None:
+        """mprotect(PROT_READ, or PROT_READ | PROT_WRITE) of part of a region."""
+        self.check_alive()
+        with self._dies_on_bug():
+            await host_ops.mprotect(self.host, hva, size, writable)
+        self._trace_host_op("mprotect", hva, hva + size)
+
+    async def ksm_merge(self, hvas: list[int]) -> int:
+        """Merge the pages at `hvas` with identical contents into shared KSM pages;
+        returns the pages merged away."""
+        self.check_alive()
+        with self._dies_on_bug():
+            merged = await host_ops.ksm_merge(self.host, hvas)
+        self._trace_host_op("ksm_merge", min(hvas), max(hvas) + 1, merged)
+        return merged
+
+    async def thp_split(self, hva: int) -> None:
+        """split_huge_pmd of the THP mapping hva."""
+        self.check_alive()
+        with self._dies_on_bug():
+            await host_ops.thp_split(self.host, hva)
+        self._trace_host_op("thp_split", hva, hva + 1)
+
+    async def thp_collapse(self, hva: int) -> None:
+        """khugepaged: the 2M frame at hva becomes one THP."""
+        self.check_alive()
+        with self._dies_on_bug():
+            await host_ops.thp_collapse(self.host, hva)
+        self._trace_host_op("thp_collapse", hva, hva + 1)
+
+    async def clear_young(self, start: int, end: int) -> bool:
+        """The clear_young notifier over hva [start, end): young? Old afterwards."""
+        self.check_alive()
+        with self._dies_on_bug():
+            return await aging.clear_young(self, start, end)
+
+    async def clear_flush_young(self, start: int, end: int) -> bool:
+        """The clear_flush_young notifier: on x86 the same as `clear_young`."""
+        self.check_alive()
+        with self._dies_on_bug():
+            return await aging.clear_flush_young(self, start, end)
+
+    def test_young(self, hva: int) -> bool:
+        """The test_young notifier for the page at hva; ages nothing."""
+        self.check_alive()
+        return aging.test_young(self, hva)
+
+    def young_bitmap(self, start: int, end: int) -> bytes:
+        """test_young for each 4K page [start, end) touches, one bit per page, LSB first."""
+        self.check_alive()
+        return aging.young_bitmap(self, start, end)
+
+    @contextlib.contextmanager
+    def _dies_on_bug(self) -> Iterator[None]:
+        """A broken invariant met on the way (KVM_BUG_ON) kills the VM, then rises."""
+        try:
+            yield
+        except VmBugged as bug:
+            self.mark_dead(bug)
+            raise
+
+    def _trace_host_op(self, op: str, start: int, end: int, pages: int = 0) -> None:
+        if self.tracer.on:
+            self.tracer.emit("host_mm_op", op=op, start=start, end=end, pages=pages)
 
 
 def _spte_info(level: int, gfn: int, index: int, value: int) -> SpteInfo:

@@ -28,6 +28,8 @@ DEFAULT_GRACE = 5.0   # seconds an open Run stream may take to finish at shutdow
 # The largest batch (AccessBatch.MAX_ACCESSES accesses of 8 bytes with data) is 17 MiB
 # on the wire; gRPC's default limit of 4 MiB would refuse it before the model could.
 MAX_MESSAGE_BYTES = 32 << 20
+KEEPALIVE_TIME_MS = 30_000       # a quiet connection is pinged this often
+KEEPALIVE_TIMEOUT_MS = 20_000    # and closed when a ping goes unanswered this long
 
 
 class Serving(NamedTuple):
@@ -54,7 +56,14 @@ async def start_server(address: str = "127.0.0.1:0") -> Serving:
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  # Each server has its own Kvm: two sharing a port would split a client's
                  # calls between two sets of VMs.
-                 ("grpc.so_reuseport", 0)])
+                 ("grpc.so_reuseport", 0),
+                 # A HoldInvalidation stream stalls its VM's memslot updates until it ends:
+                 # ping quiet connections, so that a client that vanished without closing
+                 # its connection is noticed (and its streams cancelled) within a minute.
+                 # gRPC core 1.85 waits `ping_timeout` for the ack, not `keepalive_timeout`.
+                 ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+                 ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                 ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS)])
     services = add_servicers(kvm, server)
 
     health_servicer = health.aio.HealthServicer()

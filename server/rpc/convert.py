@@ -9,21 +9,30 @@ wire cannot carry fails at startup, not on the first request that meets it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf import duration_pb2
 
 from vmmu.server.kvm import AccessBatch, Backing, ExitReason, VmConfig
 from vmmu.server.kvm.errors import einval
-from vmmu.v1 import host_memory_pb2, memslot_pb2, vcpu_pb2, vm_pb2
+from vmmu.server.kvm.held import HoldState
+from vmmu.server.kvm.trace import DEFAULT_CAPACITY
+from vmmu.v1 import host_memory_pb2, memslot_pb2, notifier_pb2, trace_pb2, vcpu_pb2, vm_pb2
 
 if TYPE_CHECKING:
     from vmmu.server.kvm import (HostRegionInfo, MemslotInfo, RunResult, SpteInfo, VcpuInfo,
-                                 VmInfo)
+                                 Vm, VmInfo)
+    from vmmu.server.kvm.held import HeldInvalidationInfo
+    from vmmu.server.kvm.trace import TraceEvent
 
 __all__ = [
     "vm_config", "vm_info", "spte",
-    "backing", "host_region",
+    "backing", "host_region", "madvise",
     "memslot",
     "vcpu_info", "run_step", "run_result",
+    "lease_s", "held_invalidation",
+    "trace_subscription", "trace_event",
 ]
 
 _BACKING_TO_WIRE = {b: host_memory_pb2.Backing.Value(f"BACKING_{b.name}") for b in Backing}
@@ -33,6 +42,9 @@ _EXIT_REASON_TO_WIRE = {r: vcpu_pb2.ExitReason.Value(f"EXIT_REASON_{r.name}")
 _SPTE_KINDS = ("non-present", "frozen", "mmio", "table", "leaf")
 _SPTE_KIND_TO_WIRE = {k: vm_pb2.SpteKind.Value("SPTE_KIND_" + k.upper().replace("-", "_"))
                       for k in _SPTE_KINDS}
+_MADVISE_FROM_WIRE = {host_memory_pb2.ADVICE_DONTNEED: "madvise_dontneed"}
+_HOLD_STATE_TO_WIRE = {s: notifier_pb2.HoldState.Value(f"HOLD_STATE_{s.name}")
+                       for s in HoldState}
 
 
 # -- VMs -------------------------------------------------------------------------------
@@ -41,13 +53,20 @@ def vm_config(request: vm_pb2.CreateVmRequest) -> VmConfig:
     if not request.HasField("config"):
         raise einval("CreateVmRequest.config is required")
     c = request.config
+    # An absent `sanitizers` leaves VmConfig's default: the server's VMMU_SANITIZERS.
+    sanitizers = {"sanitizers": c.sanitizers} if c.HasField("sanitizers") else {}
+    gpc_policy = {"gpc_policy": c.gpc_policy} if c.HasField("gpc_policy") else {}
     return VmConfig(max_vcpus=c.max_vcpus, tdp_levels=c.tdp_levels, ad_bits=c.ad_bits,
-                    name=c.name)
+                    name=c.name,
+                    schedule_seed=c.schedule_seed if c.HasField("schedule_seed") else None,
+                    debug=frozenset(c.debug_knobs), **sanitizers, **gpc_policy)
 
 
 def _vm_config_to_wire(config: VmConfig) -> vm_pb2.VmConfig:
     return vm_pb2.VmConfig(max_vcpus=config.max_vcpus, tdp_levels=config.tdp_levels,
-                           ad_bits=config.ad_bits, name=config.name)
+                           ad_bits=config.ad_bits, name=config.name,
+                           schedule_seed=config.schedule_seed, sanitizers=config.sanitizers,
+                           debug_knobs=sorted(config.debug), gpc_policy=config.gpc_policy)
 
 
 def vm_info(info: VmInfo) -> vm_pb2.VmInfo:
@@ -79,6 +98,15 @@ def host_region(info: HostRegionInfo) -> host_memory_pb2.HostRegion:
     return host_memory_pb2.HostRegion(
         hva=info.hva, size=info.size, backing=_BACKING_TO_WIRE[info.backing],
         read_only=not info.writable, populated_4k_pages=info.populated_4k_pages)
+
+
+def madvise(vm: Vm, advice: int) -> Callable[[int, int], Awaitable[None]]:
+    """The call of `vm` that applies the madvise `advice` to (hva, size)."""
+    if advice not in _MADVISE_FROM_WIRE:
+        name = host_memory_pb2.Advice.Name(advice) if advice in host_memory_pb2.Advice.values() \
+            else str(advice)
+        raise einval(f"advice {name} is not a valid advice")
+    return getattr(vm, _MADVISE_FROM_WIRE[advice])
 
 
 # -- memslots --------------------------------------------------------------------------
@@ -115,3 +143,46 @@ def run_result(result: RunResult) -> vcpu_pb2.RunResult:
                            length=e.length, is_write=e.is_write, data=e.data,
                            errno=e.errno, message=e.message),
         read_data=result.read_data)
+
+
+# -- held MMU-notifier invalidations ---------------------------------------------------
+
+def lease_s(request: notifier_pb2.BeginInvalidationRequest) -> float:
+    if not request.HasField("lease"):
+        raise einval("BeginInvalidationRequest.lease is required")
+    return request.lease.ToNanoseconds() / 1e9
+
+
+def held_invalidation(info: HeldInvalidationInfo) -> notifier_pb2.HeldInvalidation:
+    lease = None
+    if info.lease_s is not None:
+        lease = duration_pb2.Duration()
+        lease.FromNanoseconds(round(info.lease_s * 1e9))
+    return notifier_pb2.HeldInvalidation(id=info.id, start=info.start, end=info.end,
+                                         state=_HOLD_STATE_TO_WIRE[info.state], lease=lease)
+
+
+# -- tracing ---------------------------------------------------------------------------
+
+def trace_subscription(request: trace_pb2.TraceRequest) -> dict[str, Any]:
+    """The keyword arguments of `Kvm.trace`."""
+    capacity = request.capacity if request.HasField("capacity") else DEFAULT_CAPACITY
+    return {"vm_ids": list(request.vm_ids), "events": list(request.events),
+            "capacity": capacity}
+
+
+def trace_event(event: TraceEvent, dropped_before: int) -> trace_pb2.TraceEvent:
+    return trace_pb2.TraceEvent(
+        seq=event.seq, time_ns=event.time_ns, vm_id=event.vm_id, event=event.event,
+        fields={name: _trace_value(value) for name, value in event.fields.items()},
+        dropped_before=dropped_before)
+
+
+def _trace_value(value: int | str | bool) -> trace_pb2.TraceValue:
+    if isinstance(value, bool):
+        return trace_pb2.TraceValue(bool_value=value)
+    if isinstance(value, str):
+        return trace_pb2.TraceValue(string_value=value)
+    if value < 0:
+        return trace_pb2.TraceValue(int_value=value)
+    return trace_pb2.TraceValue(uint_value=value)

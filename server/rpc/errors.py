@@ -36,6 +36,7 @@ STATUS_BY_ERRNO: dict[int, StatusCode] = {
     errno.E2BIG: StatusCode.RESOURCE_EXHAUSTED,
     errno.EBUSY: StatusCode.FAILED_PRECONDITION,
     errno.ENXIO: StatusCode.FAILED_PRECONDITION,
+    errno.EAGAIN: StatusCode.FAILED_PRECONDITION,   # a GPC used while invalid: refresh first
     errno.EPERM: StatusCode.PERMISSION_DENIED,
     errno.EINTR: StatusCode.ABORTED,
     errno.EIO: StatusCode.INTERNAL,     # the VM is dead: an earlier call broke an invariant

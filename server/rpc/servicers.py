@@ -13,12 +13,15 @@ import grpc
 from vmmu.server.kvm import Kvm, Vcpu, Vm
 from vmmu.server.rpc import convert
 from vmmu.server.rpc.explore import ExploreServicer
-from vmmu.v1 import (explore_pb2, explore_pb2_grpc, host_memory_pb2, host_memory_pb2_grpc,
-                     memslot_pb2, memslot_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc, vm_pb2,
+from vmmu.server.rpc.gpc import GpcServicer
+from vmmu.v1 import (explore_pb2, explore_pb2_grpc, gpc_pb2, gpc_pb2_grpc, host_memory_pb2,
+                     host_memory_pb2_grpc,
+                     memslot_pb2, memslot_pb2_grpc, notifier_pb2, notifier_pb2_grpc,
+                     trace_pb2, trace_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc, vm_pb2,
                      vm_pb2_grpc)
 
 __all__ = ["VmServicer", "HostMemoryServicer", "MemslotServicer", "VcpuServicer",
-           "add_servicers"]
+           "NotifierServicer", "TraceServicer", "add_servicers"]
 
 Context = grpc.aio.ServicerContext
 
@@ -90,8 +93,60 @@ class HostMemoryServicer(_Servicer, host_memory_pb2_grpc.HostMemoryServiceServic
 
     async def WriteHva(self, request: host_memory_pb2.WriteHvaRequest, context: Context
                        ) -> host_memory_pb2.WriteHvaResponse:
-        self._vm(request).write_hva(request.hva, request.data)
+        await self._vm(request).write_hva(request.hva, request.data)
         return host_memory_pb2.WriteHvaResponse()
+
+    async def Madvise(self, request: host_memory_pb2.MadviseRequest, context: Context
+                      ) -> host_memory_pb2.MadviseResponse:
+        madvise = convert.madvise(self._vm(request), request.advice)
+        await madvise(request.hva, request.size)
+        return host_memory_pb2.MadviseResponse()
+
+    async def MigratePages(self, request: host_memory_pb2.MigratePagesRequest,
+                           context: Context) -> host_memory_pb2.MigratePagesResponse:
+        moved = await self._vm(request).migrate_pages(request.hva, request.size)
+        return host_memory_pb2.MigratePagesResponse(pages_migrated=moved)
+
+    async def SwapOut(self, request: host_memory_pb2.SwapOutRequest, context: Context
+                      ) -> host_memory_pb2.SwapOutResponse:
+        out = await self._vm(request).swap_out(request.hva, request.size)
+        return host_memory_pb2.SwapOutResponse(pages_swapped=out)
+
+    async def Mprotect(self, request: host_memory_pb2.MprotectRequest, context: Context
+                       ) -> host_memory_pb2.MprotectResponse:
+        await self._vm(request).mprotect(request.hva, request.size,
+                                         writable=not request.read_only)
+        return host_memory_pb2.MprotectResponse()
+
+    async def KsmMerge(self, request: host_memory_pb2.KsmMergeRequest, context: Context
+                       ) -> host_memory_pb2.KsmMergeResponse:
+        merged = await self._vm(request).ksm_merge(list(request.hvas))
+        return host_memory_pb2.KsmMergeResponse(pages_merged=merged)
+
+    async def ThpSplit(self, request: host_memory_pb2.ThpSplitRequest, context: Context
+                       ) -> host_memory_pb2.ThpSplitResponse:
+        await self._vm(request).thp_split(request.hva)
+        return host_memory_pb2.ThpSplitResponse()
+
+    async def ThpCollapse(self, request: host_memory_pb2.ThpCollapseRequest, context: Context
+                          ) -> host_memory_pb2.ThpCollapseResponse:
+        await self._vm(request).thp_collapse(request.hva)
+        return host_memory_pb2.ThpCollapseResponse()
+
+    async def ClearYoung(self, request: host_memory_pb2.ClearYoungRequest, context: Context
+                         ) -> host_memory_pb2.ClearYoungResponse:
+        young = await self._vm(request).clear_young(request.start, request.end)
+        return host_memory_pb2.ClearYoungResponse(young=young)
+
+    async def ClearFlushYoung(self, request: host_memory_pb2.ClearFlushYoungRequest,
+                              context: Context) -> host_memory_pb2.ClearFlushYoungResponse:
+        young = await self._vm(request).clear_flush_young(request.start, request.end)
+        return host_memory_pb2.ClearFlushYoungResponse(young=young)
+
+    async def TestYoung(self, request: host_memory_pb2.TestYoungRequest, context: Context
+                        ) -> host_memory_pb2.TestYoungResponse:
+        bitmap = self._vm(request).young_bitmap(request.start, request.end)
+        return host_memory_pb2.TestYoungResponse(young=any(bitmap), young_bitmap=bitmap)
 
 
 class MemslotServicer(_Servicer, memslot_pb2_grpc.MemslotServiceServicer):
@@ -136,6 +191,47 @@ class VcpuServicer(_Servicer, vcpu_pb2_grpc.VcpuServiceServicer):
         return vcpu_pb2.RunBatchResponse(result=convert.run_result(result))
 
 
+class NotifierServicer(_Servicer, notifier_pb2_grpc.NotifierServiceServicer):
+    async def BeginInvalidation(self, request: notifier_pb2.BeginInvalidationRequest,
+                                context: Context) -> notifier_pb2.BeginInvalidationResponse:
+        held_id = await self._vm(request).begin_invalidation(request.start, request.end,
+                                                             convert.lease_s(request))
+        return notifier_pb2.BeginInvalidationResponse(invalidation_id=held_id)
+
+    async def EndInvalidation(self, request: notifier_pb2.EndInvalidationRequest,
+                              context: Context) -> notifier_pb2.EndInvalidationResponse:
+        await self._vm(request).end_invalidation(request.invalidation_id)
+        return notifier_pb2.EndInvalidationResponse()
+
+    async def HoldInvalidation(self, request: notifier_pb2.HoldInvalidationRequest,
+                               context: Context
+                               ) -> AsyncIterator[notifier_pb2.HoldInvalidationResponse]:
+        # A cancelled stream leaves the `async with` by CancelledError: CLIENT_GONE.
+        async with self._vm(request).hold_invalidation(request.start, request.end) as held:
+            yield notifier_pb2.HoldInvalidationResponse(
+                invalidation=convert.held_invalidation(held.info()))
+            await held.wait_ended()
+        yield notifier_pb2.HoldInvalidationResponse(
+            invalidation=convert.held_invalidation(held.info()))
+
+    async def ListInvalidations(self, request: notifier_pb2.ListInvalidationsRequest,
+                                context: Context) -> notifier_pb2.ListInvalidationsResponse:
+        vm = self._vm(request)
+        return notifier_pb2.ListInvalidationsResponse(
+            held=[convert.held_invalidation(h) for h in vm.held_invalidations()],
+            ended=[convert.held_invalidation(h) for h in vm.ended_invalidations()])
+
+
+class TraceServicer(_Servicer, trace_pb2_grpc.TraceServiceServicer):
+    async def Trace(self, request: trace_pb2.TraceRequest, context: Context
+                    ) -> AsyncIterator[trace_pb2.TraceResponse]:
+        # Leaving the `with`, by the end of the VMs or a cancelled stream, unsubscribes.
+        with self.kvm.trace(**convert.trace_subscription(request)) as subscription:
+            yield trace_pb2.TraceResponse()             # the subscription is live
+            async for event, dropped_before in subscription:
+                yield trace_pb2.TraceResponse(event=convert.trace_event(event, dropped_before))
+
+
 def add_servicers(kvm: Kvm, server: grpc.aio.Server) -> list[str]:
     """Register every vmmu.v1 servicer for `kvm` on `server`; return the service names."""
     vm_pb2_grpc.add_VmServiceServicer_to_server(VmServicer(kvm), server)
@@ -144,6 +240,10 @@ def add_servicers(kvm: Kvm, server: grpc.aio.Server) -> list[str]:
     memslot_pb2_grpc.add_MemslotServiceServicer_to_server(MemslotServicer(kvm), server)
     vcpu_pb2_grpc.add_VcpuServiceServicer_to_server(VcpuServicer(kvm), server)
     explore_pb2_grpc.add_ExploreServiceServicer_to_server(ExploreServicer(), server)
+    notifier_pb2_grpc.add_NotifierServiceServicer_to_server(NotifierServicer(kvm), server)
+    trace_pb2_grpc.add_TraceServiceServicer_to_server(TraceServicer(kvm), server)
+    gpc_pb2_grpc.add_GpcServiceServicer_to_server(GpcServicer(kvm), server)
     return [service.full_name
-            for module in (vm_pb2, host_memory_pb2, memslot_pb2, vcpu_pb2, explore_pb2)
+            for module in (vm_pb2, host_memory_pb2, memslot_pb2, vcpu_pb2, explore_pb2,
+                           notifier_pb2, trace_pb2, gpc_pb2)
             for service in module.DESCRIPTOR.services_by_name.values()]

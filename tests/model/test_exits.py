@@ -85,7 +85,7 @@ async def test_gpa_beyond_the_ept_width_is_mmio_and_never_aliases(kvm_guest):
 
 async def test_write_to_a_read_only_slot_is_mmio_and_reads_work(make_guest):
     g = await make_guest(Backing.PAGE_4K, 2 * MIB, flags=KVM_MEM_READONLY)
-    g.vm.write_hva(g.region.hva + 0x2000, b"rom!")
+    await g.vm.write_hva(g.region.hva + 0x2000, b"rom!")
     result = await run(g.vcpu, (0x2000, R, 4, b""), (0x2000, W, 4, b"hack"),
                        (0x2000, R, 4, b""))
     assert result.completed == 1 and result.read_data == b"rom!"

@@ -60,7 +60,7 @@ async def test_hugetlb_1g_backing_maps_1g(make_guest):
 
 async def test_huge_leaf_pfn_is_the_host_frame(make_guest):
     g = await make_guest(Backing.THP, 4 * MIB)
-    g.vm.write_hva(g.region.hva + 0x3000, b"thp!")
+    await g.vm.write_hva(g.region.hva + 0x3000, b"thp!")
     await touch(g.vcpu, 0x3000)
     result = await g.vcpu.run(AccessBatch.build([(0x3000, R, 4, b"")]))
     assert result.read_data == b"thp!"

@@ -178,7 +178,7 @@ async def test_slot_created_over_a_cached_mmio_gpa_is_mapped(kvm_vm):
     assert kvm_vm.walk(8 * MIB)[-1].kind == "mmio"
 
     other = kvm_vm.mmap(2 * MIB, Backing.PAGE_4K)
-    kvm_vm.write_hva(other.hva, b"late")
+    await kvm_vm.write_hva(other.hva, b"late")
     await kvm_vm.set_user_memory_region(1, 0, 8 * MIB, 2 * MIB, other.hva)
     result = await vcpu.run(AccessBatch.build([(8 * MIB, R, 4, b"")]))
     assert result.exit.reason is ExitReason.DONE and result.read_data == b"late"

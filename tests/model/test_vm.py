@@ -53,13 +53,13 @@ def test_vcpu_ids(make_kvm_vm):
     assert [v.id for v in vm.vcpus()] == [1] and vm.info().nr_vcpus == 1
 
 
-def test_host_regions(kvm_vm):
+async def test_host_regions(kvm_vm):
     small = kvm_vm.mmap(3 * 4096, Backing.PAGE_4K, writable=False)
     huge = kvm_vm.mmap(GIB, Backing.HUGETLB_1G)
     assert small == HostRegionInfo(small.hva, 3 * 4096, Backing.PAGE_4K, False, 0)
     assert huge.hva % GIB == 0
     assert kvm_vm.host_regions() == [small, huge]
-    kvm_vm.write_hva(huge.hva + 5, b"x")
+    await kvm_vm.write_hva(huge.hva + 5, b"x")
     assert kvm_vm.host_regions()[1].populated_4k_pages == 1 << 18
 
 
@@ -91,10 +91,13 @@ async def test_munmap_takes_whole_regions_only(kvm_vm):
     assert kvm_vm.host_regions() == []
 
 
-def test_host_access_to_unmapped_or_read_only_memory_is_efault(kvm_vm):
+async def test_host_access_to_unmapped_or_read_only_memory_is_efault(kvm_vm):
     ro = kvm_vm.mmap(4096, Backing.PAGE_4K, writable=False)
     assert kvm_vm.read_hva(ro.hva, 8) == bytes(8)
-    for call in (lambda: kvm_vm.write_hva(ro.hva, b"x"), lambda: kvm_vm.read_hva(0x1000, 1),
+    with pytest.raises(KvmError) as err:
+        await kvm_vm.write_hva(ro.hva, b"x")
+    assert err.value.errno == errno.EFAULT
+    for call in (lambda: kvm_vm.read_hva(0x1000, 1),
                  lambda: kvm_vm.read_hva(ro.hva + 4090, 8)):         # runs off the region
         with pytest.raises(KvmError) as err:
             call()

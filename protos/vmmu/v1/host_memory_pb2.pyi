@@ -13,10 +13,17 @@ class Backing(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BACKING_PAGE_4K: _ClassVar[Backing]
     BACKING_THP: _ClassVar[Backing]
     BACKING_HUGETLB_1G: _ClassVar[Backing]
+
+class Advice(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ADVICE_UNSPECIFIED: _ClassVar[Advice]
+    ADVICE_DONTNEED: _ClassVar[Advice]
 BACKING_UNSPECIFIED: Backing
 BACKING_PAGE_4K: Backing
 BACKING_THP: Backing
 BACKING_HUGETLB_1G: Backing
+ADVICE_UNSPECIFIED: Advice
+ADVICE_DONTNEED: Advice
 
 class HostRegion(_message.Message):
     __slots__ = ("hva", "size", "backing", "read_only", "populated_4k_pages")
@@ -107,3 +114,155 @@ class WriteHvaRequest(_message.Message):
 class WriteHvaResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class MadviseRequest(_message.Message):
+    __slots__ = ("vm_id", "hva", "size", "advice")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    HVA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    ADVICE_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    hva: int
+    size: int
+    advice: Advice
+    def __init__(self, vm_id: _Optional[int] = ..., hva: _Optional[int] = ..., size: _Optional[int] = ..., advice: _Optional[_Union[Advice, str]] = ...) -> None: ...
+
+class MadviseResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MigratePagesRequest(_message.Message):
+    __slots__ = ("vm_id", "hva", "size")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    HVA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    hva: int
+    size: int
+    def __init__(self, vm_id: _Optional[int] = ..., hva: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
+class MigratePagesResponse(_message.Message):
+    __slots__ = ("pages_migrated",)
+    PAGES_MIGRATED_FIELD_NUMBER: _ClassVar[int]
+    pages_migrated: int
+    def __init__(self, pages_migrated: _Optional[int] = ...) -> None: ...
+
+class SwapOutRequest(_message.Message):
+    __slots__ = ("vm_id", "hva", "size")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    HVA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    hva: int
+    size: int
+    def __init__(self, vm_id: _Optional[int] = ..., hva: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
+class SwapOutResponse(_message.Message):
+    __slots__ = ("pages_swapped",)
+    PAGES_SWAPPED_FIELD_NUMBER: _ClassVar[int]
+    pages_swapped: int
+    def __init__(self, pages_swapped: _Optional[int] = ...) -> None: ...
+
+class MprotectRequest(_message.Message):
+    __slots__ = ("vm_id", "hva", "size", "read_only")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    HVA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    hva: int
+    size: int
+    read_only: bool
+    def __init__(self, vm_id: _Optional[int] = ..., hva: _Optional[int] = ..., size: _Optional[int] = ..., read_only: _Optional[bool] = ...) -> None: ...
+
+class MprotectResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KsmMergeRequest(_message.Message):
+    __slots__ = ("vm_id", "hvas")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    HVAS_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    hvas: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, vm_id: _Optional[int] = ..., hvas: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class KsmMergeResponse(_message.Message):
+    __slots__ = ("pages_merged",)
+    PAGES_MERGED_FIELD_NUMBER: _ClassVar[int]
+    pages_merged: int
+    def __init__(self, pages_merged: _Optional[int] = ...) -> None: ...
+
+class ThpSplitRequest(_message.Message):
+    __slots__ = ("vm_id", "hva")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    HVA_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    hva: int
+    def __init__(self, vm_id: _Optional[int] = ..., hva: _Optional[int] = ...) -> None: ...
+
+class ThpSplitResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ThpCollapseRequest(_message.Message):
+    __slots__ = ("vm_id", "hva")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    HVA_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    hva: int
+    def __init__(self, vm_id: _Optional[int] = ..., hva: _Optional[int] = ...) -> None: ...
+
+class ThpCollapseResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClearYoungRequest(_message.Message):
+    __slots__ = ("vm_id", "start", "end")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    start: int
+    end: int
+    def __init__(self, vm_id: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class ClearYoungResponse(_message.Message):
+    __slots__ = ("young",)
+    YOUNG_FIELD_NUMBER: _ClassVar[int]
+    young: bool
+    def __init__(self, young: _Optional[bool] = ...) -> None: ...
+
+class ClearFlushYoungRequest(_message.Message):
+    __slots__ = ("vm_id", "start", "end")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    start: int
+    end: int
+    def __init__(self, vm_id: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class ClearFlushYoungResponse(_message.Message):
+    __slots__ = ("young",)
+    YOUNG_FIELD_NUMBER: _ClassVar[int]
+    young: bool
+    def __init__(self, young: _Optional[bool] = ...) -> None: ...
+
+class TestYoungRequest(_message.Message):
+    __slots__ = ("vm_id", "start", "end")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    start: int
+    end: int
+    def __init__(self, vm_id: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class TestYoungResponse(_message.Message):
+    __slots__ = ("young", "young_bitmap")
+    YOUNG_FIELD_NUMBER: _ClassVar[int]
+    YOUNG_BITMAP_FIELD_NUMBER: _ClassVar[int]
+    young: bool
+    young_bitmap: bytes
+    def __init__(self, young: _Optional[bool] = ..., young_bitmap: _Optional[bytes] = ...) -> None: ...

@@ -61,6 +61,56 @@ class HostMemoryServiceStub:
                 request_serializer=vmmu_dot_v1_dot_host__memory__pb2.WriteHvaRequest.SerializeToString,
                 response_deserializer=vmmu_dot_v1_dot_host__memory__pb2.WriteHvaResponse.FromString,
                 _registered_method=True)
+        self.Madvise = channel.unary_unary(
+                '/vmmu.v1.HostMemoryService/Madvise',
+                request_serializer=vmmu_dot_v1_dot_host__memory__pb2.MadviseRequest.SerializeToString,
+                response_deserializer=vmmu_dot_v1_dot_host__memory__pb2.MadviseResponse.FromString,
+                _registered_method=True)
+        self.MigratePages = channel.unary_unary(
+                '/vmmu.v1.HostMemoryService/MigratePages',
+                request_serializer=vmmu_dot_v1_dot_host__memory__pb2.MigratePagesRequest.SerializeToString,
+                response_deserializer=vmmu_dot_v1_dot_host__memory__pb2.MigratePagesResponse.FromString,
+                _registered_method=True)
+        self.SwapOut = channel.unary_unary(
+                '/vmmu.v1.HostMemoryService/SwapOut',
+                request_serializer=vmmu_dot_v1_dot_host__memory__pb2.SwapOutRequest.SerializeToString,
+                response_deserializer=vmmu_dot_v1_dot_host__memory__pb2.SwapOutResponse.FromString,
+                _registered_method=True)
+        self.Mprotect = channel.unary_unary(
+                '/vmmu.v1.HostMemoryService/Mprotect',
+                request_serializer=vmmu_dot_v1_dot_host__memory__pb2.MprotectRequest.SerializeToString,
+                response_deserializer=vmmu_dot_v1_dot_host__memory__pb2.MprotectResponse.FromString,
+                _registered_method=True)
+        self.KsmMerge = channel.unary_unary(
+                '/vmmu.v1.HostMemoryService/KsmMerge',
+                request_serializer=vmmu_dot_v1_dot_host__memory__pb2.KsmMergeRequest.SerializeToString,
+                response_deserializer=vmmu_dot_v1_dot_host__memory__pb2.KsmMergeResponse.FromString,
+                _registered_method=True)
+        self.ThpSplit = channel.unary_unary(
+                '/vmmu.v1.HostMemoryService/ThpSplit',
+                request_serializer=vmmu_dot_v1_dot_host__memory__pb2.ThpSplitRequest.SerializeToString,
+                response_deserializer=vmmu_dot_v1_dot_host__memory__pb2.ThpSplitResponse.FromString,
+                _registered_method=True)
+        self.ThpCollapse = channel.unary_unary(
+                '/vmmu.v1.HostMemoryService/ThpCollapse',
+                request_serializer=vmmu_dot_v1_dot_host__memory__pb2.ThpCollapseRequest.SerializeToString,
+                response_deserializer=vmmu_dot_v1_dot_host__memory__pb2.ThpCollapseResponse.FromString,
+                _registered_method=True)
+        self.ClearYoung = channel.unary_unary(
+                '/vmmu.v1.HostMemoryService/ClearYoung',
+                request_serializer=vmmu_dot_v1_dot_host__memory__pb2.ClearYoungRequest.SerializeToString,
+                response_deserializer=vmmu_dot_v1_dot_host__memory__pb2.ClearYoungResponse.FromString,
+                _registered_method=True)
+        self.ClearFlushYoung = channel.unary_unary(
+                '/vmmu.v1.HostMemoryService/ClearFlushYoung',
+                request_serializer=vmmu_dot_v1_dot_host__memory__pb2.ClearFlushYoungRequest.SerializeToString,
+                response_deserializer=vmmu_dot_v1_dot_host__memory__pb2.ClearFlushYoungResponse.FromString,
+                _registered_method=True)
+        self.TestYoung = channel.unary_unary(
+                '/vmmu.v1.HostMemoryService/TestYoung',
+                request_serializer=vmmu_dot_v1_dot_host__memory__pb2.TestYoungRequest.SerializeToString,
+                response_deserializer=vmmu_dot_v1_dot_host__memory__pb2.TestYoungResponse.FromString,
+                _registered_method=True)
 
 
 class HostMemoryServiceServicer:
@@ -97,7 +147,86 @@ class HostMemoryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WriteHva(self, request, context):
-        """WriteHva writes host memory as the VMM process would.
+        """WriteHva writes host memory as the VMM process would; a write to a KSM page breaks
+        copy-on-write first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Madvise(self, request, context):
+        """The host mm takes mappings away. Each operation raises the VM's MMU-notifier
+        invalidation (start before the change, end after) over every host page it changes,
+        as the kernel's mm does. A range must be page aligned, non-empty and inside one
+        region (INVALID_ARGUMENT otherwise); a rejected request changes nothing.
+
+        Madvise applies madvise(2) advice to a range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigratePages(self, request, context):
+        """MigratePages moves every populated page of a range to a new host frame, contents kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SwapOut(self, request, context):
+        """SwapOut pages a range out (MADV_PAGEOUT); the next touch swaps a page in at a new frame.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Mprotect(self, request, context):
+        """Mprotect removes or restores PROT_WRITE on a range (mprotect(2)).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KsmMerge(self, request, context):
+        """KsmMerge merges pages with identical contents into shared write-protected KSM pages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ThpSplit(self, request, context):
+        """ThpSplit maps one transparent huge page with 512 4 KiB mappings of the same frames.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ThpCollapse(self, request, context):
+        """ThpCollapse turns one 2 MiB frame of 4 KiB pages into a new transparent huge page.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearYoung(self, request, context):
+        """Aging: the MMU notifier's young-bit hooks, as reclaim calls them. KVM answers them
+        without mmu_lock from the Accessed bits of its leaf SPTEs; none of them flushes a TLB.
+
+        ClearYoung says whether any page of an hva range is young and makes it old.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearFlushYoung(self, request, context):
+        """ClearFlushYoung is ClearYoung for reclaim's clear_flush_young; x86 KVM skips the flush.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TestYoung(self, request, context):
+        """TestYoung says which pages of an hva range are young, changing nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,6 +259,56 @@ def add_HostMemoryServiceServicer_to_server(servicer, server):
                     servicer.WriteHva,
                     request_deserializer=vmmu_dot_v1_dot_host__memory__pb2.WriteHvaRequest.FromString,
                     response_serializer=vmmu_dot_v1_dot_host__memory__pb2.WriteHvaResponse.SerializeToString,
+            ),
+            'Madvise': grpc.unary_unary_rpc_method_handler(
+                    servicer.Madvise,
+                    request_deserializer=vmmu_dot_v1_dot_host__memory__pb2.MadviseRequest.FromString,
+                    response_serializer=vmmu_dot_v1_dot_host__memory__pb2.MadviseResponse.SerializeToString,
+            ),
+            'MigratePages': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigratePages,
+                    request_deserializer=vmmu_dot_v1_dot_host__memory__pb2.MigratePagesRequest.FromString,
+                    response_serializer=vmmu_dot_v1_dot_host__memory__pb2.MigratePagesResponse.SerializeToString,
+            ),
+            'SwapOut': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwapOut,
+                    request_deserializer=vmmu_dot_v1_dot_host__memory__pb2.SwapOutRequest.FromString,
+                    response_serializer=vmmu_dot_v1_dot_host__memory__pb2.SwapOutResponse.SerializeToString,
+            ),
+            'Mprotect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Mprotect,
+                    request_deserializer=vmmu_dot_v1_dot_host__memory__pb2.MprotectRequest.FromString,
+                    response_serializer=vmmu_dot_v1_dot_host__memory__pb2.MprotectResponse.SerializeToString,
+            ),
+            'KsmMerge': grpc.unary_unary_rpc_method_handler(
+                    servicer.KsmMerge,
+                    request_deserializer=vmmu_dot_v1_dot_host__memory__pb2.KsmMergeRequest.FromString,
+                    response_serializer=vmmu_dot_v1_dot_host__memory__pb2.KsmMergeResponse.SerializeToString,
+            ),
+            'ThpSplit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ThpSplit,
+                    request_deserializer=vmmu_dot_v1_dot_host__memory__pb2.ThpSplitRequest.FromString,
+                    response_serializer=vmmu_dot_v1_dot_host__memory__pb2.ThpSplitResponse.SerializeToString,
+            ),
+            'ThpCollapse': grpc.unary_unary_rpc_method_handler(
+                    servicer.ThpCollapse,
+                    request_deserializer=vmmu_dot_v1_dot_host__memory__pb2.ThpCollapseRequest.FromString,
+                    response_serializer=vmmu_dot_v1_dot_host__memory__pb2.ThpCollapseResponse.SerializeToString,
+            ),
+            'ClearYoung': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearYoung,
+                    request_deserializer=vmmu_dot_v1_dot_host__memory__pb2.ClearYoungRequest.FromString,
+                    response_serializer=vmmu_dot_v1_dot_host__memory__pb2.ClearYoungResponse.SerializeToString,
+            ),
+            'ClearFlushYoung': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearFlushYoung,
+                    request_deserializer=vmmu_dot_v1_dot_host__memory__pb2.ClearFlushYoungRequest.FromString,
+                    response_serializer=vmmu_dot_v1_dot_host__memory__pb2.ClearFlushYoungResponse.SerializeToString,
+            ),
+            'TestYoung': grpc.unary_unary_rpc_method_handler(
+                    servicer.TestYoung,
+                    request_deserializer=vmmu_dot_v1_dot_host__memory__pb2.TestYoungRequest.FromString,
+                    response_serializer=vmmu_dot_v1_dot_host__memory__pb2.TestYoungResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +448,276 @@ class HostMemoryService:
             '/vmmu.v1.HostMemoryService/WriteHva',
             vmmu_dot_v1_dot_host__memory__pb2.WriteHvaRequest.SerializeToString,
             vmmu_dot_v1_dot_host__memory__pb2.WriteHvaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Madvise(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmu.v1.HostMemoryService/Madvise',
+            vmmu_dot_v1_dot_host__memory__pb2.MadviseRequest.SerializeToString,
+            vmmu_dot_v1_dot_host__memory__pb2.MadviseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigratePages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmu.v1.HostMemoryService/MigratePages',
+            vmmu_dot_v1_dot_host__memory__pb2.MigratePagesRequest.SerializeToString,
+            vmmu_dot_v1_dot_host__memory__pb2.MigratePagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwapOut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmu.v1.HostMemoryService/SwapOut',
+            vmmu_dot_v1_dot_host__memory__pb2.SwapOutRequest.SerializeToString,
+            vmmu_dot_v1_dot_host__memory__pb2.SwapOutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Mprotect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmu.v1.HostMemoryService/Mprotect',
+            vmmu_dot_v1_dot_host__memory__pb2.MprotectRequest.SerializeToString,
+            vmmu_dot_v1_dot_host__memory__pb2.MprotectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KsmMerge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmu.v1.HostMemoryService/KsmMerge',
+            vmmu_dot_v1_dot_host__memory__pb2.KsmMergeRequest.SerializeToString,
+            vmmu_dot_v1_dot_host__memory__pb2.KsmMergeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ThpSplit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmu.v1.HostMemoryService/ThpSplit',
+            vmmu_dot_v1_dot_host__memory__pb2.ThpSplitRequest.SerializeToString,
+            vmmu_dot_v1_dot_host__memory__pb2.ThpSplitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ThpCollapse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmu.v1.HostMemoryService/ThpCollapse',
+            vmmu_dot_v1_dot_host__memory__pb2.ThpCollapseRequest.SerializeToString,
+            vmmu_dot_v1_dot_host__memory__pb2.ThpCollapseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearYoung(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmu.v1.HostMemoryService/ClearYoung',
+            vmmu_dot_v1_dot_host__memory__pb2.ClearYoungRequest.SerializeToString,
+            vmmu_dot_v1_dot_host__memory__pb2.ClearYoungResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearFlushYoung(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmu.v1.HostMemoryService/ClearFlushYoung',
+            vmmu_dot_v1_dot_host__memory__pb2.ClearFlushYoungRequest.SerializeToString,
+            vmmu_dot_v1_dot_host__memory__pb2.ClearFlushYoungResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TestYoung(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmu.v1.HostMemoryService/TestYoung',
+            vmmu_dot_v1_dot_host__memory__pb2.TestYoungRequest.SerializeToString,
+            vmmu_dot_v1_dot_host__memory__pb2.TestYoungResponse.FromString,
             options,
             channel_credentials,
             insecure,

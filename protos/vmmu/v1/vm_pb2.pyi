@@ -23,16 +23,24 @@ SPTE_KIND_TABLE: SpteKind
 SPTE_KIND_LEAF: SpteKind
 
 class VmConfig(_message.Message):
-    __slots__ = ("max_vcpus", "tdp_levels", "ad_bits", "name")
+    __slots__ = ("max_vcpus", "tdp_levels", "ad_bits", "name", "schedule_seed", "sanitizers", "debug_knobs", "gpc_policy")
     MAX_VCPUS_FIELD_NUMBER: _ClassVar[int]
     TDP_LEVELS_FIELD_NUMBER: _ClassVar[int]
     AD_BITS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_SEED_FIELD_NUMBER: _ClassVar[int]
+    SANITIZERS_FIELD_NUMBER: _ClassVar[int]
+    DEBUG_KNOBS_FIELD_NUMBER: _ClassVar[int]
+    GPC_POLICY_FIELD_NUMBER: _ClassVar[int]
     max_vcpus: int
     tdp_levels: int
     ad_bits: bool
     name: str
-    def __init__(self, max_vcpus: _Optional[int] = ..., tdp_levels: _Optional[int] = ..., ad_bits: _Optional[bool] = ..., name: _Optional[str] = ...) -> None: ...
+    schedule_seed: int
+    sanitizers: bool
+    debug_knobs: _containers.RepeatedScalarFieldContainer[str]
+    gpc_policy: str
+    def __init__(self, max_vcpus: _Optional[int] = ..., tdp_levels: _Optional[int] = ..., ad_bits: _Optional[bool] = ..., name: _Optional[str] = ..., schedule_seed: _Optional[int] = ..., sanitizers: _Optional[bool] = ..., debug_knobs: _Optional[_Iterable[str]] = ..., gpc_policy: _Optional[str] = ...) -> None: ...
 
 class VmInfo(_message.Message):
     __slots__ = ("id", "name", "config", "nr_vcpus", "nr_memslots", "nr_host_regions", "dead")

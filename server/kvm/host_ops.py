@@ -1,0 +1,283 @@
+"""The host mm taking mappings away: what reclaim, NUMA balancing, khugepaged, ksmd and
+the VMM's own madvise/mprotect do to the memory behind a VM.
+
+    madvise_dontneed   the pages go; the next touch populates zeroed ones
+    migrate            each page moves to a new pfn, contents kept
+    swap_out           each page's contents go to swap; the next touch swaps it in anew
+    mprotect           PROT_WRITE removed (or restored) for part of a region
+    ksm_merge          pages with equal contents share one write-protected KSM page
+    thp_split          a THP becomes 512 4K mappings of the same pfns (split_huge_pmd)
+    thp_collapse       a 2M frame of 4K pages becomes one new THP (khugepaged)
+
+Invariant: every change to a mapping happens inside `HostMm.update`, i.e. between
+invalidate_range_start and _end of a range that covers every host page it changes (a THP
+that a range covers in part is split first, inside the same invalidation, as the kernel's
+split_huge_pmd does). Checks that decide an error run before the invalidation, so a
+rejected request changes nothing; checks of state that another task may change while the
+notifiers run are made again inside the change, which is synchronous. A range is page
+aligned, non-empty and inside one region (EINVAL otherwise).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+from functools import partial
+
+from .errors import KvmError, einval
+from .host_mm import GIB, HostMm
+from .host_region import HPAGE_SHIFT, HPAGE_SIZE, HostRegion, keys_in
+from .types import (PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_2M, PG_LEVEL_4K, Backing, level_shift,
+                    pages_per_level)
+
+__all__ = ["madvise_dontneed", "migrate", "swap_out", "mprotect", "ksm_merge", "thp_split",
+           "thp_collapse"]
+
+
+def _range(mm: HostMm, hva: int, size: int, *, huge_aligned: bool = False) -> HostRegion:
+    """The region holding [hva, hva + size); with `huge_aligned`, a hugetlb range must be
+    whole 1G pages (as the kernel wants for MADV_DONTNEED and mprotect)."""
+    if size <= 0 or (hva | size) & (PAGE_SIZE - 1):
+        raise einval(f"[{hva:#x}, +{size:#x}) is not a non-empty page-aligned range")
+    region = mm.find(hva)
+    if region is None or hva + size > region.end:
+        raise einval(f"[{hva:#x}, {hva + size:#x}) is not inside one host region")
+    if huge_aligned and region.backing is Backing.HUGETLB_1G and (hva | size) & (GIB - 1):
+        raise einval(f"[{hva:#x}, {hva + size:#x}) is not whole 1G hugetlb pages")
+    return region
+
+
+# -- madvise(MADV_DONTNEED), migration, swap-out, mprotect ------------------------------
+
+async def madvise_dontneed(mm: HostMm, hva: int, size: int) -> None:
+    """Drop the pages of [hva, hva + size), swapped ones included."""
+    region = _range(mm, hva, size, huge_aligned=True)
+    await mm.update(region, hva, hva + size, partial(_zap, mm, region, hva, hva + size))
+
+
+def _zap(mm: HostMm, region: HostRegion, start: int, end: int) -> None:
+    region.split_partial(start, end)
+    for level, frames in region.frames.items():
+        shift = PAGE_SHIFT + level_shift(level)
+        for frame in keys_in(frames, start >> shift, end >> shift):
+            mm.put(frames.pop(frame), level)
+    for page in keys_in(region.swapped, start >> PAGE_SHIFT, end >> PAGE_SHIFT):
+        del region.swapped[page]
+
+
+async def migrate(mm: HostMm, hva: int, size: int) -> int:
+    """Move every host page that [hva, hva + size) touches to a new pfn; a huge page moves
+    whole. A KSM page mapped more than once stays, as migrate_pages(2) leaves shared pages
+    without MPOL_MF_MOVE_ALL. Returns the 4K pages moved."""
+    region = _range(mm, hva, size)
+    return await mm.update(region, hva, hva + size,
+                           partial(_migrate, mm, region, hva, hva + size))
+
+
+def _migrate(mm: HostMm, region: HostRegion, start: int, end: int) -> int:
+    moving = []
+    for level, frames in region.frames.items():
+        shift = PAGE_SHIFT + level_shift(level)
+        for frame in keys_in(frames, start >> shift, ((end - 1) >> shift) + 1):
+            if mm.ksm_pages.get(frames[frame], 0) <= 1:
+                moving.append((level, frames, frame))
+    # Every new frame is allocated before an old one is freed: no page lands on a pfn
+    # that another page of this migration has just left.
+    targets = [mm.pfns.alloc(level) for level, _, _ in moving]
+    for (level, frames, frame), new in zip(moving, targets):
+        old = frames[frame]
+        for pfn in keys_in(mm.contents, old, old + pages_per_level(level)):
+            mm.contents[new + pfn - old] = mm.contents.pop(pfn)
+        if old in mm.ksm_pages:
+            mm.ksm_pages[new] = mm.ksm_pages.pop(old)
+        frames[frame] = new
+        mm.pfns.free(old, level)
+    return sum(pages_per_level(level) for level, _, _ in moving)
+
+
+async def swap_out(mm: HostMm, hva: int, size: int) -> int:
+    """Page out [hva, hva + size) as MADV_PAGEOUT does: THPs are split, then each page's
+    contents go to swap and its frame is freed; a KSM page mapped more than once stays.
+    Hugetlb memory is never swapped. Returns the pages swapped out."""
+    region = _range(mm, hva, size)
+    if region.backing is Backing.HUGETLB_1G:
+        raise einval(f"hugetlb pages at {hva:#x} cannot be swapped")
+    return await mm.update(region, hva, hva + size,
+                           partial(_swap_out, mm, region, hva, hva + size))
+
+
+def _swap_out(mm: HostMm, region: HostRegion, start: int, end: int) -> int:
+    for frame in keys_in(region.frames[PG_LEVEL_2M], start >> HPAGE_SHIFT,
+                         ((end - 1) >> HPAGE_SHIFT) + 1):
+        region.split_huge(frame)
+    frames = region.frames[PG_LEVEL_4K]
+    out = 0
+    for page in keys_in(frames, start >> PAGE_SHIFT, end >> PAGE_SHIFT):
+        pfn = frames[page]
+        if mm.ksm_pages.get(pfn, 0) > 1:
+            continue
+        region.swapped[page] = mm.contents.get(pfn)
+        del frames[page]
+        mm.put(pfn, PG_LEVEL_4K)
+        out += 1
+    return out
+
+
+async def mprotect(mm: HostMm, hva: int, size: int, writable: bool) -> None:
+    """Set the protection of [hva, hva + size). Removing write invalidates the range, and
+    so does splitting a THP the range covers in part; granting write alone does not:
+    a secondary MMU finds the new permission at its next fault."""
+    region = _range(mm, hva, size, huge_aligned=True)
+    end = hva + size
+
+    def apply() -> None:
+        region.split_partial(hva, end)
+        region.protect(hva, end, writable)
+
+    if region.covers_huge_in_part(hva, end) or \
+            (not writable and any(region.protections(hva, end))):
+        await mm.update(region, hva, end, apply)
+    else:
+        apply()
+
+
+# -- KSM merging (the copy-on-write break is a write fault: HostMm.hva_to_pfn) ----------
+
+async def ksm_merge(mm: HostMm, hvas: Sequence[int]) -> int:
+    """Merge the pages at `hvas` that hold equal contents, as ksmd does: in each group a
+    page becomes the KSM page (write-protected; one that is a KSM page already is
+    kept), then every other page is replaced by it; each step invalidates its page. A
+    page whose contents changed meanwhile is left alone; pages not present (never
+    touched, or swapped out) are not scanned. Returns the pages replaced, each of which
+    freed a frame."""
+    _check_ksm(mm, hvas)
+    groups: dict[bytes, list[tuple[HostRegion, int]]] = {}
+    for hva in hvas:
+        region = mm.find(hva)
+        found = region.mapped(hva)
+        if found is not None:
+            groups.setdefault(mm.read_pfn(found[0], 0, PAGE_SIZE), []).append((region, hva))
+    merged = 0
+    for data, group in groups.items():
+        if len(group) < 2:
+            continue
+        stable = next((page for page in group if mm.is_ksm(*page)), None)
+        if stable is not None:
+            kpfn = stable[0].frames[PG_LEVEL_4K][stable[1] >> PAGE_SHIFT]
+        else:
+            stable = group[0]
+            kpfn = await mm.update(stable[0], stable[1], stable[1] + PAGE_SIZE,
+                                   partial(_write_protect, mm, *stable, data))
+        for region, hva in group:
+            if kpfn is not None and hva != stable[1]:
+                merged += await mm.update(region, hva, hva + PAGE_SIZE,
+                                          partial(_replace, mm, region, hva, kpfn))
+    return merged
+
+
+def _check_ksm(mm: HostMm, hvas: Sequence[int]) -> None:
+    if len(hvas) < 2 or len(set(hvas)) != len(hvas):
+        raise einval(f"KSM merges two or more distinct pages, not {len(hvas)} hvas "
+                     f"({len(set(hvas))} distinct)")
+    for hva in hvas:
+        region = mm.find(hva)
+        if hva & (PAGE_SIZE - 1) or region is None:
+            raise einval(f"hva {hva:#x} is not a mapped page-aligned address")
+        if region.backing is Backing.HUGETLB_1G:
+            raise einval(f"hva {hva:#x} is hugetlb memory, which KSM does not merge")
+
+
+def _write_protect(mm: HostMm, region: HostRegion, hva: int, data: bytes) -> int | None:
+    """`write_protect_page`: the page at hva becomes a KSM page if it still holds `data`.
+    Returns its pfn, or None."""
+    region.split_partial(hva, hva + PAGE_SIZE)
+    found = region.mapped(hva)
+    if found is None or mm.read_pfn(found[0], 0, PAGE_SIZE) != data:
+        return None
+    mm.ksm_pages.setdefault(found[0], 1)
+    return found[0]
+
+
+def _replace(mm: HostMm, region: HostRegion, hva: int, kpfn: int) -> int:
+    """`replace_page`: hva maps the KSM page instead of its own page, if their contents
+    are still equal. Returns 1 if it did."""
+    if kpfn not in mm.ksm_pages:
+        return 0                                   # every sharer broke COW meanwhile
+    region.split_partial(hva, hva + PAGE_SIZE)
+    found = region.mapped(hva)
+    if found is None or found[0] == kpfn or \
+            mm.read_pfn(found[0], 0, PAGE_SIZE) != mm.read_pfn(kpfn, 0, PAGE_SIZE):
+        return 0
+    region.frames[PG_LEVEL_4K][hva >> PAGE_SHIFT] = kpfn
+    mm.ksm_pages[kpfn] += 1
+    mm.put(found[0], PG_LEVEL_4K)
+    return 1
+
+
+# -- THP split and collapse -------------------------------------------------------------
+
+def _thp_frame(mm: HostMm, hva: int) -> tuple[HostRegion, int, int]:
+    """(region, 2M frame number, first hva) of the whole 2M frame of a THP region at hva."""
+    region = mm.find(hva)
+    if region is None or region.backing is not Backing.THP:
+        raise einval(f"hva {hva:#x} is not in a THP region")
+    start = hva & ~(HPAGE_SIZE - 1)
+    if start < region.hva or start + HPAGE_SIZE > region.end:
+        raise einval(f"the 2M frame at {start:#x} is not wholly inside its region")
+    return region, hva >> HPAGE_SHIFT, start
+
+
+async def thp_split(mm: HostMm, hva: int) -> None:
+    """`split_huge_pmd`: the THP at hva is mapped by 512 4K mappings of the same pfns."""
+    region, frame, start = _thp_frame(mm, hva)
+    if frame not in region.frames[PG_LEVEL_2M]:
+        raise einval(f"no THP maps hva {hva:#x}")
+
+    def split() -> None:
+        if frame in region.frames[PG_LEVEL_2M]:
+            region.split_huge(frame)
+
+    await mm.update(region, start, start + HPAGE_SIZE, split)
+
+
+async def thp_collapse(mm: HostMm, hva: int) -> None:
+    """khugepaged (MADV_COLLAPSE): the 2M frame at hva becomes one new THP with its pages'
+    contents (swapped ones are swapped in, unpopulated ones are zero). A frame that is
+    huge already stays as it is. EINVAL if the frame has two protections, EBUSY if
+    nothing in it is mapped or a page of it is a KSM page."""
+    region, frame, start = _thp_frame(mm, hva)
+    if frame in region.frames[PG_LEVEL_2M]:
+        return
+    _check_collapse(mm, region, start)
+    await mm.update(region, start, start + HPAGE_SIZE,
+                    partial(_collapse, mm, region, frame, start))
+
+
+def _check_collapse(mm: HostMm, region: HostRegion, start: int) -> None:
+    end = start + HPAGE_SIZE
+    if not region.uniform(start, end):
+        raise einval(f"the 2M frame at {start:#x} has two protections")
+    pages = keys_in(region.frames[PG_LEVEL_4K], start >> PAGE_SHIFT, end >> PAGE_SHIFT)
+    if any(region.frames[PG_LEVEL_4K][page] in mm.ksm_pages for page in pages):
+        raise KvmError(errno.EBUSY, f"the 2M frame at {start:#x} maps a KSM page")
+    if not pages and not keys_in(region.swapped, start >> PAGE_SHIFT, end >> PAGE_SHIFT):
+        raise KvmError(errno.EBUSY, f"nothing is mapped in the 2M frame at {start:#x}")
+
+
+def _collapse(mm: HostMm, region: HostRegion, frame: int, start: int) -> None:
+    if frame in region.frames[PG_LEVEL_2M]:
+        return                                     # collapsed meanwhile
+    _check_collapse(mm, region, start)
+    base = mm.pfns.alloc(PG_LEVEL_2M)
+    small = region.frames[PG_LEVEL_4K]
+    first = start >> PAGE_SHIFT
+    for i in range(pages_per_level(PG_LEVEL_2M)):
+        pfn = small.pop(first + i, None)
+        data = region.swapped.pop(first + i, None)
+        if pfn is not None:
+            data = mm.contents.get(pfn)
+            mm.put(pfn, PG_LEVEL_4K)
+        if data is not None:
+            mm.contents[base + i] = data
+    region.frames[PG_LEVEL_2M][frame] = base
+    region.split_2m.discard(frame)

@@ -1,0 +1,172 @@
+"""One region of the VMM's address space (a VMA) and the state of every page in it.
+
+A page of a region is in one of three states: not populated (reads as zero on first
+touch), mapped by a host page (4K, or part of a 2M THP or a 1G hugetlb page), or swapped
+out (its contents wait in `swapped` for the next touch). Besides, each page has a
+protection (writable or not), kept as a step function over the region so that mprotect
+of any part of it costs a few steps, not a flag per page.
+
+Invariants: a page is mapped at one level at most, and never both mapped and swapped; a
+2M frame of a THP region that holds 4K mappings is in `split_2m` (mapped through a table of
+4K entries, after split_huge_pmd, a partial zap, a swap-out or a 4K fault) and is never
+mapped huge again until it is collapsed; a huge page never straddles two protections.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .types import (PAGE_SHIFT, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, Backing,
+                    level_shift, pages_per_level)
+
+__all__ = ["HostRegion", "HostRegionInfo", "HPAGE_SHIFT", "HPAGE_SIZE", "keys_in"]
+
+HPAGE_SHIFT = PAGE_SHIFT + level_shift(PG_LEVEL_2M)    # a THP: 2M
+HPAGE_SIZE = 1 << HPAGE_SHIFT
+_HUGE_LEVELS = (PG_LEVEL_1G, PG_LEVEL_2M)
+
+
+@dataclass(frozen=True)
+class HostRegionInfo:
+    hva: int
+    size: int
+    backing: Backing
+    writable: bool               # every page of the region is mapped with PROT_WRITE
+    populated_4k_pages: int
+
+
+class HostRegion:
+    """One VMA. `frames[level]` maps an hva frame number at that level to its base pfn;
+    `swapped` maps a 4K page number (hva >> 12) to the contents it had when it left."""
+
+    __slots__ = ("hva", "size", "end", "backing", "frames", "split_2m", "swapped",
+                 "_prot_at", "_prot_writable")
+
+    def __init__(self, hva: int, size: int, backing: Backing, writable: bool) -> None:
+        self.hva, self.size, self.end = hva, size, hva + size
+        self.backing = backing
+        self.frames: dict[int, dict[int, int]] = {PG_LEVEL_4K: {}, PG_LEVEL_2M: {},
+                                                   PG_LEVEL_1G: {}}
+        self.split_2m: set[int] = set()
+        self.swapped: dict[int, bytearray | None] = {}
+        self._prot_at = [hva]                 # start of each protection step, ascending
+        self._prot_writable = [writable]      # the protection from there to the next step
+
+    @property
+    def writable(self) -> bool:
+        return all(self._prot_writable)
+
+    def info(self) -> HostRegionInfo:
+        populated = sum(len(f) * pages_per_level(level) for level, f in self.frames.items())
+        return HostRegionInfo(self.hva, self.size, self.backing, self.writable, populated)
+
+    # -- host pages ------------------------------------------------------------------
+
+    def mapped(self, hva: int) -> tuple[int, int] | None:
+        """(pfn of the 4K page at hva, host mapping level), or None if not mapped."""
+        for level in (PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K):
+            shift = PAGE_SHIFT + level_shift(level)
+            base = self.frames[level].get(hva >> shift)
+            if base is not None:
+                return base + ((hva >> PAGE_SHIFT) & (pages_per_level(level) - 1)), level
+        return None
+
+    def huge_page(self, hva: int) -> tuple[int, int] | None:
+        """(first hva, size) of the 2M or 1G host page that maps hva, if one does."""
+        for level in _HUGE_LEVELS:
+            shift = PAGE_SHIFT + level_shift(level)
+            if hva >> shift in self.frames[level]:
+                return (hva >> shift) << shift, 1 << shift
+        return None
+
+    def huge_frame(self, hva: int) -> tuple[int, int] | None:
+        """(first hva, size) of the huge page that maps hva, or of the unsplit frame where a
+        fault may populate one (a protection change may make the frame uniform)."""
+        return self.huge_page(hva) or next(self._unsplit_frames(hva), None)
+
+    def hull(self, start: int, end: int) -> tuple[int, int]:
+        """[start, end) widened to whole huge pages at its edges, mapped or about to be:
+        a fault may populate a THP while an invalidation of part of it runs."""
+        first, last = self.huge_frame(start), self.huge_frame(end - 1)
+        return (first[0] if first else start, last[0] + last[1] if last else end)
+
+    def covers_huge_in_part(self, start: int, end: int) -> bool:
+        """Does [start, end) cover a mapped huge page in part (which a change must split)?"""
+        return any(page is not None and (page[0] < start or page[0] + page[1] > end)
+                   for page in (self.huge_page(start), self.huge_page(end - 1)))
+
+    def frame_level(self, hva: int) -> int:
+        """The largest page a fault at hva may populate: a whole aligned frame inside the
+        region, not split, under one protection."""
+        for start, size in self._unsplit_frames(hva):
+            if self.uniform(start, start + size):
+                return PG_LEVEL_2M if size == HPAGE_SIZE else PG_LEVEL_1G
+        return PG_LEVEL_4K
+
+    def _unsplit_frames(self, hva: int) -> Iterator[tuple[int, int]]:
+        """(first hva, size) of each huge frame the backing allows at hva, largest first,
+        that lies wholly inside the region and is not split."""
+        for level in _HUGE_LEVELS:
+            if self.backing.page_level < level:
+                continue
+            shift = PAGE_SHIFT + level_shift(level)
+            start = (hva >> shift) << shift
+            if start >= self.hva and start + (1 << shift) <= self.end and \
+                    not (level == PG_LEVEL_2M and hva >> shift in self.split_2m):
+                yield start, 1 << shift
+
+    def split_huge(self, frame: int) -> None:
+        """`split_huge_pmd`: the 2M page `frame` becomes 512 4K mappings of the same pfns."""
+        base = self.frames[PG_LEVEL_2M].pop(frame)
+        first = frame << (HPAGE_SHIFT - PAGE_SHIFT)
+        small = self.frames[PG_LEVEL_4K]
+        for i in range(pages_per_level(PG_LEVEL_2M)):
+            small[first + i] = base + i
+        self.split_2m.add(frame)
+
+    def split_partial(self, start: int, end: int) -> None:
+        """Split the 2M pages that [start, end) covers only in part (at most one per edge)."""
+        for hva in (start, end - 1):
+            frame = hva >> HPAGE_SHIFT
+            whole = start <= frame << HPAGE_SHIFT and (frame + 1) << HPAGE_SHIFT <= end
+            if frame in self.frames[PG_LEVEL_2M] and not whole:
+                self.split_huge(frame)
+
+    # -- protection: a step function over [hva, end) --------------------------------
+
+    def protections(self, start: int, end: int) -> list[bool]:
+        """The protection of each step that overlaps [start, end), in order."""
+        first = bisect.bisect_right(self._prot_at, start) - 1
+        last = bisect.bisect_left(self._prot_at, end)
+        return self._prot_writable[first:last]
+
+    def writable_at(self, hva: int) -> bool:
+        return self._prot_writable[bisect.bisect_right(self._prot_at, hva) - 1]
+
+    def uniform(self, start: int, end: int) -> bool:
+        return len(self.protections(start, end)) == 1
+
+    def protect(self, start: int, end: int, writable: bool) -> None:
+        """Set the protection of [start, end); neighbouring equal steps merge."""
+        steps = list(zip(self._prot_at, self._prot_writable))
+        first = bisect.bisect_left(self._prot_at, start)
+        last = bisect.bisect_right(self._prot_at, end)
+        middle = [(start, writable)]
+        if end < self.end:
+            middle.append((end, self.writable_at(end)))
+        merged: list[tuple[int, bool]] = []
+        for at, w in steps[:first] + middle + steps[last:]:
+            if not merged or merged[-1][1] != w:
+                merged.append((at, w))
+        self._prot_at = [at for at, _ in merged]
+        self._prot_writable = [w for _, w in merged]
+
+
+def keys_in(table: dict[int, object], lo: int, hi: int) -> list[int]:
+    """The keys of `table` in [lo, hi), ascending, scanning whichever is shorter."""
+    if hi - lo <= len(table):
+        return [k for k in range(lo, hi) if k in table]
+    return sorted(k for k in table if lo <= k < hi)
+

@@ -1,0 +1,47 @@
+"""ExploreService over a real server: scenarios, progress, the first violation, errors."""
+
+import grpc
+import pytest
+
+from vmmu.v1 import explore_pb2, explore_pb2_grpc
+
+
+@pytest.fixture
+async def explorer(server):
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        yield explore_pb2_grpc.ExploreServiceStub(channel)
+
+
+async def test_scenarios_are_listed_with_their_knobs(explorer):
+    scenarios = (await explorer.ListScenarios(explore_pb2.ListScenariosRequest())).scenarios
+    by_name = {s.name: s for s in scenarios}
+    assert list(by_name["tlb_vs_zap"].knobs) == ["skip_zap_tlb_flush"]
+    assert all(s.summary for s in scenarios)
+
+
+async def test_progress_then_the_first_violation(explorer):
+    replies = [r async for r in explorer.Explore(explore_pb2.ExploreRequest(
+        scenario="tlb_vs_zap", seeds=30, knobs=["skip_zap_tlb_flush"], progress_every=1))]
+    last = replies[-1]
+    assert last.done and last.first_violation.oracle == "stale-translation"
+    assert last.first_violation.trace and last.first_violation.violation
+    assert all(not r.done for r in replies[:-1])
+
+
+async def test_clean_exploration_reports_every_seed(explorer):
+    replies = [r async for r in explorer.Explore(explore_pb2.ExploreRequest(
+        scenario="fault_vs_invalidate", seeds=20, first_seed=100, progress_every=10))]
+    assert [(r.seeds_run, r.done) for r in replies] == [(10, False), (20, True)]
+    assert not replies[-1].HasField("first_violation")
+
+
+@pytest.mark.parametrize("request_fields,reason", [
+    ({"scenario": "nope", "seeds": 1}, "unknown scenario"),
+    ({"scenario": "tlb_vs_zap", "seeds": 0}, "seeds 0"),
+    ({"scenario": "tlb_vs_zap", "seeds": 1, "knobs": ["bogus"]}, "unknown debug knobs")])
+async def test_bad_requests_get_invalid_argument(explorer, request_fields, reason):
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        async for _ in explorer.Explore(explore_pb2.ExploreRequest(**request_fields)):
+            pass
+    assert failed.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert reason in failed.value.details()
