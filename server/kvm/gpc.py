@@ -239,7 +239,7 @@ class Gpc:
         memslot, as KVM's users do after writing through a cache. Errors as `read`."""
         self._use(offset, len(data))
         self.vm.host.write_pfn(self.pfn, (self.uhva & ~PAGE_MASK) + offset, data)
-        self.vm.mark_page_dirty(self.memslot, (self.gpa >> PAGE_SHIFT))
+        self.vm.mark_page_dirty(self.memslot, self.gpa >> PAGE_SHIFT)
 
     def info(self) -> GpcInfo:
         return GpcInfo(self.id, self.gpa, self.uhva, self.pfn, self.state, self.generation,

@@ -73,6 +73,7 @@ class HeldInvalidation:
     def __init__(self, held_id: int, start: int, end: int, lease_s: float | None) -> None:
         loop = asyncio.get_running_loop()
         self.id, self.start, self.end, self.lease_s = held_id, start, end, lease_s
+        self.notified = (start, end)         # the range the notifiers see
         self.deadline = None if lease_s is None else loop.time() + lease_s
         self.state = HoldState.HELD
         self.started: asyncio.Future[None] = loop.create_future()
@@ -167,6 +168,9 @@ class HeldInvalidations:
         if len(self._held) >= MAX_HELD:
             raise KvmError(errno.ENOSPC, f"{MAX_HELD} invalidations are held already")
         held = HeldInvalidation(next(self._ids), start, end, lease_s)
+        # What the host mm would announce: a THP cannot change in part without being split
+        # first, so the range grows to the huge pages at its edges, mapped or about to be.
+        held.notified = self._vm.host.hull(start, end)
         self._held[held.id] = held
         self._vm.stat.invalidations_held += 1
         held.task = asyncio.create_task(self._life(held), name=f"held-invalidation-{held.id}")
@@ -182,7 +186,7 @@ class HeldInvalidations:
     async def _life(self, held: HeldInvalidation) -> None:
         vm = self._vm
         try:
-            await vm.notifier.invalidate_range_start(held.start, held.end)
+            await vm.notifier.invalidate_range_start(*held.notified)
         except VmBugged as bug:             # begin() reports it
             vm.mark_dead(bug)
             del self._held[held.id]
@@ -197,7 +201,7 @@ class HeldInvalidations:
                 held.release(HoldState.LEASE_EXPIRED)
         self._record(held)
         try:
-            await vm.notifier.invalidate_range_end(held.start, held.end)
+            await vm.notifier.invalidate_range_end(*held.notified)
         except VmBugged as bug:             # whoever waits for the end gets it too
             vm.mark_dead(bug)
             raise

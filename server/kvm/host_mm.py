@@ -180,6 +180,15 @@ class HostMm:
             return self._regions[i]
         return None
 
+    def hull(self, start: int, end: int) -> tuple[int, int]:
+        """[start, end) widened to the huge pages at its edges (`HostRegion.hull`)."""
+        first, last = self.find(start), self.find(end - 1)
+        if first is not None:
+            start = first.hull(start, min(end, first.end))[0]
+        if last is not None:
+            end = last.hull(max(start, last.hva), end)[1]
+        return start, end
+
     def regions(self) -> list[HostRegion]:
         return list(self._regions)
 
