@@ -66,11 +66,11 @@ class HostRegion:
 
     def mapped(self, hva: int) -> tuple[int, int] | None:
         """(pfn of the 4K page at hva, host mapping level), or None if not mapped."""
-        for level in (PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K):
-            shift = PAGE_SHIFT + level_shift(level)
-            base = self.frames[level].get(hva >> shift)
+        frames = self.frames
+        for level, shift, mask in _MAPPED_ORDER:
+            base = frames[level].get(hva >> shift)
             if base is not None:
-                return base + ((hva >> PAGE_SHIFT) & (pages_per_level(level) - 1)), level
+                return base + ((hva >> PAGE_SHIFT) & mask), level
         return None
 
     def huge_page(self, hva: int) -> tuple[int, int] | None:
@@ -170,3 +170,7 @@ def keys_in(table: dict[int, object], lo: int, hi: int) -> list[int]:
         return [k for k in range(lo, hi) if k in table]
     return sorted(k for k in table if lo <= k < hi)
 
+
+# (level, hva shift of its frames, mask of the 4K page within a frame), largest first
+_MAPPED_ORDER = tuple((level, PAGE_SHIFT + level_shift(level), pages_per_level(level) - 1)
+                      for level in (PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K))

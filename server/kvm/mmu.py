@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import spte as S
+from .fast_pf import fast_page_fault, page_fault_can_be_fast
 from .mmu_internal import PFERR_RSVD_MASK, PageFault, RetPf
 from .types import MAX_HUGEPAGE_LEVEL, PG_LEVEL_4K, pages_per_level
 
@@ -68,6 +69,10 @@ def handle_mmio_page_fault(vcpu: "Vcpu", gpa: int) -> RetPf:
 
 async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
     vm = vcpu.vm
+    if page_fault_can_be_fast(vcpu, fault.error_code):
+        r = await fast_page_fault(vcpu, fault)
+        if r is not RetPf.INVALID:
+            return r
     r = await faultin_pfn(vcpu, fault)
     if r is not RetPf.CONTINUE:
         return r

@@ -21,6 +21,11 @@ import collections
 import time
 from dataclasses import dataclass
 
+try:
+    from _asyncio import current_task          # the C implementation: no Python frame
+except ImportError:                            # pragma: no cover
+    from asyncio import current_task
+
 __all__ = ["MmuLock", "LockStatistics", "LockAssertion"]
 
 
@@ -42,13 +47,15 @@ class LockStatistics:
 
 
 class _Guard:
+    """`async with lock.read` / `lock.write`."""
+
     __slots__ = ("_acquire", "_release")
 
     def __init__(self, acquire, release) -> None:
         self._acquire, self._release = acquire, release
 
-    async def __aenter__(self) -> None:
-        await self._acquire()
+    def __aenter__(self):
+        return self._acquire()
 
     async def __aexit__(self, *exc) -> None:
         self._release()
@@ -70,7 +77,7 @@ class MmuLock:
     # -- acquire/release ----------------------------------------------------------
 
     async def acquire_read(self) -> None:
-        task = asyncio.current_task()
+        task = current_task()
         if task in self._readers or self._writer is task:
             raise LockAssertion("mmu_lock taken recursively by the same task")
         self._stats["read_acquisitions"] += 1
@@ -80,7 +87,7 @@ class MmuLock:
         await self._wait(self.READ, task)
 
     async def acquire_write(self) -> None:
-        task = asyncio.current_task()
+        task = current_task()
         if task in self._readers or self._writer is task:
             raise LockAssertion("mmu_lock taken recursively by the same task")
         self._stats["write_acquisitions"] += 1
@@ -109,10 +116,10 @@ class MmuLock:
             self._stats[f"{mode}_wait_ns"] += time.perf_counter_ns() - start
 
     def release_read(self) -> None:
-        self._release_owner(self.READ, asyncio.current_task())
+        self._release_owner(self.READ, current_task())
 
     def release_write(self) -> None:
-        self._release_owner(self.WRITE, asyncio.current_task())
+        self._release_owner(self.WRITE, current_task())
 
     def _release_owner(self, mode: str, task: asyncio.Task | None) -> None:
         if mode == self.READ:
@@ -146,20 +153,20 @@ class MmuLock:
     # -- contracts ----------------------------------------------------------------
 
     def assert_held_read(self) -> None:
-        if asyncio.current_task() not in self._readers:
+        if current_task() not in self._readers:
             raise LockAssertion("mmu_lock must be held for read here")
 
     def assert_held_write(self) -> None:
-        if self._writer is None or self._writer is not asyncio.current_task():
+        if self._writer is None or self._writer is not current_task():
             raise LockAssertion("mmu_lock must be held for write here")
 
     def assert_held(self) -> None:
-        task = asyncio.current_task()
+        task = current_task()
         if self._writer is not task and task not in self._readers:
             raise LockAssertion("mmu_lock must be held here")
 
     def held_for_write(self) -> bool:
-        return self._writer is not None and self._writer is asyncio.current_task()
+        return self._writer is not None and self._writer is current_task()
 
     def needbreak(self) -> bool:
         """`rwlock_needbreak`: someone waits, so a long walk should yield."""

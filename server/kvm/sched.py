@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+from asyncio import current_task
 
 __all__ = ["Scheduler", "POINTS"]
 
@@ -26,6 +27,7 @@ POINTS = (
     "vcpu.entry",                 # a vCPU about to enter the guest
     "mm.invalidate_window",       # the host between invalidate_range_start and _end
     "tdp.cond_resched",           # a long walk dropped mmu_lock
+    "fast_pf.cas",                # the fast page fault between reading an SPTE and its cmpxchg
     "age.before_clear",           # lockless aging read a young SPTE and has not aged it yet
     "gpc.refresh_hva_to_pfn",     # GPC refresh snapshotted its sequence, lookup to come
     "gpc.refresh_before_valid",   # GPC refresh has a pfn and has not set valid yet
@@ -62,7 +64,7 @@ class Scheduler:
 
     async def _switch(self, name: str) -> None:
         self.points_passed += 1
-        task = asyncio.current_task()
+        task = current_task()
         self.trace.append((task.get_name() if task else "?", name))
         for _ in range(self._rng.choice(_TURNS)):
             await asyncio.sleep(0)

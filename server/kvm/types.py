@@ -58,8 +58,7 @@ class Backing(enum.Enum):
 
     @property
     def page_level(self) -> int:
-        return {Backing.PAGE_4K: PG_LEVEL_4K, Backing.THP: PG_LEVEL_2M,
-                Backing.HUGETLB_1G: PG_LEVEL_1G}[self]
+        return _BACKING_LEVEL[self.value]
 
 
 class AccessKind(enum.IntEnum):
@@ -68,3 +67,7 @@ class AccessKind(enum.IntEnum):
     READ = 1
     WRITE = 2
     EXEC = 3
+
+
+_BACKING_LEVEL = {Backing.PAGE_4K.value: PG_LEVEL_4K, Backing.THP.value: PG_LEVEL_2M,
+                  Backing.HUGETLB_1G.value: PG_LEVEL_1G}

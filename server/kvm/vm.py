@@ -50,6 +50,8 @@ DEBUG_KNOBS = frozenset({
     "skip_zap_tlb_flush",        # zaps do not flush remote TLBs
     "aging_without_rcu",         # lockless aging walks outside an RCU read-side section
     "gpc_refresh_no_check",      # GPC refresh sets valid without waiting or retrying (§5.4)
+    "fast_pf_plain_write",       # the fast page fault stores its SPTE without a cmpxchg
+    "skip_wrprot_flush",         # dirty-log write-protection does not flush TLBs
 })
 
 
@@ -67,6 +69,7 @@ class VmConfig:
     sanitizers: bool = field(default_factory=_sanitizers_default)   # oracles, use-after-free
     debug: frozenset[str] = frozenset()  # protections switched off (DEBUG_KNOBS)
     gpc_policy: str = "global"   # what makes GPC refresh retry: "global" or "range" (gpc.py)
+    fast_page_fault: bool = True  # fix write-protection and access tracking without mmu_lock
 
     def validate(self) -> None:
         if not 1 <= self.max_vcpus <= KVM_MAX_VCPUS:
@@ -308,7 +311,7 @@ class Vm:
         if self._vcpus:
             self.stat.remote_tlb_flush += 1
 
-    def mark_page_dirty(self, slot: Memslot, gfn: int) -> None:
+    def mark_page_dirty(self, slot: Memslot, gfn: int, vcpu: Vcpu | None = None) -> None:
         """`mark_page_dirty_in_slot`: KVM's own write to a guest page (a GPC user's)
         dirties it in the slot's dirty log. The dirty log is not modelled yet: this hook
         is where it will record the page."""

@@ -1,0 +1,111 @@
+"""The fast page fault: fixing an SPTE without mmu_lock (`fast_page_fault`, reference §2.7).
+
+Only inside an RCU read-side section, and only by a compare-and-exchange against the
+snapshot the walk read, the fast path fixes exactly three things:
+- a write to a present 4K leaf that is write-protected for dirty logging (W clear,
+  MMU-writable set): W is set and, W having gone 0 -> 1, the page is marked dirty;
+- an access to an access-tracked SPTE (A/D bits off): R/X (and A) are restored;
+- a spurious fault (the SPTE already allows the access: a stale TLB, or another vCPU fixed
+  it first): nothing to do.
+It never allocates, never changes a pfn, never touches a non-leaf SPTE, and refuses a huge
+leaf in a dirty-logged slot (the slow path must split it). Anything else goes to the slow
+path (RET_PF_INVALID). Between the read and the cmpxchg another task may change the SPTE
+(preemption point `fast_pf.cas`): the cmpxchg then fails and the walk is done again.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import spte as S
+from .mmu_internal import PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_WRITE_MASK, PageFault, \
+    RetPf
+from .mmu_page import UseAfterFree
+from .tdp_iter import TdpIter
+from .types import PG_LEVEL_4K
+
+if TYPE_CHECKING:
+    from .vcpu import Vcpu
+
+__all__ = ["page_fault_can_be_fast", "fast_page_fault"]
+
+MAX_TRIES = 4
+
+
+def page_fault_can_be_fast(vcpu: "Vcpu", error_code: int) -> bool:
+    vm = vcpu.vm
+    if not vm.config.fast_page_fault or error_code & PFERR_RSVD_MASK:
+        return False
+    if not error_code & PFERR_PRESENT_MASK:
+        return not vm.ad_enabled          # only an access-tracked SPTE can be fixed
+    return bool(error_code & PFERR_WRITE_MASK)
+
+
+def _allowed(fault: PageFault, spte: int) -> bool:
+    if fault.exec:
+        return bool(spte & S.EXECUTABLE)
+    if fault.write:
+        return bool(spte & S.WRITABLE)
+    return bool(spte & S.READABLE)
+
+
+def _last_spte(vcpu: "Vcpu", gfn: int) -> TdpIter | None:
+    """The iterator parked on the last present SPTE on the way to gfn (lockless)."""
+    last = None
+    for it in TdpIter(vcpu.vm.tdp.tables, vcpu.root, gfn, gfn + 1):
+        if not it.old_spte & S.MMU_PRESENT:
+            break
+        last = (it.table, it.index, it.level, it.old_spte)
+    return last
+
+
+async def fast_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
+    vm = vcpu.vm
+    r = RetPf.INVALID
+    token = vm.rcu.enter()
+    try:
+        for _ in range(MAX_TRIES):
+            found = _last_spte(vcpu, fault.gfn)
+            if found is None:
+                break
+            table, index, level, old = found
+            if not S.is_last(old, level):
+                break
+            if _allowed(fault, old):
+                r = RetPf.SPURIOUS
+                break
+            new = old
+            if S.is_access_track(new):
+                new = S.restore_access_track(new)
+            if fault.write and S.is_mmu_writable(old):
+                if level > PG_LEVEL_4K:
+                    slot = vm.memslot_sets[fault.as_id].lookup(fault.gfn)
+                    if slot is not None and slot.dirty_logging:
+                        break                     # only the slow path may split it
+                new |= S.WRITABLE
+            if new == old or not _allowed(fault, new):
+                break
+            await vm.sched.point("fast_pf.cas")
+            if table.freed:
+                raise UseAfterFree(f"fast page fault wrote freed {table!r}")
+            spt = table.spt
+            if "fast_pf_plain_write" in vm.knobs:
+                spt[index] = new                  # debug knob: no compare
+            elif spt[index] != old:
+                continue                          # changed under us: walk again
+            else:
+                spt[index] = new
+            if new & S.WRITABLE and not old & S.WRITABLE:
+                slot = vm.memslot_sets[fault.as_id].lookup(fault.gfn)
+                if slot is not None:
+                    vm.mark_page_dirty(slot, fault.gfn, vcpu)
+            r = RetPf.FIXED
+            break
+    finally:
+        vm.rcu.exit(token)
+    if r is not RetPf.INVALID:
+        vcpu.stat.pf_fast += 1
+    if vm.tracer.on:
+        vm.tracer.emit("fast_page_fault", vcpu=vcpu.id, gpa=fault.addr,
+                       error_code=fault.error_code, result=r.name)
+    return r

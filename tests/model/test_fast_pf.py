@@ -1,0 +1,112 @@
+"""The fast page fault: write-protection and access tracking fixed without mmu_lock."""
+
+from vmmu.server.kvm import AccessBatch, AccessKind, Backing
+from vmmu.server.kvm import spte as S
+from vmmu.server.kvm.fast_pf import fast_page_fault
+from vmmu.server.kvm.mmu_internal import PFERR_PRESENT_MASK, PFERR_WRITE_MASK, PageFault, RetPf
+from vmmu.server.kvm.tdp_iter import TdpIter
+
+MIB = 1 << 20
+
+
+def access(gpa: int, kind: AccessKind) -> AccessBatch:
+    return AccessBatch.build([(gpa, kind, 8, None)])
+
+
+def leaf_of(tables, root, gfn: int) -> TdpIter:
+    """The iterator parked on the leaf SPTE that maps gfn."""
+    for it in TdpIter(tables, root, gfn, gfn + 1):
+        if S.is_leaf_present(it.old_spte, it.level):
+            return it
+    raise AssertionError(f"gfn {gfn:#x} is not mapped")
+
+
+async def write_protect(vm, gfn: int) -> int:
+    """Clear W on gfn's 4K leaf (MMU-writable stays), as dirty logging does; flush."""
+    async with vm.mmu_lock.write:
+        it = leaf_of(vm.tdp.tables, vm.vcpus()[0].root, gfn)
+        assert it.level == 1 and S.is_writable(it.old_spte)
+        vm.tdp.iter_set_spte(it, it.old_spte & ~S.WRITABLE)
+        vm.flush_remote_tlbs()
+        return it.old_spte
+
+
+async def test_a_write_to_a_write_protected_4k_spte_is_fixed_without_the_lock(make_guest):
+    g = await make_guest(Backing.PAGE_4K, 2 * MIB)
+    await g.vcpu.run(access(0x3000, AccessKind.WRITE))
+    protected = await write_protect(g.vm, 3)
+    assert S.is_mmu_writable(protected) and not S.is_writable(protected)
+    reads = g.vm.mmu_lock.statistics().read_acquisitions
+    stats = g.vcpu.stats()
+
+    result = await g.vcpu.run(access(0x3000, AccessKind.WRITE))
+    after = g.vcpu.stats()
+    assert result.completed == 1
+    assert after["pf_fast"] == stats["pf_fast"] + 1
+    assert after["pf_fixed"] == stats["pf_fixed"] + 1
+    assert g.vm.mmu_lock.statistics().read_acquisitions == reads   # no mmu_lock
+    leaf = g.vm.walk(0x3000)[-1]
+    assert leaf.writable and leaf.pfn == S.spte_to_pfn(protected)
+
+
+async def test_the_fix_another_task_made_first_is_spurious(make_guest):
+    g = await make_guest(Backing.PAGE_4K, 2 * MIB)
+    await g.vcpu.run(access(0x5000, AccessKind.WRITE))
+    await write_protect(g.vm, 5)
+    await g.vcpu.run(access(0x5000, AccessKind.READ))          # load the root, flush
+    error = PFERR_WRITE_MASK | PFERR_PRESENT_MASK
+    assert await fast_page_fault(g.vcpu, PageFault(0x5000, error)) is RetPf.FIXED
+    assert await fast_page_fault(g.vcpu, PageFault(0x5000, error)) is RetPf.SPURIOUS
+    assert g.vcpu.stats()["pf_fast"] == 2
+
+
+async def test_read_only_memory_is_left_to_the_slow_path(make_guest):
+    g = await make_guest(Backing.PAGE_4K, 2 * MIB, writable=False)
+    await g.vcpu.run(access(0x1000, AccessKind.READ))
+    leaf = g.vm.walk(0x1000)[-1]
+    assert not leaf.mmu_writable and not leaf.host_writable
+    error = PFERR_WRITE_MASK | PFERR_PRESENT_MASK
+    assert await fast_page_fault(g.vcpu, PageFault(0x1000, error)) is RetPf.INVALID
+    assert g.vcpu.stats()["pf_fast"] == 0
+
+
+async def test_access_tracked_sptes_are_restored_by_the_fast_path(make_guest):
+    g = await make_guest(Backing.PAGE_4K, 2 * MIB, ad_bits=False)
+    await g.vcpu.run(access(0x2000, AccessKind.WRITE))
+    await g.vm.clear_young(g.region.hva, g.region.hva + g.size)
+    assert S.is_access_track(g.vm.walk(0x2000)[-1].spte)
+    g.vm.flush_remote_tlbs()
+    fixed = g.vcpu.stats()["pf_fast"]
+    await g.vcpu.run(access(0x2000, AccessKind.READ))
+    leaf = g.vm.walk(0x2000)[-1]
+    assert leaf.readable and not S.is_access_track(leaf.spte)
+    assert g.vcpu.stats()["pf_fast"] == fixed + 1
+
+
+async def test_a_huge_leaf_in_a_dirty_logged_slot_is_not_fast_fixed(make_guest):
+    g = await make_guest(Backing.THP, 4 * MIB)
+    await g.vcpu.run(access(0x1000, AccessKind.READ))
+    async with g.vm.mmu_lock.write:
+        it = leaf_of(g.vm.tdp.tables, g.vcpu.root, 1)
+        assert it.level == 2
+        g.vm.tdp.iter_set_spte(it, it.old_spte & ~S.WRITABLE)
+    g.vm.memslot_sets[0].lookup(1).flags |= 1                    # logging, as seen by faults
+    error = PFERR_WRITE_MASK | PFERR_PRESENT_MASK
+    assert await fast_page_fault(g.vcpu, PageFault(0x1000, error)) is RetPf.INVALID
+
+
+async def test_the_vm_knob_turns_the_fast_path_off(make_guest):
+    g = await make_guest(Backing.PAGE_4K, 2 * MIB, fast_page_fault=False)
+    await g.vcpu.run(access(0x3000, AccessKind.WRITE))
+    await write_protect(g.vm, 3)
+    await g.vcpu.run(access(0x3000, AccessKind.WRITE))
+    stats = g.vcpu.stats()
+    assert stats["pf_fast"] == 0 and stats["pf_fixed"] == 2
+    assert g.vm.walk(0x3000)[-1].writable
+
+
+async def test_a_not_present_fault_with_ad_bits_goes_to_the_slow_path(make_guest):
+    g = await make_guest(Backing.PAGE_4K, 2 * MIB)
+    await g.vcpu.run(access(0x1000, AccessKind.READ))
+    stats = g.vcpu.stats()
+    assert stats["pf_fast"] == 0 and stats["pf_fixed"] == 1
