@@ -41,12 +41,13 @@ class HostRegion:
     """One VMA. `frames[level]` maps an hva frame number at that level to its base pfn;
     `swapped` maps a 4K page number (hva >> 12) to the contents it had when it left."""
 
-    __slots__ = ("hva", "size", "end", "backing", "frames", "split_2m", "swapped",
-                 "_prot_at", "_prot_writable")
+    __slots__ = ("hva", "size", "end", "backing", "page_level", "frames", "split_2m",
+                 "swapped", "_prot_at", "_prot_writable")
 
     def __init__(self, hva: int, size: int, backing: Backing, writable: bool) -> None:
         self.hva, self.size, self.end = hva, size, hva + size
         self.backing = backing
+        self.page_level = backing.page_level      # the largest host page it may use
         self.frames: dict[int, dict[int, int]] = {PG_LEVEL_4K: {}, PG_LEVEL_2M: {},
                                                    PG_LEVEL_1G: {}}
         self.split_2m: set[int] = set()
@@ -109,7 +110,7 @@ class HostRegion:
         """(first hva, size) of each huge frame the backing allows at hva, largest first,
         that lies wholly inside the region and is not split."""
         for level in _HUGE_LEVELS:
-            if self.backing.page_level < level:
+            if self.page_level < level:
                 continue
             shift = PAGE_SHIFT + level_shift(level)
             start = (hva >> shift) << shift

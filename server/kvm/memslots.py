@@ -14,8 +14,7 @@ import errno
 from dataclasses import dataclass
 
 from .errors import KvmError, einval
-from .types import (PAGE_SHIFT, PAGE_SIZE, level_shift,
-                    pages_per_level)
+from .types import PAGE_SHIFT, PAGE_SIZE
 
 __all__ = [
     "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "KVM_MEMSLOT_INVALID",
@@ -104,13 +103,15 @@ class Memslot:
         Disallowed for the first/last frame when the slot does not start/end on a frame
         boundary, and for every frame when gfn and hva are misaligned to each other.
         """
-        mask = pages_per_level(level) - 1
-        if (self.base_gfn ^ (self.userspace_addr >> PAGE_SHIFT)) & mask:
+        shift = (level - 1) * 9
+        mask = (1 << shift) - 1
+        base, end = self.base_gfn, self.base_gfn + self.npages
+        if (base ^ (self.userspace_addr >> PAGE_SHIFT)) & mask:
             return True
-        frame = gfn >> level_shift(level)
-        if frame == self.base_gfn >> level_shift(level) and self.base_gfn & mask:
+        frame = gfn >> shift
+        if frame == base >> shift and base & mask:
             return True
-        return frame == (self.end_gfn - 1) >> level_shift(level) and bool(self.end_gfn & mask)
+        return frame == (end - 1) >> shift and bool(end & mask)
 
     def info(self) -> MemslotInfo:
         return MemslotInfo(self.as_id, self.id, self.flags & ~KVM_MEMSLOT_INVALID,

@@ -113,7 +113,7 @@ async def faultin_pfn(vcpu: "Vcpu", fault: PageFault) -> RetPf:
         return RetPf.RETRY
     fault.hva = slot.gfn_to_hva(fault.gfn)
     await vm.sched.point("fault.hva_to_pfn")
-    fault.pfn, writable, _ = await vm.host.hva_to_pfn(fault.hva, fault.write)
+    fault.pfn, writable, fault.host_level = await vm.host.hva_to_pfn(fault.hva, fault.write)
     fault.map_writable = writable and not slot.readonly
     if check_retry and notifier.retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
         return RetPf.RETRY
@@ -123,12 +123,14 @@ async def faultin_pfn(vcpu: "Vcpu", fault: PageFault) -> RetPf:
 def hugepage_adjust(vcpu: "Vcpu", fault: PageFault) -> None:
     """Pick `goal_level`: memslot lpage rules, dirty logging and the host mapping level."""
     slot = fault.slot
-    if slot is None or fault.max_level == PG_LEVEL_4K or slot.dirty_logging:
+    if slot is None or fault.host_level == PG_LEVEL_4K or fault.max_level == PG_LEVEL_4K or \
+            slot.dirty_logging:
         return
-    level = min(fault.max_level, MAX_HUGEPAGE_LEVEL)
+    # The level the host maps hva at was read with the pfn; a change since would have moved
+    # mmu_invalidate_seq, and the fault has just checked it under mmu_lock.
+    level = min(fault.max_level, MAX_HUGEPAGE_LEVEL, fault.host_level)
     while level > PG_LEVEL_4K and slot.lpage_disallowed(fault.gfn, level):
         level -= 1
-    level = min(level, vcpu.vm.host.host_mapping_level(fault.hva))
     fault.req_level = level
     if level > PG_LEVEL_4K:
         fault.goal_level = level

@@ -34,7 +34,7 @@ class PageFault:
 
     __slots__ = ("addr", "error_code", "gfn", "write", "exec", "present", "rsvd", "prefetch",
                  "slot", "hva", "mmu_seq", "pfn", "map_writable", "max_level", "req_level",
-                 "goal_level", "as_id", "generation")
+                 "goal_level", "as_id", "generation", "host_level")
 
     def __init__(self, addr: int, error_code: int, as_id: int = 0,
                  prefetch: bool = False) -> None:
@@ -53,3 +53,4 @@ class PageFault:
         self.req_level = PG_LEVEL_4K
         self.goal_level = PG_LEVEL_4K
         self.generation = 0           # memslot generation, stamped into an MMIO SPTE
+        self.host_level = PG_LEVEL_4K  # the level the host maps the hva at

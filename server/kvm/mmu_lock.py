@@ -21,10 +21,14 @@ import collections
 import time
 from dataclasses import dataclass
 
-try:
-    from _asyncio import current_task          # the C implementation: no Python frame
-except ImportError:                            # pragma: no cover
-    from asyncio import current_task
+from asyncio.events import _get_running_loop
+from asyncio.tasks import _current_tasks
+
+
+def current_task() -> asyncio.Task | None:
+    """The running task: `asyncio.current_task` without its argument handling (this is
+    on every fault's path)."""
+    return _current_tasks.get(_get_running_loop())
 
 __all__ = ["MmuLock", "LockStatistics", "LockAssertion"]
 

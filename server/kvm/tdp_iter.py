@@ -81,23 +81,28 @@ class TdpIter:
                 return
 
     def _step_down(self) -> bool:
-        if self.level == self.min_level:
+        level = self.level
+        if level == self.min_level:
             return False
         spte = self.old_spte = self.read()
-        if not spte & MMU_PRESENT or spte & LARGE or self.level == PG_LEVEL_4K:
+        if not spte & MMU_PRESENT or spte & LARGE or level == PG_LEVEL_4K:
             return False
-        self.level -= 1
-        self.pt_path[self.level] = self.tables.child(spte_to_pfn(spte))
-        self.gfn = self._round(self.next_last_level_gfn, self.level)
-        self._load()
+        level = self.level = level - 1
+        child = self.pt_path[level] = self.tables.child(spte_to_pfn(spte))
+        shift = (level - 1) * 9
+        self.gfn = (self.next_last_level_gfn >> shift) << shift
+        index = self.index = (self.gfn >> shift) & (PT_ENTRIES - 1)
+        if child.freed:
+            raise UseAfterFree(f"read of freed {child!r} at index {index}")
+        self.old_spte = child.spt[index]
         return True
 
     def _step_side(self) -> bool:
-        if self.index == PT_ENTRIES - 1:
+        index = self.index
+        if index == PT_ENTRIES - 1:
             return False
-        self.gfn += 1 << ((self.level - 1) * 9)
-        self.next_last_level_gfn = self.gfn
-        self.index += 1
+        self.gfn = self.next_last_level_gfn = self.gfn + (1 << ((self.level - 1) * 9))
+        self.index = index + 1
         self.old_spte = self.read()
         return True
 

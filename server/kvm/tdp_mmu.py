@@ -110,9 +110,9 @@ class TdpMmu:
     def handle_changed_spte(self, as_id: int, gfn: int, old: int, new: int, level: int,
                             shared: bool) -> None:
         was_present, is_present = bool(old & S.MMU_PRESENT), bool(new & S.MMU_PRESENT)
-        was_leaf = was_present and S.is_last(old, level)
-        is_leaf = is_present and S.is_last(new, level)
-        if was_leaf and is_leaf and S.spte_to_pfn(old) != S.spte_to_pfn(new):
+        was_leaf = was_present and (level == PG_LEVEL_4K or bool(old & S.LARGE))
+        is_leaf = is_present and (level == PG_LEVEL_4K or bool(new & S.LARGE))
+        if was_leaf and is_leaf and (old ^ new) & S.BASE_ADDR_MASK:
             raise VmBugged(f"present leaf for gfn {gfn:#x} changed pfn {S.spte_to_pfn(old):#x}"
                            f" -> {S.spte_to_pfn(new):#x} without an invalidation")
         if is_leaf and not S.check_writable_invariants(new):
@@ -156,7 +156,8 @@ class TdpMmu:
     def map(self, fault: PageFault, root: MmuPage) -> RetPf:
         """`kvm_tdp_mmu_map`: walk to the goal level, linking or splitting tables."""
         self.mmu_lock.assert_held_read()
-        with self.rcu.read_lock():
+        token = self.rcu.enter()
+        try:
             it = None
             for it in TdpIter(self.tables, root, fault.gfn, fault.gfn + 1, fault.goal_level):
                 if S.is_frozen(it.old_spte):
@@ -181,6 +182,8 @@ class TdpMmu:
             if it is None or it.level != fault.goal_level:
                 return RetPf.RETRY
             return self._map_target_level(fault, it)
+        finally:
+            self.rcu.exit(token)
 
     def _map_target_level(self, fault: PageFault, it: TdpIter) -> RetPf:
         old = it.old_spte
