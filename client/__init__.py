@@ -12,10 +12,10 @@ from vmmu.client.errors import (Aborted, AlreadyExists, FailedPrecondition, Inte
                                 InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
                                 Unavailable, VmmuError)
 from vmmu.client.sync import Client, InvalidationHold, RunStream, TraceStream, Vcpu, Vm
-from vmmu.client.types import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Backing, Exit,
-                               ExitReason, Gpc, GpcState, HeldInvalidation, HoldState, HostRegion,
-                               Invalidations, Memslot, RunResult, Spte, TraceEvent, VcpuInfo,
-                               VmConfig, VmInfo)
+from vmmu.client.types import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Backing, DirtyGfn,
+                               Exit, ExitReason, Gpc, GpcState, HeldInvalidation, HoldState,
+                               HostRegion, Invalidations, Memslot, RunResult, Spte, TraceEvent,
+                               VcpuInfo, VmConfig, VmInfo)
 
 __all__ = [
     "Client", "Vm", "Vcpu", "RunStream", "InvalidationHold", "TraceStream",
@@ -27,4 +27,5 @@ __all__ = [
     "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "Backing", "ExitReason",
     "VmConfig", "VmInfo", "Spte", "HostRegion", "Memslot", "VcpuInfo", "Exit", "RunResult",
     "HoldState", "HeldInvalidation", "Invalidations", "TraceEvent", "GpcState", "Gpc",
+    "DirtyGfn",
 ]

@@ -19,9 +19,9 @@ from vmmu.client.batch import Batch
 from vmmu.client.types import (Backing, Exit, ExitReason, HeldInvalidation, HoldState,
                                HostRegion, Invalidations, Memslot, RunResult, Spte, TraceEvent,
                                VcpuInfo, VmConfig, VmInfo)
-from vmmu.v1 import (gpc_pb2_grpc, host_memory_pb2, host_memory_pb2_grpc, memslot_pb2,
-                     memslot_pb2_grpc, notifier_pb2, notifier_pb2_grpc, trace_pb2,
-                     trace_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc, vm_pb2, vm_pb2_grpc)
+from vmmu.v1 import (dirty_log_pb2_grpc, gpc_pb2_grpc, host_memory_pb2, host_memory_pb2_grpc,
+                     memslot_pb2, memslot_pb2_grpc, notifier_pb2, notifier_pb2_grpc,
+                     trace_pb2, trace_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc, vm_pb2, vm_pb2_grpc)
 
 __all__ = ["Call", "Stubs", "CHANNEL_OPTIONS"]
 
@@ -54,6 +54,7 @@ class Stubs:
         self.notifier = notifier_pb2_grpc.NotifierServiceStub(channel)
         self.trace = trace_pb2_grpc.TraceServiceStub(channel)
         self.gpc = gpc_pb2_grpc.GpcServiceStub(channel)
+        self.dirty_log = dirty_log_pb2_grpc.DirtyLogServiceStub(channel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +84,12 @@ def vm_info(m: vm_pb2.VmInfo) -> VmInfo:
                                   schedule_seed=c.schedule_seed if c.HasField("schedule_seed")
                                   else None,
                                   sanitizers=c.sanitizers, debug=frozenset(c.debug_knobs),
-                                  gpc_policy=c.gpc_policy),
+                                  gpc_policy=c.gpc_policy,
+                                  eager_page_split=c.eager_page_split,
+                                  manual_dirty_log_protect=c.manual_dirty_log_protect,
+                                  dirty_ring_size=c.dirty_ring_size,
+                                  dirty_ring_with_bitmap=c.dirty_ring_with_bitmap,
+                                  fast_page_fault=c.fast_page_fault),
                   nr_vcpus=m.nr_vcpus, nr_memslots=m.nr_memslots,
                   nr_host_regions=m.nr_host_regions, dead=m.dead)
 
@@ -123,10 +129,17 @@ def run_result(m: vcpu_pb2.RunResult) -> RunResult:
 
 def create_vm(max_vcpus: int, tdp_levels: int, ad_bits: bool, name: str,
               schedule_seed: int | None, sanitizers: bool | None, debug: Iterable[str],
-              gpc_policy: str) -> Call[VmInfo]:
+              gpc_policy: str, eager_page_split: bool, manual_dirty_log_protect: int,
+              dirty_ring_size: int, dirty_ring_with_bitmap: bool,
+              fast_page_fault: bool) -> Call[VmInfo]:
     config = vm_pb2.VmConfig(max_vcpus=max_vcpus, tdp_levels=tdp_levels, ad_bits=ad_bits,
                              name=name, schedule_seed=schedule_seed, sanitizers=sanitizers,
-                             debug_knobs=sorted(debug), gpc_policy=gpc_policy)
+                             debug_knobs=sorted(debug), gpc_policy=gpc_policy,
+                             eager_page_split=eager_page_split,
+                             manual_dirty_log_protect=manual_dirty_log_protect,
+                             dirty_ring_size=dirty_ring_size,
+                             dirty_ring_with_bitmap=dirty_ring_with_bitmap,
+                             fast_page_fault=fast_page_fault)
     return Call("vm", "CreateVm", vm_pb2.CreateVmRequest(config=config),
                 lambda r: vm_info(r.vm))
 

@@ -21,11 +21,12 @@ from typing import Any, TypeVar
 
 import grpc
 
-from vmmu.client import _base, _gpc
+from vmmu.client import _base, _dirty_log, _gpc
 from vmmu.client.batch import Batch
 from vmmu.client.errors import VmmuError, error_from_rpc
-from vmmu.client.types import (Backing, Gpc, HeldInvalidation, HostRegion, Invalidations,
-                               Memslot, RunResult, Spte, TraceEvent, VcpuInfo, VmInfo)
+from vmmu.client.types import (Backing, DirtyGfn, Gpc, HeldInvalidation, HostRegion,
+                               Invalidations, Memslot, RunResult, Spte, TraceEvent, VcpuInfo,
+                               VmInfo)
 
 __all__ = ["Client", "Vm", "Vcpu", "RunStream", "InvalidationHold", "TraceStream"]
 
@@ -59,12 +60,23 @@ class Client:
     def create_vm(self, *, max_vcpus: int = 8, tdp_levels: int = 4, ad_bits: bool = True,
                   name: str = "", schedule_seed: int | None = None,
                   sanitizers: bool | None = None, debug: Iterable[str] = (),
-                  gpc_policy: str = "global") -> Vm:
+                  gpc_policy: str = "global", eager_page_split: bool = True,
+                  manual_dirty_log_protect: int = 0, dirty_ring_size: int = 0,
+                  dirty_ring_with_bitmap: bool = False, fast_page_fault: bool = True) -> Vm:
         """Create a VM. `sanitizers` None keeps the server's default; `debug` names debug
         knobs to switch protections off; `gpc_policy` ("global" or "range") says which
-        invalidations make a gfn-to-pfn cache refresh retry."""
+        invalidations make a gfn-to-pfn cache refresh retry. Dirty logging:
+        `eager_page_split` splits huge pages when a slot starts logging (else at their
+        next write); `manual_dirty_log_protect` (1 ENABLE, 3 ENABLE | INITIALLY_SET)
+        makes get_dirty_log leave bits for clear_dirty_log; `dirty_ring_size` gives each
+        vCPU a dirty ring of that many bytes, with memslot bitmaps only if
+        `dirty_ring_with_bitmap`; `fast_page_fault` False sends every fault down the
+        slow path."""
         info = self._invoke(_base.create_vm(max_vcpus, tdp_levels, ad_bits, name,
-                                            schedule_seed, sanitizers, debug, gpc_policy))
+                                            schedule_seed, sanitizers, debug, gpc_policy,
+                                            eager_page_split, manual_dirty_log_protect,
+                                            dirty_ring_size, dirty_ring_with_bitmap,
+                                            fast_page_fault))
         return Vm(self, info.id)
 
     def vm(self, vm_id: int) -> Vm:
@@ -219,6 +231,27 @@ class Vm:
 
     def gpcs(self) -> list[Gpc]:
         return self._client._invoke(_gpc.gpcs(self.id))
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        """KVM_GET_DIRTY_LOG of `slot` (as_id << 16 | id): one bit per page, LSB first.
+        Without manual protect the reported pages are cleared and write-protected again."""
+        return self._client._invoke(_dirty_log.get_dirty_log(self.id, slot))
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
+                        bitmap: bytes) -> int:
+        """KVM_CLEAR_DIRTY_LOG: clear the bits of `bitmap` (bit i: page first_page + i) and
+        write-protect those pages again; returns the pages whose bit was set."""
+        return self._client._invoke(_dirty_log.clear_dirty_log(
+            self.id, slot, first_page, num_pages, bitmap))
+
+    def harvest_dirty_ring(self, vcpu_id: int) -> list[DirtyGfn]:
+        """The entries the vCPU's dirty ring published since the last harvest, oldest
+        first; the next reset_dirty_rings recycles them."""
+        return self._client._invoke(_dirty_log.harvest_dirty_ring(self.id, vcpu_id))
+
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: recycle every harvested entry; returns how many."""
+        return self._client._invoke(_dirty_log.reset_dirty_rings(self.id))
 
 
 class Vcpu:

@@ -14,7 +14,7 @@ __all__ = [
     "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY",
     "Backing", "ExitReason", "HoldState",
     "VmConfig", "VmInfo", "Spte", "HostRegion", "Memslot", "VcpuInfo", "Exit", "RunResult",
-    "HeldInvalidation", "Invalidations", "TraceEvent", "GpcState", "Gpc",
+    "HeldInvalidation", "Invalidations", "TraceEvent", "GpcState", "Gpc", "DirtyGfn",
 ]
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
@@ -36,6 +36,7 @@ class ExitReason(enum.Enum):
     MMIO = "mmio"
     MEMORY_FAULT = "memory_fault"
     INTERNAL_ERROR = "internal_error"
+    DIRTY_RING_FULL = "dirty_ring_full"
 
 
 class HoldState(enum.Enum):
@@ -51,7 +52,10 @@ class HoldState(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class VmConfig:
     """`schedule_seed` None: no deterministic schedule; `debug`: the debug knobs on;
-    `gpc_policy`: what makes a gfn-to-pfn cache refresh retry, "global" or "range"."""
+    `gpc_policy`: what makes a gfn-to-pfn cache refresh retry, "global" or "range";
+    dirty logging: `eager_page_split`, `manual_dirty_log_protect` (bits 1 ENABLE, 2
+    INITIALLY_SET), `dirty_ring_size` (bytes per vCPU, 0: bitmaps only),
+    `dirty_ring_with_bitmap`; `fast_page_fault`."""
 
     max_vcpus: int
     tdp_levels: int
@@ -61,6 +65,11 @@ class VmConfig:
     sanitizers: bool
     debug: frozenset[str]
     gpc_policy: str = "global"
+    eager_page_split: bool = True
+    manual_dirty_log_protect: int = 0
+    dirty_ring_size: int = 0
+    dirty_ring_with_bitmap: bool = False
+    fast_page_fault: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,3 +219,12 @@ class Gpc:
     refreshes: int
     retries: int
     wait_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class DirtyGfn:
+    """One dirty ring entry: page `offset` (in pages from the slot's first gfn) of memslot
+    `slot` (`as_id << 16 | id`)."""
+
+    slot: int
+    offset: int

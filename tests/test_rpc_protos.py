@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from vmmu.v1 import (gpc_pb2, host_memory_pb2, memslot_pb2, notifier_pb2, trace_pb2, vcpu_pb2,
-                     vm_pb2)
+from vmmu.v1 import (dirty_log_pb2, gpc_pb2, host_memory_pb2, memslot_pb2, notifier_pb2,
+                     trace_pb2, vcpu_pb2, vm_pb2)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_FILES = sorted((ROOT / "protos" / "vmmu" / "v1").glob("*.proto"))
-MODULES = [vm_pb2, host_memory_pb2, memslot_pb2, vcpu_pb2, notifier_pb2, trace_pb2, gpc_pb2]
+MODULES = [vm_pb2, host_memory_pb2, memslot_pb2, vcpu_pb2, notifier_pb2, trace_pb2, gpc_pb2,
+           dirty_log_pb2]
 
 
 def test_generated_code_is_up_to_date():

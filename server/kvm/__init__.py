@@ -4,6 +4,8 @@ See docs/model-api.md for the surface and docs/design.md for how the parts fit.
 """
 
 from .batch import OP_WITH_DATA, AccessBatch, make_op
+from .dirty_log import KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+from .dirty_ring import DirtyGfn
 from .errors import KvmError, NoSuchObject, VmBugged
 from .held import HeldInvalidationInfo, HoldState
 from .host_mm import HostRegionInfo
@@ -20,4 +22,5 @@ __all__ = [
     "HostRegionInfo", "MemslotInfo", "KvmError", "NoSuchObject", "VmBugged",
     "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "KVM_USER_MEM_SLOTS",
     "HoldState", "HeldInvalidationInfo", "Subscription", "TraceEvent",
+    "DirtyGfn", "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE", "KVM_DIRTY_LOG_INITIALLY_SET",
 ]

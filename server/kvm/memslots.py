@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import enum
 import errno
+from array import array
 from dataclasses import dataclass
 
 from .errors import KvmError, einval
@@ -53,15 +54,22 @@ class MemslotInfo:
 
 
 class Memslot:
-    """One `kvm_memory_slot`. Replaced, never edited, by a memslot update."""
+    """One `kvm_memory_slot`. Replaced, never edited, by a memslot update.
 
-    __slots__ = ("as_id", "id", "base_gfn", "npages", "userspace_addr", "flags")
+    `dirty_bitmap` (one bit per page, 64 to a word, bit i of word j for page 64j + i) is
+    the exception: its words change in place, and a MOVE or FLAGS_ONLY update hands the
+    same array to the new slot while logging stays on (dirty_log.py).
+    """
+
+    __slots__ = ("as_id", "id", "base_gfn", "npages", "userspace_addr", "flags",
+                 "dirty_bitmap")
 
     def __init__(self, as_id: int, id: int, base_gfn: int, npages: int,
-                 userspace_addr: int, flags: int) -> None:
+                 userspace_addr: int, flags: int, dirty_bitmap: array | None = None) -> None:
         self.as_id, self.id = as_id, id
         self.base_gfn, self.npages = base_gfn, npages
         self.userspace_addr, self.flags = userspace_addr, flags
+        self.dirty_bitmap = dirty_bitmap
 
     def copy(self, **changes) -> "Memslot":
         fields = {k: getattr(self, k) for k in self.__slots__}

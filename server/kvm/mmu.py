@@ -73,6 +73,17 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
         r = await fast_page_fault(vcpu, fault)
         if r is not RetPf.INVALID:
             return r
+    # The memslot the fault looks up must not change under it until its SPTE is in and the
+    # page marked dirty: the read-side section stands in for KVM's SRCU (kvm->srcu).
+    token = vm.rcu.enter()
+    try:
+        return await _slow_page_fault(vcpu, fault)
+    finally:
+        vm.rcu.exit(token)
+
+
+async def _slow_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
+    vm = vcpu.vm
     r = await faultin_pfn(vcpu, fault)
     if r is not RetPf.CONTINUE:
         return r
@@ -90,6 +101,8 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
         r = vm.tdp.map(fault, vcpu.root)
         if r is RetPf.EMULATE:
             vcpu.stat.pf_mmio_spte_created += 1
+        elif r is RetPf.FIXED and fault.map_writable and fault.slot.dirty_logging:
+            vm.mark_page_dirty(fault.slot, fault.gfn, vcpu)   # a writable SPTE was created
         return r
 
 

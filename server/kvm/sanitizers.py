@@ -9,6 +9,12 @@
 - `stale-gpc`: a valid gfn-to-pfn cache, whenever it is used or a refresh has just made
   it valid, maps the pfn the host maps at its uhva now, and no invalidation in flight
   (from the top of invalidate_range_start to the bottom of _end) covers its page;
+- `no-lost-dirty-page`: every guest write to a dirty-logged slot appears in the next harvest
+  that covers its page (GET_DIRTY_LOG, CLEAR_DIRTY_LOG, a dirty ring harvest or reset):
+  from the write until that harvest the page stays recorded, by its bit in the slot's
+  bitmap or by an entry in a vCPU's dirty ring that no reset has recycled. The vCPU
+  reports each completed write (`guest_wrote`); a slot is watched from the moment
+  enabling its log has returned until logging goes off;
 - use-after-free of page-table pages is caught where tables are read (`UseAfterFree`);
 - lock contracts are asserted by `MmuLock` wherever they are stated.
 
@@ -24,14 +30,16 @@ from .errors import VmBugged
 from .types import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, pages_per_level
 
 if TYPE_CHECKING:
+    from .memslots import Memslot
     from .vm import Vm
 
 __all__ = ["Sanitizers", "SanitizerViolation", "STALE_TRANSLATION", "NO_NEW_MAPPING",
-           "STALE_GPC"]
+           "STALE_GPC", "NO_LOST_DIRTY_PAGE"]
 
 STALE_TRANSLATION = "stale-translation"
 NO_NEW_MAPPING = "no-new-mapping-during-invalidation"
 STALE_GPC = "stale-gpc"
+NO_LOST_DIRTY_PAGE = "no-lost-dirty-page"
 
 
 class SanitizerViolation(VmBugged):
@@ -48,6 +56,10 @@ class Sanitizers:
         self.accesses_checked = 0
         self.mappings_checked = 0
         self.gpcs_checked = 0
+        # Dirty-logged slot (as_id << 16 | id) -> offsets of the pages the guest wrote
+        # since their dirtiness was last harvested.
+        self.dirty_written: dict[int, set[int]] = {}
+        self.dirty_pages_checked = 0
 
     # -- invalidation windows (called under mmu_lock held for write) -------------------
 
@@ -62,7 +74,7 @@ class Sanitizers:
 
     # -- the oracles -------------------------------------------------------------------
 
-    def check_access(self, gfn: int, pfn: int) -> None:
+    def check_access(self, gfn: int, pfn: int, write: bool) -> None:
         """A vCPU completed an access to gfn through pfn."""
         self.accesses_checked += 1
         slot = self.vm.memslot_sets[0].lookup(gfn)
@@ -78,6 +90,8 @@ class Sanitizers:
             host = "nothing" if current is None else f"pfn {current:#x}"
             self.violation(STALE_TRANSLATION, gfn, f"access through pfn {pfn:#x}, but the "
                            f"host maps {host} at hva {hva:#x}")
+        if write and slot.dirty_logging:
+            self.guest_wrote(slot, gfn)
 
     def check_new_mapping(self, as_id: int, gfn: int, level: int) -> None:
         """A leaf SPTE for [gfn, gfn + pages at level) was just made present."""
@@ -102,6 +116,57 @@ class Sanitizers:
             host = "nothing" if current is None else f"pfn {current:#x}"
             self.violation(STALE_GPC, gpa >> PAGE_SHIFT, f"gpc {gpc_id} is valid with pfn "
                            f"{pfn:#x}, but the host maps {host} at hva {uhva:#x}")
+
+    # -- no lost dirty page (dirty_log.py) ---------------------------------------------
+
+    def guest_wrote(self, slot: "Memslot", gfn: int) -> None:
+        """A vCPU completed a guest write to gfn of `slot`."""
+        written = self.dirty_written.get(slot.as_id << 16 | slot.id)
+        if written is not None:
+            written.add(gfn - slot.base_gfn)
+
+    def dirty_log_watch(self, slot_key: int, on: bool) -> None:
+        """Watch the slot from now on (enabling its log has returned: every SPTE is
+        write-protected and TLBs flushed, or the bitmap is all ones), or stop (logging
+        off, slot deleted)."""
+        if on:
+            self.dirty_written[slot_key] = set()
+        else:
+            self.dirty_written.pop(slot_key, None)
+
+    def check_dirty_recorded(self, slot_key: int | None = None) -> None:
+        """At a harvest: every page of the slot (None: of every watched slot) written
+        since its dirtiness was last harvested is still recorded, by its bit in the
+        slot's bitmap or by a dirty ring entry that no reset has recycled."""
+        keys = list(self.dirty_written) if slot_key is None else [slot_key]
+        in_rings = None
+        for key in keys:
+            written = self.dirty_written.get(key)
+            if not written:
+                continue
+            if in_rings is None:
+                in_rings = {(entry.slot, entry.offset) for vcpu in self.vm.vcpus()
+                            if vcpu.dirty_ring is not None
+                            for entry in vcpu.dirty_ring.outstanding()}
+            slot = self.vm.memslot_sets[key >> 16].by_id.get(key & 0xFFFF)
+            bitmap = slot.dirty_bitmap if slot is not None else None
+            self.dirty_pages_checked += len(written)
+            for offset in sorted(written):
+                if bitmap is not None and bitmap[offset >> 6] >> (offset & 63) & 1:
+                    continue
+                if (key, offset) in in_rings:
+                    continue
+                self.violation(NO_LOST_DIRTY_PAGE, (slot.base_gfn if slot else 0) + offset,
+                               f"the guest wrote page {offset} of slot {key >> 16}:"
+                               f"{key & 0xFFFF} after its last harvest, and neither the "
+                               "dirty bitmap nor a dirty ring records it")
+
+    def dirty_pages_harvested(self, slot_key: int, offsets) -> None:
+        """Userspace now holds these pages of the slot as dirty and copies them after
+        this harvest returns: the writes made to them so far are accounted for."""
+        written = self.dirty_written.get(slot_key)
+        if written:
+            written.difference_update(offsets)
 
     def violation(self, oracle: str, gfn: int, detail: str) -> None:
         raise SanitizerViolation(oracle, gfn, detail, self.vm.sched.describe_trace())

@@ -23,7 +23,8 @@ __all__ = [
     "is_shadow_present", "is_large", "is_last", "is_leaf_present", "is_frozen",
     "is_mmio", "is_writable", "is_mmu_writable", "is_host_writable", "is_accessed",
     "is_dirty", "is_access_track", "ad_disabled", "spte_to_pfn",
-    "make_nonleaf", "make_leaf", "make_mmio", "make_small", "mmio_gfn", "mmio_generation",
+    "make_nonleaf", "make_leaf", "make_mmio", "make_small", "make_huge", "mmio_gfn",
+    "mmio_generation",
     "mark_for_access_track", "restore_access_track", "needs_atomic_update",
     "leaf_change_needs_tlb_flush", "check_writable_invariants", "describe",
 ]
@@ -172,6 +173,14 @@ def make_small(huge: int, huge_level: int, index: int) -> int:
     if child_level == PG_LEVEL_4K:
         spte &= ~LARGE
     return spte
+
+
+def make_huge(small: int, level: int) -> int:
+    """A `level` leaf built from any leaf below it (huge page recovery): same bits, large
+    set, pfn aligned down to the huge frame."""
+    frame_mask = (1 << ((level - 1) * 9)) - 1
+    pfn = spte_to_pfn(small) & ~frame_mask
+    return (small & ~BASE_ADDR_MASK) | LARGE | (pfn << 12)
 
 
 def mark_for_access_track(spte: int) -> int:

@@ -11,7 +11,7 @@ flush return `flush` and leave it to the caller, who flushes before dropping mmu
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import spte as S
 from .errors import VmBugged
@@ -22,9 +22,13 @@ from .rcu import Rcu
 from .stats import VmStats
 from .tdp_iter import TdpIter
 from .trace import Tracer
-from .types import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, PT_ENTRIES, pages_per_level
+from .types import (MAX_HUGEPAGE_LEVEL, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, PT_ENTRIES,
+                    pages_per_level)
 
-__all__ = ["TdpMmu"]
+if TYPE_CHECKING:
+    from .memslots import Memslot
+
+__all__ = ["TdpMmu", "max_mapping_level"]
 
 _PAGE_STAT = {PG_LEVEL_4K: "pages_4k", PG_LEVEL_2M: "pages_2m", PG_LEVEL_1G: "pages_1g"}
 
@@ -266,6 +270,190 @@ class TdpMmu:
             return [(it.level, it.gfn, it.index, it.old_spte)
                     for it in TdpIter(self.tables, root, gfn, gfn + 1)]
 
+    # -- dirty logging: write-protection, eager split, huge page recovery -----------
+
+    def _valid_roots(self, as_id: int) -> list[MmuPage]:
+        return [root for root in self.roots if root.as_id == as_id and not root.invalid]
+
+    def _each_valid_root(self, as_id: int):
+        """`for_each_valid_tdp_mmu_root_yield_safe`: every root of `as_id` still valid when
+        its turn comes, referenced while the caller walks it (a walk that yields may see
+        it invalidated, never freed)."""
+        for root in [r for r in self.roots if r.as_id == as_id]:
+            if root.invalid:
+                continue
+            root.root_refs += 1
+            try:
+                yield root
+            finally:
+                self.put_root(root)
+
+    async def wrprot_slot(self, slot: "Memslot", min_level: int) -> bool:
+        """`kvm_tdp_mmu_wrprot_slot` (mmu_lock held for read): clear W on every present
+        leaf of the slot at or above `min_level`. MMU-writable stays, so the fast page
+        fault may give W back (and mark the page dirty). Returns whether a TLB flush is
+        needed; the caller flushes."""
+        self.mmu_lock.assert_held_read()
+        flush = False
+        for root in self._each_valid_root(slot.as_id):
+            with _YieldingWalk(self, shared=True) as walk:
+                for it in TdpIter(self.tables, root, slot.base_gfn, slot.end_gfn, min_level):
+                    if walk.need_resched(it):
+                        await walk.cond_resched(it, False)
+                        continue
+                    while S.is_leaf_present(it.old_spte, it.level) and \
+                            S.is_writable(it.old_spte):
+                        if self.set_spte_atomic(it, it.old_spte & ~S.WRITABLE):
+                            flush = True
+                            break
+        return flush
+
+    def clear_dirty_pt_masked(self, slot: "Memslot", gfn: int, mask: int) -> int:
+        """`kvm_tdp_mmu_clear_dirty_pt_masked` in write-protect mode (no PML; mmu_lock held
+        for write): clear W on the 4K leaf of `gfn + i` for every bit i of `mask`; huge
+        leaves are left alone. Returns the SPTEs write-protected; the caller flushes."""
+        self.mmu_lock.assert_held_write()
+        done = 0
+        first = gfn + (mask & -mask).bit_length() - 1
+        with self.rcu.read_lock():
+            for root in self._valid_roots(slot.as_id):
+                left = mask
+                for it in TdpIter(self.tables, root, first, gfn + 64):
+                    if not left:
+                        break
+                    if it.level != PG_LEVEL_4K or not S.is_leaf_present(it.old_spte, it.level):
+                        continue
+                    bit = 1 << (it.gfn - gfn)
+                    if not left & bit:
+                        continue
+                    left &= ~bit
+                    if S.is_writable(it.old_spte):
+                        self.iter_set_spte(it, it.old_spte & ~S.WRITABLE)
+                        done += 1
+        return done
+
+    def write_protect_gfn(self, slot: "Memslot", gfn: int, min_level: int) -> bool:
+        """`kvm_tdp_mmu_write_protect_gfn` (mmu_lock held for write): clear W and
+        MMU-writable on the leaf at or above `min_level` that maps gfn, so that the next
+        write takes the slow path. Returns whether anything changed; the caller flushes."""
+        self.mmu_lock.assert_held_write()
+        changed = False
+        with self.rcu.read_lock():
+            for root in self._valid_roots(slot.as_id):
+                for it in TdpIter(self.tables, root, gfn, gfn + 1, min_level):
+                    if not S.is_leaf_present(it.old_spte, it.level):
+                        continue
+                    new = it.old_spte & ~(S.WRITABLE | S.MMU_WRITABLE)
+                    if new != it.old_spte:
+                        self.iter_set_spte(it, new)
+                        changed = True
+                    break
+        return changed
+
+    async def try_split_huge_pages(self, slot: "Memslot", start: int, end: int,
+                                   target_level: int) -> int:
+        """`kvm_tdp_mmu_try_split_huge_pages` (mmu_lock held for read): eager page
+        splitting of [start, end) in the slot's address space down to `target_level`. The
+        walk visits a new table before its entries, so a 1G leaf ends as 4K leaves too.
+        Children keep the huge leaf's bits: no flush. Returns the huge leaves split."""
+        self.mmu_lock.assert_held_read()
+        split = 0
+        for root in self._each_valid_root(slot.as_id):
+            with _YieldingWalk(self, shared=True) as walk:
+                for it in TdpIter(self.tables, root, start, end, target_level + 1):
+                    if walk.need_resched(it):
+                        await walk.cond_resched(it, False)
+                        continue
+                    split += self._split_huge_leaf(it, root.as_id, shared=True)
+        return split
+
+    def split_huge_pages_locked(self, slot: "Memslot", start: int, end: int,
+                                target_level: int) -> int:
+        """The same with mmu_lock held for write, for the short ranges of a masked
+        re-protection (64 pages at most): it never yields."""
+        self.mmu_lock.assert_held_write()
+        split = 0
+        with self.rcu.read_lock():
+            for root in self._valid_roots(slot.as_id):
+                for it in TdpIter(self.tables, root, start, end, target_level + 1):
+                    split += self._split_huge_leaf(it, root.as_id, shared=False)
+        return split
+
+    def _split_huge_leaf(self, it: TdpIter, as_id: int, shared: bool) -> int:
+        """`tdp_mmu_split_huge_page`: link a table of 512 children in place of the huge
+        leaf at `it`. 1 if split, 0 if `it` holds no huge leaf (any more)."""
+        while it.level > PG_LEVEL_4K and S.is_leaf_present(it.old_spte, it.level):
+            huge = it.old_spte
+            sp = self.tables.alloc(it.level - 1, it.gfn, as_id)
+            for i in range(PT_ENTRIES):
+                sp.spt[i] = S.make_small(huge, it.level, i)
+            table = S.make_nonleaf(sp.pfn, self.ad_enabled)
+            if not shared:
+                self.iter_set_spte(it, table)
+            elif not self.set_spte_atomic(it, table):
+                self.tables.free(sp)             # another task changed it: look again
+                continue
+            self.stat.tdp_mmu_pages += 1
+            stat = _PAGE_STAT[it.level - 1]
+            setattr(self.stat, stat, getattr(self.stat, stat) + PT_ENTRIES)
+            if self.tracer.on:
+                self.tracer.emit("kvm_mmu_split_huge_page", gfn=it.gfn, level=it.level)
+            return 1
+        return 0
+
+    async def recover_huge_pages(self, slot: "Memslot",
+                                 host_mapping_level: Callable[[int], int]) -> int:
+        """`kvm_tdp_mmu_recover_huge_pages` (mmu_lock held for read; dirty logging was
+        turned off): a table at 2M or 1G whose range starts inside the slot, at a level
+        `max_mapping_level` allows, is replaced by a huge leaf made from any leaf below
+        it; `handle_changed_spte` tears the table down. Flushes TLBs if anything changed;
+        returns the huge leaves made."""
+        self.mmu_lock.assert_held_read()
+        start, end = slot.base_gfn, slot.end_gfn
+        made = 0
+        for root in self._each_valid_root(slot.as_id):
+            flush = False
+            with _YieldingWalk(self, shared=True) as walk:
+                for it in TdpIter(self.tables, root, start, end, PG_LEVEL_2M):
+                    if walk.need_resched(it):
+                        await walk.cond_resched(it, flush)
+                        flush = False
+                        continue
+                    while it.level <= MAX_HUGEPAGE_LEVEL and start <= it.gfn < end and \
+                            S.is_shadow_present(it.old_spte) and \
+                            not S.is_last(it.old_spte, it.level) and \
+                            max_mapping_level(slot, it.gfn, host_mapping_level) >= it.level:
+                        huge = self._make_huge_spte(it)
+                        if huge is None:
+                            break
+                        if self.set_spte_atomic(it, huge):
+                            flush = True
+                            made += 1
+                            break
+            if flush:
+                self.flush_remote_tlbs()
+        return made
+
+    def _make_huge_spte(self, it: TdpIter) -> int | None:
+        """`kvm_tdp_mmu_make_huge_spte`: a huge leaf at `it.level` from the first present
+        leaf under the table at `it`; None if the table maps nothing."""
+        child = self.tables.child(S.spte_to_pfn(it.old_spte))
+        for sub in TdpIter(self.tables, child, it.gfn, it.gfn + pages_per_level(it.level)):
+            if S.is_leaf_present(sub.old_spte, sub.level):
+                return S.make_huge(sub.old_spte, it.level)
+        return None
+
+
+def max_mapping_level(slot: "Memslot", gfn: int, host_mapping_level: Callable[[int], int]
+                      ) -> int:
+    """`kvm_mmu_max_mapping_level`: the largest leaf the memslot's lpage rules and the host
+    mapping of gfn's hva allow."""
+    level = MAX_HUGEPAGE_LEVEL
+    while level > PG_LEVEL_4K and slot.lpage_disallowed(gfn, level):
+        level -= 1
+    if level == PG_LEVEL_4K:
+        return level
+    return min(level, host_mapping_level(slot.gfn_to_hva(gfn)))
 
 def _access_allowed(fault: PageFault, spte: int) -> bool:
     if fault.exec:

@@ -50,6 +50,7 @@ class ExitReason(enum.Enum):
     MMIO = "mmio"
     MEMORY_FAULT = "memory_fault"
     INTERNAL_ERROR = "internal_error"
+    DIRTY_RING_FULL = "dirty_ring_full"   # harvest and reset the ring, then run again
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Vcpu:
         self.tlb: dict[int, int] = {}
         self.requests = 0
         self.root = None
+        self.dirty_ring = None            # set by the VM when it logs dirty pages in rings
         self.stat = VcpuStats()
         self._running = False
         self._batch: AccessBatch | None = None
@@ -169,6 +171,8 @@ class Vcpu:
         while True:
             if self.requests or self.root is None:
                 await self._enter_guest()
+            if self.dirty_ring is not None and self.dirty_ring.soft_full():
+                return self._dirty_ring_full_exit()
             start = self._pos
             i = self._pos = self._execute(start)
             stats.accesses += i - start
@@ -198,6 +202,13 @@ class Vcpu:
                 else:
                     await asyncio.sleep(0)          # let the zap or the other fault move on
             self.vm.check_alive()
+
+    def _dirty_ring_full_exit(self) -> RunResult:
+        """KVM_EXIT_DIRTY_RING_FULL: the vCPU may not run until the ring is reset."""
+        self.stat.exits += 1
+        if self.vm.tracer.on:
+            self.vm.tracer.emit("kvm_dirty_ring_exit", vcpu=self.id)
+        return self._result(Exit(ExitReason.DIRTY_RING_FULL))
 
     def _mmio_exit(self, i: int) -> RunResult:
         batch = self._batch
@@ -276,7 +287,7 @@ class Vcpu:
                 if pfn is None:
                     return i
             if check is not None:
-                check(gpas[i] >> 12, pfn)
+                check(gpas[i] >> 12, pfn, op & OP_KIND_MASK == AccessKind.WRITE)
             if op & OP_WITH_DATA:
                 self._move_data(pfn, gpas[i] & (PAGE_SIZE - 1), op)
             i += 1

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
-from . import aging, host_ops
+from . import aging, dirty_log, host_ops
 from . import spte as S
+from .dirty_ring import DIRTY_GFN_BYTES, DirtyGfn, DirtyRing, check_ring_size
 from .errors import KvmError, NoSuchObject, VmBugged, einval
 from .gpc import GPC_POLICIES, Gpcs
 from .held import HeldInvalidation, HeldInvalidationInfo, HeldInvalidations, HoldState
@@ -70,6 +71,14 @@ class VmConfig:
     debug: frozenset[str] = frozenset()  # protections switched off (DEBUG_KNOBS)
     gpc_policy: str = "global"   # what makes GPC refresh retry: "global" or "range" (gpc.py)
     fast_page_fault: bool = True  # fix write-protection and access tracking without mmu_lock
+    # Dirty logging (dirty_log.py): split huge pages when logging is enabled (KVM's
+    # eager_page_split); KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 bits (1 ENABLE, 2 INITIALLY_SET);
+    # per-vCPU dirty rings of this many bytes (0: none, KVM_CAP_DIRTY_LOG_RING), with a
+    # bitmap beside them (KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP) for writes without a vCPU.
+    eager_page_split: bool = True
+    manual_dirty_log_protect: int = 0
+    dirty_ring_size: int = 0
+    dirty_ring_with_bitmap: bool = False
 
     def validate(self) -> None:
         if not 1 <= self.max_vcpus <= KVM_MAX_VCPUS:
@@ -84,6 +93,11 @@ class VmConfig:
         if self.gpc_policy not in GPC_POLICIES:
             raise einval(f"gpc_policy {self.gpc_policy!r} is not one of "
                          f"{', '.join(GPC_POLICIES)}")
+        dirty_log.check_manual_protect(self.manual_dirty_log_protect)
+        if self.dirty_ring_size:
+            check_ring_size(self.dirty_ring_size)
+        elif self.dirty_ring_with_bitmap:
+            raise einval("dirty_ring_with_bitmap needs a dirty ring (dirty_ring_size)")
 
     @property
     def gpa_bits(self) -> int:
@@ -231,7 +245,10 @@ class Vm:
                 await self._publish(old, invalid)
                 await self._zap_all_fast()
                 old = invalid
+            dirty_log.prepare_memslot(self, old, new)
             await self._publish(old, new)
+            with self._dies_on_bug():
+                await dirty_log.commit_memslot(self, change, old, new)
 
     async def _publish(self, old: Memslot | None, new: Memslot | None) -> None:
         """`kvm_swap_active_memslots`: wait out MMU-notifier invalidations, then swap."""
@@ -289,6 +306,8 @@ class Vm:
         if vcpu_id in self._vcpus:
             raise KvmError(errno.EEXIST, f"vCPU {vcpu_id} exists")
         vcpu = self._vcpus[vcpu_id] = Vcpu(self, vcpu_id)
+        ring_size = self.config.dirty_ring_size
+        vcpu.dirty_ring = DirtyRing(ring_size // DIRTY_GFN_BYTES) if ring_size else None
         return vcpu
 
     def vcpu(self, vcpu_id: int) -> Vcpu:
@@ -312,9 +331,53 @@ class Vm:
             self.stat.remote_tlb_flush += 1
 
     def mark_page_dirty(self, slot: Memslot, gfn: int, vcpu: Vcpu | None = None) -> None:
-        """`mark_page_dirty_in_slot`: KVM's own write to a guest page (a GPC user's)
-        dirties it in the slot's dirty log. The dirty log is not modelled yet: this hook
-        is where it will record the page."""
+        """`mark_page_dirty_in_slot`: record gfn as dirty if the slot logs: in the ring of
+        `vcpu` (the vCPU that dirtied it) when the VM has dirty rings, else in the slot's
+        bitmap. Callers: a writable SPTE created in the slot, the fast page fault setting
+        W, KVM's own writes (a GPC user's: no vCPU, so with rings only the bitmap beside
+        them records it, and without one nothing does, as on x86)."""
+        if not slot.dirty_logging:
+            return
+        offset = gfn - slot.base_gfn
+        if vcpu is not None and vcpu.dirty_ring is not None:
+            vcpu.dirty_ring.push(slot.as_id << 16 | slot.id, offset)
+            if self.tracer.on:
+                self.tracer.emit("kvm_dirty_ring_push", vcpu=vcpu.id,
+                                 slot=slot.as_id << 16 | slot.id, offset=offset)
+        elif slot.dirty_bitmap is not None:
+            slot.dirty_bitmap[offset >> 6] |= 1 << (offset & 63)
+
+    # -- dirty logging (dirty_log.py) -------------------------------------------------
+
+    async def get_dirty_log(self, slot: int) -> bytes:
+        """KVM_GET_DIRTY_LOG of `slot` (`as_id << 16 | id`): one bit per page, LSB first.
+        Without manual protect, the reported pages are cleared and write-protected again."""
+        self.check_alive()
+        with self._dies_on_bug():
+            return await dirty_log.get_dirty_log(self, slot)
+
+    async def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
+                              bitmap: bytes) -> int:
+        """KVM_CLEAR_DIRTY_LOG: clear the bits of `bitmap` (bit i: page first_page + i) and
+        write-protect those pages again; returns the pages whose bit was set."""
+        self.check_alive()
+        with self._dies_on_bug():
+            return await dirty_log.clear_dirty_log(self, slot, first_page, num_pages, bitmap)
+
+    def harvest_dirty_ring(self, vcpu_id: int) -> list[DirtyGfn]:
+        """Collect the entries the vCPU's dirty ring published since the last harvest, as
+        userspace does; they are recycled by the next `reset_dirty_rings`."""
+        self.check_alive()
+        vcpu = self.vcpu(vcpu_id)
+        with self._dies_on_bug():
+            return dirty_log.harvest_dirty_ring(self, vcpu)
+
+    async def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: recycle every harvested entry, write-protecting its page
+        again; returns the entries recycled."""
+        self.check_alive()
+        with self._dies_on_bug():
+            return await dirty_log.reset_dirty_rings(self)
 
     # -- introspection ----------------------------------------------------------------
 

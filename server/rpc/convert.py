@@ -56,17 +56,30 @@ def vm_config(request: vm_pb2.CreateVmRequest) -> VmConfig:
     # An absent `sanitizers` leaves VmConfig's default: the server's VMMU_SANITIZERS.
     sanitizers = {"sanitizers": c.sanitizers} if c.HasField("sanitizers") else {}
     gpc_policy = {"gpc_policy": c.gpc_policy} if c.HasField("gpc_policy") else {}
+    eager_page_split = {"eager_page_split": c.eager_page_split} \
+        if c.HasField("eager_page_split") else {}
+    fast_page_fault = {"fast_page_fault": c.fast_page_fault} \
+        if c.HasField("fast_page_fault") else {}
     return VmConfig(max_vcpus=c.max_vcpus, tdp_levels=c.tdp_levels, ad_bits=c.ad_bits,
                     name=c.name,
                     schedule_seed=c.schedule_seed if c.HasField("schedule_seed") else None,
-                    debug=frozenset(c.debug_knobs), **sanitizers, **gpc_policy)
+                    debug=frozenset(c.debug_knobs), **sanitizers, **gpc_policy,
+                    **eager_page_split, **fast_page_fault,
+                    manual_dirty_log_protect=c.manual_dirty_log_protect,
+                    dirty_ring_size=c.dirty_ring_size,
+                    dirty_ring_with_bitmap=c.dirty_ring_with_bitmap)
 
 
 def _vm_config_to_wire(config: VmConfig) -> vm_pb2.VmConfig:
     return vm_pb2.VmConfig(max_vcpus=config.max_vcpus, tdp_levels=config.tdp_levels,
                            ad_bits=config.ad_bits, name=config.name,
                            schedule_seed=config.schedule_seed, sanitizers=config.sanitizers,
-                           debug_knobs=sorted(config.debug), gpc_policy=config.gpc_policy)
+                           debug_knobs=sorted(config.debug), gpc_policy=config.gpc_policy,
+                           eager_page_split=config.eager_page_split,
+                           manual_dirty_log_protect=config.manual_dirty_log_protect,
+                           dirty_ring_size=config.dirty_ring_size,
+                           dirty_ring_with_bitmap=config.dirty_ring_with_bitmap,
+                           fast_page_fault=config.fast_page_fault)
 
 
 def vm_info(info: VmInfo) -> vm_pb2.VmInfo:

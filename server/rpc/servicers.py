@@ -12,10 +12,11 @@ import grpc
 
 from vmmu.server.kvm import Kvm, Vcpu, Vm
 from vmmu.server.rpc import convert
+from vmmu.server.rpc.dirty_log import DirtyLogServicer
 from vmmu.server.rpc.explore import ExploreServicer
 from vmmu.server.rpc.gpc import GpcServicer
-from vmmu.v1 import (explore_pb2, explore_pb2_grpc, gpc_pb2, gpc_pb2_grpc, host_memory_pb2,
-                     host_memory_pb2_grpc,
+from vmmu.v1 import (dirty_log_pb2, dirty_log_pb2_grpc, explore_pb2, explore_pb2_grpc, gpc_pb2,
+                     gpc_pb2_grpc, host_memory_pb2, host_memory_pb2_grpc,
                      memslot_pb2, memslot_pb2_grpc, notifier_pb2, notifier_pb2_grpc,
                      trace_pb2, trace_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc, vm_pb2,
                      vm_pb2_grpc)
@@ -178,11 +179,12 @@ class VcpuServicer(_Servicer, vcpu_pb2_grpc.VcpuServiceServicer):
         return vcpu_pb2.GetVcpuStatsResponse(stats=self._vcpu(request).stats())
 
     async def Run(self, requests: AsyncIterator[vcpu_pb2.RunRequest], context: Context
-                  ) -> AsyncIterator[vcpu_pb2.RunResponse]:
-        async for request in requests:
+                  ) -> None:
+        # context.read/write rather than iterating `requests`: a step less per message.
+        while (request := await context.read()) is not grpc.aio.EOF:
             step = convert.run_step(request)
             result = await self._vcpu(request).run(**step)
-            yield vcpu_pb2.RunResponse(result=convert.run_result(result))
+            await context.write(vcpu_pb2.RunResponse(result=convert.run_result(result)))
 
     async def RunBatch(self, request: vcpu_pb2.RunBatchRequest, context: Context
                        ) -> vcpu_pb2.RunBatchResponse:
@@ -243,7 +245,8 @@ def add_servicers(kvm: Kvm, server: grpc.aio.Server) -> list[str]:
     notifier_pb2_grpc.add_NotifierServiceServicer_to_server(NotifierServicer(kvm), server)
     trace_pb2_grpc.add_TraceServiceServicer_to_server(TraceServicer(kvm), server)
     gpc_pb2_grpc.add_GpcServiceServicer_to_server(GpcServicer(kvm), server)
+    dirty_log_pb2_grpc.add_DirtyLogServiceServicer_to_server(DirtyLogServicer(kvm), server)
     return [service.full_name
             for module in (vm_pb2, host_memory_pb2, memslot_pb2, vcpu_pb2, explore_pb2,
-                           notifier_pb2, trace_pb2, gpc_pb2)
+                           notifier_pb2, trace_pb2, gpc_pb2, dirty_log_pb2)
             for service in module.DESCRIPTOR.services_by_name.values()]

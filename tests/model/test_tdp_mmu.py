@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vmmu.server.kvm import (KVM_MEM_LOG_DIRTY_PAGES, AccessBatch, AccessKind, Backing,
-                             ExitReason, VmBugged)
+from vmmu.server.kvm import AccessBatch, AccessKind, Backing, ExitReason, VmBugged
 from vmmu.server.kvm import spte as S
 from vmmu.server.kvm.mmu_internal import PFERR_USER_MASK, PageFault, RetPf
 from vmmu.server.kvm.mmu_lock import LockAssertion
@@ -22,12 +21,16 @@ async def touch(vcpu, *gpas):
 
 
 async def test_a_huge_fault_replaces_a_table_flushes_and_frees_it(make_guest):
-    """Dirty logging forced 4K; once it is off, the next fault maps the 2M frame whole."""
-    g = await make_guest(Backing.THP, 4 * MIB, flags=KVM_MEM_LOG_DIRTY_PAGES)
+    """The host split the THP (KVM refaulted at 4K), then collapsed it: the invalidation
+    zapped the 4K leaves but kept their table, and the next fault maps the 2M frame whole
+    in its place."""
+    g = await make_guest(Backing.THP, 4 * MIB)
     vm, vcpu = g.vm, g.vcpu
     await vcpu.run(AccessBatch.build([(0x1000, W, 4, b"keep")]))
+    await vm.thp_split(g.region.hva)
+    await touch(vcpu, 0x1000)
     assert vm.walk(0x1000)[-1].level == PG_LEVEL_4K
-    await vm.set_user_memory_region(0, 0, 0, 4 * MIB, g.region.hva)
+    await vm.thp_collapse(g.region.hva)
     table_pfn = vm.walk(0x2000)[-2].pfn
     before = vm.stats()
 

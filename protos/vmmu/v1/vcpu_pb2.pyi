@@ -14,11 +14,13 @@ class ExitReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXIT_REASON_MMIO: _ClassVar[ExitReason]
     EXIT_REASON_MEMORY_FAULT: _ClassVar[ExitReason]
     EXIT_REASON_INTERNAL_ERROR: _ClassVar[ExitReason]
+    EXIT_REASON_DIRTY_RING_FULL: _ClassVar[ExitReason]
 EXIT_REASON_UNSPECIFIED: ExitReason
 EXIT_REASON_DONE: ExitReason
 EXIT_REASON_MMIO: ExitReason
 EXIT_REASON_MEMORY_FAULT: ExitReason
 EXIT_REASON_INTERNAL_ERROR: ExitReason
+EXIT_REASON_DIRTY_RING_FULL: ExitReason
 
 class AccessBatch(_message.Message):
     __slots__ = ("gpas", "ops", "write_data")
