@@ -24,6 +24,7 @@ from typing import Awaitable, Callable
 from .batch import AccessBatch
 from .errors import KvmError, VmBugged, einval
 from .kvm import Kvm
+from .memslots import KVM_MEM_LOG_DIRTY_PAGES
 from .sanitizers import SanitizerViolation
 from .types import PAGE_SIZE, AccessKind, Backing
 from .vm import DEBUG_KNOBS, Vm, VmConfig
@@ -172,6 +173,52 @@ async def _gpc_refresh_vs_invalidate(vm: Vm, rng: random.Random) -> None:
     await _together(gpc=user(), host=host(), holder=holder(), vcpu0=guest())
 
 
+async def _logged_guest(vm: Vm) -> tuple[int, object]:
+    """A 4K guest whose slot logs dirty pages, every page written (and so dirty) once."""
+    hva, vcpu = await _guest(vm)
+    await vcpu.run(_writes())
+    await vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, PAGES * PAGE_SIZE, hva)
+    return hva, vcpu
+
+
+def _writes(pages: int = PAGES) -> AccessBatch:
+    return AccessBatch.build((g * PAGE_SIZE, AccessKind.WRITE, 8, None) for g in range(pages))
+
+
+async def _fast_pf_vs_invalidate(vm: Vm, rng: random.Random) -> None:
+    hva, vcpu = await _logged_guest(vm)
+
+    async def guest() -> None:
+        for _ in range(ROUNDS):
+            await vm.get_dirty_log(0)          # write-protect again: the next writes fault
+            await vcpu.run(_writes())
+            await vm.sched.point("vcpu.entry")
+
+    async def host() -> None:
+        for _ in range(ROUNDS * 2):
+            await vm.migrate_pages(hva + rng.randrange(PAGES) * PAGE_SIZE, PAGE_SIZE)
+            await vm.sched.point("mm.invalidate_window")
+
+    await _together(vcpu0=guest(), host=host())
+
+
+async def _dirty_log_vs_tlb(vm: Vm, rng: random.Random) -> None:
+    _, vcpu = await _logged_guest(vm)
+
+    async def guest() -> None:
+        for _ in range(ROUNDS * 2):
+            await vcpu.run(_writes())
+            await vm.sched.point("vcpu.entry")
+
+    async def harvester() -> None:
+        for _ in range(ROUNDS):
+            await vm.get_dirty_log(0)
+            await vm.sched.point("vcpu.entry")
+        await vm.get_dirty_log(0)
+
+    await _together(vcpu0=guest(), harvester=harvester())
+
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("fault_vs_invalidate", "a vCPU faults while the host migrates its pages",
              frozenset({"skip_invalidate_retry"}), _fault_vs_invalidate),
@@ -186,6 +233,12 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("gpc_range_refresh_vs_invalidate",
              "the same with the range-based refresh policy",
              frozenset({"gpc_refresh_no_check"}), _gpc_refresh_vs_invalidate, "range"),
+    Scenario("fast_pf_vs_invalidate",
+             "fast page faults fix write-protected SPTEs while the host migrates the pages",
+             frozenset({"fast_pf_plain_write"}), _fast_pf_vs_invalidate),
+    Scenario("dirty_log_vs_tlb",
+             "a vCPU keeps writing while GET_DIRTY_LOG harvests and write-protects",
+             frozenset({"skip_wrprot_flush"}), _dirty_log_vs_tlb),
 )}
 
 

@@ -18,7 +18,10 @@ KNOBBED = [("fault_vs_invalidate", "skip_invalidate_retry",
             {"no-new-mapping-during-invalidation", "stale-translation"}),
            ("tlb_vs_zap", "skip_zap_tlb_flush", {"stale-translation"}),
            ("aging_vs_table_free", "free_tables_immediately", {"UseAfterFree"}),
-           ("aging_vs_table_free", "aging_without_rcu", {"UseAfterFree"})]
+           ("aging_vs_table_free", "aging_without_rcu", {"UseAfterFree"}),
+           ("fast_pf_vs_invalidate", "fast_pf_plain_write",
+            {"stale-translation", "no-new-mapping-during-invalidation"}),
+           ("dirty_log_vs_tlb", "skip_wrprot_flush", {"no-lost-dirty-page"})]
 
 
 @pytest.mark.parametrize("scenario,knob,oracles", KNOBBED)
