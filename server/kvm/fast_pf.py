@@ -21,7 +21,7 @@ from . import spte as S
 from .mmu_internal import PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_WRITE_MASK, PageFault, \
     RetPf
 from .mmu_page import UseAfterFree
-from .tdp_iter import TdpIter
+from .tdp_iter import last_present
 from .types import PG_LEVEL_4K
 
 if TYPE_CHECKING:
@@ -41,49 +41,34 @@ def page_fault_can_be_fast(vcpu: "Vcpu", error_code: int) -> bool:
     return bool(error_code & PFERR_WRITE_MASK)
 
 
-def _allowed(fault: PageFault, spte: int) -> bool:
-    if fault.exec:
-        return bool(spte & S.EXECUTABLE)
-    if fault.write:
-        return bool(spte & S.WRITABLE)
-    return bool(spte & S.READABLE)
-
-
-def _last_spte(vcpu: "Vcpu", gfn: int) -> TdpIter | None:
-    """The iterator parked on the last present SPTE on the way to gfn (lockless)."""
-    last = None
-    for it in TdpIter(vcpu.vm.tdp.tables, vcpu.root, gfn, gfn + 1):
-        if not it.old_spte & S.MMU_PRESENT:
-            break
-        last = (it.table, it.index, it.level, it.old_spte)
-    return last
-
-
 async def fast_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
     vm = vcpu.vm
     r = RetPf.INVALID
+    tables = vm.tdp.tables
+    need = S.EXECUTABLE if fault.exec else S.WRITABLE if fault.write else S.READABLE
     token = vm.rcu.enter()
+    # fault->slot: looked up once, under the read-side section that memslot updates wait
+    # out, so a slot published meanwhile is not this fault's business.
+    slot = vm.memslot_sets[fault.as_id].lookup(fault.gfn)
     try:
         for _ in range(MAX_TRIES):
-            found = _last_spte(vcpu, fault.gfn)
+            found = last_present(tables, vcpu.root, fault.gfn)
             if found is None:
                 break
             table, index, level, old = found
-            if not S.is_last(old, level):
-                break
-            if _allowed(fault, old):
+            if level != PG_LEVEL_4K and not old & S.LARGE:
+                break                             # the walk ended above a missing leaf
+            if old & need:
                 r = RetPf.SPURIOUS
                 break
             new = old
-            if S.is_access_track(new):
+            if not old & S.RWX and S.ad_disabled(old):
                 new = S.restore_access_track(new)
-            if fault.write and S.is_mmu_writable(old):
-                if level > PG_LEVEL_4K:
-                    slot = vm.memslot_sets[fault.as_id].lookup(fault.gfn)
-                    if slot is not None and slot.dirty_logging:
-                        break                     # only the slow path may split it
+            if fault.write and old & S.MMU_WRITABLE:
+                if level > PG_LEVEL_4K and slot is not None and slot.dirty_logging:
+                    break                         # only the slow path may split it
                 new |= S.WRITABLE
-            if new == old or not _allowed(fault, new):
+            if new == old or not new & need:
                 break
             await vm.sched.point("fast_pf.cas")
             if table.freed:
@@ -95,10 +80,8 @@ async def fast_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
                 continue                          # changed under us: walk again
             else:
                 spt[index] = new
-            if new & S.WRITABLE and not old & S.WRITABLE:
-                slot = vm.memslot_sets[fault.as_id].lookup(fault.gfn)
-                if slot is not None:
-                    vm.mark_page_dirty(slot, fault.gfn, vcpu)
+            if new & S.WRITABLE and not old & S.WRITABLE and slot is not None:
+                vm.mark_page_dirty(slot, fault.gfn, vcpu)
             r = RetPf.FIXED
             break
     finally:

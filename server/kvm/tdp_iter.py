@@ -16,7 +16,7 @@ from .mmu_page import MmuPage, PageTables, UseAfterFree
 from .spte import MMU_PRESENT, LARGE, spte_to_pfn
 from .types import PG_LEVEL_4K, PT_ENTRIES
 
-__all__ = ["TdpIter"]
+__all__ = ["TdpIter", "last_present"]
 
 
 class TdpIter:
@@ -117,3 +117,25 @@ class TdpIter:
     def mark_yielded(self) -> None:
         """After dropping mmu_lock: the snapshot is stale, the next step restarts."""
         self.yielded = True
+
+
+def last_present(tables: PageTables, root: MmuPage, gfn: int
+                 ) -> tuple[MmuPage, int, int, int] | None:
+    """(table, index, level, spte) of the last present SPTE on the way to gfn, or None.
+
+    The iterator's walk over [gfn, gfn + 1) cut to its one useful path, for the lockless
+    callers that only want the leaf (`kvm_tdp_mmu_fast_pf_get_last_sptep`)."""
+    page, level = root, root.level
+    last = None
+    while True:
+        if page.freed:
+            raise UseAfterFree(f"read of freed {page!r}")
+        index = (gfn >> ((level - 1) * 9)) & (PT_ENTRIES - 1)
+        spte = page.spt[index]
+        if not spte & MMU_PRESENT:
+            return last
+        last = (page, index, level, spte)
+        if spte & LARGE or level == PG_LEVEL_4K:
+            return last
+        page = tables.child(spte_to_pfn(spte))
+        level -= 1

@@ -27,6 +27,7 @@ from .batch import OP_KIND_MASK, OP_WITH_DATA, AccessBatch, op_size
 from .errors import KvmError, VmBugged
 from .mmu import page_fault
 from .mmu_internal import RetPf
+from .mmu_page import MmuPage
 from .stats import VcpuStats
 from .types import PAGE_SIZE, AccessKind
 from .vmx import MISCONFIG_ERROR_CODE, ept_violation_qualification, \
@@ -85,6 +86,9 @@ class Vcpu:
     def __init__(self, vm: "Vm", vcpu_id: int) -> None:
         self.vm, self.id = vm, vcpu_id
         self.tlb: dict[int, int] = {}
+        # The paging-structure cache: the 4K-level table that maps each 2M of gfns, so a
+        # walk starts there. A TLB flush (INVEPT) empties it with the TLB.
+        self.pde_cache: dict[int, MmuPage] = {}
         self.requests = 0
         self.root = None
         self.dirty_ring = None            # set by the VM when it logs dirty pages in rings
@@ -234,6 +238,7 @@ class Vcpu:
         if self.requests & KVM_REQ_TLB_FLUSH:
             self.requests &= ~KVM_REQ_TLB_FLUSH
             self.tlb.clear()
+            self.pde_cache.clear()
             self.stat.tlb_flush += 1
 
     async def _load_root(self) -> None:
@@ -315,7 +320,11 @@ class Vcpu:
             # Beyond what the root maps: indexing would wrap onto a low gfn's entries.
             self._walk_exit = (_WALK_VIOLATION, ept_violation_qualification(kind, 0))
             return None
-        page = self.root
+        page = self.pde_cache.get(gfn >> 9)
+        if page is None:
+            page = self.root
+        elif page.freed:
+            raise VmBugged(f"paging-structure cache holds freed {page!r}")
         spt, level = page.spt, page.level
         while True:
             shift = (level - 1) * 9
@@ -337,6 +346,8 @@ class Vcpu:
                 raise VmBugged(f"hardware walk through freed {page!r}")
             spt = page.spt
             level -= 1
+            if level == 1:
+                self.pde_cache[gfn >> 9] = page
         if not perms & need:
             self._walk_exit = (_WALK_VIOLATION, ept_violation_qualification(kind, perms))
             return None
