@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import pytest
 
 from vmmu.client import (AsyncClient, AsyncInvalidationHold, AsyncRunStream, AsyncTraceStream,
-                         AsyncVcpu, AsyncVm, Client, InvalidationHold, RunStream, TraceStream,
-                         Vcpu, Vm)
+                         AsyncVcpu, AsyncVm, Backing, Client, InvalidationHold, RunStream,
+                         TraceStream, Vcpu, Vm)
 from vmmu.server.rpc.app import Serving, start_server
 
 T = TypeVar("T")
@@ -115,3 +115,13 @@ async def client(request: pytest.FixtureRequest, server: ServerThread) -> AsyncI
     else:
         async with AsyncClient(server.address) as async_client:
             yield async_client
+
+
+@pytest.fixture
+async def guest(client):
+    """A VM with 4 MiB of THP-backed memory at gpa 0 and one vCPU: (vm, region, vcpu)."""
+    vm = await client.create_vm(max_vcpus=1)
+    region = await vm.mmap(4 << 20, Backing.THP)
+    await vm.set_user_memory_region(slot=0, flags=0, guest_phys_addr=0, memory_size=4 << 20,
+                                    userspace_addr=region.hva)
+    return vm, region, await vm.create_vcpu(0)

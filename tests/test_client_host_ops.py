@@ -7,22 +7,11 @@ import errno
 import grpc
 import pytest
 
-from vmmu.client import (Backing, BatchBuilder, ExitReason, FailedPrecondition,
-                         InvalidArgument, NotFound)
+from vmmu.client import BatchBuilder, ExitReason, FailedPrecondition, InvalidArgument, NotFound
 from vmmu.v1 import host_memory_pb2, host_memory_pb2_grpc, vm_pb2, vm_pb2_grpc
 
 MiB = 1 << 20
 PAGE = 4096
-
-
-@pytest.fixture
-async def guest(client):
-    """A VM with 4 MiB of THP-backed memory at gpa 0 and one vCPU: (vm, region, vcpu)."""
-    vm = await client.create_vm(max_vcpus=1)
-    region = await vm.mmap(4 * MiB, Backing.THP)
-    await vm.set_user_memory_region(slot=0, flags=0, guest_phys_addr=0, memory_size=4 * MiB,
-                                    userspace_addr=region.hva)
-    return vm, region, await vm.create_vcpu(0)
 
 
 async def write(vcpu, gpa: int, data: bytes) -> None:

@@ -27,16 +27,6 @@ async def eventually(check, timeout: float = 5.0) -> None:
 
 
 @pytest.fixture
-async def guest(client):
-    """A VM with 4 MiB of THP-backed memory at gpa 0 and one vCPU: (vm, region, vcpu)."""
-    vm = await client.create_vm(max_vcpus=1)
-    region = await vm.mmap(4 * MiB, Backing.THP)
-    await vm.set_user_memory_region(slot=0, flags=0, guest_phys_addr=0, memory_size=4 * MiB,
-                                    userspace_addr=region.hva)
-    return vm, region, await vm.create_vcpu(0)
-
-
-@pytest.fixture
 async def async_guest(server):
     """`guest` through an AsyncClient, for stories that need a call left pending."""
     async with AsyncClient(server.address) as client:

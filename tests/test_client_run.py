@@ -14,16 +14,6 @@ MiB = 1 << 20
 MMIO_GPA = 0x1000_0000      # outside every memslot of `guest`
 
 
-@pytest.fixture
-async def guest(client):
-    """A VM with 4 MiB of THP-backed memory at gpa 0 and one vCPU: (vm, region, vcpu)."""
-    vm = await client.create_vm(max_vcpus=1)
-    region = await vm.mmap(4 * MiB, Backing.THP)
-    await vm.set_user_memory_region(slot=0, flags=0, guest_phys_addr=0, memory_size=4 * MiB,
-                                    userspace_addr=region.hva)
-    return vm, region, await vm.create_vcpu(0)
-
-
 async def test_accesses_fault_in_then_hit(guest):
     vm, region, vcpu = guest
     batch = (BatchBuilder().write(0x1000, data=b"12345678").read(0x1000, 8, with_data=True)
