@@ -39,10 +39,12 @@ class Rcu:
 
     def exit(self, token: int) -> None:
         """`rcu_read_unlock`."""
-        self._readers[token] -= 1
-        if not self._readers[token]:
-            del self._readers[token]
-        self._advance()
+        readers = self._readers
+        readers[token] -= 1
+        if not readers[token]:
+            del readers[token]
+            if self._callbacks:              # a grace period may have ended just now
+                self._advance()
 
     def in_reader(self) -> bool:
         return bool(self._readers)

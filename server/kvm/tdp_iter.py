@@ -13,7 +13,7 @@ compare-and-exchange is made against.
 from __future__ import annotations
 
 from .mmu_page import MmuPage, PageTables, UseAfterFree
-from .spte import MMU_PRESENT, LARGE, spte_to_pfn
+from .spte import BASE_ADDR_MASK, LARGE, MMU_PRESENT, spte_to_pfn
 from .types import PG_LEVEL_4K, PT_ENTRIES
 
 __all__ = ["TdpIter", "last_present"]
@@ -126,6 +126,7 @@ def last_present(tables: PageTables, root: MmuPage, gfn: int
     The iterator's walk over [gfn, gfn + 1) cut to its one useful path, for the lockless
     callers that only want the leaf (`kvm_tdp_mmu_fast_pf_get_last_sptep`)."""
     page, level = root, root.level
+    by_pfn = tables.by_pfn
     last = None
     while True:
         if page.freed:
@@ -137,5 +138,7 @@ def last_present(tables: PageTables, root: MmuPage, gfn: int
         last = (page, index, level, spte)
         if spte & LARGE or level == PG_LEVEL_4K:
             return last
-        page = tables.child(spte_to_pfn(spte))
+        page = by_pfn.get((spte & BASE_ADDR_MASK) >> 12)
+        if page is None:
+            raise UseAfterFree(f"SPTE {spte:#x} points at no page table")
         level -= 1
