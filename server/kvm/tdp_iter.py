@@ -73,14 +73,14 @@ class TdpIter:
         if self.yielded:
             self._restart()
             return
-        if self._step_down():
+        if self.step_down():
             return
         while not self._step_side():
             if not self._step_up():
                 self.valid = False
                 return
 
-    def _step_down(self) -> bool:
+    def step_down(self) -> bool:
         level = self.level
         if level == self.min_level:
             return False

@@ -160,16 +160,20 @@ class TdpMmu:
     def map(self, fault: PageFault, root: MmuPage) -> RetPf:
         """`kvm_tdp_mmu_map`: walk to the goal level, linking or splitting tables."""
         self.mmu_lock.assert_held_read()
+        goal = fault.goal_level
         token = self.rcu.enter()
         try:
-            it = None
-            for it in TdpIter(self.tables, root, fault.gfn, fault.gfn + 1, fault.goal_level):
-                if S.is_frozen(it.old_spte):
-                    return RetPf.RETRY
-                if it.level == fault.goal_level:
-                    break
+            # The range is one gfn, so the walk only ever steps down: no need for `next`.
+            it = TdpIter(self.tables, root, fault.gfn, fault.gfn + 1, goal)
+            while True:
                 old = it.old_spte
-                if old & S.MMU_PRESENT and not S.is_last(old, it.level):
+                if old == S.FROZEN:
+                    return RetPf.RETRY
+                if it.level == goal:
+                    return self._map_target_level(fault, it)
+                if old & S.MMU_PRESENT and not old & S.LARGE:
+                    if not it.step_down():
+                        return RetPf.RETRY
                     continue
                 sp = self.tables.alloc(it.level - 1, it.gfn, root.as_id)
                 huge = S.is_leaf_present(old, it.level)
@@ -183,9 +187,8 @@ class TdpMmu:
                 if huge:
                     stat = _PAGE_STAT[it.level - 1]
                     setattr(self.stat, stat, getattr(self.stat, stat) + PT_ENTRIES)
-            if it is None or it.level != fault.goal_level:
-                return RetPf.RETRY
-            return self._map_target_level(fault, it)
+                if not it.step_down():
+                    return RetPf.RETRY
         finally:
             self.rcu.exit(token)
 
