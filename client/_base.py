@@ -203,6 +203,12 @@ def madvise_dontneed(vm_id: int, hva: int, size: int) -> Call[None]:
     return Call("host_memory", "Madvise", request, _none)
 
 
+def madvise_populate_write(vm_id: int, hva: int, size: int) -> Call[int]:
+    request = host_memory_pb2.MadviseRequest(vm_id=vm_id, hva=hva, size=size,
+                                             advice=host_memory_pb2.ADVICE_POPULATE_WRITE)
+    return Call("host_memory", "Madvise", request, lambda r: r.pages_populated)
+
+
 def migrate_pages(vm_id: int, hva: int, size: int) -> Call[int]:
     return Call("host_memory", "MigratePages",
                 host_memory_pb2.MigratePagesRequest(vm_id=vm_id, hva=hva, size=size),

@@ -138,6 +138,11 @@ class AsyncVm:
         """madvise(MADV_DONTNEED): the pages go; the next touch reads zeroes."""
         await self._client._invoke(_base.madvise_dontneed(self.id, hva, size))
 
+    async def madvise_populate_write(self, hva: int, size: int) -> int:
+        """madvise(MADV_POPULATE_WRITE): fault the range in writable with its memory
+        allocated; returns the 4K pages populated or swapped in."""
+        return await self._client._invoke(_base.madvise_populate_write(self.id, hva, size))
+
     async def migrate_pages(self, hva: int, size: int) -> int:
         """Move the range's populated pages to new host frames; returns the pages moved."""
         return await self._client._invoke(_base.migrate_pages(self.id, hva, size))

@@ -136,6 +136,11 @@ class Vm:
         """madvise(MADV_DONTNEED): the pages go; the next touch reads zeroes."""
         self._client._invoke(_base.madvise_dontneed(self.id, hva, size))
 
+    def madvise_populate_write(self, hva: int, size: int) -> int:
+        """madvise(MADV_POPULATE_WRITE): fault the range in writable with its memory
+        allocated; returns the 4K pages populated or swapped in."""
+        return self._client._invoke(_base.madvise_populate_write(self.id, hva, size))
+
     def migrate_pages(self, hva: int, size: int) -> int:
         """Move the range's populated pages to new host frames; returns the pages moved."""
         return self._client._invoke(_base.migrate_pages(self.id, hva, size))

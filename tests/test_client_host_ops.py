@@ -7,7 +7,8 @@ import errno
 import grpc
 import pytest
 
-from vmmu.client import BatchBuilder, ExitReason, FailedPrecondition, InvalidArgument, NotFound
+from vmmu.client import (BatchBuilder, ExitReason, FailedPrecondition, InvalidArgument, NotFound,
+                         ResourceExhausted)
 from vmmu.v1 import host_memory_pb2, host_memory_pb2_grpc, vm_pb2, vm_pb2_grpc
 
 MiB = 1 << 20
@@ -49,6 +50,32 @@ async def test_dontneed_migrate_and_swap(guest):
     assert await read(vcpu, 0x201000) == b"swapped!"
     assert await read(vcpu, 0x3000) == bytes(8)
     assert (await leaf(vm, 0x1000)).pfn != huge.pfn
+
+
+async def test_madvise_populate_write(guest):
+    vm, region, vcpu = guest
+    await write(vcpu, 0x201000, b"swapped!")
+    assert await vm.swap_out(region.hva + 0x201000, PAGE) == 1   # the THP is split
+    seq = (await vm.stats())["mmu_invalidate_seq"]
+
+    assert await vm.madvise_populate_write(region.hva + 0x1000, PAGE) == 512   # a THP
+    assert await vm.madvise_populate_write(region.hva, 4 * MiB) == 1          # swapped in
+
+    assert (await vm.host_regions())[0].populated_4k_pages == 1024
+    assert (await vm.stats())["mmu_invalidate_seq"] == seq      # faults take nothing away
+    assert await vm.read_hva(region.hva + 0x1000, 8) == bytes(8)
+    assert await read(vcpu, 0x201000) == b"swapped!"
+    await write(vcpu, 0x1000, b"guest!!!")
+    assert (await leaf(vm, 0x1000)).level == 2                  # populated as a THP
+    assert await vm.read_hva(region.hva + 0x1000, 8) == b"guest!!!"
+
+    await vm.mprotect(region.hva + 0x3000, PAGE, writable=False)
+    with pytest.raises(InvalidArgument, match="EINVAL"):
+        await vm.madvise_populate_write(region.hva, 2 * MiB)
+    with pytest.raises(InvalidArgument, match="EINVAL"):
+        await vm.madvise_populate_write(region.hva + 0x400, PAGE)
+    with pytest.raises(ResourceExhausted, match="ENOMEM"):
+        await vm.madvise_populate_write(region.hva + 4 * MiB - PAGE, 2 * PAGE)
 
 
 async def test_mprotect(guest):

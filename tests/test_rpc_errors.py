@@ -104,3 +104,41 @@ def test_broken_invariant_reaches_the_client_as_internal(server, monkeypatch):
             vm.stats()
     assert str(excinfo.value) == f"VmBugged: VM {vm.id}: SPTE points to a freed table"
     assert excinfo.value.errno_name is None
+
+
+def test_madvise_populate_write_over_the_wire(channel):
+    vm_id = _create_vm(channel)
+    stub = host_memory_pb2_grpc.HostMemoryServiceStub(channel)
+    region = stub.CreateRegion(host_memory_pb2.CreateRegionRequest(
+        vm_id=vm_id, size=4 << 20, backing=host_memory_pb2.BACKING_THP)).region
+    stub.Mprotect(host_memory_pb2.MprotectRequest(vm_id=vm_id, hva=region.hva + (3 << 20),
+                                                  size=4096, read_only=True))
+
+    def madvise(hva, size, advice=host_memory_pb2.ADVICE_POPULATE_WRITE):
+        return host_memory_pb2.MadviseRequest(vm_id=vm_id, hva=hva, size=size, advice=advice)
+
+    def populated():
+        regions = stub.ListRegions(host_memory_pb2.ListRegionsRequest(vm_id=vm_id)).regions
+        return [r.populated_4k_pages for r in regions]
+
+    assert stub.Madvise(madvise(region.hva + 4096, 4096)).pages_populated == 512   # a THP
+    assert stub.Madvise(madvise(region.hva, 2 << 20)).pages_populated == 0
+    assert populated() == [512]
+    data = stub.ReadHva(host_memory_pb2.ReadHvaRequest(vm_id=vm_id, hva=region.hva,
+                                                       length=2 << 20)).data
+    assert data == bytes(2 << 20)
+
+    for request, code, details in [
+            (madvise(region.hva + 1, 4096), C.INVALID_ARGUMENT, "EINVAL: [0x"),
+            (madvise(region.hva, 0), C.INVALID_ARGUMENT, "EINVAL: [0x"),
+            (madvise(region.hva + (2 << 20), 2 << 20), C.INVALID_ARGUMENT,   # read-only page
+             f"EINVAL: [{region.hva + (2 << 20):#x}, {region.hva + (4 << 20):#x}) is not all"),
+            (madvise(region.hva + (3 << 20) + 4096, 1 << 20), C.RESOURCE_EXHAUSTED,  # runs off
+             f"ENOMEM: hva {region.hva + (4 << 20):#x} is not mapped"),
+            (madvise(0x1000, 4096), C.RESOURCE_EXHAUSTED, "ENOMEM: hva 0x1000 is not mapped")]:
+        got_code, got_details = _status(stub.Madvise, request)
+        assert got_code is code and got_details.startswith(details), got_details
+    assert populated() == [512]                     # the rejected requests changed nothing
+
+    dropped = stub.Madvise(madvise(region.hva, 2 << 20, host_memory_pb2.ADVICE_DONTNEED))
+    assert dropped.pages_populated == 0 and populated() == [0]

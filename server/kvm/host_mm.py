@@ -207,7 +207,29 @@ class HostMm:
             region = self._region_for_access(hva, write)
             if not (write and self.is_ksm(region, hva)):
                 return self._get_page(region, hva, write)
-            await self._unshare(region, hva)
+            await self.unshare(region, hva)
+
+    def hva_to_pfn_fast(self, hva: int, write: bool) -> tuple[int, bool, int] | None:
+        """GUP-fast (`hva_to_pfn_fast`): what `hva_to_pfn` returns when the page is mapped
+        and nothing has to sleep, else None (not populated, swapped out, or a write that
+        must break a KSM page's copy-on-write): the caller then takes the slow lookup.
+        Raises as `hva_to_pfn` does."""
+        i = bisect.bisect_right(self._starts, hva) - 1
+        region = self._regions[i] if i >= 0 else None
+        if region is None or region.end <= hva:
+            raise KvmError(errno.EFAULT, f"hva {hva:#x} is not mapped")
+        writable = region.writable_at(hva)
+        if write and not writable:
+            raise KvmError(errno.EFAULT, f"write to read-only hva {hva:#x}")
+        found = region.mapped(hva)
+        if found is None:
+            return None
+        pfn, level = found
+        if pfn in self.ksm_pages:
+            if write:
+                return None
+            writable = False
+        return pfn, writable, level
 
     def current_pfn(self, hva: int) -> int | None:
         """The pfn mapped at hva now, faulting nothing in (None: not populated)."""
@@ -239,6 +261,14 @@ class HostMm:
         if write and shared:
             raise VmBugged(f"write mapping of KSM page {pfn:#x} without a COW break")
         return pfn, region.writable_at(hva) and not shared, level
+
+    def fault_in(self, region: HostRegion, hva: int, write: bool) -> tuple[int, int, int]:
+        """Touch the page at hva of `region` as `hva_to_pfn` does once its checks passed
+        and any KSM page there broke copy-on-write (for a write): (pfn, host mapping
+        level, 4K pages this populated or swapped in, 0 if hva was mapped already)."""
+        was_mapped = region.mapped(hva) is not None
+        pfn, _, level = self._get_page(region, hva, write)
+        return pfn, level, 0 if was_mapped else pages_per_level(level)
 
     def _populate(self, region: HostRegion, hva: int) -> tuple[int, int]:
         level = region.frame_level(hva)
@@ -274,7 +304,9 @@ class HostMm:
         """Does hva map a KSM page (shared, write-protected) in `region`?"""
         return region.frames[PG_LEVEL_4K].get(hva >> PAGE_SHIFT) in self.ksm_pages
 
-    async def _unshare(self, region: HostRegion, hva: int) -> None:
+    async def unshare(self, region: HostRegion, hva: int) -> None:
+        """Break copy-on-write of the KSM page at hva (if it still maps one), as a write
+        fault does, under an invalidation of the page."""
         page = hva & PAGE_MASK
         await self.update(region, page, page + PAGE_SIZE,
                           lambda: self._break_cow(region, page >> PAGE_SHIFT))
@@ -315,7 +347,7 @@ class HostMm:
             if not shared:
                 break
             for chunk_hva in shared:
-                await self._unshare(self.find(chunk_hva), chunk_hva)
+                await self.unshare(self.find(chunk_hva), chunk_hva)
         pfns = [self._get_page(self.find(h), h, write=True)[0] for h, _ in chunks]
         done = 0
         for (chunk_hva, n), pfn in zip(chunks, pfns):

@@ -1,13 +1,15 @@
 """The host mm taking mappings away: what reclaim, NUMA balancing, khugepaged, ksmd and
-the VMM's own madvise/mprotect do to the memory behind a VM.
+the VMM's own madvise/mprotect do to the memory behind a VM (and, the other way,
+MADV_POPULATE_WRITE faulting a range in up front).
 
-    madvise_dontneed   the pages go; the next touch populates zeroed ones
-    migrate            each page moves to a new pfn, contents kept
-    swap_out           each page's contents go to swap; the next touch swaps it in anew
-    mprotect           PROT_WRITE removed (or restored) for part of a region
-    ksm_merge          pages with equal contents share one write-protected KSM page
-    thp_split          a THP becomes 512 4K mappings of the same pfns (split_huge_pmd)
-    thp_collapse       a 2M frame of 4K pages becomes one new THP (khugepaged)
+    madvise_dontneed        the pages go; the next touch populates zeroed ones
+    madvise_populate_write  every page is faulted in writable, its memory allocated
+    migrate                 each page moves to a new pfn, contents kept
+    swap_out                each page's contents go to swap; the next touch swaps it in anew
+    mprotect                PROT_WRITE removed (or restored) for part of a region
+    ksm_merge               pages with equal contents share one write-protected KSM page
+    thp_split               a THP becomes 512 4K mappings of the same pfns (split_huge_pmd)
+    thp_collapse            a 2M frame of 4K pages becomes one new THP (khugepaged)
 
 Invariant: every change to a mapping happens inside `HostMm.update`, i.e. between
 invalidate_range_start and _end of a range that covers every host page it changes (a THP
@@ -15,7 +17,10 @@ that a range covers in part is split first, inside the same invalidation, as the
 split_huge_pmd does). Checks that decide an error run before the invalidation, so a
 rejected request changes nothing; checks of state that another task may change while the
 notifiers run are made again inside the change, which is synchronous. A range is page
-aligned, non-empty and inside one region (EINVAL otherwise).
+aligned, non-empty and inside one region (EINVAL otherwise). Populating is a fault, not
+a change: a page that was not present takes no translation away and needs no
+invalidation (a KSM page's copy-on-write break does, through `HostMm.unshare`); its range
+may span adjacent regions, as madvise(2) may span VMAs.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from .host_region import HPAGE_SHIFT, HPAGE_SIZE, HostRegion, keys_in
 from .types import (PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_2M, PG_LEVEL_4K, Backing, level_shift,
                     pages_per_level)
 
-__all__ = ["madvise_dontneed", "migrate", "swap_out", "mprotect", "ksm_merge", "thp_split",
-           "thp_collapse"]
+__all__ = ["madvise_dontneed", "madvise_populate_write", "migrate", "swap_out", "mprotect",
+           "ksm_merge", "thp_split", "thp_collapse"]
 
 
 def _range(mm: HostMm, hva: int, size: int, *, huge_aligned: bool = False) -> HostRegion:
@@ -47,7 +52,7 @@ def _range(mm: HostMm, hva: int, size: int, *, huge_aligned: bool = False) -> Ho
     return region
 
 
-# -- madvise(MADV_DONTNEED), migration, swap-out, mprotect ------------------------------
+# -- madvise(MADV_DONTNEED) -------------------------------------------------------------
 
 async def madvise_dontneed(mm: HostMm, hva: int, size: int) -> None:
     """Drop the pages of [hva, hva + size), swapped ones included."""
@@ -64,6 +69,72 @@ def _zap(mm: HostMm, region: HostRegion, start: int, end: int) -> None:
     for page in keys_in(region.swapped, start >> PAGE_SHIFT, end >> PAGE_SHIFT):
         del region.swapped[page]
 
+
+# -- madvise(MADV_POPULATE_WRITE) -------------------------------------------------------
+
+async def madvise_populate_write(mm: HostMm, hva: int, size: int) -> int:
+    """Fault in every page of [hva, hva + size) writable, as a write touch does: a page
+    not present is populated (a THP or hugetlb frame whole, as a fault would), a swapped
+    one is swapped in at a new pfn with its contents, a KSM page breaks copy-on-write
+    (an invalidation of that page). Then every 4K pfn in the range that has no contents
+    gets a zeroed page, so that no later write into the range allocates. The range may
+    span adjacent regions. EINVAL if it is not page aligned or empty, ENOMEM if a part
+    is not mapped, EINVAL if a part is not writable; the whole range is checked before
+    anything changes. Returns the 4K pages populated or swapped in (a huge page that
+    this populated counts whole, as in `migrate`)."""
+    while True:
+        chunks = _populate_range(mm, hva, size)
+        shared = [(region, page << PAGE_SHIFT) for region, start, end in chunks
+                  for page in keys_in(region.frames[PG_LEVEL_4K], start >> PAGE_SHIFT,
+                                      end >> PAGE_SHIFT)
+                  if region.frames[PG_LEVEL_4K][page] in mm.ksm_pages]
+        if not shared:
+            # Synchronous from here: nothing can change the range under the population.
+            return sum(_populate_write(mm, *chunk) for chunk in chunks)
+        try:
+            for region, page_hva in shared:
+                await mm.unshare(region, page_hva)
+        except KvmError as error:
+            if error.errno != errno.EFAULT:
+                raise
+            # A region was unmapped meanwhile (EFAULT): the range is checked again.
+
+
+def _populate_range(mm: HostMm, hva: int, size: int) -> list[tuple[HostRegion, int, int]]:
+    """(region, start, end) of each region's part of [hva, hva + size), in order."""
+    if size <= 0 or (hva | size) & (PAGE_SIZE - 1):
+        raise einval(f"[{hva:#x}, +{size:#x}) is not a non-empty page-aligned range")
+    chunks = []
+    end = hva + size
+    while hva < end:
+        region = mm.find(hva)
+        if region is None:
+            raise KvmError(errno.ENOMEM, f"hva {hva:#x} is not mapped")
+        stop = min(end, region.end)
+        if not all(region.protections(hva, stop)):
+            raise einval(f"[{hva:#x}, {stop:#x}) is not all mapped writable")
+        chunks.append((region, hva, stop))
+        hva = stop
+    return chunks
+
+
+def _populate_write(mm: HostMm, region: HostRegion, start: int, end: int) -> int:
+    new = 0
+    contents = mm.contents
+    hva = start
+    while hva < end:
+        pfn, level, populated = mm.fault_in(region, hva, write=True)
+        new += populated
+        host_page_end = (hva | ((PAGE_SIZE << level_shift(level)) - 1)) + 1
+        stop = min(end, host_page_end)
+        for p in range(pfn, pfn + ((stop - hva) >> PAGE_SHIFT)):
+            if p not in contents:
+                contents[p] = bytearray(PAGE_SIZE)
+        hva = stop
+    return new
+
+
+# -- migration, swap-out, mprotect ------------------------------------------------------
 
 async def migrate(mm: HostMm, hva: int, size: int) -> int:
     """Move every host page that [hva, hva + size) touches to a new pfn; a huge page moves

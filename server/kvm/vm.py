@@ -139,6 +139,9 @@ class VmState(enum.Enum):
     DESTROYED = "destroyed"
 
 
+_ALIVE = VmState.ALIVE
+
+
 class Vm:
     def __init__(self, vm_id: int, config: VmConfig) -> None:
         config.validate()
@@ -174,6 +177,8 @@ class Vm:
     # -- lifecycle --------------------------------------------------------------------
 
     def check_alive(self) -> None:
+        if self.state is _ALIVE:
+            return
         if self.state is VmState.DESTROYED:
             raise NoSuchObject(f"VM {self.id} was destroyed")
         if self.state is VmState.DEAD:
@@ -405,6 +410,15 @@ class Vm:
         with self._dies_on_bug():
             await host_ops.madvise_dontneed(self.host, hva, size)
         self._trace_host_op("madvise_dontneed", hva, hva + size)
+
+    async def madvise_populate_write(self, hva: int, size: int) -> int:
+        """madvise(MADV_POPULATE_WRITE): fault the range in writable, as a write touch
+        does, with its memory allocated; returns the 4K pages populated or swapped in."""
+        self.check_alive()
+        with self._dies_on_bug():
+            populated = await host_ops.madvise_populate_write(self.host, hva, size)
+        self._trace_host_op("madvise_populate_write", hva, hva + size, populated)
+        return populated
 
     async def migrate_pages(self, hva: int, size: int) -> int:
         """Move the populated pages of the range to new pfns; returns the 4K pages moved."""

@@ -42,7 +42,8 @@ _EXIT_REASON_TO_WIRE = {r: vcpu_pb2.ExitReason.Value(f"EXIT_REASON_{r.name}")
 _SPTE_KINDS = ("non-present", "frozen", "mmio", "table", "leaf")
 _SPTE_KIND_TO_WIRE = {k: vm_pb2.SpteKind.Value("SPTE_KIND_" + k.upper().replace("-", "_"))
                       for k in _SPTE_KINDS}
-_MADVISE_FROM_WIRE = {host_memory_pb2.ADVICE_DONTNEED: "madvise_dontneed"}
+_MADVISE_FROM_WIRE = {host_memory_pb2.ADVICE_DONTNEED: "madvise_dontneed",
+                      host_memory_pb2.ADVICE_POPULATE_WRITE: "madvise_populate_write"}
 _HOLD_STATE_TO_WIRE = {s: notifier_pb2.HoldState.Value(f"HOLD_STATE_{s.name}")
                        for s in HoldState}
 
@@ -113,8 +114,9 @@ def host_region(info: HostRegionInfo) -> host_memory_pb2.HostRegion:
         read_only=not info.writable, populated_4k_pages=info.populated_4k_pages)
 
 
-def madvise(vm: Vm, advice: int) -> Callable[[int, int], Awaitable[None]]:
-    """The call of `vm` that applies the madvise `advice` to (hva, size)."""
+def madvise(vm: Vm, advice: int) -> Callable[[int, int], Awaitable[int | None]]:
+    """The call of `vm` that applies the madvise `advice` to (hva, size); it returns the
+    pages populated (MADV_POPULATE_WRITE) or None."""
     if advice not in _MADVISE_FROM_WIRE:
         name = host_memory_pb2.Advice.Name(advice) if advice in host_memory_pb2.Advice.values() \
             else str(advice)

@@ -100,8 +100,8 @@ class HostMemoryServicer(_Servicer, host_memory_pb2_grpc.HostMemoryServiceServic
     async def Madvise(self, request: host_memory_pb2.MadviseRequest, context: Context
                       ) -> host_memory_pb2.MadviseResponse:
         madvise = convert.madvise(self._vm(request), request.advice)
-        await madvise(request.hva, request.size)
-        return host_memory_pb2.MadviseResponse()
+        populated = await madvise(request.hva, request.size)
+        return host_memory_pb2.MadviseResponse(pages_populated=populated or 0)
 
     async def MigratePages(self, request: host_memory_pb2.MigratePagesRequest,
                            context: Context) -> host_memory_pb2.MigratePagesResponse:

@@ -18,12 +18,14 @@ class Advice(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ADVICE_UNSPECIFIED: _ClassVar[Advice]
     ADVICE_DONTNEED: _ClassVar[Advice]
+    ADVICE_POPULATE_WRITE: _ClassVar[Advice]
 BACKING_UNSPECIFIED: Backing
 BACKING_PAGE_4K: Backing
 BACKING_THP: Backing
 BACKING_HUGETLB_1G: Backing
 ADVICE_UNSPECIFIED: Advice
 ADVICE_DONTNEED: Advice
+ADVICE_POPULATE_WRITE: Advice
 
 class HostRegion(_message.Message):
     __slots__ = ("hva", "size", "backing", "read_only", "populated_4k_pages")
@@ -128,8 +130,10 @@ class MadviseRequest(_message.Message):
     def __init__(self, vm_id: _Optional[int] = ..., hva: _Optional[int] = ..., size: _Optional[int] = ..., advice: _Optional[_Union[Advice, str]] = ...) -> None: ...
 
 class MadviseResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("pages_populated",)
+    PAGES_POPULATED_FIELD_NUMBER: _ClassVar[int]
+    pages_populated: int
+    def __init__(self, pages_populated: _Optional[int] = ...) -> None: ...
 
 class MigratePagesRequest(_message.Message):
     __slots__ = ("vm_id", "hva", "size")

@@ -160,7 +160,8 @@ class HostMemoryServiceServicer:
         as the kernel's mm does. A range must be page aligned, non-empty and inside one
         region (INVALID_ARGUMENT otherwise); a rejected request changes nothing.
 
-        Madvise applies madvise(2) advice to a range.
+        Madvise applies madvise(2) advice to a range. ADVICE_POPULATE_WRITE faults the range
+        in rather than taking mappings away, with range rules of its own (see Advice).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
