@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import spte as S
-from .mmu_internal import PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_WRITE_MASK, PageFault, \
-    RetPf
+from .mmu_internal import (PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_WRITE_MASK, RET_PF_FIXED,
+                           RET_PF_INVALID, RET_PF_SPURIOUS, PageFault, RetPf)
 from .mmu_page import UseAfterFree
 from .tdp_iter import last_present
 from .types import PG_LEVEL_4K
@@ -43,7 +43,7 @@ def page_fault_can_be_fast(vcpu: "Vcpu", error_code: int) -> bool:
 
 async def fast_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
     vm = vcpu.vm
-    r = RetPf.INVALID
+    r = RET_PF_INVALID
     tables = vm.tdp.tables
     need = S.EXECUTABLE if fault.exec else S.WRITABLE if fault.write else S.READABLE
     token = vm.rcu.enter()
@@ -59,7 +59,7 @@ async def fast_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
             if level != PG_LEVEL_4K and not old & S.LARGE:
                 break                             # the walk ended above a missing leaf
             if old & need:
-                r = RetPf.SPURIOUS
+                r = RET_PF_SPURIOUS
                 break
             new = old
             if not old & S.RWX and S.ad_disabled(old):
@@ -82,11 +82,11 @@ async def fast_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
                 spt[index] = new
             if new & S.WRITABLE and not old & S.WRITABLE and slot is not None:
                 vm.mark_page_dirty(slot, fault.gfn, vcpu)
-            r = RetPf.FIXED
+            r = RET_PF_FIXED
             break
     finally:
         vm.rcu.exit(token)
-    if r is not RetPf.INVALID:
+    if r is not RET_PF_INVALID:
         vcpu.stat.pf_fast += 1
     if vm.tracer.on:
         vm.tracer.emit("fast_page_fault", vcpu=vcpu.id, gpa=fault.addr,

@@ -172,6 +172,7 @@ def keys_in(table: dict[int, object], lo: int, hi: int) -> list[int]:
     return sorted(k for k in table if lo <= k < hi)
 
 
-# (level, hva shift of its frames, mask of the 4K page within a frame), largest first
+# (level, hva shift of its frames, mask of the 4K page within a frame): a page is mapped at
+# one level only, so the order is for speed (4K pages are the most common).
 _MAPPED_ORDER = tuple((level, PAGE_SHIFT + level_shift(level), pages_per_level(level) - 1)
-                      for level in (PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K))
+                      for level in (PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G))

@@ -61,8 +61,9 @@ class Memslot:
     same array to the new slot while logging stays on (dirty_log.py).
     """
 
-    __slots__ = ("as_id", "id", "base_gfn", "npages", "userspace_addr", "flags",
-                 "dirty_bitmap")
+    _FIELDS = ("as_id", "id", "base_gfn", "npages", "userspace_addr", "flags", "dirty_bitmap")
+    # What the flags say, read on every fault: kept as fields (a slot is never edited).
+    __slots__ = _FIELDS + ("readonly", "dirty_logging", "invalid")
 
     def __init__(self, as_id: int, id: int, base_gfn: int, npages: int,
                  userspace_addr: int, flags: int, dirty_bitmap: array | None = None) -> None:
@@ -70,27 +71,18 @@ class Memslot:
         self.base_gfn, self.npages = base_gfn, npages
         self.userspace_addr, self.flags = userspace_addr, flags
         self.dirty_bitmap = dirty_bitmap
+        self.readonly = bool(flags & KVM_MEM_READONLY)
+        self.dirty_logging = bool(flags & KVM_MEM_LOG_DIRTY_PAGES)
+        self.invalid = bool(flags & KVM_MEMSLOT_INVALID)
 
     def copy(self, **changes) -> "Memslot":
-        fields = {k: getattr(self, k) for k in self.__slots__}
+        fields = {k: getattr(self, k) for k in self._FIELDS}
         fields.update(changes)
         return Memslot(**fields)
 
     @property
     def end_gfn(self) -> int:
         return self.base_gfn + self.npages
-
-    @property
-    def readonly(self) -> bool:
-        return bool(self.flags & KVM_MEM_READONLY)
-
-    @property
-    def dirty_logging(self) -> bool:
-        return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES)
-
-    @property
-    def invalid(self) -> bool:
-        return bool(self.flags & KVM_MEMSLOT_INVALID)
 
     def gfn_to_hva(self, gfn: int) -> int:
         return self.userspace_addr + ((gfn - self.base_gfn) << PAGE_SHIFT)

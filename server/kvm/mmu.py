@@ -4,9 +4,10 @@
       RSVD (EPT misconfig)  -> handle_mmio_page_fault: an MMIO SPTE of this generation
                                emulates at once; a stale one takes the full path
       pf_taken++ -> tdp_page_fault
-        faultin_pfn         snapshot mmu_invalidate_seq; memslot; (await) host pfn;
-                            the unlocked retry pre-checks
-        mmu_lock for read   is the fault stale? (root invalid, retry_gfn)
+        fast_page_fault     write-protected or access-tracked leaf: fixed without the lock
+        faultin_pfn         snapshot mmu_invalidate_seq; memslot; host pfn (GUP-fast, else
+                            the lookup that may sleep); the unlocked retry pre-checks
+        mmu_lock for read   is_page_fault_stale (root invalid, retry_gfn)
           hugepage_adjust   the level the slot, the lpage rules and the host allow
           TdpMmu.map        walk, link, install with CAS
       FIXED / EMULATE / SPURIOUS are counted; RETRY is not.
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from . import spte as S
 from .fast_pf import fast_page_fault, page_fault_can_be_fast
-from .mmu_internal import PFERR_RSVD_MASK, PageFault, RetPf
+from .mmu_internal import (PFERR_RSVD_MASK, RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_FIXED,
+                           RET_PF_INVALID, RET_PF_RETRY, RET_PF_SPURIOUS, PageFault, RetPf)
 from .types import MAX_HUGEPAGE_LEVEL, PG_LEVEL_4K, pages_per_level
 
 if TYPE_CHECKING:
@@ -36,16 +38,16 @@ async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
         tracer.emit("kvm_page_fault", vcpu=vcpu.id, gpa=gpa, error_code=error_code)
     if error_code & PFERR_RSVD_MASK:
         r = handle_mmio_page_fault(vcpu, gpa)
-        if r is not RetPf.INVALID:
+        if r is not RET_PF_INVALID:
             return r
     stats.pf_taken += 1
     fault = PageFault(gpa, error_code)
     r = await tdp_page_fault(vcpu, fault)
-    if r is RetPf.FIXED:
+    if r is RET_PF_FIXED:
         stats.pf_fixed += 1
-    elif r is RetPf.EMULATE:
+    elif r is RET_PF_EMULATE:
         stats.pf_emulate += 1
-    elif r is RetPf.SPURIOUS:
+    elif r is RET_PF_SPURIOUS:
         stats.pf_spurious += 1
     else:
         stats.pf_retry += 1
@@ -58,55 +60,61 @@ def handle_mmio_page_fault(vcpu: "Vcpu", gpa: int) -> RetPf:
     path = vm.tdp.walk(vcpu.root, gpa >> 12)
     leaf = path[-1][3]
     if not S.is_mmio(leaf):
-        return RetPf.RETRY          # zapped meanwhile
+        return RET_PF_RETRY          # zapped meanwhile
     if S.mmio_generation(leaf) != vm.memslot_sets[0].generation & S.MMIO_GEN_MASK:
-        return RetPf.INVALID
+        return RET_PF_INVALID
     vcpu.stat.mmio_spte_hits += 1
     if vm.tracer.on:
         vm.tracer.emit("handle_mmio_page_fault", gpa=gpa, gfn=gpa >> 12)
-    return RetPf.EMULATE
+    return RET_PF_EMULATE
 
 
 async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
+    """`kvm_tdp_mmu_page_fault`: the fast path, else faultin, mmu_lock for read, map."""
     vm = vcpu.vm
     if page_fault_can_be_fast(vcpu, fault.error_code):
         r = await fast_page_fault(vcpu, fault)
-        if r is not RetPf.INVALID:
+        if r is not RET_PF_INVALID:
             return r
     # The memslot the fault looks up must not change under it until its SPTE is in and the
     # page marked dirty: the read-side section stands in for KVM's SRCU (kvm->srcu).
-    token = vm.rcu.enter()
+    rcu = vm.rcu
+    token = rcu.enter()
     try:
-        return await _slow_page_fault(vcpu, fault)
+        r = await faultin_pfn(vcpu, fault)
+        if r is not RET_PF_CONTINUE:
+            return r
+        await vm.sched.point("fault.before_lock")
+        async with vm.mmu_lock.read:
+            if is_page_fault_stale(vcpu, fault):
+                return RET_PF_RETRY
+            hugepage_adjust(vcpu, fault)
+            if vm.tracer.on:
+                vm.tracer.emit("kvm_mmu_spte_requested", gfn=fault.gfn, pfn=fault.pfn,
+                               level=fault.goal_level)
+            r = vm.tdp.map(fault, vcpu.root)
+            if r is RET_PF_FIXED:
+                if fault.map_writable and fault.slot.dirty_logging:
+                    vm.mark_page_dirty(fault.slot, fault.gfn, vcpu)   # a writable SPTE is in
+            elif r is RET_PF_EMULATE:
+                vcpu.stat.pf_mmio_spte_created += 1
+            return r
     finally:
-        vm.rcu.exit(token)
+        rcu.exit(token)
 
 
-async def _slow_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
+def is_page_fault_stale(vcpu: "Vcpu", fault: PageFault) -> bool:
+    """Under mmu_lock: the root went invalid, or an invalidation ran since the snapshot."""
+    if vcpu.root.invalid:
+        return True
     vm = vcpu.vm
-    r = await faultin_pfn(vcpu, fault)
-    if r is not RetPf.CONTINUE:
-        return r
-    await vm.sched.point("fault.before_lock")
-    async with vm.mmu_lock.read:
-        if vcpu.root.invalid:
-            return RetPf.RETRY
-        if fault.slot is not None and vm.notifier.retry_gfn(fault.mmu_seq, fault.gfn) and \
-                "skip_invalidate_retry" not in vm.knobs:
-            return RetPf.RETRY
-        hugepage_adjust(vcpu, fault)
-        if vm.tracer.on:
-            vm.tracer.emit("kvm_mmu_spte_requested", gfn=fault.gfn, pfn=fault.pfn,
-                           level=fault.goal_level)
-        r = vm.tdp.map(fault, vcpu.root)
-        if r is RetPf.EMULATE:
-            vcpu.stat.pf_mmio_spte_created += 1
-        elif r is RetPf.FIXED and fault.map_writable and fault.slot.dirty_logging:
-            vm.mark_page_dirty(fault.slot, fault.gfn, vcpu)   # a writable SPTE was created
-        return r
+    return fault.slot is not None and vm.notifier.retry_gfn(fault.mmu_seq, fault.gfn) and \
+        "skip_invalidate_retry" not in vm.knobs
 
 
 async def faultin_pfn(vcpu: "Vcpu", fault: PageFault) -> RetPf:
+    """`kvm_mmu_faultin_pfn`: snapshot the invalidation sequence, find the slot and the
+    host pfn (GUP-fast first; the slow lookup may sleep), pre-check for a retry."""
     vm = vcpu.vm
     notifier = vm.notifier
     fault.mmu_seq = notifier.mmu_invalidate_seq
@@ -115,22 +123,27 @@ async def faultin_pfn(vcpu: "Vcpu", fault: PageFault) -> RetPf:
     fault.generation = slots.generation
     slot = slots.lookup(fault.gfn)
     if slot is None:
-        return RetPf.CONTINUE if fault.gfn < vm.tdp.max_gfn else RetPf.EMULATE
+        return RET_PF_CONTINUE if fault.gfn < vm.tdp.max_gfn else RET_PF_EMULATE
     if slot.invalid:
-        return RetPf.RETRY
-    if fault.write and slot.readonly:
-        return RetPf.EMULATE                      # KVM_PFN_ERR_RO_FAULT
+        return RET_PF_RETRY
+    write = fault.write
+    if write and slot.readonly:
+        return RET_PF_EMULATE                      # KVM_PFN_ERR_RO_FAULT
     fault.slot = slot
     check_retry = "skip_invalidate_retry" not in vm.knobs
     if check_retry and notifier.retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
-        return RetPf.RETRY
-    fault.hva = slot.gfn_to_hva(fault.gfn)
+        return RET_PF_RETRY
+    hva = fault.hva = slot.gfn_to_hva(fault.gfn)
     await vm.sched.point("fault.hva_to_pfn")
-    fault.pfn, writable, fault.host_level = await vm.host.hva_to_pfn(fault.hva, fault.write)
+    host = vm.host
+    found = host.hva_to_pfn_fast(hva, write)
+    if found is None:
+        found = await host.hva_to_pfn(hva, write)
+    fault.pfn, writable, fault.host_level = found
     fault.map_writable = writable and not slot.readonly
     if check_retry and notifier.retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
-        return RetPf.RETRY
-    return RetPf.CONTINUE
+        return RET_PF_RETRY
+    return RET_PF_CONTINUE
 
 
 def hugepage_adjust(vcpu: "Vcpu", fault: PageFault) -> None:

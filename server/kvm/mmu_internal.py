@@ -6,7 +6,8 @@ import enum
 
 from .types import MAX_HUGEPAGE_LEVEL, PG_LEVEL_4K
 
-__all__ = ["RetPf", "PageFault", "PFERR_PRESENT_MASK", "PFERR_WRITE_MASK", "PFERR_USER_MASK",
+__all__ = ["RetPf", "PageFault", "RET_PF_CONTINUE", "RET_PF_RETRY", "RET_PF_EMULATE",
+           "RET_PF_WRITE_PROTECTED", "RET_PF_INVALID", "RET_PF_FIXED", "RET_PF_SPURIOUS", "PFERR_PRESENT_MASK", "PFERR_WRITE_MASK", "PFERR_USER_MASK",
            "PFERR_RSVD_MASK", "PFERR_FETCH_MASK", "PFERR_GUEST_FINAL_MASK",
            "PFERR_GUEST_PAGE_MASK"]
 
@@ -29,6 +30,12 @@ class RetPf(enum.IntEnum):
     SPURIOUS = 6
 
 
+# The members under KVM's names, for the fault path: reading an enum member through its
+# class costs a descriptor call, and the path compares results many times per fault.
+(RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_WRITE_PROTECTED, RET_PF_INVALID,
+ RET_PF_FIXED, RET_PF_SPURIOUS) = RetPf
+
+
 class PageFault:
     """One fault's inputs, what the lookups found, and the level it will map at."""
 
@@ -40,17 +47,14 @@ class PageFault:
                  prefetch: bool = False) -> None:
         self.addr, self.error_code, self.as_id, self.prefetch = addr, error_code, as_id, prefetch
         self.gfn = addr >> 12
-        self.write = bool(error_code & PFERR_WRITE_MASK)
-        self.exec = bool(error_code & PFERR_FETCH_MASK)
-        self.present = bool(error_code & PFERR_PRESENT_MASK)
-        self.rsvd = bool(error_code & PFERR_RSVD_MASK)
+        self.write = error_code & PFERR_WRITE_MASK != 0
+        self.exec = error_code & PFERR_FETCH_MASK != 0
+        self.present = error_code & PFERR_PRESENT_MASK != 0
+        self.rsvd = error_code & PFERR_RSVD_MASK != 0
         self.slot = None
-        self.hva = 0
-        self.mmu_seq = 0
-        self.pfn = 0
+        self.hva = self.mmu_seq = self.pfn = 0
+        self.generation = 0           # memslot generation, stamped into an MMIO SPTE
         self.map_writable = False
         self.max_level = MAX_HUGEPAGE_LEVEL
-        self.req_level = PG_LEVEL_4K
-        self.goal_level = PG_LEVEL_4K
-        self.generation = 0           # memslot generation, stamped into an MMIO SPTE
-        self.host_level = PG_LEVEL_4K  # the level the host maps the hva at
+        # req_level, goal_level and host_level (the level the host maps the hva at)
+        self.req_level = self.goal_level = self.host_level = PG_LEVEL_4K

@@ -12,6 +12,9 @@ Behaviour:
 - Cancellation: a cancelled waiter leaves the queue; if it was granted in the meantime, the
   grant is released as if it had run, so cancellation never leaks the lock.
 - The owner is the asyncio task; `assert_held_read/write` check it. Read recursion is a bug.
+- An uncontended acquire does not suspend: `acquire_read/write` grant at once and return an
+  awaitable that is already done, and leaving `async with` is no coroutine at all; only a
+  waiter gets a coroutine of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from dataclasses import dataclass
 
 from asyncio.events import _get_running_loop
 from asyncio.tasks import _current_tasks
+
+from .sched import DONE
 
 
 def current_task() -> asyncio.Task | None:
@@ -61,14 +66,16 @@ class _Guard:
     def __aenter__(self):
         return self._acquire()
 
-    async def __aexit__(self, *exc) -> None:
+    def __aexit__(self, *exc):
         self._release()
+        return DONE
 
 
 class MmuLock:
     READ, WRITE = "read", "write"
 
     def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None   # the holders' loop
         self._readers: dict[asyncio.Task | None, int] = {}
         self._writer: asyncio.Task | None = None
         self._waiters: collections.deque[tuple[str, asyncio.Future, asyncio.Task]] = \
@@ -80,25 +87,41 @@ class MmuLock:
 
     # -- acquire/release ----------------------------------------------------------
 
-    async def acquire_read(self) -> None:
-        task = current_task()
+    def _current_task(self) -> asyncio.Task | None:
+        """The running task, found in the loop the lock was last taken from while free
+        (every holder and waiter is a task of that loop): cheaper than `current_task`,
+        and asserted on every SPTE write."""
+        return _current_tasks.get(self._loop)
+
+    def _task_for_acquire(self) -> asyncio.Task | None:
+        if not self._readers and self._writer is None and not self._waiters:
+            self._loop = _get_running_loop()
+        task = _current_tasks.get(self._loop)
+        if task in self._readers or self._writer is task:
+            raise LockAssertion("mmu_lock taken recursively by the same task")
+        return task
+
+    def acquire_read(self):
+        """Take the lock for read: returns an awaitable, already done when granted at once."""
+        if not self._readers and self._writer is None and not self._waiters:
+            self._loop = _get_running_loop()
+        task = _current_tasks.get(self._loop)
         if task in self._readers or self._writer is task:
             raise LockAssertion("mmu_lock taken recursively by the same task")
         self._stats["read_acquisitions"] += 1
         if self._writer is None and not self._waiters:
             self._readers[task] = 1
-            return
-        await self._wait(self.READ, task)
+            return DONE
+        return self._wait(self.READ, task)
 
-    async def acquire_write(self) -> None:
-        task = current_task()
-        if task in self._readers or self._writer is task:
-            raise LockAssertion("mmu_lock taken recursively by the same task")
+    def acquire_write(self):
+        """Take the lock for write: returns an awaitable, already done when granted at once."""
+        task = self._task_for_acquire()
         self._stats["write_acquisitions"] += 1
         if self._writer is None and not self._readers and not self._waiters:
             self._writer = task
-            return
-        await self._wait(self.WRITE, task)
+            return DONE
+        return self._wait(self.WRITE, task)
 
     async def _wait(self, mode: str, task: asyncio.Task) -> None:
         self._stats[f"{mode}_contended"] += 1
@@ -120,10 +143,13 @@ class MmuLock:
             self._stats[f"{mode}_wait_ns"] += time.perf_counter_ns() - start
 
     def release_read(self) -> None:
-        self._release_owner(self.READ, current_task())
+        if self._readers.pop(_current_tasks.get(self._loop), None) is None:
+            raise LockAssertion("mmu_lock released for read by a task that does not hold it")
+        if self._waiters:
+            self._grant()
 
     def release_write(self) -> None:
-        self._release_owner(self.WRITE, current_task())
+        self._release_owner(self.WRITE, self._current_task())
 
     def _release_owner(self, mode: str, task: asyncio.Task | None) -> None:
         if mode == self.READ:
@@ -131,7 +157,7 @@ class MmuLock:
                 raise LockAssertion("mmu_lock released for read by a task that does not "
                                     "hold it")
         else:
-            if self._writer is not task:
+            if self._writer is None or self._writer is not task:
                 raise LockAssertion("mmu_lock released for write by a task that does not "
                                     "hold it")
             self._writer = None
@@ -157,20 +183,20 @@ class MmuLock:
     # -- contracts ----------------------------------------------------------------
 
     def assert_held_read(self) -> None:
-        if current_task() not in self._readers:
+        if _current_tasks.get(self._loop) not in self._readers:
             raise LockAssertion("mmu_lock must be held for read here")
 
     def assert_held_write(self) -> None:
-        if self._writer is None or self._writer is not current_task():
+        if self._writer is None or self._writer is not self._current_task():
             raise LockAssertion("mmu_lock must be held for write here")
 
     def assert_held(self) -> None:
-        task = current_task()
-        if self._writer is not task and task not in self._readers:
+        task = self._current_task()
+        if task is None or (self._writer is not task and task not in self._readers):
             raise LockAssertion("mmu_lock must be held here")
 
     def held_for_write(self) -> bool:
-        return self._writer is not None and self._writer is current_task()
+        return self._writer is not None and self._writer is self._current_task()
 
     def needbreak(self) -> bool:
         """`rwlock_needbreak`: someone waits, so a long walk should yield."""

@@ -18,7 +18,7 @@ __all__ = ["Rcu"]
 class Rcu:
     def __init__(self) -> None:
         self._seq = 0                                    # advances at every call_rcu
-        self._readers: collections.Counter[int] = collections.Counter()  # start seq -> n
+        self._readers: dict[int, int] = {}               # start seq -> sections open
         self._callbacks: collections.deque[tuple[int, object]] = collections.deque()
         self.grace_periods = 0
         self.callbacks_run = 0
@@ -34,14 +34,17 @@ class Rcu:
     def enter(self) -> int:
         """`rcu_read_lock`: returns the token `exit` takes."""
         start = self._seq
-        self._readers[start] += 1
+        readers = self._readers
+        readers[start] = readers.get(start, 0) + 1
         return start
 
     def exit(self, token: int) -> None:
         """`rcu_read_unlock`."""
         readers = self._readers
-        readers[token] -= 1
-        if not readers[token]:
+        n = readers[token] - 1
+        if n:
+            readers[token] = n
+        else:
             del readers[token]
             if self._callbacks:              # a grace period may have ended just now
                 self._advance()

@@ -17,7 +17,7 @@ import collections
 import random
 from asyncio import current_task
 
-__all__ = ["Scheduler", "POINTS"]
+__all__ = ["Scheduler", "POINTS", "DONE"]
 
 POINTS = (
     "fault.after_seq_snapshot",   # between mmu_seq snapshot and the pfn lookup
@@ -46,7 +46,7 @@ class _Done:
         return iter(())
 
 
-_DONE = _Done()
+DONE = _Done()
 
 
 class Scheduler:
@@ -59,7 +59,7 @@ class Scheduler:
 
     def point(self, name: str):
         if not self.deterministic:
-            return _DONE
+            return DONE
         return self._switch(name)
 
     async def _switch(self, name: str) -> None:

@@ -215,10 +215,9 @@ def leaf_change_needs_tlb_flush(old: int, new: int) -> bool:
 
 def check_writable_invariants(spte: int) -> bool:
     """Only (host, mmu, W) = 111, 110, 100, 000 are legal."""
-    host, mmu, w = is_host_writable(spte), is_mmu_writable(spte), is_writable(spte)
-    if w and not mmu:
+    if spte & WRITABLE and not spte & MMU_WRITABLE:
         return False
-    return host or not mmu
+    return bool(spte & HOST_WRITABLE or not spte & MMU_WRITABLE)
 
 
 def describe(spte: int, level: int) -> str:

@@ -13,7 +13,7 @@ compare-and-exchange is made against.
 from __future__ import annotations
 
 from .mmu_page import MmuPage, PageTables, UseAfterFree
-from .spte import BASE_ADDR_MASK, LARGE, MMU_PRESENT, spte_to_pfn
+from .spte import BASE_ADDR_MASK, LARGE, MMU_PRESENT
 from .types import PG_LEVEL_4K, PT_ENTRIES
 
 __all__ = ["TdpIter", "last_present"]
@@ -26,12 +26,21 @@ class TdpIter:
 
     def __init__(self, tables: PageTables, root: MmuPage, start: int, end: int,
                  min_level: int = PG_LEVEL_4K) -> None:
+        # `_restart` at `start`, spelled out: the fault path makes one iterator per fault.
         self.tables, self.root = tables, root
-        self.root_level, self.min_level, self.end = root.level, min_level, end
-        self.pt_path: list[MmuPage | None] = [None] * (root.level + 1)
-        self.pt_path[root.level] = root
-        self.next_last_level_gfn = start
-        self._restart()
+        level = self.root_level = self.level = root.level
+        self.min_level, self.end = min_level, end
+        path = self.pt_path = [None] * (level + 1)
+        path[level] = root
+        self.next_last_level_gfn = self.yielded_gfn = start
+        self.yielded = False
+        shift = (level - 1) * 9
+        self.gfn = start >> shift << shift
+        index = self.index = (start >> shift) & (PT_ENTRIES - 1)
+        if root.freed:
+            raise UseAfterFree(f"read of freed {root!r} at index {index}")
+        self.old_spte = root.spt[index]
+        self.valid = True
 
     def __iter__(self):
         while self.valid and self.gfn < self.end:
@@ -84,14 +93,21 @@ class TdpIter:
         level = self.level
         if level == self.min_level:
             return False
-        spte = self.old_spte = self.read()
+        page = self.pt_path[level]
+        if page.freed:
+            raise UseAfterFree(f"read of freed {page!r} at index {self.index}")
+        spte = self.old_spte = page.spt[self.index]      # re-read: it may have changed
         if not spte & MMU_PRESENT or spte & LARGE or level == PG_LEVEL_4K:
             return False
+        child = self.tables.by_pfn.get((spte & BASE_ADDR_MASK) >> 12)
+        if child is None:
+            raise UseAfterFree(f"SPTE {spte:#x} points at no page table")
         level = self.level = level - 1
-        child = self.pt_path[level] = self.tables.child(spte_to_pfn(spte))
+        self.pt_path[level] = child
         shift = (level - 1) * 9
-        self.gfn = (self.next_last_level_gfn >> shift) << shift
-        index = self.index = (self.gfn >> shift) & (PT_ENTRIES - 1)
+        gfn = self.next_last_level_gfn
+        self.gfn = gfn >> shift << shift
+        index = self.index = (gfn >> shift) & (PT_ENTRIES - 1)
         if child.freed:
             raise UseAfterFree(f"read of freed {child!r} at index {index}")
         self.old_spte = child.spt[index]

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Callable
 
 from . import spte as S
 from .errors import VmBugged
-from .mmu_internal import PageFault, RetPf
+from .mmu_internal import (RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS,
+                           PageFault, RetPf)
 from .mmu_lock import MmuLock
 from .mmu_page import MmuPage, PageTables
 from .rcu import Rcu
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 
 __all__ = ["TdpMmu", "max_mapping_level"]
 
-_PAGE_STAT = {PG_LEVEL_4K: "pages_4k", PG_LEVEL_2M: "pages_2m", PG_LEVEL_1G: "pages_1g"}
 
 
 class TdpMmu:
@@ -113,25 +113,35 @@ class TdpMmu:
 
     def handle_changed_spte(self, as_id: int, gfn: int, old: int, new: int, level: int,
                             shared: bool) -> None:
-        was_present, is_present = bool(old & S.MMU_PRESENT), bool(new & S.MMU_PRESENT)
-        was_leaf = was_present and (level == PG_LEVEL_4K or bool(old & S.LARGE))
-        is_leaf = is_present and (level == PG_LEVEL_4K or bool(new & S.LARGE))
-        if was_leaf and is_leaf and (old ^ new) & S.BASE_ADDR_MASK:
-            raise VmBugged(f"present leaf for gfn {gfn:#x} changed pfn {S.spte_to_pfn(old):#x}"
-                           f" -> {S.spte_to_pfn(new):#x} without an invalidation")
-        if is_leaf and not S.check_writable_invariants(new):
-            raise VmBugged(f"illegal writable bits in SPTE {new:#x} for gfn {gfn:#x}")
+        was_present, is_present = old & S.MMU_PRESENT != 0, new & S.MMU_PRESENT != 0
+        was_leaf = was_present and (level == PG_LEVEL_4K or old & S.LARGE != 0)
+        is_leaf = is_present and (level == PG_LEVEL_4K or new & S.LARGE != 0)
+        if is_leaf:
+            if was_leaf and (old ^ new) & S.BASE_ADDR_MASK:
+                raise VmBugged(f"present leaf for gfn {gfn:#x} changed pfn "
+                               f"{S.spte_to_pfn(old):#x} -> {S.spte_to_pfn(new):#x} without an "
+                               "invalidation")
+            if not S.check_writable_invariants(new):
+                raise VmBugged(f"illegal writable bits in SPTE {new:#x} for gfn {gfn:#x}")
         if self.tracer.on:
             self.tracer.emit("kvm_tdp_mmu_spte_changed", as_id=as_id, gfn=gfn, level=level,
                              old=old, new=new)
-        if is_leaf and not was_leaf and self.sanitizers is not None:
-            self.sanitizers.check_new_mapping(as_id, gfn, level)
         if was_leaf != is_leaf:
-            stat = _PAGE_STAT.get(level)
-            if stat:
-                setattr(self.stat, stat, getattr(self.stat, stat) + (1 if is_leaf else -1))
+            if is_leaf and self.sanitizers is not None:
+                self.sanitizers.check_new_mapping(as_id, gfn, level)
+            self._account_leaf(level, 1 if is_leaf else -1)
         if was_present and not was_leaf and (not is_present or is_leaf):
             self.handle_removed_pt(self.tables.child(S.spte_to_pfn(old)), shared)
+
+    def _account_leaf(self, level: int, delta: int) -> None:
+        """The pages_4k/2m/1g stats: leaves mapped at each level."""
+        stat = self.stat
+        if level == PG_LEVEL_4K:
+            stat.pages_4k += delta
+        elif level == PG_LEVEL_2M:
+            stat.pages_2m += delta
+        elif level == PG_LEVEL_1G:
+            stat.pages_1g += delta
 
     def handle_removed_pt(self, page: MmuPage, shared: bool) -> None:
         """Tear down an unlinked table: freeze every entry, free the page after RCU."""
@@ -168,12 +178,12 @@ class TdpMmu:
             while True:
                 old = it.old_spte
                 if old == S.FROZEN:
-                    return RetPf.RETRY
+                    return RET_PF_RETRY
                 if it.level == goal:
                     return self._map_target_level(fault, it)
                 if old & S.MMU_PRESENT and not old & S.LARGE:
                     if not it.step_down():
-                        return RetPf.RETRY
+                        return RET_PF_RETRY
                     continue
                 sp = self.tables.alloc(it.level - 1, it.gfn, root.as_id)
                 huge = S.is_leaf_present(old, it.level)
@@ -182,20 +192,20 @@ class TdpMmu:
                         sp.spt[i] = S.make_small(old, it.level, i)
                 if not self.set_spte_atomic(it, S.make_nonleaf(sp.pfn, self.ad_enabled)):
                     self.tables.free(sp)
-                    return RetPf.RETRY
+                    return RET_PF_RETRY
                 self.stat.tdp_mmu_pages += 1
                 if huge:
-                    stat = _PAGE_STAT[it.level - 1]
-                    setattr(self.stat, stat, getattr(self.stat, stat) + PT_ENTRIES)
+                    self._account_leaf(it.level - 1, PT_ENTRIES)
                 if not it.step_down():
-                    return RetPf.RETRY
+                    return RET_PF_RETRY
         finally:
             self.rcu.exit(token)
 
     def _map_target_level(self, fault: PageFault, it: TdpIter) -> RetPf:
         old = it.old_spte
-        if S.is_leaf_present(old, it.level) and (fault.prefetch or _access_allowed(fault, old)):
-            return RetPf.SPURIOUS
+        if old & S.MMU_PRESENT and S.is_last(old, it.level) and \
+                (fault.prefetch or _access_allowed(fault, old)):
+            return RET_PF_SPURIOUS
         if fault.slot is None:
             new = S.make_mmio(fault.gfn, fault.generation)
         else:
@@ -203,16 +213,16 @@ class TdpMmu:
                               writable=fault.map_writable, ad_enabled=self.ad_enabled,
                               prefetch=fault.prefetch)
         if new == old:
-            return RetPf.SPURIOUS
+            return RET_PF_SPURIOUS
         if not self.set_spte_atomic(it, new):
-            return RetPf.RETRY
+            return RET_PF_RETRY
         if old & S.MMU_PRESENT and not S.is_last(old, it.level):
             self.flush_remote_tlbs()          # a table was replaced by a huge leaf
         if fault.slot is None:
             if self.tracer.on:
                 self.tracer.emit("mark_mmio_spte", gfn=fault.gfn, gen=fault.generation)
-            return RetPf.EMULATE
-        return RetPf.FIXED
+            return RET_PF_EMULATE
+        return RET_PF_FIXED
 
     # -- zaps ---------------------------------------------------------------------
 
@@ -397,8 +407,7 @@ class TdpMmu:
                 self.tables.free(sp)             # another task changed it: look again
                 continue
             self.stat.tdp_mmu_pages += 1
-            stat = _PAGE_STAT[it.level - 1]
-            setattr(self.stat, stat, getattr(self.stat, stat) + PT_ENTRIES)
+            self._account_leaf(it.level - 1, PT_ENTRIES)
             if self.tracer.on:
                 self.tracer.emit("kvm_mmu_split_huge_page", gfn=it.gfn, level=it.level)
             return 1

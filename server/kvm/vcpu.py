@@ -26,7 +26,7 @@ from . import spte as S
 from .batch import OP_KIND_MASK, OP_WITH_DATA, AccessBatch, op_size
 from .errors import KvmError, VmBugged
 from .mmu import page_fault
-from .mmu_internal import RetPf
+from .mmu_internal import RET_PF_EMULATE, RET_PF_RETRY
 from .mmu_page import MmuPage
 from .stats import VcpuStats
 from .types import PAGE_SIZE, AccessKind
@@ -43,7 +43,15 @@ KVM_REQ_TLB_FLUSH = 1 << 0
 KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 1
 
 _NEED = tuple(1 << ((op & OP_KIND_MASK) - 1) if op & OP_KIND_MASK else 0 for op in range(256))
+_SIZE = tuple(op_size(op) for op in range(256))
+_READ, _WRITE, _EXEC = int(AccessKind.READ), int(AccessKind.WRITE), int(AccessKind.EXEC)
 _WALK_OK, _WALK_VIOLATION, _WALK_MISCONFIG = 0, 1, 2
+# The walker's exit qualifications, by access kind and the R/W/X the walk allowed, and the
+# error code VMX makes of each: tables, as both are on every fault's path.
+_QUALIFICATION = {kind: tuple(ept_violation_qualification(kind, rwx) for rwx in range(8))
+                  for kind in (AccessKind.READ, AccessKind.WRITE, AccessKind.EXEC)}
+_ERROR_CODE = {q: error_code_from_qualification(q)
+               for quals in _QUALIFICATION.values() for q in quals}
 
 
 class ExitReason(enum.Enum):
@@ -100,6 +108,10 @@ class Vcpu:
         self._read_data = bytearray()
         self._mmio: Exit | None = None
         self._walk_exit = (0, 0)
+        # What the walker reads on every miss, fixed for the VM's life.
+        self._tables = vm.tdp.tables.by_pfn
+        self._max_gfn = vm.tdp.max_gfn
+        self._ad_enabled = vm.ad_enabled
 
     def info(self) -> VcpuInfo:
         return VcpuInfo(self.id, self._running, self._mmio is not None)
@@ -172,6 +184,7 @@ class Vcpu:
         batch = self._batch
         n = len(batch)
         stats = self.stat
+        vm = self.vm
         while True:
             if self.requests or self.root is None:
                 await self._enter_guest()
@@ -190,22 +203,22 @@ class Vcpu:
                 error_code = MISCONFIG_ERROR_CODE
             else:
                 stats.ept_violations += 1
-                error_code = error_code_from_qualification(value)
+                error_code = _ERROR_CODE[value]
             try:
                 r = await page_fault(self, gpa, error_code)
             except KvmError as e:
                 return self._result(Exit(ExitReason.MEMORY_FAULT, gpa=gpa,
                                          length=op_size(op), is_write=_is_write(op),
                                          errno=e.errno, message=e.reason))
-            if r is RetPf.EMULATE:
+            if r is RET_PF_EMULATE:
                 return self._mmio_exit(i)
-            if r is RetPf.RETRY:
-                await self.vm.sched.point("vcpu.retry")
-                if self.vm.notifier.blocks(gpa >> 12):
-                    await self.vm.notifier.wait_for_end()   # re-faulting would only spin
+            if r is RET_PF_RETRY:
+                await vm.sched.point("vcpu.retry")
+                if vm.notifier.blocks(gpa >> 12):
+                    await vm.notifier.wait_for_end()   # re-faulting would only spin
                 else:
                     await asyncio.sleep(0)          # let the zap or the other fault move on
-            self.vm.check_alive()
+            vm.check_alive()
 
     def _dirty_ring_full_exit(self) -> RunResult:
         """KVM_EXIT_DIRTY_RING_FULL: the vCPU may not run until the ring is reset."""
@@ -284,47 +297,45 @@ class Vcpu:
                 i += 1
             return i
         keys, tlb_get = batch.tlb_keys, self.tlb.get
-        while i < n:
-            op = ops[i]
-            pfn = tlb_get(keys[i])
-            if pfn is None:
-                pfn = self._tlb_fill(gpas[i], op)
+        host, wpos = self.vm.host, self._wpos
+        try:
+            while i < n:
+                op = ops[i]
+                pfn = tlb_get(keys[i])
                 if pfn is None:
-                    return i
-            if check is not None:
-                check(gpas[i] >> 12, pfn, op & OP_KIND_MASK == AccessKind.WRITE)
-            if op & OP_WITH_DATA:
-                self._move_data(pfn, gpas[i] & (PAGE_SIZE - 1), op)
-            i += 1
-        return i
-
-    def _move_data(self, pfn: int, offset: int, op: int) -> None:
-        size = op_size(op)
-        host = self.vm.host
-        if _is_write(op):
-            host.write_pfn(pfn, offset, self._batch.write_data[self._wpos:self._wpos + size])
-            self._wpos += size
-        else:
-            self._read_data += host.read_pfn(pfn, offset, size)
+                    pfn = self._tlb_fill(gpas[i], op)
+                    if pfn is None:
+                        return i
+                if check is not None:
+                    check(gpas[i] >> 12, pfn, op & OP_KIND_MASK == _WRITE)
+                if op & OP_WITH_DATA:
+                    # The access moves its bytes (within one page: batches are checked).
+                    size = _SIZE[op]
+                    if op & OP_KIND_MASK == _WRITE:
+                        host.write_pfn(pfn, gpas[i] & (PAGE_SIZE - 1),
+                                       batch.write_data[wpos:wpos + size])
+                        wpos += size
+                    else:
+                        self._read_data += host.read_pfn(pfn, gpas[i] & (PAGE_SIZE - 1), size)
+                i += 1
+            return i
+        finally:
+            self._wpos = wpos
 
     def _tlb_fill(self, gpa: int, op: int) -> int | None:
         """The hardware page walker: the pfn (and a TLB fill), or None with the reason
         in `_walk_exit`."""
-        kind = op & OP_KIND_MASK
-        need = _NEED[op]
-        write = kind == AccessKind.WRITE
-        ad = self.vm.ad_enabled
-        tables = self.vm.tdp.tables.by_pfn
         gfn = gpa >> 12
-        if gfn >= self.vm.tdp.max_gfn:
+        if gfn >= self._max_gfn:
             # Beyond what the root maps: indexing would wrap onto a low gfn's entries.
-            self._walk_exit = (_WALK_VIOLATION, ept_violation_qualification(kind, 0))
+            self._walk_exit = (_WALK_VIOLATION, _QUALIFICATION[op & OP_KIND_MASK][0])
             return None
         page = self.pde_cache.get(gfn >> 9)
         if page is None:
             page = self.root
         elif page.freed:
             raise VmBugged(f"paging-structure cache holds freed {page!r}")
+        ad = self._ad_enabled
         spt, level = page.spt, page.level
         while True:
             shift = (level - 1) * 9
@@ -335,36 +346,37 @@ class Vcpu:
                 return None
             perms = spte & S.RWX
             if not perms:
-                self._walk_exit = (_WALK_VIOLATION, ept_violation_qualification(kind, 0))
+                self._walk_exit = (_WALK_VIOLATION, _QUALIFICATION[op & OP_KIND_MASK][0])
                 return None
             if level == 1 or spte & S.LARGE:
                 break
             if ad and not spte & S.ACCESSED:
                 spt[index] = spte | S.ACCESSED
-            page = tables[(spte & S.BASE_ADDR_MASK) >> 12]
+            page = self._tables[(spte & S.BASE_ADDR_MASK) >> 12]
             if page.freed:
                 raise VmBugged(f"hardware walk through freed {page!r}")
             spt = page.spt
             level -= 1
             if level == 1:
                 self.pde_cache[gfn >> 9] = page
-        if not perms & need:
-            self._walk_exit = (_WALK_VIOLATION, ept_violation_qualification(kind, perms))
+        if not perms & _NEED[op]:
+            self._walk_exit = (_WALK_VIOLATION, _QUALIFICATION[op & OP_KIND_MASK][perms])
             return None
         if ad:
-            new = spte | S.ACCESSED | (S.DIRTY if write else 0)
+            new = spte | (S.ACCESSED | S.DIRTY if op & OP_KIND_MASK == _WRITE
+                          else S.ACCESSED)
             if new != spte:
                 spt[index] = spte = new
-        if not (spte & S.DIRTY or not ad):
-            perms &= ~S.WRITABLE
+            if not spte & S.DIRTY:
+                perms &= ~S.WRITABLE
         pfn = ((spte & S.BASE_ADDR_MASK) >> 12) + (gfn & ((1 << shift) - 1))
         key, tlb = gfn << 4, self.tlb
         if perms & S.READABLE:
-            tlb[key | AccessKind.READ] = pfn
+            tlb[key | _READ] = pfn
         if perms & S.WRITABLE:
-            tlb[key | AccessKind.WRITE] = pfn
+            tlb[key | _WRITE] = pfn
         if perms & S.EXECUTABLE:
-            tlb[key | AccessKind.EXEC] = pfn
+            tlb[key | _EXEC] = pfn
         return pfn
 
 

@@ -90,7 +90,9 @@ async def test_a_huge_leaf_in_a_dirty_logged_slot_is_not_fast_fixed(make_guest):
         it = leaf_of(g.vm.tdp.tables, g.vcpu.root, 1)
         assert it.level == 2
         g.vm.tdp.iter_set_spte(it, it.old_spte & ~S.WRITABLE)
-    g.vm.memslot_sets[0].lookup(1).flags |= 1                    # logging, as seen by faults
+    slot = g.vm.memslot_sets[0].lookup(1)
+    slot.flags |= 1                                              # logging, as seen by faults
+    slot.dirty_logging = True
     error = PFERR_WRITE_MASK | PFERR_PRESENT_MASK
     assert await fast_page_fault(g.vcpu, PageFault(0x1000, error)) is RetPf.INVALID
 
