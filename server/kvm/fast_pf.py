@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import spte as S
+from .spte import EXECUTABLE, LARGE, MMU_WRITABLE, READABLE, RWX, WRITABLE
 from .mmu_internal import (PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_WRITE_MASK, RET_PF_FIXED,
                            RET_PF_INVALID, RET_PF_SPURIOUS, PageFault, RetPf)
 from .mmu_page import UseAfterFree
@@ -44,30 +45,32 @@ def page_fault_can_be_fast(vcpu: "Vcpu", error_code: int) -> bool:
 async def fast_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
     vm = vcpu.vm
     r = RET_PF_INVALID
-    tables = vm.tdp.tables
-    need = S.EXECUTABLE if fault.exec else S.WRITABLE if fault.write else S.READABLE
-    token = vm.rcu.enter()
+    by_pfn = vm.tdp.tables.by_pfn
+    gfn, write = fault.gfn, fault.write
+    need = EXECUTABLE if fault.exec else WRITABLE if write else READABLE
+    rcu = vm.rcu
+    token = rcu.enter()
     # fault->slot: looked up once, under the read-side section that memslot updates wait
     # out, so a slot published meanwhile is not this fault's business.
-    slot = vm.memslot_sets[fault.as_id].lookup(fault.gfn)
+    slot = vm.memslot_sets[fault.as_id].lookup(gfn)
     try:
         for _ in range(MAX_TRIES):
-            found = last_present(tables, vcpu.root, fault.gfn)
+            found = last_present(by_pfn, vcpu.root, gfn)
             if found is None:
                 break
             table, index, level, old = found
-            if level != PG_LEVEL_4K and not old & S.LARGE:
+            if level != PG_LEVEL_4K and not old & LARGE:
                 break                             # the walk ended above a missing leaf
             if old & need:
                 r = RET_PF_SPURIOUS
                 break
             new = old
-            if not old & S.RWX and S.ad_disabled(old):
+            if not old & RWX and S.ad_disabled(old):
                 new = S.restore_access_track(new)
-            if fault.write and old & S.MMU_WRITABLE:
+            if write and old & MMU_WRITABLE:
                 if level > PG_LEVEL_4K and slot is not None and slot.dirty_logging:
                     break                         # only the slow path may split it
-                new |= S.WRITABLE
+                new |= WRITABLE
             if new == old or not new & need:
                 break
             await vm.sched.point("fast_pf.cas")
@@ -80,12 +83,12 @@ async def fast_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
                 continue                          # changed under us: walk again
             else:
                 spt[index] = new
-            if new & S.WRITABLE and not old & S.WRITABLE and slot is not None:
-                vm.mark_page_dirty(slot, fault.gfn, vcpu)
+            if new & WRITABLE and not old & WRITABLE and slot is not None:
+                vm.mark_page_dirty(slot, gfn, vcpu)
             r = RET_PF_FIXED
             break
     finally:
-        vm.rcu.exit(token)
+        rcu.exit(token)
     if r is not RET_PF_INVALID:
         vcpu.stat.pf_fast += 1
     if vm.tracer.on:

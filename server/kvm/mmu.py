@@ -117,13 +117,14 @@ async def faultin_pfn(vcpu: "Vcpu", fault: PageFault) -> RetPf:
     host pfn (GUP-fast first; the slow lookup may sleep), pre-check for a retry."""
     vm = vcpu.vm
     notifier = vm.notifier
-    fault.mmu_seq = notifier.mmu_invalidate_seq
+    mmu_seq = fault.mmu_seq = notifier.mmu_invalidate_seq
     await vm.sched.point("fault.after_seq_snapshot")
     slots = vm.memslot_sets[fault.as_id]
     fault.generation = slots.generation
-    slot = slots.lookup(fault.gfn)
+    gfn = fault.gfn
+    slot = slots.lookup(gfn)
     if slot is None:
-        return RET_PF_CONTINUE if fault.gfn < vm.tdp.max_gfn else RET_PF_EMULATE
+        return RET_PF_CONTINUE if gfn < vm.tdp.max_gfn else RET_PF_EMULATE
     if slot.invalid:
         return RET_PF_RETRY
     write = fault.write
@@ -131,9 +132,9 @@ async def faultin_pfn(vcpu: "Vcpu", fault: PageFault) -> RetPf:
         return RET_PF_EMULATE                      # KVM_PFN_ERR_RO_FAULT
     fault.slot = slot
     check_retry = "skip_invalidate_retry" not in vm.knobs
-    if check_retry and notifier.retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
+    if check_retry and notifier.retry_gfn_unsafe(mmu_seq, gfn):
         return RET_PF_RETRY
-    hva = fault.hva = slot.gfn_to_hva(fault.gfn)
+    hva = fault.hva = slot.gfn_to_hva(gfn)
     await vm.sched.point("fault.hva_to_pfn")
     host = vm.host
     found = host.hva_to_pfn_fast(hva, write)
@@ -141,7 +142,7 @@ async def faultin_pfn(vcpu: "Vcpu", fault: PageFault) -> RetPf:
         found = await host.hva_to_pfn(hva, write)
     fault.pfn, writable, fault.host_level = found
     fault.map_writable = writable and not slot.readonly
-    if check_retry and notifier.retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
+    if check_retry and notifier.retry_gfn_unsafe(mmu_seq, gfn):
         return RET_PF_RETRY
     return RET_PF_CONTINUE
 

@@ -37,24 +37,31 @@ class RetPf(enum.IntEnum):
 
 
 class PageFault:
-    """One fault's inputs, what the lookups found, and the level it will map at."""
+    """One fault's inputs, what the lookups found, and the level it will map at.
 
-    __slots__ = ("addr", "error_code", "gfn", "write", "exec", "present", "rsvd", "prefetch",
-                 "slot", "hva", "mmu_seq", "pfn", "map_writable", "max_level", "req_level",
-                 "goal_level", "as_id", "generation", "host_level")
+    The fields every fault starts with are class attributes: a fault object is made on
+    every fault, and only what differs is stored on it."""
+
+    slot = None                     # the memslot, None for a gfn no slot covers (MMIO)
+    hva = 0
+    mmu_seq = 0                     # mmu_invalidate_seq when the fault began
+    pfn = 0
+    map_writable = False
+    generation = 0                  # memslot generation, stamped into an MMIO SPTE
+    max_level = MAX_HUGEPAGE_LEVEL
+    req_level = PG_LEVEL_4K
+    goal_level = PG_LEVEL_4K
+    host_level = PG_LEVEL_4K        # the level the host maps the hva at
+    as_id = 0
+    prefetch = False
 
     def __init__(self, addr: int, error_code: int, as_id: int = 0,
                  prefetch: bool = False) -> None:
-        self.addr, self.error_code, self.as_id, self.prefetch = addr, error_code, as_id, prefetch
+        self.addr, self.error_code = addr, error_code
+        if as_id:
+            self.as_id = as_id
+        if prefetch:
+            self.prefetch = prefetch
         self.gfn = addr >> 12
         self.write = error_code & PFERR_WRITE_MASK != 0
         self.exec = error_code & PFERR_FETCH_MASK != 0
-        self.present = error_code & PFERR_PRESENT_MASK != 0
-        self.rsvd = error_code & PFERR_RSVD_MASK != 0
-        self.slot = None
-        self.hva = self.mmu_seq = self.pfn = 0
-        self.generation = 0           # memslot generation, stamped into an MMIO SPTE
-        self.map_writable = False
-        self.max_level = MAX_HUGEPAGE_LEVEL
-        # req_level, goal_level and host_level (the level the host maps the hva at)
-        self.req_level = self.goal_level = self.host_level = PG_LEVEL_4K

@@ -11,7 +11,10 @@ Behaviour:
 - Ownership is handed over at release: a granted waiter owns the lock before it runs.
 - Cancellation: a cancelled waiter leaves the queue; if it was granted in the meantime, the
   grant is released as if it had run, so cancellation never leaks the lock.
-- The owner is the asyncio task; `assert_held_read/write` check it. Read recursion is a bug.
+- The owner is the asyncio task. Read recursion is a bug. With `lockdep` (the VM's
+  sanitizers) `assert_held_read/write` check that the running task is an owner; without
+  it, as in a kernel built without lockdep, they check only that the lock is held in
+  that mode.
 - An uncontended acquire does not suspend: `acquire_read/write` grant at once and return an
   awaitable that is already done, and leaving `async with` is no coroutine at all; only a
   waiter gets a coroutine of its own.
@@ -74,7 +77,12 @@ class _Guard:
 class MmuLock:
     READ, WRITE = "read", "write"
 
-    def __init__(self) -> None:
+    def __init__(self, lockdep: bool = True) -> None:
+        self.lockdep = lockdep
+        if not lockdep:
+            self.assert_held_read = self._assert_held_read_mode
+            self.assert_held_write = self._assert_held_write_mode
+            self.assert_held = self._assert_held_mode
         self._loop: asyncio.AbstractEventLoop | None = None   # the holders' loop
         self._readers: dict[asyncio.Task | None, int] = {}
         self._writer: asyncio.Task | None = None
@@ -88,24 +96,26 @@ class MmuLock:
     # -- acquire/release ----------------------------------------------------------
 
     def _current_task(self) -> asyncio.Task | None:
-        """The running task, found in the loop the lock was last taken from while free
-        (every holder and waiter is a task of that loop): cheaper than `current_task`,
-        and asserted on every SPTE write."""
-        return _current_tasks.get(self._loop)
+        """The running task, looked up in the loop of the lock's tasks (one loop at a
+        time: a lock is only ever free when its loop changes); cheaper than
+        `asyncio.current_task`, and on every fault's path."""
+        task = _current_tasks.get(self._loop)
+        if task is None:
+            self._loop = _get_running_loop()
+            task = _current_tasks.get(self._loop)
+        return task
 
     def _task_for_acquire(self) -> asyncio.Task | None:
-        if not self._readers and self._writer is None and not self._waiters:
-            self._loop = _get_running_loop()
-        task = _current_tasks.get(self._loop)
+        task = self._current_task()
         if task in self._readers or self._writer is task:
             raise LockAssertion("mmu_lock taken recursively by the same task")
         return task
 
     def acquire_read(self):
         """Take the lock for read: returns an awaitable, already done when granted at once."""
-        if not self._readers and self._writer is None and not self._waiters:
-            self._loop = _get_running_loop()
         task = _current_tasks.get(self._loop)
+        if task is None:
+            task = self._current_task()
         if task in self._readers or self._writer is task:
             raise LockAssertion("mmu_lock taken recursively by the same task")
         self._stats["read_acquisitions"] += 1
@@ -193,6 +203,18 @@ class MmuLock:
     def assert_held(self) -> None:
         task = self._current_task()
         if task is None or (self._writer is not task and task not in self._readers):
+            raise LockAssertion("mmu_lock must be held here")
+
+    def _assert_held_read_mode(self) -> None:
+        if not self._readers:
+            raise LockAssertion("mmu_lock must be held for read here")
+
+    def _assert_held_write_mode(self) -> None:
+        if self._writer is None:
+            raise LockAssertion("mmu_lock must be held for write here")
+
+    def _assert_held_mode(self) -> None:
+        if self._writer is None and not self._readers:
             raise LockAssertion("mmu_lock must be held here")
 
     def held_for_write(self) -> bool:

@@ -1,6 +1,7 @@
 """The 64-bit EPT SPTE as the TDP MMU writes it: bits, predicates and constructors.
 
-Call sites never test masks; they ask these functions. Layout (reference §1.1):
+Callers ask these functions, except where an SPTE is read once per access or per fault (the
+hardware walker, the iterator, the fault path), which test the bits. Layout (reference §1.1):
 
     bit 0-2  R W X            bit 7  large (leaf at 2M/1G)   bit 8 Accessed   bit 9 Dirty
     bit 11   MMU-present      bits 12-51 pfn                 bits 52-53 A/D mode
@@ -118,7 +119,7 @@ def make_nonleaf(child_pfn: int, ad_enabled: bool) -> int:
     return spte | (ACCESSED if ad_enabled else AD_DISABLED)
 
 
-def make_leaf(pfn: int, level: int, *, host_writable: bool, writable: bool,
+def make_leaf(pfn: int, level: int, host_writable: bool, writable: bool,
               ad_enabled: bool, prefetch: bool = False, executable: bool = True) -> int:
     """A leaf as `make_spte` builds it for TDP (pte_access = ACC_ALL).
 

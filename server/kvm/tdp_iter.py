@@ -20,18 +20,18 @@ __all__ = ["TdpIter", "last_present"]
 
 
 class TdpIter:
-    __slots__ = ("tables", "root", "root_level", "min_level", "end", "next_last_level_gfn",
-                 "yielded_gfn", "pt_path", "level", "gfn", "index", "old_spte", "valid",
-                 "yielded")
+    __slots__ = ("tables", "by_pfn", "root", "root_level", "min_level", "end",
+                 "next_last_level_gfn", "yielded_gfn", "pt_path", "table", "level", "gfn",
+                 "index", "old_spte", "valid", "yielded")
 
     def __init__(self, tables: PageTables, root: MmuPage, start: int, end: int,
                  min_level: int = PG_LEVEL_4K) -> None:
         # `_restart` at `start`, spelled out: the fault path makes one iterator per fault.
-        self.tables, self.root = tables, root
+        self.tables, self.by_pfn, self.root = tables, tables.by_pfn, root
         level = self.root_level = self.level = root.level
         self.min_level, self.end = min_level, end
         path = self.pt_path = [None] * (level + 1)
-        path[level] = root
+        path[level] = self.table = root       # `table`: the table at `level` (pt_path[level])
         self.next_last_level_gfn = self.yielded_gfn = start
         self.yielded = False
         shift = (level - 1) * 9
@@ -53,6 +53,7 @@ class TdpIter:
         self.yielded = False
         self.yielded_gfn = self.next_last_level_gfn
         self.level = self.root_level
+        self.table = self.root
         self.gfn = self._round(self.next_last_level_gfn, self.level)
         self._load()
         self.valid = True
@@ -67,14 +68,10 @@ class TdpIter:
 
     def read(self) -> int:
         """Re-read the current SPTE (another task may have written it)."""
-        page = self.pt_path[self.level]
+        page = self.table
         if page.freed:
             raise UseAfterFree(f"read of freed {page!r} at index {self.index}")
         return page.spt[self.index]
-
-    @property
-    def table(self) -> MmuPage:
-        return self.pt_path[self.level]
 
     # -- movement -----------------------------------------------------------------
 
@@ -93,23 +90,22 @@ class TdpIter:
         level = self.level
         if level == self.min_level:
             return False
-        page = self.pt_path[level]
+        page = self.table
         if page.freed:
             raise UseAfterFree(f"read of freed {page!r} at index {self.index}")
         spte = self.old_spte = page.spt[self.index]      # re-read: it may have changed
         if not spte & MMU_PRESENT or spte & LARGE or level == PG_LEVEL_4K:
             return False
-        child = self.tables.by_pfn.get((spte & BASE_ADDR_MASK) >> 12)
+        # A freed table has left `by_pfn`, so a live child is never a freed one.
+        child = self.by_pfn.get((spte & BASE_ADDR_MASK) >> 12)
         if child is None:
             raise UseAfterFree(f"SPTE {spte:#x} points at no page table")
         level = self.level = level - 1
-        self.pt_path[level] = child
+        self.pt_path[level] = self.table = child
         shift = (level - 1) * 9
         gfn = self.next_last_level_gfn
         self.gfn = gfn >> shift << shift
         index = self.index = (gfn >> shift) & (PT_ENTRIES - 1)
-        if child.freed:
-            raise UseAfterFree(f"read of freed {child!r} at index {index}")
         self.old_spte = child.spt[index]
         return True
 
@@ -126,6 +122,7 @@ class TdpIter:
         if self.level == self.root_level:
             return False
         self.level += 1
+        self.table = self.pt_path[self.level]
         self.gfn = self._round(self.gfn, self.level)
         self.index = (self.gfn >> ((self.level - 1) * 9)) & (PT_ENTRIES - 1)
         return True
@@ -135,14 +132,14 @@ class TdpIter:
         self.yielded = True
 
 
-def last_present(tables: PageTables, root: MmuPage, gfn: int
+def last_present(by_pfn: dict[int, MmuPage], root: MmuPage, gfn: int
                  ) -> tuple[MmuPage, int, int, int] | None:
     """(table, index, level, spte) of the last present SPTE on the way to gfn, or None.
 
     The iterator's walk over [gfn, gfn + 1) cut to its one useful path, for the lockless
-    callers that only want the leaf (`kvm_tdp_mmu_fast_pf_get_last_sptep`)."""
+    callers that only want the leaf (`kvm_tdp_mmu_fast_pf_get_last_sptep`); `by_pfn` is
+    `PageTables.by_pfn`."""
     page, level = root, root.level
-    by_pfn = tables.by_pfn
     last = None
     while True:
         if page.freed:
@@ -151,9 +148,9 @@ def last_present(tables: PageTables, root: MmuPage, gfn: int
         spte = page.spt[index]
         if not spte & MMU_PRESENT:
             return last
-        last = (page, index, level, spte)
         if spte & LARGE or level == PG_LEVEL_4K:
-            return last
+            return page, index, level, spte
+        last = (page, index, level, spte)
         page = by_pfn.get((spte & BASE_ADDR_MASK) >> 12)
         if page is None:
             raise UseAfterFree(f"SPTE {spte:#x} points at no page table")

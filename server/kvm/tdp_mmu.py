@@ -14,6 +14,8 @@ import asyncio
 from typing import TYPE_CHECKING, Callable
 
 from . import spte as S
+from .spte import (BASE_ADDR_MASK, EXECUTABLE, FROZEN, LARGE, MMU_PRESENT, MMU_WRITABLE,
+                   NONPRESENT, READABLE, WRITABLE)
 from .errors import VmBugged
 from .mmu_internal import (RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS,
                            PageFault, RetPf)
@@ -90,15 +92,17 @@ class TdpMmu:
     def set_spte_atomic(self, it: TdpIter, new: int) -> bool:
         """cmpxchg against `it.old_spte`; on failure refresh the snapshot and say so."""
         self.mmu_lock.assert_held_read()
-        if S.is_frozen(it.old_spte) or it.yielded:
+        old = it.old_spte
+        if old == FROZEN or it.yielded:
             raise VmBugged("atomic SPTE write from a frozen or stale snapshot")
-        spt, i = it.table.spt, it.index
+        table, i = it.table, it.index
+        spt = table.spt
         current = spt[i]
-        if current != it.old_spte:
+        if current != old:
             it.old_spte = current
             return False
         spt[i] = new
-        self.handle_changed_spte(it.table.as_id, it.gfn, current, new, it.level, shared=True)
+        self.handle_changed_spte(table.as_id, it.gfn, current, new, it.level, True)
         it.old_spte = new
         return True
 
@@ -113,11 +117,11 @@ class TdpMmu:
 
     def handle_changed_spte(self, as_id: int, gfn: int, old: int, new: int, level: int,
                             shared: bool) -> None:
-        was_present, is_present = old & S.MMU_PRESENT != 0, new & S.MMU_PRESENT != 0
-        was_leaf = was_present and (level == PG_LEVEL_4K or old & S.LARGE != 0)
-        is_leaf = is_present and (level == PG_LEVEL_4K or new & S.LARGE != 0)
+        was_present, is_present = old & MMU_PRESENT != 0, new & MMU_PRESENT != 0
+        was_leaf = was_present and (level == PG_LEVEL_4K or old & LARGE != 0)
+        is_leaf = is_present and (level == PG_LEVEL_4K or new & LARGE != 0)
         if is_leaf:
-            if was_leaf and (old ^ new) & S.BASE_ADDR_MASK:
+            if was_leaf and (old ^ new) & BASE_ADDR_MASK:
                 raise VmBugged(f"present leaf for gfn {gfn:#x} changed pfn "
                                f"{S.spte_to_pfn(old):#x} -> {S.spte_to_pfn(new):#x} without an "
                                "invalidation")
@@ -155,10 +159,10 @@ class TdpMmu:
             old = spt[i]
             if S.is_frozen(old):
                 raise VmBugged(f"entry {i} of unlinked {page!r} is already frozen")
-            if not shared and not old & S.MMU_PRESENT:
+            if not shared and not old & MMU_PRESENT:
                 continue
-            spt[i] = S.FROZEN
-            self.handle_changed_spte(page.as_id, page.gfn + i * step, old, S.FROZEN,
+            spt[i] = FROZEN
+            self.handle_changed_spte(page.as_id, page.gfn + i * step, old, FROZEN,
                                      page.level, shared)
         if "free_tables_immediately" in self.knobs:
             self.tables.free(page)          # debug knob: no grace period for lockless walkers
@@ -177,11 +181,11 @@ class TdpMmu:
             it = TdpIter(self.tables, root, fault.gfn, fault.gfn + 1, goal)
             while True:
                 old = it.old_spte
-                if old == S.FROZEN:
+                if old == FROZEN:
                     return RET_PF_RETRY
                 if it.level == goal:
                     return self._map_target_level(fault, it)
-                if old & S.MMU_PRESENT and not old & S.LARGE:
+                if old & MMU_PRESENT and not old & LARGE:
                     if not it.step_down():
                         return RET_PF_RETRY
                     continue
@@ -203,20 +207,21 @@ class TdpMmu:
 
     def _map_target_level(self, fault: PageFault, it: TdpIter) -> RetPf:
         old = it.old_spte
-        if old & S.MMU_PRESENT and S.is_last(old, it.level) and \
+        if old & MMU_PRESENT and S.is_last(old, it.level) and \
                 (fault.prefetch or _access_allowed(fault, old)):
             return RET_PF_SPURIOUS
         if fault.slot is None:
             new = S.make_mmio(fault.gfn, fault.generation)
         else:
-            new = S.make_leaf(fault.pfn, it.level, host_writable=fault.map_writable,
-                              writable=fault.map_writable, ad_enabled=self.ad_enabled,
-                              prefetch=fault.prefetch)
+            # host_writable = writable = map_writable, ad_enabled, prefetch
+            writable = fault.map_writable
+            new = S.make_leaf(fault.pfn, it.level, writable, writable, self.ad_enabled,
+                              fault.prefetch)
         if new == old:
             return RET_PF_SPURIOUS
         if not self.set_spte_atomic(it, new):
             return RET_PF_RETRY
-        if old & S.MMU_PRESENT and not S.is_last(old, it.level):
+        if old & MMU_PRESENT and not S.is_last(old, it.level):
             self.flush_remote_tlbs()          # a table was replaced by a huge leaf
         if fault.slot is None:
             if self.tracer.on:
@@ -239,7 +244,7 @@ class TdpMmu:
                     continue
                 if not S.is_leaf_present(it.old_spte, it.level):
                     continue
-                self.iter_set_spte(it, S.NONPRESENT)
+                self.iter_set_spte(it, NONPRESENT)
                 flush = flush or not root.invalid
         return flush
 
@@ -266,14 +271,14 @@ class TdpMmu:
                     if walk.need_resched(it):
                         await walk.cond_resched(it, False)
                         continue
-                    if not it.old_spte & S.MMU_PRESENT or it.level > zap_level:
+                    if not it.old_spte & MMU_PRESENT or it.level > zap_level:
                         continue
                     if shared:
-                        while not self.set_spte_atomic(it, S.NONPRESENT):
-                            if not it.old_spte & S.MMU_PRESENT:
+                        while not self.set_spte_atomic(it, NONPRESENT):
+                            if not it.old_spte & MMU_PRESENT:
                                 break
                     else:
-                        self.iter_set_spte(it, S.NONPRESENT)
+                        self.iter_set_spte(it, NONPRESENT)
 
     # -- introspection ------------------------------------------------------------
 
@@ -316,7 +321,7 @@ class TdpMmu:
                         continue
                     while S.is_leaf_present(it.old_spte, it.level) and \
                             S.is_writable(it.old_spte):
-                        if self.set_spte_atomic(it, it.old_spte & ~S.WRITABLE):
+                        if self.set_spte_atomic(it, it.old_spte & ~WRITABLE):
                             flush = True
                             break
         return flush
@@ -341,7 +346,7 @@ class TdpMmu:
                         continue
                     left &= ~bit
                     if S.is_writable(it.old_spte):
-                        self.iter_set_spte(it, it.old_spte & ~S.WRITABLE)
+                        self.iter_set_spte(it, it.old_spte & ~WRITABLE)
                         done += 1
         return done
 
@@ -356,7 +361,7 @@ class TdpMmu:
                 for it in TdpIter(self.tables, root, gfn, gfn + 1, min_level):
                     if not S.is_leaf_present(it.old_spte, it.level):
                         continue
-                    new = it.old_spte & ~(S.WRITABLE | S.MMU_WRITABLE)
+                    new = it.old_spte & ~(WRITABLE | MMU_WRITABLE)
                     if new != it.old_spte:
                         self.iter_set_spte(it, new)
                         changed = True
@@ -469,10 +474,10 @@ def max_mapping_level(slot: "Memslot", gfn: int, host_mapping_level: Callable[[i
 
 def _access_allowed(fault: PageFault, spte: int) -> bool:
     if fault.exec:
-        return bool(spte & S.EXECUTABLE)
+        return bool(spte & EXECUTABLE)
     if fault.write:
-        return bool(spte & S.WRITABLE)
-    return bool(spte & S.READABLE)
+        return bool(spte & WRITABLE)
+    return bool(spte & READABLE)
 
 
 YIELD_BATCH = 4096          # SPTEs a walk may visit before it yields unasked (need_resched)

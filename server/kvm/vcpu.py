@@ -22,7 +22,8 @@ from operator import indexOf
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import spte as S
+from .spte import (ACCESSED, BASE_ADDR_MASK, DIRTY, EXECUTABLE, LARGE, MMIO_MASK, MMIO_VALUE,
+                   READABLE, RWX, WRITABLE)
 from .batch import OP_KIND_MASK, OP_WITH_DATA, AccessBatch, op_size
 from .errors import KvmError, VmBugged
 from .mmu import page_fault
@@ -112,6 +113,8 @@ class Vcpu:
         self._tables = vm.tdp.tables.by_pfn
         self._max_gfn = vm.tdp.max_gfn
         self._ad_enabled = vm.ad_enabled
+        self._host = vm.host
+        self._check_access = vm.sanitizers.check_access if vm.sanitizers is not None else None
 
     def info(self) -> VcpuInfo:
         return VcpuInfo(self.id, self._running, self._mmio is not None)
@@ -281,8 +284,8 @@ class Vcpu:
         """
         batch = self._batch
         gpas, ops, n = batch.gpas, batch.ops, len(batch.gpas)
-        check = self.vm.sanitizers.check_access if self.vm.sanitizers is not None else None
-        if not batch.has_data and check is None:
+        check = self._check_access
+        if check is None and not batch.has_data:
             keys = memoryview(batch.tlb_keys)
             if i == 0 and self.tlb.keys() >= set(keys):
                 return n                       # every access hits
@@ -297,7 +300,7 @@ class Vcpu:
                 i += 1
             return i
         keys, tlb_get = batch.tlb_keys, self.tlb.get
-        host, wpos = self.vm.host, self._wpos
+        host, wpos = self._host, self._wpos
         try:
             while i < n:
                 op = ops[i]
@@ -326,12 +329,12 @@ class Vcpu:
         """The hardware page walker: the pfn (and a TLB fill), or None with the reason
         in `_walk_exit`."""
         gfn = gpa >> 12
-        if gfn >= self._max_gfn:
-            # Beyond what the root maps: indexing would wrap onto a low gfn's entries.
-            self._walk_exit = (_WALK_VIOLATION, _QUALIFICATION[op & OP_KIND_MASK][0])
-            return None
         page = self.pde_cache.get(gfn >> 9)
         if page is None:
+            if gfn >= self._max_gfn:
+                # Beyond what the root maps: indexing would wrap onto a low gfn's entries.
+                self._walk_exit = (_WALK_VIOLATION, _QUALIFICATION[op & OP_KIND_MASK][0])
+                return None
             page = self.root
         elif page.freed:
             raise VmBugged(f"paging-structure cache holds freed {page!r}")
@@ -341,18 +344,18 @@ class Vcpu:
             shift = (level - 1) * 9
             index = (gfn >> shift) & 511
             spte = spt[index]
-            if spte & S.MMIO_MASK == S.MMIO_VALUE:
+            if spte & MMIO_MASK == MMIO_VALUE:
                 self._walk_exit = (_WALK_MISCONFIG, 0)
                 return None
-            perms = spte & S.RWX
+            perms = spte & RWX
             if not perms:
                 self._walk_exit = (_WALK_VIOLATION, _QUALIFICATION[op & OP_KIND_MASK][0])
                 return None
-            if level == 1 or spte & S.LARGE:
+            if level == 1 or spte & LARGE:
                 break
-            if ad and not spte & S.ACCESSED:
-                spt[index] = spte | S.ACCESSED
-            page = self._tables[(spte & S.BASE_ADDR_MASK) >> 12]
+            if ad and not spte & ACCESSED:
+                spt[index] = spte | ACCESSED
+            page = self._tables[(spte & BASE_ADDR_MASK) >> 12]
             if page.freed:
                 raise VmBugged(f"hardware walk through freed {page!r}")
             spt = page.spt
@@ -363,19 +366,19 @@ class Vcpu:
             self._walk_exit = (_WALK_VIOLATION, _QUALIFICATION[op & OP_KIND_MASK][perms])
             return None
         if ad:
-            new = spte | (S.ACCESSED | S.DIRTY if op & OP_KIND_MASK == _WRITE
-                          else S.ACCESSED)
+            new = spte | (ACCESSED | DIRTY if op & OP_KIND_MASK == _WRITE
+                          else ACCESSED)
             if new != spte:
                 spt[index] = spte = new
-            if not spte & S.DIRTY:
-                perms &= ~S.WRITABLE
-        pfn = ((spte & S.BASE_ADDR_MASK) >> 12) + (gfn & ((1 << shift) - 1))
+            if not spte & DIRTY:
+                perms &= ~WRITABLE
+        pfn = ((spte & BASE_ADDR_MASK) >> 12) + (gfn & ((1 << shift) - 1))
         key, tlb = gfn << 4, self.tlb
-        if perms & S.READABLE:
+        if perms & READABLE:
             tlb[key | _READ] = pfn
-        if perms & S.WRITABLE:
+        if perms & WRITABLE:
             tlb[key | _WRITE] = pfn
-        if perms & S.EXECUTABLE:
+        if perms & EXECUTABLE:
             tlb[key | _EXEC] = pfn
         return pfn
 

@@ -158,7 +158,7 @@ class Vm:
         self.host.sched = self.sched
         self.sanitizers = Sanitizers(self) if config.sanitizers else None
         self.violation: VmBugged | None = None
-        self.mmu_lock = MmuLock()
+        self.mmu_lock = MmuLock(lockdep=self.sanitizers is not None)
         self.rcu = Rcu()
         self.slots_lock = asyncio.Lock()
         self.memslot_sets = [Memslots(as_id) for as_id in range(KVM_ADDRESS_SPACE_NUM)]
