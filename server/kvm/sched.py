@@ -33,20 +33,24 @@ POINTS = (
     "gpc.refresh_before_valid",   # GPC refresh has a pfn and has not set valid yet
 )
 
+_KNOWN = frozenset(POINTS)
 TRACE_LENGTH = 24
 _TURNS = (0, 0, 0, 0, 1, 1, 2, 3, 5, 8, 13, 40)   # turns given away: mostly few, some many
 
 
-class _Done:
-    """An awaitable that is already finished: awaiting it never switches tasks."""
+def _finished_future() -> asyncio.Future:
+    """A future that is already done. Awaiting a done future returns at once, in C and
+    in any loop (its own loop is never consulted again), so it serves every no-op await."""
+    loop = asyncio.new_event_loop()
+    try:
+        fut = loop.create_future()
+        fut.set_result(None)
+        return fut
+    finally:
+        loop.close()
 
-    __slots__ = ()
 
-    def __await__(self):
-        return iter(())
-
-
-DONE = _Done()
+DONE = _finished_future()      # awaiting it never switches tasks
 
 
 class Scheduler:
@@ -56,8 +60,15 @@ class Scheduler:
         self._rng = random.Random(seed)
         self.trace: collections.deque[tuple[str, str]] = collections.deque(maxlen=TRACE_LENGTH)
         self.points_passed = 0
+        if not self.deterministic:
+            # Free-running, a point is a lookup of its name (an unknown one raises
+            # KeyError) that gives back DONE: no Python frame on the fault path.
+            self.point = dict.fromkeys(POINTS, DONE).__getitem__
 
     def point(self, name: str):
+        """The awaitable of the preemption point `name`."""
+        if name not in _KNOWN:
+            raise KeyError(name)
         if not self.deterministic:
             return DONE
         return self._switch(name)
