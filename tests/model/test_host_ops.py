@@ -12,33 +12,14 @@ import errno
 
 import pytest
 
-from vmmu.server.kvm import AccessBatch, AccessKind, Backing, ExitReason, KvmError
+from vmmu.server.kvm import AccessKind, Backing, ExitReason, KvmError
 from vmmu.server.kvm import spte as S
+
+from guest_io import Gate, leaf, read, run, write
 
 MIB, GIB = 1 << 20, 1 << 30
 PAGE = 4096
 R, W = AccessKind.READ, AccessKind.WRITE
-
-
-async def run(vcpu, *accesses):
-    return await vcpu.run(AccessBatch.build(accesses))
-
-
-async def write(g, gpa, data: bytes):
-    result = await run(g.vcpu, *[(gpa + i, W, 8, data[i:i + 8]) for i in range(0, len(data), 8)])
-    assert result.exit.reason is ExitReason.DONE
-
-
-async def read(g, gpa, size=8) -> bytes:
-    result = await run(g.vcpu, (gpa, R, size, b""))
-    assert result.exit.reason is ExitReason.DONE
-    return result.read_data
-
-
-def leaf(g, gpa):
-    path = g.vm.walk(gpa)
-    assert path and path[-1].kind == "leaf", path
-    return path[-1]
 
 
 def host_pfn(g, gpa):
@@ -353,23 +334,6 @@ async def test_a_thp_populated_while_the_notifiers_run_is_inside_the_invalidatio
     assert (leaf(g, 0x5000).level, leaf(g, 0x5000).pfn) == (1, huge + 5)
 
 
-class Gate:
-    """Another secondary MMU on the host's notifier list: it holds the invalidation of
-    one range at its start until the test opens the gate."""
-
-    def __init__(self, start: int, end: int) -> None:
-        self.range = (start, end)
-        self.reached, self.open = asyncio.Event(), asyncio.Event()
-
-    async def invalidate_range_start(self, start: int, end: int) -> None:
-        if (start, end) == self.range and not self.open.is_set():
-            self.reached.set()
-            await self.open.wait()
-
-    async def invalidate_range_end(self, start: int, end: int) -> None:
-        pass
-
-
 async def test_a_collapse_landing_inside_a_zap_window_makes_it_announce_the_thp(make_guest):
     """dontneed announces one 4K page of a split frame; before its change runs, a collapse
     makes the frame huge: the zap must announce the whole THP again before it splits it."""
@@ -475,9 +439,10 @@ async def test_collapse_refuses_a_frame_with_a_ksm_page_or_two_protections(make_
 async def test_host_operations_on_a_destroyed_vm_are_enoent(make_guest):
     g = await make_guest(Backing.PAGE_4K, 4 * MIB)
     await g.vm.destroy()
-    with pytest.raises(KvmError) as err:
-        await g.vm.madvise_dontneed(g.region.hva, PAGE)
-    assert err.value.errno == errno.ENOENT
+    for op in (g.vm.madvise_dontneed, g.vm.madvise_populate_write):
+        with pytest.raises(KvmError) as err:
+            await op(g.region.hva, PAGE)
+        assert err.value.errno == errno.ENOENT, op.__name__
 
 
 # -- the host pages themselves --------------------------------------------------------------

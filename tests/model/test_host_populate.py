@@ -12,33 +12,14 @@ import errno
 
 import pytest
 
-from vmmu.server.kvm import AccessBatch, AccessKind, Backing, ExitReason, KvmError
+from vmmu.server.kvm import AccessKind, Backing, KvmError
+
+from guest_io import Gate, leaf, read, write
 
 MIB, GIB = 1 << 20, 1 << 30
 PAGE = 4096
 ZERO = bytes(PAGE)
 R, W = AccessKind.READ, AccessKind.WRITE
-
-
-async def run(vcpu, *accesses):
-    return await vcpu.run(AccessBatch.build(accesses))
-
-
-async def write(g, gpa, data: bytes):
-    result = await run(g.vcpu, *[(gpa + i, W, 8, data[i:i + 8]) for i in range(0, len(data), 8)])
-    assert result.exit.reason is ExitReason.DONE
-
-
-async def read(g, gpa, size=8) -> bytes:
-    result = await run(g.vcpu, (gpa, R, size, b""))
-    assert result.exit.reason is ExitReason.DONE
-    return result.read_data
-
-
-def leaf(g, gpa):
-    path = g.vm.walk(gpa)
-    assert path and path[-1].kind == "leaf", path
-    return path[-1]
 
 
 def kvm_maps(g, gpa) -> bool:
@@ -298,30 +279,6 @@ async def test_read_only_regions_and_holes(kvm_vm):
             await kvm_vm.madvise_populate_write(hva, size)
         assert err.value.errno == code, hex(hva)
     assert host_state(kvm_vm) == state
-
-
-async def test_a_destroyed_vm_is_enoent(make_guest):
-    g = await make_guest(Backing.PAGE_4K, 4 * MIB)
-    await g.vm.destroy()
-    with pytest.raises(KvmError) as err:
-        await g.vm.madvise_populate_write(g.region.hva, PAGE)
-    assert err.value.errno == errno.ENOENT
-
-
-class Gate:
-    """A secondary MMU that holds the invalidation of one range at its start."""
-
-    def __init__(self, start: int, end: int) -> None:
-        self.range = (start, end)
-        self.reached, self.open = asyncio.Event(), asyncio.Event()
-
-    async def invalidate_range_start(self, start: int, end: int) -> None:
-        if (start, end) == self.range and not self.open.is_set():
-            self.reached.set()
-            await self.open.wait()
-
-    async def invalidate_range_end(self, start: int, end: int) -> None:
-        pass
 
 
 async def _ksm_region_held_at_its_cow_break(vm):
