@@ -214,22 +214,15 @@ class HostMm:
         and nothing has to sleep, else None (not populated, swapped out, or a write that
         must break a KSM page's copy-on-write): the caller then takes the slow lookup.
         Raises as `hva_to_pfn` does."""
-        i = bisect.bisect_right(self._starts, hva) - 1
-        region = self._regions[i] if i >= 0 else None
-        if region is None or region.end <= hva:
-            raise KvmError(errno.EFAULT, f"hva {hva:#x} is not mapped")
-        writable = region.writable_at(hva)
-        if write and not writable:
-            raise KvmError(errno.EFAULT, f"write to read-only hva {hva:#x}")
+        region = self._region_for_access(hva, write)
         found = region.mapped(hva)
         if found is None:
             return None
         pfn, level = found
-        if pfn in self.ksm_pages:
-            if write:
-                return None
-            writable = False
-        return pfn, writable, level
+        shared = pfn in self.ksm_pages
+        if write and shared:
+            return None
+        return pfn, region.writable_at(hva) and not shared, level
 
     def current_pfn(self, hva: int) -> int | None:
         """The pfn mapped at hva now, faulting nothing in (None: not populated)."""
@@ -303,6 +296,13 @@ class HostMm:
     def is_ksm(self, region: HostRegion, hva: int) -> bool:
         """Does hva map a KSM page (shared, write-protected) in `region`?"""
         return region.frames[PG_LEVEL_4K].get(hva >> PAGE_SHIFT) in self.ksm_pages
+
+    def ksm_hvas(self, region: HostRegion, start: int, end: int) -> list[int]:
+        """The hvas of the pages in [start, end) of `region` that map a KSM page."""
+        frames = region.frames[PG_LEVEL_4K]
+        return [page << PAGE_SHIFT
+                for page in keys_in(frames, start >> PAGE_SHIFT, end >> PAGE_SHIFT)
+                if frames[page] in self.ksm_pages]
 
     async def unshare(self, region: HostRegion, hva: int) -> None:
         """Break copy-on-write of the KSM page at hva (if it still maps one), as a write

@@ -84,10 +84,8 @@ async def madvise_populate_write(mm: HostMm, hva: int, size: int) -> int:
     this populated counts whole, as in `migrate`)."""
     while True:
         chunks = _populate_range(mm, hva, size)
-        shared = [(region, page << PAGE_SHIFT) for region, start, end in chunks
-                  for page in keys_in(region.frames[PG_LEVEL_4K], start >> PAGE_SHIFT,
-                                      end >> PAGE_SHIFT)
-                  if region.frames[PG_LEVEL_4K][page] in mm.ksm_pages]
+        shared = [(region, page_hva) for region, start, end in chunks
+                  for page_hva in mm.ksm_hvas(region, start, end)]
         if not shared:
             # Synchronous from here: nothing can change the range under the population.
             return sum(_populate_write(mm, *chunk) for chunk in chunks)
@@ -328,10 +326,10 @@ def _check_collapse(mm: HostMm, region: HostRegion, start: int) -> None:
     end = start + HPAGE_SIZE
     if not region.uniform(start, end):
         raise einval(f"the 2M frame at {start:#x} has two protections")
-    pages = keys_in(region.frames[PG_LEVEL_4K], start >> PAGE_SHIFT, end >> PAGE_SHIFT)
-    if any(region.frames[PG_LEVEL_4K][page] in mm.ksm_pages for page in pages):
+    if mm.ksm_hvas(region, start, end):
         raise KvmError(errno.EBUSY, f"the 2M frame at {start:#x} maps a KSM page")
-    if not pages and not keys_in(region.swapped, start >> PAGE_SHIFT, end >> PAGE_SHIFT):
+    if not keys_in(region.frames[PG_LEVEL_4K], start >> PAGE_SHIFT, end >> PAGE_SHIFT) and \
+            not keys_in(region.swapped, start >> PAGE_SHIFT, end >> PAGE_SHIFT):
         raise KvmError(errno.EBUSY, f"nothing is mapped in the 2M frame at {start:#x}")
 
 

@@ -32,12 +32,6 @@ from asyncio.tasks import _current_tasks
 
 from .sched import DONE
 
-
-def current_task() -> asyncio.Task | None:
-    """The running task: `asyncio.current_task` without its argument handling (this is
-    on every fault's path)."""
-    return _current_tasks.get(_get_running_loop())
-
 __all__ = ["MmuLock", "LockStatistics", "LockAssertion"]
 
 
@@ -96,28 +90,24 @@ class MmuLock:
     # -- acquire/release ----------------------------------------------------------
 
     def _current_task(self) -> asyncio.Task | None:
-        """The running task, looked up in the loop of the lock's tasks (one loop at a
-        time: a lock is only ever free when its loop changes); cheaper than
-        `asyncio.current_task`, and on every fault's path."""
-        task = _current_tasks.get(self._loop)
-        if task is None:
-            self._loop = _get_running_loop()
-            task = _current_tasks.get(self._loop)
-        return task
+        """The running task, looked up in the loop of the lock's tasks: cheaper than
+        `asyncio.current_task`, and on every fault's path. A task that holds or awaits the
+        lock runs in that loop, so a task of another loop is never mistaken for one."""
+        return _current_tasks.get(self._loop)
 
     def _task_for_acquire(self) -> asyncio.Task | None:
-        task = self._current_task()
+        task = _current_tasks.get(self._loop)
+        if task is None:
+            # The lock's first use, or a new loop (the lock is free then): look it up.
+            self._loop = _get_running_loop()
+            task = _current_tasks.get(self._loop)
         if task in self._readers or self._writer is task:
             raise LockAssertion("mmu_lock taken recursively by the same task")
         return task
 
     def acquire_read(self):
         """Take the lock for read: returns an awaitable, already done when granted at once."""
-        task = _current_tasks.get(self._loop)
-        if task is None:
-            task = self._current_task()
-        if task in self._readers or self._writer is task:
-            raise LockAssertion("mmu_lock taken recursively by the same task")
+        task = self._task_for_acquire()
         self._stats["read_acquisitions"] += 1
         if self._writer is None and not self._waiters:
             self._readers[task] = 1
@@ -153,10 +143,7 @@ class MmuLock:
             self._stats[f"{mode}_wait_ns"] += time.perf_counter_ns() - start
 
     def release_read(self) -> None:
-        if self._readers.pop(_current_tasks.get(self._loop), None) is None:
-            raise LockAssertion("mmu_lock released for read by a task that does not hold it")
-        if self._waiters:
-            self._grant()
+        self._release_owner(self.READ, self._current_task())
 
     def release_write(self) -> None:
         self._release_owner(self.WRITE, self._current_task())
@@ -193,7 +180,7 @@ class MmuLock:
     # -- contracts ----------------------------------------------------------------
 
     def assert_held_read(self) -> None:
-        if _current_tasks.get(self._loop) not in self._readers:
+        if self._current_task() not in self._readers:
             raise LockAssertion("mmu_lock must be held for read here")
 
     def assert_held_write(self) -> None:

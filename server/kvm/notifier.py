@@ -126,9 +126,7 @@ class Notifier:
     def retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
         """`mmu_invalidate_retry_gfn`, under mmu_lock."""
         self.vm.mmu_lock.assert_held()
-        if self.mmu_invalidate_in_progress and self.range_start <= gfn < self.range_end:
-            return True
-        return self.mmu_invalidate_seq != mmu_seq
+        return self.retry_gfn_unsafe(mmu_seq, gfn)
 
     def retry_gfn_unsafe(self, mmu_seq: int, gfn: int) -> bool:
         """The lockless pre-check: may be wrong both ways without the lock."""

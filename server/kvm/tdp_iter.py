@@ -26,21 +26,12 @@ class TdpIter:
 
     def __init__(self, tables: PageTables, root: MmuPage, start: int, end: int,
                  min_level: int = PG_LEVEL_4K) -> None:
-        # `_restart` at `start`, spelled out: the fault path makes one iterator per fault.
         self.tables, self.by_pfn, self.root = tables, tables.by_pfn, root
-        level = self.root_level = self.level = root.level
-        self.min_level, self.end = min_level, end
-        path = self.pt_path = [None] * (level + 1)
-        path[level] = self.table = root       # `table`: the table at `level` (pt_path[level])
-        self.next_last_level_gfn = self.yielded_gfn = start
-        self.yielded = False
-        shift = (level - 1) * 9
-        self.gfn = start >> shift << shift
-        index = self.index = (start >> shift) & (PT_ENTRIES - 1)
-        if root.freed:
-            raise UseAfterFree(f"read of freed {root!r} at index {index}")
-        self.old_spte = root.spt[index]
-        self.valid = True
+        self.root_level, self.min_level, self.end = root.level, min_level, end
+        self.pt_path: list[MmuPage | None] = [None] * (root.level + 1)
+        self.pt_path[root.level] = root
+        self.next_last_level_gfn = start
+        self._restart()
 
     def __iter__(self):
         while self.valid and self.gfn < self.end:
@@ -50,21 +41,20 @@ class TdpIter:
     # -- position -----------------------------------------------------------------
 
     def _restart(self) -> None:
+        # `table` is the table at `level` (pt_path[level]).
         self.yielded = False
-        self.yielded_gfn = self.next_last_level_gfn
-        self.level = self.root_level
+        gfn = self.yielded_gfn = self.next_last_level_gfn
+        level = self.level = self.root_level
         self.table = self.root
-        self.gfn = self._round(self.next_last_level_gfn, self.level)
-        self._load()
+        shift = (level - 1) * 9
+        self.gfn = gfn >> shift << shift
+        self.index = (gfn >> shift) & (PT_ENTRIES - 1)
+        self.old_spte = self.read()
         self.valid = True
 
     @staticmethod
     def _round(gfn: int, level: int) -> int:
         return gfn & ~((1 << ((level - 1) * 9)) - 1)
-
-    def _load(self) -> None:
-        self.index = (self.gfn >> ((self.level - 1) * 9)) & (PT_ENTRIES - 1)
-        self.old_spte = self.read()
 
     def read(self) -> int:
         """Re-read the current SPTE (another task may have written it)."""
@@ -90,10 +80,7 @@ class TdpIter:
         level = self.level
         if level == self.min_level:
             return False
-        page = self.table
-        if page.freed:
-            raise UseAfterFree(f"read of freed {page!r} at index {self.index}")
-        spte = self.old_spte = page.spt[self.index]      # re-read: it may have changed
+        spte = self.old_spte = self.read()               # it may have changed
         if not spte & MMU_PRESENT or spte & LARGE or level == PG_LEVEL_4K:
             return False
         # A freed table has left `by_pfn`, so a live child is never a freed one.

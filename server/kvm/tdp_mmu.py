@@ -207,8 +207,7 @@ class TdpMmu:
 
     def _map_target_level(self, fault: PageFault, it: TdpIter) -> RetPf:
         old = it.old_spte
-        if old & MMU_PRESENT and S.is_last(old, it.level) and \
-                (fault.prefetch or _access_allowed(fault, old)):
+        if S.is_leaf_present(old, it.level) and (fault.prefetch or _access_allowed(fault, old)):
             return RET_PF_SPURIOUS
         if fault.slot is None:
             new = S.make_mmio(fault.gfn, fault.generation)
