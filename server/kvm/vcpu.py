@@ -18,16 +18,17 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
+from array import array
 from operator import indexOf
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from .spte import (ACCESSED, BASE_ADDR_MASK, DIRTY, EXECUTABLE, LARGE, MMIO_MASK, MMIO_VALUE,
                    READABLE, RWX, WRITABLE)
 from .batch import OP_KIND_MASK, OP_WITH_DATA, AccessBatch, op_size
 from .errors import KvmError, VmBugged
 from .mmu import page_fault
-from .mmu_internal import RET_PF_EMULATE, RET_PF_RETRY
+from .mmu_internal import PFERR_RSVD_MASK, RET_PF_EMULATE, RET_PF_RETRY
 from .mmu_page import MmuPage
 from .stats import VcpuStats
 from .types import PAGE_SIZE, AccessKind
@@ -46,13 +47,15 @@ KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 1
 _NEED = tuple(1 << ((op & OP_KIND_MASK) - 1) if op & OP_KIND_MASK else 0 for op in range(256))
 _SIZE = tuple(op_size(op) for op in range(256))
 _READ, _WRITE, _EXEC = int(AccessKind.READ), int(AccessKind.WRITE), int(AccessKind.EXEC)
-_WALK_OK, _WALK_VIOLATION, _WALK_MISCONFIG = 0, 1, 2
-# The walker's exit qualifications, by access kind and the R/W/X the walk allowed, and the
-# error code VMX makes of each: tables, as both are on every fault's path.
-_QUALIFICATION = {kind: tuple(ept_violation_qualification(kind, rwx) for rwx in range(8))
-                  for kind in (AccessKind.READ, AccessKind.WRITE, AccessKind.EXEC)}
-_ERROR_CODE = {q: error_code_from_qualification(q)
-               for quals in _QUALIFICATION.values() for q in quals}
+# By op: the bits the walker sets in a leaf it uses (A/D on): D too for a write.
+_SET_AD = tuple(ACCESSED | DIRTY if op & OP_KIND_MASK == _WRITE else ACCESSED
+                for op in range(256))
+# By op and the R/W/X the walk allowed: the #PF error code VMX makes of the EPT violation's
+# exit qualification. A table, as it is on every fault's path.
+_VIOLATION = tuple(
+    tuple(error_code_from_qualification(ept_violation_qualification(op & OP_KIND_MASK, rwx))
+          if op & OP_KIND_MASK else 0 for rwx in range(8))
+    for op in range(256))
 
 
 class ExitReason(enum.Enum):
@@ -108,7 +111,7 @@ class Vcpu:
         self._wpos = 0
         self._read_data = bytearray()
         self._mmio: Exit | None = None
-        self._walk_exit = (0, 0)
+        self._exit_error_code = 0
         # What the walker reads on every miss, fixed for the VM's life.
         self._tables = vm.tdp.tables.by_pfn
         self._max_gfn = vm.tdp.max_gfn
@@ -184,32 +187,34 @@ class Vcpu:
         return RunResult(self._pos, exit, bytes(self._read_data))
 
     async def _run_loop(self) -> RunResult:
-        batch = self._batch
+        """Enter the guest, run it until an access exits, handle the exit, and go round.
+
+        The guest is a generator (`_guest`) resumed at every entry: it keeps its place in
+        the batch across exits, as a vCPU's state survives a VM exit."""
+        batch, stats, vm = self._batch, self.stat, self.vm
         n = len(batch)
-        stats = self.stat
-        vm = self.vm
+        guest = self._guest()
         while True:
             if self.requests or self.root is None:
                 await self._enter_guest()
             if self.dirty_ring is not None and self.dirty_ring.soft_full():
                 return self._dirty_ring_full_exit()
             start = self._pos
-            i = self._pos = self._execute(start)
+            i = self._pos = next(guest, n)
             stats.accesses += i - start
             if i >= n:
                 return self._result(_DONE)
             stats.exits += 1
-            status, value = self._walk_exit
-            gpa, op = batch.gpas[i], batch.ops[i]
-            if status == _WALK_MISCONFIG:
+            error_code = self._exit_error_code
+            if error_code & PFERR_RSVD_MASK:
                 stats.ept_misconfigs += 1
-                error_code = MISCONFIG_ERROR_CODE
             else:
                 stats.ept_violations += 1
-                error_code = _ERROR_CODE[value]
+            gpa = batch.gpas[i]
             try:
                 r = await page_fault(self, gpa, error_code)
             except KvmError as e:
+                op = batch.ops[i]
                 return self._result(Exit(ExitReason.MEMORY_FAULT, gpa=gpa,
                                          length=op_size(op), is_write=_is_write(op),
                                          errno=e.errno, message=e.reason))
@@ -275,99 +280,85 @@ class Vcpu:
 
     # -- guest mode (synchronous: nothing else runs) -----------------------------------
 
-    def _execute(self, i: int) -> int:
-        """Run accesses from i until one needs the host: returns its index (or len).
+    def _guest(self) -> Iterator[int]:
+        """Run accesses from `_pos` until one needs the host: yield its index, and execute
+        it again when resumed. The #PF error code of the exit is in `_exit_error_code`.
 
         Without data to move, hits are found in C: a batch whose keys are all in the TLB
         is done at once, else `indexOf(map(tlb.__contains__, keys))` stops at the first
         key the TLB lacks; only misses come back to Python.
         """
         batch = self._batch
-        gpas, ops, n = batch.gpas, batch.ops, len(batch.gpas)
+        gpas, ops, i = batch.gpas, batch.ops, self._pos
+        n, tlb, fill = len(gpas), self.tlb, self._tlb_fill
         check = self._check_access
         if check is None and not batch.has_data:
             keys = memoryview(batch.tlb_keys)
-            if i == 0 and self.tlb.keys() >= set(keys):
-                return n                       # every access hits
-            contains = self.tlb.__contains__
+            if i == 0 and tlb.keys() >= set(keys):
+                return                         # every access hits
+            contains = tlb.__contains__
             while i < n:
                 try:
                     i += indexOf(map(contains, keys[i:]), False)
                 except ValueError:
-                    return n
-                if self._tlb_fill(gpas[i], ops[i]) is None:
-                    return i
+                    return
+                while fill(gpas[i], ops[i]) is None:
+                    yield i
                 i += 1
-            return i
-        keys, tlb_get = batch.tlb_keys, self.tlb.get
+            return
+        keys, tlb_get = batch.tlb_keys, tlb.get
         host, wpos = self._host, self._wpos
-        try:
-            while i < n:
-                op = ops[i]
-                pfn = tlb_get(keys[i])
-                if pfn is None:
-                    pfn = self._tlb_fill(gpas[i], op)
-                    if pfn is None:
-                        return i
-                if check is not None:
-                    check(gpas[i] >> 12, pfn, op & OP_KIND_MASK == _WRITE)
-                if op & OP_WITH_DATA:
-                    # The access moves its bytes (within one page: batches are checked).
-                    size = _SIZE[op]
-                    if op & OP_KIND_MASK == _WRITE:
-                        host.write_pfn(pfn, gpas[i] & (PAGE_SIZE - 1),
-                                       batch.write_data[wpos:wpos + size])
-                        wpos += size
-                    else:
-                        self._read_data += host.read_pfn(pfn, gpas[i] & (PAGE_SIZE - 1), size)
-                i += 1
-            return i
-        finally:
-            self._wpos = wpos
+        while i < n:
+            op = ops[i]
+            pfn = tlb_get(keys[i])
+            if pfn is None:
+                pfn = fill(gpas[i], op)
+                while pfn is None:             # exit; the host fixes it, the walk is redone
+                    self._wpos = wpos
+                    yield i
+                    pfn = fill(gpas[i], op)
+            if check is not None:
+                check(gpas[i] >> 12, pfn, op & OP_KIND_MASK == _WRITE)
+            if op & OP_WITH_DATA:
+                # The access moves its bytes (within one page: batches are checked).
+                size = _SIZE[op]
+                if op & OP_KIND_MASK == _WRITE:
+                    host.write_pfn(pfn, gpas[i] & (PAGE_SIZE - 1),
+                                   batch.write_data[wpos:wpos + size])
+                    wpos += size
+                else:
+                    self._read_data += host.read_pfn(pfn, gpas[i] & (PAGE_SIZE - 1), size)
+            i += 1
+        self._wpos = wpos
 
     def _tlb_fill(self, gpa: int, op: int) -> int | None:
-        """The hardware page walker: the pfn (and a TLB fill), or None with the reason
-        in `_walk_exit`."""
+        """The hardware page walker: the pfn (and a TLB fill), or None with the exit's
+        error code in `_exit_error_code`.
+
+        A walk starts at the 4K-level table the paging-structure cache holds for the gfn,
+        else at the root."""
         gfn = gpa >> 12
         page = self.pde_cache.get(gfn >> 9)
         if page is None:
-            if gfn >= self._max_gfn:
-                # Beyond what the root maps: indexing would wrap onto a low gfn's entries.
-                self._walk_exit = (_WALK_VIOLATION, _QUALIFICATION[op & OP_KIND_MASK][0])
+            stop = self._walk_upper(gfn)
+            if stop is None:
+                self._exit_error_code = _VIOLATION[op][0]
                 return None
-            page = self.root
+            spt, index, shift = stop
         elif page.freed:
             raise VmBugged(f"paging-structure cache holds freed {page!r}")
-        ad = self._ad_enabled
-        spt, level = page.spt, page.level
-        while True:
-            shift = (level - 1) * 9
-            index = (gfn >> shift) & 511
-            spte = spt[index]
-            if spte & MMIO_MASK == MMIO_VALUE:
-                self._walk_exit = (_WALK_MISCONFIG, 0)
-                return None
-            perms = spte & RWX
-            if not perms:
-                self._walk_exit = (_WALK_VIOLATION, _QUALIFICATION[op & OP_KIND_MASK][0])
-                return None
-            if level == 1 or spte & LARGE:
-                break
-            if ad and not spte & ACCESSED:
-                spt[index] = spte | ACCESSED
-            page = self._tables[(spte & BASE_ADDR_MASK) >> 12]
-            if page.freed:
-                raise VmBugged(f"hardware walk through freed {page!r}")
-            spt = page.spt
-            level -= 1
-            if level == 1:
-                self.pde_cache[gfn >> 9] = page
-        if not perms & _NEED[op]:
-            self._walk_exit = (_WALK_VIOLATION, _QUALIFICATION[op & OP_KIND_MASK][perms])
+        else:
+            spt, index, shift = page.spt, gfn & 511, 0
+        spte = spt[index]
+        if spte & MMIO_MASK == MMIO_VALUE:
+            self._exit_error_code = MISCONFIG_ERROR_CODE
             return None
-        if ad:
-            new = spte | (ACCESSED | DIRTY if op & OP_KIND_MASK == _WRITE
-                          else ACCESSED)
+        perms = spte & RWX
+        if not perms & _NEED[op]:
+            self._exit_error_code = _VIOLATION[op][perms]
+            return None
+        if self._ad_enabled:
+            new = spte | _SET_AD[op]
             if new != spte:
                 spt[index] = spte = new
             if not spte & DIRTY:
@@ -381,6 +372,35 @@ class Vcpu:
         if perms & EXECUTABLE:
             tlb[key | _EXEC] = pfn
         return pfn
+
+    def _walk_upper(self, gfn: int) -> tuple[array, int, int] | None:
+        """The walk from the root down to the entry for gfn that is not a present table
+        pointer: (its table's SPTEs, its index, the level's gfn shift); None when the root
+        does not reach gfn. Sets Accessed on the table pointers it passes (A/D on) and
+        caches the 4K-level table it reaches."""
+        if gfn >= self._max_gfn:
+            return None        # indexing would wrap onto a low gfn's entries
+        page = self.root
+        if page.freed:
+            raise VmBugged(f"hardware walk from freed root {page!r}")
+        spt, level, ad = page.spt, page.level, self._ad_enabled
+        while True:
+            shift = (level - 1) * 9
+            index = (gfn >> shift) & 511
+            spte = spt[index]
+            if level == 1 or spte & LARGE or not spte & RWX or \
+                    spte & MMIO_MASK == MMIO_VALUE:
+                return spt, index, shift
+            if ad and not spte & ACCESSED:
+                spt[index] = spte | ACCESSED
+            # A freed table has left the pfn registry: a live table is never a freed one.
+            page = self._tables.get((spte & BASE_ADDR_MASK) >> 12)
+            if page is None:
+                raise VmBugged(f"hardware walk through SPTE {spte:#x} to no page table")
+            spt = page.spt
+            level -= 1
+            if level == 1:
+                self.pde_cache[gfn >> 9] = page
 
 
 def _is_write(op: int) -> bool:
