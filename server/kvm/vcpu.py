@@ -39,10 +39,11 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 __all__ = ["Vcpu", "VcpuInfo", "RunResult", "Exit", "ExitReason",
-           "KVM_REQ_TLB_FLUSH", "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS"]
+           "KVM_REQ_TLB_FLUSH", "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS", "KVM_REQ_VM_DEAD"]
 
 KVM_REQ_TLB_FLUSH = 1 << 0
 KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 1
+KVM_REQ_VM_DEAD = 1 << 2           # never cleared: the VM is dead or destroyed
 
 _NEED = tuple(1 << ((op & OP_KIND_MASK) - 1) if op & OP_KIND_MASK else 0 for op in range(256))
 _SIZE = tuple(op_size(op) for op in range(256))
@@ -226,7 +227,6 @@ class Vcpu:
                     await vm.notifier.wait_for_end()   # re-faulting would only spin
                 else:
                     await asyncio.sleep(0)          # let the zap or the other fault move on
-            vm.check_alive()
 
     def _dirty_ring_full_exit(self) -> RunResult:
         """KVM_EXIT_DIRTY_RING_FULL: the vCPU may not run until the ring is reset."""
@@ -253,6 +253,8 @@ class Vcpu:
 
     async def _enter_guest(self) -> None:
         """`vcpu_enter_guest`'s request servicing and `kvm_mmu_reload`."""
+        if self.requests & KVM_REQ_VM_DEAD:
+            self.vm.check_alive()                # raises: the VM died while this vCPU ran
         if self.requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS or self.root is None or \
                 self.root.invalid:
             await self._load_root()

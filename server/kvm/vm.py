@@ -36,7 +36,7 @@ from .stats import VmStats
 from .tdp_mmu import TdpMmu
 from .trace import Tracer
 from .types import PAGE_SHIFT, Backing
-from .vcpu import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH, Vcpu
+from .vcpu import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH, KVM_REQ_VM_DEAD, Vcpu
 
 __all__ = ["Vm", "VmConfig", "VmInfo", "SpteInfo", "VmState", "KVM_MAX_VCPUS", "DEBUG_KNOBS"]
 
@@ -190,12 +190,14 @@ class Vm:
             if self.sched.deterministic and "preemption points:" not in death:
                 death += f"; preemption points: {self.sched.describe_trace() or '(none)'}"
             self.state, self.death, self.violation = VmState.DEAD, death, bug
+            self._kick_vcpus_dead()
 
     async def destroy(self) -> None:
         """`kvm_destroy_vm`: no vCPU runs again; every SPTE and table goes."""
         if self.state is VmState.DESTROYED:
             return
         self.state = VmState.DESTROYED
+        self._kick_vcpus_dead()
         await self.holds.release_all(HoldState.VM_DESTROYED)
         self.host.notifiers.remove(self.notifier)
         async with self.mmu_lock.write:
@@ -205,6 +207,11 @@ class Vm:
             await self.tdp.zap_invalidated_roots(roots)
         await self.rcu.barrier()
         self.tracer.close()
+
+    def _kick_vcpus_dead(self) -> None:
+        """`KVM_REQ_VM_DEAD` to every vCPU: one inside KVM_RUN leaves at its next entry."""
+        for vcpu in self._vcpus.values():
+            vcpu.make_request(KVM_REQ_VM_DEAD)
 
     def info(self) -> VmInfo:
         return VmInfo(self.id, self.config.name, self.config, len(self._vcpus),

@@ -74,3 +74,38 @@ async def test_a_broken_invariant_kills_the_vm(kvm_guest, monkeypatch):
         vm.create_vcpu(1)
     await vm.destroy()                                      # teardown still works
     assert vm.tdp.roots == []
+
+
+async def test_a_vcpu_inside_run_leaves_when_its_vm_is_destroyed(kvm_guest):
+    """KVM_REQ_VM_DEAD: the fault in flight finishes, the next guest entry ends the run."""
+    vm, vcpu = kvm_guest.vm, kvm_guest.vcpu
+    await vcpu.run(read(0x0))                              # root loaded
+    await vm.mmu_lock.acquire_write()
+    run = asyncio.create_task(vcpu.run(AccessBatch.build(
+        [(0x200000, R, 4, b""), (0x400000, R, 4, b"")])))
+    await settle()                                         # the first fault waits for the lock
+    assert vcpu.info().running and vcpu.stats()["pf_taken"] == 2
+    destroy = asyncio.create_task(vm.destroy())
+    await settle()                                         # state set, queued for the lock
+    vm.mmu_lock.release_write()
+    with pytest.raises(KvmError, match="destroyed"):
+        await run
+    await destroy
+    assert not vcpu.info().running
+    assert vcpu.stats()["pf_taken"] == 2                   # the second access never ran
+
+
+async def test_a_vcpu_inside_run_leaves_when_its_vm_dies(kvm_guest):
+    vm, vcpu = kvm_guest.vm, kvm_guest.vcpu
+    await vcpu.run(read(0x0))
+    await vm.mmu_lock.acquire_write()
+    run = asyncio.create_task(vcpu.run(AccessBatch.build(
+        [(0x200000, R, 4, b""), (0x400000, R, 4, b"")])))
+    await settle()
+    vm.mark_dead(VmBugged("test: another task found a broken invariant"))
+    vm.mmu_lock.release_write()
+    with pytest.raises(KvmError) as err:
+        await run
+    assert err.value.errno == errno.EIO and "broken invariant" in err.value.reason
+    assert vcpu.stats()["pf_taken"] == 2
+    await vm.destroy()
