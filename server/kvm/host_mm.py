@@ -204,7 +204,7 @@ class HostMm:
         pfn with its contents.
         """
         while True:
-            region = self._region_for_access(hva, write)
+            region, _ = self._region_for_access(hva, write)
             if not (write and self.is_ksm(region, hva)):
                 return self._get_page(region, hva, write)
             await self.unshare(region, hva)
@@ -214,7 +214,7 @@ class HostMm:
         and nothing has to sleep, else None (not populated, swapped out, or a write that
         must break a KSM page's copy-on-write): the caller then takes the slow lookup.
         Raises as `hva_to_pfn` does."""
-        region = self._region_for_access(hva, write)
+        region, writable = self._region_for_access(hva, write)
         found = region.mapped(hva)
         if found is None:
             return None
@@ -222,7 +222,7 @@ class HostMm:
         shared = pfn in self.ksm_pages
         if write and shared:
             return None
-        return pfn, region.writable_at(hva) and not shared, level
+        return pfn, writable and not shared, level
 
     def current_pfn(self, hva: int) -> int | None:
         """The pfn mapped at hva now, faulting nothing in (None: not populated)."""
@@ -235,13 +235,16 @@ class HostMm:
         found = region.mapped(hva) if region else None
         return found[1] if found else PG_LEVEL_4K
 
-    def _region_for_access(self, hva: int, write: bool) -> HostRegion:
+    def _region_for_access(self, hva: int, write: bool) -> tuple[HostRegion, bool]:
+        """The region at hva and whether hva is writable in it; EFAULT if the access
+        cannot be made there."""
         region = self.find(hva)
         if region is None:
             raise KvmError(errno.EFAULT, f"hva {hva:#x} is not mapped")
-        if write and not region.writable_at(hva):
+        writable = region.writable_at(hva)
+        if write and not writable:
             raise KvmError(errno.EFAULT, f"write to read-only hva {hva:#x}")
-        return region
+        return region, writable
 
     def _get_page(self, region: HostRegion, hva: int, write: bool) -> tuple[int, bool, int]:
         found = region.mapped(hva)

@@ -158,7 +158,8 @@ class MmuLock:
                 raise LockAssertion("mmu_lock released for write by a task that does not "
                                     "hold it")
             self._writer = None
-        self._grant()
+        if self._waiters:
+            self._grant()
 
     def _grant(self) -> None:
         while self._waiters and self._writer is None:

@@ -14,22 +14,27 @@ from __future__ import annotations
 
 from .mmu_page import MmuPage, PageTables, UseAfterFree
 from .spte import BASE_ADDR_MASK, LARGE, MMU_PRESENT
-from .types import PG_LEVEL_4K, PT_ENTRIES
+from .types import PG_LEVEL_4K, PT_ENTRIES, level_shift
 
 __all__ = ["TdpIter", "last_present"]
 
+# `level_shift` by level (index 0 unused), and the mask of an index into a table.
+_SHIFT = (0,) + tuple(level_shift(level) for level in range(1, 6))
+_INDEX_MASK = PT_ENTRIES - 1
+
 
 class TdpIter:
-    __slots__ = ("tables", "by_pfn", "root", "root_level", "min_level", "end",
-                 "next_last_level_gfn", "yielded_gfn", "pt_path", "table", "level", "gfn",
-                 "index", "old_spte", "valid", "yielded")
+    __slots__ = ("by_pfn", "root", "root_level", "min_level", "end", "next_last_level_gfn",
+                 "yielded_gfn", "pt_path", "table", "level", "gfn", "index", "old_spte",
+                 "valid", "yielded")
 
     def __init__(self, tables: PageTables, root: MmuPage, start: int, end: int,
                  min_level: int = PG_LEVEL_4K) -> None:
-        self.tables, self.by_pfn, self.root = tables, tables.by_pfn, root
-        self.root_level, self.min_level, self.end = root.level, min_level, end
-        self.pt_path: list[MmuPage | None] = [None] * (root.level + 1)
-        self.pt_path[root.level] = root
+        self.by_pfn, self.root = tables.by_pfn, root
+        level = self.root_level = root.level
+        self.min_level, self.end = min_level, end
+        path = self.pt_path = [None] * (level + 1)
+        path[level] = root
         self.next_last_level_gfn = start
         self._restart()
 
@@ -44,11 +49,10 @@ class TdpIter:
         # `table` is the table at `level` (pt_path[level]).
         self.yielded = False
         gfn = self.yielded_gfn = self.next_last_level_gfn
-        level = self.level = self.root_level
-        self.table = self.root
-        shift = (level - 1) * 9
+        shift = _SHIFT[self.root_level]
+        self.level, self.table = self.root_level, self.root
         self.gfn = gfn >> shift << shift
-        self.index = (gfn >> shift) & (PT_ENTRIES - 1)
+        self.index = (gfn >> shift) & _INDEX_MASK
         self.old_spte = self.read()
         self.valid = True
 
@@ -76,31 +80,46 @@ class TdpIter:
                 self.valid = False
                 return
 
-    def step_down(self) -> bool:
+    def step_down(self, far: bool = False) -> bool:
+        """Step into the child table of a present non-leaf SPTE here, above `min_level`.
+
+        The SPTE is re-read first (another task may have changed it); each child entry is
+        read as the step lands on it. With `far`, go on stepping down while present tables
+        lead and `min_level` allows: a walk of one gfn (the fault's map) only ever steps
+        down, and takes all its steps in one call. False if it did not step at all."""
         level = self.level
         if level == self.min_level:
             return False
-        spte = self.old_spte = self.read()               # it may have changed
-        if not spte & MMU_PRESENT or spte & LARGE or level == PG_LEVEL_4K:
-            return False
-        # A freed table has left `by_pfn`, so a live child is never a freed one.
-        child = self.by_pfn.get((spte & BASE_ADDR_MASK) >> 12)
+        spte = self.read()
+        last = self.min_level if far else level - 1
+        by_pfn, path, gfn = self.by_pfn, self.pt_path, self.next_last_level_gfn
+        child = None
+        # min_level is PG_LEVEL_4K at the lowest, so no step starts from a 4K SPTE.
+        while spte & MMU_PRESENT and not spte & LARGE:
+            try:
+                # A freed table has left `by_pfn`, so a live child is never a freed one.
+                child = by_pfn[(spte & BASE_ADDR_MASK) >> 12]
+            except KeyError:
+                raise UseAfterFree(f"SPTE {spte:#x} points at no page table") from None
+            level -= 1
+            path[level] = child
+            index = (gfn >> _SHIFT[level]) & _INDEX_MASK
+            spte = child.spt[index]
+            if level == last:
+                break
         if child is None:
-            raise UseAfterFree(f"SPTE {spte:#x} points at no page table")
-        level = self.level = level - 1
-        self.pt_path[level] = self.table = child
-        shift = (level - 1) * 9
-        gfn = self.next_last_level_gfn
-        self.gfn = gfn >> shift << shift
-        index = self.index = (gfn >> shift) & (PT_ENTRIES - 1)
-        self.old_spte = child.spt[index]
+            self.old_spte = spte
+            return False
+        shift = _SHIFT[level]
+        self.level, self.table, self.old_spte = level, child, spte
+        self.gfn, self.index = gfn >> shift << shift, index
         return True
 
     def _step_side(self) -> bool:
         index = self.index
-        if index == PT_ENTRIES - 1:
+        if index == _INDEX_MASK:
             return False
-        self.gfn = self.next_last_level_gfn = self.gfn + (1 << ((self.level - 1) * 9))
+        self.gfn = self.next_last_level_gfn = self.gfn + (1 << _SHIFT[self.level])
         self.index = index + 1
         self.old_spte = self.read()
         return True
@@ -111,7 +130,7 @@ class TdpIter:
         self.level += 1
         self.table = self.pt_path[self.level]
         self.gfn = self._round(self.gfn, self.level)
-        self.index = (self.gfn >> ((self.level - 1) * 9)) & (PT_ENTRIES - 1)
+        self.index = (self.gfn >> _SHIFT[self.level]) & _INDEX_MASK
         return True
 
     def mark_yielded(self) -> None:

@@ -14,7 +14,7 @@ import asyncio
 from typing import TYPE_CHECKING, Callable
 
 from . import spte as S
-from .spte import (BASE_ADDR_MASK, EXECUTABLE, FROZEN, LARGE, MMU_PRESENT, MMU_WRITABLE,
+from .spte import (BASE_ADDR_MASK, EXECUTABLE, FROZEN, LEAF_BITS, MMU_PRESENT, MMU_WRITABLE,
                    NONPRESENT, READABLE, WRITABLE)
 from .errors import VmBugged
 from .mmu_internal import (RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS,
@@ -117,9 +117,8 @@ class TdpMmu:
 
     def handle_changed_spte(self, as_id: int, gfn: int, old: int, new: int, level: int,
                             shared: bool) -> None:
-        was_present, is_present = old & MMU_PRESENT != 0, new & MMU_PRESENT != 0
-        was_leaf = was_present and (level == PG_LEVEL_4K or old & LARGE != 0)
-        is_leaf = is_present and (level == PG_LEVEL_4K or new & LARGE != 0)
+        leaf = LEAF_BITS[level]                 # `is_leaf_present`, spelled out
+        was_leaf, is_leaf = old & leaf == leaf, new & leaf == leaf
         if is_leaf:
             if was_leaf and (old ^ new) & BASE_ADDR_MASK:
                 raise VmBugged(f"present leaf for gfn {gfn:#x} changed pfn "
@@ -134,7 +133,7 @@ class TdpMmu:
             if is_leaf and self.sanitizers is not None:
                 self.sanitizers.check_new_mapping(as_id, gfn, level)
             self._account_leaf(level, 1 if is_leaf else -1)
-        if was_present and not was_leaf and (not is_present or is_leaf):
+        if old & MMU_PRESENT and not was_leaf and (is_leaf or not new & MMU_PRESENT):
             self.handle_removed_pt(self.tables.child(S.spte_to_pfn(old)), shared)
 
     def _account_leaf(self, level: int, delta: int) -> None:
@@ -177,18 +176,16 @@ class TdpMmu:
         goal = fault.goal_level
         token = self.rcu.enter()
         try:
-            # The range is one gfn, so the walk only ever steps down: no need for `next`.
+            # The range is one gfn, so the walk only ever steps down (as far as it can).
             it = TdpIter(self.tables, root, fault.gfn, fault.gfn + 1, goal)
+            it.step_down(far=True)
             while True:
                 old = it.old_spte
                 if old == FROZEN:
                     return RET_PF_RETRY
                 if it.level == goal:
                     return self._map_target_level(fault, it)
-                if old & MMU_PRESENT and not old & LARGE:
-                    if not it.step_down():
-                        return RET_PF_RETRY
-                    continue
+                # Not present, or a huge leaf above the goal: link a table in its place.
                 sp = self.tables.alloc(it.level - 1, it.gfn, root.as_id)
                 huge = S.is_leaf_present(old, it.level)
                 if huge:
@@ -200,7 +197,7 @@ class TdpMmu:
                 self.stat.tdp_mmu_pages += 1
                 if huge:
                     self._account_leaf(it.level - 1, PT_ENTRIES)
-                if not it.step_down():
+                if not it.step_down(far=True):
                     return RET_PF_RETRY
         finally:
             self.rcu.exit(token)

@@ -140,3 +140,31 @@ def test_step_down_rereads_the_spte(tree):
     it.table.spt[it.index] = S.NONPRESENT
     it.next()
     assert (it.level, it.gfn) == (PG_LEVEL_2M, 0x200)
+
+
+def test_far_step_down_takes_every_step_to_the_leaf_in_one_call(tree):
+    tables, root = tree
+    it = TdpIter(tables, root, 5, 6)
+    assert it.step_down(far=True)
+    assert (it.level, it.gfn, S.describe(it.old_spte, it.level)) == (PG_LEVEL_4K, 5, "leaf")
+    assert [page.level for page in it.pt_path[1:]] == [1, 2, 3, 4]
+    assert it.table is it.pt_path[PG_LEVEL_4K] and it.index == 5
+    assert not it.step_down(far=True)                    # nothing below a 4K leaf
+
+
+@pytest.mark.parametrize("start, min_level, stop", [
+    (5, PG_LEVEL_2M, (PG_LEVEL_2M, 0, "table")),          # min_level
+    (0x250, PG_LEVEL_4K, (PG_LEVEL_2M, 0x200, "leaf")),   # a huge leaf
+    (HIGH + 512, PG_LEVEL_4K, (PG_LEVEL_2M, HIGH + 512, "non-present")),
+])
+def test_far_step_down_stops_where_a_single_step_would(tree, start, min_level, stop):
+    tables, root = tree
+    far = TdpIter(tables, root, start, start + 1, min_level)
+    assert far.step_down(far=True)
+    near = TdpIter(tables, root, start, start + 1, min_level)
+    while near.step_down():
+        pass
+    for it in (far, near):
+        assert (it.level, it.gfn, S.describe(it.old_spte, it.level)) == stop
+    assert far.pt_path == near.pt_path and far.index == near.index
+    assert not far.step_down(far=True)
