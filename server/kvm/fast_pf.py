@@ -51,7 +51,6 @@ async def fast_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
     r = RET_PF_INVALID
     gfn, write = fault.gfn, fault.write
     need = EXECUTABLE if fault.exec else WRITABLE if write else READABLE
-    by_pfn, root = vm.tdp.tables.by_pfn, vcpu.root
     rcu = vm.rcu
     token = rcu.enter()
     # fault->slot: looked up once, under the read-side section that memslot updates wait
@@ -59,7 +58,7 @@ async def fast_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
     slot = vm.memslot_sets[fault.as_id].lookup(gfn)
     try:
         for _ in _TRIES:
-            table, index, level, old = last_spte(by_pfn, root, gfn)
+            table, index, level, old = last_spte(vcpu._tables, vcpu.root, gfn)
             if not old & MMU_PRESENT:
                 break
             if old & need:
