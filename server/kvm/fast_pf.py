@@ -47,6 +47,7 @@ def page_fault_can_be_fast(vcpu: "Vcpu", error_code: int) -> bool:
 
 
 async def fast_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
+    """FIXED or SPURIOUS when the leaf needed no mmu_lock, else INVALID (the slow path)."""
     vm = vcpu.vm
     r = RET_PF_INVALID
     gfn, write = fault.gfn, fault.write
@@ -60,7 +61,7 @@ async def fast_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
         for _ in _TRIES:
             table, index, level, old = last_spte(vcpu._tables, vcpu.root, gfn)
             if not old & MMU_PRESENT:
-                break
+                break                             # nothing to fix: the slow path maps it
             if old & need:
                 r = RET_PF_SPURIOUS
                 break
@@ -79,8 +80,8 @@ async def fast_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
             spt = table.spt
             if spt[index] != old and "fast_pf_plain_write" not in vm.knobs:
                 continue                          # changed under us: walk again
-            spt[index] = new                      # (the debug knob: stored without compare)
-            if new & ~old & WRITABLE and slot is not None:
+            spt[index] = new                      # the cmpxchg (the debug knob: no compare)
+            if new & WRITABLE and not old & WRITABLE and slot is not None:
                 vm.mark_page_dirty(slot, gfn, vcpu)
             r = RET_PF_FIXED
             break
