@@ -119,12 +119,13 @@ class TdpIter:
         self.yielded = True
 
 
-# The shifts of the levels above 4K, root first, by root level: the index of gfn in a table
-# of level L is (gfn >> (L - 1) * 9) & _INDEX_MASK.
 _INDEX_MASK = PT_ENTRIES - 1
 _PRESENT_LARGE = MMU_PRESENT | LARGE     # of these, a present non-leaf has MMU_PRESENT only
-_SHIFTS_ABOVE_4K = {level: tuple((lv - 1) * 9 for lv in range(level, PG_LEVEL_4K, -1))
-                    for level in (4, 5)}
+# By root level (4 or 5, VmConfig.tdp_levels), the shifts of the levels above 4K, root
+# first: gfn's index in a table of level L is (gfn >> (L - 1) * 9) & _INDEX_MASK.
+_SHIFTS_ABOVE_4K = {root_level: tuple((level - 1) * 9
+                                      for level in range(root_level, PG_LEVEL_4K, -1))
+                    for root_level in (4, 5)}
 
 
 def last_spte(by_pfn: dict[int, MmuPage], root: MmuPage, gfn: int
@@ -134,8 +135,8 @@ def last_spte(by_pfn: dict[int, MmuPage], root: MmuPage, gfn: int
 
     `kvm_tdp_mmu_fast_pf_get_last_sptep`: the iterator's walk over [gfn, gfn + 1) cut to
     its one path, for the lockless callers that only want the leaf; `by_pfn` is
-    `PageTables.by_pfn`. The walk never awaits, so a child found in `by_pfn` has not been
-    freed: only the root, which the caller holds, is checked."""
+    `PageTables.by_pfn`. A table leaves `by_pfn` when it is freed and the walk never awaits,
+    so a child found there is not freed: only the root, which the caller holds, is checked."""
     if root.freed:
         raise UseAfterFree(f"read of freed {root!r}")
     table = root
