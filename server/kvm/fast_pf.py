@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 from . import spte as S
 from .spte import EXECUTABLE, MMU_PRESENT, MMU_WRITABLE, READABLE, RWX, WRITABLE
-from .mmu_internal import (PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_WRITE_MASK, RET_PF_FIXED,
-                           RET_PF_INVALID, RET_PF_SPURIOUS, PageFault, RetPf)
+from .mmu_internal import (PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK,
+                           PFERR_WRITE_MASK, RET_PF_FIXED, RET_PF_INVALID, RET_PF_SPURIOUS, RetPf)
 from .mmu_page import UseAfterFree
 from .tdp_iter import last_spte
 from .types import PG_LEVEL_4K
@@ -46,17 +46,21 @@ def page_fault_can_be_fast(vcpu: "Vcpu", error_code: int) -> bool:
     return not vcpu.vm.ad_enabled and vcpu.vm.config.fast_page_fault
 
 
-async def fast_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
-    """FIXED or SPURIOUS when the leaf needed no mmu_lock, else INVALID (the slow path)."""
+async def fast_page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
+    """FIXED or SPURIOUS when the leaf needed no mmu_lock, else INVALID (the slow path).
+
+    It takes the fault's address and error code rather than a `PageFault`: the fault object
+    is made only for the slow path, which fills it in."""
     vm = vcpu.vm
     r = RET_PF_INVALID
-    gfn, write = fault.gfn, fault.write
-    need = EXECUTABLE if fault.exec else WRITABLE if write else READABLE
+    gfn = gpa >> 12
+    write = error_code & PFERR_WRITE_MASK
+    need = EXECUTABLE if error_code & PFERR_FETCH_MASK else WRITABLE if write else READABLE
     rcu = vm.rcu
     token = rcu.enter()
     # fault->slot: looked up once, under the read-side section that memslot updates wait
     # out, so a slot published meanwhile is not this fault's business.
-    slot = vm.memslot_sets[fault.as_id].lookup(gfn)
+    slot = vcpu.memslots.lookup(gfn)
     try:
         for _ in _TRIES:
             table, index, level, old = last_spte(vcpu._tables, vcpu.root, gfn)
@@ -90,6 +94,6 @@ async def fast_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
     if r is not RET_PF_INVALID:
         vcpu.stat.pf_fast += 1
     if vm.tracer.on:
-        vm.tracer.emit("fast_page_fault", vcpu=vcpu.id, gpa=fault.addr,
-                       error_code=fault.error_code, result=r.name)
+        vm.tracer.emit("fast_page_fault", vcpu=vcpu.id, gpa=gpa, error_code=error_code,
+                       result=r.name)
     return r

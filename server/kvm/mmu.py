@@ -45,12 +45,11 @@ async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
         if r is not RET_PF_INVALID:
             return r
     stats.pf_taken += 1
-    fault = PageFault(gpa, error_code)
     r = RET_PF_INVALID
     if page_fault_can_be_fast(vcpu, error_code):
-        r = await fast_page_fault(vcpu, fault)
+        r = await fast_page_fault(vcpu, gpa, error_code)
     if r is RET_PF_INVALID:
-        r = await tdp_page_fault(vcpu, fault)
+        r = await tdp_page_fault(vcpu, PageFault(gpa, error_code))
     if r is RET_PF_FIXED:
         stats.pf_fixed += 1
     elif r is RET_PF_EMULATE:
