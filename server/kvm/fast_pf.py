@@ -18,11 +18,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import spte as S
-from .spte import EXECUTABLE, LARGE, MMU_WRITABLE, READABLE, RWX, WRITABLE
-from .mmu_internal import (PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_WRITE_MASK, RET_PF_FIXED,
-                           RET_PF_INVALID, RET_PF_SPURIOUS, PageFault, RetPf)
+from .spte import EXECUTABLE, MMU_PRESENT, MMU_WRITABLE, READABLE, RWX, WRITABLE
+from .mmu_internal import (PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK,
+                           PFERR_WRITE_MASK, RET_PF_FIXED, RET_PF_INVALID, RET_PF_SPURIOUS, RetPf)
 from .mmu_page import UseAfterFree
-from .tdp_iter import last_present
+from .tdp_iter import last_spte
 from .types import PG_LEVEL_4K
 
 if TYPE_CHECKING:
@@ -31,36 +31,41 @@ if TYPE_CHECKING:
 __all__ = ["page_fault_can_be_fast", "fast_page_fault"]
 
 MAX_TRIES = 4
+_TRIES = range(MAX_TRIES)
+_PRESENT_WRITE = PFERR_PRESENT_MASK | PFERR_WRITE_MASK
+_PRESENT_WRITE_RSVD = _PRESENT_WRITE | PFERR_RSVD_MASK
 
 
 def page_fault_can_be_fast(vcpu: "Vcpu", error_code: int) -> bool:
-    vm = vcpu.vm
-    if not vm.config.fast_page_fault or error_code & PFERR_RSVD_MASK:
+    """A write to a present SPTE, or, A/D bits off, an access to a not-present one (it may
+    be access-tracked); never an MMIO fault (RSVD)."""
+    if error_code & _PRESENT_WRITE_RSVD == _PRESENT_WRITE:
+        return vcpu.vm.config.fast_page_fault
+    if error_code & (PFERR_PRESENT_MASK | PFERR_RSVD_MASK):
         return False
-    if not error_code & PFERR_PRESENT_MASK:
-        return not vm.ad_enabled          # only an access-tracked SPTE can be fixed
-    return bool(error_code & PFERR_WRITE_MASK)
+    return not vcpu.vm.ad_enabled and vcpu.vm.config.fast_page_fault
 
 
-async def fast_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
+async def fast_page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
+    """FIXED or SPURIOUS when the leaf needed no mmu_lock, else INVALID (the slow path).
+
+    It takes the fault's address and error code rather than a `PageFault`: the fault object
+    is made only for the slow path, which fills it in."""
     vm = vcpu.vm
     r = RET_PF_INVALID
-    by_pfn = vm.tdp.tables.by_pfn
-    gfn, write = fault.gfn, fault.write
-    need = EXECUTABLE if fault.exec else WRITABLE if write else READABLE
+    gfn = gpa >> 12
+    write = error_code & PFERR_WRITE_MASK
+    need = EXECUTABLE if error_code & PFERR_FETCH_MASK else WRITABLE if write else READABLE
     rcu = vm.rcu
     token = rcu.enter()
     # fault->slot: looked up once, under the read-side section that memslot updates wait
     # out, so a slot published meanwhile is not this fault's business.
-    slot = vm.memslot_sets[fault.as_id].lookup(gfn)
+    slot = vcpu.memslots.lookup(gfn)
     try:
-        for _ in range(MAX_TRIES):
-            found = last_present(by_pfn, vcpu.root, gfn)
-            if found is None:
-                break
-            table, index, level, old = found
-            if level != PG_LEVEL_4K and not old & LARGE:
-                break                             # the walk ended above a missing leaf
+        for _ in _TRIES:
+            table, index, level, old = last_spte(vcpu._tables, vcpu.root, gfn)
+            if not old & MMU_PRESENT:
+                break                             # nothing to fix: the slow path maps it
             if old & need:
                 r = RET_PF_SPURIOUS
                 break
@@ -77,12 +82,9 @@ async def fast_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
             if table.freed:
                 raise UseAfterFree(f"fast page fault wrote freed {table!r}")
             spt = table.spt
-            if "fast_pf_plain_write" in vm.knobs:
-                spt[index] = new                  # debug knob: no compare
-            elif spt[index] != old:
+            if spt[index] != old and "fast_pf_plain_write" not in vm.knobs:
                 continue                          # changed under us: walk again
-            else:
-                spt[index] = new
+            spt[index] = new                      # the cmpxchg (the debug knob: no compare)
             if new & WRITABLE and not old & WRITABLE and slot is not None:
                 vm.mark_page_dirty(slot, gfn, vcpu)
             r = RET_PF_FIXED
@@ -92,6 +94,6 @@ async def fast_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
     if r is not RET_PF_INVALID:
         vcpu.stat.pf_fast += 1
     if vm.tracer.on:
-        vm.tracer.emit("fast_page_fault", vcpu=vcpu.id, gpa=fault.addr,
-                       error_code=fault.error_code, result=r.name)
+        vm.tracer.emit("fast_page_fault", vcpu=vcpu.id, gpa=gpa, error_code=error_code,
+                       result=r.name)
     return r

@@ -129,17 +129,18 @@ class Memslots:
         self._bases: list[int] = []
         self._sorted: list[Memslot] = []
         self._last_used: Memslot | None = None
+        self._last_used_gfns = range(0)      # the gfns of `_last_used`
 
     def lookup(self, gfn: int) -> Memslot | None:
         """`__gfn_to_memslot`: the last used slot first, then a binary search."""
-        slot = self._last_used
-        if slot is not None and slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
-            return slot
+        if gfn in self._last_used_gfns:
+            return self._last_used
         i = bisect.bisect_right(self._bases, gfn) - 1
         if i >= 0:
             slot = self._sorted[i]
             if gfn < slot.base_gfn + slot.npages:
                 self._last_used = slot
+                self._last_used_gfns = range(slot.base_gfn, slot.base_gfn + slot.npages)
                 return slot
         return None
 
@@ -171,7 +172,7 @@ class Memslots:
             self._sorted.insert(i, new)
             self._bases.insert(i, new.base_gfn)
             self.by_id[new.id] = new
-        self._last_used = None
+        self._last_used, self._last_used_gfns = None, range(0)
         self.generation += KVM_ADDRESS_SPACE_NUM
 
 

@@ -3,8 +3,9 @@
     page_fault
       RSVD (EPT misconfig)  -> handle_mmio_page_fault: an MMIO SPTE of this generation
                                emulates at once; a stale one takes the full path
-      pf_taken++ -> tdp_page_fault
-        fast_page_fault     write-protected or access-tracked leaf: fixed without the lock
+      pf_taken++
+      fast_page_fault       write-protected or access-tracked leaf: fixed without the lock
+      tdp_page_fault        the rest, if the fast path did not fix it:
         faultin_pfn         snapshot mmu_invalidate_seq; memslot; host pfn (GUP-fast, else
                             the lookup that may sleep); the unlocked retry pre-checks
         mmu_lock for read   is_page_fault_stale (root invalid, retry_gfn)
@@ -32,6 +33,9 @@ __all__ = ["page_fault", "hugepage_adjust"]
 
 
 async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
+    """`kvm_mmu_page_fault`, with `kvm_mmu_do_page_fault` and the first step of
+    `kvm_tdp_mmu_page_fault` (the fast path) folded in, so that a fault the fast path fixes
+    runs in two coroutines, this one and `fast_page_fault`."""
     stats = vcpu.stat
     tracer = vcpu.vm.tracer
     if tracer.on:
@@ -41,8 +45,11 @@ async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
         if r is not RET_PF_INVALID:
             return r
     stats.pf_taken += 1
-    fault = PageFault(gpa, error_code)
-    r = await tdp_page_fault(vcpu, fault)
+    r = RET_PF_INVALID
+    if page_fault_can_be_fast(vcpu, error_code):
+        r = await fast_page_fault(vcpu, gpa, error_code)
+    if r is RET_PF_INVALID:
+        r = await tdp_page_fault(vcpu, PageFault(gpa, error_code))
     if r is RET_PF_FIXED:
         stats.pf_fixed += 1
     elif r is RET_PF_EMULATE:
@@ -70,12 +77,8 @@ def handle_mmio_page_fault(vcpu: "Vcpu", gpa: int) -> RetPf:
 
 
 async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
-    """`kvm_tdp_mmu_page_fault`: the fast path, else faultin, mmu_lock for read, map."""
+    """`kvm_tdp_mmu_page_fault` past the fast path: faultin, mmu_lock for read, map."""
     vm = vcpu.vm
-    if page_fault_can_be_fast(vcpu, fault.error_code):
-        r = await fast_page_fault(vcpu, fault)
-        if r is not RET_PF_INVALID:
-            return r
     # The memslot the fault looks up must not change under it until its SPTE is in and the
     # page marked dirty: the read-side section stands in for KVM's SRCU (kvm->srcu).
     rcu = vm.rcu

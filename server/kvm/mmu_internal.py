@@ -41,7 +41,8 @@ class PageFault:
     """One fault's inputs, what the lookups found, and the level it will map at.
 
     The fields every fault starts with are class attributes: a fault object is made on
-    every fault, and only what differs is stored on it."""
+    every fault, and only what differs is stored on it (a fault of address space 1, or a
+    prefetch, would set `as_id` or `prefetch` on its object)."""
 
     slot = None                     # the memslot, None for a gfn no slot covers (MMIO)
     hva = 0
@@ -56,13 +57,9 @@ class PageFault:
     as_id = 0
     prefetch = False
 
-    def __init__(self, addr: int, error_code: int, as_id: int = 0,
-                 prefetch: bool = False) -> None:
-        self.addr, self.error_code = addr, error_code
-        if as_id:
-            self.as_id = as_id
-        if prefetch:
-            self.prefetch = prefetch
+    def __init__(self, addr: int, error_code: int) -> None:
+        self.addr = addr
+        self.error_code = error_code
         self.gfn = addr >> 12
         self.write = error_code & PFERR_WRITE_MASK != 0
         self.exec = error_code & PFERR_FETCH_MASK != 0

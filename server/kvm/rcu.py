@@ -16,9 +16,14 @@ __all__ = ["Rcu"]
 
 
 class Rcu:
+    """Sections are counted by the sequence they began at: those that began since the last
+    `call_rcu` in `_current` (they hold up no callback: every queued one is older), the
+    others in `_older`, whose oldest entry is what the oldest callback waits for."""
+
     def __init__(self) -> None:
         self._seq = 0                                    # advances at every call_rcu
-        self._readers: dict[int, int] = {}               # start seq -> sections open
+        self._current = 0                                # sections open that began at _seq
+        self._older: dict[int, int] = {}                 # earlier start seq -> sections open
         self._callbacks: collections.deque[tuple[int, object]] = collections.deque()
         self.grace_periods = 0
         self.callbacks_run = 0
@@ -33,33 +38,36 @@ class Rcu:
 
     def enter(self) -> int:
         """`rcu_read_lock`: returns the token `exit` takes."""
-        start = self._seq
-        readers = self._readers
-        readers[start] = readers.get(start, 0) + 1
-        return start
+        self._current += 1
+        return self._seq
 
     def exit(self, token: int) -> None:
         """`rcu_read_unlock`."""
-        readers = self._readers
-        n = readers[token] - 1
+        if token == self._seq:
+            self._current -= 1
+            return
+        older = self._older
+        n = older[token] - 1
         if n:
-            readers[token] = n
+            older[token] = n
         else:
-            del readers[token]
-            if self._callbacks:              # a grace period may have ended just now
-                self._advance()
+            del older[token]
+            self._advance()                  # a grace period may have ended just now
 
     def in_reader(self) -> bool:
-        return bool(self._readers)
+        return bool(self._current or self._older)
 
     def call_rcu(self, callback) -> None:
         """Run `callback()` after every section active now has ended."""
+        if self._current:
+            self._older[self._seq] = self._current
+            self._current = 0
         self._seq += 1
         self._callbacks.append((self._seq, callback))
         self._advance()
 
     def _advance(self) -> None:
-        oldest = min(self._readers) if self._readers else None
+        oldest = min(self._older) if self._older else None
         while self._callbacks and (oldest is None or oldest >= self._callbacks[0][0]):
             _, callback = self._callbacks.popleft()
             self.grace_periods += 1

@@ -16,7 +16,7 @@ from .mmu_page import MmuPage, PageTables, UseAfterFree
 from .spte import BASE_ADDR_MASK, LARGE, MMU_PRESENT
 from .types import PG_LEVEL_4K, PT_ENTRIES, level_shift
 
-__all__ = ["TdpIter", "last_present"]
+__all__ = ["TdpIter", "last_spte"]
 
 # `level_shift` by level (index 0 unused), and the mask of an index into a table.
 _SHIFT = (0,) + tuple(level_shift(level) for level in range(1, 6))
@@ -138,26 +138,35 @@ class TdpIter:
         self.yielded = True
 
 
-def last_present(by_pfn: dict[int, MmuPage], root: MmuPage, gfn: int
-                 ) -> tuple[MmuPage, int, int, int] | None:
-    """(table, index, level, spte) of the last present SPTE on the way to gfn, or None.
+_INDEX_MASK = PT_ENTRIES - 1
+_PRESENT_LARGE = MMU_PRESENT | LARGE     # of these, a present non-leaf has MMU_PRESENT only
+# By root level (4 or 5, VmConfig.tdp_levels), the shifts of the levels above 4K, root
+# first: gfn's index in a table of level L is (gfn >> (L - 1) * 9) & _INDEX_MASK.
+_SHIFTS_ABOVE_4K = {root_level: tuple((level - 1) * 9
+                                      for level in range(root_level, PG_LEVEL_4K, -1))
+                    for root_level in (4, 5)}
 
-    The iterator's walk over [gfn, gfn + 1) cut to its one useful path, for the lockless
-    callers that only want the leaf (`kvm_tdp_mmu_fast_pf_get_last_sptep`); `by_pfn` is
-    `PageTables.by_pfn`."""
-    page, level = root, root.level
-    last = None
-    while True:
-        if page.freed:
-            raise UseAfterFree(f"read of freed {page!r}")
-        index = (gfn >> ((level - 1) * 9)) & (PT_ENTRIES - 1)
-        spte = page.spt[index]
-        if not spte & MMU_PRESENT:
-            return last
-        if spte & LARGE or level == PG_LEVEL_4K:
-            return page, index, level, spte
-        last = (page, index, level, spte)
-        page = by_pfn.get((spte & BASE_ADDR_MASK) >> 12)
-        if page is None:
-            raise UseAfterFree(f"SPTE {spte:#x} points at no page table")
-        level -= 1
+
+def last_spte(by_pfn: dict[int, MmuPage], root: MmuPage, gfn: int
+              ) -> tuple[MmuPage, int, int, int]:
+    """(table, index, level, spte) of the last SPTE on the way to gfn: the leaf, or the
+    first SPTE that is not present.
+
+    `kvm_tdp_mmu_fast_pf_get_last_sptep`: the iterator's walk over [gfn, gfn + 1) cut to
+    its one path, for the lockless callers that only want the leaf; `by_pfn` is
+    `PageTables.by_pfn`. A table leaves `by_pfn` when it is freed and the walk never awaits,
+    so a child found there is not freed: only the root, which the caller holds, is checked."""
+    if root.freed:
+        raise UseAfterFree(f"read of freed {root!r}")
+    table = root
+    try:
+        for shift in _SHIFTS_ABOVE_4K[root.level]:
+            index = (gfn >> shift) & _INDEX_MASK
+            spte = table.spt[index]
+            if spte & _PRESENT_LARGE != MMU_PRESENT:
+                return table, index, shift // 9 + 1, spte    # a huge leaf, or not present
+            table = by_pfn[(spte & BASE_ADDR_MASK) >> 12]
+    except KeyError:
+        raise UseAfterFree(f"SPTE {spte:#x} points at no page table") from None
+    index = gfn & _INDEX_MASK
+    return table, index, PG_LEVEL_4K, table.spt[index]

@@ -115,6 +115,7 @@ class Vcpu:
         self._exit_error_code = 0
         # What the walker reads on every miss, fixed for the VM's life.
         self._tables = vm.tdp.tables.by_pfn
+        self.memslots = vm.memslot_sets[0]     # kvm_vcpu_memslots: no SMM, address space 0
         self._max_gfn = vm.tdp.max_gfn
         self._ad_enabled = vm.ad_enabled
         self._host = vm.host

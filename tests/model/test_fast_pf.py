@@ -3,7 +3,7 @@
 from vmmu.server.kvm import AccessBatch, AccessKind, Backing
 from vmmu.server.kvm import spte as S
 from vmmu.server.kvm.fast_pf import fast_page_fault
-from vmmu.server.kvm.mmu_internal import PFERR_PRESENT_MASK, PFERR_WRITE_MASK, PageFault, RetPf
+from vmmu.server.kvm.mmu_internal import PFERR_PRESENT_MASK, PFERR_WRITE_MASK, RetPf
 from vmmu.server.kvm.tdp_iter import TdpIter
 
 MIB = 1 << 20
@@ -55,8 +55,8 @@ async def test_the_fix_another_task_made_first_is_spurious(make_guest):
     await write_protect(g.vm, 5)
     await g.vcpu.run(access(0x5000, AccessKind.READ))          # load the root, flush
     error = PFERR_WRITE_MASK | PFERR_PRESENT_MASK
-    assert await fast_page_fault(g.vcpu, PageFault(0x5000, error)) is RetPf.FIXED
-    assert await fast_page_fault(g.vcpu, PageFault(0x5000, error)) is RetPf.SPURIOUS
+    assert await fast_page_fault(g.vcpu, 0x5000, error) is RetPf.FIXED
+    assert await fast_page_fault(g.vcpu, 0x5000, error) is RetPf.SPURIOUS
     assert g.vcpu.stats()["pf_fast"] == 2
 
 
@@ -66,7 +66,7 @@ async def test_read_only_memory_is_left_to_the_slow_path(make_guest):
     leaf = g.vm.walk(0x1000)[-1]
     assert not leaf.mmu_writable and not leaf.host_writable
     error = PFERR_WRITE_MASK | PFERR_PRESENT_MASK
-    assert await fast_page_fault(g.vcpu, PageFault(0x1000, error)) is RetPf.INVALID
+    assert await fast_page_fault(g.vcpu, 0x1000, error) is RetPf.INVALID
     assert g.vcpu.stats()["pf_fast"] == 0
 
 
@@ -94,7 +94,7 @@ async def test_a_huge_leaf_in_a_dirty_logged_slot_is_not_fast_fixed(make_guest):
     slot.flags |= 1                                              # logging, as seen by faults
     slot.dirty_logging = True
     error = PFERR_WRITE_MASK | PFERR_PRESENT_MASK
-    assert await fast_page_fault(g.vcpu, PageFault(0x1000, error)) is RetPf.INVALID
+    assert await fast_page_fault(g.vcpu, 0x1000, error) is RetPf.INVALID
 
 
 async def test_the_vm_knob_turns_the_fast_path_off(make_guest):
