@@ -39,11 +39,13 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 __all__ = ["Vcpu", "VcpuInfo", "RunResult", "Exit", "ExitReason",
-           "KVM_REQ_TLB_FLUSH", "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS", "KVM_REQ_VM_DEAD"]
+           "KVM_REQ_TLB_FLUSH", "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS", "KVM_REQ_VM_DEAD",
+           "KVM_REQ_DIRTY_RING_SOFT_FULL"]
 
 KVM_REQ_TLB_FLUSH = 1 << 0
 KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 1
 KVM_REQ_VM_DEAD = 1 << 2           # never cleared: the VM is dead or destroyed
+KVM_REQ_DIRTY_RING_SOFT_FULL = 1 << 3   # cleared at an entry that finds the ring reset
 
 _NEED = tuple(1 << ((op & OP_KIND_MASK) - 1) if op & OP_KIND_MASK else 0 for op in range(256))
 _SIZE = tuple(op_size(op) for op in range(256))
@@ -197,9 +199,7 @@ class Vcpu:
         n = len(batch)
         guest = self._guest()
         while True:
-            if self.requests or self.root is None:
-                await self._enter_guest()
-            if self.dirty_ring is not None and self.dirty_ring.soft_full():
+            if (self.requests or self.root is None) and not await self._enter_guest():
                 return self._dirty_ring_full_exit()
             start = self._pos
             i = self._pos = next(guest, n)
@@ -252,8 +252,9 @@ class Vcpu:
                                 is_write=self._mmio.is_write)
         return self._result(self._mmio)
 
-    async def _enter_guest(self) -> None:
-        """`vcpu_enter_guest`'s request servicing and `kvm_mmu_reload`."""
+    async def _enter_guest(self) -> bool:
+        """`vcpu_enter_guest`'s request servicing and `kvm_mmu_reload`: False when the vCPU
+        may not enter (its dirty ring is soft-full)."""
         if self.requests & KVM_REQ_VM_DEAD:
             self.vm.check_alive()                # raises: the VM died while this vCPU ran
         if self.requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS or self.root is None or \
@@ -264,6 +265,12 @@ class Vcpu:
             self.tlb.clear()
             self.pde_cache.clear()
             self.stat.tlb_flush += 1
+        if self.requests & KVM_REQ_DIRTY_RING_SOFT_FULL:
+            # `kvm_dirty_ring_check_request`: the request stays until a reset makes room.
+            if self.dirty_ring.soft_full():
+                return False
+            self.requests &= ~KVM_REQ_DIRTY_RING_SOFT_FULL
+        return True
 
     async def _load_root(self) -> None:
         vm = self.vm
@@ -368,6 +375,9 @@ class Vcpu:
                 perms &= ~WRITABLE
         pfn = ((spte & BASE_ADDR_MASK) >> 12) + (gfn & ((1 << shift) - 1))
         key, tlb = gfn << 4, self.tlb
+        if perms == RWX:
+            tlb[key | _READ] = tlb[key | _WRITE] = tlb[key | _EXEC] = pfn
+            return pfn
         if perms & READABLE:
             tlb[key | _READ] = pfn
         if perms & WRITABLE:

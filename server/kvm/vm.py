@@ -36,7 +36,8 @@ from .stats import VmStats
 from .tdp_mmu import TdpMmu
 from .trace import Tracer
 from .types import PAGE_SHIFT, Backing
-from .vcpu import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH, KVM_REQ_VM_DEAD, Vcpu
+from .vcpu import (KVM_REQ_DIRTY_RING_SOFT_FULL, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
+                   KVM_REQ_TLB_FLUSH, KVM_REQ_VM_DEAD, Vcpu)
 
 __all__ = ["Vm", "VmConfig", "VmInfo", "SpteInfo", "VmState", "KVM_MAX_VCPUS", "DEBUG_KNOBS"]
 
@@ -352,7 +353,8 @@ class Vm:
             return
         offset = gfn - slot.base_gfn
         if vcpu is not None and vcpu.dirty_ring is not None:
-            vcpu.dirty_ring.push(slot.as_id << 16 | slot.id, offset)
+            if vcpu.dirty_ring.push(slot.as_id << 16 | slot.id, offset):
+                vcpu.make_request(KVM_REQ_DIRTY_RING_SOFT_FULL)
             if self.tracer.on:
                 self.tracer.emit("kvm_dirty_ring_push", vcpu=vcpu.id,
                                  slot=slot.as_id << 16 | slot.id, offset=offset)

@@ -535,8 +535,17 @@ async def test_a_vcpu_whose_ring_is_soft_full_exits_until_reset(make_guest):
     result = await g.vcpu.run(AccessBatch.build([(gfn << 12, W, 8, None)
                                                  for gfn in range(256)]))
     assert result.exit.reason.name == "DIRTY_RING_FULL"
-    assert len(g.vm.harvest_dirty_ring(0)) == 192          # the soft limit
+    # The fault on page 191 pushed the 192nd entry (the soft limit): the vCPU leaves at
+    # its next entry, before that write is executed again.
+    assert result.completed == 191
+    rest = AccessBatch.build([(gfn << 12, W, 8, None) for gfn in range(191, 256)])
+    again = await g.vcpu.run(rest)                          # not reset: may not enter
+    assert again.exit.reason.name == "DIRTY_RING_FULL" and again.completed == 0
+    assert len(g.vm.harvest_dirty_ring(0)) == 192
     assert await g.vm.reset_dirty_rings() == 192
+    done = await g.vcpu.run(rest)                           # room again: the guest enters
+    assert done.exit.reason.name == "DONE" and done.completed == 65
+    assert len(g.vm.harvest_dirty_ring(0)) == 65            # 191 was write-protected again
 
 
 # -- the no-lost-dirty-page oracle -----------------------------------------------------------
