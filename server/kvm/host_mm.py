@@ -81,6 +81,8 @@ class HostMm:
     def __init__(self) -> None:
         self._starts: list[int] = []
         self._regions: list[HostRegion] = []
+        self._last_found: HostRegion | None = None
+        self._last_found_hvas = range(0)           # the hvas of `_last_found`
         self._next_hva = HVA_BASE
         self.pfns = PfnAllocator()
         self.sched = None                          # the owning VM's preemption points
@@ -130,6 +132,8 @@ class HostMm:
     def _drop_region(self, region: HostRegion) -> None:
         i = self._regions.index(region)
         del self._regions[i], self._starts[i]
+        if region is self._last_found:
+            self._last_found, self._last_found_hvas = None, range(0)
         for level, frames in region.frames.items():
             for base in frames.values():
                 self.put(base, level)
@@ -175,9 +179,17 @@ class HostMm:
         return region
 
     def find(self, hva: int) -> HostRegion | None:
+        """The region that maps hva: the last one found first (the faults of a vCPU come
+        in runs over one region, as `Memslots.lookup` keeps its last slot), then a
+        binary search."""
+        if hva in self._last_found_hvas:
+            return self._last_found
         i = bisect.bisect_right(self._starts, hva) - 1
-        if i >= 0 and self._regions[i].end > hva:
-            return self._regions[i]
+        if i >= 0:
+            region = self._regions[i]
+            if region.end > hva:
+                self._last_found, self._last_found_hvas = region, range(region.hva, region.end)
+                return region
         return None
 
     def hull(self, start: int, end: int) -> tuple[int, int]:

@@ -42,7 +42,7 @@ class HostRegion:
     `swapped` maps a 4K page number (hva >> 12) to the contents it had when it left."""
 
     __slots__ = ("hva", "size", "end", "backing", "page_level", "frames", "split_2m",
-                 "swapped", "_prot_at", "_prot_writable")
+                 "swapped", "_prot_at", "_prot_writable", "_prot_uniform")
 
     def __init__(self, hva: int, size: int, backing: Backing, writable: bool) -> None:
         self.hva, self.size, self.end = hva, size, hva + size
@@ -52,8 +52,7 @@ class HostRegion:
                                                    PG_LEVEL_1G: {}}
         self.split_2m: set[int] = set()
         self.swapped: dict[int, bytearray | None] = {}
-        self._prot_at = [hva]                 # start of each protection step, ascending
-        self._prot_writable = [writable]      # the protection from there to the next step
+        self._set_steps([(hva, writable)])
 
     @property
     def writable(self) -> bool:
@@ -68,7 +67,10 @@ class HostRegion:
     def mapped(self, hva: int) -> tuple[int, int] | None:
         """(pfn of the 4K page at hva, host mapping level), or None if not mapped."""
         frames = self.frames
-        for level, shift, mask in _MAPPED_ORDER:
+        pfn = frames[PG_LEVEL_4K].get(hva >> PAGE_SHIFT)     # the most common, and the
+        if pfn is not None:                                  # cheapest to answer
+            return pfn, PG_LEVEL_4K
+        for level, shift, mask in _HUGE_MAPPED:
             base = frames[level].get(hva >> shift)
             if base is not None:
                 return base + ((hva >> PAGE_SHIFT) & mask), level
@@ -144,7 +146,10 @@ class HostRegion:
         return self._prot_writable[first:last]
 
     def writable_at(self, hva: int) -> bool:
-        return self._prot_writable[bisect.bisect_right(self._prot_at, hva) - 1]
+        writable = self._prot_uniform
+        if writable is None:
+            writable = self._prot_writable[bisect.bisect_right(self._prot_at, hva) - 1]
+        return writable
 
     def uniform(self, start: int, end: int) -> bool:
         return len(self.protections(start, end)) == 1
@@ -161,8 +166,15 @@ class HostRegion:
         for at, w in steps[:first] + middle + steps[last:]:
             if not merged or merged[-1][1] != w:
                 merged.append((at, w))
-        self._prot_at = [at for at, _ in merged]
-        self._prot_writable = [w for _, w in merged]
+        self._set_steps(merged)
+
+    def _set_steps(self, steps: list[tuple[int, bool]]) -> None:
+        """(start, writable) of each protection step, ascending, the first at `hva`."""
+        self._prot_at = [at for at, _ in steps]
+        self._prot_writable = [w for _, w in steps]
+        # The protection of the whole region when it has one: every fault asks
+        # `writable_at`, and most regions are never mprotected in part.
+        self._prot_uniform = steps[0][1] if len(steps) == 1 else None
 
 
 def keys_in(table: dict[int, object], lo: int, hi: int) -> list[int]:
@@ -172,7 +184,7 @@ def keys_in(table: dict[int, object], lo: int, hi: int) -> list[int]:
     return sorted(k for k in table if lo <= k < hi)
 
 
-# (level, hva shift of its frames, mask of the 4K page within a frame): a page is mapped at
-# one level only, so the order is for speed (4K pages are the most common).
-_MAPPED_ORDER = tuple((level, PAGE_SHIFT + level_shift(level), pages_per_level(level) - 1)
-                      for level in (PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G))
+# (level, hva shift of its frames, mask of the 4K page within a frame) of the huge levels:
+# a page is mapped at one level only, so `mapped` may ask them in any order.
+_HUGE_MAPPED = tuple((level, PAGE_SHIFT + level_shift(level), pages_per_level(level) - 1)
+                     for level in _HUGE_LEVELS)

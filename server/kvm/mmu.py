@@ -88,7 +88,9 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
         if r is not RET_PF_CONTINUE:
             return r
         await vm.sched.point("fault.before_lock")
-        async with vm.mmu_lock.read:
+        lock = vm.mmu_lock
+        await lock.acquire_read()
+        try:
             if is_page_fault_stale(vcpu, fault):
                 return RET_PF_RETRY
             hugepage_adjust(vcpu, fault)
@@ -102,6 +104,8 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
             elif r is RET_PF_EMULATE:
                 vcpu.stat.pf_mmio_spte_created += 1
             return r
+        finally:
+            lock.release_read()
     finally:
         rcu.exit(token)
 

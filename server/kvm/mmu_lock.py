@@ -92,36 +92,42 @@ class MmuLock:
     def _current_task(self) -> asyncio.Task | None:
         """The running task, looked up in the loop of the lock's tasks: cheaper than
         `asyncio.current_task`, and on every fault's path. A task that holds or awaits the
-        lock runs in that loop, so a task of another loop is never mistaken for one."""
+        lock runs in that loop, so a task of another loop is never mistaken for one. The
+        acquires and releases spell the lookup out."""
         return _current_tasks.get(self._loop)
 
-    def _task_for_acquire(self) -> asyncio.Task | None:
-        task = _current_tasks.get(self._loop)
-        if task is None:
-            # The lock's first use, or a new loop (the lock is free then): look it up.
-            self._loop = _get_running_loop()
-            task = _current_tasks.get(self._loop)
-        if task in self._readers or self._writer is task:
-            raise LockAssertion("mmu_lock taken recursively by the same task")
-        return task
+    def _task_in_new_loop(self) -> asyncio.Task | None:
+        """The running task when the lock's loop does not know it: the lock's first use,
+        or a new loop (the lock is free then)."""
+        self._loop = _get_running_loop()
+        return _current_tasks.get(self._loop)
 
     def acquire_read(self):
         """Take the lock for read: returns an awaitable, already done when granted at once."""
-        task = self._task_for_acquire()
-        self._stats["read_acquisitions"] += 1
-        if self._writer is None and not self._waiters:
-            self._readers[task] = 1
+        task = _current_tasks.get(self._loop) or self._task_in_new_loop()
+        readers = self._readers
+        if self._writer is None and not self._waiters and task not in readers:
+            self._stats["read_acquisitions"] += 1
+            readers[task] = 1
             return DONE
-        return self._wait(self.READ, task)
+        return self._queue(self.READ, task)
 
     def acquire_write(self):
         """Take the lock for write: returns an awaitable, already done when granted at once."""
-        task = self._task_for_acquire()
-        self._stats["write_acquisitions"] += 1
+        task = _current_tasks.get(self._loop) or self._task_in_new_loop()
         if self._writer is None and not self._readers and not self._waiters:
+            self._stats["write_acquisitions"] += 1
             self._writer = task
             return DONE
-        return self._wait(self.WRITE, task)
+        return self._queue(self.WRITE, task)
+
+    def _queue(self, mode: str, task: asyncio.Task | None):
+        """The acquire that cannot be granted at once: a recursive one (the grant at once
+        never goes to a holder), or one that must wait its turn."""
+        if task in self._readers or self._writer is task:
+            raise LockAssertion("mmu_lock taken recursively by the same task")
+        self._stats[f"{mode}_acquisitions"] += 1
+        return self._wait(mode, task)
 
     async def _wait(self, mode: str, task: asyncio.Task) -> None:
         self._stats[f"{mode}_contended"] += 1
@@ -132,8 +138,12 @@ class MmuLock:
         try:
             await fut
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self._release_owner(mode, task)       # granted, then cancelled
+            if fut.done() and not fut.cancelled():    # granted, then cancelled: give it back
+                if mode == self.READ:
+                    del self._readers[task]
+                else:
+                    self._writer = None
+                self._grant()
             else:
                 if entry in self._waiters:             # a release may have popped it already
                     self._waiters.remove(entry)
@@ -143,21 +153,15 @@ class MmuLock:
             self._stats[f"{mode}_wait_ns"] += time.perf_counter_ns() - start
 
     def release_read(self) -> None:
-        self._release_owner(self.READ, self._current_task())
+        if self._readers.pop(_current_tasks.get(self._loop), None) is None:
+            raise LockAssertion("mmu_lock released for read by a task that does not hold it")
+        if self._waiters:
+            self._grant()
 
     def release_write(self) -> None:
-        self._release_owner(self.WRITE, self._current_task())
-
-    def _release_owner(self, mode: str, task: asyncio.Task | None) -> None:
-        if mode == self.READ:
-            if self._readers.pop(task, None) is None:
-                raise LockAssertion("mmu_lock released for read by a task that does not "
-                                    "hold it")
-        else:
-            if self._writer is None or self._writer is not task:
-                raise LockAssertion("mmu_lock released for write by a task that does not "
-                                    "hold it")
-            self._writer = None
+        if self._writer is None or self._writer is not _current_tasks.get(self._loop):
+            raise LockAssertion("mmu_lock released for write by a task that does not hold it")
+        self._writer = None
         if self._waiters:
             self._grant()
 

@@ -21,6 +21,11 @@ __all__ = ["TdpIter", "last_spte"]
 # `level_shift` by level (index 0 unused), and the mask of an index into a table.
 _SHIFT = (0,) + tuple(level_shift(level) for level in range(1, 6))
 _INDEX_MASK = PT_ENTRIES - 1
+_PRESENT_LARGE = MMU_PRESENT | LARGE     # of these, a present non-leaf has MMU_PRESENT only
+
+
+def _use_after_free(page: MmuPage, index: int) -> UseAfterFree:
+    return UseAfterFree(f"read of freed {page!r} at index {index}")
 
 
 class TdpIter:
@@ -33,8 +38,7 @@ class TdpIter:
         self.by_pfn, self.root = tables.by_pfn, root
         level = self.root_level = root.level
         self.min_level, self.end = min_level, end
-        path = self.pt_path = [None] * (level + 1)
-        path[level] = root
+        self.pt_path = [None] * level + [root]        # the table at each level, by level
         self.next_last_level_gfn = start
         self._restart()
 
@@ -49,11 +53,14 @@ class TdpIter:
         # `table` is the table at `level` (pt_path[level]).
         self.yielded = False
         gfn = self.yielded_gfn = self.next_last_level_gfn
-        shift = _SHIFT[self.root_level]
-        self.level, self.table = self.root_level, self.root
+        level = self.level = self.root_level
+        root = self.table = self.root
+        shift = _SHIFT[level]
         self.gfn = gfn >> shift << shift
-        self.index = (gfn >> shift) & _INDEX_MASK
-        self.old_spte = self.read()
+        index = self.index = (gfn >> shift) & _INDEX_MASK
+        if root.freed:
+            raise _use_after_free(root, index)
+        self.old_spte = root.spt[index]
         self.valid = True
 
     @staticmethod
@@ -62,10 +69,10 @@ class TdpIter:
 
     def read(self) -> int:
         """Re-read the current SPTE (another task may have written it)."""
-        page = self.table
+        page, index = self.table, self.index
         if page.freed:
-            raise UseAfterFree(f"read of freed {page!r} at index {self.index}")
-        return page.spt[self.index]
+            raise _use_after_free(page, index)
+        return page.spt[index]
 
     # -- movement -----------------------------------------------------------------
 
@@ -90,23 +97,26 @@ class TdpIter:
         level = self.level
         if level == self.min_level:
             return False
-        spte = self.read()
+        table, index = self.table, self.index
+        if table.freed:
+            raise _use_after_free(table, index)
+        spte = table.spt[index]
         last = self.min_level if far else level - 1
         by_pfn, path, gfn = self.by_pfn, self.pt_path, self.next_last_level_gfn
         child = None
         # min_level is PG_LEVEL_4K at the lowest, so no step starts from a 4K SPTE.
-        while spte & MMU_PRESENT and not spte & LARGE:
-            try:
+        try:
+            while spte & _PRESENT_LARGE == MMU_PRESENT:      # a present non-leaf
                 # A freed table has left `by_pfn`, so a live child is never a freed one.
                 child = by_pfn[(spte & BASE_ADDR_MASK) >> 12]
-            except KeyError:
-                raise UseAfterFree(f"SPTE {spte:#x} points at no page table") from None
-            level -= 1
-            path[level] = child
-            index = (gfn >> _SHIFT[level]) & _INDEX_MASK
-            spte = child.spt[index]
-            if level == last:
-                break
+                level -= 1
+                path[level] = child
+                index = (gfn >> _SHIFT[level]) & _INDEX_MASK
+                spte = child.spt[index]
+                if level == last:
+                    break
+        except KeyError:
+            raise UseAfterFree(f"SPTE {spte:#x} points at no page table") from None
         if child is None:
             self.old_spte = spte
             return False
@@ -138,8 +148,6 @@ class TdpIter:
         self.yielded = True
 
 
-_INDEX_MASK = PT_ENTRIES - 1
-_PRESENT_LARGE = MMU_PRESENT | LARGE     # of these, a present non-leaf has MMU_PRESENT only
 # By root level (4 or 5, VmConfig.tdp_levels), the shifts of the levels above 4K, root
 # first: gfn's index in a table of level L is (gfn >> (L - 1) * 9) & _INDEX_MASK.
 _SHIFTS_ABOVE_4K = {root_level: tuple((level - 1) * 9

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import spte as S
 from .spte import (BASE_ADDR_MASK, EXECUTABLE, FROZEN, LEAF_BITS, MMU_PRESENT, MMU_WRITABLE,
-                   NONPRESENT, READABLE, WRITABLE)
+                   NONPRESENT, READABLE, WRITABLE, check_writable_invariants, make_leaf)
 from .errors import VmBugged
 from .mmu_internal import (RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS,
                            PageFault, RetPf)
@@ -124,7 +124,7 @@ class TdpMmu:
                 raise VmBugged(f"present leaf for gfn {gfn:#x} changed pfn "
                                f"{S.spte_to_pfn(old):#x} -> {S.spte_to_pfn(new):#x} without an "
                                "invalidation")
-            if not S.check_writable_invariants(new):
+            if not check_writable_invariants(new):
                 raise VmBugged(f"illegal writable bits in SPTE {new:#x} for gfn {gfn:#x}")
         if self.tracer.on:
             self.tracer.emit("kvm_tdp_mmu_spte_changed", as_id=as_id, gfn=gfn, level=level,
@@ -203,23 +203,25 @@ class TdpMmu:
             self.rcu.exit(token)
 
     def _map_target_level(self, fault: PageFault, it: TdpIter) -> RetPf:
-        old = it.old_spte
-        if S.is_leaf_present(old, it.level) and (fault.prefetch or _access_allowed(fault, old)):
+        old, level = it.old_spte, it.level
+        leaf = LEAF_BITS[level]                 # `is_leaf_present`, spelled out
+        if old & leaf == leaf and (fault.prefetch or _access_allowed(fault, old)):
             return RET_PF_SPURIOUS
-        if fault.slot is None:
+        slot = fault.slot
+        if slot is None:
             new = S.make_mmio(fault.gfn, fault.generation)
         else:
             # host_writable = writable = map_writable, ad_enabled, prefetch
             writable = fault.map_writable
-            new = S.make_leaf(fault.pfn, it.level, writable, writable, self.ad_enabled,
-                              fault.prefetch)
+            new = make_leaf(fault.pfn, level, writable, writable, self.ad_enabled,
+                            fault.prefetch)
         if new == old:
             return RET_PF_SPURIOUS
         if not self.set_spte_atomic(it, new):
             return RET_PF_RETRY
-        if old & MMU_PRESENT and not S.is_last(old, it.level):
+        if old & MMU_PRESENT and not S.is_last(old, level):
             self.flush_remote_tlbs()          # a table was replaced by a huge leaf
-        if fault.slot is None:
+        if slot is None:
             if self.tracer.on:
                 self.tracer.emit("mark_mmio_spte", gfn=fault.gfn, gen=fault.generation)
             return RET_PF_EMULATE
