@@ -10,7 +10,9 @@ task can have queued one.
 
 TLB entries are 4K-grained, one per permitted access kind: `gfn << 4 | kind` -> pfn. W is
 granted only once the leaf's Dirty bit is set, so that the first write through a clean
-entry walks and sets D, as hardware does.
+entry walks and sets D, as hardware does. The TLB has a fixed capacity, like the hardware
+one: a fill that finds it full drops every entry first (hardware may drop any entry at any
+time), so its size does not grow with the guest memory the vCPU touches.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Vcpu", "VcpuInfo", "RunResult", "Exit", "ExitReason",
            "KVM_REQ_TLB_FLUSH", "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS", "KVM_REQ_VM_DEAD",
-           "KVM_REQ_DIRTY_RING_SOFT_FULL"]
+           "KVM_REQ_DIRTY_RING_SOFT_FULL", "TLB_CAPACITY"]
 
+TLB_CAPACITY = 1 << 14                 # entries: 4096 pages with R, W and X
 KVM_REQ_TLB_FLUSH = 1 << 0
 KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 1
 KVM_REQ_VM_DEAD = 1 << 2           # never cleared: the VM is dead or destroyed
@@ -375,6 +378,8 @@ class Vcpu:
                 perms &= ~WRITABLE
         pfn = ((spte & BASE_ADDR_MASK) >> 12) + (gfn & ((1 << shift) - 1))
         key, tlb = gfn << 4, self.tlb
+        if len(tlb) >= TLB_CAPACITY:
+            tlb.clear()                        # full: make room, as replacement would
         if perms == RWX:
             tlb[key | _READ] = tlb[key | _WRITE] = tlb[key | _EXEC] = pfn
             return pfn

@@ -102,3 +102,28 @@ async def test_host_write_to_an_unmapped_page_is_read_by_the_guest(kvm_guest):
     await vm.write_hva(kvm_guest.region.hva + 0x300000, b"first")
     result = await run(vcpu, (0x300000, R, 4, b""), (0x300004, R, 1, b""))
     assert result.read_data == b"first"
+
+
+@pytest.mark.parametrize("with_data", [True, False])
+async def test_a_full_tlb_drops_its_entries_and_the_walker_refills_it(make_guest, with_data):
+    """More pages than the TLB holds: it never grows past its capacity, and the pages it
+    dropped are walked again (no fault: the SPTEs are still there), with their data."""
+    from vmmu.server.kvm.vcpu import TLB_CAPACITY
+
+    pages = TLB_CAPACITY // 3 + 1024           # every page fills R, W and X once written
+    g = await make_guest(Backing.PAGE_4K, pages * 4096)
+    vcpu = g.vcpu
+    writes = [(gfn << 12, W, 8, gfn.to_bytes(8, "little") if with_data else None)
+              for gfn in range(pages)]
+    assert (await run(vcpu, *writes)).exit.reason is ExitReason.DONE
+    assert len(vcpu.tlb) <= TLB_CAPACITY
+    faults = vcpu.stats()["pf_taken"]
+    assert faults == pages
+
+    reads = [(gfn << 12, R, 8, b"" if with_data else None) for gfn in range(pages)]
+    result = await run(vcpu, *reads)
+    assert result.exit.reason is ExitReason.DONE and len(vcpu.tlb) <= TLB_CAPACITY
+    assert vcpu.stats()["pf_taken"] == faults           # walked again, never faulted
+    assert (0 << 4 | int(R)) not in vcpu.tlb             # the first pages were dropped
+    if with_data:
+        assert result.read_data == b"".join(gfn.to_bytes(8, "little") for gfn in range(pages))
