@@ -38,7 +38,8 @@ class TdpIter:
         self.by_pfn, self.root = tables.by_pfn, root
         level = self.root_level = root.level
         self.min_level, self.end = min_level, end
-        self.pt_path = [None] * level + [root]        # the table at each level, by level
+        path = self.pt_path = [None] * (level + 1)    # the table at each level, by level
+        path[level] = root
         self.next_last_level_gfn = start
         self._restart()
 

@@ -376,7 +376,9 @@ class Vcpu:
                 spt[index] = spte = new
             if not spte & DIRTY:
                 perms &= ~WRITABLE
-        pfn = ((spte & BASE_ADDR_MASK) >> 12) + (gfn & ((1 << shift) - 1))
+        pfn = (spte & BASE_ADDR_MASK) >> 12
+        if shift:
+            pfn += gfn & ((1 << shift) - 1)      # the 4K page within a huge leaf
         key, tlb = gfn << 4, self.tlb
         if len(tlb) >= TLB_CAPACITY:
             tlb.clear()                        # full: make room, as replacement would
