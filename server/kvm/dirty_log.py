@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 __all__ = ["KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE", "KVM_DIRTY_LOG_INITIALLY_SET",
-           "KVM_DIRTY_LOG_MANUAL_CAPS", "check_manual_protect", "prepare_memslot",
+           "KVM_DIRTY_LOG_MANUAL_CAPS", "DirtyBitmap", "BYTE_IN_WORD", "check_manual_protect", "prepare_memslot",
            "commit_memslot", "get_dirty_log", "clear_dirty_log", "harvest_dirty_ring",
            "reset_dirty_rings", "enable_log_dirty_pt_masked"]
 
@@ -54,6 +54,25 @@ KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 KVM_DIRTY_LOG_MANUAL_CAPS = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
 
 _ALL_ONES = (1 << 64) - 1
+
+# Which byte of a bitmap word holds its bits 8k..8k+7: byte k of the word's memory on a
+# little-endian host, byte 7 - k on a big-endian one (index ^ 7).
+BYTE_IN_WORD = 0 if sys.byteorder == "little" else 7
+
+
+class DirtyBitmap(array):
+    """A slot's dirty bitmap: 64-bit words, bit i of word j for page 64j + i, which GET and
+    CLEAR snapshot and clear a word at a time; `bytes` is a byte-wide view of the same
+    memory, where `Vm.mark_page_dirty` sets one page's bit on every fault that makes a page
+    writable: a byte is a small int, where a full word makes big-int temporaries.
+    Page p is bit p % 8 of `bytes[p // 8 ^ BYTE_IN_WORD]`."""
+
+    __slots__ = ("bytes",)
+
+    def __new__(cls, words: array) -> "DirtyBitmap":
+        self = super().__new__(cls, "Q", words)
+        self.bytes = memoryview(self).cast("B")     # the view pins the size: never resized
+        return self
 
 
 def check_manual_protect(value: int) -> None:
@@ -99,11 +118,11 @@ def prepare_memslot(vm: "Vm", old: Memslot | None, new: Memslot | None) -> None:
     elif _use_bitmap(vm):
         words = (new.npages + 63) // 64
         if _initially_set(vm):
-            bitmap = array("Q", [_ALL_ONES]) * words
+            bitmap = DirtyBitmap(array("Q", [_ALL_ONES]) * words)
             if new.npages % 64:
                 bitmap[-1] = (1 << new.npages % 64) - 1
         else:
-            bitmap = array("Q", bytes(8 * words))
+            bitmap = DirtyBitmap(array("Q", bytes(8 * words)))
         new.dirty_bitmap = bitmap
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from . import aging, dirty_log, host_ops
 from . import spte as S
+from .dirty_log import BYTE_IN_WORD
 from .dirty_ring import DIRTY_GFN_BYTES, DirtyGfn, DirtyRing, check_ring_size
 from .errors import KvmError, NoSuchObject, VmBugged, einval
 from .gpc import GPC_POLICIES, Gpcs
@@ -359,7 +360,7 @@ class Vm:
                 self.tracer.emit("kvm_dirty_ring_push", vcpu=vcpu.id,
                                  slot=slot.as_id << 16 | slot.id, offset=offset)
         elif slot.dirty_bitmap is not None:
-            slot.dirty_bitmap[offset >> 6] |= 1 << (offset & 63)
+            slot.dirty_bitmap.bytes[offset >> 3 ^ BYTE_IN_WORD] |= 1 << (offset & 7)
 
     # -- dirty logging (dirty_log.py) -------------------------------------------------
 
