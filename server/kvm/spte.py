@@ -137,10 +137,13 @@ def make_leaf(pfn: int, level: int, host_writable: bool, writable: bool,
     gets W | MMU-writable, and D when A/D bits are on, so that hardware never has to set D
     itself (with A/D off there is no hardware D and KVM leaves the bit clear). A host-writable
     leaf that is not writable keeps MMU-writable: a later write may be fixed without
-    mmu_lock. The flags are bools; every combination's bits are made once, at import.
+    mmu_lock. Every combination's bits are made once, at import; the flags index them as
+    the bits of an int, `large` the highest (an int from conditionals is cheaper to make
+    than a tuple key is to hash, and this runs on every fault).
     """
-    return _LEAF_ATTRS[level > PG_LEVEL_4K, host_writable, writable, ad_enabled, prefetch,
-                       executable] | pfn << 12
+    return _LEAF_ATTRS[(32 if level > PG_LEVEL_4K else 0) | (16 if host_writable else 0) |
+                       (8 if writable else 0) | (4 if ad_enabled else 0) |
+                       (2 if prefetch else 0) | (1 if executable else 0)] | pfn << 12
 
 
 def _leaf_attrs(large: bool, host_writable: bool, writable: bool, ad_enabled: bool,
@@ -250,5 +253,6 @@ def describe(spte: int, level: int) -> str:
     return "leaf" if is_last(spte, level) else "table"
 
 
-# Built last: `_leaf_attrs` needs `mark_for_access_track`.
-_LEAF_ATTRS = {flags: _leaf_attrs(*flags) for flags in product((False, True), repeat=6)}
+# Built last: `_leaf_attrs` needs `mark_for_access_track`. By `make_leaf`'s index: `product`
+# varies the last flag fastest, so flag i of six is bit 5 - i.
+_LEAF_ATTRS = tuple(_leaf_attrs(*flags) for flags in product((False, True), repeat=6))
