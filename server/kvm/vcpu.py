@@ -30,7 +30,7 @@ from .spte import (ACCESSED, BASE_ADDR_MASK, DIRTY, EXECUTABLE, LARGE, MMIO_MASK
 from .batch import OP_KIND_MASK, OP_WITH_DATA, AccessBatch, op_size
 from .errors import KvmError, VmBugged
 from .mmu import page_fault
-from .mmu_internal import PFERR_RSVD_MASK, RET_PF_EMULATE, RET_PF_RETRY
+from .mmu_internal import PFERR_RSVD_MASK, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY
 from .mmu_page import MmuPage
 from .stats import VcpuStats
 from .types import PAGE_SIZE, AccessKind
@@ -50,18 +50,36 @@ KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 1
 KVM_REQ_VM_DEAD = 1 << 2           # never cleared: the VM is dead or destroyed
 KVM_REQ_DIRTY_RING_SOFT_FULL = 1 << 3   # cleared at an entry that finds the ring reset
 
-_NEED = tuple(1 << ((op & OP_KIND_MASK) - 1) if op & OP_KIND_MASK else 0 for op in range(256))
 _SIZE = tuple(op_size(op) for op in range(256))
+_PAGE_OFFSET = PAGE_SIZE - 1
+# By op: the bytes an access moves into guest memory (0 unless it writes data), so that
+# the guest's common write tests one table entry.
+_WRITE_SIZE = tuple(op_size(op) if op & OP_WITH_DATA and op & OP_KIND_MASK == AccessKind.WRITE
+                    else 0 for op in range(256))
 _READ, _WRITE, _EXEC = int(AccessKind.READ), int(AccessKind.WRITE), int(AccessKind.EXEC)
 # By op: the bits the walker sets in a leaf it uses (A/D on): D too for a write.
 _SET_AD = tuple(ACCESSED | DIRTY if op & OP_KIND_MASK == _WRITE else ACCESSED
                 for op in range(256))
-# By op and the R/W/X the walk allowed: the #PF error code VMX makes of the EPT violation's
-# exit qualification. A table, as it is on every fault's path.
-_VIOLATION = tuple(
-    tuple(error_code_from_qualification(ept_violation_qualification(op & OP_KIND_MASK, rwx))
-          if op & OP_KIND_MASK else 0 for rwx in range(8))
-    for op in range(256))
+# A leaf with these bits set grants every kind and needs no A/D update: the common fill.
+_GRANTS_ALL = RWX | ACCESSED | DIRTY
+
+
+def _access_error_code(kind: int, rwx: int) -> int:
+    """The exit an access of `kind` through a leaf with R/W/X `rwx` takes, as an error code:
+    0 for none, the misconfiguration's when W is set without R (as in every MMIO SPTE: the
+    CPU sees the misconfiguration, not the MMIO), else the #PF error code VMX makes of the
+    EPT violation's exit qualification (never 0)."""
+    if rwx & (READABLE | WRITABLE) == WRITABLE:
+        return MISCONFIG_ERROR_CODE
+    if rwx & 1 << (kind - 1):
+        return 0
+    return error_code_from_qualification(ept_violation_qualification(kind, rwx))
+
+
+# By op and the leaf's R/W/X: `_access_error_code`. A table, as it is on every fault's path.
+# (An op without a kind is no access: batches reject it.)
+_EXIT = tuple(tuple(_access_error_code(op & OP_KIND_MASK, rwx) for rwx in range(8))
+              if op & OP_KIND_MASK else None for op in range(256))
 
 
 class ExitReason(enum.Enum):
@@ -199,13 +217,13 @@ class Vcpu:
         The guest is a generator (`_guest`) resumed at every entry: it keeps its place in
         the batch across exits, as a vCPU's state survives a VM exit."""
         batch, stats, vm = self._batch, self.stat, self.vm
-        n = len(batch)
+        gpas, n, i = batch.gpas, len(batch), self._pos
         guest = self._guest()
         while True:
             if (self.requests or self.root is None) and not await self._enter_guest():
                 return self._dirty_ring_full_exit()
-            start = self._pos
-            i = self._pos = next(guest, n)
+            start, i = i, next(guest, n)
+            self._pos = i
             stats.accesses += i - start
             if i >= n:
                 return self._result(_DONE)
@@ -215,7 +233,7 @@ class Vcpu:
                 stats.ept_misconfigs += 1
             else:
                 stats.ept_violations += 1
-            gpa = batch.gpas[i]
+            gpa = gpas[i]
             try:
                 r = await page_fault(self, gpa, error_code)
             except KvmError as e:
@@ -223,6 +241,8 @@ class Vcpu:
                 return self._result(Exit(ExitReason.MEMORY_FAULT, gpa=gpa,
                                          length=op_size(op), is_write=_is_write(op),
                                          errno=e.errno, message=e.reason))
+            if r is RET_PF_FIXED:
+                continue                       # the usual outcome: the access runs again
             if r is RET_PF_EMULATE:
                 return self._mmio_exit(i)
             if r is RET_PF_RETRY:
@@ -319,29 +339,26 @@ class Vcpu:
                     yield i
                 i += 1
             return
-        keys, tlb_get = batch.tlb_keys, tlb.get
-        host, wpos = self._host, self._wpos
-        while i < n:
-            op = ops[i]
-            pfn = tlb_get(keys[i])
+        tlb_get, write_data, host, wpos = tlb.get, batch.write_data, self._host, self._wpos
+        # Views: resuming after an MMIO exit does not copy the rest of the batch.
+        rest = (memoryview(seq)[i:] for seq in (gpas, ops, batch.tlb_keys))
+        for i, gpa, op, key in zip(range(i, n), *rest):
+            pfn = tlb_get(key)
             if pfn is None:
-                pfn = fill(gpas[i], op)
+                pfn = fill(gpa, op)
                 while pfn is None:             # exit; the host fixes it, the walk is redone
                     self._wpos = wpos
                     yield i
-                    pfn = fill(gpas[i], op)
+                    pfn = fill(gpa, op)
             if check is not None:
-                check(gpas[i] >> 12, pfn, op & OP_KIND_MASK == _WRITE)
-            if op & OP_WITH_DATA:
-                # The access moves its bytes (within one page: batches are checked).
-                size = _SIZE[op]
-                if op & OP_KIND_MASK == _WRITE:
-                    host.write_pfn(pfn, gpas[i] & (PAGE_SIZE - 1),
-                                   batch.write_data[wpos:wpos + size])
-                    wpos += size
-                else:
-                    self._read_data += host.read_pfn(pfn, gpas[i] & (PAGE_SIZE - 1), size)
-            i += 1
+                check(gpa >> 12, pfn, op & OP_KIND_MASK == _WRITE)
+            # The access moves its bytes (within one page: batches are checked).
+            size = _WRITE_SIZE[op]
+            if size:
+                host.write_pfn(pfn, gpa & _PAGE_OFFSET, write_data[wpos:wpos + size])
+                wpos += size
+            elif op & OP_WITH_DATA:            # a read: a write with data has a size
+                self._read_data += host.read_pfn(pfn, gpa & _PAGE_OFFSET, _SIZE[op])
         self._wpos = wpos
 
     def _tlb_fill(self, gpa: int, op: int) -> int | None:
@@ -355,7 +372,7 @@ class Vcpu:
         if page is None:
             stop = self._walk_upper(gfn)
             if stop is None:
-                self._exit_error_code = _VIOLATION[op][0]
+                self._exit_error_code = _EXIT[op][0]
                 return None
             spt, index, shift = stop
         elif page.freed:
@@ -363,28 +380,26 @@ class Vcpu:
         else:
             spt, index, shift = page.spt, gfn & 511, 0
         spte = spt[index]
-        if spte & MMIO_MASK == MMIO_VALUE:
-            self._exit_error_code = MISCONFIG_ERROR_CODE
+        error_code = _EXIT[op][spte & RWX]
+        if error_code:
+            self._exit_error_code = error_code
             return None
-        perms = spte & RWX
-        if not perms & _NEED[op]:
-            self._exit_error_code = _VIOLATION[op][perms]
-            return None
-        if self._ad_enabled:
-            new = spte | _SET_AD[op]
-            if new != spte:
-                spt[index] = spte = new
-            if not spte & DIRTY:
-                perms &= ~WRITABLE
         pfn = (spte & BASE_ADDR_MASK) >> 12
         if shift:
             pfn += gfn & ((1 << shift) - 1)      # the 4K page within a huge leaf
         key, tlb = gfn << 4, self.tlb
         if len(tlb) >= TLB_CAPACITY:
             tlb.clear()                        # full: make room, as replacement would
-        if perms == RWX:
+        if spte & _GRANTS_ALL == _GRANTS_ALL:
             tlb[key | _READ] = tlb[key | _WRITE] = tlb[key | _EXEC] = pfn
             return pfn
+        perms = spte & RWX
+        if self._ad_enabled:
+            new = spte | _SET_AD[op]
+            if new != spte:
+                spt[index] = spte = new
+            if not spte & DIRTY:
+                perms &= ~WRITABLE
         if perms & READABLE:
             tlb[key | _READ] = pfn
         if perms & WRITABLE:
