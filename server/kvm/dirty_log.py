@@ -45,9 +45,9 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 __all__ = ["KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE", "KVM_DIRTY_LOG_INITIALLY_SET",
-           "KVM_DIRTY_LOG_MANUAL_CAPS", "DirtyBitmap", "BYTE_IN_WORD", "check_manual_protect", "prepare_memslot",
-           "commit_memslot", "get_dirty_log", "clear_dirty_log", "harvest_dirty_ring",
-           "reset_dirty_rings", "enable_log_dirty_pt_masked"]
+           "KVM_DIRTY_LOG_MANUAL_CAPS", "DirtyBitmap", "BYTE_IN_WORD", "check_manual_protect",
+           "prepare_memslot", "commit_memslot", "get_dirty_log", "clear_dirty_log",
+           "harvest_dirty_ring", "reset_dirty_rings", "enable_log_dirty_pt_masked"]
 
 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
 KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1

@@ -11,7 +11,7 @@
         mmu_lock for read   is_page_fault_stale (root invalid, retry_gfn)
           hugepage_adjust   the level the slot, the lpage rules and the host allow
           TdpMmu.map        walk, link, install with CAS
-      FIXED / EMULATE / SPURIOUS are counted; RETRY is not.
+      each outcome is counted: pf_fixed, pf_emulate, pf_spurious, pf_retry
 
 A KvmError(EFAULT) out of the pfn lookup is KVM_RUN's -EFAULT (a memory-fault exit).
 """
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from . import spte as S
 from .fast_pf import fast_page_fault, page_fault_can_be_fast
-from .mmu_internal import (PFERR_RSVD_MASK, RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_FIXED,
+from .mmu_internal import (PFERR_RSVD_MASK, RET_PF_EMULATE, RET_PF_FIXED,
                            RET_PF_INVALID, RET_PF_RETRY, RET_PF_SPURIOUS, PageFault, RetPf)
 from .types import MAX_HUGEPAGE_LEVEL, PG_LEVEL_4K, pages_per_level
 
