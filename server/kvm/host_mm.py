@@ -82,7 +82,6 @@ class HostMm:
         self._starts: list[int] = []
         self._regions: list[HostRegion] = []
         self._last_found: HostRegion | None = None
-        self._last_found_hvas = range(0)           # the hvas of `_last_found`
         self._next_hva = HVA_BASE
         self.pfns = PfnAllocator()
         self.sched = None                          # the owning VM's preemption points
@@ -133,7 +132,7 @@ class HostMm:
         i = self._regions.index(region)
         del self._regions[i], self._starts[i]
         if region is self._last_found:
-            self._last_found, self._last_found_hvas = None, range(0)
+            self._last_found = None
         for level, frames in region.frames.items():
             for base in frames.values():
                 self.put(base, level)
@@ -182,13 +181,14 @@ class HostMm:
         """The region that maps hva: the last one found first (the faults of a vCPU come
         in runs over one region, as `Memslots.lookup` keeps its last slot), then a
         binary search."""
-        if hva in self._last_found_hvas:
-            return self._last_found
+        region = self._last_found
+        if region is not None and region.hva <= hva < region.end:
+            return region
         i = bisect.bisect_right(self._starts, hva) - 1
         if i >= 0:
             region = self._regions[i]
             if region.end > hva:
-                self._last_found, self._last_found_hvas = region, range(region.hva, region.end)
+                self._last_found = region
                 return region
         return None
 
