@@ -24,10 +24,6 @@ _INDEX_MASK = PT_ENTRIES - 1
 _PRESENT_LARGE = MMU_PRESENT | LARGE     # of these, a present non-leaf has MMU_PRESENT only
 
 
-def _use_after_free(page: MmuPage, index: int) -> UseAfterFree:
-    return UseAfterFree(f"read of freed {page!r} at index {index}")
-
-
 class TdpIter:
     __slots__ = ("by_pfn", "root", "root_level", "min_level", "end", "next_last_level_gfn",
                  "yielded_gfn", "pt_path", "table", "level", "gfn", "index", "old_spte",
@@ -55,13 +51,11 @@ class TdpIter:
         self.yielded = False
         gfn = self.yielded_gfn = self.next_last_level_gfn
         level = self.level = self.root_level
-        root = self.table = self.root
+        self.table = self.root
         shift = _SHIFT[level]
         self.gfn = gfn >> shift << shift
-        index = self.index = (gfn >> shift) & _INDEX_MASK
-        if root.freed:
-            raise _use_after_free(root, index)
-        self.old_spte = root.spt[index]
+        self.index = (gfn >> shift) & _INDEX_MASK
+        self.old_spte = self.read()
         self.valid = True
 
     @staticmethod
@@ -72,7 +66,7 @@ class TdpIter:
         """Re-read the current SPTE (another task may have written it)."""
         page, index = self.table, self.index
         if page.freed:
-            raise _use_after_free(page, index)
+            raise UseAfterFree(f"read of freed {page!r} at index {index}")
         return page.spt[index]
 
     # -- movement -----------------------------------------------------------------
@@ -98,10 +92,7 @@ class TdpIter:
         level = self.level
         if level == self.min_level:
             return False
-        table, index = self.table, self.index
-        if table.freed:
-            raise _use_after_free(table, index)
-        spte = table.spt[index]
+        spte = self.read()
         last = self.min_level if far else level - 1
         by_pfn, path, gfn = self.by_pfn, self.pt_path, self.next_last_level_gfn
         child = None

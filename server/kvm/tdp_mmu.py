@@ -204,8 +204,7 @@ class TdpMmu:
 
     def _map_target_level(self, fault: PageFault, it: TdpIter) -> RetPf:
         old, level = it.old_spte, it.level
-        leaf = LEAF_BITS[level]                 # `is_leaf_present`, spelled out
-        if old & leaf == leaf and (fault.prefetch or _access_allowed(fault, old)):
+        if S.is_leaf_present(old, level) and (fault.prefetch or _access_allowed(fault, old)):
             return RET_PF_SPURIOUS
         slot = fault.slot
         if slot is None:
