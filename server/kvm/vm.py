@@ -151,6 +151,7 @@ class Vm:
         self.state = VmState.ALIVE
         self.death: str = ""
         self.ad_enabled = config.ad_bits
+        self.fast_page_fault = config.fast_page_fault
         self.max_gfn = (1 << (config.gpa_bits - PAGE_SHIFT)) - 1
         self.stat = VmStats()
         self.knobs = frozenset(config.debug)
@@ -353,8 +354,9 @@ class Vm:
         if not slot.dirty_logging:
             return
         offset = gfn - slot.base_gfn
-        if vcpu is not None and vcpu.dirty_ring is not None:
-            if vcpu.dirty_ring.push(slot.as_id << 16 | slot.id, offset):
+        ring = vcpu.dirty_ring if vcpu is not None else None
+        if ring is not None:
+            if ring.push(slot.as_id << 16 | slot.id, offset):
                 vcpu.make_request(KVM_REQ_DIRTY_RING_SOFT_FULL)
             if self.tracer.on:
                 self.tracer.emit("kvm_dirty_ring_push", vcpu=vcpu.id,

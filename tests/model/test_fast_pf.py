@@ -15,7 +15,7 @@ def access(gpa: int, kind: AccessKind) -> AccessBatch:
 
 def leaf_of(tables, root, gfn: int) -> TdpIter:
     """The iterator parked on the leaf SPTE that maps gfn."""
-    for it in TdpIter(tables, root, gfn, gfn + 1):
+    for it in TdpIter(root, gfn, gfn + 1):
         if S.is_leaf_present(it.old_spte, it.level):
             return it
     raise AssertionError(f"gfn {gfn:#x} is not mapped")
