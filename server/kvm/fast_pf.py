@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .vcpu import Vcpu
     from .vm import Vm
 
-__all__ = ["page_fault_can_be_fast", "fast_page_fault"]
+__all__ = ["page_fault_can_be_fast", "can_be_fast_table", "CAN_BE_FAST_BITS", "fast_page_fault"]
 
 MAX_TRIES = 4
 _TRIES = range(MAX_TRIES)
@@ -51,6 +51,16 @@ def page_fault_can_be_fast(vm: "Vm", error_code: int) -> bool:
     if error_code & (PFERR_PRESENT_MASK | PFERR_RSVD_MASK):
         return False
     return not vm.ad_enabled and vm.fast_page_fault
+
+
+# The bits of an error code `page_fault_can_be_fast` looks at.
+CAN_BE_FAST_BITS = PFERR_PRESENT_MASK | PFERR_WRITE_MASK | PFERR_RSVD_MASK
+
+
+def can_be_fast_table(vm: "Vm") -> tuple[bool, ...]:
+    """`page_fault_can_be_fast` for `vm`, by `error_code & CAN_BE_FAST_BITS`: the fault
+    path asks on every fault, and the answer depends on settings fixed at VM creation."""
+    return tuple(page_fault_can_be_fast(vm, bits) for bits in range(CAN_BE_FAST_BITS + 1))
 
 
 async def fast_page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:

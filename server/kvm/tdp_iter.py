@@ -148,18 +148,22 @@ def last_spte(root: MmuPage, gfn: int) -> tuple[MmuPage, int, int, int]:
     first SPTE that is not present.
 
     `kvm_tdp_mmu_fast_pf_get_last_sptep`: the iterator's walk over [gfn, gfn + 1) cut to
-    its one path, for the lockless callers that only want the leaf. The walk never awaits;
-    a freed table on its way is the root (which the caller holds), a page whose entries
-    cannot be followed, or the table it ends in: each is checked."""
+    its one path, for the lockless callers that only want the leaf.
+
+    Above the leaf it steps by `children`, reading only the SPTE it stops at. The walk
+    never awaits, so every table it passes is linked from the root at that moment, and in
+    a linked table the doors keep `children[i]` set exactly when SPTE i is a present
+    non-leaf: the path is the one the SPTEs give. A freed root (the caller holds it) or a
+    freed table at the end (a table freed while linked: a bug) is a use after free."""
     if root.freed:
         raise UseAfterFree(f"read of freed {root!r}")
     table = root
     for shift in _SHIFTS_ABOVE_4K[root.level]:
         index = (gfn >> shift) & _INDEX_MASK
-        spte = table.spt[index]
-        if spte & _PRESENT_LARGE != MMU_PRESENT:
-            return table, index, shift // 9 + 1, spte        # a huge leaf, or not present
-        table = table.children[index]
+        child = table.children[index]
+        if child is None:                                    # a huge leaf, or not present
+            return table, index, shift // 9 + 1, table.spt[index]
+        table = child
     if table.freed:
         raise UseAfterFree(f"SPTE walk reached freed {table!r}")
     index = gfn & _INDEX_MASK

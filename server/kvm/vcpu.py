@@ -339,6 +339,7 @@ class Vcpu:
                 i += 1
             return
         tlb_get, write_data, host, wpos = tlb.get, batch.write_data, self._host, self._wpos
+        memory = host.contents                 # pfn -> page, for the pages ever written
         # Views: resuming after an MMIO exit does not copy the rest of the batch.
         rest = (memoryview(seq)[i:] for seq in (gpas, ops, batch.tlb_keys))
         for i, gpa, op, key in zip(range(i, n), *rest):
@@ -353,8 +354,12 @@ class Vcpu:
                 check(gpa >> 12, pfn, op & OP_KIND_MASK == _WRITE)
             # The access moves its bytes (within one page: batches are checked).
             size = _WRITE_SIZE[op]
-            if size == 1:
-                host.write_byte(pfn, gpa & _PAGE_OFFSET, write_data[wpos])
+            if size == 1:                      # a byte store, straight to host memory
+                page = memory.get(pfn)
+                if page is not None:
+                    page[gpa & _PAGE_OFFSET] = write_data[wpos]
+                else:                          # a page never written: the host makes it
+                    host.write_byte(pfn, gpa & _PAGE_OFFSET, write_data[wpos])
                 wpos += 1
             elif size:
                 host.write_pfn(pfn, gpa & _PAGE_OFFSET, write_data[wpos:wpos + size])

@@ -23,6 +23,7 @@ from . import spte as S
 from .dirty_log import BYTE_IN_WORD
 from .dirty_ring import DIRTY_GFN_BYTES, DirtyGfn, DirtyRing, check_ring_size
 from .errors import KvmError, NoSuchObject, VmBugged, einval
+from .fast_pf import can_be_fast_table
 from .gpc import GPC_POLICIES, Gpcs
 from .held import HeldInvalidation, HeldInvalidationInfo, HeldInvalidations, HoldState
 from .host_mm import HostMm, HostRegionInfo
@@ -152,6 +153,7 @@ class Vm:
         self.death: str = ""
         self.ad_enabled = config.ad_bits
         self.fast_page_fault = config.fast_page_fault
+        self.can_be_fast = can_be_fast_table(self)         # by the error code's bits
         self.max_gfn = (1 << (config.gpa_bits - PAGE_SHIFT)) - 1
         self.stat = VmStats()
         self.knobs = frozenset(config.debug)
