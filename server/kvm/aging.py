@@ -118,7 +118,7 @@ def _young_leaves(vm: "Vm", slot: Memslot, first: int, last: int) -> Iterator[Td
     for root in list(vm.tdp.roots):
         if root.as_id != slot.as_id or root.invalid:
             continue
-        for it in TdpIter(vm.tdp.tables, root, first, last):
+        for it in TdpIter(root, first, last):
             if S.is_leaf_present(it.old_spte, it.level) and S.is_accessed(it.old_spte):
                 yield it
 

@@ -27,23 +27,40 @@ from .types import PG_LEVEL_4K
 
 if TYPE_CHECKING:
     from .vcpu import Vcpu
+    from .vm import Vm
 
-__all__ = ["page_fault_can_be_fast", "fast_page_fault"]
+__all__ = ["page_fault_can_be_fast", "can_be_fast_table", "CAN_BE_FAST_BITS", "fast_page_fault"]
 
 MAX_TRIES = 4
 _TRIES = range(MAX_TRIES)
 _PRESENT_WRITE = PFERR_PRESENT_MASK | PFERR_WRITE_MASK
 _PRESENT_WRITE_RSVD = _PRESENT_WRITE | PFERR_RSVD_MASK
+# By the error code's write and fetch bits: the SPTE bit the access needs
+# (`is_access_allowed`), and the write bit.
+_ACCESS_BITS = PFERR_WRITE_MASK | PFERR_FETCH_MASK
+_ACCESS = {bits: (EXECUTABLE if bits & PFERR_FETCH_MASK else
+                  WRITABLE if bits & PFERR_WRITE_MASK else READABLE, bits & PFERR_WRITE_MASK)
+           for bits in (0, PFERR_WRITE_MASK, PFERR_FETCH_MASK, _ACCESS_BITS)}
 
 
-def page_fault_can_be_fast(vcpu: "Vcpu", error_code: int) -> bool:
+def page_fault_can_be_fast(vm: "Vm", error_code: int) -> bool:
     """A write to a present SPTE, or, A/D bits off, an access to a not-present one (it may
     be access-tracked); never an MMIO fault (RSVD)."""
     if error_code & _PRESENT_WRITE_RSVD == _PRESENT_WRITE:
-        return vcpu.vm.config.fast_page_fault
+        return vm.fast_page_fault
     if error_code & (PFERR_PRESENT_MASK | PFERR_RSVD_MASK):
         return False
-    return not vcpu.vm.ad_enabled and vcpu.vm.config.fast_page_fault
+    return not vm.ad_enabled and vm.fast_page_fault
+
+
+# The bits of an error code `page_fault_can_be_fast` looks at.
+CAN_BE_FAST_BITS = PFERR_PRESENT_MASK | PFERR_WRITE_MASK | PFERR_RSVD_MASK
+
+
+def can_be_fast_table(vm: "Vm") -> tuple[bool, ...]:
+    """`page_fault_can_be_fast` for `vm`, by `error_code & CAN_BE_FAST_BITS`: the fault
+    path asks on every fault, and the answer depends on settings fixed at VM creation."""
+    return tuple(page_fault_can_be_fast(vm, bits) for bits in range(CAN_BE_FAST_BITS + 1))
 
 
 async def fast_page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
@@ -54,8 +71,7 @@ async def fast_page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
     vm = vcpu.vm
     r = RET_PF_INVALID
     gfn = gpa >> 12
-    write = error_code & PFERR_WRITE_MASK
-    need = EXECUTABLE if error_code & PFERR_FETCH_MASK else WRITABLE if write else READABLE
+    need, write = _ACCESS[error_code & _ACCESS_BITS]
     rcu = vm.rcu
     token = rcu.enter()
     # fault->slot: looked up once, under the read-side section that memslot updates wait
@@ -63,7 +79,7 @@ async def fast_page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
     slot = vcpu.memslots.lookup(gfn)
     try:
         for _ in _TRIES:
-            table, index, level, old = last_spte(vcpu._tables, vcpu.root, gfn)
+            table, index, level, old = last_spte(vcpu.root, gfn)
             if not old & MMU_PRESENT:
                 break                             # nothing to fix: the slow path maps it
             if old & need:
@@ -75,8 +91,8 @@ async def fast_page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
             if write and old & MMU_WRITABLE:
                 if level > PG_LEVEL_4K and slot is not None and slot.dirty_logging:
                     break                         # only the slow path may split it
-                new |= WRITABLE
-            if new == old or not new & need:
+                new |= WRITABLE                   # now allows the write: W was clear
+            elif new == old or not new & need:
                 break
             await vm.sched.point("fast_pf.cas")
             if table.freed:

@@ -390,6 +390,15 @@ class HostMm:
             return bytes(length)
         return bytes(page[offset:offset + length])
 
+    def write_byte(self, pfn: int, offset: int, value: int) -> None:
+        """`write_pfn` of the one byte `value`: a guest's byte store, without slices."""
+        page = self.contents.get(pfn)
+        if page is None:
+            if not value:
+                return
+            page = self.contents[pfn] = bytearray(PAGE_SIZE)
+        page[offset] = value
+
     def write_pfn(self, pfn: int, offset: int, data: bytes) -> None:
         page = self.contents.get(pfn)
         if page is None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import spte as S
-from .fast_pf import fast_page_fault, page_fault_can_be_fast
+from .fast_pf import CAN_BE_FAST_BITS, fast_page_fault
 from .mmu_internal import (PFERR_RSVD_MASK, RET_PF_EMULATE, RET_PF_FIXED,
                            RET_PF_INVALID, RET_PF_RETRY, RET_PF_SPURIOUS, PageFault, RetPf)
 from .types import MAX_HUGEPAGE_LEVEL, PG_LEVEL_4K, pages_per_level
@@ -36,17 +36,17 @@ async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
     """`kvm_mmu_page_fault`, with `kvm_mmu_do_page_fault` and the first step of
     `kvm_tdp_mmu_page_fault` (the fast path) folded in, so that a fault the fast path fixes
     runs in two coroutines, this one and `fast_page_fault`."""
-    stats = vcpu.stat
-    tracer = vcpu.vm.tracer
-    if tracer.on:
-        tracer.emit("kvm_page_fault", vcpu=vcpu.id, gpa=gpa, error_code=error_code)
+    vm = vcpu.vm
+    if vm.tracer.on:
+        vm.tracer.emit("kvm_page_fault", vcpu=vcpu.id, gpa=gpa, error_code=error_code)
     if error_code & PFERR_RSVD_MASK:
         r = handle_mmio_page_fault(vcpu, gpa)
         if r is not RET_PF_INVALID:
             return r
+    stats = vcpu.stat
     stats.pf_taken += 1
     r = RET_PF_INVALID
-    if page_fault_can_be_fast(vcpu, error_code):
+    if vm.can_be_fast[error_code & CAN_BE_FAST_BITS]:      # page_fault_can_be_fast
         r = await fast_page_fault(vcpu, gpa, error_code)
     if r is RET_PF_INVALID:
         r = await tdp_page_fault(vcpu, PageFault(gpa, error_code))

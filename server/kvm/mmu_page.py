@@ -1,9 +1,14 @@
 """Page-table pages (`kvm_mmu_page`): 512 real 64-bit SPTEs in an `array('Q')`.
 
 An SPTE points at its child table by pfn, so pages are registered by pfn in `PageTables`.
+Beside its SPTEs a page keeps `children`: for each entry, the page its present non-leaf
+SPTE links (what `spte_to_child_pt` computes from the SPTE), else None. The doors that
+write SPTEs keep it in the same step as the write, so a walker that has read a present
+non-leaf SPTE follows it without a lookup by pfn.
+
 A page unlinked from its tree is torn down (every entry frozen) and freed only after an RCU
-grace period; a freed page is poisoned: its entries hold POISON and any walker that reads it
-gets `UseAfterFree`.
+grace period; a freed page is poisoned: its entries hold POISON, its children are gone, and
+any walker that reads it or follows an entry of it gets `UseAfterFree`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from .types import PG_LEVEL_4K, PT_ENTRIES
 
 __all__ = ["MmuPage", "PageTables", "UseAfterFree", "POISON"]
 
-POISON = 0x6B6B_6B6B_6B6B_6B6B            # what a freed page holds (not MMU-present)
+POISON = 0x6B6B_6B6B_6B6B_6B6B            # what a freed page holds (looks present: a walk
+                                          # that follows it must fail, see _FreedChildren)
 FIRST_TABLE_PFN = 0x1000                  # kernel memory for tables: below guest memory
 _FRESH = array("Q", [NONPRESENT]) * PT_ENTRIES
 
@@ -26,12 +32,25 @@ class UseAfterFree(VmBugged):
     """A walker read a page-table page after it was freed."""
 
 
+class _FreedChildren:
+    """The children of a freed page: following any of its entries is a use after free."""
+
+    __slots__ = ("page",)
+
+    def __init__(self, page: "MmuPage") -> None:
+        self.page = page
+
+    def __getitem__(self, index: int) -> "MmuPage":
+        raise UseAfterFree(f"walk through entry {index} of freed {self.page!r}")
+
+
 class MmuPage:
-    __slots__ = ("spt", "pfn", "level", "gfn", "as_id", "invalid", "freed", "is_root",
+    __slots__ = ("spt", "children", "pfn", "level", "gfn", "as_id", "invalid", "freed", "is_root",
                  "root_refs")
 
     def __init__(self, pfn: int, level: int, gfn: int, as_id: int, is_root: bool) -> None:
         self.spt = array("Q", _FRESH)
+        self.children: list[MmuPage | None] = [None] * PT_ENTRIES
         self.pfn, self.level, self.gfn, self.as_id = pfn, level, gfn, as_id
         self.invalid = False          # role.invalid: a root that must not be used for new faults
         self.freed = False
@@ -60,6 +79,7 @@ class PageTables:
             raise VmBugged(f"{page!r} freed twice")
         page.freed = True
         page.spt[:] = array("Q", [POISON]) * PT_ENTRIES
+        page.children = _FreedChildren(page)
         del self.by_pfn[page.pfn]
         self._pfns.free(page.pfn, PG_LEVEL_4K)
         self.freed += 1

@@ -12,8 +12,8 @@ compare-and-exchange is made against.
 
 from __future__ import annotations
 
-from .mmu_page import MmuPage, PageTables, UseAfterFree
-from .spte import BASE_ADDR_MASK, LARGE, MMU_PRESENT
+from .mmu_page import MmuPage, UseAfterFree
+from .spte import LARGE, MMU_PRESENT
 from .types import PG_LEVEL_4K, PT_ENTRIES, level_shift
 
 __all__ = ["TdpIter", "last_spte"]
@@ -25,13 +25,13 @@ _PRESENT_LARGE = MMU_PRESENT | LARGE     # of these, a present non-leaf has MMU_
 
 
 class TdpIter:
-    __slots__ = ("by_pfn", "root", "root_level", "min_level", "end", "next_last_level_gfn",
+    __slots__ = ("root", "root_level", "min_level", "end", "next_last_level_gfn",
                  "yielded_gfn", "pt_path", "table", "level", "gfn", "index", "old_spte",
                  "valid", "yielded")
 
-    def __init__(self, tables: PageTables, root: MmuPage, start: int, end: int,
+    def __init__(self, root: MmuPage, start: int, end: int,
                  min_level: int = PG_LEVEL_4K) -> None:
-        self.by_pfn, self.root = tables.by_pfn, root
+        self.root = root
         level = self.root_level = root.level
         self.min_level, self.end = min_level, end
         path = self.pt_path = [None] * (level + 1)    # the table at each level, by level
@@ -94,21 +94,17 @@ class TdpIter:
             return False
         spte = self.read()
         last = self.min_level if far else level - 1
-        by_pfn, path, gfn = self.by_pfn, self.pt_path, self.next_last_level_gfn
-        child = None
+        path, gfn = self.pt_path, self.next_last_level_gfn
+        table, index, child = self.table, self.index, None
         # min_level is PG_LEVEL_4K at the lowest, so no step starts from a 4K SPTE.
-        try:
-            while spte & _PRESENT_LARGE == MMU_PRESENT:      # a present non-leaf
-                # A freed table has left `by_pfn`, so a live child is never a freed one.
-                child = by_pfn[(spte & BASE_ADDR_MASK) >> 12]
-                level -= 1
-                path[level] = child
-                index = (gfn >> _SHIFT[level]) & _INDEX_MASK
-                spte = child.spt[index]
-                if level == last:
-                    break
-        except KeyError:
-            raise UseAfterFree(f"SPTE {spte:#x} points at no page table") from None
+        while spte & _PRESENT_LARGE == MMU_PRESENT:          # a present non-leaf
+            child = table.children[index]
+            level -= 1
+            path[level] = table = child
+            index = (gfn >> _SHIFT[level]) & _INDEX_MASK
+            spte = child.spt[index]
+            if level == last:
+                break
         if child is None:
             self.old_spte = spte
             return False
@@ -147,26 +143,28 @@ _SHIFTS_ABOVE_4K = {root_level: tuple((level - 1) * 9
                     for root_level in (4, 5)}
 
 
-def last_spte(by_pfn: dict[int, MmuPage], root: MmuPage, gfn: int
-              ) -> tuple[MmuPage, int, int, int]:
+def last_spte(root: MmuPage, gfn: int) -> tuple[MmuPage, int, int, int]:
     """(table, index, level, spte) of the last SPTE on the way to gfn: the leaf, or the
     first SPTE that is not present.
 
     `kvm_tdp_mmu_fast_pf_get_last_sptep`: the iterator's walk over [gfn, gfn + 1) cut to
-    its one path, for the lockless callers that only want the leaf; `by_pfn` is
-    `PageTables.by_pfn`. A table leaves `by_pfn` when it is freed and the walk never awaits,
-    so a child found there is not freed: only the root, which the caller holds, is checked."""
+    its one path, for the lockless callers that only want the leaf.
+
+    Above the leaf it steps by `children`, reading only the SPTE it stops at. The walk
+    never awaits, so every table it passes is linked from the root at that moment, and in
+    a linked table the doors keep `children[i]` set exactly when SPTE i is a present
+    non-leaf: the path is the one the SPTEs give. A freed root (the caller holds it) or a
+    freed table at the end (a table freed while linked: a bug) is a use after free."""
     if root.freed:
         raise UseAfterFree(f"read of freed {root!r}")
     table = root
-    try:
-        for shift in _SHIFTS_ABOVE_4K[root.level]:
-            index = (gfn >> shift) & _INDEX_MASK
-            spte = table.spt[index]
-            if spte & _PRESENT_LARGE != MMU_PRESENT:
-                return table, index, shift // 9 + 1, spte    # a huge leaf, or not present
-            table = by_pfn[(spte & BASE_ADDR_MASK) >> 12]
-    except KeyError:
-        raise UseAfterFree(f"SPTE {spte:#x} points at no page table") from None
+    for shift in _SHIFTS_ABOVE_4K[root.level]:
+        index = (gfn >> shift) & _INDEX_MASK
+        child = table.children[index]
+        if child is None:                                    # a huge leaf, or not present
+            return table, index, shift // 9 + 1, table.spt[index]
+        table = child
+    if table.freed:
+        raise UseAfterFree(f"SPTE walk reached freed {table!r}")
     index = gfn & _INDEX_MASK
     return table, index, PG_LEVEL_4K, table.spt[index]

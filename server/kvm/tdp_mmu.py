@@ -1,8 +1,9 @@
 """The TDP MMU: roots of EPT page tables and every change made to their SPTEs.
 
 Two doors write an SPTE: `set_spte_atomic` (mmu_lock held for read: compare-and-exchange
-against the iterator's snapshot) and `iter_set_spte` (mmu_lock held for write). Both end in
-`handle_changed_spte`, the one place that keeps the books: page counts, teardown of an
+against the iterator's snapshot) and `iter_set_spte` (mmu_lock held for write). A door that
+writes an entry above 4K records in the page's `children` the table the entry now links (or
+None), in the same step. Both end in `handle_changed_spte`, the one place that keeps the books: page counts, teardown of an
 unlinked table, the present-leaf-pfn-never-changes invariant. A table unlinked from a tree
 is frozen entry by entry and freed after an RCU grace period. Functions that may need a TLB
 flush return `flush` and leave it to the caller, who flushes before dropping mmu_lock.
@@ -14,7 +15,7 @@ import asyncio
 from typing import TYPE_CHECKING, Callable
 
 from . import spte as S
-from .spte import (BASE_ADDR_MASK, EXECUTABLE, FROZEN, LEAF_BITS, MMU_PRESENT, MMU_WRITABLE,
+from .spte import (BASE_ADDR_MASK, EXECUTABLE, FROZEN, LARGE, LEAF_BITS, MMU_PRESENT, MMU_WRITABLE,
                    NONPRESENT, READABLE, WRITABLE, check_writable_invariants, make_leaf)
 from .errors import VmBugged
 from .mmu_internal import (RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["TdpMmu", "max_mapping_level"]
 
+_PRESENT_LARGE = MMU_PRESENT | LARGE     # of these, a present non-leaf has MMU_PRESENT only
 
 
 class TdpMmu:
@@ -102,18 +104,30 @@ class TdpMmu:
             it.old_spte = current
             return False
         spt[i] = new
-        self.handle_changed_spte(table.as_id, it.gfn, current, new, it.level, True)
+        level = it.level
+        if level > PG_LEVEL_4K:
+            self._record_child(table, i, new)
+        self.handle_changed_spte(table.as_id, it.gfn, current, new, level, True)
         it.old_spte = new
         return True
 
     def iter_set_spte(self, it: TdpIter, new: int) -> None:
         """Exclusive write (mmu_lock held for write): an exchange, so no Dirty bit is lost."""
         self.mmu_lock.assert_held_write()
-        spt, i = it.table.spt, it.index
+        table, i, level = it.table, it.index, it.level
+        spt = table.spt
         old = spt[i]
         spt[i] = new
-        self.handle_changed_spte(it.table.as_id, it.gfn, old, new, it.level, shared=False)
+        if level > PG_LEVEL_4K:
+            self._record_child(table, i, new)
+        self.handle_changed_spte(table.as_id, it.gfn, old, new, level, shared=False)
         it.old_spte = new
+
+    def _record_child(self, table: MmuPage, i: int, new: int) -> None:
+        """Entry i of a table above 4K now holds `new`: record the table it links, or
+        that it links none, in `children` (`spte_to_child_pt`, done once per link)."""
+        table.children[i] = self.tables.child(S.spte_to_pfn(new)) \
+            if new & _PRESENT_LARGE == MMU_PRESENT else None
 
     def handle_changed_spte(self, as_id: int, gfn: int, old: int, new: int, level: int,
                             shared: bool) -> None:
@@ -177,7 +191,7 @@ class TdpMmu:
         token = self.rcu.enter()
         try:
             # The range is one gfn, so the walk only ever steps down (as far as it can).
-            it = TdpIter(self.tables, root, fault.gfn, fault.gfn + 1, goal)
+            it = TdpIter(root, fault.gfn, fault.gfn + 1, goal)
             it.step_down(far=True)
             while True:
                 old = it.old_spte
@@ -234,7 +248,7 @@ class TdpMmu:
         zaps since the last flush still need one."""
         self.mmu_lock.assert_held_write()
         with _YieldingWalk(self, shared=False) as walk:
-            for it in TdpIter(self.tables, root, start, min(end, self.max_gfn)):
+            for it in TdpIter(root, start, min(end, self.max_gfn)):
                 if walk.need_resched(it):
                     await walk.cond_resched(it, flush)
                     flush = False
@@ -264,7 +278,7 @@ class TdpMmu:
             self.mmu_lock.assert_held_write()
         with _YieldingWalk(self, shared) as walk:
             for zap_level in (PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G, root.level):
-                for it in TdpIter(self.tables, root, 0, self.max_gfn, zap_level):
+                for it in TdpIter(root, 0, self.max_gfn, zap_level):
                     if walk.need_resched(it):
                         await walk.cond_resched(it, False)
                         continue
@@ -283,7 +297,7 @@ class TdpMmu:
         """(level, base gfn, index, spte) of every SPTE on the path to gfn, root first."""
         with self.rcu.read_lock():
             return [(it.level, it.gfn, it.index, it.old_spte)
-                    for it in TdpIter(self.tables, root, gfn, gfn + 1)]
+                    for it in TdpIter(root, gfn, gfn + 1)]
 
     # -- dirty logging: write-protection, eager split, huge page recovery -----------
 
@@ -312,7 +326,7 @@ class TdpMmu:
         flush = False
         for root in self._each_valid_root(slot.as_id):
             with _YieldingWalk(self, shared=True) as walk:
-                for it in TdpIter(self.tables, root, slot.base_gfn, slot.end_gfn, min_level):
+                for it in TdpIter(root, slot.base_gfn, slot.end_gfn, min_level):
                     if walk.need_resched(it):
                         await walk.cond_resched(it, False)
                         continue
@@ -333,7 +347,7 @@ class TdpMmu:
         with self.rcu.read_lock():
             for root in self._valid_roots(slot.as_id):
                 left = mask
-                for it in TdpIter(self.tables, root, first, gfn + 64):
+                for it in TdpIter(root, first, gfn + 64):
                     if not left:
                         break
                     if it.level != PG_LEVEL_4K or not S.is_leaf_present(it.old_spte, it.level):
@@ -355,7 +369,7 @@ class TdpMmu:
         changed = False
         with self.rcu.read_lock():
             for root in self._valid_roots(slot.as_id):
-                for it in TdpIter(self.tables, root, gfn, gfn + 1, min_level):
+                for it in TdpIter(root, gfn, gfn + 1, min_level):
                     if not S.is_leaf_present(it.old_spte, it.level):
                         continue
                     new = it.old_spte & ~(WRITABLE | MMU_WRITABLE)
@@ -375,7 +389,7 @@ class TdpMmu:
         split = 0
         for root in self._each_valid_root(slot.as_id):
             with _YieldingWalk(self, shared=True) as walk:
-                for it in TdpIter(self.tables, root, start, end, target_level + 1):
+                for it in TdpIter(root, start, end, target_level + 1):
                     if walk.need_resched(it):
                         await walk.cond_resched(it, False)
                         continue
@@ -390,7 +404,7 @@ class TdpMmu:
         split = 0
         with self.rcu.read_lock():
             for root in self._valid_roots(slot.as_id):
-                for it in TdpIter(self.tables, root, start, end, target_level + 1):
+                for it in TdpIter(root, start, end, target_level + 1):
                     split += self._split_huge_leaf(it, root.as_id, shared=False)
         return split
 
@@ -428,7 +442,7 @@ class TdpMmu:
         for root in self._each_valid_root(slot.as_id):
             flush = False
             with _YieldingWalk(self, shared=True) as walk:
-                for it in TdpIter(self.tables, root, start, end, PG_LEVEL_2M):
+                for it in TdpIter(root, start, end, PG_LEVEL_2M):
                     if walk.need_resched(it):
                         await walk.cond_resched(it, flush)
                         flush = False
@@ -452,7 +466,7 @@ class TdpMmu:
         """`kvm_tdp_mmu_make_huge_spte`: a huge leaf at `it.level` from the first present
         leaf under the table at `it`; None if the table maps nothing."""
         child = self.tables.child(S.spte_to_pfn(it.old_spte))
-        for sub in TdpIter(self.tables, child, it.gfn, it.gfn + pages_per_level(it.level)):
+        for sub in TdpIter(child, it.gfn, it.gfn + pages_per_level(it.level)):
             if S.is_leaf_present(sub.old_spte, sub.level):
                 return S.make_huge(sub.old_spte, it.level)
         return None

@@ -137,7 +137,6 @@ class Vcpu:
         self._mmio: Exit | None = None
         self._exit_error_code = 0
         # What the walker reads on every miss, fixed for the VM's life.
-        self._tables = vm.tdp.tables.by_pfn
         self.memslots = vm.memslot_sets[0]     # kvm_vcpu_memslots: no SMM, address space 0
         self._max_gfn = vm.tdp.max_gfn
         self._ad_enabled = vm.ad_enabled
@@ -340,6 +339,7 @@ class Vcpu:
                 i += 1
             return
         tlb_get, write_data, host, wpos = tlb.get, batch.write_data, self._host, self._wpos
+        memory = host.contents                 # pfn -> page, for the pages ever written
         # Views: resuming after an MMIO exit does not copy the rest of the batch.
         rest = (memoryview(seq)[i:] for seq in (gpas, ops, batch.tlb_keys))
         for i, gpa, op, key in zip(range(i, n), *rest):
@@ -354,7 +354,14 @@ class Vcpu:
                 check(gpa >> 12, pfn, op & OP_KIND_MASK == _WRITE)
             # The access moves its bytes (within one page: batches are checked).
             size = _WRITE_SIZE[op]
-            if size:
+            if size == 1:                      # a byte store, straight to host memory
+                page = memory.get(pfn)
+                if page is not None:
+                    page[gpa & _PAGE_OFFSET] = write_data[wpos]
+                else:                          # a page never written: the host makes it
+                    host.write_byte(pfn, gpa & _PAGE_OFFSET, write_data[wpos])
+                wpos += 1
+            elif size:
                 host.write_pfn(pfn, gpa & _PAGE_OFFSET, write_data[wpos:wpos + size])
                 wpos += size
             elif op & OP_WITH_DATA:            # a read: a write with data has a size
@@ -428,10 +435,9 @@ class Vcpu:
                 return spt, index, shift
             if ad and not spte & ACCESSED:
                 spt[index] = spte | ACCESSED
-            # A freed table has left the pfn registry: a live table is never a freed one.
-            page = self._tables.get((spte & BASE_ADDR_MASK) >> 12)
-            if page is None:
-                raise VmBugged(f"hardware walk through SPTE {spte:#x} to no page table")
+            page = page.children[index]
+            if page.freed:
+                raise VmBugged(f"hardware walk through SPTE {spte:#x} to freed {page!r}")
             spt = page.spt
             level -= 1
             if level == 1:

@@ -23,6 +23,7 @@ from . import spte as S
 from .dirty_log import BYTE_IN_WORD
 from .dirty_ring import DIRTY_GFN_BYTES, DirtyGfn, DirtyRing, check_ring_size
 from .errors import KvmError, NoSuchObject, VmBugged, einval
+from .fast_pf import can_be_fast_table
 from .gpc import GPC_POLICIES, Gpcs
 from .held import HeldInvalidation, HeldInvalidationInfo, HeldInvalidations, HoldState
 from .host_mm import HostMm, HostRegionInfo
@@ -151,6 +152,8 @@ class Vm:
         self.state = VmState.ALIVE
         self.death: str = ""
         self.ad_enabled = config.ad_bits
+        self.fast_page_fault = config.fast_page_fault
+        self.can_be_fast = can_be_fast_table(self)         # by the error code's bits
         self.max_gfn = (1 << (config.gpa_bits - PAGE_SHIFT)) - 1
         self.stat = VmStats()
         self.knobs = frozenset(config.debug)
@@ -353,8 +356,9 @@ class Vm:
         if not slot.dirty_logging:
             return
         offset = gfn - slot.base_gfn
-        if vcpu is not None and vcpu.dirty_ring is not None:
-            if vcpu.dirty_ring.push(slot.as_id << 16 | slot.id, offset):
+        ring = vcpu.dirty_ring if vcpu is not None else None
+        if ring is not None:
+            if ring.push(slot.as_id << 16 | slot.id, offset):
                 vcpu.make_request(KVM_REQ_DIRTY_RING_SOFT_FULL)
             if self.tracer.on:
                 self.tracer.emit("kvm_dirty_ring_push", vcpu=vcpu.id,

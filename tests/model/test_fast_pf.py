@@ -1,9 +1,15 @@
 """The fast page fault: write-protection and access tracking fixed without mmu_lock."""
 
-from vmmu.server.kvm import AccessBatch, AccessKind, Backing
+import itertools
+
+import pytest
+
+from vmmu.server.kvm import AccessBatch, AccessKind, Backing, Kvm, VmConfig
 from vmmu.server.kvm import spte as S
-from vmmu.server.kvm.fast_pf import fast_page_fault
-from vmmu.server.kvm.mmu_internal import PFERR_PRESENT_MASK, PFERR_WRITE_MASK, RetPf
+from vmmu.server.kvm.fast_pf import CAN_BE_FAST_BITS, fast_page_fault, page_fault_can_be_fast
+from vmmu.server.kvm.mmu_internal import (PFERR_FETCH_MASK, PFERR_GUEST_FINAL_MASK,
+                                          PFERR_PRESENT_MASK, PFERR_RSVD_MASK,
+                                          PFERR_USER_MASK, PFERR_WRITE_MASK, RetPf)
 from vmmu.server.kvm.tdp_iter import TdpIter
 
 MIB = 1 << 20
@@ -13,9 +19,9 @@ def access(gpa: int, kind: AccessKind) -> AccessBatch:
     return AccessBatch.build([(gpa, kind, 8, None)])
 
 
-def leaf_of(tables, root, gfn: int) -> TdpIter:
+def leaf_of(root, gfn: int) -> TdpIter:
     """The iterator parked on the leaf SPTE that maps gfn."""
-    for it in TdpIter(tables, root, gfn, gfn + 1):
+    for it in TdpIter(root, gfn, gfn + 1):
         if S.is_leaf_present(it.old_spte, it.level):
             return it
     raise AssertionError(f"gfn {gfn:#x} is not mapped")
@@ -24,7 +30,7 @@ def leaf_of(tables, root, gfn: int) -> TdpIter:
 async def write_protect(vm, gfn: int) -> int:
     """Clear W on gfn's 4K leaf (MMU-writable stays), as dirty logging does; flush."""
     async with vm.mmu_lock.write:
-        it = leaf_of(vm.tdp.tables, vm.vcpus()[0].root, gfn)
+        it = leaf_of(vm.vcpus()[0].root, gfn)
         assert it.level == 1 and S.is_writable(it.old_spte)
         vm.tdp.iter_set_spte(it, it.old_spte & ~S.WRITABLE)
         vm.flush_remote_tlbs()
@@ -87,7 +93,7 @@ async def test_a_huge_leaf_in_a_dirty_logged_slot_is_not_fast_fixed(make_guest):
     g = await make_guest(Backing.THP, 4 * MIB)
     await g.vcpu.run(access(0x1000, AccessKind.READ))
     async with g.vm.mmu_lock.write:
-        it = leaf_of(g.vm.tdp.tables, g.vcpu.root, 1)
+        it = leaf_of(g.vcpu.root, 1)
         assert it.level == 2
         g.vm.tdp.iter_set_spte(it, it.old_spte & ~S.WRITABLE)
     slot = g.vm.memslot_sets[0].lookup(1)
@@ -112,3 +118,20 @@ async def test_a_not_present_fault_with_ad_bits_goes_to_the_slow_path(make_guest
     await g.vcpu.run(access(0x1000, AccessKind.READ))
     stats = g.vcpu.stats()
     assert stats["pf_fast"] == 0 and stats["pf_fixed"] == 1
+
+
+@pytest.mark.parametrize("ad_bits,fast", list(itertools.product((True, False), repeat=2)))
+async def test_the_fault_paths_table_answers_page_fault_can_be_fast(ad_bits, fast):
+    """The VM's table, indexed by the error code's bits, says what the function says for
+    every error code made of the bits a fault can carry."""
+    vm = Kvm().create_vm(VmConfig(ad_bits=ad_bits, fast_page_fault=fast))
+    bits = (PFERR_PRESENT_MASK, PFERR_WRITE_MASK, PFERR_USER_MASK, PFERR_RSVD_MASK,
+            PFERR_FETCH_MASK, PFERR_GUEST_FINAL_MASK)
+    answers = set()
+    for chosen in itertools.product((0, 1), repeat=len(bits)):
+        error_code = sum(bit for bit, on in zip(bits, chosen) if on)
+        answer = page_fault_can_be_fast(vm, error_code)
+        assert vm.can_be_fast[error_code & CAN_BE_FAST_BITS] is answer, hex(error_code)
+        answers.add(answer)
+    assert answers == ({True, False} if fast else {False})
+    await vm.destroy()

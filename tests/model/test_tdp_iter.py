@@ -36,6 +36,7 @@ def tree():
                 child = tables.alloc(page.level - 1, gfn & ~((1 << level_shift(page.level)) - 1),
                                      0)
                 page.spt[index] = S.make_nonleaf(child.pfn, True)
+                page.children[index] = child           # as the doors record a link
             page = tables.child(S.spte_to_pfn(page.spt[index]))
         page.spt[(gfn >> level_shift(level)) & 511] = S.make_leaf(
             0x900000 + gfn, level, host_writable=True, writable=True, ad_enabled=True)
@@ -49,7 +50,7 @@ def present(steps):
 
 def walk(tables, root, start, end, min_level=PG_LEVEL_4K):
     return [(it.level, it.gfn, it.old_spte)
-            for it in TdpIter(tables, root, start, end, min_level)]
+            for it in TdpIter(root, start, end, min_level)]
 
 
 def test_full_walk_is_pre_order(tree):
@@ -98,7 +99,7 @@ def test_min_level_stops_the_descent(tree, min_level, deepest):
 
 def test_restart_after_yield_resumes_at_next_last_level_gfn(tree):
     tables, root = tree
-    it = TdpIter(tables, root, 0, 1 << 36)
+    it = TdpIter(root, 0, 1 << 36)
     seen = []
     for step in it:
         seen.append((step.level, step.gfn))
@@ -118,7 +119,7 @@ def test_restart_after_yield_resumes_at_next_last_level_gfn(tree):
 
 def test_restart_from_an_upper_level_entry(tree):
     tables, root = tree
-    it = TdpIter(tables, root, 0, 1 << 36)
+    it = TdpIter(root, 0, 1 << 36)
     for step in it:
         if (step.level, step.gfn) == (PG_LEVEL_2M, 0x200):
             break
@@ -132,7 +133,7 @@ def test_restart_from_an_upper_level_entry(tree):
 def test_step_down_rereads_the_spte(tree):
     """A table zapped after the iterator read it is not descended into."""
     tables, root = tree
-    it = TdpIter(tables, root, 0, 1 << 36)
+    it = TdpIter(root, 0, 1 << 36)
     for step in it:
         if (step.level, step.gfn) == (PG_LEVEL_2M, 0):
             break
@@ -144,7 +145,7 @@ def test_step_down_rereads_the_spte(tree):
 
 def test_far_step_down_takes_every_step_to_the_leaf_in_one_call(tree):
     tables, root = tree
-    it = TdpIter(tables, root, 5, 6)
+    it = TdpIter(root, 5, 6)
     assert it.step_down(far=True)
     assert (it.level, it.gfn, S.describe(it.old_spte, it.level)) == (PG_LEVEL_4K, 5, "leaf")
     assert [page.level for page in it.pt_path[1:]] == [1, 2, 3, 4]
@@ -159,9 +160,9 @@ def test_far_step_down_takes_every_step_to_the_leaf_in_one_call(tree):
 ])
 def test_far_step_down_stops_where_a_single_step_would(tree, start, min_level, stop):
     tables, root = tree
-    far = TdpIter(tables, root, start, start + 1, min_level)
+    far = TdpIter(root, start, start + 1, min_level)
     assert far.step_down(far=True)
-    near = TdpIter(tables, root, start, start + 1, min_level)
+    near = TdpIter(root, start, start + 1, min_level)
     while near.step_down():
         pass
     for it in (far, near):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vmmu.server.kvm import AccessBatch, AccessKind, Backing, ExitReason, VmBugged
+from vmmu.server.kvm import (KVM_MEM_LOG_DIRTY_PAGES, AccessBatch, AccessKind, Backing,
+                             ExitReason, VmBugged)
 from vmmu.server.kvm import spte as S
 from vmmu.server.kvm.mmu_internal import PFERR_USER_MASK, PageFault, RetPf
 from vmmu.server.kvm.mmu_lock import LockAssertion
@@ -88,7 +89,7 @@ async def test_an_illegal_writable_combination_is_a_bug(kvm_guest):
 async def test_atomic_write_fails_on_a_stale_snapshot_and_refreshes_it(kvm_guest):
     vm, vcpu = kvm_guest.vm, kvm_guest.vcpu
     await touch(vcpu, 0x0)
-    it = next(i for i in TdpIter(vm.tdp.tables, vcpu.root, 0, 1) if i.level == PG_LEVEL_2M)
+    it = next(i for i in TdpIter(vcpu.root, 0, 1) if i.level == PG_LEVEL_2M)
     current = it.old_spte
     it.old_spte = S.NONPRESENT                            # a snapshot taken before the fault
     async with vm.mmu_lock.read:
@@ -101,7 +102,7 @@ async def test_atomic_write_fails_on_a_stale_snapshot_and_refreshes_it(kvm_guest
 async def test_the_doors_check_their_lock(kvm_guest):
     vm, vcpu = kvm_guest.vm, kvm_guest.vcpu
     await touch(vcpu, 0x0)
-    it = next(iter(TdpIter(vm.tdp.tables, vcpu.root, 0, 1)))
+    it = next(iter(TdpIter(vcpu.root, 0, 1)))
     with pytest.raises(LockAssertion):
         vm.tdp.set_spte_atomic(it, it.old_spte)
     async with vm.mmu_lock.read:
@@ -130,3 +131,47 @@ async def test_destroy_frees_every_table(kvm_guest):
     await vm.destroy()
     assert len(vm.tdp.tables) == 0 and vm.tdp.roots == []
     assert vm.stats()["tdp_mmu_pages"] == 0 and vm.stats()["pages_2m"] == 0
+
+
+def assert_children_match_sptes(vm) -> int:
+    """Every table reachable from a root records, for each entry above 4K, the table its
+    present non-leaf SPTE links and None for any other SPTE. Returns the tables checked."""
+    tables, checked = vm.tdp.tables, 0
+    pending = [root for root in vm.tdp.roots if not root.freed]
+    while pending:
+        page = pending.pop()
+        checked += 1
+        for i, spte in enumerate(page.spt):
+            if page.level > PG_LEVEL_4K and S.is_shadow_present(spte) and \
+                    not S.is_leaf_present(spte, page.level):
+                child = tables.by_pfn[S.spte_to_pfn(spte)]
+                assert page.children[i] is child, (page, i)
+                pending.append(child)
+            else:
+                assert page.children[i] is None, (page, i, hex(spte))
+    return checked
+
+
+async def test_each_table_records_the_children_its_sptes_link(make_guest):
+    """Through links, a huge leaf replacing a table, eager splits, collapses and zaps, the
+    `children` the walkers follow match what the SPTEs link."""
+    g = await make_guest(Backing.THP, 8 * MIB)
+    vm, vcpu = g.vm, g.vcpu
+    gpas = range(0, 8 * MIB, 0x1000)
+    await touch(vcpu, *gpas)                                   # 2M leaves
+    assert assert_children_match_sptes(vm) == 3
+    await vm.thp_split(g.region.hva)
+    await touch(vcpu, 0x1000)                                  # a 4K table linked
+    assert vm.walk(0x1000)[-1].level == PG_LEVEL_4K
+    assert assert_children_match_sptes(vm) == 4
+    await vm.thp_collapse(g.region.hva)
+    await touch(vcpu, 0x2000)                                  # a 2M leaf replaces it
+    assert vm.walk(0x1000)[-1].level == PG_LEVEL_2M
+    assert assert_children_match_sptes(vm) == 3
+    await vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, 8 * MIB, g.region.hva)
+    assert assert_children_match_sptes(vm) == 7                # split eagerly: 4 tables
+    await vm.set_user_memory_region(0, 0, 0, 8 * MIB, g.region.hva)
+    await touch(vcpu, *gpas)
+    assert assert_children_match_sptes(vm) >= 3
+    await vm.set_user_memory_region(0, 0, 0, 0, g.region.hva)  # delete: zap everything
+    assert assert_children_match_sptes(vm) == 1
