@@ -126,11 +126,13 @@ async def page_table_memory() -> None:
     assert stats["pages_4k"] == npages
     tables = list(vm.tdp.tables.by_pfn.values())
     ept_bytes = len(tables) * 4096
-    python_bytes = sum(sys.getsizeof(t.spt) + sys.getsizeof(t) for t in tables)
+    python_bytes = sum(sys.getsizeof(t.spt) + sys.getsizeof(t) +
+                       (sys.getsizeof(t.children) if t.children is not None else 0)
+                       for t in tables)
     emit("page_table_bytes_per_4k_page", python_bytes / npages, "bytes", "ept_4k_tables",
          ept_bytes / npages, python_bytes / ept_bytes, "<= 10 bytes", 1,
          tables=len(tables), mapped_4k_pages=npages,
-         note="value counts the array and MmuPage objects as Python holds them; "
+         note="value counts the array, children list and MmuPage objects as Python holds them; "
               "baseline_value counts 4 KiB per table as the hardware would")
 
 

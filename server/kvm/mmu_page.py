@@ -1,8 +1,8 @@
 """Page-table pages (`kvm_mmu_page`): 512 real 64-bit SPTEs in an `array('Q')`.
 
 An SPTE points at its child table by pfn, so pages are registered by pfn in `PageTables`.
-Beside its SPTEs a page keeps `children`: for each entry, the page its present non-leaf
-SPTE links (what `spte_to_child_pt` computes from the SPTE), else None. The doors that
+Beside its SPTEs a page above 4K keeps `children`: for each entry, the page its present
+non-leaf SPTE links (what `spte_to_child_pt` computes from the SPTE), else None. The doors that
 write SPTEs keep it in the same step as the write, so a walker that has read a present
 non-leaf SPTE follows it without a lookup by pfn.
 
@@ -50,7 +50,9 @@ class MmuPage:
 
     def __init__(self, pfn: int, level: int, gfn: int, as_id: int, is_root: bool) -> None:
         self.spt = array("Q", _FRESH)
-        self.children: list[MmuPage | None] = [None] * PT_ENTRIES
+        # A 4K-level table's entries are leaves or not present: it links no children.
+        self.children: list[MmuPage | None] | None = \
+            [None] * PT_ENTRIES if level > PG_LEVEL_4K else None
         self.pfn, self.level, self.gfn, self.as_id = pfn, level, gfn, as_id
         self.invalid = False          # role.invalid: a root that must not be used for new faults
         self.freed = False

@@ -134,16 +134,19 @@ async def test_destroy_frees_every_table(kvm_guest):
 
 
 def assert_children_match_sptes(vm) -> int:
-    """Every table reachable from a root records, for each entry above 4K, the table its
-    present non-leaf SPTE links and None for any other SPTE. Returns the tables checked."""
+    """Every table reachable from a root above 4K records, for each entry, the table its
+    present non-leaf SPTE links and None for any other SPTE; a 4K-level table records no
+    children. Returns the tables checked."""
     tables, checked = vm.tdp.tables, 0
     pending = [root for root in vm.tdp.roots if not root.freed]
     while pending:
         page = pending.pop()
         checked += 1
+        if page.level == PG_LEVEL_4K:
+            assert page.children is None, page
+            continue
         for i, spte in enumerate(page.spt):
-            if page.level > PG_LEVEL_4K and S.is_shadow_present(spte) and \
-                    not S.is_leaf_present(spte, page.level):
+            if S.is_shadow_present(spte) and not S.is_leaf_present(spte, page.level):
                 child = tables.by_pfn[S.spte_to_pfn(spte)]
                 assert page.children[i] is child, (page, i)
                 pending.append(child)
