@@ -78,7 +78,8 @@ async def test_a_later_guest_write_allocates_nothing(make_guest):
     vm, host = g.vm, g.vm.host
     await vm.madvise_populate_write(g.hva(0), 4 * PAGE)
     pages = [contents_of(vm, g.hva(gpa)) for gpa in range(0, 4 * PAGE, PAGE)]
-    allocated, pfns = host.pfns.allocated_4k, [host_pfn(g, gpa) for gpa in range(0, 4 * PAGE, PAGE)]
+    allocated = host.pfns.allocated_4k
+    pfns = [host_pfn(g, gpa) for gpa in range(0, 4 * PAGE, PAGE)]
 
     for gpa in range(0, 4 * PAGE, PAGE):
         await write(g, gpa + 8, b"no alloc")
