@@ -18,9 +18,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import spte as S
-from .spte import EXECUTABLE, MMU_PRESENT, MMU_WRITABLE, READABLE, RWX, WRITABLE
-from .mmu_internal import (PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK,
-                           PFERR_WRITE_MASK, RET_PF_FIXED, RET_PF_INVALID, RET_PF_SPURIOUS, RetPf)
+from .spte import MMU_PRESENT, MMU_WRITABLE, RWX, WRITABLE
+from .mmu_internal import (ACCESS_NEEDS, PFERR_ACCESS_MASK, PFERR_PRESENT_MASK,
+                           PFERR_RSVD_MASK, PFERR_WRITE_MASK, RET_PF_FIXED, RET_PF_INVALID,
+                           RET_PF_SPURIOUS, RetPf)
 from .mmu_page import UseAfterFree
 from .tdp_iter import last_spte
 from .types import PG_LEVEL_4K
@@ -35,12 +36,9 @@ MAX_TRIES = 4
 _TRIES = range(MAX_TRIES)
 _PRESENT_WRITE = PFERR_PRESENT_MASK | PFERR_WRITE_MASK
 _PRESENT_WRITE_RSVD = _PRESENT_WRITE | PFERR_RSVD_MASK
-# By the error code's write and fetch bits: the SPTE bit the access needs
-# (`is_access_allowed`), and the write bit.
-_ACCESS_BITS = PFERR_WRITE_MASK | PFERR_FETCH_MASK
-_ACCESS = {bits: (EXECUTABLE if bits & PFERR_FETCH_MASK else
-                  WRITABLE if bits & PFERR_WRITE_MASK else READABLE, bits & PFERR_WRITE_MASK)
-           for bits in (0, PFERR_WRITE_MASK, PFERR_FETCH_MASK, _ACCESS_BITS)}
+# By the error code's write and fetch bits: the SPTE bit the access needs, and the write
+# bit, in one lookup.
+_ACCESS = {bits: (need, bits & PFERR_WRITE_MASK) for bits, need in ACCESS_NEEDS.items()}
 
 
 def page_fault_can_be_fast(vm: "Vm", error_code: int) -> bool:
@@ -71,7 +69,7 @@ async def fast_page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
     vm = vcpu.vm
     r = RET_PF_INVALID
     gfn = gpa >> 12
-    need, write = _ACCESS[error_code & _ACCESS_BITS]
+    need, write = _ACCESS[error_code & PFERR_ACCESS_MASK]
     rcu = vm.rcu
     token = rcu.enter()
     # fault->slot: looked up once, under the read-side section that memslot updates wait

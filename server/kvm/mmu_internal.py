@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import enum
 
+from .spte import EXECUTABLE, READABLE, WRITABLE
 from .types import MAX_HUGEPAGE_LEVEL, PG_LEVEL_4K
 
 __all__ = ["RetPf", "PageFault", "RET_PF_CONTINUE", "RET_PF_RETRY", "RET_PF_EMULATE",
            "RET_PF_WRITE_PROTECTED", "RET_PF_INVALID", "RET_PF_FIXED", "RET_PF_SPURIOUS",
            "PFERR_PRESENT_MASK", "PFERR_WRITE_MASK", "PFERR_USER_MASK",
            "PFERR_RSVD_MASK", "PFERR_FETCH_MASK", "PFERR_GUEST_FINAL_MASK",
-           "PFERR_GUEST_PAGE_MASK"]
+           "PFERR_GUEST_PAGE_MASK", "PFERR_ACCESS_MASK", "ACCESS_NEEDS"]
 
 PFERR_PRESENT_MASK = 1 << 0
 PFERR_WRITE_MASK = 1 << 1
@@ -19,6 +20,13 @@ PFERR_RSVD_MASK = 1 << 3
 PFERR_FETCH_MASK = 1 << 4
 PFERR_GUEST_FINAL_MASK = 1 << 32
 PFERR_GUEST_PAGE_MASK = 1 << 33
+
+# `is_access_allowed`: by an error code's write and fetch bits, the SPTE bit the access
+# needs: X for a fetch, else W for a write, else R.
+PFERR_ACCESS_MASK = PFERR_WRITE_MASK | PFERR_FETCH_MASK
+ACCESS_NEEDS = {bits: EXECUTABLE if bits & PFERR_FETCH_MASK else
+                WRITABLE if bits & PFERR_WRITE_MASK else READABLE
+                for bits in (0, PFERR_WRITE_MASK, PFERR_FETCH_MASK, PFERR_ACCESS_MASK)}
 
 
 class RetPf(enum.IntEnum):
@@ -62,4 +70,3 @@ class PageFault:
         self.error_code = error_code
         self.gfn = addr >> 12
         self.write = error_code & PFERR_WRITE_MASK != 0
-        self.exec = error_code & PFERR_FETCH_MASK != 0

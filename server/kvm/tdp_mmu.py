@@ -16,11 +16,11 @@ import asyncio
 from typing import TYPE_CHECKING, Callable
 
 from . import spte as S
-from .spte import (BASE_ADDR_MASK, EXECUTABLE, FROZEN, LARGE, LEAF_BITS, MMU_PRESENT, MMU_WRITABLE,
-                   NONPRESENT, READABLE, WRITABLE, check_writable_invariants, make_leaf)
+from .spte import (BASE_ADDR_MASK, FROZEN, LARGE, LEAF_BITS, MMU_PRESENT, MMU_WRITABLE,
+                   NONPRESENT, WRITABLE, check_writable_invariants, make_leaf)
 from .errors import VmBugged
-from .mmu_internal import (RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS,
-                           PageFault, RetPf)
+from .mmu_internal import (ACCESS_NEEDS, PFERR_ACCESS_MASK, RET_PF_EMULATE, RET_PF_FIXED,
+                           RET_PF_RETRY, RET_PF_SPURIOUS, PageFault, RetPf)
 from .mmu_lock import MmuLock
 from .mmu_page import MmuPage, PageTables
 from .rcu import Rcu
@@ -219,7 +219,8 @@ class TdpMmu:
 
     def _map_target_level(self, fault: PageFault, it: TdpIter) -> RetPf:
         old, level = it.old_spte, it.level
-        if S.is_leaf_present(old, level) and (fault.prefetch or _access_allowed(fault, old)):
+        needs = ACCESS_NEEDS[fault.error_code & PFERR_ACCESS_MASK]      # is_access_allowed
+        if S.is_leaf_present(old, level) and (fault.prefetch or old & needs):
             return RET_PF_SPURIOUS
         slot = fault.slot
         if slot is None:
@@ -483,14 +484,6 @@ def max_mapping_level(slot: "Memslot", gfn: int, host_mapping_level: Callable[[i
     if level == PG_LEVEL_4K:
         return level
     return min(level, host_mapping_level(slot.gfn_to_hva(gfn)))
-
-def _access_allowed(fault: PageFault, spte: int) -> bool:
-    if fault.exec:
-        return bool(spte & EXECUTABLE)
-    if fault.write:
-        return bool(spte & WRITABLE)
-    return bool(spte & READABLE)
-
 
 YIELD_BATCH = 4096          # SPTEs a walk may visit before it yields unasked (need_resched)
 
