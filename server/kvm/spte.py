@@ -22,7 +22,7 @@ from .types import PG_LEVEL_4K
 __all__ = [
     "READABLE", "WRITABLE", "EXECUTABLE", "RWX", "LARGE", "ACCESSED", "DIRTY",
     "MMU_PRESENT", "BASE_ADDR_MASK", "AD_DISABLED", "HOST_WRITABLE", "MMU_WRITABLE",
-    "SUPPRESS_VE", "NONPRESENT", "FROZEN", "LEAF_BITS",
+    "SUPPRESS_VE", "NONPRESENT", "FROZEN", "LEAF_BITS", "PRESENT_LARGE",
     "is_shadow_present", "is_large", "is_last", "is_leaf_present", "is_frozen",
     "is_mmio", "is_writable", "is_mmu_writable", "is_host_writable", "is_accessed",
     "is_dirty", "is_access_track", "ad_disabled", "spte_to_pfn",
@@ -75,6 +75,8 @@ def is_last(spte: int, level: int) -> bool:
 # leaf. One mask test instead of two, for `handle_changed_spte`, which makes it twice on
 # every SPTE change.
 LEAF_BITS = (0, MMU_PRESENT) + (MMU_PRESENT | LARGE,) * 4
+# Above 4K, of these bits a present non-leaf SPTE has MMU_PRESENT only: the walkers' test.
+PRESENT_LARGE = MMU_PRESENT | LARGE
 
 
 def is_leaf_present(spte: int, level: int) -> bool:

@@ -13,7 +13,7 @@ compare-and-exchange is made against.
 from __future__ import annotations
 
 from .mmu_page import MmuPage, UseAfterFree
-from .spte import LARGE, MMU_PRESENT
+from .spte import MMU_PRESENT, PRESENT_LARGE
 from .types import PG_LEVEL_4K, PT_ENTRIES, level_shift
 
 __all__ = ["TdpIter", "last_spte"]
@@ -21,7 +21,6 @@ __all__ = ["TdpIter", "last_spte"]
 # `level_shift` by level (index 0 unused), and the mask of an index into a table.
 _SHIFT = (0,) + tuple(level_shift(level) for level in range(1, 6))
 _INDEX_MASK = PT_ENTRIES - 1
-_PRESENT_LARGE = MMU_PRESENT | LARGE     # of these, a present non-leaf has MMU_PRESENT only
 
 
 class TdpIter:
@@ -97,7 +96,7 @@ class TdpIter:
         path, gfn = self.pt_path, self.next_last_level_gfn
         table, index, child = self.table, self.index, None
         # min_level is PG_LEVEL_4K at the lowest, so no step starts from a 4K SPTE.
-        while spte & _PRESENT_LARGE == MMU_PRESENT:          # a present non-leaf
+        while spte & PRESENT_LARGE == MMU_PRESENT:          # a present non-leaf
             child = table.children[index]
             level -= 1
             path[level] = table = child

@@ -16,8 +16,8 @@ import asyncio
 from typing import TYPE_CHECKING, Callable
 
 from . import spte as S
-from .spte import (BASE_ADDR_MASK, FROZEN, LARGE, LEAF_BITS, MMU_PRESENT, MMU_WRITABLE,
-                   NONPRESENT, WRITABLE, check_writable_invariants, make_leaf)
+from .spte import (BASE_ADDR_MASK, FROZEN, LEAF_BITS, MMU_PRESENT, MMU_WRITABLE,
+                   NONPRESENT, PRESENT_LARGE, WRITABLE, check_writable_invariants, make_leaf)
 from .errors import VmBugged
 from .mmu_internal import (ACCESS_NEEDS, PFERR_ACCESS_MASK, RET_PF_EMULATE, RET_PF_FIXED,
                            RET_PF_RETRY, RET_PF_SPURIOUS, PageFault, RetPf)
@@ -34,8 +34,6 @@ if TYPE_CHECKING:
     from .memslots import Memslot
 
 __all__ = ["TdpMmu", "max_mapping_level"]
-
-_PRESENT_LARGE = MMU_PRESENT | LARGE     # of these, a present non-leaf has MMU_PRESENT only
 
 
 class TdpMmu:
@@ -128,7 +126,7 @@ class TdpMmu:
         """Entry i of a table above 4K now holds `new`: record the table it links, or
         that it links none, in `children` (`spte_to_child_pt`, done once per link)."""
         table.children[i] = self.tables.child(S.spte_to_pfn(new)) \
-            if new & _PRESENT_LARGE == MMU_PRESENT else None
+            if new & PRESENT_LARGE == MMU_PRESENT else None
 
     def handle_changed_spte(self, as_id: int, gfn: int, old: int, new: int, level: int,
                             shared: bool) -> None:
