@@ -45,10 +45,10 @@ def page_fault_can_be_fast(vm: "Vm", error_code: int) -> bool:
     """A write to a present SPTE, or, A/D bits off, an access to a not-present one (it may
     be access-tracked); never an MMIO fault (RSVD)."""
     if error_code & _PRESENT_WRITE_RSVD == _PRESENT_WRITE:
-        return vm.fast_page_fault
+        return vm.config.fast_page_fault
     if error_code & (PFERR_PRESENT_MASK | PFERR_RSVD_MASK):
         return False
-    return not vm.ad_enabled and vm.fast_page_fault
+    return not vm.ad_enabled and vm.config.fast_page_fault
 
 
 # The bits of an error code `page_fault_can_be_fast` looks at.

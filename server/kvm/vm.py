@@ -152,7 +152,6 @@ class Vm:
         self.state = VmState.ALIVE
         self.death: str = ""
         self.ad_enabled = config.ad_bits
-        self.fast_page_fault = config.fast_page_fault
         self.can_be_fast = can_be_fast_table(self)         # by the error code's bits
         self.max_gfn = (1 << (config.gpa_bits - PAGE_SHIFT)) - 1
         self.stat = VmStats()
