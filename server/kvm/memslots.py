@@ -62,8 +62,9 @@ class Memslot:
     """
 
     _FIELDS = ("as_id", "id", "base_gfn", "npages", "userspace_addr", "flags", "dirty_bitmap")
-    # What the flags say, read on every fault: kept as fields (a slot is never edited).
-    __slots__ = _FIELDS + ("readonly", "dirty_logging", "invalid")
+    # What the flags say and where the slot ends, read on every fault: kept as fields (a
+    # slot is never edited).
+    __slots__ = _FIELDS + ("readonly", "dirty_logging", "invalid", "end_gfn")
 
     def __init__(self, as_id: int, id: int, base_gfn: int, npages: int,
                  userspace_addr: int, flags: int, dirty_bitmap: array | None = None) -> None:
@@ -74,15 +75,12 @@ class Memslot:
         self.readonly = bool(flags & KVM_MEM_READONLY)
         self.dirty_logging = bool(flags & KVM_MEM_LOG_DIRTY_PAGES)
         self.invalid = bool(flags & KVM_MEMSLOT_INVALID)
+        self.end_gfn = base_gfn + npages
 
     def copy(self, **changes) -> "Memslot":
         fields = {k: getattr(self, k) for k in self._FIELDS}
         fields.update(changes)
         return Memslot(**fields)
-
-    @property
-    def end_gfn(self) -> int:
-        return self.base_gfn + self.npages
 
     def gfn_to_hva(self, gfn: int) -> int:
         return self.userspace_addr + ((gfn - self.base_gfn) << PAGE_SHIFT)
@@ -129,19 +127,17 @@ class Memslots:
         self._bases: list[int] = []
         self._sorted: list[Memslot] = []
         self._last_used: Memslot | None = None
-        self._last_used_base = self._last_used_end = 0   # [base_gfn, end_gfn) of `_last_used`
 
     def lookup(self, gfn: int) -> Memslot | None:
-        """`__gfn_to_memslot`: the last used slot first (two compares: a `range` membership
-        test costs twice as much, and this runs on every fault), then a binary search."""
-        if self._last_used_base <= gfn < self._last_used_end:
-            return self._last_used
+        """`__gfn_to_memslot`: the last used slot first, then a binary search."""
+        slot = self._last_used
+        if slot is not None and slot.base_gfn <= gfn < slot.end_gfn:
+            return slot
         i = bisect.bisect_right(self._bases, gfn) - 1
         if i >= 0:
             slot = self._sorted[i]
-            if gfn < slot.base_gfn + slot.npages:
+            if gfn < slot.end_gfn:
                 self._last_used = slot
-                self._last_used_base, self._last_used_end = slot.base_gfn, slot.end_gfn
                 return slot
         return None
 
@@ -173,7 +169,7 @@ class Memslots:
             self._sorted.insert(i, new)
             self._bases.insert(i, new.base_gfn)
             self.by_id[new.id] = new
-        self._last_used, self._last_used_base, self._last_used_end = None, 0, 0
+        self._last_used = None
         self.generation += KVM_ADDRESS_SPACE_NUM
 
 
