@@ -12,6 +12,7 @@ compare-and-exchange is made against.
 
 from __future__ import annotations
 
+from .errors import VmBugged
 from .mmu_page import MmuPage, UseAfterFree
 from .spte import MMU_PRESENT, PRESENT_LARGE
 from .types import PG_LEVEL_4K, PT_ENTRIES, level_shift
@@ -98,6 +99,8 @@ class TdpIter:
         # min_level is PG_LEVEL_4K at the lowest, so no step starts from a 4K SPTE.
         while spte & PRESENT_LARGE == MMU_PRESENT:          # a present non-leaf
             child = table.children[index]
+            if child is None:
+                raise VmBugged(f"SPTE {spte:#x} links no recorded table")
             level -= 1
             path[level] = table = child
             index = (gfn >> _SHIFT[level]) & _INDEX_MASK

@@ -436,6 +436,8 @@ class Vcpu:
             if ad and not spte & ACCESSED:
                 spt[index] = spte | ACCESSED
             page = page.children[index]
+            if page is None:
+                raise VmBugged(f"hardware walk through SPTE {spte:#x} to no recorded table")
             if page.freed:
                 raise VmBugged(f"hardware walk through SPTE {spte:#x} to freed {page!r}")
             spt = page.spt

@@ -178,3 +178,19 @@ async def test_each_table_records_the_children_its_sptes_link(make_guest):
     assert assert_children_match_sptes(vm) >= 3
     await vm.set_user_memory_region(0, 0, 0, 0, g.region.hva)  # delete: zap everything
     assert assert_children_match_sptes(vm) == 1
+
+
+async def test_walkers_report_a_present_table_pointer_with_no_recorded_child(kvm_guest):
+    """A broken `children` (a model bug) is a VmBugged for the iterator and for the
+    hardware walker, not a crash of another kind."""
+    vm, vcpu = kvm_guest.vm, kvm_guest.vcpu
+    await touch(vcpu, 0x0)
+    root = vcpu.root
+    assert root.children[0] is not None
+    root.children[0] = None
+    with pytest.raises(VmBugged, match="links no recorded table"):
+        list(TdpIter(root, 0, 1))
+    vcpu.tlb.clear()
+    vcpu.pde_cache.clear()
+    with pytest.raises(VmBugged, match="no recorded table"):
+        vcpu._tlb_fill(0x0, vcpu._batch.ops[0])
