@@ -67,7 +67,7 @@ def emit(name: str, value: float, unit: str, baseline: str, baseline_value: floa
     print(json.dumps(line), flush=True)
 
 
-def _check(ok: bool, message: str) -> None:
+def check(ok: bool, message: str) -> None:
     # Not `assert`: the checks must hold under `python -O` too.
     if not ok:
         raise AssertionError(message)
@@ -86,19 +86,30 @@ def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
             for name in ("exits", "pf_taken", "pf_fast", "pf_fixed", "pf_spurious")}
 
 
-async def _vmmu_run(size: int, fast_page_fault: bool
-                    ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-    """One run of the workload on a fresh vmmu VM: ns per phase, fault counters per pass."""
-    npages = size // PAGE_SIZE
+async def vmmu_logged_guest(size: int, fast_page_fault: bool, name: str = ""):
+    """The workload's VM on vmmu: `size` bytes of populated 4K host memory in a logged
+    slot at SLOT_GPA, one vCPU, and the batch that writes one byte to every page:
+    (vm, vcpu, batch). The caller destroys the VM."""
     vm = Kvm().create_vm(VmConfig(sanitizers=False, fast_page_fault=fast_page_fault,
-                                  name=f"kvm_compare fast_page_fault={fast_page_fault}"))
+                                  name=name))
     try:
         region = vm.mmap(size, Backing.PAGE_4K)
         await vm.madvise_populate_write(region.hva, size)      # as MAP_POPULATE on KVM's side
         await vm.set_user_memory_region(SLOT, KVM_MEM_LOG_DIRTY_PAGES, SLOT_GPA, size,
                                         region.hva)
-        vcpu = vm.create_vcpu(0)
-        batch = _write_every_page(npages)
+        return vm, vm.create_vcpu(0), _write_every_page(size // PAGE_SIZE)
+    except BaseException:
+        await vm.destroy()
+        raise
+
+
+async def _vmmu_run(size: int, fast_page_fault: bool
+                    ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """One run of the workload on a fresh vmmu VM: ns per phase, fault counters per pass."""
+    npages = size // PAGE_SIZE
+    vm, vcpu, batch = await vmmu_logged_guest(
+        size, fast_page_fault, name=f"kvm_compare fast_page_fault={fast_page_fault}")
+    try:
         elapsed: dict[str, int] = {}
         stats = [vcpu.stats()]
         for phase in PHASES:
@@ -106,14 +117,14 @@ async def _vmmu_run(size: int, fast_page_fault: bool
             if phase in PASSES:
                 result = await vcpu.run(batch)
                 elapsed[phase] = time.perf_counter_ns() - start
-                _check(result.exit.reason is ExitReason.DONE,
+                check(result.exit.reason is ExitReason.DONE,
                        f"vmmu {phase}: {result.completed} of {npages} writes, exit {result.exit}")
                 stats.append(vcpu.stats())
             else:
                 bitmap = await vm.get_dirty_log(SLOT)
                 elapsed[phase] = time.perf_counter_ns() - start
                 dirty = int.from_bytes(bitmap, "little").bit_count()
-                _check(dirty == npages,
+                check(dirty == npages,
                        f"vmmu {phase}: {dirty} dirty pages of {npages} written")
     finally:
         await vm.destroy()
@@ -125,7 +136,7 @@ def _check_second_pass_path(stats: dict[str, int], fast_page_fault: bool, npages
     # `pf_fixed` counts every RET_PF_FIXED, fast path or slow (reference §8.2); `pf_fast`
     # counts only the fast path's.
     fast = npages if fast_page_fault else 0
-    _check(stats["pf_fixed"] == npages and stats["pf_fast"] == fast,
+    check(stats["pf_fixed"] == npages and stats["pf_fast"] == fast,
            f"fast page fault {'on' if fast_page_fault else 'off'}: the second pass should fix "
            f"{npages} pages, {fast} of them in the fast path; counters {stats}")
 
