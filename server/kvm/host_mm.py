@@ -21,7 +21,7 @@ import bisect
 import errno
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Iterator, Protocol, TypeVar
 
 from .errors import KvmError, NoSuchObject, VmBugged, einval
 from .host_region import HPAGE_SHIFT, HPAGE_SIZE, HostRegion, HostRegionInfo, keys_in
@@ -370,19 +370,26 @@ class HostMm:
             done += n
         return pfns
 
+    def spans(self, start: int, end: int, unmapped_errno: int
+              ) -> Iterator[tuple[HostRegion, int, int]]:
+        """(region, hva, stop) of each region's part of [start, end), in order; an hva that
+        no region maps, when the walk reaches it, raises KvmError(unmapped_errno)."""
+        hva = start
+        while hva < end:
+            region = self.find(hva)
+            if region is None:
+                raise KvmError(unmapped_errno, f"hva {hva:#x} is not mapped")
+            stop = min(end, region.end)
+            yield region, hva, stop
+            hva = stop
+
     def _check_access(self, hva: int, length: int, write: bool) -> None:
         """Fail before touching anything if any byte of the range would fault."""
         if length < 0:
             raise einval(f"negative length {length}")
-        end = hva + length
-        while hva < end:
-            region = self.find(hva)
-            if region is None:
-                raise KvmError(errno.EFAULT, f"hva {hva:#x} is not mapped")
-            stop = min(end, region.end)
-            if write and not all(region.protections(hva, stop)):
-                raise KvmError(errno.EFAULT, f"[{hva:#x}, {stop:#x}) is mapped read-only")
-            hva = region.end
+        for region, start, stop in self.spans(hva, hva + length, errno.EFAULT):
+            if write and not all(region.protections(start, stop)):
+                raise KvmError(errno.EFAULT, f"[{start:#x}, {stop:#x}) is mapped read-only")
 
     def read_pfn(self, pfn: int, offset: int, length: int) -> bytes:
         page = self.contents.get(pfn)

@@ -103,16 +103,10 @@ def _populate_range(mm: HostMm, hva: int, size: int) -> list[tuple[HostRegion, i
     if size <= 0 or (hva | size) & (PAGE_SIZE - 1):
         raise einval(f"[{hva:#x}, +{size:#x}) is not a non-empty page-aligned range")
     chunks = []
-    end = hva + size
-    while hva < end:
-        region = mm.find(hva)
-        if region is None:
-            raise KvmError(errno.ENOMEM, f"hva {hva:#x} is not mapped")
-        stop = min(end, region.end)
-        if not all(region.protections(hva, stop)):
-            raise einval(f"[{hva:#x}, {stop:#x}) is not all mapped writable")
-        chunks.append((region, hva, stop))
-        hva = stop
+    for region, start, stop in mm.spans(hva, hva + size, errno.ENOMEM):
+        if not all(region.protections(start, stop)):
+            raise einval(f"[{start:#x}, {stop:#x}) is not all mapped writable")
+        chunks.append((region, start, stop))
     return chunks
 
 
