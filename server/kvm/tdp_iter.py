@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from .errors import VmBugged
 from .mmu_page import MmuPage, UseAfterFree
-from .spte import MMU_PRESENT, PRESENT_LARGE
+from .spte import MMU_PRESENT, NONPRESENT, PRESENT_LARGE
 from .types import PG_LEVEL_4K, PT_ENTRIES, level_shift
 
 __all__ = ["TdpIter", "last_spte"]
 
 # `level_shift` by level (index 0 unused), and the mask of an index into a table.
-_SHIFT = (0,) + tuple(level_shift(level) for level in range(1, 6))
+_SHIFT = (0,) + tuple(level_shift(level) for level in range(1, 7))
 _INDEX_MASK = PT_ENTRIES - 1
 
 
@@ -147,7 +147,8 @@ _SHIFTS_ABOVE_4K = {root_level: tuple((level - 1) * 9
 
 def last_spte(root: MmuPage, gfn: int) -> tuple[MmuPage, int, int, int]:
     """(table, index, level, spte) of the last SPTE on the way to gfn: the leaf, or the
-    first SPTE that is not present.
+    first SPTE that is not present (NONPRESENT, at index -1 of the root, for a gfn beyond
+    the root's reach).
 
     `kvm_tdp_mmu_fast_pf_get_last_sptep`: the iterator's walk over [gfn, gfn + 1) cut to
     its one path, for the lockless callers that only want the leaf.
@@ -159,6 +160,10 @@ def last_spte(root: MmuPage, gfn: int) -> tuple[MmuPage, int, int, int]:
     freed table at the end (a table freed while linked: a bug) is a use after free."""
     if root.freed:
         raise UseAfterFree(f"read of freed {root!r}")
+    if gfn >> _SHIFT[root.level + 1]:
+        # Beyond the root's reach: no SPTE maps gfn (its indices would wrap onto a low
+        # gfn's), as the hardware walker finds none.
+        return root, -1, root.level, NONPRESENT
     table = root
     for shift in _SHIFTS_ABOVE_4K[root.level]:
         index = (gfn >> shift) & _INDEX_MASK

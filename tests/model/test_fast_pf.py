@@ -4,9 +4,10 @@ import itertools
 
 import pytest
 
-from vmmu.server.kvm import AccessBatch, AccessKind, Backing, Kvm, VmConfig
+from vmmu.server.kvm import AccessBatch, AccessKind, Backing, ExitReason, Kvm, VmConfig
 from vmmu.server.kvm import spte as S
 from vmmu.server.kvm.fast_pf import CAN_BE_FAST_BITS, fast_page_fault, page_fault_can_be_fast
+from vmmu.server.kvm.mmu import page_fault
 from vmmu.server.kvm.mmu_internal import (PFERR_FETCH_MASK, PFERR_GUEST_FINAL_MASK,
                                           PFERR_PRESENT_MASK, PFERR_RSVD_MASK,
                                           PFERR_USER_MASK, PFERR_WRITE_MASK, RetPf)
@@ -87,6 +88,29 @@ async def test_access_tracked_sptes_are_restored_by_the_fast_path(make_guest):
     leaf = g.vm.walk(0x2000)[-1]
     assert leaf.readable and not S.is_access_track(leaf.spte)
     assert g.vcpu.stats()["pf_fast"] == fixed + 1
+
+
+async def test_a_gfn_beyond_the_roots_reach_finds_no_spte_in_the_fast_path(make_guest):
+    """A 4-level root's table indices for gfn 5 + 2**36 wrap onto gfn 5's. With A/D bits
+    off, gfn 5's leaf is access-tracked after aging and a read of the far gfn may take the
+    fast path, which must find no SPTE there (as the hardware walker does) rather than
+    restore gfn 5's: the fault is the slow path's, which emulates it."""
+    g = await make_guest(Backing.PAGE_4K, 2 * MIB, ad_bits=False)
+    await g.vcpu.run(access(0x5000, AccessKind.WRITE))
+    await g.vm.clear_young(g.region.hva, g.region.hva + g.size)
+    tracked = g.vm.walk(0x5000)[-1].spte
+    assert S.is_access_track(tracked)
+    far = 0x5000 + (g.vm.tdp.max_gfn << 12)
+    assert g.vm.tdp.max_gfn == 1 << 36
+    stats = g.vcpu.stats()
+
+    assert await page_fault(g.vcpu, far, PFERR_GUEST_FINAL_MASK) is RetPf.EMULATE
+    assert g.vm.walk(0x5000)[-1].spte == tracked
+    assert g.vcpu.stats()["pf_fast"] == stats["pf_fast"]
+    # The guest's read of it exits to userspace as MMIO (it used to spin in the fault path).
+    result = await g.vcpu.run(access(far, AccessKind.READ))
+    assert result.exit.reason is ExitReason.MMIO and result.exit.gpa == far
+    assert g.vm.walk(0x5000)[-1].spte == tracked
 
 
 async def test_a_huge_leaf_in_a_dirty_logged_slot_is_not_fast_fixed(make_guest):
