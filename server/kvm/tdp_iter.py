@@ -138,11 +138,8 @@ class TdpIter:
         self.yielded = True
 
 
-# By root level (4 or 5, VmConfig.tdp_levels), the shifts of the levels above 4K, root
-# first: gfn's index in a table of level L is (gfn >> (L - 1) * 9) & _INDEX_MASK.
-_SHIFTS_ABOVE_4K = {root_level: tuple((level - 1) * 9
-                                      for level in range(root_level, PG_LEVEL_4K, -1))
-                    for root_level in (4, 5)}
+# By root level (4 or 5, VmConfig.tdp_levels): the first gfn the root does not reach.
+_GFN_REACH = {root_level: 1 << _SHIFT[root_level + 1] for root_level in (4, 5)}
 
 
 def last_spte(root: MmuPage, gfn: int) -> tuple[MmuPage, int, int, int]:
@@ -157,21 +154,38 @@ def last_spte(root: MmuPage, gfn: int) -> tuple[MmuPage, int, int, int]:
     never awaits, so every table it passes is linked from the root at that moment, and in
     a linked table the doors keep `children[i]` set exactly when SPTE i is a present
     non-leaf: the path is the one the SPTEs give. A freed root (the caller holds it) or a
-    freed table at the end (a table freed while linked: a bug) is a use after free."""
+    freed table at the end (a table freed while linked: a bug) is a use after free.
+
+    The steps are spelled out, a 5-level root's first: every fault the fast path fixes
+    walks here, and a loop over the levels costs it about a quarter more."""
     if root.freed:
         raise UseAfterFree(f"read of freed {root!r}")
-    if gfn >> _SHIFT[root.level + 1]:
-        # Beyond the root's reach: no SPTE maps gfn (its indices would wrap onto a low
-        # gfn's), as the hardware walker finds none.
-        return root, -1, root.level, NONPRESENT
+    level = root.level
+    if gfn >= _GFN_REACH[level]:
+        # No SPTE maps gfn (its indices would wrap onto a low gfn's), as the hardware
+        # walker finds none.
+        return root, -1, level, NONPRESENT
     table = root
-    for shift in _SHIFTS_ABOVE_4K[root.level]:
-        index = (gfn >> shift) & _INDEX_MASK
-        child = table.children[index]
-        if child is None:                                    # a huge leaf, or not present
-            return table, index, shift // 9 + 1, table.spt[index]
-        table = child
-    if table.freed:
-        raise UseAfterFree(f"SPTE walk reached freed {table!r}")
+    if level == 5:
+        index = gfn >> 36
+        table = root.children[index]
+        if table is None:                          # a huge leaf, or not present
+            return root, index, 5, root.spt[index]
+    index = gfn >> 27 & _INDEX_MASK
+    child = table.children[index]
+    if child is None:
+        return table, index, 4, table.spt[index]
+    table = child
+    index = gfn >> 18 & _INDEX_MASK
+    child = table.children[index]
+    if child is None:
+        return table, index, 3, table.spt[index]
+    table = child
+    index = gfn >> 9 & _INDEX_MASK
+    child = table.children[index]
+    if child is None:
+        return table, index, 2, table.spt[index]
+    if child.freed:
+        raise UseAfterFree(f"SPTE walk reached freed {child!r}")
     index = gfn & _INDEX_MASK
-    return table, index, PG_LEVEL_4K, table.spt[index]
+    return child, index, PG_LEVEL_4K, child.spt[index]

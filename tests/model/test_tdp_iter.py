@@ -6,7 +6,7 @@ import pytest
 
 from vmmu.server.kvm import spte as S
 from vmmu.server.kvm.mmu_page import PageTables
-from vmmu.server.kvm.tdp_iter import TdpIter
+from vmmu.server.kvm.tdp_iter import TdpIter, last_spte
 from vmmu.server.kvm.types import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, level_shift
 
 HIGH = 1 << 27                # the first gfn under the root's entry 1
@@ -25,9 +25,13 @@ PRESENT_IN_ORDER = [
 
 @pytest.fixture
 def tree():
+    return build(4, LEAVES)
+
+
+def build(root_level, leaves):
     tables = PageTables()
-    root = tables.alloc(4, 0, 0, is_root=True)
-    for level, gfn in LEAVES:
+    root = tables.alloc(root_level, 0, 0, is_root=True)
+    for level, gfn in leaves:
         page = root
         while page.level > level:
             index = (gfn >> level_shift(page.level)) & 511
@@ -169,3 +173,21 @@ def test_far_step_down_stops_where_a_single_step_would(tree, start, min_level, s
         assert (it.level, it.gfn, S.describe(it.old_spte, it.level)) == stop
     assert far.pt_path == near.pt_path and far.index == near.index
     assert not far.step_down(far=True)
+
+
+@pytest.mark.parametrize("root_level", [4, 5])
+def test_last_spte_stops_where_a_one_gfn_walk_ends(root_level):
+    """The lockless walk finds what the iterator over [gfn, gfn + 1) ends on: the leaf, or
+    the first SPTE that is not present; beyond the root's reach, no SPTE at all."""
+    reach = 1 << level_shift(root_level + 1)
+    leaves = LEAVES + ([(PG_LEVEL_4K, 1 << 36 | 9)] if root_level == 5 else [])
+    tables, root = build(root_level, leaves)
+    probes = {gfn + delta for _, gfn in leaves for delta in (0, 1, 512)} | {7, reach - 1}
+    for gfn in sorted(probes):
+        end = next((it.level, it.old_spte) for it in TdpIter(root, gfn, gfn + 1)
+                   if not S.is_shadow_present(it.old_spte) or S.is_last(it.old_spte, it.level))
+        table, index, level, spte = last_spte(root, gfn)
+        assert (level, spte) == end, hex(gfn)
+        assert table.spt[index] == spte and table.level == level, hex(gfn)
+    for gfn in (reach, reach + 5, reach | 3 << 27):
+        assert last_spte(root, gfn) == (root, -1, root_level, S.NONPRESENT), hex(gfn)
