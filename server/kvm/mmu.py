@@ -4,7 +4,7 @@
       RSVD (EPT misconfig)  -> handle_mmio_page_fault: an MMIO SPTE of this generation
                                emulates at once; a stale one takes the full path
       pf_taken++
-      fast_page_fault       write-protected or access-tracked leaf: fixed without the lock
+      fast page fault       write-protected or access-tracked leaf: fixed without the lock
       tdp_page_fault        the rest, if the fast path did not fix it:
         faultin             snapshot mmu_invalidate_seq; memslot; host pfn (GUP-fast, else
                             the lookup that may sleep); the unlocked retry pre-checks
@@ -14,6 +14,21 @@
       each outcome is counted: pf_fixed, pf_emulate, pf_spurious, pf_retry
 
 A KvmError(EFAULT) out of the pfn lookup is KVM_RUN's -EFAULT (a memory-fault exit).
+
+The fast page fault (`fast_page_fault`, reference §2.7) fixes an SPTE without mmu_lock, only
+inside an RCU read-side section, and only by a compare-and-exchange against the snapshot
+the walk read. It fixes exactly three things:
+- a write to a present 4K leaf that is write-protected for dirty logging (W clear,
+  MMU-writable set): W is set and, W having gone 0 -> 1, the page is marked dirty;
+- an access to an access-tracked SPTE (A/D bits off): R/X (and A) are restored;
+- a spurious fault (the SPTE already allows the access: a stale TLB, or another vCPU fixed
+  it first): nothing to do.
+It never allocates, never changes a pfn, never touches a non-leaf SPTE, and refuses a huge
+leaf in a dirty-logged slot (the slow path must split it). Anything else goes to the slow
+path (RET_PF_INVALID). Between the read and the cmpxchg another task may change the SPTE
+(preemption point `fast_pf.cas`): the cmpxchg then fails and the walk is done again. It
+asks for the fault only its address and error code: the fault object is made only for the
+slow path, which fills it in.
 """
 
 from __future__ import annotations
@@ -21,33 +36,114 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import spte as S
-from .fast_pf import CAN_BE_FAST_BITS, fast_page_fault
-from .mmu_internal import (PFERR_RSVD_MASK, RET_PF_EMULATE, RET_PF_FIXED,
-                           RET_PF_INVALID, RET_PF_RETRY, RET_PF_SPURIOUS, PageFault, RetPf)
-from .types import MAX_HUGEPAGE_LEVEL, PG_LEVEL_4K, pages_per_level
+from .mmu_internal import (ACCESS_NEEDS, PFERR_ACCESS_MASK, PFERR_FETCH_MASK,
+                           PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK,
+                           PFERR_WRITE_MASK, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_INVALID,
+                           RET_PF_RETRY, RET_PF_SPURIOUS, PageFault, RetPf)
+from .mmu_page import UseAfterFree
+from .spte import MMU_PRESENT, MMU_WRITABLE, RWX, WRITABLE
+from .tdp_iter import last_spte
+from .types import MAX_HUGEPAGE_LEVEL, PAGE_SHIFT, PG_LEVEL_4K, pages_per_level
 
 if TYPE_CHECKING:
     from .vcpu import Vcpu
+    from .vm import Vm
 
-__all__ = ["page_fault", "hugepage_adjust"]
+__all__ = ["page_fault", "hugepage_adjust", "page_fault_can_be_fast", "can_be_fast_table",
+           "FAULT_BITS", "FAST_PF_TRIES"]
+
+# The error code's bits the fault path branches on, as a small int: a full error code
+# (GUEST_FINAL is bit 32) makes each test of it a big-int operation.
+FAULT_BITS = PFERR_PRESENT_MASK | PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_RSVD_MASK | \
+    PFERR_FETCH_MASK
+FAST_PF_TRIES = 4                # walks of one fast page fault whose cmpxchg lost a race
+_FAST_PF_TRIES = range(FAST_PF_TRIES)
+_PRESENT_WRITE = PFERR_PRESENT_MASK | PFERR_WRITE_MASK
+_PRESENT_WRITE_RSVD = _PRESENT_WRITE | PFERR_RSVD_MASK
+# By the fault's bits: the SPTE bit the access needs, and the write bit, in one lookup.
+_FAST_PF_ACCESS = tuple((ACCESS_NEEDS[bits & PFERR_ACCESS_MASK], bits & PFERR_WRITE_MASK)
+                        for bits in range(FAULT_BITS + 1))
+# The SPTE's bits below its pfn (present, R/W/X, A/D), as a small int.
+_LOW_BITS = (1 << PAGE_SHIFT) - 1
+
+
+def page_fault_can_be_fast(vm: "Vm", error_code: int) -> bool:
+    """A write to a present SPTE, or, A/D bits off, an access to a not-present one (it may
+    be access-tracked); never an MMIO fault (RSVD)."""
+    if error_code & _PRESENT_WRITE_RSVD == _PRESENT_WRITE:
+        return vm.config.fast_page_fault
+    if error_code & (PFERR_PRESENT_MASK | PFERR_RSVD_MASK):
+        return False
+    return not vm.ad_enabled and vm.config.fast_page_fault
+
+
+def can_be_fast_table(vm: "Vm") -> tuple[bool, ...]:
+    """`page_fault_can_be_fast` for `vm`, by `error_code & FAULT_BITS`: the fault path asks
+    on every fault, and the answer depends on settings fixed at VM creation."""
+    return tuple(page_fault_can_be_fast(vm, bits) for bits in range(FAULT_BITS + 1))
 
 
 async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
-    """`kvm_mmu_page_fault`, with `kvm_mmu_do_page_fault` and the first step of
-    `kvm_tdp_mmu_page_fault` (the fast path) folded in, so that a fault the fast path fixes
-    runs in two coroutines, this one and `fast_page_fault`."""
+    """`kvm_mmu_page_fault`, with `kvm_mmu_do_page_fault` and the fast path of
+    `kvm_tdp_page_fault` (`fast_page_fault`) spelled out, so that a fault the fast path
+    fixes runs in this one coroutine: a coroutine of its own costs it a twentieth."""
     vm = vcpu.vm
     if vm.tracer.on:
         vm.tracer.emit("kvm_page_fault", vcpu=vcpu.id, gpa=gpa, error_code=error_code)
-    if error_code & PFERR_RSVD_MASK:
+    bits = error_code & FAULT_BITS
+    if bits & PFERR_RSVD_MASK:
         r = handle_mmio_page_fault(vcpu, gpa)
         if r is not RET_PF_INVALID:
             return r
     stats = vcpu.stat
     stats.pf_taken += 1
     r = RET_PF_INVALID
-    if vm.can_be_fast[error_code & CAN_BE_FAST_BITS]:      # page_fault_can_be_fast
-        r = await fast_page_fault(vcpu, gpa, error_code)
+    if vm.can_be_fast[bits]:                                # page_fault_can_be_fast
+        # fast_page_fault: FIXED or SPURIOUS when the leaf needs no mmu_lock, else INVALID.
+        gfn = gpa >> PAGE_SHIFT
+        need, write = _FAST_PF_ACCESS[bits]
+        rcu = vm.rcu
+        token = rcu.enter()
+        # fault->slot: looked up once, under the read-side section that memslot updates
+        # wait out, so a slot published meanwhile is not this fault's business.
+        slot = vcpu.memslots.lookup(gfn)
+        try:
+            for _ in _FAST_PF_TRIES:
+                table, index, level, old = last_spte(vcpu.root, gfn)
+                flags = old & _LOW_BITS
+                if not flags & MMU_PRESENT:
+                    break                         # nothing to fix: the slow path maps it
+                if flags & need:
+                    r = RET_PF_SPURIOUS
+                    break
+                new = old
+                if not flags & RWX and S.ad_disabled(old):
+                    new = S.restore_access_track(new)
+                make_writable = write and old & MMU_WRITABLE
+                if make_writable:
+                    if level > PG_LEVEL_4K and slot is not None and slot.dirty_logging:
+                        break                     # only the slow path may split it
+                    new |= WRITABLE               # W was clear: the access needs it
+                elif new == old or not new & need:
+                    break
+                await vm.sched.point("fast_pf.cas")
+                if table.freed:
+                    raise UseAfterFree(f"fast page fault wrote freed {table!r}")
+                spt = table.spt
+                if spt[index] != old and "fast_pf_plain_write" not in vm.knobs:
+                    continue                      # changed under us: walk again
+                spt[index] = new                  # the cmpxchg (the debug knob: no compare)
+                if make_writable and slot is not None:
+                    vm.mark_page_dirty(slot, gfn, vcpu)     # W went 0 -> 1
+                r = RET_PF_FIXED
+                break
+        finally:
+            rcu.exit(token)
+        if r is not RET_PF_INVALID:
+            stats.pf_fast += 1
+        if vm.tracer.on:
+            vm.tracer.emit("fast_page_fault", vcpu=vcpu.id, gpa=gpa, error_code=error_code,
+                           result=r.name)
     if r is RET_PF_INVALID:
         r = await tdp_page_fault(vcpu, PageFault(gpa, error_code))
     if r is RET_PF_FIXED:

@@ -23,12 +23,12 @@ from . import spte as S
 from .dirty_log import BYTE_IN_WORD
 from .dirty_ring import DIRTY_GFN_BYTES, DirtyGfn, DirtyRing, check_ring_size
 from .errors import KvmError, NoSuchObject, VmBugged, einval
-from .fast_pf import can_be_fast_table
 from .gpc import GPC_POLICIES, Gpcs
 from .held import HeldInvalidation, HeldInvalidationInfo, HeldInvalidations, HoldState
 from .host_mm import HostMm, HostRegionInfo
 from .memslots import (KVM_ADDRESS_SPACE_NUM, KVM_MEMSLOT_INVALID, Memslot, MemslotChange,
                        MemslotInfo, Memslots, check_region)
+from .mmu import can_be_fast_table
 from .mmu_lock import MmuLock
 from .notifier import Notifier
 from .rcu import Rcu

@@ -1,13 +1,14 @@
 """The fast page fault: write-protection and access tracking fixed without mmu_lock."""
 
+import errno
 import itertools
 
 import pytest
 
 from vmmu.server.kvm import AccessBatch, AccessKind, Backing, ExitReason, Kvm, VmConfig
 from vmmu.server.kvm import spte as S
-from vmmu.server.kvm.fast_pf import CAN_BE_FAST_BITS, fast_page_fault, page_fault_can_be_fast
-from vmmu.server.kvm.mmu import page_fault
+from vmmu.server.kvm.errors import KvmError
+from vmmu.server.kvm.mmu import FAULT_BITS, page_fault, page_fault_can_be_fast
 from vmmu.server.kvm.mmu_internal import (PFERR_FETCH_MASK, PFERR_GUEST_FINAL_MASK,
                                           PFERR_PRESENT_MASK, PFERR_RSVD_MASK,
                                           PFERR_USER_MASK, PFERR_WRITE_MASK, RetPf)
@@ -61,10 +62,14 @@ async def test_the_fix_another_task_made_first_is_spurious(make_guest):
     await g.vcpu.run(access(0x5000, AccessKind.WRITE))
     await write_protect(g.vm, 5)
     await g.vcpu.run(access(0x5000, AccessKind.READ))          # load the root, flush
+    stats = g.vcpu.stats()
     error = PFERR_WRITE_MASK | PFERR_PRESENT_MASK
-    assert await fast_page_fault(g.vcpu, 0x5000, error) is RetPf.FIXED
-    assert await fast_page_fault(g.vcpu, 0x5000, error) is RetPf.SPURIOUS
-    assert g.vcpu.stats()["pf_fast"] == 2
+    assert await page_fault(g.vcpu, 0x5000, error) is RetPf.FIXED
+    assert await page_fault(g.vcpu, 0x5000, error) is RetPf.SPURIOUS
+    after = g.vcpu.stats()
+    assert after["pf_fast"] == stats["pf_fast"] + 2
+    assert after["pf_fixed"] == stats["pf_fixed"] + 1
+    assert after["pf_spurious"] == stats["pf_spurious"] + 1
 
 
 async def test_read_only_memory_is_left_to_the_slow_path(make_guest):
@@ -73,8 +78,11 @@ async def test_read_only_memory_is_left_to_the_slow_path(make_guest):
     leaf = g.vm.walk(0x1000)[-1]
     assert not leaf.mmu_writable and not leaf.host_writable
     error = PFERR_WRITE_MASK | PFERR_PRESENT_MASK
-    assert await fast_page_fault(g.vcpu, 0x1000, error) is RetPf.INVALID
+    with pytest.raises(KvmError) as fault:                 # the slow path's memory fault
+        await page_fault(g.vcpu, 0x1000, error)
+    assert fault.value.errno == errno.EFAULT
     assert g.vcpu.stats()["pf_fast"] == 0
+    assert g.vm.walk(0x1000)[-1] == leaf
 
 
 async def test_access_tracked_sptes_are_restored_by_the_fast_path(make_guest):
@@ -123,8 +131,14 @@ async def test_a_huge_leaf_in_a_dirty_logged_slot_is_not_fast_fixed(make_guest):
     slot = g.vm.memslot_sets[0].lookup(1)
     slot.flags |= 1                                              # logging, as seen by faults
     slot.dirty_logging = True
+    stats = g.vcpu.stats()
     error = PFERR_WRITE_MASK | PFERR_PRESENT_MASK
-    assert await fast_page_fault(g.vcpu, 0x1000, error) is RetPf.INVALID
+    assert await page_fault(g.vcpu, 0x1000, error) is RetPf.FIXED
+    after = g.vcpu.stats()
+    assert after["pf_fast"] == stats["pf_fast"]              # the slow path fixed it...
+    assert after["pf_fixed"] == stats["pf_fixed"] + 1
+    leaf = g.vm.walk(0x1000)[-1]
+    assert leaf.level == 1 and leaf.writable                  # ...at 4K
 
 
 async def test_the_vm_knob_turns_the_fast_path_off(make_guest):
@@ -155,7 +169,7 @@ async def test_the_fault_paths_table_answers_page_fault_can_be_fast(ad_bits, fas
     for chosen in itertools.product((0, 1), repeat=len(bits)):
         error_code = sum(bit for bit, on in zip(bits, chosen) if on)
         answer = page_fault_can_be_fast(vm, error_code)
-        assert vm.can_be_fast[error_code & CAN_BE_FAST_BITS] is answer, hex(error_code)
+        assert vm.can_be_fast[error_code & FAULT_BITS] is answer, hex(error_code)
         answers.add(answer)
     assert answers == ({True, False} if fast else {False})
     await vm.destroy()
