@@ -30,7 +30,7 @@ from .spte import (ACCESSED, BASE_ADDR_MASK, DIRTY, EXECUTABLE, LARGE, MMIO_MASK
 from .batch import OP_KIND_MASK, OP_WITH_DATA, AccessBatch, op_size
 from .errors import KvmError, VmBugged
 from .mmu import page_fault
-from .mmu_internal import PFERR_RSVD_MASK, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY
+from .mmu_internal import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY
 from .mmu_page import MmuPage
 from .stats import VcpuStats
 from .types import PAGE_SIZE, AccessKind
@@ -216,40 +216,41 @@ class Vcpu:
         The guest is a generator (`_guest`) resumed at every entry: it keeps its place in
         the batch across exits, as a vCPU's state survives a VM exit."""
         batch, stats, vm = self._batch, self.stat, self.vm
-        gpas, n, i = batch.gpas, len(batch), self._pos
+        gpas, n, first = batch.gpas, len(batch), self._pos
         guest = self._guest()
-        while True:
-            if (self.requests or self.root is None) and not await self._enter_guest():
-                return self._dirty_ring_full_exit()
-            start, i = i, next(guest, n)
-            self._pos = i
-            stats.accesses += i - start
-            if i >= n:
-                return self._result(_DONE)
-            stats.exits += 1
-            error_code = self._exit_error_code
-            if error_code & PFERR_RSVD_MASK:
-                stats.ept_misconfigs += 1
-            else:
-                stats.ept_violations += 1
-            gpa = gpas[i]
-            try:
-                r = await page_fault(self, gpa, error_code)
-            except KvmError as e:
-                op = batch.ops[i]
-                return self._result(Exit(ExitReason.MEMORY_FAULT, gpa=gpa,
-                                         length=op_size(op), is_write=_is_write(op),
-                                         errno=e.errno, message=e.reason))
-            if r is RET_PF_FIXED:
-                continue                       # the usual outcome: the access runs again
-            if r is RET_PF_EMULATE:
-                return self._mmio_exit(i)
-            if r is RET_PF_RETRY:
-                await vm.sched.point("vcpu.retry")
-                if vm.notifier.blocks(gpa >> 12):
-                    await vm.notifier.wait_for_end()   # re-faulting would only spin
+        try:
+            while True:
+                if (self.requests or self.root is None) and not await self._enter_guest():
+                    return self._dirty_ring_full_exit()
+                i = self._pos = next(guest, n)
+                if i >= n:
+                    return self._result(_DONE)
+                stats.exits += 1
+                error_code = self._exit_error_code
+                if error_code == MISCONFIG_ERROR_CODE:
+                    stats.ept_misconfigs += 1
                 else:
-                    await asyncio.sleep(0)          # let the zap or the other fault move on
+                    stats.ept_violations += 1
+                gpa = gpas[i]
+                try:
+                    r = await page_fault(self, gpa, error_code)
+                except KvmError as e:
+                    op = batch.ops[i]
+                    return self._result(Exit(ExitReason.MEMORY_FAULT, gpa=gpa,
+                                             length=op_size(op), is_write=_is_write(op),
+                                             errno=e.errno, message=e.reason))
+                if r is RET_PF_FIXED:
+                    continue                   # the usual outcome: the access runs again
+                if r is RET_PF_EMULATE:
+                    return self._mmio_exit(i)
+                if r is RET_PF_RETRY:
+                    await vm.sched.point("vcpu.retry")
+                    if vm.notifier.blocks(gpa >> 12):
+                        await vm.notifier.wait_for_end()   # re-faulting would only spin
+                    else:
+                        await asyncio.sleep(0)      # let the zap or the other fault move on
+        finally:
+            stats.accesses += self._pos - first     # the accesses completed since `first`
 
     def _dirty_ring_full_exit(self) -> RunResult:
         """KVM_EXIT_DIRTY_RING_FULL: the vCPU may not run until the ring is reset."""
