@@ -15,12 +15,12 @@ from __future__ import annotations
 from .errors import VmBugged
 from .mmu_page import MmuPage, UseAfterFree
 from .spte import MMU_PRESENT, NONPRESENT, PRESENT_LARGE
-from .types import PG_LEVEL_4K, PT_ENTRIES, level_shift
+from .types import PG_LEVEL_4K, PT_ENTRIES, level_shift, pages_per_level
 
 __all__ = ["TdpIter", "last_spte"]
 
 # `level_shift` by level (index 0 unused), and the mask of an index into a table.
-_SHIFT = (0,) + tuple(level_shift(level) for level in range(1, 7))
+_SHIFT = (0,) + tuple(level_shift(level) for level in range(1, 6))
 _INDEX_MASK = PT_ENTRIES - 1
 
 
@@ -138,8 +138,9 @@ class TdpIter:
         self.yielded = True
 
 
-# By root level (4 or 5, VmConfig.tdp_levels): the first gfn the root does not reach.
-_GFN_REACH = {root_level: 1 << _SHIFT[root_level + 1] for root_level in (4, 5)}
+# By root level (4 or 5, VmConfig.tdp_levels): the first gfn the root does not reach
+# (`TdpMmu.max_gfn` of an MMU with such roots).
+_GFN_REACH = {root_level: pages_per_level(root_level + 1) for root_level in (4, 5)}
 
 
 def last_spte(root: MmuPage, gfn: int) -> tuple[MmuPage, int, int, int]:

@@ -48,7 +48,7 @@ class TdpMmu:
         self.sanitizers = None           # set by the VM when its sanitizers are on
         self.sched = None                # the VM's preemption points
         self.knobs: frozenset[str] = frozenset()
-        self.max_gfn = 1 << (9 * root_level)
+        self.max_gfn = pages_per_level(root_level + 1)     # the gfns a root reaches
 
     # -- roots --------------------------------------------------------------------
 
