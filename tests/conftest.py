@@ -29,14 +29,15 @@ os.environ.setdefault("VMMU_SANITIZERS", "1")
 
 
 class ServerThread:
-    """A started server on 127.0.0.1:<free port>, served by a loop in its own thread."""
+    """A started server on 127.0.0.1:<free port>, served by a loop in its own thread;
+    `options` are `start_server`'s."""
 
-    def __init__(self) -> None:
+    def __init__(self, **options: Any) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vmmu-server",
                                         daemon=True)
         self._thread.start()
-        self.serving: Serving = self.call(start_server("127.0.0.1:0"))
+        self.serving: Serving = self.call(start_server("127.0.0.1:0", **options))
         self.address = f"127.0.0.1:{self.serving.port}"
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:

@@ -1,13 +1,17 @@
 """The vmmu gRPC server: one `Kvm` behind the vmmu.v1 services, reflection and health.
 
     serving = await start_server("127.0.0.1:0")    # bound; serving.port is the real port
+    serving = await start_server("0.0.0.0:50051", tls=ServerTls.from_files(cert, key),
+                                 tokens=Tokens.from_file(path))
     ...
     await serving.stop()                           # new RPCs refused, in-flight ones end
                                                    # (cancelled after `grace`), then
                                                    # kvm.shutdown()
 
 `Serving` unpacks as `server, port, kvm`. Health reports SERVING for the whole server ("")
-and for every vmmu.v1 service until `stop`.
+and for every vmmu.v1 service until `stop`. Who may call and what each caller sees is
+`auth`'s: plaintext only on a loopback address unless `insecure`, and with `tokens` every
+call names its identity and sees only the VMs it created.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vmmu.server.kvm import Kvm
+from vmmu.server.rpc.auth import ServerTls, TokenInterceptor, Tokens, check_listener
 from vmmu.server.rpc.errors import ErrorInterceptor
 from vmmu.server.rpc.servicers import add_servicers
 
@@ -44,14 +49,22 @@ class Serving(NamedTuple):
         await self.kvm.shutdown()
 
 
-async def start_server(address: str = "127.0.0.1:0") -> Serving:
-    """Build and start a server for a new `Kvm` on `address` ("host:0" picks a free port).
+async def start_server(address: str = "127.0.0.1:0", *, tls: ServerTls | None = None,
+                       tokens: Tokens | None = None, insecure: bool = False) -> Serving:
+    """Build and start a server for a new `Kvm` on `address` ("host:0" picks a free port),
+    over TLS if `tls` is given, with an identity per token if `tokens` are.
 
-    Raises OSError if the address cannot be bound (in use, or not local).
+    Raises InsecureListener (a ValueError) for a non-loopback `address` without `tls`
+    unless `insecure`, OSError if the address cannot be bound (in use, or not local).
     """
+    check_listener(address, tls, insecure)
     kvm = Kvm()
+    # The token check comes first: the handlers it lets through run as the caller.
+    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+    if tokens is not None:
+        interceptors.insert(0, TokenInterceptor(tokens))
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
+        interceptors=interceptors,
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  # Each server has its own Kvm: two sharing a port would split a client's
@@ -76,7 +89,8 @@ async def start_server(address: str = "127.0.0.1:0") -> Serving:
          reflection.SERVICE_NAME], server)
 
     try:
-        port = server.add_insecure_port(address)
+        port = (server.add_secure_port(address, tls.credentials()) if tls is not None
+                else server.add_insecure_port(address))
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}") from None
     await server.start()
