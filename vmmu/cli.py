@@ -1,7 +1,7 @@
 """The `vmmu` command line: one function per subcommand, `main` dispatches.
 
     vmmu serve [--listen HOST:PORT] [--tls-cert F --tls-key F [--tls-client-ca F]]
-               [--token-file F] [--insecure]
+               [--token-file F] [--insecure] [--keepalive SECONDS]
                                        serve the vmmu.v1 gRPC API until SIGINT/SIGTERM
     vmmu demo [--accesses N]           an in-process server driven through the client
     vmmu explore SCENARIO --seeds N    run a race scenario under N schedule seeds
@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vmmu.server.rpc.app import start_server
+from vmmu.server.rpc.app import DEFAULT_KEEPALIVE_S, start_server
 from vmmu.server.rpc.auth import InsecureListener, ServerTls, Tokens
 
 __all__ = ["main", "serve", "demo", "explore"]
@@ -38,7 +38,8 @@ def serve(args: argparse.Namespace) -> int:
         tls = (ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
                if args.tls_cert else None)
         tokens = Tokens.from_file(args.token_file) if args.token_file else None
-        asyncio.run(_serve(args.listen, tls=tls, tokens=tokens, insecure=args.insecure))
+        asyncio.run(_serve(args.listen, tls=tls, tokens=tokens, insecure=args.insecure,
+                           keepalive_s=args.keepalive))
     except (OSError, InsecureListener, ValueError) as exc:
         print(f"vmmu: {exc}", file=sys.stderr)
         return 1
@@ -77,6 +78,11 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                              "sees only the VMs it created")
     parser.add_argument("--insecure", action="store_true",
                         help="allow plaintext on a non-loopback address")
+    parser.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE_S,
+                        metavar="SECONDS",
+                        help="close the connection of a client that answers no ping for "
+                             "SECONDS, ending its streams and holds (pinged every SECONDS/2; "
+                             f"default {DEFAULT_KEEPALIVE_S:g})")
     parser.set_defaults(run=serve)
 
 

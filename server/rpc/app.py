@@ -27,14 +27,18 @@ from vmmu.server.rpc.auth import ServerTls, TokenInterceptor, Tokens, check_list
 from vmmu.server.rpc.errors import ErrorInterceptor
 from vmmu.server.rpc.servicers import add_servicers
 
-__all__ = ["Serving", "start_server", "DEFAULT_GRACE", "MAX_MESSAGE_BYTES"]
+__all__ = ["Serving", "start_server", "DEFAULT_GRACE", "DEFAULT_KEEPALIVE_S",
+           "MAX_MESSAGE_BYTES"]
 
 DEFAULT_GRACE = 5.0   # seconds an open Run stream may take to finish at shutdown
 # The largest batch (AccessBatch.MAX_ACCESSES accesses of 8 bytes with data) is 17 MiB
 # on the wire; gRPC's default limit of 4 MiB would refuse it before the model could.
 MAX_MESSAGE_BYTES = 32 << 20
-KEEPALIVE_TIME_MS = 30_000       # a quiet connection is pinged this often
-KEEPALIVE_TIMEOUT_MS = 20_000    # and closed when a ping goes unanswered this long
+# A connection whose client answers no ping for this long is closed, its streams cancelled:
+# a HoldInvalidation stream stalls its VM's memslot updates and faults in its range until
+# it ends, so a client that stops without closing its connection (its process stopped,
+# its host gone) must not hold a VM for long. Pings go out every half of it.
+DEFAULT_KEEPALIVE_S = 4.0
 
 
 class Serving(NamedTuple):
@@ -50,14 +54,19 @@ class Serving(NamedTuple):
 
 
 async def start_server(address: str = "127.0.0.1:0", *, tls: ServerTls | None = None,
-                       tokens: Tokens | None = None, insecure: bool = False) -> Serving:
+                       tokens: Tokens | None = None, insecure: bool = False,
+                       keepalive_s: float = DEFAULT_KEEPALIVE_S) -> Serving:
     """Build and start a server for a new `Kvm` on `address` ("host:0" picks a free port),
-    over TLS if `tls` is given, with an identity per token if `tokens` are.
+    over TLS if `tls` is given, with an identity per token if `tokens` are; a client that
+    answers no ping for `keepalive_s` seconds loses its connection and its streams.
 
     Raises InsecureListener (a ValueError) for a non-loopback `address` without `tls`
     unless `insecure`, OSError if the address cannot be bound (in use, or not local).
     """
     check_listener(address, tls, insecure)
+    if not keepalive_s > 0:
+        raise ValueError(f"keepalive of {keepalive_s} s: it must be positive")
+    ping_ms = max(1, round(keepalive_s * 1000 / 2))
     kvm = Kvm()
     # The token check comes first: the handlers it lets through run as the caller.
     interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
@@ -70,13 +79,12 @@ async def start_server(address: str = "127.0.0.1:0", *, tls: ServerTls | None = 
                  # Each server has its own Kvm: two sharing a port would split a client's
                  # calls between two sets of VMs.
                  ("grpc.so_reuseport", 0),
-                 # A HoldInvalidation stream stalls its VM's memslot updates until it ends:
-                 # ping quiet connections, so that a client that vanished without closing
-                 # its connection is noticed (and its streams cancelled) within a minute.
                  # gRPC core 1.85 waits `ping_timeout` for the ack, not `keepalive_timeout`.
-                 ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-                 ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-                 ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS)])
+                 ("grpc.keepalive_time_ms", ping_ms),
+                 ("grpc.keepalive_timeout_ms", ping_ms),
+                 ("grpc.http2.ping_timeout_ms", ping_ms),
+                 # An open hold stream carries no data: keep pinging it all the same.
+                 ("grpc.http2.max_pings_without_data", 0)])
     services = add_servicers(kvm, server)
 
     health_servicer = health.aio.HealthServicer()
