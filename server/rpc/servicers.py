@@ -90,7 +90,7 @@ class HostMemoryServicer(_Servicer, host_memory_pb2_grpc.HostMemoryServiceServic
 
     async def ReadHva(self, request: host_memory_pb2.ReadHvaRequest, context: Context
                       ) -> host_memory_pb2.ReadHvaResponse:
-        data = self._vm(request).read_hva(request.hva, request.length)
+        data = await self._vm(request).read_hva(request.hva, request.length)
         return host_memory_pb2.ReadHvaResponse(data=data)
 
     async def WriteHva(self, request: host_memory_pb2.WriteHvaRequest, context: Context
