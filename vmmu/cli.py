@@ -1,7 +1,7 @@
 """The `vmmu` command line: one function per subcommand, `main` dispatches.
 
     vmmu serve [--listen HOST:PORT] [--tls-cert F --tls-key F [--tls-client-ca F]]
-               [--token-file F] [--insecure] [--keepalive SECONDS]
+               [--token-file F] [--insecure] [--keepalive SECONDS] [--metrics HOST:PORT]
                                        serve the vmmu.v1 gRPC API until SIGINT/SIGTERM
     vmmu demo [--accesses N]           an in-process server driven through the client
     vmmu explore SCENARIO --seeds N    run a race scenario under N schedule seeds
@@ -39,7 +39,7 @@ def serve(args: argparse.Namespace) -> int:
                if args.tls_cert else None)
         tokens = Tokens.from_file(args.token_file) if args.token_file else None
         asyncio.run(_serve(args.listen, tls=tls, tokens=tokens, insecure=args.insecure,
-                           keepalive_s=args.keepalive))
+                           keepalive_s=args.keepalive, metrics=args.metrics))
     except (OSError, InsecureListener, ValueError) as exc:
         print(f"vmmu: {exc}", file=sys.stderr)
         return 1
@@ -50,6 +50,10 @@ async def _serve(listen: str, **options: Any) -> None:
     serving = await start_server(listen, **options)
     host = listen.rsplit(":", 1)[0]
     print(f"vmmu serving on {host}:{serving.port}", flush=True)
+    if serving.metrics is not None:
+        metrics_host = options["metrics"].rsplit(":", 1)[0]
+        print(f"vmmu metrics on http://{metrics_host}:{serving.metrics_port}/metrics",
+              flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -83,6 +87,8 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                         help="close the connection of a client that answers no ping for "
                              "SECONDS, ending its streams and holds (pinged every SECONDS/2; "
                              f"default {DEFAULT_KEEPALIVE_S:g})")
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus metrics over HTTP on HOST:PORT")
     parser.set_defaults(run=serve)
 
 

@@ -8,6 +8,7 @@ every VM.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 from .errors import NoSuchObject
@@ -24,6 +25,7 @@ class Kvm:
         self._next_id = 1
         # Subscriptions that follow new VMs, each with the owner whose VMs it follows.
         self._tracing_all: list[tuple[Subscription, str | None]] = []
+        self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
 
     def create_vm(self, config: VmConfig | None = None, owner: str | None = None) -> Vm:
         vm = Vm(self._next_id, config or VmConfig())
@@ -57,12 +59,17 @@ class Kvm:
         subscription to named VMs ends when the last of them is destroyed."""
         vms = [self.get_vm(vm_id, owner) for vm_id in dict.fromkeys(vm_ids)]
         sub = Subscription(events, capacity, ends_with_tracers=bool(vms))
+        self._subscriptions.add(sub)
         if not vms:
             vms = self.vms(owner)
             self._tracing_all = [*self._following(), (sub, owner)]
         for vm in vms:
             vm.tracer.attach(sub)
         return sub
+
+    def subscriptions(self) -> list[Subscription]:
+        """The trace subscriptions made by `trace` that are still open."""
+        return [sub for sub in self._subscriptions if not sub.closed]
 
     def _following(self) -> list[tuple[Subscription, str | None]]:
         self._tracing_all = [(sub, owner) for sub, owner in self._tracing_all

@@ -8,7 +8,7 @@
                                                    # (cancelled after `grace`), then
                                                    # kvm.shutdown()
 
-`Serving` unpacks as `server, port, kvm`. Health reports SERVING for the whole server ("")
+`Serving` unpacks as `server, port, kvm, metrics` (the Prometheus endpoint, if any). Health reports SERVING for the whole server ("")
 and for every vmmu.v1 service until `stop`. Who may call and what each caller sees is
 `auth`'s: plaintext only on a loopback address unless `insecure`, and with `tokens` every
 call names its identity and sees only the VMs it created.
@@ -16,6 +16,7 @@ call names its identity and sees only the VMs it created.
 
 from __future__ import annotations
 
+import asyncio
 from typing import NamedTuple
 
 import grpc
@@ -25,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from vmmu.server.kvm import Kvm
 from vmmu.server.rpc.auth import ServerTls, TokenInterceptor, Tokens, check_listener
 from vmmu.server.rpc.errors import ErrorInterceptor
+from vmmu.server.rpc.metrics import Metrics, serve_metrics
 from vmmu.server.rpc.servicers import add_servicers
 
 __all__ = ["Serving", "start_server", "DEFAULT_GRACE", "DEFAULT_KEEPALIVE_S",
@@ -47,18 +49,28 @@ class Serving(NamedTuple):
     server: grpc.aio.Server
     port: int
     kvm: Kvm
+    metrics: asyncio.Server | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics.sockets[0].getsockname()[1] if self.metrics else None
 
     async def stop(self, grace: float | None = DEFAULT_GRACE) -> None:
         await self.server.stop(grace)
         await self.kvm.shutdown()
+        if self.metrics is not None:
+            self.metrics.close()
+            await self.metrics.wait_closed()
 
 
 async def start_server(address: str = "127.0.0.1:0", *, tls: ServerTls | None = None,
                        tokens: Tokens | None = None, insecure: bool = False,
-                       keepalive_s: float = DEFAULT_KEEPALIVE_S) -> Serving:
+                       keepalive_s: float = DEFAULT_KEEPALIVE_S,
+                       metrics: str | None = None) -> Serving:
     """Build and start a server for a new `Kvm` on `address` ("host:0" picks a free port),
     over TLS if `tls` is given, with an identity per token if `tokens` are; a client that
-    answers no ping for `keepalive_s` seconds loses its connection and its streams.
+    answers no ping for `keepalive_s` seconds loses its connection and its streams;
+    Prometheus metrics are served over HTTP on `metrics` ("host:port") if it is given.
 
     Raises InsecureListener (a ValueError) for a non-loopback `address` without `tls`
     unless `insecure`, OSError if the address cannot be bound (in use, or not local).
@@ -72,6 +84,9 @@ async def start_server(address: str = "127.0.0.1:0", *, tls: ServerTls | None = 
     interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
     if tokens is not None:
         interceptors.insert(0, TokenInterceptor(tokens))
+    recorder = Metrics(kvm) if metrics is not None else None
+    if recorder is not None:
+        interceptors.insert(0, recorder)        # first: it sees refusals by the others
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -102,4 +117,11 @@ async def start_server(address: str = "127.0.0.1:0", *, tls: ServerTls | None = 
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}") from None
     await server.start()
-    return Serving(server, port, kvm)
+    endpoint = None
+    if recorder is not None:
+        try:
+            endpoint = await serve_metrics(metrics, recorder)
+        except OSError:
+            await server.stop(None)
+            raise
+    return Serving(server, port, kvm, endpoint)
