@@ -27,6 +27,15 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
+def guest(client: Client, max_vcpus: int = 1):
+    """A VM with 4 MiB of 4K pages at gpa 0 and vCPU 0: (vm, region, vcpu)."""
+    vm = client.create_vm(max_vcpus=max_vcpus)
+    region = vm.mmap(4 * MiB, Backing.PAGE_4K)
+    vm.set_user_memory_region(slot=0, flags=0, guest_phys_addr=0, memory_size=4 * MiB,
+                              userspace_addr=region.hva)
+    return vm, region, vm.create_vcpu(0)
+
+
 @pytest.fixture
 def metered():
     running = ServerThread(metrics="127.0.0.1:0")
@@ -36,11 +45,7 @@ def metered():
 
 def test_rpcs_are_counted_by_method_and_code_and_timed(metered):
     with Client(metered.address) as client:
-        vm = client.create_vm(max_vcpus=1)
-        region = vm.mmap(4 * MiB, Backing.PAGE_4K)
-        vm.set_user_memory_region(slot=0, flags=0, guest_phys_addr=0, memory_size=4 * MiB,
-                                  userspace_addr=region.hva)
-        vcpu = vm.create_vcpu(0)
+        vm, _, vcpu = guest(client)
         for _ in range(3):
             vcpu.run(BatchBuilder().write(0x1000, data=b"metrics!").read(0x5000, 8).build())
         with pytest.raises(NotFound):
@@ -66,11 +71,7 @@ def test_rpcs_are_counted_by_method_and_code_and_timed(metered):
 
 def test_the_model_is_read_at_the_scrape(metered):
     with Client(metered.address) as client:
-        vm = client.create_vm(max_vcpus=2)
-        region = vm.mmap(4 * MiB, Backing.PAGE_4K)
-        vm.set_user_memory_region(slot=0, flags=0, guest_phys_addr=0, memory_size=4 * MiB,
-                                  userspace_addr=region.hva)
-        vcpu = vm.create_vcpu(0)
+        vm, region, vcpu = guest(client, max_vcpus=2)
         vcpu.run(BatchBuilder().write(0x1000, data=b"12345678").read(0x2000, 8)
                  .read(0xFEE0_0000, 4).build())                  # the last one is MMIO
         trace = client.trace(vm_ids=[vm.id], capacity=1)

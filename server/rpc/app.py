@@ -8,10 +8,11 @@
                                                    # (cancelled after `grace`), then
                                                    # kvm.shutdown()
 
-`Serving` unpacks as `server, port, kvm, metrics` (the Prometheus endpoint, if any). Health reports SERVING for the whole server ("")
-and for every vmmu.v1 service until `stop`. Who may call and what each caller sees is
-`auth`'s: plaintext only on a loopback address unless `insecure`, and with `tokens` every
-call names its identity and sees only the VMs it created.
+`Serving` unpacks as `server, port, kvm, metrics` (the Prometheus endpoint, if any).
+Health reports SERVING for the whole server ("") and for every vmmu.v1 service until
+`stop`. Who may call and what each caller sees is `auth`'s: plaintext only on a loopback
+address unless `insecure`, and with `tokens` every call names its identity and sees only
+the VMs it created.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import ipaddress
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from grpc import StatusCode
 
 from vmmu.server.kvm import Kvm, Vm, VmConfig
 from vmmu.server.kvm.trace import DEFAULT_CAPACITY, Subscription
+from vmmu.server.rpc.handlers import Continuation, rewrap
 
 __all__ = ["ServerTls", "Tokens", "TokenInterceptor", "CallerKvm", "caller", "is_loopback",
            "check_listener", "InsecureListener"]
@@ -133,24 +134,12 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-_HANDLER_FACTORIES = {
-    "unary_unary": grpc.unary_unary_rpc_method_handler,
-    "unary_stream": grpc.unary_stream_rpc_method_handler,
-    "stream_unary": grpc.stream_unary_rpc_method_handler,
-    "stream_stream": grpc.stream_stream_rpc_method_handler,
-}
-
-
 def _refusal(handler: grpc.RpcMethodHandler, details: str) -> grpc.RpcMethodHandler:
     """A handler of `handler`'s kind that answers every call UNAUTHENTICATED."""
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(StatusCode.UNAUTHENTICATED, details)
 
-    for kind, factory in _HANDLER_FACTORIES.items():
-        if getattr(handler, kind) is not None:
-            return factory(refuse, request_deserializer=handler.request_deserializer,
-                           response_serializer=handler.response_serializer)
-    raise AssertionError(f"a method handler of no kind: {handler}")
+    return rewrap(handler, lambda behavior: refuse)
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
@@ -162,9 +151,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         self._tokens = tokens
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(UNAUTHENTICATED_PREFIXES):

@@ -20,9 +20,10 @@ own loop, so a scrape never reads the model while a task changes it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -32,10 +33,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from vmmu.server.kvm import Kvm
+from vmmu.server.rpc.errors import SERVICE_PREFIX
+from vmmu.server.rpc.handlers import Continuation, rewrap
 
 __all__ = ["Metrics", "serve_metrics"]
 
-SERVICE_PREFIX = "/vmmu.v1."
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0)
 FAULT_STATS = {"taken": "pf_taken", "fixed": "pf_fixed", "emulate": "pf_emulate",
@@ -68,9 +70,7 @@ class Metrics(grpc.aio.ServerInterceptor):
             self.rejections.labels(method).inc()
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
@@ -79,7 +79,8 @@ class Metrics(grpc.aio.ServerInterceptor):
         cached = self._timed.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        timed = _timed_handler(handler, self, method.removeprefix(SERVICE_PREFIX))
+        name = method.removeprefix(SERVICE_PREFIX)
+        timed = rewrap(handler, lambda behavior: _timed(behavior, self, name))
         self._timed[method] = (handler, timed)
         return timed
 
@@ -99,48 +100,29 @@ def _ended(context: grpc.aio.ServicerContext, error: BaseException | None) -> St
         else StatusCode.UNKNOWN
 
 
-_HANDLER_FACTORIES = {
-    "unary_unary": grpc.unary_unary_rpc_method_handler,
-    "unary_stream": grpc.unary_stream_rpc_method_handler,
-    "stream_unary": grpc.stream_unary_rpc_method_handler,
-    "stream_stream": grpc.stream_stream_rpc_method_handler,
-}
-
-
-def _timed_handler(handler: grpc.RpcMethodHandler, metrics: Metrics, method: str
-                   ) -> grpc.RpcMethodHandler:
-    for kind, factory in _HANDLER_FACTORIES.items():
-        behavior = getattr(handler, kind)
-        if behavior is not None:
-            return factory(_timed(behavior, metrics, method),
-                           request_deserializer=handler.request_deserializer,
-                           response_serializer=handler.response_serializer)
-    return handler
-
-
 def _timed(behavior: Callable[..., Any], metrics: Metrics, method: str) -> Callable[..., Any]:
-    if inspect.isasyncgenfunction(behavior):
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started, error = time.perf_counter(), None
-            try:
-                async for response in behavior(request, context):
-                    yield response
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                metrics.record(method, _ended(context, error), time.perf_counter() - started)
-        return stream
-
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    """`behavior` recording how and how fast each call ended."""
+    @contextlib.contextmanager
+    def recording(context: grpc.aio.ServicerContext) -> Iterator[None]:
         started, error = time.perf_counter(), None
         try:
-            return await behavior(request, context)
+            yield
         except BaseException as exc:
             error = exc
             raise
         finally:
             metrics.record(method, _ended(context, error), time.perf_counter() - started)
+
+    if inspect.isasyncgenfunction(behavior):
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with recording(context):
+                async for response in behavior(request, context):
+                    yield response
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        with recording(context):
+            return await behavior(request, context)
     return unary
 
 
