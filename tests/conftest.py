@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import os
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -56,6 +56,20 @@ def server() -> Iterator[ServerThread]:
     running = ServerThread()
     yield running
     running.stop()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., ServerThread]]:
+    """Starts servers with `start_server`'s options; each stops at the end of the test."""
+    started: list[ServerThread] = []
+
+    def start(**options: Any) -> ServerThread:
+        started.append(ServerThread(**options))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.stop()
 
 
 _TWINS: dict[type, type] = {Client: AsyncClient, Vm: AsyncVm, Vcpu: AsyncVcpu,
@@ -116,6 +130,27 @@ async def client(request: pytest.FixtureRequest, server: ServerThread) -> AsyncI
     else:
         async with AsyncClient(server.address) as async_client:
             yield async_client
+
+
+@pytest.fixture(params=["sync", "async"])
+async def connect(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Any]]:
+    """Opens clients, blocking (through AsAsync) or asyncio, with `Client`'s arguments;
+    closes them at the end of the test."""
+    opened: list[Client | AsyncClient] = []
+
+    def open_client(address: str, **options: Any) -> Any:
+        if request.param == "sync":
+            opened.append(Client(address, **options))
+            return AsAsync(opened[-1])
+        opened.append(AsyncClient(address, **options))
+        return opened[-1]
+
+    yield open_client
+    for opened_client in opened:
+        if isinstance(opened_client, AsyncClient):
+            await opened_client.close()
+        else:
+            opened_client.close()
 
 
 @pytest.fixture

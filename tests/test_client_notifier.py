@@ -16,8 +16,6 @@ from vmmu.client import (AsyncClient, Backing, BatchBuilder, ExitReason, HeldInv
                          HoldState, InvalidArgument, Invalidations, NotFound)
 from vmmu.server.rpc import app
 
-from conftest import ServerThread
-
 MiB = 1 << 20
 
 
@@ -177,11 +175,11 @@ async def test_a_killed_holder_process_ends_its_hold_and_the_vcpu_proceeds(async
 KEEPALIVE_S = 1.0
 
 
-async def test_a_stopped_holder_process_loses_its_hold_within_the_keepalive():
+async def test_a_stopped_holder_process_loses_its_hold_within_the_keepalive(serve):
     """SIGSTOP: the holder's socket stays open and its kernel still acknowledges TCP, but
     nothing answers the server's pings; within the keepalive its hold ends as
     CLIENT_GONE and the vCPU waiting on it proceeds."""
-    running = ServerThread(keepalive_s=KEEPALIVE_S)
+    running = serve(keepalive_s=KEEPALIVE_S)
     holder = None
     try:
         async with AsyncClient(running.address) as client:
@@ -215,7 +213,6 @@ async def test_a_stopped_holder_process_loses_its_hold_within_the_keepalive():
             holder.kill()
             holder.wait()
             holder.stdout.close()
-        running.stop()
 
 
 @pytest.mark.parametrize("start, end, lease_s", [

@@ -14,8 +14,6 @@ import pytest
 
 from vmmu.server.rpc.auth import Tokens
 
-from conftest import ServerThread
-
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "node"
 
 
@@ -49,12 +47,9 @@ def test_the_node_example_runs_a_vm_end_to_end(node_modules, server):
     assert server.serving.kvm.vms() == []                  # it destroyed its VM
 
 
-def test_the_node_example_sends_its_token(node_modules):
-    running = ServerThread(tokens=Tokens.parse("node-secret node\n"))
-    try:
-        refused = run_example(node_modules, running.address)
-        done = run_example(node_modules, running.address, "--token", "node-secret")
-    finally:
-        running.stop()
+def test_the_node_example_sends_its_token(node_modules, serve):
+    running = serve(tokens=Tokens.parse("node-secret node\n"))
+    refused = run_example(node_modules, running.address)
+    done = run_example(node_modules, running.address, "--token", "node-secret")
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
     assert done.returncode == 0, done.stderr

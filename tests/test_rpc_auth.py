@@ -7,6 +7,7 @@ Certificates are made for each run by a throwaway CA (the `cryptography` package
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import shutil
 import subprocess
@@ -17,12 +18,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vmmu.client import (AsyncClient, Backing, BatchBuilder, Client, ClientTls, NotFound,
-                         Unauthenticated, Unavailable)
+from vmmu.client import (Backing, BatchBuilder, ClientTls, NotFound, Unauthenticated,
+                         Unavailable)
 from vmmu.server.rpc.app import start_server
 from vmmu.server.rpc.auth import InsecureListener, ServerTls, Tokens, is_loopback
-
-from conftest import AsAsync, ServerThread
 
 TOKENS = "alice-secret alice\nbob-secret bob\n# a comment\n\nanon-secret\n"
 
@@ -113,49 +112,12 @@ async def _create_and_run(client) -> bytes:
     return result.read_data
 
 
-@pytest.fixture(params=["sync", "async"])
-def client_kind(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-class _Clients:
-    """Opens clients of one kind (blocking through AsAsync, or asyncio) and closes them."""
-
-    def __init__(self, kind: str, address: str) -> None:
-        self.kind, self.address, self._open = kind, address, []
-
-    def __call__(self, **options):
-        if self.kind == "sync":
-            blocking = Client(self.address, **options)
-            self._open.append(blocking)
-            return AsAsync(blocking)
-        client = AsyncClient(self.address, **options)
-        self._open.append(client)
-        return client
-
-    async def close(self) -> None:
-        for client in self._open:
-            if isinstance(client, AsyncClient):
-                await client.close()
-            else:
-                client.close()
-
-
 @pytest.fixture
-async def open_clients(client_kind):
-    servers: list[ServerThread] = []
-    clients: list[_Clients] = []
-
-    def start(**options) -> _Clients:
-        servers.append(ServerThread(**options))
-        clients.append(_Clients(client_kind, servers[-1].address))
-        return clients[-1]
-
-    yield start
-    for opened in clients:
-        await opened.close()
-    for running in servers:
-        running.stop()
+def open_clients(serve, connect):
+    """Starts a server with `start_server`'s options; returns how to connect to it."""
+    def start(**options):
+        return functools.partial(connect, serve(**options).address)
+    return start
 
 
 # -- TLS -------------------------------------------------------------------------------
@@ -211,14 +173,11 @@ async def test_tokens_over_tls(pki, open_clients):
     assert await _create_and_run(connect(tls=tls, token="alice-secret")) == b"tls-ok!!"
 
 
-def test_health_answers_without_a_token():
-    running = ServerThread(tokens=Tokens.parse(TOKENS))
-    try:
-        with grpc.insecure_channel(running.address) as channel:
-            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
-        assert response.status == health_pb2.HealthCheckResponse.SERVING
-    finally:
-        running.stop()
+def test_health_answers_without_a_token(serve):
+    running = serve(tokens=Tokens.parse(TOKENS))
+    with grpc.insecure_channel(running.address) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
 async def test_a_vm_exists_only_for_the_identity_that_created_it(open_clients):

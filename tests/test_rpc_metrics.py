@@ -13,8 +13,6 @@ from vmmu.client import (Backing, BatchBuilder, Client, NotFound, ResourceExhaus
                          Unauthenticated)
 from vmmu.server.rpc.auth import Tokens
 
-from conftest import ServerThread
-
 MiB = 1 << 20
 
 
@@ -37,10 +35,8 @@ def guest(client: Client, max_vcpus: int = 1):
 
 
 @pytest.fixture
-def metered():
-    running = ServerThread(metrics="127.0.0.1:0")
-    yield running
-    running.stop()
+def metered(serve):
+    return serve(metrics="127.0.0.1:0")
 
 
 def test_rpcs_are_counted_by_method_and_code_and_timed(metered):
@@ -97,16 +93,13 @@ def test_the_model_is_read_at_the_scrape(metered):
     assert scrape(metered.serving.metrics_port)[("vmmu_vms", ())] == 0
 
 
-def test_refused_calls_are_counted_too():
-    running = ServerThread(metrics="127.0.0.1:0", tokens=Tokens.parse("secret\n"))
-    try:
-        with Client(running.address) as client, pytest.raises(Unauthenticated):
-            client.list_vms()
-        with Client(running.address, token="secret") as client:
-            client.list_vms()
-        samples = scrape(running.serving.metrics_port)
-    finally:
-        running.stop()
+def test_refused_calls_are_counted_too(serve):
+    running = serve(metrics="127.0.0.1:0", tokens=Tokens.parse("secret\n"))
+    with Client(running.address) as client, pytest.raises(Unauthenticated):
+        client.list_vms()
+    with Client(running.address, token="secret") as client:
+        client.list_vms()
+    samples = scrape(running.serving.metrics_port)
     assert samples[("vmmu_rpcs_total", (("code", "UNAUTHENTICATED"),
                                         ("method", "VmService/ListVms")))] == 1
     assert samples[("vmmu_rpcs_total", (("code", "OK"), ("method", "VmService/ListVms")))] == 1
