@@ -627,3 +627,26 @@ async def test_real_guest_writes_reach_the_oracle(make_guest):
     await run(g.vcpu, W, 1, 2, 300)               # never mapped before: the slow path
     assert g.vm.sanitizers.dirty_written[0] == {1, 2, 300}
     assert bits(await g.vm.get_dirty_log(0)) == {1, 2, 300}
+
+
+async def test_a_reset_recycles_entries_only_once_their_pages_are_protected(make_guest):
+    """KVM_RESET_DIRTY_RINGS: a write made while the reset waits for mmu_lock goes
+    through the writable TLB entry the page still has, so the harvested entry must keep
+    covering the page until it is write-protected and TLBs are flushed; the first write
+    after the reset faults and is logged again."""
+    g = await logging_guest(make_guest, dirty_ring_size=4096)
+    await run(g.vcpu, W, 6)                        # logged; the TLB now grants W
+    assert g.vm.harvest_dirty_ring(0) == [DirtyGfn(0, 6)]
+    await g.vm.mmu_lock.acquire_write()
+    reset = asyncio.create_task(g.vm.reset_dirty_rings())
+    for _ in range(5):
+        await asyncio.sleep(0)                     # the reset waits to protect page 6
+    taken = g.vcpu.stats()["pf_taken"]
+    await run(g.vcpu, W, 6)                        # a TLB hit: no fault, no new entry
+    assert g.vcpu.stats()["pf_taken"] == taken and not reset.done()
+    g.vm.mmu_lock.release_write()
+    assert await reset == 1
+    assert g.vm.harvest_dirty_ring(0) == []        # the oracle: that write was covered
+    await run(g.vcpu, W, 6)
+    assert g.vcpu.stats()["pf_taken"] == taken + 1
+    assert g.vm.harvest_dirty_ring(0) == [DirtyGfn(0, 6)]
