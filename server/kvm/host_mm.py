@@ -26,13 +26,12 @@ from typing import Iterator, Protocol, TypeVar
 from .errors import KvmError, NoSuchObject, VmBugged, einval
 from .host_region import HPAGE_SHIFT, HPAGE_SIZE, HostRegion, HostRegionInfo, keys_in
 from .types import (PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_1G, PG_LEVEL_2M,
-                    PG_LEVEL_4K, Backing, level_shift, pages_per_level)
+                    PG_LEVEL_4K, TASK_SIZE_MAX, Backing, level_shift, pages_per_level)
 
 __all__ = ["HostMm", "HostRegion", "HostRegionInfo", "MmuNotifier", "PfnAllocator",
            "HVA_BASE"]
 
 HVA_BASE = 0x7F00_0000_0000      # where mmap() without a hint starts placing regions
-HVA_LIMIT = 1 << 47              # user address space of a 4-level host
 FIRST_PFN = 0x100000             # host frames start at 4 GiB
 GIB = 1 << 30
 
@@ -101,7 +100,7 @@ class HostMm:
             hva = self._place(size, max(align, HPAGE_SIZE))
         elif hva % align:
             raise einval(f"hva {hva:#x} is not aligned to {align:#x}")
-        if hva < PAGE_SIZE or hva + size > HVA_LIMIT:
+        if hva < PAGE_SIZE or hva + size > TASK_SIZE_MAX:
             raise KvmError(errno.ENOMEM, f"[{hva:#x}, {hva + size:#x}) is outside the user "
                            "address space")
         i = bisect.bisect_right(self._starts, hva)
