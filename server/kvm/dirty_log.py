@@ -86,17 +86,17 @@ def check_manual_protect(value: int) -> None:
 
 
 def _manual_protect(vm: "Vm") -> bool:
-    return bool(vm.config.manual_dirty_log_protect & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+    return bool(vm.manual_dirty_log_protect & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
 
 
 def _initially_set(vm: "Vm") -> bool:
     """`kvm_dirty_log_manual_protect_and_init_set`."""
-    return vm.config.manual_dirty_log_protect == KVM_DIRTY_LOG_MANUAL_CAPS
+    return vm.manual_dirty_log_protect == KVM_DIRTY_LOG_MANUAL_CAPS
 
 
 def _use_bitmap(vm: "Vm") -> bool:
     """`kvm_use_dirty_bitmap`: no dirty ring, or a ring with a bitmap beside it."""
-    return not vm.config.dirty_ring_size or vm.config.dirty_ring_with_bitmap
+    return not vm.dirty_ring_size or vm.dirty_ring_with_bitmap
 
 
 def _flush(vm: "Vm") -> None:
@@ -305,7 +305,7 @@ def _offsets(words: array, first: int) -> list[int]:
 def harvest_dirty_ring(vm: "Vm", vcpu: "Vcpu") -> list[DirtyGfn]:
     """What userspace collects from the vCPU's ring: the entries published since its
     last harvest, now flagged for the next reset."""
-    if not vm.config.dirty_ring_size:
+    if not vm.dirty_ring_size:
         raise einval(f"VM {vm.id} has no dirty ring")
     if vm.sanitizers is not None:
         vm.sanitizers.check_dirty_recorded()
@@ -316,7 +316,7 @@ async def reset_dirty_rings(vm: "Vm") -> int:
     """KVM_RESET_DIRTY_RINGS: recycle every harvested entry of every vCPU's ring,
     write-protecting the pages again in batches of one slot and 64 pages (mmu_lock held
     for write for each), then flush. Returns the entries recycled."""
-    if not vm.config.dirty_ring_size:
+    if not vm.dirty_ring_size:
         raise einval(f"VM {vm.id} has no dirty ring")
     async with vm.slots_lock:
         if vm.sanitizers is not None:

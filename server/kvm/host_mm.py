@@ -24,7 +24,8 @@ from collections.abc import Callable
 from typing import Iterator, Protocol, TypeVar
 
 from .errors import KvmError, NoSuchObject, VmBugged, einval
-from .host_region import HPAGE_SHIFT, HPAGE_SIZE, HostRegion, HostRegionInfo, keys_in
+from .host_region import (HPAGE_SHIFT, HPAGE_SIZE, PROT_READ, PROT_WRITE, HostRegion,
+                          HostRegionInfo, keys_in)
 from .types import (PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_1G, PG_LEVEL_2M,
                     PG_LEVEL_4K, TASK_SIZE_MAX, Backing, level_shift, pages_per_level)
 
@@ -208,7 +209,8 @@ class HostMm:
     async def hva_to_pfn(self, hva: int, write: bool) -> tuple[int, bool, int]:
         """Fault in the page at hva: (pfn, writable, host mapping level).
 
-        Raises EFAULT when nothing is mapped there, or for a write to a read-only mapping.
+        Raises EFAULT when nothing is mapped there, the mapping is PROT_NONE, or for a
+        write to a read-only mapping.
         A read gets a writable pfn when the mapping allows writes (KVM asks for one
         opportunistically), but never for a KSM page; a write to a KSM page first breaks
         copy-on-write, which invalidates the page. A swapped-out page comes back at a new
@@ -252,7 +254,10 @@ class HostMm:
         region = self.find(hva)
         if region is None:
             raise KvmError(errno.EFAULT, f"hva {hva:#x} is not mapped")
-        writable = region.writable_at(hva)
+        prot = region.prot_at(hva)
+        if not prot:
+            raise KvmError(errno.EFAULT, f"hva {hva:#x} is mapped PROT_NONE")
+        writable = bool(prot & PROT_WRITE)
         if write and not writable:
             raise KvmError(errno.EFAULT, f"write to read-only hva {hva:#x}")
         return region, writable
@@ -386,9 +391,11 @@ class HostMm:
         """Fail before touching anything if any byte of the range would fault."""
         if length < 0:
             raise einval(f"negative length {length}")
+        need = PROT_WRITE if write else PROT_READ
         for region, start, stop in self.spans(hva, hva + length, errno.EFAULT):
-            if write and not all(region.protections(start, stop)):
-                raise KvmError(errno.EFAULT, f"[{start:#x}, {stop:#x}) is mapped read-only")
+            if not region.allows(start, stop, need):
+                raise KvmError(errno.EFAULT, f"[{start:#x}, {stop:#x}) is not all mapped "
+                               + ("writable" if write else "readable"))
 
     def read_pfn(self, pfn: int, offset: int, length: int) -> bytes:
         page = self.contents.get(pfn)

@@ -8,9 +8,10 @@ import errno
 
 import pytest
 
-from vmmu.server.kvm import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, AccessBatch,
-                             AccessKind, Backing, DirtyGfn, ExitReason, KvmError, VmBugged,
-                             VmConfig)
+from vmmu.server.kvm import (KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
+                             KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_MEM_LOG_DIRTY_PAGES,
+                             KVM_MEM_READONLY, AccessBatch, AccessKind, Backing, DirtyGfn,
+                             ExitReason, KvmError, VmBugged, VmConfig)
 from vmmu.server.kvm.dirty_ring import DirtyRing, coalesce
 from vmmu.server.kvm.sanitizers import NO_LOST_DIRTY_PAGE, SanitizerViolation
 
@@ -650,3 +651,74 @@ async def test_a_reset_recycles_entries_only_once_their_pages_are_protected(make
     await run(g.vcpu, W, 6)
     assert g.vcpu.stats()["pf_taken"] == taken + 1
     assert g.vm.harvest_dirty_ring(0) == [DirtyGfn(0, 6)]
+
+
+# -- KVM_ENABLE_CAP on a live VM -------------------------------------------------------------
+
+@pytest.mark.parametrize("cap, flags, args, err", [
+    (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0, [2], errno.EINVAL),     # INITIALLY_SET alone
+    (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0, [4], errno.EINVAL),
+    (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 1, [1], errno.EINVAL),     # any flags
+    (KVM_CAP_DIRTY_LOG_RING, 0, [3 * 4096], errno.EINVAL),
+    (KVM_CAP_DIRTY_LOG_RING, 0, [2048], errno.EINVAL),
+    (KVM_CAP_DIRTY_LOG_RING, 0, [2 << 20], errno.E2BIG),
+    (KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, 0, [], errno.EINVAL),     # no ring yet
+    (7, 0, [], errno.EINVAL),                                      # not a capability here
+    (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0, [1, 0, 0, 0, 0], errno.EINVAL),   # five args
+])
+async def test_enable_cap_refuses_what_kvm_refuses_and_changes_nothing(kvm_vm, cap, flags,
+                                                                       args, err):
+    before = kvm_vm.info()
+    with pytest.raises(KvmError) as e:
+        await kvm_vm.enable_cap(cap, flags, args)
+    assert e.value.errno == err
+    assert kvm_vm.info() == before
+
+
+async def test_manual_protect_enabled_live_takes_effect_at_the_next_get(make_guest):
+    g = await logging_guest(make_guest)
+    await run(g.vcpu, W, 3)
+    await g.vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0, [MANUAL])
+    assert g.vm.info().config.manual_dirty_log_protect == MANUAL
+    assert bits(await g.vm.get_dirty_log(0)) == {3}
+    assert bits(await g.vm.get_dirty_log(0)) == {3}          # manual: GET does not clear
+    await g.vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0, [0])   # 0 turns it off
+    assert bits(await g.vm.get_dirty_log(0)) == {3}
+    assert bits(await g.vm.get_dirty_log(0)) == set()
+
+
+async def test_initially_set_enabled_after_a_slot_logs_leaves_its_bitmap_until_toggled(
+        make_guest):
+    g = await logging_guest(make_guest)
+    await g.vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0, [MANUAL | INITIALLY_SET])
+    assert bits(await g.vm.get_dirty_log(0)) == set()        # the bitmap it had: empty
+    await set_log(g, False)
+    await set_log(g, True)                                    # a new bitmap: all ones
+    assert bits(await g.vm.get_dirty_log(0)) == set(range(1024))
+
+
+async def test_dirty_ring_is_enabled_once_and_before_the_first_vcpu(make_kvm_vm):
+    vm = make_kvm_vm()
+    await vm.enable_cap(KVM_CAP_DIRTY_LOG_RING, 0, [8192])
+    with pytest.raises(KvmError) as e:
+        await vm.enable_cap(KVM_CAP_DIRTY_LOG_RING, 0, [8192])          # once
+    assert e.value.errno == errno.EINVAL
+    assert vm.create_vcpu(0).dirty_ring.size == 512
+    late = make_kvm_vm()
+    late.create_vcpu(0)
+    with pytest.raises(KvmError) as e:
+        await late.enable_cap(KVM_CAP_DIRTY_LOG_RING, 0, [4096])        # a vCPU exists
+    assert e.value.errno == errno.EINVAL and late.info().config.dirty_ring_size == 0
+
+
+async def test_ring_with_bitmap_needs_a_ring_and_no_memslot(make_kvm_vm):
+    vm = make_kvm_vm()
+    await vm.enable_cap(KVM_CAP_DIRTY_LOG_RING, 0, [4096])
+    await vm.enable_cap(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+    assert vm.info().config.dirty_ring_with_bitmap
+    other = make_kvm_vm(dirty_ring_size=4096)
+    region = other.mmap(MIB, Backing.PAGE_4K)
+    await other.set_user_memory_region(0, 0, 0, MIB, region.hva)
+    with pytest.raises(KvmError) as e:
+        await other.enable_cap(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+    assert e.value.errno == errno.EINVAL and not other.info().config.dirty_ring_with_bitmap

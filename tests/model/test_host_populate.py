@@ -12,6 +12,7 @@ import errno
 
 import pytest
 
+from vmmu.server.kvm import PROT_READ
 from vmmu.server.kvm import AccessKind, Backing, KvmError
 
 from guest_io import Gate, leaf, read, write
@@ -258,7 +259,7 @@ async def test_bad_ranges_are_refused_and_change_nothing(make_guest, start, size
     await vm.ksm_merge([g.hva(0x201000), g.hva(0x202000)])
     await write(g, 0x100000, b"swapped!")
     await vm.swap_out(g.hva(0x100000), PAGE)
-    await vm.mprotect(g.hva(0x3000), PAGE, writable=False)
+    await vm.mprotect(g.hva(0x3000), PAGE, PROT_READ)
     state = host_state(vm)
 
     with pytest.raises(KvmError) as err:
@@ -308,7 +309,7 @@ async def test_a_range_unmapped_during_a_cow_break_is_enomem(kvm_vm):
 
 async def test_a_range_write_protected_during_a_cow_break_populates_nothing(kvm_vm):
     region, gate, task = await _ksm_region_held_at_its_cow_break(kvm_vm)
-    await kvm_vm.mprotect(region.hva + 7 * PAGE, PAGE, writable=False)
+    await kvm_vm.mprotect(region.hva + 7 * PAGE, PAGE, PROT_READ)
     gate.open.set()
     with pytest.raises(KvmError) as err:
         await task

@@ -24,17 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19vmmu/v1/host_memory.proto\x12\x07vmmu.v1\"y\n\nHostRegion\x12\x0b\n\x03hva\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12!\n\x07\x62\x61\x63king\x18\x03 \x01(\x0e\x32\x10.vmmu.v1.Backing\x12\x11\n\tread_only\x18\x04 \x01(\x08\x12\x1a\n\x12populated_4k_pages\x18\x05 \x01(\x04\"\x82\x01\n\x13\x43reateRegionRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12!\n\x07\x62\x61\x63king\x18\x03 \x01(\x0e\x32\x10.vmmu.v1.Backing\x12\x11\n\tread_only\x18\x04 \x01(\x08\x12\x10\n\x03hva\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x06\n\x04_hva\";\n\x14\x43reateRegionResponse\x12#\n\x06region\x18\x01 \x01(\x0b\x32\x13.vmmu.v1.HostRegion\"@\n\x14\x44\x65stroyRegionRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0b\n\x03hva\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\x17\n\x15\x44\x65stroyRegionResponse\"#\n\x12ListRegionsRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\";\n\x13ListRegionsResponse\x12$\n\x07regions\x18\x01 \x03(\x0b\x32\x13.vmmu.v1.HostRegion\"<\n\x0eReadHvaRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0b\n\x03hva\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"\x1f\n\x0fReadHvaResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\";\n\x0fWriteHvaRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0b\n\x03hva\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x12\n\x10WriteHvaResponse\"[\n\x0eMadviseRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0b\n\x03hva\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x1f\n\x06\x61\x64vice\x18\x04 \x01(\x0e\x32\x0f.vmmu.v1.Advice\"*\n\x0fMadviseResponse\x12\x17\n\x0fpages_populated\x18\x01 \x01(\x04\"?\n\x13MigratePagesRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0b\n\x03hva\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\".\n\x14MigratePagesResponse\x12\x16\n\x0epages_migrated\x18\x01 \x01(\x04\":\n\x0eSwapOutRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0b\n\x03hva\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\"(\n\x0fSwapOutResponse\x12\x15\n\rpages_swapped\x18\x01 \x01(\x04\"N\n\x0fMprotectRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0b\n\x03hva\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x11\n\tread_only\x18\x04 \x01(\x08\"\x12\n\x10MprotectResponse\".\n\x0fKsmMergeRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0c\n\x04hvas\x18\x02 \x03(\x04\"(\n\x10KsmMergeResponse\x12\x14\n\x0cpages_merged\x18\x01 \x01(\x04\"-\n\x0fThpSplitRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0b\n\x03hva\x18\x02 \x01(\x04\"\x12\n\x10ThpSplitResponse\"0\n\x12ThpCollapseRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0b\n\x03hva\x18\x02 \x01(\x04\"\x15\n\x13ThpCollapseResponse\">\n\x11\x43learYoungRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x04\"#\n\x12\x43learYoungResponse\x12\r\n\x05young\x18\x01 \x01(\x08\"C\n\x16\x43learFlushYoungRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x04\"(\n\x17\x43learFlushYoungResponse\x12\r\n\x05young\x18\x01 \x01(\x08\"=\n\x10TestYoungRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x04\"8\n\x11TestYoungResponse\x12\r\n\x05young\x18\x01 \x01(\x08\x12\x14\n\x0cyoung_bitmap\x18\x02 \x01(\x0c*`\n\x07\x42\x61\x63king\x12\x17\n\x13\x42\x41\x43KING_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42\x41\x43KING_PAGE_4K\x10\x01\x12\x0f\n\x0b\x42\x41\x43KING_THP\x10\x02\x12\x16\n\x12\x42\x41\x43KING_HUGETLB_1G\x10\x03*P\n\x06\x41\x64vice\x12\x16\n\x12\x41\x44VICE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x44VICE_DONTNEED\x10\x01\x12\x19\n\x15\x41\x44VICE_POPULATE_WRITE\x10\x02\x32\xb0\x08\n\x11HostMemoryService\x12K\n\x0c\x43reateRegion\x12\x1c.vmmu.v1.CreateRegionRequest\x1a\x1d.vmmu.v1.CreateRegionResponse\x12N\n\rDestroyRegion\x12\x1d.vmmu.v1.DestroyRegionRequest\x1a\x1e.vmmu.v1.DestroyRegionResponse\x12H\n\x0bListRegions\x12\x1b.vmmu.v1.ListRegionsRequest\x1a\x1c.vmmu.v1.ListRegionsResponse\x12<\n\x07ReadHva\x12\x17.vmmu.v1.ReadHvaRequest\x1a\x18.vmmu.v1.ReadHvaResponse\x12?\n\x08WriteHva\x12\x18.vmmu.v1.WriteHvaRequest\x1a\x19.vmmu.v1.WriteHvaResponse\x12<\n\x07Madvise\x12\x17.vmmu.v1.MadviseRequest\x1a\x18.vmmu.v1.MadviseResponse\x12K\n\x0cMigratePages\x12\x1c.vmmu.v1.MigratePagesRequest\x1a\x1d.vmmu.v1.MigratePagesResponse\x12<\n\x07SwapOut\x12\x17.vmmu.v1.SwapOutRequest\x1a\x18.vmmu.v1.SwapOutResponse\x12?\n\x08Mprotect\x12\x18.vmmu.v1.MprotectRequest\x1a\x19.vmmu.v1.MprotectResponse\x12?\n\x08KsmMerge\x12\x18.vmmu.v1.KsmMergeRequest\x1a\x19.vmmu.v1.KsmMergeResponse\x12?\n\x08ThpSplit\x12\x18.vmmu.v1.ThpSplitRequest\x1a\x19.vmmu.v1.ThpSplitResponse\x12H\n\x0bThpCollapse\x12\x1b.vmmu.v1.ThpCollapseRequest\x1a\x1c.vmmu.v1.ThpCollapseResponse\x12\x45\n\nClearYoung\x12\x1a.vmmu.v1.ClearYoungRequest\x1a\x1b.vmmu.v1.ClearYoungResponse\x12T\n\x0f\x43learFlushYoung\x12\x1f.vmmu.v1.ClearFlushYoungRequest\x1a .vmmu.v1.ClearFlushYoungResponse\x12\x42\n\tTestYoung\x12\x19.vmmu.v1.TestYoungRequest\x1a\x1a.vmmu.v1.TestYoungResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19vmmu/v1/host_memory.proto\x12\x07vmmu.v1\"y\n\nHostRegion\x12\x0b\n\x03hva\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12!\n\x07\x62\x61\x63king\x18\x03 \x01(\x0e\x32\x10.vmmu.v1.Backing\x12\x11\n\tread_only\x18\x04 \x01(\x08\x12\x1a\n\x12populated_4k_pages\x18\x05 \x01(\x04\"\x82\x01\n\x13\x43reateRegionRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12!\n\x07\x62\x61\x63king\x18\x03 \x01(\x0e\x32\x10.vmmu.v1.Backing\x12\x11\n\tread_only\x18\x04 \x01(\x08\x12\x10\n\x03hva\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x06\n\x04_hva\";\n\x14\x43reateRegionResponse\x12#\n\x06region\x18\x01 \x01(\x0b\x32\x13.vmmu.v1.HostRegion\"@\n\x14\x44\x65stroyRegionRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0b\n\x03hva\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\x17\n\x15\x44\x65stroyRegionResponse\"#\n\x12ListRegionsRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\";\n\x13ListRegionsResponse\x12$\n\x07regions\x18\x01 \x03(\x0b\x32\x13.vmmu.v1.HostRegion\"<\n\x0eReadHvaRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0b\n\x03hva\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"\x1f\n\x0fReadHvaResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\";\n\x0fWriteHvaRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0b\n\x03hva\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x12\n\x10WriteHvaResponse\"[\n\x0eMadviseRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0b\n\x03hva\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x1f\n\x06\x61\x64vice\x18\x04 \x01(\x0e\x32\x0f.vmmu.v1.Advice\"*\n\x0fMadviseResponse\x12\x17\n\x0fpages_populated\x18\x01 \x01(\x04\"?\n\x13MigratePagesRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0b\n\x03hva\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\".\n\x14MigratePagesResponse\x12\x16\n\x0epages_migrated\x18\x01 \x01(\x04\":\n\x0eSwapOutRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0b\n\x03hva\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\"(\n\x0fSwapOutResponse\x12\x15\n\rpages_swapped\x18\x01 \x01(\x04\"u\n\x0fMprotectRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0b\n\x03hva\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\'\n\nprotection\x18\x05 \x01(\x0e\x32\x13.vmmu.v1.ProtectionJ\x04\x08\x04\x10\x05R\tread_only\"\x12\n\x10MprotectResponse\".\n\x0fKsmMergeRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0c\n\x04hvas\x18\x02 \x03(\x04\"(\n\x10KsmMergeResponse\x12\x14\n\x0cpages_merged\x18\x01 \x01(\x04\"-\n\x0fThpSplitRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0b\n\x03hva\x18\x02 \x01(\x04\"\x12\n\x10ThpSplitResponse\"0\n\x12ThpCollapseRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0b\n\x03hva\x18\x02 \x01(\x04\"\x15\n\x13ThpCollapseResponse\">\n\x11\x43learYoungRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x04\"#\n\x12\x43learYoungResponse\x12\r\n\x05young\x18\x01 \x01(\x08\"C\n\x16\x43learFlushYoungRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x04\"(\n\x17\x43learFlushYoungResponse\x12\r\n\x05young\x18\x01 \x01(\x08\"=\n\x10TestYoungRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x04\"8\n\x11TestYoungResponse\x12\r\n\x05young\x18\x01 \x01(\x08\x12\x14\n\x0cyoung_bitmap\x18\x02 \x01(\x0c*`\n\x07\x42\x61\x63king\x12\x17\n\x13\x42\x41\x43KING_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42\x41\x43KING_PAGE_4K\x10\x01\x12\x0f\n\x0b\x42\x41\x43KING_THP\x10\x02\x12\x16\n\x12\x42\x41\x43KING_HUGETLB_1G\x10\x03*P\n\x06\x41\x64vice\x12\x16\n\x12\x41\x44VICE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x44VICE_DONTNEED\x10\x01\x12\x19\n\x15\x41\x44VICE_POPULATE_WRITE\x10\x02*m\n\nProtection\x12\x1a\n\x16PROTECTION_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROTECTION_NONE\x10\x01\x12\x13\n\x0fPROTECTION_READ\x10\x02\x12\x19\n\x15PROTECTION_READ_WRITE\x10\x03\x32\xb0\x08\n\x11HostMemoryService\x12K\n\x0c\x43reateRegion\x12\x1c.vmmu.v1.CreateRegionRequest\x1a\x1d.vmmu.v1.CreateRegionResponse\x12N\n\rDestroyRegion\x12\x1d.vmmu.v1.DestroyRegionRequest\x1a\x1e.vmmu.v1.DestroyRegionResponse\x12H\n\x0bListRegions\x12\x1b.vmmu.v1.ListRegionsRequest\x1a\x1c.vmmu.v1.ListRegionsResponse\x12<\n\x07ReadHva\x12\x17.vmmu.v1.ReadHvaRequest\x1a\x18.vmmu.v1.ReadHvaResponse\x12?\n\x08WriteHva\x12\x18.vmmu.v1.WriteHvaRequest\x1a\x19.vmmu.v1.WriteHvaResponse\x12<\n\x07Madvise\x12\x17.vmmu.v1.MadviseRequest\x1a\x18.vmmu.v1.MadviseResponse\x12K\n\x0cMigratePages\x12\x1c.vmmu.v1.MigratePagesRequest\x1a\x1d.vmmu.v1.MigratePagesResponse\x12<\n\x07SwapOut\x12\x17.vmmu.v1.SwapOutRequest\x1a\x18.vmmu.v1.SwapOutResponse\x12?\n\x08Mprotect\x12\x18.vmmu.v1.MprotectRequest\x1a\x19.vmmu.v1.MprotectResponse\x12?\n\x08KsmMerge\x12\x18.vmmu.v1.KsmMergeRequest\x1a\x19.vmmu.v1.KsmMergeResponse\x12?\n\x08ThpSplit\x12\x18.vmmu.v1.ThpSplitRequest\x1a\x19.vmmu.v1.ThpSplitResponse\x12H\n\x0bThpCollapse\x12\x1b.vmmu.v1.ThpCollapseRequest\x1a\x1c.vmmu.v1.ThpCollapseResponse\x12\x45\n\nClearYoung\x12\x1a.vmmu.v1.ClearYoungRequest\x1a\x1b.vmmu.v1.ClearYoungResponse\x12T\n\x0f\x43learFlushYoung\x12\x1f.vmmu.v1.ClearFlushYoungRequest\x1a .vmmu.v1.ClearFlushYoungResponse\x12\x42\n\tTestYoung\x12\x19.vmmu.v1.TestYoungRequest\x1a\x1a.vmmu.v1.TestYoungResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vmmu.v1.host_memory_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BACKING']._serialized_start=1735
-  _globals['_BACKING']._serialized_end=1831
-  _globals['_ADVICE']._serialized_start=1833
-  _globals['_ADVICE']._serialized_end=1913
+  _globals['_BACKING']._serialized_start=1774
+  _globals['_BACKING']._serialized_end=1870
+  _globals['_ADVICE']._serialized_start=1872
+  _globals['_ADVICE']._serialized_end=1952
+  _globals['_PROTECTION']._serialized_start=1954
+  _globals['_PROTECTION']._serialized_end=2063
   _globals['_HOSTREGION']._serialized_start=38
   _globals['_HOSTREGION']._serialized_end=159
   _globals['_CREATEREGIONREQUEST']._serialized_start=162
@@ -70,33 +72,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SWAPOUTRESPONSE']._serialized_start=1030
   _globals['_SWAPOUTRESPONSE']._serialized_end=1070
   _globals['_MPROTECTREQUEST']._serialized_start=1072
-  _globals['_MPROTECTREQUEST']._serialized_end=1150
-  _globals['_MPROTECTRESPONSE']._serialized_start=1152
-  _globals['_MPROTECTRESPONSE']._serialized_end=1170
-  _globals['_KSMMERGEREQUEST']._serialized_start=1172
-  _globals['_KSMMERGEREQUEST']._serialized_end=1218
-  _globals['_KSMMERGERESPONSE']._serialized_start=1220
-  _globals['_KSMMERGERESPONSE']._serialized_end=1260
-  _globals['_THPSPLITREQUEST']._serialized_start=1262
-  _globals['_THPSPLITREQUEST']._serialized_end=1307
-  _globals['_THPSPLITRESPONSE']._serialized_start=1309
-  _globals['_THPSPLITRESPONSE']._serialized_end=1327
-  _globals['_THPCOLLAPSEREQUEST']._serialized_start=1329
-  _globals['_THPCOLLAPSEREQUEST']._serialized_end=1377
-  _globals['_THPCOLLAPSERESPONSE']._serialized_start=1379
-  _globals['_THPCOLLAPSERESPONSE']._serialized_end=1400
-  _globals['_CLEARYOUNGREQUEST']._serialized_start=1402
-  _globals['_CLEARYOUNGREQUEST']._serialized_end=1464
-  _globals['_CLEARYOUNGRESPONSE']._serialized_start=1466
-  _globals['_CLEARYOUNGRESPONSE']._serialized_end=1501
-  _globals['_CLEARFLUSHYOUNGREQUEST']._serialized_start=1503
-  _globals['_CLEARFLUSHYOUNGREQUEST']._serialized_end=1570
-  _globals['_CLEARFLUSHYOUNGRESPONSE']._serialized_start=1572
-  _globals['_CLEARFLUSHYOUNGRESPONSE']._serialized_end=1612
-  _globals['_TESTYOUNGREQUEST']._serialized_start=1614
-  _globals['_TESTYOUNGREQUEST']._serialized_end=1675
-  _globals['_TESTYOUNGRESPONSE']._serialized_start=1677
-  _globals['_TESTYOUNGRESPONSE']._serialized_end=1733
-  _globals['_HOSTMEMORYSERVICE']._serialized_start=1916
-  _globals['_HOSTMEMORYSERVICE']._serialized_end=2988
+  _globals['_MPROTECTREQUEST']._serialized_end=1189
+  _globals['_MPROTECTRESPONSE']._serialized_start=1191
+  _globals['_MPROTECTRESPONSE']._serialized_end=1209
+  _globals['_KSMMERGEREQUEST']._serialized_start=1211
+  _globals['_KSMMERGEREQUEST']._serialized_end=1257
+  _globals['_KSMMERGERESPONSE']._serialized_start=1259
+  _globals['_KSMMERGERESPONSE']._serialized_end=1299
+  _globals['_THPSPLITREQUEST']._serialized_start=1301
+  _globals['_THPSPLITREQUEST']._serialized_end=1346
+  _globals['_THPSPLITRESPONSE']._serialized_start=1348
+  _globals['_THPSPLITRESPONSE']._serialized_end=1366
+  _globals['_THPCOLLAPSEREQUEST']._serialized_start=1368
+  _globals['_THPCOLLAPSEREQUEST']._serialized_end=1416
+  _globals['_THPCOLLAPSERESPONSE']._serialized_start=1418
+  _globals['_THPCOLLAPSERESPONSE']._serialized_end=1439
+  _globals['_CLEARYOUNGREQUEST']._serialized_start=1441
+  _globals['_CLEARYOUNGREQUEST']._serialized_end=1503
+  _globals['_CLEARYOUNGRESPONSE']._serialized_start=1505
+  _globals['_CLEARYOUNGRESPONSE']._serialized_end=1540
+  _globals['_CLEARFLUSHYOUNGREQUEST']._serialized_start=1542
+  _globals['_CLEARFLUSHYOUNGREQUEST']._serialized_end=1609
+  _globals['_CLEARFLUSHYOUNGRESPONSE']._serialized_start=1611
+  _globals['_CLEARFLUSHYOUNGRESPONSE']._serialized_end=1651
+  _globals['_TESTYOUNGREQUEST']._serialized_start=1653
+  _globals['_TESTYOUNGREQUEST']._serialized_end=1714
+  _globals['_TESTYOUNGRESPONSE']._serialized_start=1716
+  _globals['_TESTYOUNGRESPONSE']._serialized_end=1772
+  _globals['_HOSTMEMORYSERVICE']._serialized_start=2066
+  _globals['_HOSTMEMORYSERVICE']._serialized_end=3138
 # @@protoc_insertion_point(module_scope)

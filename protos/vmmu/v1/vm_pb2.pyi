@@ -180,3 +180,19 @@ class WalkEptResponse(_message.Message):
     SPTES_FIELD_NUMBER: _ClassVar[int]
     sptes: _containers.RepeatedCompositeFieldContainer[Spte]
     def __init__(self, sptes: _Optional[_Iterable[_Union[Spte, _Mapping]]] = ...) -> None: ...
+
+class EnableCapRequest(_message.Message):
+    __slots__ = ("vm_id", "cap", "flags", "args")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    CAP_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    cap: int
+    flags: int
+    args: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, vm_id: _Optional[int] = ..., cap: _Optional[int] = ..., flags: _Optional[int] = ..., args: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class EnableCapResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
