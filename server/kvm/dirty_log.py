@@ -9,9 +9,9 @@ next write faults and records it anew.
 
 Invariant (the sanitizers' `no-lost-dirty-page`): a page the guest can write without a
 fault is recorded. Whatever clears a record write-protects the page and flushes TLBs
-before userspace hears of it: GET_DIRTY_LOG and CLEAR_DIRTY_LOG clear, protect and flush
-in one step under mmu_lock held for write; a dirty ring reset recycles its entries only
-after the pages are protected and TLBs flushed.
+before userspace hears of it: GET_DIRTY_LOG and CLEAR_DIRTY_LOG clear and protect under
+mmu_lock held for write and flush after dropping it, before they return; a dirty ring
+reset recycles its entries only after the pages are protected and TLBs flushed.
 
     enable   (FLAGS_ONLY, logging on)   split huge leaves (eagerly, or on the next write
              fault), clear W on every leaf, flush; nothing with manual protect and
@@ -228,10 +228,12 @@ async def get_dirty_log(vm: "Vm", slot: int) -> bytes:
                 mask = snapshot[i] = bitmap[i]
                 bitmap[i] = 0
                 enable_log_dirty_pt_masked(vm, memslot, i * 64, mask)
-            if dirty:
-                _flush(vm)
-            if vm.sanitizers is not None:
-                vm.sanitizers.dirty_pages_harvested(slot, _offsets(snapshot, 0))
+        # As KVM, the flush comes after mmu_lock is dropped: a write through a stale TLB
+        # entry until then is to a page this call reports, copied after it returns.
+        if dirty:
+            _flush(vm)
+        if vm.sanitizers is not None:
+            vm.sanitizers.dirty_pages_harvested(slot, _offsets(snapshot, 0))
     return _le_bytes(snapshot)
 
 
@@ -268,10 +270,10 @@ async def clear_dirty_log(vm: "Vm", slot: int, first_page: int, num_pages: int,
                 dirty[base + i] &= ~mask
                 cleared += mask.bit_count()
                 enable_log_dirty_pt_masked(vm, memslot, first_page + i * 64, mask)
-            if cleared:
-                _flush(vm)
-            if vm.sanitizers is not None:
-                vm.sanitizers.dirty_pages_harvested(slot, _offsets(words, first_page))
+        if cleared:
+            _flush(vm)                    # after dropping mmu_lock, as GET_DIRTY_LOG
+        if vm.sanitizers is not None:
+            vm.sanitizers.dirty_pages_harvested(slot, _offsets(words, first_page))
     return cleared
 
 

@@ -722,3 +722,24 @@ async def test_ring_with_bitmap_needs_a_ring_and_no_memslot(make_kvm_vm):
     with pytest.raises(KvmError) as e:
         await other.enable_cap(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
     assert e.value.errno == errno.EINVAL and not other.info().config.dirty_ring_with_bitmap
+
+
+@pytest.mark.parametrize("manual", [False, True])
+async def test_get_and_clear_flush_after_dropping_mmu_lock(make_guest, manual):
+    """kvm_get_dirty_log_protect and kvm_clear_dirty_log_protect: protect under
+    mmu_lock, flush once it is dropped (and before the ioctl returns)."""
+    g = await logging_guest(make_guest, manual_dirty_log_protect=MANUAL if manual else 0)
+    await run(g.vcpu, W, 3)
+    flushes_seen = []
+    flush = g.vm.flush_remote_tlbs
+
+    def recording_flush() -> None:
+        flushes_seen.append(g.vm.mmu_lock.held_for_write())
+        flush()
+
+    g.vm.flush_remote_tlbs = recording_flush
+    bitmap = await g.vm.get_dirty_log(0)
+    if manual:
+        assert await g.vm.clear_dirty_log(0, 0, 64, bitmap[:8]) == 1
+    assert flushes_seen == [False]
+    assert not leaf(g.vm, 3).writable
