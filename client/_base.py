@@ -101,12 +101,13 @@ def spte(m: vm_pb2.Spte) -> Spte:
                 kind=_SPTE_KIND_FROM_WIRE[m.kind], pfn=m.pfn, readable=m.readable,
                 writable=m.writable, executable=m.executable, large=m.large,
                 accessed=m.accessed, dirty=m.dirty, host_writable=m.host_writable,
-                mmu_writable=m.mmu_writable)
+                mmu_writable=m.mmu_writable, zero_page=m.zero_page)
 
 
 def host_region(m: host_memory_pb2.HostRegion) -> HostRegion:
     return HostRegion(hva=m.hva, size=m.size, backing=_BACKING_FROM_WIRE[m.backing],
-                      writable=not m.read_only, populated_4k_pages=m.populated_4k_pages)
+                      writable=not m.read_only, populated_4k_pages=m.populated_4k_pages,
+                      zero_pages=m.zero_pages)
 
 
 def memslot(m: memslot_pb2.Memslot) -> Memslot:

@@ -119,6 +119,7 @@ class Spte:
     dirty: bool
     host_writable: bool
     mmu_writable: bool
+    zero_page: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +129,7 @@ class HostRegion:
     backing: Backing
     writable: bool
     populated_4k_pages: int
+    zero_pages: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from functools import partial
 from .errors import KvmError, einval
 from .host_mm import GIB, HostMm
 from .host_region import (HPAGE_SHIFT, HPAGE_SIZE, PROT_EXEC, PROT_NONE, PROT_READ,
-                          PROT_RW, PROT_WRITE, HostRegion, keys_in)
+                          PROT_RW, PROT_WRITE, HostRegion, is_zero_pfn, keys_in)
 from .types import (PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_2M, PG_LEVEL_4K, Backing, level_shift,
                     pages_per_level)
 
@@ -86,7 +86,7 @@ async def madvise_populate_write(mm: HostMm, hva: int, size: int) -> int:
     while True:
         chunks = _populate_range(mm, hva, size)
         shared = [(region, page_hva) for region, start, end in chunks
-                  for page_hva in mm.ksm_hvas(region, start, end)]
+                  for page_hva in mm.cow_hvas(region, start, end)]
         if not shared:
             # Synchronous from here: nothing can change the range under the population.
             return sum(_populate_write(mm, *chunk) for chunk in chunks)
@@ -143,7 +143,7 @@ def _migrate(mm: HostMm, region: HostRegion, start: int, end: int) -> int:
     for level, frames in region.frames.items():
         shift = PAGE_SHIFT + level_shift(level)
         for frame in keys_in(frames, start >> shift, ((end - 1) >> shift) + 1):
-            if mm.ksm_pages.get(frames[frame], 0) <= 1:
+            if mm.ksm_pages.get(frames[frame], 0) <= 1 and not is_zero_pfn(frames[frame]):
                 moving.append((level, frames, frame))
     # Every new frame is allocated before an old one is freed: no page lands on a pfn
     # that another page of this migration has just left.
@@ -178,8 +178,8 @@ def _swap_out(mm: HostMm, region: HostRegion, start: int, end: int) -> int:
     out = 0
     for page in keys_in(frames, start >> PAGE_SHIFT, end >> PAGE_SHIFT):
         pfn = frames[page]
-        if mm.ksm_pages.get(pfn, 0) > 1:
-            continue
+        if mm.ksm_pages.get(pfn, 0) > 1 or is_zero_pfn(pfn):
+            continue                        # shared, or the zero page: it stays mapped
         region.swapped[page] = mm.contents.get(pfn)
         del frames[page]
         mm.put(pfn, PG_LEVEL_4K)
@@ -223,7 +223,7 @@ async def ksm_merge(mm: HostMm, hvas: Sequence[int]) -> int:
     for hva in hvas:
         region = mm.find(hva)
         found = region.mapped(hva)
-        if found is not None:
+        if found is not None and not is_zero_pfn(found[0]):
             groups.setdefault(mm.read_pfn(found[0], 0, PAGE_SIZE), []).append((region, hva))
     merged = 0
     for data, group in groups.items():

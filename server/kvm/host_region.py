@@ -1,8 +1,9 @@
 """One region of the VMM's address space (a VMA) and the state of every page in it.
 
 A page of a region is in one of three states: not populated (reads as zero on first
-touch), mapped by a host page (4K, or part of a 2M THP or a 1G hugetlb page), or swapped
-out (its contents wait in `swapped` for the next touch). Besides, each page has a
+touch), mapped by a host page (4K, or part of a 2M THP or a 1G hugetlb page; for private
+anonymous memory that has only been read, the shared zero page or the huge zero page,
+read-only: a write breaks copy-on-write), or swapped out (its contents wait in `swapped` for the next touch). Besides, each page has a
 protection (PROT_NONE, PROT_READ or PROT_READ | PROT_WRITE), kept as a step function over
 the region so that mprotect of any part of it costs a few steps, not a flag per page. A
 PROT_NONE page keeps its host page (the kernel keeps it behind a PROT_NONE PTE), but no
@@ -24,13 +25,25 @@ from .types import (PAGE_SHIFT, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, Backing,
                     level_shift, pages_per_level)
 
 __all__ = ["HostRegion", "HostRegionInfo", "HPAGE_SHIFT", "HPAGE_SIZE", "keys_in",
-           "PROT_NONE", "PROT_READ", "PROT_WRITE", "PROT_EXEC", "PROT_RW"]
+           "PROT_NONE", "PROT_READ", "PROT_WRITE", "PROT_EXEC", "PROT_RW",
+           "ZERO_PFN", "HUGE_ZERO_PFN", "is_zero_pfn"]
 
 HPAGE_SHIFT = PAGE_SHIFT + level_shift(PG_LEVEL_2M)    # a THP: 2M
 HPAGE_SIZE = 1 << HPAGE_SHIFT
 _HUGE_LEVELS = (PG_LEVEL_1G, PG_LEVEL_2M)
 PROT_NONE, PROT_READ, PROT_WRITE, PROT_EXEC = 0, 1, 2, 4     # mprotect(2)'s bits
 PROT_RW = PROT_READ | PROT_WRITE
+# The shared zero page and the huge zero page (2M, naturally aligned): what a read of
+# private anonymous memory never touched maps, read-only, in every region. Below the
+# frames of page tables and of the host: they are never allocated or freed.
+HUGE_ZERO_PFN = 0x200
+ZERO_PFN = 0x400
+_HUGE_ZERO_END = HUGE_ZERO_PFN + pages_per_level(PG_LEVEL_2M)
+
+
+def is_zero_pfn(pfn: int) -> bool:
+    """Is pfn the zero page or a 4K page of the huge zero page?"""
+    return pfn == ZERO_PFN or HUGE_ZERO_PFN <= pfn < _HUGE_ZERO_END
 
 
 @dataclass(frozen=True)
@@ -39,7 +52,8 @@ class HostRegionInfo:
     size: int
     backing: Backing
     writable: bool               # every page of the region is mapped with PROT_WRITE
-    populated_4k_pages: int
+    populated_4k_pages: int      # 4K pages with a frame of their own (zero page excluded)
+    zero_pages: int = 0          # 4K pages mapping the zero page (or the huge zero page)
 
 
 class HostRegion:
@@ -64,8 +78,16 @@ class HostRegion:
         return all(prot & PROT_WRITE for prot in self._prot)
 
     def info(self) -> HostRegionInfo:
-        populated = sum(len(f) * pages_per_level(level) for level, f in self.frames.items())
-        return HostRegionInfo(self.hva, self.size, self.backing, self.writable, populated)
+        populated = zero = 0
+        for level, frames in self.frames.items():
+            pages = pages_per_level(level)
+            for base in frames.values():
+                if is_zero_pfn(base):
+                    zero += pages
+                else:
+                    populated += pages
+        return HostRegionInfo(self.hva, self.size, self.backing, self.writable, populated,
+                              zero)
 
     # -- host pages ------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Sanitizers: the oracles that say the model did what KVM promises, checked as it runs.
 
 - `stale-translation`: every access a vCPU completes used the pfn the host maps for that
-  gfn's hva at that moment, and no access used a mapping of a range whose invalidation has
+  gfn's hva at that moment (and a write never the zero page), and no access used a mapping of a range whose invalidation has
   begun and not ended (the MMU-notifier contract: once start returns, no vCPU uses an old
   mapping);
 - `no-new-mapping-during-invalidation`: no leaf SPTE is installed for a gfn whose hva is in
@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .errors import VmBugged
+from .host_region import is_zero_pfn
 from .spte import MMU_PRESENT, is_leaf_present
 from .tdp_iter import TdpIter
 from .types import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, pages_per_level
@@ -102,6 +103,9 @@ class Sanitizers:
             host = "nothing" if current is None else f"pfn {current:#x}"
             self.violation(STALE_TRANSLATION, gfn, f"access through pfn {pfn:#x}, but the "
                            f"host maps {host} at hva {hva:#x}")
+        if write and is_zero_pfn(pfn):
+            self.violation(STALE_TRANSLATION, gfn, f"write through the zero page (pfn "
+                           f"{pfn:#x}) at hva {hva:#x}: copy-on-write was not broken")
         if write and slot.dirty_logging:
             self.guest_wrote(slot, gfn)
 

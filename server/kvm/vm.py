@@ -27,6 +27,7 @@ from .errors import KvmError, NoSuchObject, VmBugged, einval
 from .gpc import GPC_POLICIES, Gpcs
 from .held import HeldInvalidation, HeldInvalidationInfo, HeldInvalidations, HoldState
 from .host_mm import HostMm, HostRegionInfo
+from .host_region import is_zero_pfn
 from .memslots import (KVM_ADDRESS_SPACE_NUM, KVM_MEMSLOT_INVALID, Memslot, MemslotChange,
                        MemslotInfo, Memslots, check_region)
 from .mmu import can_be_fast_table
@@ -138,6 +139,7 @@ class SpteInfo:
     dirty: bool
     host_writable: bool
     mmu_writable: bool
+    zero_page: bool = False      # a leaf of the zero page (or the huge zero page)
 
 
 class VmState(enum.Enum):
@@ -543,4 +545,5 @@ def _spte_info(level: int, gfn: int, index: int, value: int) -> SpteInfo:
                     present and bool(value & S.READABLE), present and S.is_writable(value),
                     present and bool(value & S.EXECUTABLE), present and S.is_large(value),
                     present and S.is_accessed(value), present and S.is_dirty(value),
-                    S.is_host_writable(value), S.is_mmu_writable(value))
+                    S.is_host_writable(value), S.is_mmu_writable(value),
+                    kind == "leaf" and is_zero_pfn(S.spte_to_pfn(value)))

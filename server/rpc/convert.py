@@ -99,7 +99,8 @@ def spte(info: SpteInfo) -> vm_pb2.Spte:
         kind=_SPTE_KIND_TO_WIRE[info.kind], pfn=info.pfn,
         readable=info.readable, writable=info.writable, executable=info.executable,
         large=info.large, accessed=info.accessed, dirty=info.dirty,
-        host_writable=info.host_writable, mmu_writable=info.mmu_writable)
+        host_writable=info.host_writable, mmu_writable=info.mmu_writable,
+        zero_page=info.zero_page)
 
 
 # -- host memory -----------------------------------------------------------------------
@@ -115,7 +116,8 @@ def backing(value: int) -> Backing:
 def host_region(info: HostRegionInfo) -> host_memory_pb2.HostRegion:
     return host_memory_pb2.HostRegion(
         hva=info.hva, size=info.size, backing=_BACKING_TO_WIRE[info.backing],
-        read_only=not info.writable, populated_4k_pages=info.populated_4k_pages)
+        read_only=not info.writable, populated_4k_pages=info.populated_4k_pages,
+        zero_pages=info.zero_pages)
 
 
 def madvise(vm: Vm, advice: int) -> Callable[[int, int], Awaitable[int | None]]:

@@ -64,9 +64,12 @@ def slot0(vm):
 
 
 async def logging_guest(make_guest, touched=range(16), **config):
-    """4 MiB of 4K pages at gpa 0, `touched` pages mapped writable, then logging on."""
+    """4 MiB of 4K pages at gpa 0, `touched` pages mapped writable, then logging on.
+    The host has written the touched pages (MADV_POPULATE_WRITE), so a read maps them
+    writable (a read of a page never touched would map the zero page, read-only)."""
     g = await make_guest(Backing.PAGE_4K, 4 * MIB, **config)
     if touched:
+        await g.vm.madvise_populate_write(g.region.hva, 4 * MIB)
         await run(g.vcpu, R, *touched)
     await set_log(g, True)
     return g

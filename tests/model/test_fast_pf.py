@@ -123,6 +123,7 @@ async def test_a_gfn_beyond_the_roots_reach_finds_no_spte_in_the_fast_path(make_
 
 async def test_a_huge_leaf_in_a_dirty_logged_slot_is_not_fast_fixed(make_guest):
     g = await make_guest(Backing.THP, 4 * MIB)
+    await g.vm.write_hva(g.hva(0x1000), b"a THP")            # not the huge zero page
     await g.vcpu.run(access(0x1000, AccessKind.READ))
     async with g.vm.mmu_lock.write:
         it = leaf_of(g.vcpu.root, 1)

@@ -16,7 +16,7 @@ from vmmu.server.kvm import PROT_READ, PROT_WRITE
 from vmmu.server.kvm import AccessKind, Backing, ExitReason, KvmError
 from vmmu.server.kvm import spte as S
 
-from guest_io import Gate, leaf, read, run, write
+from guest_io import Gate, leaf, populate, read, run, write
 
 MIB, GIB = 1 << 20, 1 << 30
 PAGE = 4096
@@ -467,6 +467,7 @@ async def test_a_freed_frame_does_not_come_straight_back(make_guest):
     for _ in range(3):
         await g.vm.madvise_dontneed(g.hva(0x1000), PAGE)
         assert await read(g, 0x1000) == bytes(8)
+        await populate(g, 0x1000)                          # not the zero page: a frame
         assert leaf(g, 0x1000).pfn != old
         old = leaf(g, 0x1000).pfn
 

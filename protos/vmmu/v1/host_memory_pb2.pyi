@@ -39,18 +39,20 @@ PROTECTION_READ: Protection
 PROTECTION_READ_WRITE: Protection
 
 class HostRegion(_message.Message):
-    __slots__ = ("hva", "size", "backing", "read_only", "populated_4k_pages")
+    __slots__ = ("hva", "size", "backing", "read_only", "populated_4k_pages", "zero_pages")
     HVA_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     BACKING_FIELD_NUMBER: _ClassVar[int]
     READ_ONLY_FIELD_NUMBER: _ClassVar[int]
     POPULATED_4K_PAGES_FIELD_NUMBER: _ClassVar[int]
+    ZERO_PAGES_FIELD_NUMBER: _ClassVar[int]
     hva: int
     size: int
     backing: Backing
     read_only: bool
     populated_4k_pages: int
-    def __init__(self, hva: _Optional[int] = ..., size: _Optional[int] = ..., backing: _Optional[_Union[Backing, str]] = ..., read_only: _Optional[bool] = ..., populated_4k_pages: _Optional[int] = ...) -> None: ...
+    zero_pages: int
+    def __init__(self, hva: _Optional[int] = ..., size: _Optional[int] = ..., backing: _Optional[_Union[Backing, str]] = ..., read_only: _Optional[bool] = ..., populated_4k_pages: _Optional[int] = ..., zero_pages: _Optional[int] = ...) -> None: ...
 
 class CreateRegionRequest(_message.Message):
     __slots__ = ("vm_id", "size", "backing", "read_only", "hva")
