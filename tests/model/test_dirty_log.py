@@ -746,3 +746,13 @@ async def test_get_and_clear_flush_after_dropping_mmu_lock(make_guest, manual):
         assert await g.vm.clear_dirty_log(0, 0, 64, bitmap[:8]) == 1
     assert flushes_seen == [False]
     assert not leaf(g.vm, 3).writable
+
+
+async def test_after_dirty_ring_full_a_resume_goes_on_with_the_batch(make_guest):
+    g = await logging_guest(make_guest, touched=range(256), dirty_ring_size=4096)
+    batch = AccessBatch.build([(gfn << 12, W, 8, None) for gfn in range(256)])
+    assert (await g.vcpu.run(batch)).exit.reason is ExitReason.DIRTY_RING_FULL
+    g.vm.harvest_dirty_ring(0)
+    await g.vm.reset_dirty_rings()
+    result = await g.vcpu.run()                             # KVM_RUN again, no new batch
+    assert (result.exit.reason, result.completed) == (ExitReason.DONE, 256)
