@@ -12,11 +12,13 @@ from vmmu.client.errors import (Aborted, AlreadyExists, FailedPrecondition, Inte
                                 InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
                                 Unauthenticated, Unavailable, VmmuError)
 from vmmu.client.sync import Client, InvalidationHold, RunStream, TraceStream, Vcpu, Vm
-from vmmu.client.types import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Backing, ClientTls,
+from vmmu.client.types import (KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
+                               KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_INTERNAL_ERROR_EMULATION,
+                               KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Backing, ClientTls,
                                DirtyGfn,
                                Exit, ExitReason, Gpc, GpcState, HeldInvalidation, HoldState,
-                               HostRegion, Invalidations, Memslot, RunResult, Spte, TraceEvent,
-                               VcpuInfo, VmConfig, VmInfo)
+                               HostRegion, Invalidations, Memslot, Protection, RunResult, Spte,
+                               TraceEvent, VcpuInfo, VmConfig, VmInfo)
 
 __all__ = [
     "Client", "Vm", "Vcpu", "RunStream", "InvalidationHold", "TraceStream",
@@ -26,7 +28,9 @@ __all__ = [
     "VmmuError", "InvalidArgument", "NotFound", "AlreadyExists", "FailedPrecondition",
     "ResourceExhausted", "PermissionDenied", "Aborted", "Internal", "Unavailable",
     "Unauthenticated", "ClientTls",
-    "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "Backing", "ExitReason",
+    "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
+    "KVM_CAP_DIRTY_LOG_RING", "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP",
+    "KVM_INTERNAL_ERROR_EMULATION", "Backing", "ExitReason", "Protection",
     "VmConfig", "VmInfo", "Spte", "HostRegion", "Memslot", "VcpuInfo", "Exit", "RunResult",
     "HoldState", "HeldInvalidation", "Invalidations", "TraceEvent", "GpcState", "Gpc",
     "DirtyGfn",

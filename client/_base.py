@@ -17,8 +17,8 @@ from google.protobuf import duration_pb2
 
 from vmmu.client.batch import Batch
 from vmmu.client.types import (Backing, ClientTls, Exit, ExitReason, HeldInvalidation, HoldState,
-                               HostRegion, Invalidations, Memslot, RunResult, Spte, TraceEvent,
-                               VcpuInfo, VmConfig, VmInfo)
+                               HostRegion, Invalidations, Memslot, Protection, RunResult, Spte,
+                               TraceEvent, VcpuInfo, VmConfig, VmInfo)
 from vmmu.v1 import (dirty_log_pb2_grpc, gpc_pb2_grpc, host_memory_pb2, host_memory_pb2_grpc,
                      memslot_pb2, memslot_pb2_grpc, notifier_pb2, notifier_pb2_grpc,
                      trace_pb2, trace_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc, vm_pb2, vm_pb2_grpc)
@@ -60,6 +60,8 @@ _BACKING_TO_WIRE = {b: host_memory_pb2.Backing.Value(f"BACKING_{b.name}") for b 
 _BACKING_FROM_WIRE = {wire: b for b, wire in _BACKING_TO_WIRE.items()}
 _EXIT_REASON_FROM_WIRE = {vcpu_pb2.ExitReason.Value(f"EXIT_REASON_{r.name}"): r
                           for r in ExitReason}
+_PROTECTION_TO_WIRE = {p: host_memory_pb2.Protection.Value(f"PROTECTION_{p.name}")
+                       for p in Protection}
 _SPTE_KIND_FROM_WIRE = {vm_pb2.SpteKind.Value(name): name.removeprefix("SPTE_KIND_")
                         .lower().replace("_", "-") for name in vm_pb2.SpteKind.keys()}
 _HOLD_STATE_FROM_WIRE = {notifier_pb2.HoldState.Value(f"HOLD_STATE_{s.name}"): s
@@ -122,12 +124,13 @@ def spte(m: vm_pb2.Spte) -> Spte:
                 kind=_SPTE_KIND_FROM_WIRE[m.kind], pfn=m.pfn, readable=m.readable,
                 writable=m.writable, executable=m.executable, large=m.large,
                 accessed=m.accessed, dirty=m.dirty, host_writable=m.host_writable,
-                mmu_writable=m.mmu_writable)
+                mmu_writable=m.mmu_writable, zero_page=m.zero_page)
 
 
 def host_region(m: host_memory_pb2.HostRegion) -> HostRegion:
     return HostRegion(hva=m.hva, size=m.size, backing=_BACKING_FROM_WIRE[m.backing],
-                      writable=not m.read_only, populated_4k_pages=m.populated_4k_pages)
+                      writable=not m.read_only, populated_4k_pages=m.populated_4k_pages,
+                      zero_pages=m.zero_pages)
 
 
 def memslot(m: memslot_pb2.Memslot) -> Memslot:
@@ -144,7 +147,8 @@ def run_result(m: vcpu_pb2.RunResult) -> RunResult:
     return RunResult(
         completed=m.completed,
         exit=Exit(reason=_EXIT_REASON_FROM_WIRE[e.reason], gpa=e.gpa, length=e.length,
-                  is_write=e.is_write, data=e.data, errno=e.errno, message=e.message),
+                  is_write=e.is_write, data=e.data, errno=e.errno, message=e.message,
+                  suberror=e.suberror),
         read_data=m.read_data)
 
 
@@ -182,6 +186,11 @@ def get_vm(vm_id: int) -> Call[VmInfo]:
 def vm_stats(vm_id: int) -> Call[dict[str, int]]:
     return Call("vm", "GetVmStats", vm_pb2.GetVmStatsRequest(vm_id=vm_id),
                 lambda r: dict(r.stats))
+
+
+def enable_cap(vm_id: int, cap: int, args: Iterable[int], flags: int) -> Call[None]:
+    return Call("vm", "EnableCap", vm_pb2.EnableCapRequest(vm_id=vm_id, cap=cap, flags=flags,
+                                                           args=list(args)), _none)
 
 
 def walk(vm_id: int, gpa: int, as_id: int) -> Call[list[Spte]]:
@@ -244,9 +253,9 @@ def swap_out(vm_id: int, hva: int, size: int) -> Call[int]:
                 lambda r: r.pages_swapped)
 
 
-def mprotect(vm_id: int, hva: int, size: int, writable: bool) -> Call[None]:
+def mprotect(vm_id: int, hva: int, size: int, protection: Protection) -> Call[None]:
     request = host_memory_pb2.MprotectRequest(vm_id=vm_id, hva=hva, size=size,
-                                              read_only=not writable)
+                                              protection=_PROTECTION_TO_WIRE[protection])
     return Call("host_memory", "Mprotect", request, _none)
 
 
@@ -340,6 +349,11 @@ def complete_mmio(vm_id: int, vcpu_id: int, data: bytes) -> Call[RunResult]:
     return Call("vcpu", "RunBatch", request, lambda r: run_result(r.result))
 
 
+def resume(vm_id: int, vcpu_id: int) -> Call[RunResult]:
+    request = vcpu_pb2.RunBatchRequest(vm_id=vm_id, vcpu_id=vcpu_id, resume=vcpu_pb2.Resume())
+    return Call("vcpu", "RunBatch", request, lambda r: run_result(r.result))
+
+
 def run_request(vm_id: int, vcpu_id: int, batch: Batch) -> vcpu_pb2.RunRequest:
     """A step of the Run stream that starts `batch`."""
     return vcpu_pb2.RunRequest(vm_id=vm_id, vcpu_id=vcpu_id, batch=_access_batch(batch))
@@ -349,6 +363,11 @@ def mmio_request(vm_id: int, vcpu_id: int, data: bytes) -> vcpu_pb2.RunRequest:
     """A step of the Run stream that completes the pending MMIO access."""
     return vcpu_pb2.RunRequest(vm_id=vm_id, vcpu_id=vcpu_id,
                                mmio_completion=vcpu_pb2.MmioCompletion(data=data))
+
+
+def resume_request(vm_id: int, vcpu_id: int) -> vcpu_pb2.RunRequest:
+    """A step of the Run stream that goes on with the batch where the last one left it."""
+    return vcpu_pb2.RunRequest(vm_id=vm_id, vcpu_id=vcpu_id, resume=vcpu_pb2.Resume())
 
 
 # -- held MMU-notifier invalidations ---------------------------------------------------

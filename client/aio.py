@@ -13,7 +13,7 @@ Methods that make an RPC are coroutines; making a handle (`vm`, `vcpu`, `stream`
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -23,9 +23,8 @@ from vmmu.client import _base, _dirty_log, _gpc
 from vmmu.client.batch import Batch
 from vmmu.client.errors import VmmuError, error_from_rpc, error_from_status
 from vmmu.client.types import (Backing, ClientTls, DirtyGfn, Gpc, HeldInvalidation,
-                               HostRegion,
-                               Invalidations, Memslot, RunResult, Spte, TraceEvent, VcpuInfo,
-                               VmInfo)
+                               HostRegion, Invalidations, Memslot, Protection, RunResult, Spte,
+                               TraceEvent, VcpuInfo, VmInfo)
 
 __all__ = ["AsyncClient", "AsyncVm", "AsyncVcpu", "AsyncRunStream", "AsyncInvalidationHold",
            "AsyncTraceStream"]
@@ -123,6 +122,11 @@ class AsyncVm:
     async def walk(self, gpa: int, as_id: int = 0) -> list[Spte]:
         return await self._client._invoke(_base.walk(self.id, gpa, as_id))
 
+    async def enable_cap(self, cap: int, args: Sequence[int] = (), flags: int = 0) -> None:
+        """KVM_ENABLE_CAP: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_DIRTY_LOG_RING or
+        KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, with KVM's rules (InvalidArgument else)."""
+        await self._client._invoke(_base.enable_cap(self.id, cap, args, flags))
+
     async def destroy(self) -> None:
         await self._client._invoke(_base.destroy_vm(self.id))
 
@@ -159,8 +163,9 @@ class AsyncVm:
         """Page the range out; returns the pages swapped out."""
         return await self._client._invoke(_base.swap_out(self.id, hva, size))
 
-    async def mprotect(self, hva: int, size: int, writable: bool) -> None:
-        await self._client._invoke(_base.mprotect(self.id, hva, size, writable))
+    async def mprotect(self, hva: int, size: int, protection: Protection) -> None:
+        """mprotect(2): a guest access the protection refuses is a MEMORY_FAULT exit."""
+        await self._client._invoke(_base.mprotect(self.id, hva, size, protection))
 
     async def ksm_merge(self, hvas: list[int]) -> int:
         """Merge the pages with identical contents; returns the pages merged away."""
@@ -298,6 +303,11 @@ class AsyncVcpu:
         write) and resume its batch."""
         return await self._client._invoke(_base.complete_mmio(self.vm_id, self.id, data))
 
+    async def resume(self) -> RunResult:
+        """KVM_RUN again with no new batch: retry the access that ended the last step
+        with MEMORY_FAULT or INTERNAL_ERROR, or go on after HLT or DIRTY_RING_FULL."""
+        return await self._client._invoke(_base.resume(self.vm_id, self.id))
+
     def stream(self) -> AsyncRunStream:
         """Open a Run stream on this vCPU; use it with `async with`."""
         return AsyncRunStream(self._client._stubs, self.vm_id, self.id)
@@ -324,6 +334,9 @@ class AsyncRunStream:
 
     async def complete_mmio(self, data: bytes = b"") -> RunResult:
         return await self._step(_base.mmio_request(self.vm_id, self.vcpu_id, data))
+
+    async def resume(self) -> RunResult:
+        return await self._step(_base.resume_request(self.vm_id, self.vcpu_id))
 
     async def close(self) -> None:
         """Half-close the stream and wait for the server to end it."""

@@ -8,7 +8,8 @@
 
 A batch is three byte strings: `gpas` (one little-endian u64 per access), `ops` (one op
 byte per access: kind in bits 0-1, log2 of the size in bits 2-3, WITH_DATA in bit 4) and
-`write_data` (the bytes of the WITH_DATA writes, in order). The builder only encodes; the
+`write_data` (the bytes of the WITH_DATA writes, in order); the op byte OP_HLT (0x20, gpa
+0) is HLT. The builder only encodes; the
 server decides what is a valid access (page crossing, batch length, ...).
 """
 
@@ -19,9 +20,10 @@ import sys
 from array import array
 from dataclasses import dataclass
 
-__all__ = ["Access", "WITH_DATA", "op_byte", "Batch", "BatchBuilder"]
+__all__ = ["Access", "WITH_DATA", "OP_HLT", "op_byte", "Batch", "BatchBuilder"]
 
 WITH_DATA = 1 << 4
+OP_HLT = 1 << 5                  # the op byte of HLT, which is no access
 _LOG2_SIZE = {1: 0, 2: 1, 4: 2, 8: 3}
 
 class Access(enum.IntEnum):
@@ -81,6 +83,10 @@ class BatchBuilder:
     def fetch(self, gpa: int, size: int = 1) -> BatchBuilder:
         """An instruction fetch of `size` bytes (a translation for execute)."""
         return self._add(gpa, op_byte(Access.EXEC, size, False))
+
+    def hlt(self) -> BatchBuilder:
+        """HLT: the run ends here with ExitReason.HLT; a resume goes on after it."""
+        return self._add(0, OP_HLT)
 
     def _add(self, gpa: int, op: int) -> BatchBuilder:
         self._gpas.append(gpa)

@@ -15,7 +15,7 @@ server does not have fails with NotFound on first use. `AsyncClient` mirrors eve
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -25,9 +25,8 @@ from vmmu.client import _base, _dirty_log, _gpc
 from vmmu.client.batch import Batch
 from vmmu.client.errors import VmmuError, error_from_rpc
 from vmmu.client.types import (Backing, ClientTls, DirtyGfn, Gpc, HeldInvalidation,
-                               HostRegion,
-                               Invalidations, Memslot, RunResult, Spte, TraceEvent, VcpuInfo,
-                               VmInfo)
+                               HostRegion, Invalidations, Memslot, Protection, RunResult, Spte,
+                               TraceEvent, VcpuInfo, VmInfo)
 
 __all__ = ["Client", "Vm", "Vcpu", "RunStream", "InvalidationHold", "TraceStream"]
 
@@ -121,6 +120,11 @@ class Vm:
     def walk(self, gpa: int, as_id: int = 0) -> list[Spte]:
         return self._client._invoke(_base.walk(self.id, gpa, as_id))
 
+    def enable_cap(self, cap: int, args: Sequence[int] = (), flags: int = 0) -> None:
+        """KVM_ENABLE_CAP: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_DIRTY_LOG_RING or
+        KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, with KVM's rules (InvalidArgument else)."""
+        self._client._invoke(_base.enable_cap(self.id, cap, args, flags))
+
     def destroy(self) -> None:
         self._client._invoke(_base.destroy_vm(self.id))
 
@@ -157,8 +161,9 @@ class Vm:
         """Page the range out; returns the pages swapped out."""
         return self._client._invoke(_base.swap_out(self.id, hva, size))
 
-    def mprotect(self, hva: int, size: int, writable: bool) -> None:
-        self._client._invoke(_base.mprotect(self.id, hva, size, writable))
+    def mprotect(self, hva: int, size: int, protection: Protection) -> None:
+        """mprotect(2): a guest access the protection refuses is a MEMORY_FAULT exit."""
+        self._client._invoke(_base.mprotect(self.id, hva, size, protection))
 
     def ksm_merge(self, hvas: list[int]) -> int:
         """Merge the pages with identical contents; returns the pages merged away."""
@@ -295,6 +300,11 @@ class Vcpu:
         write) and resume its batch."""
         return self._client._invoke(_base.complete_mmio(self.vm_id, self.id, data))
 
+    def resume(self) -> RunResult:
+        """KVM_RUN again with no new batch: retry the access that ended the last step
+        with MEMORY_FAULT or INTERNAL_ERROR, or go on after HLT or DIRTY_RING_FULL."""
+        return self._client._invoke(_base.resume(self.vm_id, self.id))
+
     def stream(self) -> RunStream:
         """Open a Run stream on this vCPU; use it as a context manager."""
         return RunStream(self._client._stubs, self.vm_id, self.id)
@@ -325,6 +335,9 @@ class RunStream:
 
     def complete_mmio(self, data: bytes = b"") -> RunResult:
         return self._step(_base.mmio_request(self.vm_id, self.vcpu_id, data))
+
+    def resume(self) -> RunResult:
+        return self._step(_base.resume_request(self.vm_id, self.vcpu_id))
 
     def close(self) -> None:
         """Half-close the stream and wait for the server to end it."""

@@ -11,8 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = [
-    "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY",
-    "Backing", "ExitReason", "HoldState",
+    "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
+    "KVM_CAP_DIRTY_LOG_RING", "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP",
+    "KVM_INTERNAL_ERROR_EMULATION",
+    "Backing", "ExitReason", "HoldState", "Protection",
     "VmConfig", "VmInfo", "Spte", "HostRegion", "Memslot", "VcpuInfo", "Exit", "RunResult",
     "HeldInvalidation", "Invalidations", "TraceEvent", "GpcState", "Gpc", "DirtyGfn",
     "ClientTls",
@@ -20,6 +22,12 @@ __all__ = [
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
+# KVM_ENABLE_CAP capabilities a VM takes (Vm.enable_cap) and KVM_INTERNAL_ERROR_EMULATION,
+# the suberror of an INTERNAL_ERROR exit for a fetch the emulator cannot make.
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
+KVM_CAP_DIRTY_LOG_RING = 192
+KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP = 225
+KVM_INTERNAL_ERROR_EMULATION = 1
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,15 @@ class ExitReason(enum.Enum):
     MEMORY_FAULT = "memory_fault"
     INTERNAL_ERROR = "internal_error"
     DIRTY_RING_FULL = "dirty_ring_full"
+    HLT = "hlt"
+
+
+class Protection(enum.Enum):
+    """The prot of mprotect(2) (on x86 write implies read)."""
+
+    NONE = "none"
+    READ = "read"
+    READ_WRITE = "read_write"
 
 
 class HoldState(enum.Enum):
@@ -113,6 +130,7 @@ class Spte:
     dirty: bool
     host_writable: bool
     mmu_writable: bool
+    zero_page: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +140,7 @@ class HostRegion:
     backing: Backing
     writable: bool
     populated_4k_pages: int
+    zero_pages: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +167,9 @@ class VcpuInfo:
 
 @dataclass(frozen=True, slots=True)
 class Exit:
-    """How a run step returned. For MMIO and MEMORY_FAULT, `gpa`, `length` and `is_write`
-    describe the access at index `completed`; `data` holds an MMIO write's bytes."""
+    """How a run step returned. For MMIO, MEMORY_FAULT and an INTERNAL_ERROR of suberror
+    KVM_INTERNAL_ERROR_EMULATION, `gpa`, `length` and `is_write` describe the access at
+    index `completed`; `data` holds an MMIO write's bytes; `suberror` is 0 for a dead VM."""
 
     reason: ExitReason
     gpa: int
@@ -158,6 +178,7 @@ class Exit:
     data: bytes
     errno: int
     message: str
+    suberror: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from vmmu.client import (KVM_MEM_LOG_DIRTY_PAGES, Backing, BatchBuilder, DirtyGfn,
-                         ExitReason, FailedPrecondition, InvalidArgument, NotFound,
-                         ResourceExhausted)
+from vmmu.client import (KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
+                         KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_MEM_LOG_DIRTY_PAGES, Backing,
+                         BatchBuilder, DirtyGfn, ExitReason, FailedPrecondition,
+                         InvalidArgument, NotFound, ResourceExhausted)
 
 PAGE = 4096
 PAGES = 128
@@ -132,3 +133,34 @@ async def test_ring_calls_on_a_vm_without_rings_are_refused(client):
         await vm.reset_dirty_rings()
     with pytest.raises(NotFound):
         await vm.get_dirty_log(3)
+
+
+async def test_enable_cap_on_a_live_vm(client):
+    vm, vcpu = await logging_guest(client)
+    await vcpu.run(BatchBuilder().write(3 * PAGE).build())
+    await vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, [1])
+    assert (await vm.info()).config.manual_dirty_log_protect == 1
+    assert bits(await vm.get_dirty_log(0)) == {3}
+    assert bits(await vm.get_dirty_log(0)) == {3}           # manual protect: not cleared
+    for cap, args, flags in ((KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, [2], 0),
+                             (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, [1], 1),
+                             (KVM_CAP_DIRTY_LOG_RING, [4096], 0),      # a vCPU exists
+                             (KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, [], 0),
+                             (4242, [], 0)):
+        with pytest.raises(InvalidArgument, match="EINVAL"):
+            await vm.enable_cap(cap, args, flags)
+    config = (await vm.info()).config
+    assert (config.manual_dirty_log_protect, config.dirty_ring_size) == (1, 0)
+
+
+async def test_a_dirty_ring_enabled_before_the_first_vcpu(client):
+    vm = await client.create_vm(max_vcpus=1)
+    with pytest.raises(ResourceExhausted, match="E2BIG"):
+        await vm.enable_cap(KVM_CAP_DIRTY_LOG_RING, [2 << 20])
+    await vm.enable_cap(KVM_CAP_DIRTY_LOG_RING, [4096])
+    region = await vm.mmap(SIZE, Backing.PAGE_4K)
+    await vm.set_user_memory_region(slot=0, flags=KVM_MEM_LOG_DIRTY_PAGES, guest_phys_addr=0,
+                                    memory_size=SIZE, userspace_addr=region.hva)
+    vcpu = await vm.create_vcpu(0)
+    await vcpu.run(BatchBuilder().write(5 * PAGE).build())
+    assert await vm.harvest_dirty_ring(0) == [DirtyGfn(slot=0, offset=5)]

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from vmmu.client import (BatchBuilder, ExitReason, FailedPrecondition, InvalidArgument, NotFound,
-                         ResourceExhausted)
+                         Protection, ResourceExhausted)
 from vmmu.v1 import host_memory_pb2, host_memory_pb2_grpc, vm_pb2, vm_pb2_grpc
 
 MiB = 1 << 20
@@ -69,7 +69,7 @@ async def test_madvise_populate_write(guest):
     assert (await leaf(vm, 0x1000)).level == 2                  # populated as a THP
     assert await vm.read_hva(region.hva + 0x1000, 8) == b"guest!!!"
 
-    await vm.mprotect(region.hva + 0x3000, PAGE, writable=False)
+    await vm.mprotect(region.hva + 0x3000, PAGE, Protection.READ)
     with pytest.raises(InvalidArgument, match="EINVAL"):
         await vm.madvise_populate_write(region.hva, 2 * MiB)
     with pytest.raises(InvalidArgument, match="EINVAL"):
@@ -81,7 +81,7 @@ async def test_madvise_populate_write(guest):
 async def test_mprotect(guest):
     vm, region, vcpu = guest
     await write(vcpu, 0x1000, b"readonly")
-    await vm.mprotect(region.hva + 0x1000, PAGE, writable=False)
+    await vm.mprotect(region.hva + 0x1000, PAGE, Protection.READ)
     assert not (await vm.host_regions())[0].writable
 
     result = await vcpu.run(BatchBuilder().write(0x1000, data=b"denied!!").build())
@@ -91,8 +91,40 @@ async def test_mprotect(guest):
     spte = await leaf(vm, 0x1000)
     assert not (spte.writable or spte.host_writable)
 
-    await vm.mprotect(region.hva + 0x1000, PAGE, writable=True)
+    await vm.mprotect(region.hva + 0x1000, PAGE, Protection.READ_WRITE)
     await write(vcpu, 0x1000, b"writable")
+
+
+async def test_prot_none_faults_the_guest_until_the_host_restores_it(guest):
+    vm, region, vcpu = guest
+    await write(vcpu, 0x1000, b"hidden!!")
+    await vm.mprotect(region.hva + 0x1000, PAGE, Protection.NONE)
+    batch = BatchBuilder().read(0x2000, 8).read(0x1000, 8, with_data=True).hlt().build()
+    result = await vcpu.run(batch)
+    assert (result.completed, result.exit.reason, result.exit.errno, result.exit.gpa) == \
+        (1, ExitReason.MEMORY_FAULT, errno.EFAULT, 0x1000)
+    with pytest.raises(InvalidArgument, match="EFAULT"):
+        await vm.read_hva(region.hva + 0x1000, 8)             # the VMM cannot read it either
+    await vm.mprotect(region.hva + 0x1000, PAGE, Protection.READ)
+    result = await vcpu.resume()                              # the access is retried
+    assert (result.completed, result.exit.reason, result.read_data) == \
+        (3, ExitReason.HLT, b"hidden!!")
+
+
+async def test_mprotect_without_a_protection_is_rejected_and_changes_nothing(server, guest):
+    vm, region, vcpu = guest
+    await write(vcpu, 0x1000, b"writable")
+    seq = (await vm.stats())["mmu_invalidate_seq"]
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = host_memory_pb2_grpc.HostMemoryServiceStub(channel)
+        for protection in (0, 99):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.Mprotect(host_memory_pb2.MprotectRequest(
+                    vm_id=vm.id, hva=region.hva, size=PAGE, protection=protection))
+            assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "protection" in e.value.details()
+    assert (await vm.stats())["mmu_invalidate_seq"] == seq
+    await write(vcpu, 0x1000, b"stillrw!")
 
 
 async def test_ksm_merge_and_copy_on_write(guest):
@@ -139,7 +171,7 @@ async def test_bad_requests(client, guest):
     hva = region.hva
     for call in (lambda: vm.madvise_dontneed(hva + 1, PAGE), lambda: vm.swap_out(hva, 0),
                  lambda: vm.migrate_pages(hva + 4 * MiB, PAGE),
-                 lambda: vm.mprotect(hva, 5 * MiB, writable=False),
+                 lambda: vm.mprotect(hva, 5 * MiB, Protection.READ),
                  lambda: vm.ksm_merge([hva]), lambda: vm.thp_split(hva),
                  lambda: vm.clear_young(hva + PAGE, hva)):
         with pytest.raises(InvalidArgument, match="EINVAL"):

@@ -7,8 +7,8 @@ import errno
 
 import pytest
 
-from vmmu.client import (KVM_MEM_READONLY, Backing, Batch, BatchBuilder, ExitReason,
-                         FailedPrecondition, InvalidArgument)
+from vmmu.client import (KVM_INTERNAL_ERROR_EMULATION, KVM_MEM_READONLY, Backing, Batch,
+                         BatchBuilder, ExitReason, FailedPrecondition, InvalidArgument)
 
 MiB = 1 << 20
 MMIO_GPA = 0x1000_0000      # outside every memslot of `guest`
@@ -139,3 +139,35 @@ async def test_bad_batch_ends_the_stream_with_its_status(guest):
     assert await vcpu.stats() == stats
     async with vcpu.stream() as stream:
         assert (await stream.run(BatchBuilder().read(0x1000).build())).completed == 1
+
+
+async def test_a_fetch_outside_every_memslot_is_an_emulation_failure(guest):
+    _, _, vcpu = guest
+    result = await vcpu.run(BatchBuilder().read(0x1000).fetch(MMIO_GPA, 4).build())
+    exit = result.exit
+    assert (result.completed, exit.reason, exit.suberror, exit.gpa, exit.length) == \
+        (1, ExitReason.INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION, MMIO_GPA, 4)
+    assert not (await vcpu.info()).mmio_pending
+
+
+async def test_hlt_ends_a_step_and_resume_goes_on_over_the_stream(guest):
+    _, _, vcpu = guest
+    batch = BatchBuilder().write(0x1000, data=b"hi").hlt().read(0x1000, 2, with_data=True) \
+        .build()
+    async with vcpu.stream() as stream:
+        halted = await stream.run(batch)
+        assert (halted.completed, halted.exit.reason) == (2, ExitReason.HLT)
+        done = await stream.resume()
+        assert (done.completed, done.exit.reason, done.read_data) == \
+            (3, ExitReason.DONE, b"hi")
+    assert (await vcpu.stats())["halt_exits"] == 1
+    with pytest.raises(InvalidArgument, match="resume"):
+        await vcpu.resume()                                  # nothing left
+
+
+async def test_an_hlt_with_a_gpa_is_rejected(guest):
+    _, _, vcpu = guest
+    hlt = BatchBuilder().hlt().build()
+    with pytest.raises(InvalidArgument, match="HLT"):
+        await vcpu.run(Batch((8).to_bytes(8, "little"), hlt.ops))
+    assert (await vcpu.stats())["exits"] == 0

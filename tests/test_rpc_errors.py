@@ -88,7 +88,8 @@ def test_run_step_needs_a_batch_or_a_completion(channel, stream):
     else:
         code, details = _status(stub.RunBatch, vcpu_pb2.RunBatchRequest(vm_id=vm_id, vcpu_id=0))
     assert code is C.INVALID_ARGUMENT
-    assert details.startswith("EINVAL: ") and "needs a batch or an mmio_completion" in details
+    assert details.startswith("EINVAL: ") and \
+        "needs a batch, an mmio_completion or a resume" in details
     stats = stub.GetVcpuStats(vcpu_pb2.GetVcpuStatsRequest(vm_id=vm_id, vcpu_id=0)).stats
     assert stats["accesses"] == stats["exits"] == 0
 
@@ -112,7 +113,7 @@ def test_madvise_populate_write_over_the_wire(channel):
     region = stub.CreateRegion(host_memory_pb2.CreateRegionRequest(
         vm_id=vm_id, size=4 << 20, backing=host_memory_pb2.BACKING_THP)).region
     stub.Mprotect(host_memory_pb2.MprotectRequest(vm_id=vm_id, hva=region.hva + (3 << 20),
-                                                  size=4096, read_only=True))
+                                                  size=4096, protection=host_memory_pb2.PROTECTION_READ))
 
     def madvise(hva, size, advice=host_memory_pb2.ADVICE_POPULATE_WRITE):
         return host_memory_pb2.MadviseRequest(vm_id=vm_id, hva=hva, size=size, advice=advice)

@@ -28,6 +28,8 @@ __all__ = ["KvmUnavailable", "GuestExit", "Slot", "RealVm", "open_kvm", "PAGE_SI
 
 PAGE_SIZE = 4096
 KVM_PATH = "/dev/kvm"
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 class KvmUnavailable(RuntimeError):
@@ -177,6 +179,37 @@ class RealVm:
     def slot(self, slot: int) -> Slot:
         return self._slots[slot][0]
 
+    def memory(self, slot: int) -> mmap.mmap:
+        """The anonymous mapping behind a data slot (its bytes as the host sees them)."""
+        return self._slots[slot][1]
+
+    def set_user_memory_region(self, slot: int, flags: int, gpa: int, size: int,
+                               hva: int) -> None:
+        """The raw KVM_SET_USER_MEMORY_REGION, for validation probes: the slots this
+        object tracks are not updated (a probe that succeeds is undone by the caller)."""
+        fcntl.ioctl(self._fd, abi.KVM_SET_USER_MEMORY_REGION,
+                    abi.UserspaceMemoryRegion(slot, flags, gpa, size, hva))
+
+    def move_slot(self, slot: int, gpa: int) -> Slot:
+        """A MOVE: the slot's memory appears at `gpa` (KVM deletes and recreates it)."""
+        old, mem = self._slots[slot]
+        new = Slot(old.id, gpa, old.size, old.flags, old.hva)
+        self._set_region(new)
+        self._slots[slot] = (new, mem)
+        return new
+
+    def delete_slot(self, slot: int) -> None:
+        old, mem = self._slots.pop(slot)
+        self._set_region(Slot(old.id, old.gpa, 0, 0, 0))
+        mem.close()
+
+    def mprotect(self, slot: int, prot: int) -> None:
+        """mprotect(2) of the whole memory behind a data slot."""
+        s = self._slots[slot][0]
+        if _libc.mprotect(ctypes.c_void_p(s.hva), ctypes.c_size_t(s.size), prot):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
     def _set_region(self, s: Slot) -> None:
         fcntl.ioctl(self._fd, abi.KVM_SET_USER_MEMORY_REGION,
                     abi.UserspaceMemoryRegion(s.id, s.flags, s.gpa, s.size, s.hva))
@@ -214,6 +247,11 @@ class RealVm:
             fcntl.ioctl(self._vcpu, abi.KVM_SET_REGS, guest.list_regs(len(chunk)))
             elapsed += self._run_to_done()
         return elapsed
+
+    def resume(self) -> int:
+        """KVM_RUN again with the registers as the last exit left them: the instruction
+        that faulted is executed again; ns in KVM_RUN."""
+        return self._run_to_done()
 
     def vcpu_stats(self) -> dict[str, int]:
         """The vCPU's KVM statistics now (`pf_taken`, `pf_fast`, `pf_fixed`, `exits`, ...)."""

@@ -3,12 +3,15 @@
 See docs/model-api.md for the surface and docs/design.md for how the parts fit.
 """
 
-from .batch import OP_WITH_DATA, AccessBatch, make_op
+from .batch import OP_HLT, OP_WITH_DATA, AccessBatch, make_op
+from .caps import (KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
+                   KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
 from .dirty_log import KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
 from .dirty_ring import DirtyGfn
 from .errors import KvmError, NoSuchObject, VmBugged
 from .held import HeldInvalidationInfo, HoldState
 from .host_mm import HostRegionInfo
+from .host_region import PROT_EXEC, PROT_NONE, PROT_READ, PROT_WRITE
 from .kvm import Kvm
 from .memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_USER_MEM_SLOTS, MemslotInfo
 from .trace import Subscription, TraceEvent
@@ -23,4 +26,7 @@ __all__ = [
     "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "KVM_USER_MEM_SLOTS",
     "HoldState", "HeldInvalidationInfo", "Subscription", "TraceEvent",
     "DirtyGfn", "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE", "KVM_DIRTY_LOG_INITIALLY_SET",
+    "PROT_NONE", "PROT_READ", "PROT_WRITE", "PROT_EXEC", "OP_HLT",
+    "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", "KVM_CAP_DIRTY_LOG_RING",
+    "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP",
 ]

@@ -2,7 +2,8 @@
 
     gpas        little-endian u64 per access
     ops         one byte per access: bits 0-1 kind (1 read, 2 write, 3 fetch),
-                bits 2-3 log2(size), bit 4 WITH_DATA; the rest must be zero
+                bits 2-3 log2(size), bit 4 WITH_DATA; the rest must be zero; or
+                OP_HLT (0x20) alone: the guest halts there (its gpa must be 0)
     write_data  the bytes of every WITH_DATA write, in order
 
 Validation happens once, here, before anything runs: a rejected batch changes nothing.
@@ -17,13 +18,14 @@ from typing import Iterable
 from .errors import einval
 from .types import AccessKind
 
-__all__ = ["AccessBatch", "OP_KIND_MASK", "OP_SIZE_SHIFT", "OP_WITH_DATA", "make_op", "op_size",
-           "tlb_keys"]
+__all__ = ["AccessBatch", "OP_KIND_MASK", "OP_SIZE_SHIFT", "OP_WITH_DATA", "OP_HLT", "make_op",
+           "op_size", "tlb_keys"]
 
 OP_KIND_MASK = 0x3
 OP_SIZE_SHIFT = 2
 OP_SIZE_MASK = 0x3 << OP_SIZE_SHIFT
 OP_WITH_DATA = 1 << 4
+OP_HLT = 1 << 5                  # not an access: HLT, which ends the run (KVM_EXIT_HLT)
 _OP_VALID = OP_KIND_MASK | OP_SIZE_MASK | OP_WITH_DATA
 
 
@@ -98,6 +100,11 @@ class AccessBatch:
             raise einval(f"op {op:#04x} of access {bad} "
                          + ("sets reserved bits" if op & ~_OP_VALID else
                             "has no access kind (1 read, 2 write, 3 fetch)"))
+        hlt = ops.find(OP_HLT)
+        while hlt >= 0:
+            if self.gpas[hlt]:
+                raise einval(f"the HLT at {hlt} has gpa {self.gpas[hlt]:#x}, not 0")
+            hlt = ops.find(OP_HLT, hlt + 1)
         raw = self.gpas.tobytes() if sys.byteorder == "little" else self.to_wire()[0]
         bits = max_gpa.bit_length() - 1
         for k in range(bits // 8, 8):
@@ -167,7 +174,7 @@ def tlb_keys(gpas: array, ops: bytes) -> array:
 
 _HIGH_NIBBLE = bytes(b & 0xF0 for b in range(256))
 _KIND = bytes(b & OP_KIND_MASK for b in range(256))
-_INVALID_OP = _table(lambda op: op & ~_OP_VALID or not op & OP_KIND_MASK)
+_INVALID_OP = _table(lambda op: op != OP_HLT and (op & ~_OP_VALID or not op & OP_KIND_MASK))
 _WITH_DATA = _table(lambda op: op & OP_WITH_DATA)
 _LOW_NIBBLE_FULL = _table(lambda b: b & 0xF == 0xF)
 # size -> (ops of that size, low gpa bytes that cross a page when bits 8-11 are all set)

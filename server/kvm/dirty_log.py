@@ -9,9 +9,9 @@ next write faults and records it anew.
 
 Invariant (the sanitizers' `no-lost-dirty-page`): a page the guest can write without a
 fault is recorded. Whatever clears a record write-protects the page and flushes TLBs
-before userspace hears of it: GET_DIRTY_LOG and CLEAR_DIRTY_LOG clear, protect and flush
-in one step under mmu_lock held for write; a dirty ring reset recycles its entries only
-after the pages are protected and TLBs flushed.
+before userspace hears of it: GET_DIRTY_LOG and CLEAR_DIRTY_LOG clear and protect under
+mmu_lock held for write and flush after dropping it, before they return; a dirty ring
+reset recycles its entries only after the pages are protected and TLBs flushed.
 
     enable   (FLAGS_ONLY, logging on)   split huge leaves (eagerly, or on the next write
              fault), clear W on every leaf, flush; nothing with manual protect and
@@ -86,17 +86,17 @@ def check_manual_protect(value: int) -> None:
 
 
 def _manual_protect(vm: "Vm") -> bool:
-    return bool(vm.config.manual_dirty_log_protect & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+    return bool(vm.manual_dirty_log_protect & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
 
 
 def _initially_set(vm: "Vm") -> bool:
     """`kvm_dirty_log_manual_protect_and_init_set`."""
-    return vm.config.manual_dirty_log_protect == KVM_DIRTY_LOG_MANUAL_CAPS
+    return vm.manual_dirty_log_protect == KVM_DIRTY_LOG_MANUAL_CAPS
 
 
 def _use_bitmap(vm: "Vm") -> bool:
     """`kvm_use_dirty_bitmap`: no dirty ring, or a ring with a bitmap beside it."""
-    return not vm.config.dirty_ring_size or vm.config.dirty_ring_with_bitmap
+    return not vm.dirty_ring_size or vm.dirty_ring_with_bitmap
 
 
 def _flush(vm: "Vm") -> None:
@@ -228,10 +228,12 @@ async def get_dirty_log(vm: "Vm", slot: int) -> bytes:
                 mask = snapshot[i] = bitmap[i]
                 bitmap[i] = 0
                 enable_log_dirty_pt_masked(vm, memslot, i * 64, mask)
-            if dirty:
-                _flush(vm)
-            if vm.sanitizers is not None:
-                vm.sanitizers.dirty_pages_harvested(slot, _offsets(snapshot, 0))
+        # As KVM, the flush comes after mmu_lock is dropped: a write through a stale TLB
+        # entry until then is to a page this call reports, copied after it returns.
+        if dirty:
+            _flush(vm)
+        if vm.sanitizers is not None:
+            vm.sanitizers.dirty_pages_harvested(slot, _offsets(snapshot, 0))
     return _le_bytes(snapshot)
 
 
@@ -268,10 +270,10 @@ async def clear_dirty_log(vm: "Vm", slot: int, first_page: int, num_pages: int,
                 dirty[base + i] &= ~mask
                 cleared += mask.bit_count()
                 enable_log_dirty_pt_masked(vm, memslot, first_page + i * 64, mask)
-            if cleared:
-                _flush(vm)
-            if vm.sanitizers is not None:
-                vm.sanitizers.dirty_pages_harvested(slot, _offsets(words, first_page))
+        if cleared:
+            _flush(vm)                    # after dropping mmu_lock, as GET_DIRTY_LOG
+        if vm.sanitizers is not None:
+            vm.sanitizers.dirty_pages_harvested(slot, _offsets(words, first_page))
     return cleared
 
 
@@ -305,7 +307,7 @@ def _offsets(words: array, first: int) -> list[int]:
 def harvest_dirty_ring(vm: "Vm", vcpu: "Vcpu") -> list[DirtyGfn]:
     """What userspace collects from the vCPU's ring: the entries published since its
     last harvest, now flagged for the next reset."""
-    if not vm.config.dirty_ring_size:
+    if not vm.dirty_ring_size:
         raise einval(f"VM {vm.id} has no dirty ring")
     if vm.sanitizers is not None:
         vm.sanitizers.check_dirty_recorded()
@@ -316,7 +318,7 @@ async def reset_dirty_rings(vm: "Vm") -> int:
     """KVM_RESET_DIRTY_RINGS: recycle every harvested entry of every vCPU's ring,
     write-protecting the pages again in batches of one slot and 64 pages (mmu_lock held
     for write for each), then flush. Returns the entries recycled."""
-    if not vm.config.dirty_ring_size:
+    if not vm.dirty_ring_size:
         raise einval(f"VM {vm.id} has no dirty ring")
     async with vm.slots_lock:
         if vm.sanitizers is not None:

@@ -24,16 +24,16 @@ from collections.abc import Callable
 from typing import Iterator, Protocol, TypeVar
 
 from .errors import KvmError, NoSuchObject, VmBugged, einval
-from .host_region import HPAGE_SHIFT, HPAGE_SIZE, HostRegion, HostRegionInfo, keys_in
+from .host_region import (HPAGE_SHIFT, HPAGE_SIZE, HUGE_ZERO_PFN, PROT_READ, PROT_WRITE,
+                          ZERO_PFN, HostRegion, HostRegionInfo, is_zero_pfn, keys_in)
 from .resched import Timeslice
 from .types import (PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_1G, PG_LEVEL_2M,
-                    PG_LEVEL_4K, Backing, level_shift, pages_per_level)
+                    PG_LEVEL_4K, TASK_SIZE_MAX, Backing, level_shift, pages_per_level)
 
 __all__ = ["HostMm", "HostRegion", "HostRegionInfo", "MmuNotifier", "PfnAllocator",
            "HVA_BASE"]
 
 HVA_BASE = 0x7F00_0000_0000      # where mmap() without a hint starts placing regions
-HVA_LIMIT = 1 << 47              # user address space of a 4-level host
 FIRST_PFN = 0x100000             # host frames start at 4 GiB
 GIB = 1 << 30
 
@@ -102,7 +102,7 @@ class HostMm:
             hva = self._place(size, max(align, HPAGE_SIZE))
         elif hva % align:
             raise einval(f"hva {hva:#x} is not aligned to {align:#x}")
-        if hva < PAGE_SIZE or hva + size > HVA_LIMIT:
+        if hva < PAGE_SIZE or hva + size > TASK_SIZE_MAX:
             raise KvmError(errno.ENOMEM, f"[{hva:#x}, {hva + size:#x}) is outside the user "
                            "address space")
         i = bisect.bisect_right(self._starts, hva)
@@ -210,15 +210,18 @@ class HostMm:
     async def hva_to_pfn(self, hva: int, write: bool) -> tuple[int, bool, int]:
         """Fault in the page at hva: (pfn, writable, host mapping level).
 
-        Raises EFAULT when nothing is mapped there, or for a write to a read-only mapping.
+        Raises EFAULT when nothing is mapped there, the mapping is PROT_NONE, or for a
+        write to a read-only mapping.
         A read gets a writable pfn when the mapping allows writes (KVM asks for one
-        opportunistically), but never for a KSM page; a write to a KSM page first breaks
-        copy-on-write, which invalidates the page. A swapped-out page comes back at a new
-        pfn with its contents.
+        opportunistically), but never for a copy-on-write page (a KSM page, the zero page);
+        a read of private anonymous memory never touched maps the zero page (the huge
+        zero page for a whole THP frame), allocating nothing. A write to a copy-on-write
+        page first breaks copy-on-write, which invalidates the page. A swapped-out page
+        comes back at a new pfn with its contents.
         """
         while True:
             region, _ = self._region_for_access(hva, write)
-            if not (write and self.is_ksm(region, hva)):
+            if not (write and self.is_cow(region, hva)):
                 return self._get_page(region, hva, write)
             await self.unshare(region, hva)
 
@@ -232,7 +235,7 @@ class HostMm:
         if found is None:
             return None
         pfn, level = found
-        shared = pfn in self.ksm_pages
+        shared = pfn in self.ksm_pages or is_zero_pfn(pfn)
         if write and shared:
             return None
         return pfn, writable and not shared, level
@@ -254,7 +257,10 @@ class HostMm:
         region = self.find(hva)
         if region is None:
             raise KvmError(errno.EFAULT, f"hva {hva:#x} is not mapped")
-        writable = region.writable_at(hva)
+        prot = region.prot_at(hva)
+        if not prot:
+            raise KvmError(errno.EFAULT, f"hva {hva:#x} is mapped PROT_NONE")
+        writable = bool(prot & PROT_WRITE)
         if write and not writable:
             raise KvmError(errno.EFAULT, f"write to read-only hva {hva:#x}")
         return region, writable
@@ -263,12 +269,17 @@ class HostMm:
         found = region.mapped(hva)
         if found is None:
             page = hva >> PAGE_SHIFT
-            found = self._swap_in(region, page) if page in region.swapped \
-                else self._populate(region, hva)
+            if page in region.swapped:
+                found = self._swap_in(region, page)
+            elif not write and region.backing is not Backing.HUGETLB_1G:
+                found = self._map_zero_page(region, hva)
+            else:
+                found = self._populate(region, hva)
         pfn, level = found
-        shared = pfn in self.ksm_pages
+        shared = pfn in self.ksm_pages or is_zero_pfn(pfn)
         if write and shared:
-            raise VmBugged(f"write mapping of KSM page {pfn:#x} without a COW break")
+            raise VmBugged(f"write mapping of copy-on-write page {pfn:#x} without a COW "
+                           "break")
         return pfn, region.writable_at(hva) and not shared, level
 
     def fault_in(self, region: HostRegion, hva: int, write: bool) -> tuple[int, int, int]:
@@ -287,6 +298,18 @@ class HostMm:
         region.frames[level][hva >> (PAGE_SHIFT + level_shift(level))] = base
         return base + ((hva >> PAGE_SHIFT) & (pages_per_level(level) - 1)), level
 
+    def _map_zero_page(self, region: HostRegion, hva: int) -> tuple[int, int]:
+        """`do_anonymous_page` (and `do_huge_pmd_anonymous_page`) for a read: map the
+        shared zero page read-only, or the huge zero page for a whole THP frame."""
+        level = region.frame_level(hva)
+        if level == PG_LEVEL_2M:
+            region.frames[PG_LEVEL_2M][hva >> HPAGE_SHIFT] = HUGE_ZERO_PFN
+            return HUGE_ZERO_PFN + ((hva >> PAGE_SHIFT) & (pages_per_level(level) - 1)), level
+        if region.backing is Backing.THP:
+            region.split_2m.add(hva >> HPAGE_SHIFT)     # a table of 4K entries maps it now
+        region.frames[PG_LEVEL_4K][hva >> PAGE_SHIFT] = ZERO_PFN
+        return ZERO_PFN, PG_LEVEL_4K
+
     def _swap_in(self, region: HostRegion, page: int) -> tuple[int, int]:
         pfn = self.pfns.alloc(PG_LEVEL_4K)
         data = region.swapped.pop(page)
@@ -296,7 +319,10 @@ class HostMm:
         return pfn, PG_LEVEL_4K
 
     def put(self, pfn: int, level: int) -> None:
-        """Drop one mapping of the host page at pfn; free it with the last one."""
+        """Drop one mapping of the host page at pfn; free it with the last one. The zero
+        pages are never freed."""
+        if is_zero_pfn(pfn):
+            return
         sharers = self.ksm_pages.get(pfn)
         if sharers is not None:
             if sharers > 1:
@@ -307,11 +333,29 @@ class HostMm:
             del self.contents[p]
         self.pfns.free(pfn, level)
 
-    # -- the copy-on-write break of a KSM page (a write fault) ---------------------
+    # -- the copy-on-write break of a KSM page or the zero page (a write fault) -------
 
     def is_ksm(self, region: HostRegion, hva: int) -> bool:
         """Does hva map a KSM page (shared, write-protected) in `region`?"""
         return region.frames[PG_LEVEL_4K].get(hva >> PAGE_SHIFT) in self.ksm_pages
+
+    def is_cow(self, region: HostRegion, hva: int) -> bool:
+        """Does hva map a page a write must copy first: a KSM page, or the zero page?"""
+        found = region.mapped(hva)
+        return found is not None and (found[0] in self.ksm_pages or is_zero_pfn(found[0]))
+
+    def cow_hvas(self, region: HostRegion, start: int, end: int) -> list[int]:
+        """An hva in each page of [start, end) of `region` that a write must copy first
+        (one for a huge zero page)."""
+        hvas = [page << PAGE_SHIFT for page, pfn in
+                ((page, region.frames[PG_LEVEL_4K][page]) for page in
+                 keys_in(region.frames[PG_LEVEL_4K], start >> PAGE_SHIFT, end >> PAGE_SHIFT))
+                if pfn in self.ksm_pages or is_zero_pfn(pfn)]
+        huge = region.frames[PG_LEVEL_2M]
+        hvas += [max(start, frame << HPAGE_SHIFT) for frame in
+                 keys_in(huge, start >> HPAGE_SHIFT, ((end - 1) >> HPAGE_SHIFT) + 1)
+                 if huge[frame] == HUGE_ZERO_PFN]
+        return hvas
 
     def ksm_hvas(self, region: HostRegion, start: int, end: int) -> list[int]:
         """The hvas of the pages in [start, end) of `region` that map a KSM page."""
@@ -321,14 +365,23 @@ class HostMm:
                 if frames[page] in self.ksm_pages]
 
     async def unshare(self, region: HostRegion, hva: int) -> None:
-        """Break copy-on-write of the KSM page at hva (if it still maps one), as a write
-        fault does, under an invalidation of the page."""
+        """Break copy-on-write of the KSM page or zero page at hva (if it still maps
+        one), as a write fault does, under an invalidation of the page (of the whole 2M
+        for the huge zero page)."""
         page = hva & PAGE_MASK
         await self.update(region, page, page + PAGE_SIZE,
                           lambda: self._break_cow(region, page >> PAGE_SHIFT))
 
     def _break_cow(self, region: HostRegion, page: int) -> None:
-        """`wp_page_copy`: the page gets a private copy of the KSM page it mapped."""
+        """`wp_page_copy`: the page gets a private copy of the KSM page it mapped, or a
+        zeroed page of its own for the zero page (a THP for the huge zero page, as
+        `do_huge_zero_wp_pmd` allocates)."""
+        found = region.mapped(page << PAGE_SHIFT)
+        if found is not None and is_zero_pfn(found[0]):
+            level = found[1]
+            frame = page >> level_shift(level)
+            region.frames[level][frame] = self.pfns.alloc(level)
+            return
         frames = region.frames[PG_LEVEL_4K]
         kpfn = frames.get(page)
         if kpfn not in self.ksm_pages:
@@ -377,7 +430,7 @@ class HostMm:
             chunks = list(_page_chunks(start, len(window)))
             while True:
                 self._check_access(start, len(window), write=True)
-                shared = [h for h, _ in chunks if self.is_ksm(self.find(h), h)]
+                shared = [h for h, _ in chunks if self.is_cow(self.find(h), h)]
                 if not shared:
                     break
                 for chunk_hva in shared:
@@ -405,9 +458,11 @@ class HostMm:
         """Fail before touching anything if any byte of the range would fault."""
         if length < 0:
             raise einval(f"negative length {length}")
+        need = PROT_WRITE if write else PROT_READ
         for region, start, stop in self.spans(hva, hva + length, errno.EFAULT):
-            if write and not all(region.protections(start, stop)):
-                raise KvmError(errno.EFAULT, f"[{start:#x}, {stop:#x}) is mapped read-only")
+            if not region.allows(start, stop, need):
+                raise KvmError(errno.EFAULT, f"[{start:#x}, {stop:#x}) is not all mapped "
+                               + ("writable" if write else "readable"))
 
     def read_pfn(self, pfn: int, offset: int, length: int) -> bytes:
         page = self.contents.get(pfn)
@@ -419,6 +474,8 @@ class HostMm:
         """`write_pfn` of the one byte `value`: a guest's byte store, without slices."""
         page = self.contents.get(pfn)
         if page is None:
+            if is_zero_pfn(pfn):
+                raise VmBugged(f"write to the zero page (pfn {pfn:#x})")
             if not value:
                 return
             page = self.contents[pfn] = bytearray(PAGE_SIZE)
@@ -427,6 +484,8 @@ class HostMm:
     def write_pfn(self, pfn: int, offset: int, data: bytes) -> None:
         page = self.contents.get(pfn)
         if page is None:
+            if is_zero_pfn(pfn):
+                raise VmBugged(f"write to the zero page (pfn {pfn:#x})")
             if not any(data):
                 return
             page = self.contents[pfn] = bytearray(PAGE_SIZE)

@@ -6,7 +6,7 @@ MADV_POPULATE_WRITE faulting a range in up front).
     madvise_populate_write  every page is faulted in writable, its memory allocated
     migrate                 each page moves to a new pfn, contents kept
     swap_out                each page's contents go to swap; the next touch swaps it in anew
-    mprotect                PROT_WRITE removed (or restored) for part of a region
+    mprotect                PROT_NONE, PROT_READ or PROT_READ|PROT_WRITE for part of a region
     ksm_merge               pages with equal contents share one write-protected KSM page
     thp_split               a THP becomes 512 4K mappings of the same pfns (split_huge_pmd)
     thp_collapse            a 2M frame of 4K pages becomes one new THP (khugepaged)
@@ -31,7 +31,8 @@ from functools import partial
 
 from .errors import KvmError, einval
 from .host_mm import GIB, HostMm
-from .host_region import HPAGE_SHIFT, HPAGE_SIZE, HostRegion, keys_in
+from .host_region import (HPAGE_SHIFT, HPAGE_SIZE, PROT_EXEC, PROT_NONE, PROT_READ,
+                          PROT_RW, PROT_WRITE, HostRegion, is_zero_pfn, keys_in)
 from .resched import Timeslice
 from .types import (PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_2M, PG_LEVEL_4K, Backing, level_shift,
                     pages_per_level)
@@ -92,7 +93,7 @@ async def madvise_populate_write(mm: HostMm, hva: int, size: int) -> int:
     while True:
         chunks = _populate_range(mm, hva, end - hva)
         shared = [(region, page_hva) for region, start, stop in chunks
-                  for page_hva in mm.ksm_hvas(region, start, stop)]
+                  for page_hva in mm.cow_hvas(region, start, stop)]
         if shared:
             try:
                 for region, page_hva in shared:
@@ -119,7 +120,7 @@ def _populate_range(mm: HostMm, hva: int, size: int) -> list[tuple[HostRegion, i
         raise einval(f"[{hva:#x}, +{size:#x}) is not a non-empty page-aligned range")
     chunks = []
     for region, start, stop in mm.spans(hva, hva + size, errno.ENOMEM):
-        if not all(region.protections(start, stop)):
+        if not region.allows(start, stop, PROT_WRITE):
             raise einval(f"[{start:#x}, {stop:#x}) is not all mapped writable")
         chunks.append((region, start, stop))
     return chunks
@@ -165,7 +166,7 @@ def _migrate(mm: HostMm, region: HostRegion, start: int, end: int) -> int:
     for level, frames in region.frames.items():
         shift = PAGE_SHIFT + level_shift(level)
         for frame in keys_in(frames, start >> shift, ((end - 1) >> shift) + 1):
-            if mm.ksm_pages.get(frames[frame], 0) <= 1:
+            if mm.ksm_pages.get(frames[frame], 0) <= 1 and not is_zero_pfn(frames[frame]):
                 moving.append((level, frames, frame))
     # Every new frame is allocated before an old one is freed: no page lands on a pfn
     # that another page of this migration has just left.
@@ -200,8 +201,8 @@ def _swap_out(mm: HostMm, region: HostRegion, start: int, end: int) -> int:
     out = 0
     for page in keys_in(frames, start >> PAGE_SHIFT, end >> PAGE_SHIFT):
         pfn = frames[page]
-        if mm.ksm_pages.get(pfn, 0) > 1:
-            continue
+        if mm.ksm_pages.get(pfn, 0) > 1 or is_zero_pfn(pfn):
+            continue                        # shared, or the zero page: it stays mapped
         region.swapped[page] = mm.contents.get(pfn)
         del frames[page]
         mm.put(pfn, PG_LEVEL_4K)
@@ -209,19 +210,23 @@ def _swap_out(mm: HostMm, region: HostRegion, start: int, end: int) -> int:
     return out
 
 
-async def mprotect(mm: HostMm, hva: int, size: int, writable: bool) -> None:
-    """Set the protection of [hva, hva + size). Removing write invalidates the range, and
-    so does splitting a THP the range covers in part; granting write alone does not:
-    a secondary MMU finds the new permission at its next fault."""
+async def mprotect(mm: HostMm, hva: int, size: int, prot: int) -> None:
+    """Set the protection of [hva, hva + size) to `prot` (PROT_* bits; on x86 PROT_WRITE
+    and PROT_EXEC imply PROT_READ, and PROT_EXEC means nothing to KVM). Removing a
+    permission invalidates the range, and so does splitting a THP the range covers in
+    part; granting one alone does not: a secondary MMU finds it at its next fault."""
+    if prot & ~(PROT_RW | PROT_EXEC):
+        raise einval(f"prot {prot:#x} has bits other than PROT_READ|PROT_WRITE|PROT_EXEC")
+    prot = (PROT_READ if prot else PROT_NONE) | prot & PROT_WRITE
     region = _range(mm, hva, size, huge_aligned=True)
     end = hva + size
 
     def apply() -> None:
         region.split_partial(hva, end)
-        region.protect(hva, end, writable)
+        region.protect(hva, end, prot)
 
     if region.covers_huge_in_part(hva, end) or \
-            (not writable and any(region.protections(hva, end))):
+            any(old & ~prot for old in region.protections(hva, end)):
         await mm.update(region, hva, end, apply)
     else:
         apply()
@@ -241,7 +246,7 @@ async def ksm_merge(mm: HostMm, hvas: Sequence[int]) -> int:
     for hva in hvas:
         region = mm.find(hva)
         found = region.mapped(hva)
-        if found is not None:
+        if found is not None and not is_zero_pfn(found[0]):
             groups.setdefault(mm.read_pfn(found[0], 0, PAGE_SIZE), []).append((region, hva))
     # ksmd reschedules between pages: every step below is one page's own invalidation,
     # which checks that page again, so other tasks may run between two.

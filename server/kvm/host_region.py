@@ -1,10 +1,13 @@
 """One region of the VMM's address space (a VMA) and the state of every page in it.
 
 A page of a region is in one of three states: not populated (reads as zero on first
-touch), mapped by a host page (4K, or part of a 2M THP or a 1G hugetlb page), or swapped
-out (its contents wait in `swapped` for the next touch). Besides, each page has a
-protection (writable or not), kept as a step function over the region so that mprotect
-of any part of it costs a few steps, not a flag per page.
+touch), mapped by a host page (4K, or part of a 2M THP or a 1G hugetlb page; for private
+anonymous memory that has only been read, the shared zero page or the huge zero page,
+read-only: a write breaks copy-on-write), or swapped out (its contents wait in `swapped` for the next touch). Besides, each page has a
+protection (PROT_NONE, PROT_READ or PROT_READ | PROT_WRITE), kept as a step function over
+the region so that mprotect of any part of it costs a few steps, not a flag per page. A
+PROT_NONE page keeps its host page (the kernel keeps it behind a PROT_NONE PTE), but no
+access may be made through it.
 
 Invariants: a page is mapped at one level at most, and never both mapped and swapped; a
 2M frame of a THP region that holds 4K mappings is in `split_2m` (mapped through a table of
@@ -21,11 +24,26 @@ from dataclasses import dataclass
 from .types import (PAGE_SHIFT, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, Backing,
                     level_shift, pages_per_level)
 
-__all__ = ["HostRegion", "HostRegionInfo", "HPAGE_SHIFT", "HPAGE_SIZE", "keys_in"]
+__all__ = ["HostRegion", "HostRegionInfo", "HPAGE_SHIFT", "HPAGE_SIZE", "keys_in",
+           "PROT_NONE", "PROT_READ", "PROT_WRITE", "PROT_EXEC", "PROT_RW",
+           "ZERO_PFN", "HUGE_ZERO_PFN", "is_zero_pfn"]
 
 HPAGE_SHIFT = PAGE_SHIFT + level_shift(PG_LEVEL_2M)    # a THP: 2M
 HPAGE_SIZE = 1 << HPAGE_SHIFT
 _HUGE_LEVELS = (PG_LEVEL_1G, PG_LEVEL_2M)
+PROT_NONE, PROT_READ, PROT_WRITE, PROT_EXEC = 0, 1, 2, 4     # mprotect(2)'s bits
+PROT_RW = PROT_READ | PROT_WRITE
+# The shared zero page and the huge zero page (2M, naturally aligned): what a read of
+# private anonymous memory never touched maps, read-only, in every region. Below the
+# frames of page tables and of the host: they are never allocated or freed.
+HUGE_ZERO_PFN = 0x200
+ZERO_PFN = 0x400
+_HUGE_ZERO_END = HUGE_ZERO_PFN + pages_per_level(PG_LEVEL_2M)
+
+
+def is_zero_pfn(pfn: int) -> bool:
+    """Is pfn the zero page or a 4K page of the huge zero page?"""
+    return pfn == ZERO_PFN or HUGE_ZERO_PFN <= pfn < _HUGE_ZERO_END
 
 
 @dataclass(frozen=True)
@@ -34,7 +52,8 @@ class HostRegionInfo:
     size: int
     backing: Backing
     writable: bool               # every page of the region is mapped with PROT_WRITE
-    populated_4k_pages: int
+    populated_4k_pages: int      # 4K pages with a frame of their own (zero page excluded)
+    zero_pages: int = 0          # 4K pages mapping the zero page (or the huge zero page)
 
 
 class HostRegion:
@@ -42,7 +61,7 @@ class HostRegion:
     `swapped` maps a 4K page number (hva >> 12) to the contents it had when it left."""
 
     __slots__ = ("hva", "size", "end", "backing", "page_level", "frames", "split_2m",
-                 "swapped", "_prot_at", "_prot_writable", "_prot_uniform")
+                 "swapped", "_prot_at", "_prot", "_prot_uniform")
 
     def __init__(self, hva: int, size: int, backing: Backing, writable: bool) -> None:
         self.hva, self.size, self.end = hva, size, hva + size
@@ -52,15 +71,23 @@ class HostRegion:
                                                    PG_LEVEL_1G: {}}
         self.split_2m: set[int] = set()
         self.swapped: dict[int, bytearray | None] = {}
-        self._set_steps([(hva, writable)])
+        self._set_steps([(hva, PROT_RW if writable else PROT_READ)])
 
     @property
     def writable(self) -> bool:
-        return all(self._prot_writable)
+        return all(prot & PROT_WRITE for prot in self._prot)
 
     def info(self) -> HostRegionInfo:
-        populated = sum(len(f) * pages_per_level(level) for level, f in self.frames.items())
-        return HostRegionInfo(self.hva, self.size, self.backing, self.writable, populated)
+        populated = zero = 0
+        for level, frames in self.frames.items():
+            pages = pages_per_level(level)
+            for base in frames.values():
+                if is_zero_pfn(base):
+                    zero += pages
+                else:
+                    populated += pages
+        return HostRegionInfo(self.hva, self.size, self.backing, self.writable, populated,
+                              zero)
 
     # -- host pages ------------------------------------------------------------------
 
@@ -139,41 +166,48 @@ class HostRegion:
 
     # -- protection: a step function over [hva, end) --------------------------------
 
-    def protections(self, start: int, end: int) -> list[bool]:
+    def protections(self, start: int, end: int) -> list[int]:
         """The protection of each step that overlaps [start, end), in order."""
         first = bisect.bisect_right(self._prot_at, start) - 1
         last = bisect.bisect_left(self._prot_at, end)
-        return self._prot_writable[first:last]
+        return self._prot[first:last]
+
+    def allows(self, start: int, end: int, prot: int) -> bool:
+        """Does every page of [start, end) allow the accesses of `prot`?"""
+        return all(p & prot == prot for p in self.protections(start, end))
+
+    def prot_at(self, hva: int) -> int:
+        prot = self._prot_uniform
+        if prot is None:
+            prot = self._prot[bisect.bisect_right(self._prot_at, hva) - 1]
+        return prot
 
     def writable_at(self, hva: int) -> bool:
-        writable = self._prot_uniform
-        if writable is None:
-            writable = self._prot_writable[bisect.bisect_right(self._prot_at, hva) - 1]
-        return writable
+        return bool(self.prot_at(hva) & PROT_WRITE)
 
     def uniform(self, start: int, end: int) -> bool:
         return len(self.protections(start, end)) == 1
 
-    def protect(self, start: int, end: int, writable: bool) -> None:
+    def protect(self, start: int, end: int, prot: int) -> None:
         """Set the protection of [start, end); neighbouring equal steps merge."""
-        steps = list(zip(self._prot_at, self._prot_writable))
+        steps = list(zip(self._prot_at, self._prot))
         first = bisect.bisect_left(self._prot_at, start)
         last = bisect.bisect_right(self._prot_at, end)
-        middle = [(start, writable)]
+        middle = [(start, prot)]
         if end < self.end:
-            middle.append((end, self.writable_at(end)))
-        merged: list[tuple[int, bool]] = []
+            middle.append((end, self.prot_at(end)))
+        merged: list[tuple[int, int]] = []
         for at, w in steps[:first] + middle + steps[last:]:
             if not merged or merged[-1][1] != w:
                 merged.append((at, w))
         self._set_steps(merged)
 
-    def _set_steps(self, steps: list[tuple[int, bool]]) -> None:
-        """(start, writable) of each protection step, ascending, the first at `hva`."""
+    def _set_steps(self, steps: list[tuple[int, int]]) -> None:
+        """(start, prot) of each protection step, ascending, the first at `hva`."""
         self._prot_at = [at for at, _ in steps]
-        self._prot_writable = [w for _, w in steps]
+        self._prot = [prot for _, prot in steps]
         # The protection of the whole region when it has one: every fault asks
-        # `writable_at`, and most regions are never mprotected in part.
+        # `prot_at`, and most regions are never mprotected in part.
         self._prot_uniform = steps[0][1] if len(steps) == 1 else None
 
 

@@ -15,7 +15,7 @@ from array import array
 from dataclasses import dataclass
 
 from .errors import KvmError, einval
-from .types import PAGE_SHIFT, PAGE_SIZE
+from .types import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE_MAX
 
 __all__ = [
     "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "KVM_MEMSLOT_INVALID",
@@ -33,7 +33,6 @@ KVM_MEM_SLOTS_NUM = 32767         # SHRT_MAX
 KVM_USER_MEM_SLOTS = 32764        # minus the three x86 private slots
 KVM_ADDRESS_SPACE_NUM = 2
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
-TASK_SIZE_MAX = 1 << 47           # user addresses of a 4-level host
 
 
 class MemslotChange(enum.Enum):

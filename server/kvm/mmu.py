@@ -56,7 +56,7 @@ __all__ = ["page_fault", "hugepage_adjust", "page_fault_can_be_fast", "can_be_fa
 # (GUEST_FINAL is bit 32) makes each test of it a big-int operation.
 FAULT_BITS = PFERR_PRESENT_MASK | PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_RSVD_MASK | \
     PFERR_FETCH_MASK
-FAST_PF_TRIES = 4                # walks of one fast page fault whose cmpxchg lost a race
+FAST_PF_TRIES = 5                # walks: KVM gives up once its retry count exceeds 4
 _FAST_PF_TRIES = range(FAST_PF_TRIES)
 _PRESENT_WRITE = PFERR_PRESENT_MASK | PFERR_WRITE_MASK
 _PRESENT_WRITE_RSVD = _PRESENT_WRITE | PFERR_RSVD_MASK

@@ -70,6 +70,9 @@ class Notifier:
                 flush = await vm.tdp.unmap_gfn_range(as_id, gfn_start, gfn_end) or flush
             if flush and "skip_zap_tlb_flush" not in vm.knobs:
                 vm.flush_remote_tlbs()
+            if vm.sanitizers is not None:
+                for as_id, gfn_start, gfn_end in hits:
+                    vm.sanitizers.check_range_unmapped(as_id, gfn_start, gfn_end)
 
     async def invalidate_range_end(self, start: int, end: int) -> None:
         if self.vm.tracer.on:

@@ -1,7 +1,7 @@
 """Sanitizers: the oracles that say the model did what KVM promises, checked as it runs.
 
 - `stale-translation`: every access a vCPU completes used the pfn the host maps for that
-  gfn's hva at that moment, and no access used a mapping of a range whose invalidation has
+  gfn's hva at that moment (and a write never the zero page), and no access used a mapping of a range whose invalidation has
   begun and not ended (the MMU-notifier contract: once start returns, no vCPU uses an old
   mapping);
 - `no-new-mapping-during-invalidation`: no leaf SPTE is installed for a gfn whose hva is in
@@ -15,6 +15,12 @@
   bitmap or by an entry in a vCPU's dirty ring that no reset has recycled. The vCPU
   reports each completed write (`guest_wrote`); a slot is watched from the moment
   enabling its log has returned until logging goes off;
+- `invalid-root-maps-invalidated-range`: once an MMU-notifier invalidation has zapped and
+  flushed, no root maps the range, invalid roots included (their zap may not have got
+  there yet; the valid roots are checked by every access, by `stale-translation`);
+- `root-freed-with-sptes`: a root whose last reference goes is empty: every zap of an
+  invalid root has run, and no fault mapped into it after it was zapped (a table left
+  under it would never be freed);
 - use-after-free of page-table pages is caught where tables are read (`UseAfterFree`);
 - lock contracts are asserted by `MmuLock` wherever they are stated.
 
@@ -27,19 +33,26 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .errors import VmBugged
+from .host_region import is_zero_pfn
+from .spte import MMU_PRESENT, is_leaf_present
+from .tdp_iter import TdpIter
 from .types import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, pages_per_level
 
 if TYPE_CHECKING:
     from .memslots import Memslot
+    from .mmu_page import MmuPage
     from .vm import Vm
 
 __all__ = ["Sanitizers", "SanitizerViolation", "STALE_TRANSLATION", "NO_NEW_MAPPING",
-           "STALE_GPC", "NO_LOST_DIRTY_PAGE"]
+           "STALE_GPC", "NO_LOST_DIRTY_PAGE", "INVALID_ROOT_MAPS_RANGE",
+           "ROOT_FREED_WITH_SPTES"]
 
 STALE_TRANSLATION = "stale-translation"
 NO_NEW_MAPPING = "no-new-mapping-during-invalidation"
 STALE_GPC = "stale-gpc"
 NO_LOST_DIRTY_PAGE = "no-lost-dirty-page"
+INVALID_ROOT_MAPS_RANGE = "invalid-root-maps-invalidated-range"
+ROOT_FREED_WITH_SPTES = "root-freed-with-sptes"
 
 
 class SanitizerViolation(VmBugged):
@@ -90,6 +103,9 @@ class Sanitizers:
             host = "nothing" if current is None else f"pfn {current:#x}"
             self.violation(STALE_TRANSLATION, gfn, f"access through pfn {pfn:#x}, but the "
                            f"host maps {host} at hva {hva:#x}")
+        if write and is_zero_pfn(pfn):
+            self.violation(STALE_TRANSLATION, gfn, f"write through the zero page (pfn "
+                           f"{pfn:#x}) at hva {hva:#x}: copy-on-write was not broken")
         if write and slot.dirty_logging:
             self.guest_wrote(slot, gfn)
 
@@ -116,6 +132,28 @@ class Sanitizers:
             host = "nothing" if current is None else f"pfn {current:#x}"
             self.violation(STALE_GPC, gpa >> PAGE_SHIFT, f"gpc {gpc_id} is valid with pfn "
                            f"{pfn:#x}, but the host maps {host} at hva {uhva:#x}")
+
+    def check_range_unmapped(self, as_id: int, start: int, end: int) -> None:
+        """An MMU-notifier invalidation of gfns [start, end) has zapped and flushed: no
+        invalid root of `as_id` maps any of them."""
+        vm = self.vm
+        with vm.rcu.read_lock():
+            for root in vm.tdp.roots:
+                if root.as_id != as_id or not root.invalid:
+                    continue
+                for it in TdpIter(root, start, end):
+                    if is_leaf_present(it.old_spte, it.level):
+                        self.violation(INVALID_ROOT_MAPS_RANGE, max(it.gfn, start),
+                                       f"invalid {root!r} still maps it at level {it.level} "
+                                       "after the invalidation's zap")
+
+    def check_root_freed(self, root: "MmuPage") -> None:
+        """The last reference to `root` is going: nothing may be mapped under it."""
+        for i, spte in enumerate(root.spt):
+            if spte & MMU_PRESENT:
+                self.violation(ROOT_FREED_WITH_SPTES, root.gfn + (i << 9 * (root.level - 1)),
+                               f"{root!r} is freed with entry {i} present ({spte:#x}): "
+                               "what it maps would never be freed")
 
     # -- no lost dirty page (dirty_log.py) ---------------------------------------------
 

@@ -34,4 +34,4 @@ class VcpuStats(_Stats):
     __slots__ = ("pf_taken", "pf_fixed", "pf_emulate", "pf_spurious", "pf_fast",
                  "pf_mmio_spte_created", "pf_guest", "pf_retry", "tlb_flush", "exits",
                  "mmio_exits", "ept_violations", "ept_misconfigs", "mmio_spte_hits",
-                 "accesses")
+                 "accesses", "halt_exits")

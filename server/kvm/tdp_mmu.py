@@ -74,6 +74,8 @@ class TdpMmu:
         if root.root_refs == 0:
             if not root.invalid:
                 raise VmBugged(f"last reference to valid root {root!r} dropped")
+            if self.sanitizers is not None:
+                self.sanitizers.check_root_freed(root)
             self.roots.remove(root)
             self.stat.tdp_mmu_pages -= 1
             self.rcu.call_rcu(lambda: self.tables.free(root))

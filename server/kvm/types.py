@@ -12,7 +12,7 @@ from typing import NewType
 
 __all__ = [
     "Gpa", "Gfn", "Hva", "Pfn",
-    "PAGE_SHIFT", "PAGE_SIZE", "PAGE_MASK", "PT_ENTRIES",
+    "PAGE_SHIFT", "PAGE_SIZE", "PAGE_MASK", "PT_ENTRIES", "TASK_SIZE_MAX",
     "PG_LEVEL_4K", "PG_LEVEL_2M", "PG_LEVEL_1G", "MAX_HUGEPAGE_LEVEL",
     "level_shift", "pages_per_level", "gfn_round_down",
     "Backing", "AccessKind",
@@ -28,6 +28,10 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = ~(PAGE_SIZE - 1)
 PT_ENTRIES = 512          # SPTEs in one page-table page
 PT_INDEX_BITS = 9
+# The end of the user address space of a 4-level x86-64 host: one page below 2^47 (the
+# last page is a guard against speculation past the canonical boundary). mmap places
+# nothing above it, and a memslot's hva range must end at or below it (`access_ok`).
+TASK_SIZE_MAX = (1 << 47) - PAGE_SIZE
 
 PG_LEVEL_4K = 1
 PG_LEVEL_2M = 2

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from .spte import (ACCESSED, BASE_ADDR_MASK, DIRTY, EXECUTABLE, LARGE, MMIO_MASK, MMIO_VALUE,
                    READABLE, RWX, WRITABLE)
-from .batch import OP_KIND_MASK, OP_WITH_DATA, AccessBatch, op_size
+from .batch import OP_HLT, OP_KIND_MASK, OP_WITH_DATA, AccessBatch, op_size
 from .errors import KvmError, VmBugged
 from .mmu import page_fault
 from .mmu_internal import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY
@@ -43,13 +43,15 @@ if TYPE_CHECKING:
 
 __all__ = ["Vcpu", "VcpuInfo", "RunResult", "Exit", "ExitReason",
            "KVM_REQ_TLB_FLUSH", "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS", "KVM_REQ_VM_DEAD",
-           "KVM_REQ_DIRTY_RING_SOFT_FULL", "TLB_CAPACITY"]
+           "KVM_REQ_DIRTY_RING_SOFT_FULL", "TLB_CAPACITY", "KVM_INTERNAL_ERROR_EMULATION"]
 
 TLB_CAPACITY = 1 << 14                 # entries: 4096 pages with R, W and X
 KVM_REQ_TLB_FLUSH = 1 << 0
 KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 1
 KVM_REQ_VM_DEAD = 1 << 2           # never cleared: the VM is dead or destroyed
 KVM_REQ_DIRTY_RING_SOFT_FULL = 1 << 3   # cleared at an entry that finds the ring reset
+KVM_INTERNAL_ERROR_EMULATION = 1        # kvm_run->internal.suberror: emulation failed
+_HLT = -1                    # `_exit_error_code` of an HLT: not a fault (error codes are >= 0)
 
 _SIZE = tuple(op_size(op) for op in range(256))
 _PAGE_OFFSET = PAGE_SIZE - 1
@@ -81,6 +83,8 @@ def _access_error_code(kind: int, rwx: int) -> int:
 # (An op without a kind is no access: batches reject it.)
 _EXIT = tuple(tuple(_access_error_code(op & OP_KIND_MASK, rwx) for rwx in range(8))
               if op & OP_KIND_MASK else None for op in range(256))
+_HALTS = (_HLT,) * 8
+_EXIT = _EXIT[:OP_HLT] + (_HALTS,) + _EXIT[OP_HLT + 1:]
 
 
 class ExitReason(enum.Enum):
@@ -89,6 +93,7 @@ class ExitReason(enum.Enum):
     MEMORY_FAULT = "memory_fault"
     INTERNAL_ERROR = "internal_error"
     DIRTY_RING_FULL = "dirty_ring_full"   # harvest and reset the ring, then run again
+    HLT = "hlt"                           # the guest halted: KVM_EXIT_HLT
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ class Exit:
     data: bytes = b""
     errno: int = 0
     message: str = ""
+    suberror: int = 0          # of an INTERNAL_ERROR: KVM_INTERNAL_ERROR_*, 0 for a dead VM
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,7 @@ _DONE = Exit(ExitReason.DONE)
 # run loop's need_resched check even when it never faults.
 GUEST_TICK = 256
 TIMER_TICK = -1
+_HALTED = Exit(ExitReason.HLT)
 
 
 class Vcpu:
@@ -162,25 +169,30 @@ class Vcpu:
 
     async def run(self, batch: AccessBatch | None = None,
                   mmio_data: bytes | None = None) -> RunResult:
-        """Run `batch` from its start, or complete a pending MMIO and resume."""
+        """KVM_RUN: run `batch` from its start; or complete a pending MMIO and resume; or,
+        given neither, resume the batch where the last step left it, as KVM_RUN does
+        after any exit: the access that ended it with a MEMORY_FAULT or an
+        INTERNAL_ERROR is tried again, and after an HLT or DIRTY_RING_FULL the batch
+        goes on."""
         self.vm.check_alive()
         if self._running:
             raise KvmError(errno.EBUSY, f"vCPU {self.id} is already running")
-        if mmio_data is None and batch is None:
-            raise KvmError(errno.EINVAL, "run needs a batch or an MMIO completion")
         if batch is not None and mmio_data is not None:
             raise KvmError(errno.EINVAL, "a batch and an MMIO completion in one run")
-        if batch is not None and self._mmio is not None:
-            raise KvmError(errno.EBUSY, f"vCPU {self.id} has an MMIO exit at gpa "
-                           f"{self._mmio.gpa:#x} to complete first")
         if mmio_data is not None:
             self._check_mmio_completion(mmio_data)
+        elif self._mmio is not None:
+            raise KvmError(errno.EBUSY, f"vCPU {self.id} has an MMIO exit at gpa "
+                           f"{self._mmio.gpa:#x} to complete first")
+        elif batch is None and (self._batch is None or self._pos >= len(self._batch)):
+            raise KvmError(errno.EINVAL, f"vCPU {self.id} has no batch left to resume: "
+                           "run needs a batch")
         self._running = True
         try:
             if batch is not None:
                 self._batch, self._pos, self._wpos = batch, 0, 0
                 self._read_data = bytearray()
-            else:
+            elif mmio_data is not None:
                 self._complete_mmio(mmio_data)
             return await self._run_loop()
         except VmBugged as bug:
@@ -233,6 +245,11 @@ class Vcpu:
                 if i >= n:
                     return self._result(_DONE)
                 error_code = self._exit_error_code
+                if error_code == _HLT:
+                    self._pos = i + 1              # HLT retired: a resume goes on after it
+                    stats.exits += 1
+                    stats.halt_exits += 1
+                    return self._result(_HALTED)
                 if error_code == TIMER_TICK:
                     await timeslice.cond_resched()
                     continue
@@ -254,6 +271,8 @@ class Vcpu:
                         await timeslice.cond_resched()
                     continue
                 if r is RET_PF_EMULATE:
+                    if batch.ops[i] & OP_KIND_MASK == _EXEC:
+                        return self._emulation_failure(i)
                     return self._mmio_exit(i)
                 if r is RET_PF_RETRY:
                     await vm.sched.point("vcpu.retry")
@@ -270,6 +289,17 @@ class Vcpu:
         if self.vm.tracer.on:
             self.vm.tracer.emit("kvm_dirty_ring_exit", vcpu=self.id)
         return self._result(Exit(ExitReason.DIRTY_RING_FULL))
+
+    def _emulation_failure(self, i: int) -> RunResult:
+        """An instruction fetch from a gpa no memslot backs: the emulator cannot fetch
+        the instruction (`handle_emulation_failure`), KVM_EXIT_INTERNAL_ERROR with
+        suberror KVM_INTERNAL_ERROR_EMULATION."""
+        batch = self._batch
+        gpa, size = batch.gpas[i], op_size(batch.ops[i])
+        return self._result(Exit(ExitReason.INTERNAL_ERROR, gpa=gpa, length=size,
+                                 suberror=KVM_INTERNAL_ERROR_EMULATION,
+                                 message=f"emulation failure: instruction fetch from gpa "
+                                 f"{gpa:#x}, which no memslot backs"))
 
     def _mmio_exit(self, i: int) -> RunResult:
         batch = self._batch
@@ -392,12 +422,16 @@ class Vcpu:
 
         A walk starts at the 4K-level table the paging-structure cache holds for the gfn,
         else at the root."""
+        exits = _EXIT[op]
+        if exits is _HALTS:
+            self._exit_error_code = _HLT
+            return None
         gfn = gpa >> 12
         page = self.pde_cache.get(gfn >> 9)
         if page is None:
             stop = self._walk_upper(gfn)
             if stop is None:
-                self._exit_error_code = _EXIT[op][0]
+                self._exit_error_code = exits[0]
                 return None
             spt, index, shift = stop
         elif page.freed:
@@ -405,7 +439,7 @@ class Vcpu:
         else:
             spt, index, shift = page.spt, gfn & 511, 0
         spte = spt[index]
-        error_code = _EXIT[op][spte & RWX]
+        error_code = exits[spte & RWX]
         if error_code:
             self._exit_error_code = error_code
             return None

@@ -10,15 +10,16 @@ never takes `slots_lock`; memslot publication waits for `mn_active_invalidate_co
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import errno
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
-from . import aging, dirty_log, host_ops
+from . import aging, caps, dirty_log, host_ops
 from . import spte as S
 from .dirty_log import BYTE_IN_WORD
 from .dirty_ring import DIRTY_GFN_BYTES, DirtyGfn, DirtyRing, check_ring_size
@@ -26,6 +27,7 @@ from .errors import KvmError, NoSuchObject, VmBugged, einval
 from .gpc import GPC_POLICIES, Gpcs
 from .held import HeldInvalidation, HeldInvalidationInfo, HeldInvalidations, HoldState
 from .host_mm import HostMm, HostRegionInfo
+from .host_region import is_zero_pfn
 from .memslots import (KVM_ADDRESS_SPACE_NUM, KVM_MEMSLOT_INVALID, Memslot, MemslotChange,
                        MemslotInfo, Memslots, check_region)
 from .mmu import can_be_fast_table
@@ -137,6 +139,7 @@ class SpteInfo:
     dirty: bool
     host_writable: bool
     mmu_writable: bool
+    zero_page: bool = False      # a leaf of the zero page (or the huge zero page)
 
 
 class VmState(enum.Enum):
@@ -155,6 +158,11 @@ class Vm:
         self.state = VmState.ALIVE
         self.death: str = ""
         self.ad_enabled = config.ad_bits
+        # The dirty-logging capabilities (caps.py): the configuration's, until
+        # KVM_ENABLE_CAP changes them.
+        self.manual_dirty_log_protect = config.manual_dirty_log_protect
+        self.dirty_ring_size = config.dirty_ring_size
+        self.dirty_ring_with_bitmap = config.dirty_ring_with_bitmap
         self.can_be_fast = can_be_fast_table(self)         # by the error code's bits
         self.max_gfn = (1 << (config.gpa_bits - PAGE_SHIFT)) - 1
         self.stat = VmStats()
@@ -221,7 +229,12 @@ class Vm:
             vcpu.make_request(KVM_REQ_VM_DEAD)
 
     def info(self) -> VmInfo:
-        return VmInfo(self.id, self.config.name, self.config, len(self._vcpus),
+        """The configuration in it has the capabilities as enabled now."""
+        config = dataclasses.replace(
+            self.config, manual_dirty_log_protect=self.manual_dirty_log_protect,
+            dirty_ring_size=self.dirty_ring_size,
+            dirty_ring_with_bitmap=self.dirty_ring_with_bitmap)
+        return VmInfo(self.id, self.config.name, config, len(self._vcpus),
                       sum(len(s) for s in self.memslot_sets), len(self.host.regions()),
                       self.state is VmState.DEAD)
 
@@ -326,7 +339,7 @@ class Vm:
         if vcpu_id in self._vcpus:
             raise KvmError(errno.EEXIST, f"vCPU {vcpu_id} exists")
         vcpu = self._vcpus[vcpu_id] = Vcpu(self, vcpu_id)
-        ring_size = self.config.dirty_ring_size
+        ring_size = self.dirty_ring_size
         vcpu.dirty_ring = DirtyRing(ring_size // DIRTY_GFN_BYTES) if ring_size else None
         return vcpu
 
@@ -370,6 +383,11 @@ class Vm:
             slot.dirty_bitmap.bytes[offset >> 3 ^ BYTE_IN_WORD] |= _BIT_IN_BYTE[offset & 7]
 
     # -- dirty logging (dirty_log.py) -------------------------------------------------
+
+    async def enable_cap(self, cap: int, flags: int = 0, args: Sequence[int] = ()) -> None:
+        """KVM_ENABLE_CAP on the VM: the dirty-logging capabilities (caps.py)."""
+        self.check_alive()
+        await caps.enable_cap(self, cap, flags, args)
 
     async def get_dirty_log(self, slot: int) -> bytes:
         """KVM_GET_DIRTY_LOG of `slot` (`as_id << 16 | id`): one bit per page, LSB first.
@@ -453,11 +471,12 @@ class Vm:
         self._trace_host_op("swap_out", hva, hva + size, out)
         return out
 
-    async def mprotect(self, hva: int, size: int, writable: bool) -> None:
-        """mprotect(PROT_READ, or PROT_READ | PROT_WRITE) of part of a region."""
+    async def mprotect(self, hva: int, size: int, prot: int) -> None:
+        """mprotect(2) of part of a region: `prot` is PROT_NONE, or PROT_READ with or
+        without PROT_WRITE (PROT_EXEC is accepted and means nothing to KVM)."""
         self.check_alive()
         with self._dies_on_bug():
-            await host_ops.mprotect(self.host, hva, size, writable)
+            await host_ops.mprotect(self.host, hva, size, prot)
         self._trace_host_op("mprotect", hva, hva + size)
 
     async def ksm_merge(self, hvas: list[int]) -> int:
@@ -527,4 +546,5 @@ def _spte_info(level: int, gfn: int, index: int, value: int) -> SpteInfo:
                     present and bool(value & S.READABLE), present and S.is_writable(value),
                     present and bool(value & S.EXECUTABLE), present and S.is_large(value),
                     present and S.is_accessed(value), present and S.is_dirty(value),
-                    S.is_host_writable(value), S.is_mmu_writable(value))
+                    S.is_host_writable(value), S.is_mmu_writable(value),
+                    kind == "leaf" and is_zero_pfn(S.spte_to_pfn(value)))

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf import duration_pb2
 
-from vmmu.server.kvm import AccessBatch, Backing, ExitReason, VmConfig
+from vmmu.server.kvm import (PROT_NONE, PROT_READ, PROT_WRITE, AccessBatch, Backing,
+                             ExitReason, VmConfig)
 from vmmu.server.kvm.errors import einval
 from vmmu.server.kvm.held import HoldState
 from vmmu.server.kvm.trace import DEFAULT_CAPACITY
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "vm_config", "vm_info", "spte",
-    "backing", "host_region", "madvise",
+    "backing", "host_region", "madvise", "protection",
     "memslot",
     "vcpu_info", "run_step", "run_result",
     "lease_s", "held_invalidation",
@@ -42,6 +43,9 @@ _EXIT_REASON_TO_WIRE = {r: vcpu_pb2.ExitReason.Value(f"EXIT_REASON_{r.name}")
 _SPTE_KINDS = ("non-present", "frozen", "mmio", "table", "leaf")
 _SPTE_KIND_TO_WIRE = {k: vm_pb2.SpteKind.Value("SPTE_KIND_" + k.upper().replace("-", "_"))
                       for k in _SPTE_KINDS}
+_PROTECTION_FROM_WIRE = {host_memory_pb2.PROTECTION_NONE: PROT_NONE,
+                         host_memory_pb2.PROTECTION_READ: PROT_READ,
+                         host_memory_pb2.PROTECTION_READ_WRITE: PROT_READ | PROT_WRITE}
 _MADVISE_FROM_WIRE = {host_memory_pb2.ADVICE_DONTNEED: "madvise_dontneed",
                       host_memory_pb2.ADVICE_POPULATE_WRITE: "madvise_populate_write"}
 _HOLD_STATE_TO_WIRE = {s: notifier_pb2.HoldState.Value(f"HOLD_STATE_{s.name}")
@@ -95,7 +99,8 @@ def spte(info: SpteInfo) -> vm_pb2.Spte:
         kind=_SPTE_KIND_TO_WIRE[info.kind], pfn=info.pfn,
         readable=info.readable, writable=info.writable, executable=info.executable,
         large=info.large, accessed=info.accessed, dirty=info.dirty,
-        host_writable=info.host_writable, mmu_writable=info.mmu_writable)
+        host_writable=info.host_writable, mmu_writable=info.mmu_writable,
+        zero_page=info.zero_page)
 
 
 # -- host memory -----------------------------------------------------------------------
@@ -111,7 +116,8 @@ def backing(value: int) -> Backing:
 def host_region(info: HostRegionInfo) -> host_memory_pb2.HostRegion:
     return host_memory_pb2.HostRegion(
         hva=info.hva, size=info.size, backing=_BACKING_TO_WIRE[info.backing],
-        read_only=not info.writable, populated_4k_pages=info.populated_4k_pages)
+        read_only=not info.writable, populated_4k_pages=info.populated_4k_pages,
+        zero_pages=info.zero_pages)
 
 
 def madvise(vm: Vm, advice: int) -> Callable[[int, int], Awaitable[int | None]]:
@@ -122,6 +128,16 @@ def madvise(vm: Vm, advice: int) -> Callable[[int, int], Awaitable[int | None]]:
             else str(advice)
         raise einval(f"advice {name} is not a valid advice")
     return getattr(vm, _MADVISE_FROM_WIRE[advice])
+
+
+def protection(request: host_memory_pb2.MprotectRequest) -> int:
+    """mprotect's prot bits for the request's protection."""
+    if request.protection not in _PROTECTION_FROM_WIRE:
+        values = host_memory_pb2.Protection.values()
+        name = host_memory_pb2.Protection.Name(request.protection) \
+            if request.protection in values else str(request.protection)
+        raise einval(f"protection {name} is not a valid protection")
+    return _PROTECTION_FROM_WIRE[request.protection]
 
 
 # -- memslots --------------------------------------------------------------------------
@@ -140,14 +156,17 @@ def vcpu_info(info: VcpuInfo) -> vcpu_pb2.VcpuInfo:
 
 def run_step(request: vcpu_pb2.RunRequest | vcpu_pb2.RunBatchRequest
              ) -> dict[str, AccessBatch | bytes]:
-    """The keyword arguments of `Vcpu.run` for one step: a batch or an MMIO completion."""
+    """The keyword arguments of `Vcpu.run` for one step: a batch, an MMIO completion,
+    or none (a resume)."""
     step = request.WhichOneof("step")
     if step == "batch":
         b = request.batch
         return {"batch": AccessBatch.from_wire(b.gpas, b.ops, b.write_data)}
     if step == "mmio_completion":
         return {"mmio_data": request.mmio_completion.data}
-    raise einval(f"{type(request).__name__} needs a batch or an mmio_completion")
+    if step == "resume":
+        return {}
+    raise einval(f"{type(request).__name__} needs a batch, an mmio_completion or a resume")
 
 
 def run_result(result: RunResult) -> vcpu_pb2.RunResult:
@@ -156,7 +175,7 @@ def run_result(result: RunResult) -> vcpu_pb2.RunResult:
         completed=result.completed,
         exit=vcpu_pb2.Exit(reason=_EXIT_REASON_TO_WIRE[e.reason], gpa=e.gpa,
                            length=e.length, is_write=e.is_write, data=e.data,
-                           errno=e.errno, message=e.message),
+                           errno=e.errno, message=e.message, suberror=e.suberror),
         read_data=result.read_data)
 
 

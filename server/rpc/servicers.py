@@ -67,6 +67,11 @@ class VmServicer(_Servicer, vm_pb2_grpc.VmServiceServicer):
         walk = self._vm(request).walk(request.gpa, as_id=request.as_id)
         return vm_pb2.WalkEptResponse(sptes=[convert.spte(s) for s in walk])
 
+    async def EnableCap(self, request: vm_pb2.EnableCapRequest, context: Context
+                        ) -> vm_pb2.EnableCapResponse:
+        await self._vm(request).enable_cap(request.cap, request.flags, list(request.args))
+        return vm_pb2.EnableCapResponse()
+
 
 class HostMemoryServicer(_Servicer, host_memory_pb2_grpc.HostMemoryServiceServicer):
     async def CreateRegion(self, request: host_memory_pb2.CreateRegionRequest, context: Context
@@ -117,7 +122,7 @@ class HostMemoryServicer(_Servicer, host_memory_pb2_grpc.HostMemoryServiceServic
     async def Mprotect(self, request: host_memory_pb2.MprotectRequest, context: Context
                        ) -> host_memory_pb2.MprotectResponse:
         await self._vm(request).mprotect(request.hva, request.size,
-                                         writable=not request.read_only)
+                                         convert.protection(request))
         return host_memory_pb2.MprotectResponse()
 
     async def KsmMerge(self, request: host_memory_pb2.KsmMergeRequest, context: Context

@@ -94,4 +94,6 @@ async def test_every_guest_write_reaches_the_next_harvest(mode, schedule_seed):
     assert all(n == ROUNDS * 48 for n in done)
     assert counts["harvests"] > 0 and counts["migrations"] > 0
     assert vm.sanitizers.accesses_checked >= VCPUS * ROUNDS * 48
+    # The no-lost-dirty-page oracle had the guest's writes to check at the harvests.
+    assert vm.sanitizers.dirty_pages_checked >= VCPUS * ROUNDS
     await vm.destroy()

@@ -11,6 +11,7 @@ import random
 
 import pytest
 
+from vmmu.server.kvm import PROT_READ, PROT_WRITE
 from vmmu.server.kvm import (AccessBatch, AccessKind, Backing, ExitReason, KvmError, Kvm,
                              VmConfig)
 
@@ -68,9 +69,9 @@ async def _host_loop(vm, regions, rng: random.Random, stop: asyncio.Event, ops: 
             elif op == "swap":
                 await vm.swap_out(hva, 4096)
             elif op == "mprotect":
-                await vm.mprotect(hva, 4096, writable=False)
+                await vm.mprotect(hva, 4096, PROT_READ)
                 await asyncio.sleep(0)
-                await vm.mprotect(hva, 4096, writable=True)
+                await vm.mprotect(hva, 4096, PROT_READ | PROT_WRITE)
             elif op == "ksm":
                 await vm.ksm_merge([hva, region.hva + rng.randrange(size >> 12) * 4096])
             elif op == "split" and backing is Backing.THP:

@@ -17,6 +17,13 @@ async def write(g, gpa, data: bytes):
     assert result.exit.reason is ExitReason.DONE
 
 
+async def populate(g, gpa):
+    """A write that moves no data: the page is present, writable, without contents (a
+    read of memory never touched would map the zero page instead)."""
+    result = await run(g.vcpu, (gpa, W, 8, None))
+    assert result.exit.reason is ExitReason.DONE
+
+
 async def read(g, gpa, size=8) -> bytes:
     result = await run(g.vcpu, (gpa, R, size, b""))
     assert result.exit.reason is ExitReason.DONE

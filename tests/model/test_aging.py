@@ -7,6 +7,7 @@ import errno
 
 import pytest
 
+from vmmu.server.kvm import PROT_READ
 from vmmu.server.kvm import AccessBatch, AccessKind, Backing, ExitReason, KvmError
 from vmmu.server.kvm import spte as S
 from vmmu.server.kvm.mmu_page import UseAfterFree
@@ -117,7 +118,7 @@ async def test_aging_takes_no_mmu_lock(kvm_guest):
 async def test_young_bitmap_has_a_bit_per_page_lsb_first(make_guest):
     g = await make_guest(Backing.THP, 4 * MIB)
     vm, hva = g.vm, g.region.hva
-    await vm.mprotect(hva + 0x1FF000, PAGE, writable=False)   # so the first frame maps 4K
+    await vm.mprotect(hva + 0x1FF000, PAGE, PROT_READ)   # so the first frame maps 4K
     await touch(g.vcpu, 0x0, 0x2000, 0x9000, 0x200000)         # the second frame maps 2M
 
     bitmap = vm.young_bitmap(hva, hva + 4 * MIB)

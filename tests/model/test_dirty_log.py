@@ -8,9 +8,10 @@ import errno
 
 import pytest
 
-from vmmu.server.kvm import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, AccessBatch,
-                             AccessKind, Backing, DirtyGfn, ExitReason, KvmError, VmBugged,
-                             VmConfig)
+from vmmu.server.kvm import (KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
+                             KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_MEM_LOG_DIRTY_PAGES,
+                             KVM_MEM_READONLY, AccessBatch, AccessKind, Backing, DirtyGfn,
+                             ExitReason, KvmError, VmBugged, VmConfig)
 from vmmu.server.kvm.dirty_ring import DirtyRing, coalesce
 from vmmu.server.kvm.sanitizers import NO_LOST_DIRTY_PAGE, SanitizerViolation
 
@@ -63,9 +64,12 @@ def slot0(vm):
 
 
 async def logging_guest(make_guest, touched=range(16), **config):
-    """4 MiB of 4K pages at gpa 0, `touched` pages mapped writable, then logging on."""
+    """4 MiB of 4K pages at gpa 0, `touched` pages mapped writable, then logging on.
+    The host has written the touched pages (MADV_POPULATE_WRITE), so a read maps them
+    writable (a read of a page never touched would map the zero page, read-only)."""
     g = await make_guest(Backing.PAGE_4K, 4 * MIB, **config)
     if touched:
+        await g.vm.madvise_populate_write(g.region.hva, 4 * MIB)
         await run(g.vcpu, R, *touched)
     await set_log(g, True)
     return g
@@ -627,3 +631,128 @@ async def test_real_guest_writes_reach_the_oracle(make_guest):
     await run(g.vcpu, W, 1, 2, 300)               # never mapped before: the slow path
     assert g.vm.sanitizers.dirty_written[0] == {1, 2, 300}
     assert bits(await g.vm.get_dirty_log(0)) == {1, 2, 300}
+
+
+async def test_a_reset_recycles_entries_only_once_their_pages_are_protected(make_guest):
+    """KVM_RESET_DIRTY_RINGS: a write made while the reset waits for mmu_lock goes
+    through the writable TLB entry the page still has, so the harvested entry must keep
+    covering the page until it is write-protected and TLBs are flushed; the first write
+    after the reset faults and is logged again."""
+    g = await logging_guest(make_guest, dirty_ring_size=4096)
+    await run(g.vcpu, W, 6)                        # logged; the TLB now grants W
+    assert g.vm.harvest_dirty_ring(0) == [DirtyGfn(0, 6)]
+    await g.vm.mmu_lock.acquire_write()
+    reset = asyncio.create_task(g.vm.reset_dirty_rings())
+    for _ in range(5):
+        await asyncio.sleep(0)                     # the reset waits to protect page 6
+    taken = g.vcpu.stats()["pf_taken"]
+    await run(g.vcpu, W, 6)                        # a TLB hit: no fault, no new entry
+    assert g.vcpu.stats()["pf_taken"] == taken and not reset.done()
+    g.vm.mmu_lock.release_write()
+    assert await reset == 1
+    assert g.vm.harvest_dirty_ring(0) == []        # the oracle: that write was covered
+    await run(g.vcpu, W, 6)
+    assert g.vcpu.stats()["pf_taken"] == taken + 1
+    assert g.vm.harvest_dirty_ring(0) == [DirtyGfn(0, 6)]
+
+
+# -- KVM_ENABLE_CAP on a live VM -------------------------------------------------------------
+
+@pytest.mark.parametrize("cap, flags, args, err", [
+    (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0, [2], errno.EINVAL),     # INITIALLY_SET alone
+    (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0, [4], errno.EINVAL),
+    (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 1, [1], errno.EINVAL),     # any flags
+    (KVM_CAP_DIRTY_LOG_RING, 0, [3 * 4096], errno.EINVAL),
+    (KVM_CAP_DIRTY_LOG_RING, 0, [2048], errno.EINVAL),
+    (KVM_CAP_DIRTY_LOG_RING, 0, [2 << 20], errno.E2BIG),
+    (KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, 0, [], errno.EINVAL),     # no ring yet
+    (7, 0, [], errno.EINVAL),                                      # not a capability here
+    (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0, [1, 0, 0, 0, 0], errno.EINVAL),   # five args
+])
+async def test_enable_cap_refuses_what_kvm_refuses_and_changes_nothing(kvm_vm, cap, flags,
+                                                                       args, err):
+    before = kvm_vm.info()
+    with pytest.raises(KvmError) as e:
+        await kvm_vm.enable_cap(cap, flags, args)
+    assert e.value.errno == err
+    assert kvm_vm.info() == before
+
+
+async def test_manual_protect_enabled_live_takes_effect_at_the_next_get(make_guest):
+    g = await logging_guest(make_guest)
+    await run(g.vcpu, W, 3)
+    await g.vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0, [MANUAL])
+    assert g.vm.info().config.manual_dirty_log_protect == MANUAL
+    assert bits(await g.vm.get_dirty_log(0)) == {3}
+    assert bits(await g.vm.get_dirty_log(0)) == {3}          # manual: GET does not clear
+    await g.vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0, [0])   # 0 turns it off
+    assert bits(await g.vm.get_dirty_log(0)) == {3}
+    assert bits(await g.vm.get_dirty_log(0)) == set()
+
+
+async def test_initially_set_enabled_after_a_slot_logs_leaves_its_bitmap_until_toggled(
+        make_guest):
+    g = await logging_guest(make_guest)
+    await g.vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0, [MANUAL | INITIALLY_SET])
+    assert bits(await g.vm.get_dirty_log(0)) == set()        # the bitmap it had: empty
+    await set_log(g, False)
+    await set_log(g, True)                                    # a new bitmap: all ones
+    assert bits(await g.vm.get_dirty_log(0)) == set(range(1024))
+
+
+async def test_dirty_ring_is_enabled_once_and_before_the_first_vcpu(make_kvm_vm):
+    vm = make_kvm_vm()
+    await vm.enable_cap(KVM_CAP_DIRTY_LOG_RING, 0, [8192])
+    with pytest.raises(KvmError) as e:
+        await vm.enable_cap(KVM_CAP_DIRTY_LOG_RING, 0, [8192])          # once
+    assert e.value.errno == errno.EINVAL
+    assert vm.create_vcpu(0).dirty_ring.size == 512
+    late = make_kvm_vm()
+    late.create_vcpu(0)
+    with pytest.raises(KvmError) as e:
+        await late.enable_cap(KVM_CAP_DIRTY_LOG_RING, 0, [4096])        # a vCPU exists
+    assert e.value.errno == errno.EINVAL and late.info().config.dirty_ring_size == 0
+
+
+async def test_ring_with_bitmap_needs_a_ring_and_no_memslot(make_kvm_vm):
+    vm = make_kvm_vm()
+    await vm.enable_cap(KVM_CAP_DIRTY_LOG_RING, 0, [4096])
+    await vm.enable_cap(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+    assert vm.info().config.dirty_ring_with_bitmap
+    other = make_kvm_vm(dirty_ring_size=4096)
+    region = other.mmap(MIB, Backing.PAGE_4K)
+    await other.set_user_memory_region(0, 0, 0, MIB, region.hva)
+    with pytest.raises(KvmError) as e:
+        await other.enable_cap(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+    assert e.value.errno == errno.EINVAL and not other.info().config.dirty_ring_with_bitmap
+
+
+@pytest.mark.parametrize("manual", [False, True])
+async def test_get_and_clear_flush_after_dropping_mmu_lock(make_guest, manual):
+    """kvm_get_dirty_log_protect and kvm_clear_dirty_log_protect: protect under
+    mmu_lock, flush once it is dropped (and before the ioctl returns)."""
+    g = await logging_guest(make_guest, manual_dirty_log_protect=MANUAL if manual else 0)
+    await run(g.vcpu, W, 3)
+    flushes_seen = []
+    flush = g.vm.flush_remote_tlbs
+
+    def recording_flush() -> None:
+        flushes_seen.append(g.vm.mmu_lock.held_for_write())
+        flush()
+
+    g.vm.flush_remote_tlbs = recording_flush
+    bitmap = await g.vm.get_dirty_log(0)
+    if manual:
+        assert await g.vm.clear_dirty_log(0, 0, 64, bitmap[:8]) == 1
+    assert flushes_seen == [False]
+    assert not leaf(g.vm, 3).writable
+
+
+async def test_after_dirty_ring_full_a_resume_goes_on_with_the_batch(make_guest):
+    g = await logging_guest(make_guest, touched=range(256), dirty_ring_size=4096)
+    batch = AccessBatch.build([(gfn << 12, W, 8, None) for gfn in range(256)])
+    assert (await g.vcpu.run(batch)).exit.reason is ExitReason.DIRTY_RING_FULL
+    g.vm.harvest_dirty_ring(0)
+    await g.vm.reset_dirty_rings()
+    result = await g.vcpu.run()                             # KVM_RUN again, no new batch
+    assert (result.exit.reason, result.completed) == (ExitReason.DONE, 256)

@@ -6,8 +6,10 @@ import errno
 
 import pytest
 
-from vmmu.server.kvm import (KVM_MEM_READONLY, AccessBatch, AccessKind, Backing, Exit,
-                             ExitReason, KvmError, VcpuInfo)
+from vmmu.server.kvm import (KVM_MEM_READONLY, PROT_NONE, PROT_READ, PROT_WRITE, AccessBatch,
+                             AccessKind, Backing, Exit, ExitReason, KvmError, VcpuInfo)
+from vmmu.server.kvm.batch import OP_HLT
+from vmmu.server.kvm.vcpu import KVM_INTERNAL_ERROR_EMULATION
 
 MIB = 1 << 20
 MMIO_GPA = 0x4000_0000            # outside the 4 MiB slot of `kvm_guest`
@@ -47,10 +49,61 @@ async def test_mmio_write_without_data_reports_zeroes(kvm_guest):
     assert result.exit.data == b"\0\0" and result.exit.is_write
 
 
-async def test_mmio_fetch_exits_like_a_read(kvm_guest):
-    result = await run(kvm_guest.vcpu, (MMIO_GPA, X, 4, None))
-    assert result.exit.reason is ExitReason.MMIO and not result.exit.is_write
-    assert (await kvm_guest.vcpu.run(mmio_data=bytes(4))).exit.reason is ExitReason.DONE
+async def test_a_fetch_outside_every_memslot_is_an_emulation_failure(kvm_guest):
+    """The emulator cannot fetch the instruction: KVM_EXIT_INTERNAL_ERROR with suberror
+    KVM_INTERNAL_ERROR_EMULATION, not an MMIO exit; the VM lives on."""
+    vcpu = kvm_guest.vcpu
+    for gpa in (MMIO_GPA, (1 << 48) | 0x1000):             # no slot; beyond the root too
+        result = await run(vcpu, (0x1000, R, 4, None), (gpa, X, 4, None))
+        assert result.completed == 1
+        assert (result.exit.reason, result.exit.suberror, result.exit.gpa,
+                result.exit.length) == (ExitReason.INTERNAL_ERROR,
+                                        KVM_INTERNAL_ERROR_EMULATION, gpa, 4)
+        assert result.exit.errno == 0 and "emulation failure" in result.exit.message
+    assert not vcpu.info().mmio_pending and not kvm_guest.vm.info().dead
+    await run(vcpu, (MMIO_GPA, R, 4, None))                 # an MMIO SPTE now
+    await vcpu.run(mmio_data=bytes(4))
+    result = await run(vcpu, (MMIO_GPA, X, 4, None))       # through it: the same failure
+    assert result.exit.suberror == KVM_INTERNAL_ERROR_EMULATION
+    assert vcpu.stats()["mmio_exits"] == 1
+
+
+def hlt_batch(*accesses, hlt_at: int) -> AccessBatch:
+    """`accesses` with an HLT inserted at index `hlt_at`."""
+    gpas, ops, data = AccessBatch.build(accesses).to_wire()
+    gpas = gpas[:8 * hlt_at] + bytes(8) + gpas[8 * hlt_at:]
+    ops = ops[:hlt_at] + bytes([OP_HLT]) + ops[hlt_at:]
+    return AccessBatch.from_wire(gpas, ops, data)
+
+
+async def test_hlt_ends_the_run_and_a_resume_goes_on_after_it(kvm_guest):
+    vcpu = kvm_guest.vcpu
+    batch = hlt_batch((0x1000, W, 4, b"abcd"), (0x1000, R, 4, b""), hlt_at=1)
+    result = await vcpu.run(batch)
+    assert (result.completed, result.exit) == (2, Exit(ExitReason.HLT))
+    assert vcpu.stats()["halt_exits"] == 1
+    result = await vcpu.run()                               # KVM_RUN again: after the HLT
+    assert (result.completed, result.exit.reason, result.read_data) == \
+        (3, ExitReason.DONE, b"abcd")
+    with pytest.raises(KvmError) as err:                    # nothing left to resume
+        await vcpu.run()
+    assert err.value.errno == errno.EINVAL
+
+
+async def test_hlt_last_in_a_batch_of_pure_translations(kvm_guest):
+    result = await kvm_guest.vcpu.run(hlt_batch((0x1000, R, 4, None), hlt_at=1))
+    assert (result.completed, result.exit.reason) == (2, ExitReason.HLT)
+
+
+@pytest.mark.parametrize("gpas, ops", [
+    ((8).to_bytes(8, "little"), bytes([OP_HLT])),           # an HLT's gpa must be 0
+    (bytes(8), bytes([OP_HLT | 0x10])),                     # HLT with another bit
+    (bytes(8), bytes([0x40])),                              # a reserved bit alone
+])
+def test_bad_hlt_ops_are_einval(gpas, ops):
+    with pytest.raises(KvmError) as err:
+        AccessBatch.from_wire(gpas, ops)
+    assert err.value.errno == errno.EINVAL
 
 
 async def test_the_mmio_spte_is_created_once_then_hit(kvm_guest):
@@ -111,6 +164,41 @@ async def test_write_to_a_read_only_host_mapping_is_a_memory_fault(make_guest):
     assert result.exit.reason is ExitReason.DONE and result.read_data == b"\0" * 4
 
 
+@pytest.mark.parametrize("prot, kind", [(PROT_NONE, R), (PROT_NONE, X), (PROT_NONE, W),
+                                        (PROT_READ, W)])
+async def test_an_access_the_host_mapping_refuses_faults_until_the_host_fixes_it(
+        kvm_guest, prot, kind):
+    """KVM_RUN's EFAULT; the next KVM_RUN retries the access, which succeeds once the
+    host mapping allows it."""
+    vm, vcpu = kvm_guest.vm, kvm_guest.vcpu
+    await run(vcpu, (0x5000, W, 4, b"seen"))
+    await vm.mprotect(kvm_guest.hva(0x5000), 0x1000, prot)
+    assert vm.walk(0x5000)[-1].kind != "leaf" or not vm.walk(0x5000)[-1].writable
+    data = b"data" if kind == W else (b"" if kind == R else None)
+    batch = AccessBatch.build([(0x1000, R, 4, None), (0x5000, kind, 4, data),
+                               (0x5000, R, 4, b"")])
+    result = await vcpu.run(batch)
+    assert (result.completed, result.exit.reason, result.exit.errno, result.exit.gpa) == \
+        (1, ExitReason.MEMORY_FAULT, errno.EFAULT, 0x5000)
+    result = await vcpu.run()                               # not fixed: the same fault
+    assert (result.completed, result.exit.reason) == (1, ExitReason.MEMORY_FAULT)
+    await vm.mprotect(kvm_guest.hva(0x5000), 0x1000, PROT_READ | PROT_WRITE)
+    result = await vcpu.run()
+    assert (result.completed, result.exit.reason) == (3, ExitReason.DONE)
+    assert result.read_data == {R: b"seenseen", W: b"data", X: b"seen"}[kind]
+
+
+async def test_an_access_to_an_unmapped_hva_faults_until_the_host_maps_it(kvm_guest):
+    vm, vcpu, region = kvm_guest.vm, kvm_guest.vcpu, kvm_guest.region
+    await vm.munmap(region.hva, region.size)
+    result = await run(vcpu, (0x2000, R, 4, b""))
+    assert (result.exit.reason, result.exit.errno) == (ExitReason.MEMORY_FAULT, errno.EFAULT)
+    vm.mmap(region.size, Backing.THP, hva=region.hva)
+    result = await vcpu.run()
+    assert (result.completed, result.exit.reason, result.read_data) == \
+        (1, ExitReason.DONE, bytes(4))
+
+
 @pytest.mark.parametrize("is_write, wrong", [(False, b"abc"), (False, b"abcde"),
                                              (False, b""), (True, b"x")])
 async def test_wrong_size_mmio_completion_is_einval_and_changes_nothing(kvm_guest, is_write,
@@ -139,10 +227,18 @@ async def test_new_batch_while_mmio_is_pending_is_ebusy(kvm_guest):
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"mmio_data": b""}])
-async def test_run_needs_a_batch_or_a_pending_mmio(kvm_guest, kwargs):
+async def test_run_needs_a_batch_a_pending_mmio_or_a_batch_to_resume(kvm_guest, kwargs):
     with pytest.raises(KvmError) as err:
         await kvm_guest.vcpu.run(**kwargs)
     assert err.value.errno == errno.EINVAL
+
+
+async def test_resume_while_an_mmio_is_pending_is_ebusy(kvm_guest):
+    vcpu = kvm_guest.vcpu
+    await run(vcpu, (MMIO_GPA, R, 4, b""))
+    with pytest.raises(KvmError) as err:
+        await vcpu.run()
+    assert err.value.errno == errno.EBUSY and vcpu.info().mmio_pending
 
 
 async def test_completed_counts_from_the_start_across_several_exits(kvm_guest):

@@ -123,6 +123,7 @@ async def test_a_gfn_beyond_the_roots_reach_finds_no_spte_in_the_fast_path(make_
 
 async def test_a_huge_leaf_in_a_dirty_logged_slot_is_not_fast_fixed(make_guest):
     g = await make_guest(Backing.THP, 4 * MIB)
+    await g.vm.write_hva(g.hva(0x1000), b"a THP")            # not the huge zero page
     await g.vcpu.run(access(0x1000, AccessKind.READ))
     async with g.vm.mmu_lock.write:
         it = leaf_of(g.vcpu.root, 1)
@@ -173,3 +174,28 @@ async def test_the_fault_paths_table_answers_page_fault_can_be_fast(ad_bits, fas
         answers.add(answer)
     assert answers == ({True, False} if fast else {False})
     await vm.destroy()
+
+
+@pytest.mark.parametrize("losses, fast", [(4, True), (5, False)])
+async def test_the_fast_path_walks_five_times_before_the_slow_path(make_guest, losses, fast):
+    """KVM's `fast_page_fault` gives up after its cmpxchg lost five times (the retry
+    count exceeds 4): four lost races still end in a fast fix, five go to the slow path."""
+    g = await make_guest(Backing.PAGE_4K, 2 * MIB)
+    await g.vcpu.run(access(0x3000, AccessKind.WRITE))
+    await write_protect(g.vm, 3)
+    lost = 0
+
+    async def point(name: str) -> None:
+        nonlocal lost
+        if name == "fast_pf.cas" and lost < losses:
+            lost += 1
+            it = leaf_of(g.vcpu.root, 3)                  # another task changes the SPTE:
+            it.table.spt[it.index] ^= S.ACCESSED          # the cmpxchg must fail
+
+    g.vm.sched.point = point
+    before = g.vcpu.stats()
+    result = await g.vcpu.run(access(0x3000, AccessKind.WRITE))
+    assert result.exit.reason is ExitReason.DONE and lost == losses
+    after = g.vcpu.stats()
+    assert after["pf_fast"] - before["pf_fast"] == (1 if fast else 0)
+    assert after["pf_taken"] - before["pf_taken"] == 1

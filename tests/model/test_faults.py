@@ -123,7 +123,7 @@ async def test_the_first_fault_loads_a_root_and_the_walk_starts_there(kvm_vm):
 
 
 async def test_tables_have_full_permissions_and_leaves_carry_the_pfn(kvm_guest):
-    await touch(kvm_guest.vcpu, 0x1000)
+    await touch(kvm_guest.vcpu, 0x1000, kind=W)
     *tables, last = kvm_guest.vm.walk(0x1000)
     for t in tables:
         assert t.readable and t.writable and t.executable and not t.large
@@ -133,7 +133,9 @@ async def test_tables_have_full_permissions_and_leaves_carry_the_pfn(kvm_guest):
 
 
 async def test_read_of_a_writable_host_page_maps_it_writable(kvm_guest):
-    """KVM asks for a writable pfn opportunistically, so the later write does not fault."""
+    """KVM asks for a writable pfn opportunistically, so the later write does not fault
+    (the host has written the page: it is no zero page)."""
+    await kvm_guest.vm.write_hva(kvm_guest.hva(0x1000), b"host")
     await touch(kvm_guest.vcpu, 0x1000)
     assert leaf(kvm_guest.vm, 0x1000).writable
     before = kvm_guest.vcpu.stats()["pf_taken"]

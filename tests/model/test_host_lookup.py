@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from vmmu.server.kvm import Backing
+from vmmu.server.kvm import PROT_NONE, PROT_READ, PROT_WRITE, Backing
 from vmmu.server.kvm.host_mm import HostMm
 from vmmu.server.kvm.types import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 
 MIB, GIB = 1 << 20, 1 << 30
 PAGE = 4096
+RW = PROT_READ | PROT_WRITE
 
 
 async def test_a_region_unmapped_is_not_found_again_and_its_successor_is():
@@ -31,14 +32,19 @@ def test_protection_steps_and_back_to_one():
     region = mm.mmap(2 * MIB, Backing.PAGE_4K)
     mid = region.hva + 16 * PAGE
     assert region.writable_at(region.hva) and region.writable_at(region.end - 1)
-    region.protect(mid, mid + PAGE, writable=False)
+    region.protect(mid, mid + PAGE, PROT_READ)
     assert [region.writable_at(h) for h in (mid - PAGE, mid, mid + PAGE)] == \
         [True, False, True]
-    region.protect(mid, mid + PAGE, writable=True)       # the steps merge into one again
-    assert region.protections(region.hva, region.end) == [True] and region.writable_at(mid)
-    region.protect(region.hva, region.end, writable=False)
+    region.protect(mid + PAGE, mid + 2 * PAGE, PROT_NONE)
+    assert [region.prot_at(h) for h in (mid, mid + PAGE, mid + 2 * PAGE)] == \
+        [PROT_READ, PROT_NONE, RW]
+    assert not region.allows(mid, mid + 2 * PAGE, PROT_READ)
+    assert region.allows(mid, mid + PAGE, PROT_READ)
+    region.protect(mid, mid + 2 * PAGE, RW)               # the steps merge into one again
+    assert region.protections(region.hva, region.end) == [RW] and region.writable_at(mid)
+    region.protect(region.hva, region.end, PROT_READ)
     assert not region.writable_at(mid) and region.protections(region.hva, region.end) == \
-        [False]
+        [PROT_READ]
 
 
 @pytest.mark.parametrize("backing, size, level", [

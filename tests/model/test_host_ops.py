@@ -12,10 +12,11 @@ import errno
 
 import pytest
 
+from vmmu.server.kvm import PROT_READ, PROT_WRITE
 from vmmu.server.kvm import AccessKind, Backing, ExitReason, KvmError
 from vmmu.server.kvm import spte as S
 
-from guest_io import Gate, leaf, read, run, write
+from guest_io import Gate, leaf, populate, read, run, write
 
 MIB, GIB = 1 << 20, 1 << 30
 PAGE = 4096
@@ -144,7 +145,7 @@ async def test_write_protected_memory_faults_writes_and_maps_reads_read_only(mak
     await write(g, 0x2000, b"writable")
     before = seq(g)
 
-    await g.vm.mprotect(g.hva(0x1000), PAGE, writable=False)
+    await g.vm.mprotect(g.hva(0x1000), PAGE, PROT_READ)
 
     assert seq(g) == before + 1 and g.vm.walk(0x1000)[-1].kind == "non-present"
     result = await run(g.vcpu, (0x1000, W, 8, b"denied!!"))
@@ -162,11 +163,11 @@ async def test_write_protected_memory_faults_writes_and_maps_reads_read_only(mak
 
 async def test_restoring_write_needs_no_invalidation(make_guest):
     g = await make_guest(Backing.PAGE_4K, 4 * MIB)
-    await g.vm.mprotect(g.hva(0x1000), PAGE, writable=False)
+    await g.vm.mprotect(g.hva(0x1000), PAGE, PROT_READ)
     assert await read(g, 0x1000) == bytes(8)
     before = seq(g)
 
-    await g.vm.mprotect(g.hva(0x1000), PAGE, writable=True)
+    await g.vm.mprotect(g.hva(0x1000), PAGE, PROT_READ | PROT_WRITE)
 
     assert seq(g) == before and not leaf(g, 0x1000).writable   # found at the next fault
     await write(g, 0x1000, b"writable")
@@ -178,7 +179,7 @@ async def test_mprotect_of_part_of_a_thp_splits_it_and_keeps_the_rest_huge_elsew
         make_guest):
     g = await make_guest(Backing.THP, 4 * MIB)
     await write(g, 0x0, b"thp page")
-    await g.vm.mprotect(g.hva(0x3000), PAGE, writable=False)
+    await g.vm.mprotect(g.hva(0x3000), PAGE, PROT_READ)
     assert pages(g) == (0, 0, 0)
     assert await read(g, 0x0) == b"thp page" and leaf(g, 0x0).level == 1
     await write(g, 0x200000, b"2M again")                # the other frame is one protection
@@ -187,7 +188,7 @@ async def test_mprotect_of_part_of_a_thp_splits_it_and_keeps_the_rest_huge_elsew
 
 async def test_a_read_only_frame_is_populated_at_4k_next_to_a_writable_one(make_guest):
     g = await make_guest(Backing.THP, 4 * MIB)
-    await g.vm.mprotect(g.hva(0x100000), 2 * MIB, writable=False)   # straddles both frames
+    await g.vm.mprotect(g.hva(0x100000), 2 * MIB, PROT_READ)   # straddles both frames
     assert await read(g, 0x0) == bytes(8) and await read(g, 0x200000) == bytes(8)
     assert leaf(g, 0x0).level == 1 and leaf(g, 0x200000).level == 1
 
@@ -382,7 +383,7 @@ async def test_host_operations_emit_a_tracepoint(make_guest):
     (lambda vm, h: vm.madvise_dontneed(0x1000, PAGE), errno.EINVAL),         # no region
     (lambda vm, h: vm.migrate_pages(h - PAGE, 2 * PAGE), errno.EINVAL),
     (lambda vm, h: vm.swap_out(h, 100), errno.EINVAL),
-    (lambda vm, h: vm.mprotect(h + 8, PAGE, False), errno.EINVAL),
+    (lambda vm, h: vm.mprotect(h + 8, PAGE, PROT_READ), errno.EINVAL),
     (lambda vm, h: vm.ksm_merge([h]), errno.EINVAL),                          # one page
     (lambda vm, h: vm.ksm_merge([h, h]), errno.EINVAL),                       # duplicates
     (lambda vm, h: vm.ksm_merge([h, h + 8]), errno.EINVAL),                   # misaligned
@@ -407,7 +408,7 @@ async def test_hugetlb_ranges_are_whole_1g_pages_and_never_swapped(make_guest):
     await write(g, GIB, b"hugetlb!")
     state = host_state(g)
     for call in (lambda: g.vm.madvise_dontneed(g.region.hva, 2 * MIB),
-                 lambda: g.vm.mprotect(g.region.hva, PAGE, False),
+                 lambda: g.vm.mprotect(g.region.hva, PAGE, PROT_READ),
                  lambda: g.vm.swap_out(g.region.hva, GIB),
                  lambda: g.vm.ksm_merge([g.region.hva, g.region.hva + PAGE]),
                  lambda: g.vm.thp_split(g.region.hva)):
@@ -425,7 +426,7 @@ async def test_collapse_refuses_a_frame_with_a_ksm_page_or_two_protections(make_
         await write(g, gpa, b"same....")
     await g.vm.ksm_merge([g.hva(0x1000), g.hva(0x201000)])
     await write(g, 0x400000, b"resident")
-    await g.vm.mprotect(g.hva(0x400000), PAGE, writable=False)
+    await g.vm.mprotect(g.hva(0x400000), PAGE, PROT_READ)
     state = host_state(g)
     with pytest.raises(KvmError) as err:
         await g.vm.thp_collapse(g.hva(0x1000))
@@ -450,12 +451,13 @@ async def test_host_operations_on_a_destroyed_vm_are_enoent(make_guest):
 def test_protection_steps_split_and_merge(kvm_vm):
     region = kvm_vm.host.mmap(16 * PAGE, Backing.PAGE_4K)
     h = region.hva
-    region.protect(h + 4 * PAGE, h + 8 * PAGE, False)
-    region.protect(h + 6 * PAGE, h + 10 * PAGE, False)
-    assert region.protections(h, region.end) == [True, False, True]
+    rw = PROT_READ | PROT_WRITE
+    region.protect(h + 4 * PAGE, h + 8 * PAGE, PROT_READ)
+    region.protect(h + 6 * PAGE, h + 10 * PAGE, PROT_READ)
+    assert region.protections(h, region.end) == [rw, PROT_READ, rw]
     assert not region.writable_at(h + 9 * PAGE) and region.writable_at(h + 10 * PAGE)
-    region.protect(h + 4 * PAGE, h + 10 * PAGE, True)
-    assert region.protections(h, region.end) == [True] and region.writable
+    region.protect(h + 4 * PAGE, h + 10 * PAGE, rw)
+    assert region.protections(h, region.end) == [rw] and region.writable
 
 
 async def test_a_freed_frame_does_not_come_straight_back(make_guest):
@@ -465,6 +467,7 @@ async def test_a_freed_frame_does_not_come_straight_back(make_guest):
     for _ in range(3):
         await g.vm.madvise_dontneed(g.hva(0x1000), PAGE)
         assert await read(g, 0x1000) == bytes(8)
+        await populate(g, 0x1000)                          # not the zero page: a frame
         assert leaf(g, 0x1000).pfn != old
         old = leaf(g, 0x1000).pfn
 

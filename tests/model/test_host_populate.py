@@ -12,9 +12,10 @@ import errno
 
 import pytest
 
+from vmmu.server.kvm import PROT_READ
 from vmmu.server.kvm import AccessKind, Backing, KvmError
 
-from guest_io import Gate, leaf, read, write
+from guest_io import Gate, leaf, populate, read, write
 
 MIB, GIB = 1 << 20, 1 << 30
 PAGE = 4096
@@ -145,7 +146,7 @@ async def test_populated_pages_keep_their_contents_and_pfn(make_guest):
     g = await make_guest(Backing.PAGE_4K, 4 * MIB)
     vm = g.vm
     await write(g, 0x1000, b"resident")
-    await read(g, 0x2000)                                # present, no contents
+    await populate(g, 0x2000)                            # present, no contents
     pfns, page = [host_pfn(g, 0x1000), host_pfn(g, 0x2000)], contents_of(vm, g.hva(0x1000))
 
     assert await vm.madvise_populate_write(g.hva(0x1000), 2 * PAGE) == 0
@@ -183,7 +184,7 @@ async def test_swapped_pages_come_back_at_a_new_pfn_with_their_contents(make_gue
     g = await make_guest(Backing.PAGE_4K, 4 * MIB)
     vm = g.vm
     await write(g, 0x1000, b"swapped!")
-    await read(g, 0x2000)                                # present without contents
+    await populate(g, 0x2000)                            # present without contents
     old = [host_pfn(g, 0x1000), host_pfn(g, 0x2000)]
     assert await vm.swap_out(g.hva(0x1000), 2 * PAGE) == 2
     before = seq(vm)
@@ -225,8 +226,8 @@ async def test_a_ksm_page_breaks_copy_on_write_first(make_guest):
 async def test_a_ksm_page_without_contents_gets_a_zeroed_copy(make_guest):
     g = await make_guest(Backing.PAGE_4K, 4 * MIB)
     vm, host = g.vm, g.vm.host
-    await read(g, 0x1000)
-    await read(g, 0x2000)
+    await populate(g, 0x1000)
+    await populate(g, 0x2000)
     assert await vm.ksm_merge([g.hva(0x1000), g.hva(0x2000)]) == 1
     kpfn = host_pfn(g, 0x1000)
     assert kpfn not in host.contents
@@ -258,7 +259,7 @@ async def test_bad_ranges_are_refused_and_change_nothing(make_guest, start, size
     await vm.ksm_merge([g.hva(0x201000), g.hva(0x202000)])
     await write(g, 0x100000, b"swapped!")
     await vm.swap_out(g.hva(0x100000), PAGE)
-    await vm.mprotect(g.hva(0x3000), PAGE, writable=False)
+    await vm.mprotect(g.hva(0x3000), PAGE, PROT_READ)
     state = host_state(vm)
 
     with pytest.raises(KvmError) as err:
@@ -308,7 +309,7 @@ async def test_a_range_unmapped_during_a_cow_break_is_enomem(kvm_vm):
 
 async def test_a_range_write_protected_during_a_cow_break_populates_nothing(kvm_vm):
     region, gate, task = await _ksm_region_held_at_its_cow_break(kvm_vm)
-    await kvm_vm.mprotect(region.hva + 7 * PAGE, PAGE, writable=False)
+    await kvm_vm.mprotect(region.hva + 7 * PAGE, PAGE, PROT_READ)
     gate.open.set()
     with pytest.raises(KvmError) as err:
         await task
@@ -326,7 +327,7 @@ async def test_ksm_merges_a_populated_zero_page_with_one_without_contents(make_g
                                                                          populated_first):
     g = await make_guest(Backing.PAGE_4K, 4 * MIB)
     vm, host = g.vm, g.vm.host
-    await read(g, 0x1000)                                # present, no contents
+    await populate(g, 0x1000)                            # present, no contents
     await vm.madvise_populate_write(g.hva(0x2000), 2 * PAGE)
     await write(g, 0x3000, b"nonzero!")
     assert host_pfn(g, 0x1000) not in host.contents and contents_of(vm, g.hva(0x2000)) == ZERO

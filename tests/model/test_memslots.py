@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from vmmu.server.kvm.types import TASK_SIZE_MAX
 from vmmu.server.kvm import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_USER_MEM_SLOTS,
                              AccessBatch, AccessKind, Backing, ExitReason, KvmError,
                              MemslotInfo, Vcpu, Vm)
@@ -57,6 +58,8 @@ REJECTED = {
     "gpa not page aligned": ((1, 0, 8 * MIB + 0x10, 2 * MIB, at(8 * MIB)), errno.EINVAL),
     "hva not page aligned": ((1, 0, 8 * MIB, 2 * MIB, at(8 * MIB + 8)), errno.EINVAL),
     "hva range not user memory": ((1, 0, 8 * MIB, 2 * MIB, (1 << 47) - MIB), errno.EINVAL),
+    "hva range ends a page above TASK_SIZE_MAX": (
+        (1, 0, 8 * MIB, 2 * MIB, 0x7FFF_FFFF_F000 - 2 * MIB + 0x1000), errno.EINVAL),
     "address space 2": ((2 << 16 | 1, 0, 8 * MIB, 2 * MIB, at(8 * MIB)), errno.EINVAL),
     "gpa + size wraps": ((1, 0, (1 << 64) - 0x1000, 0x2000, at(8 * MIB)), errno.EINVAL),
     "more than 2^31-1 pages": ((1, 0, 8 * MIB, 1 << 43, 0x1000), errno.EINVAL),
@@ -183,3 +186,10 @@ async def test_slot_created_over_a_cached_mmio_gpa_is_mapped(kvm_vm):
     result = await vcpu.run(AccessBatch.build([(8 * MIB, R, 4, b"")]))
     assert result.exit.reason is ExitReason.DONE and result.read_data == b"late"
     assert kvm_vm.walk(8 * MIB)[-1].kind == "leaf"
+
+
+async def test_a_slot_may_end_at_task_size_max(kvm_vm):
+    """`access_ok`: the hva range may end at the last user address, 2^47 - 4096."""
+    region = kvm_vm.mmap(2 * MIB, Backing.PAGE_4K, hva=TASK_SIZE_MAX - 2 * MIB)
+    await kvm_vm.set_user_memory_region(1, 0, 8 * MIB, 2 * MIB, region.hva)
+    assert [(m.id, m.userspace_addr) for m in kvm_vm.memslots()] == [(1, region.hva)]

@@ -8,6 +8,10 @@ import errno
 import pytest
 
 from vmmu.server.kvm import AccessBatch, AccessKind, ExitReason, KvmError, VmBugged
+from vmmu.server.kvm import spte as S
+from vmmu.server.kvm.sanitizers import (INVALID_ROOT_MAPS_RANGE, ROOT_FREED_WITH_SPTES,
+                                        SanitizerViolation)
+from vmmu.server.kvm.spte import NONPRESENT
 
 R = AccessKind.READ
 
@@ -109,3 +113,77 @@ async def test_a_vcpu_inside_run_leaves_when_its_vm_dies(kvm_guest):
     assert err.value.errno == errno.EIO and "broken invariant" in err.value.reason
     assert vcpu.stats()["pf_taken"] == 2
     await vm.destroy()
+
+
+async def test_a_fault_whose_root_was_zapped_meanwhile_retries_on_a_fresh_root(kvm_guest):
+    """`is_page_fault_stale`: every root went invalid and was zapped (kvm_mmu_zap_all_fast,
+    as a memslot deletion runs it) while the fault held its pfn; mapping into the zapped
+    root would leave tables no zap reaches again (the sanitizer finds them when the
+    root's last reference goes)."""
+    vm, vcpu = kvm_guest.vm, kvm_guest.vcpu
+    await vcpu.run(read(0x0))                              # root loaded
+    old_root = vcpu.root
+    at_lock, go = asyncio.Event(), asyncio.Event()
+
+    async def point(name: str) -> None:
+        if name == "fault.before_lock" and not go.is_set():
+            at_lock.set()
+            await go.wait()
+
+    vm.sched.point = point
+    run = asyncio.create_task(vcpu.run(read(0x200000)))
+    await at_lock.wait()                                   # pfn in hand, lock not taken
+    await vm._zap_all_fast()
+    assert old_root.invalid and old_root.root_refs == 1    # the vCPU's reference only
+    go.set()
+    result = await run
+
+    assert result.exit.reason is ExitReason.DONE, result.exit
+    assert not vm.info().dead, vm.death
+    assert vcpu.stats()["pf_retry"] == 1
+    assert old_root.freed and vcpu.root is not old_root and not vcpu.root.invalid
+    assert vm.walk(0x200000)[-1].kind == "leaf"            # mapped in the fresh root
+
+
+async def test_a_root_freed_with_sptes_is_a_sanitizer_violation(kvm_guest):
+    vm, vcpu = kvm_guest.vm, kvm_guest.vcpu
+    await vcpu.run(read(0x0))
+    async with vm.mmu_lock.write:
+        roots = vm.tdp.invalidate_all_roots()
+        vcpu.release_root()
+        with pytest.raises(SanitizerViolation) as e:
+            vm.tdp.put_root(roots[0])                      # its mappings never zapped
+    assert e.value.oracle == ROOT_FREED_WITH_SPTES and e.value.gfn == 0
+
+
+async def test_the_notifier_zaps_invalid_roots_not_yet_zapped(kvm_guest):
+    """The roots were invalidated and their zap has not got to the range (it runs under
+    the read lock and yields): the notifier's zap reaches them too, so no page table maps
+    the pages it takes away once invalidate_range_start returns."""
+    vm, vcpu, region = kvm_guest.vm, kvm_guest.vcpu, kvm_guest.region
+    await vcpu.run(read(0x0))
+    await vcpu.run(read(0x200000))
+    async with vm.mmu_lock.write:
+        roots = vm.tdp.invalidate_all_roots()              # the zap of `roots` comes later
+    old = roots[0]
+    await vm.madvise_dontneed(region.hva + 0x200000, 0x200000)
+
+    assert not vm.info().dead, vm.death
+    with vm.rcu.read_lock():
+        assert vm.tdp.walk(old, 0x200)[-1][3] == NONPRESENT
+        assert S.is_leaf_present(vm.tdp.walk(old, 0)[-1][3], 2)   # outside the range
+    async with vm.mmu_lock.read:
+        await vm.tdp.zap_invalidated_roots(roots)
+    vcpu.release_root()
+    await vm.rcu.barrier()
+    assert old.freed                                       # empty when freed
+
+
+async def test_an_invalid_root_that_still_maps_an_invalidated_range_is_a_violation(kvm_guest):
+    vm, vcpu = kvm_guest.vm, kvm_guest.vcpu
+    await vcpu.run(read(0x200000))
+    async with vm.mmu_lock.write:
+        vm.tdp.invalidate_all_roots()
+    with pytest.raises(SanitizerViolation) as e:
+        vm.sanitizers.check_range_unmapped(0, 0x200, 0x400)
+    assert e.value.oracle == INVALID_ROOT_MAPS_RANGE and e.value.gfn == 0x200

@@ -6,6 +6,7 @@ import errno
 
 import pytest
 
+from vmmu.server.kvm.types import TASK_SIZE_MAX
 from vmmu.server.kvm import (AccessBatch, AccessKind, Backing, HostRegionInfo, Kvm,
                              KvmError, NoSuchObject, VmConfig, VmInfo)
 
@@ -69,11 +70,17 @@ async def test_host_regions(kvm_vm):
     (2 * MIB, Backing.HUGETLB_1G, None, errno.EINVAL),       # hugetlb sizes are 1G multiples
     (GIB, Backing.HUGETLB_1G, 0x7E00_0020_0000, errno.EINVAL),
     (4096, Backing.PAGE_4K, 1 << 47, errno.ENOMEM),
+    (8192, Backing.PAGE_4K, TASK_SIZE_MAX - 4096, errno.ENOMEM),     # the guard page
 ])
 def test_bad_mmaps(kvm_vm, size, backing, hva, code):
     with pytest.raises(KvmError) as err:
         kvm_vm.mmap(size, backing, hva=hva)
     assert err.value.errno == code and kvm_vm.host_regions() == []
+
+
+def test_the_last_user_page_below_task_size_max_can_be_mapped(kvm_vm):
+    region = kvm_vm.mmap(4096, Backing.PAGE_4K, hva=TASK_SIZE_MAX - 4096)
+    assert region.hva + region.size == 0x7FFF_FFFF_F000
 
 
 def test_overlapping_mmap_is_eexist(kvm_vm):

@@ -26,11 +26,11 @@ import pytest
 
 from benchmarks.kvmhost import (BAD_ARGUMENTS, Clear, EnableManualProtect, Get,
                                 KvmUnavailable, RealVm, Result, SetRegion, Step, Write,
-                                bitmap_of, pages_of, run_script)
+                                abi, bitmap_of, pages_of, run_script)
 from benchmarks.kvmhost.conformance import (LOG, MANUAL, MANUAL_INITIALLY_SET, SLOT_BASE,
                                             SLOT_STRIDE)
-from vmmu.server.kvm import (AccessBatch, AccessKind, Backing, ExitReason, Kvm, KvmError, Vm,
-                             VmConfig, make_op)
+from vmmu.server.kvm import (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, AccessBatch, AccessKind,
+                             Backing, ExitReason, Kvm, KvmError, Vm, VmConfig, make_op)
 
 try:
     RealVm().close()
@@ -67,9 +67,8 @@ class Replayer:
                     if bitmap is None:
                         bitmap = b"\xff" * ((num_pages + 63) // 64 * 8)
                     await self.vm.clear_dirty_log(slot, first_page, num_pages, bitmap)
-                case EnableManualProtect():
-                    raise ValueError(f"{step}: vmmu takes the manual-protect mode when the "
-                                     f"VM is created, so only as a script's first step")
+                case EnableManualProtect(mode, flags):
+                    await self.vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags, [mode])
                 case _:
                     raise TypeError(f"not a script step: {step!r}")
         except KvmError as e:
@@ -107,25 +106,9 @@ class Replayer:
 async def replay(steps: Sequence[Step], backing: Backing = Backing.PAGE_4K,
                  eager_page_split: bool = True) -> list[Result]:
     """Replay `steps` on a fresh vmmu VM; one `Result` per step, as `run_script` returns.
-
-    A leading `EnableManualProtect` becomes the VM's `manual_dirty_log_protect`; if vmmu
-    refuses that mode, its errno is the step's outcome and the VM is made without manual
-    protect, as a failed KVM_ENABLE_CAP leaves KVM's VM.
-    """
-    kvm, results = Kvm(), []
-    vm = None
-    if steps and isinstance(steps[0], EnableManualProtect):
-        cap, steps = steps[0], steps[1:]
-        if cap.flags:
-            raise ValueError(f"{cap}: vmmu's manual-protect mode has no flags")
-        try:
-            vm = kvm.create_vm(VmConfig(manual_dirty_log_protect=cap.mode,
-                                        eager_page_split=eager_page_split))
-            results.append(Result(cap, 0))
-        except KvmError as e:
-            results.append(Result(cap, e.errno))
-    if vm is None:
-        vm = kvm.create_vm(VmConfig(eager_page_split=eager_page_split))
+    `EnableManualProtect` is KVM_ENABLE_CAP on the live VM, wherever the script has it."""
+    results = []
+    vm = Kvm().create_vm(VmConfig(eager_page_split=eager_page_split))
     try:
         replayer = Replayer(vm, backing)
         for step in steps:
@@ -290,7 +273,31 @@ MORE_BAD_ARGUMENTS: dict[str, tuple[Step, ...]] = {
     "clear_smm_slot_missing": _SETUP + (Clear(0, 64, slot=SMM_SLOT),),
     "get_slot_not_logging_without_manual_protect": (SetRegion(1, 128, 0), Get()),
     "clear_slot_not_logging_without_manual_protect": (SetRegion(1, 128, 0), Clear(0, 64)),
+    "cap_initially_set_value_2": (EnableManualProtect(abi.KVM_DIRTY_LOG_INITIALLY_SET),
+                                  SetRegion(1, 128, LOG), Get()),
 }
+
+
+# -- (d) KVM_ENABLE_CAP on a live VM ---------------------------------------------------------
+
+LIVE_CAP = {
+    # A slot that logs already keeps its (empty) bitmap: INITIALLY_SET reaches a slot only
+    # when its logging is enabled again.
+    "initially_set_after_a_slot_exists": (
+        SetRegion(1, 256, LOG), Write((3,)), EnableManualProtect(MANUAL_INITIALLY_SET), Get(),
+        SetRegion(1, 256, 0), SetRegion(1, 256, LOG), Get()),
+    "manual_then_off_again": (
+        SetRegion(1, 256, LOG), EnableManualProtect(MANUAL), Write((7,)), Get(), Get(),
+        EnableManualProtect(0), Get(), Get()),
+    "nonzero_flags_change_nothing": (
+        SetRegion(1, 256, LOG), EnableManualProtect(MANUAL, flags=1), Write((9,)), Get(),
+        Get()),
+}
+
+
+@pytest.mark.parametrize("name", LIVE_CAP)
+async def test_enable_cap_on_a_live_vm_matches_real_kvm(name):
+    await assert_conforms(LIVE_CAP[name])
 
 
 @functools.cache
@@ -302,8 +309,6 @@ def host_has_smm() -> bool:
 @pytest.mark.parametrize("name", list(BAD_ARGUMENTS) + list(MORE_BAD_ARGUMENTS))
 async def test_bad_arguments_fail_as_on_real_kvm(name):
     steps = BAD_ARGUMENTS.get(name) or MORE_BAD_ARGUMENTS[name]
-    if isinstance(steps[0], EnableManualProtect) and steps[0].flags:
-        pytest.skip("KVM_ENABLE_CAP's flags have no counterpart in vmmu's VmConfig")
     if any(getattr(step, "slot", 0) >> 16 == 1 for step in steps) and not host_has_smm():
         pytest.skip("this host's KVM has no SMM, so one address space (slot ids of address "
                     "space 1 are EINVAL); vmmu models the two of a kernel with SMM")

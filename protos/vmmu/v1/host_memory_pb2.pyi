@@ -19,6 +19,13 @@ class Advice(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADVICE_UNSPECIFIED: _ClassVar[Advice]
     ADVICE_DONTNEED: _ClassVar[Advice]
     ADVICE_POPULATE_WRITE: _ClassVar[Advice]
+
+class Protection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROTECTION_UNSPECIFIED: _ClassVar[Protection]
+    PROTECTION_NONE: _ClassVar[Protection]
+    PROTECTION_READ: _ClassVar[Protection]
+    PROTECTION_READ_WRITE: _ClassVar[Protection]
 BACKING_UNSPECIFIED: Backing
 BACKING_PAGE_4K: Backing
 BACKING_THP: Backing
@@ -26,20 +33,26 @@ BACKING_HUGETLB_1G: Backing
 ADVICE_UNSPECIFIED: Advice
 ADVICE_DONTNEED: Advice
 ADVICE_POPULATE_WRITE: Advice
+PROTECTION_UNSPECIFIED: Protection
+PROTECTION_NONE: Protection
+PROTECTION_READ: Protection
+PROTECTION_READ_WRITE: Protection
 
 class HostRegion(_message.Message):
-    __slots__ = ("hva", "size", "backing", "read_only", "populated_4k_pages")
+    __slots__ = ("hva", "size", "backing", "read_only", "populated_4k_pages", "zero_pages")
     HVA_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     BACKING_FIELD_NUMBER: _ClassVar[int]
     READ_ONLY_FIELD_NUMBER: _ClassVar[int]
     POPULATED_4K_PAGES_FIELD_NUMBER: _ClassVar[int]
+    ZERO_PAGES_FIELD_NUMBER: _ClassVar[int]
     hva: int
     size: int
     backing: Backing
     read_only: bool
     populated_4k_pages: int
-    def __init__(self, hva: _Optional[int] = ..., size: _Optional[int] = ..., backing: _Optional[_Union[Backing, str]] = ..., read_only: _Optional[bool] = ..., populated_4k_pages: _Optional[int] = ...) -> None: ...
+    zero_pages: int
+    def __init__(self, hva: _Optional[int] = ..., size: _Optional[int] = ..., backing: _Optional[_Union[Backing, str]] = ..., read_only: _Optional[bool] = ..., populated_4k_pages: _Optional[int] = ..., zero_pages: _Optional[int] = ...) -> None: ...
 
 class CreateRegionRequest(_message.Message):
     __slots__ = ("vm_id", "size", "backing", "read_only", "hva")
@@ -168,16 +181,16 @@ class SwapOutResponse(_message.Message):
     def __init__(self, pages_swapped: _Optional[int] = ...) -> None: ...
 
 class MprotectRequest(_message.Message):
-    __slots__ = ("vm_id", "hva", "size", "read_only")
+    __slots__ = ("vm_id", "hva", "size", "protection")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     HVA_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
-    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    PROTECTION_FIELD_NUMBER: _ClassVar[int]
     vm_id: int
     hva: int
     size: int
-    read_only: bool
-    def __init__(self, vm_id: _Optional[int] = ..., hva: _Optional[int] = ..., size: _Optional[int] = ..., read_only: _Optional[bool] = ...) -> None: ...
+    protection: Protection
+    def __init__(self, vm_id: _Optional[int] = ..., hva: _Optional[int] = ..., size: _Optional[int] = ..., protection: _Optional[_Union[Protection, str]] = ...) -> None: ...
 
 class MprotectResponse(_message.Message):
     __slots__ = ()

@@ -182,7 +182,7 @@ class HostMemoryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Mprotect(self, request, context):
-        """Mprotect removes or restores PROT_WRITE on a range (mprotect(2)).
+        """Mprotect sets PROT_NONE, PROT_READ or PROT_READ | PROT_WRITE on a range (mprotect(2)).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

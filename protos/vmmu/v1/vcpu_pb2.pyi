@@ -15,12 +15,14 @@ class ExitReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXIT_REASON_MEMORY_FAULT: _ClassVar[ExitReason]
     EXIT_REASON_INTERNAL_ERROR: _ClassVar[ExitReason]
     EXIT_REASON_DIRTY_RING_FULL: _ClassVar[ExitReason]
+    EXIT_REASON_HLT: _ClassVar[ExitReason]
 EXIT_REASON_UNSPECIFIED: ExitReason
 EXIT_REASON_DONE: ExitReason
 EXIT_REASON_MMIO: ExitReason
 EXIT_REASON_MEMORY_FAULT: ExitReason
 EXIT_REASON_INTERNAL_ERROR: ExitReason
 EXIT_REASON_DIRTY_RING_FULL: ExitReason
+EXIT_REASON_HLT: ExitReason
 
 class AccessBatch(_message.Message):
     __slots__ = ("gpas", "ops", "write_data")
@@ -39,7 +41,7 @@ class MmioCompletion(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class Exit(_message.Message):
-    __slots__ = ("reason", "gpa", "length", "is_write", "data", "errno", "message")
+    __slots__ = ("reason", "gpa", "length", "is_write", "data", "errno", "message", "suberror")
     REASON_FIELD_NUMBER: _ClassVar[int]
     GPA_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +49,7 @@ class Exit(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     ERRNO_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SUBERROR_FIELD_NUMBER: _ClassVar[int]
     reason: ExitReason
     gpa: int
     length: int
@@ -54,7 +57,12 @@ class Exit(_message.Message):
     data: bytes
     errno: int
     message: str
-    def __init__(self, reason: _Optional[_Union[ExitReason, str]] = ..., gpa: _Optional[int] = ..., length: _Optional[int] = ..., is_write: _Optional[bool] = ..., data: _Optional[bytes] = ..., errno: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    suberror: int
+    def __init__(self, reason: _Optional[_Union[ExitReason, str]] = ..., gpa: _Optional[int] = ..., length: _Optional[int] = ..., is_write: _Optional[bool] = ..., data: _Optional[bytes] = ..., errno: _Optional[int] = ..., message: _Optional[str] = ..., suberror: _Optional[int] = ...) -> None: ...
+
+class Resume(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class RunResult(_message.Message):
     __slots__ = ("completed", "exit", "read_data")
@@ -126,16 +134,18 @@ class GetVcpuStatsResponse(_message.Message):
     def __init__(self, stats: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class RunRequest(_message.Message):
-    __slots__ = ("vm_id", "vcpu_id", "batch", "mmio_completion")
+    __slots__ = ("vm_id", "vcpu_id", "batch", "mmio_completion", "resume")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     VCPU_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     MMIO_COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     vm_id: int
     vcpu_id: int
     batch: AccessBatch
     mmio_completion: MmioCompletion
-    def __init__(self, vm_id: _Optional[int] = ..., vcpu_id: _Optional[int] = ..., batch: _Optional[_Union[AccessBatch, _Mapping]] = ..., mmio_completion: _Optional[_Union[MmioCompletion, _Mapping]] = ...) -> None: ...
+    resume: Resume
+    def __init__(self, vm_id: _Optional[int] = ..., vcpu_id: _Optional[int] = ..., batch: _Optional[_Union[AccessBatch, _Mapping]] = ..., mmio_completion: _Optional[_Union[MmioCompletion, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ...) -> None: ...
 
 class RunResponse(_message.Message):
     __slots__ = ("result",)
@@ -144,16 +154,18 @@ class RunResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[RunResult, _Mapping]] = ...) -> None: ...
 
 class RunBatchRequest(_message.Message):
-    __slots__ = ("vm_id", "vcpu_id", "batch", "mmio_completion")
+    __slots__ = ("vm_id", "vcpu_id", "batch", "mmio_completion", "resume")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     VCPU_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     MMIO_COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     vm_id: int
     vcpu_id: int
     batch: AccessBatch
     mmio_completion: MmioCompletion
-    def __init__(self, vm_id: _Optional[int] = ..., vcpu_id: _Optional[int] = ..., batch: _Optional[_Union[AccessBatch, _Mapping]] = ..., mmio_completion: _Optional[_Union[MmioCompletion, _Mapping]] = ...) -> None: ...
+    resume: Resume
+    def __init__(self, vm_id: _Optional[int] = ..., vcpu_id: _Optional[int] = ..., batch: _Optional[_Union[AccessBatch, _Mapping]] = ..., mmio_completion: _Optional[_Union[MmioCompletion, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ...) -> None: ...
 
 class RunBatchResponse(_message.Message):
     __slots__ = ("result",)

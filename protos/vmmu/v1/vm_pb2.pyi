@@ -71,7 +71,7 @@ class VmInfo(_message.Message):
     def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., config: _Optional[_Union[VmConfig, _Mapping]] = ..., nr_vcpus: _Optional[int] = ..., nr_memslots: _Optional[int] = ..., nr_host_regions: _Optional[int] = ..., dead: _Optional[bool] = ...) -> None: ...
 
 class Spte(_message.Message):
-    __slots__ = ("level", "gfn", "index", "spte", "kind", "pfn", "readable", "writable", "executable", "large", "accessed", "dirty", "host_writable", "mmu_writable")
+    __slots__ = ("level", "gfn", "index", "spte", "kind", "pfn", "readable", "writable", "executable", "large", "accessed", "dirty", "host_writable", "mmu_writable", "zero_page")
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     GFN_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class Spte(_message.Message):
     DIRTY_FIELD_NUMBER: _ClassVar[int]
     HOST_WRITABLE_FIELD_NUMBER: _ClassVar[int]
     MMU_WRITABLE_FIELD_NUMBER: _ClassVar[int]
+    ZERO_PAGE_FIELD_NUMBER: _ClassVar[int]
     level: int
     gfn: int
     index: int
@@ -100,7 +101,8 @@ class Spte(_message.Message):
     dirty: bool
     host_writable: bool
     mmu_writable: bool
-    def __init__(self, level: _Optional[int] = ..., gfn: _Optional[int] = ..., index: _Optional[int] = ..., spte: _Optional[int] = ..., kind: _Optional[_Union[SpteKind, str]] = ..., pfn: _Optional[int] = ..., readable: _Optional[bool] = ..., writable: _Optional[bool] = ..., executable: _Optional[bool] = ..., large: _Optional[bool] = ..., accessed: _Optional[bool] = ..., dirty: _Optional[bool] = ..., host_writable: _Optional[bool] = ..., mmu_writable: _Optional[bool] = ...) -> None: ...
+    zero_page: bool
+    def __init__(self, level: _Optional[int] = ..., gfn: _Optional[int] = ..., index: _Optional[int] = ..., spte: _Optional[int] = ..., kind: _Optional[_Union[SpteKind, str]] = ..., pfn: _Optional[int] = ..., readable: _Optional[bool] = ..., writable: _Optional[bool] = ..., executable: _Optional[bool] = ..., large: _Optional[bool] = ..., accessed: _Optional[bool] = ..., dirty: _Optional[bool] = ..., host_writable: _Optional[bool] = ..., mmu_writable: _Optional[bool] = ..., zero_page: _Optional[bool] = ...) -> None: ...
 
 class CreateVmRequest(_message.Message):
     __slots__ = ("config",)
@@ -180,3 +182,19 @@ class WalkEptResponse(_message.Message):
     SPTES_FIELD_NUMBER: _ClassVar[int]
     sptes: _containers.RepeatedCompositeFieldContainer[Spte]
     def __init__(self, sptes: _Optional[_Iterable[_Union[Spte, _Mapping]]] = ...) -> None: ...
+
+class EnableCapRequest(_message.Message):
+    __slots__ = ("vm_id", "cap", "flags", "args")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    CAP_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    cap: int
+    flags: int
+    args: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, vm_id: _Optional[int] = ..., cap: _Optional[int] = ..., flags: _Optional[int] = ..., args: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class EnableCapResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -65,6 +65,11 @@ class VmServiceStub:
                 request_serializer=vmmu_dot_v1_dot_vm__pb2.WalkEptRequest.SerializeToString,
                 response_deserializer=vmmu_dot_v1_dot_vm__pb2.WalkEptResponse.FromString,
                 _registered_method=True)
+        self.EnableCap = channel.unary_unary(
+                '/vmmu.v1.VmService/EnableCap',
+                request_serializer=vmmu_dot_v1_dot_vm__pb2.EnableCapRequest.SerializeToString,
+                response_deserializer=vmmu_dot_v1_dot_vm__pb2.EnableCapResponse.FromString,
+                _registered_method=True)
 
 
 class VmServiceServicer:
@@ -113,6 +118,14 @@ class VmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnableCap(self, request, context):
+        """EnableCap enables a capability on a live VM (KVM_ENABLE_CAP): the dirty-logging ones
+        that VmConfig sets at creation, with KVM's checks; GetVm shows them as enabled now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VmServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +158,11 @@ def add_VmServiceServicer_to_server(servicer, server):
                     servicer.WalkEpt,
                     request_deserializer=vmmu_dot_v1_dot_vm__pb2.WalkEptRequest.FromString,
                     response_serializer=vmmu_dot_v1_dot_vm__pb2.WalkEptResponse.SerializeToString,
+            ),
+            'EnableCap': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableCap,
+                    request_deserializer=vmmu_dot_v1_dot_vm__pb2.EnableCapRequest.FromString,
+                    response_serializer=vmmu_dot_v1_dot_vm__pb2.EnableCapResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +328,33 @@ class VmService:
             '/vmmu.v1.VmService/WalkEpt',
             vmmu_dot_v1_dot_vm__pb2.WalkEptRequest.SerializeToString,
             vmmu_dot_v1_dot_vm__pb2.WalkEptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnableCap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmu.v1.VmService/EnableCap',
+            vmmu_dot_v1_dot_vm__pb2.EnableCapRequest.SerializeToString,
+            vmmu_dot_v1_dot_vm__pb2.EnableCapResponse.FromString,
             options,
             channel_credentials,
             insecure,
