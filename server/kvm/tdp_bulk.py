@@ -198,7 +198,10 @@ def set_sptes(mmu: "TdpMmu", group: TableGroup, new: np.ndarray, shared: bool) -
     rows = np.flatnonzero(changed.any(axis=1))
     if not rows.size:
         return 0
-    old_values, new_values = group.old[changed], new[changed]
+    if len(rows) == len(group.pages) and changed.all():
+        old_values, new_values = group.old.ravel(), new.ravel()
+    else:
+        old_values, new_values = group.old[changed], new[changed]
     if (old_values == _FROZEN).any():
         raise VmBugged(f"bulk SPTE write over a frozen entry at level {group.level}")
     _write(mmu, group, rows, changed, new, shared)
@@ -226,21 +229,20 @@ def handle_changed_sptes(mmu: "TdpMmu", group: TableGroup, changed: np.ndarray,
     from `old` to `new` (tracing is off: the bulk paths run only then)."""
     level = group.level
     bits = _LEAF[level]
-    was_leaf, is_leaf = (old & bits) == bits, (new & bits) == bits
+    is_leaf = (new & bits) == bits
+    if not ((old ^ new) & (_BASE | bits)).any():
+        # No entry became or stopped being a present leaf, none moved to another pfn:
+        # of the bookkeeping only the check of the writable bits applies.
+        _check_writable(group, changed, new, is_leaf)
+        return
+    was_leaf = (old & bits) == bits
     if is_leaf.any():
         moved = was_leaf & is_leaf & (((old ^ new) & _BASE) != 0)
         if moved.any():
             k = int(moved.argmax())
             mmu.handle_changed_spte(group.pages[0].as_id, _gfn(group, changed, k),
                                     int(old[k]), int(new[k]), level, shared)  # raises
-        wbits = new & _W_BITS
-        legal = (wbits == _LEGAL_W[0]) | (wbits == _LEGAL_W[1]) | (wbits == _LEGAL_W[2]) \
-            | (wbits == _LEGAL_W[3])
-        illegal = is_leaf & ~legal
-        if illegal.any():
-            k = int(illegal.argmax())
-            raise VmBugged(f"illegal writable bits in SPTE {int(new[k]):#x} for gfn "
-                           f"{_gfn(group, changed, k):#x}")
+        _check_writable(group, changed, new, is_leaf)
     appeared = is_leaf & ~was_leaf
     delta = int(np.count_nonzero(appeared)) - int(np.count_nonzero(was_leaf & ~is_leaf))
     if mmu.sanitizers is not None and appeared.any():
@@ -253,6 +255,19 @@ def handle_changed_sptes(mmu: "TdpMmu", group: TableGroup, changed: np.ndarray,
         unlinked = ((old & _PRESENT_LARGE) == _PRESENT) & (is_leaf | ((new & _PRESENT) == 0))
         for spte in old[unlinked].tolist():
             mmu.handle_removed_pt(mmu.tables.child((spte & BASE_ADDR_MASK) >> 12), shared)
+
+
+def _check_writable(group: TableGroup, changed: np.ndarray, new: np.ndarray,
+                    is_leaf: np.ndarray) -> None:
+    """`check_writable_invariants` of every new present leaf."""
+    wbits = new & _W_BITS
+    legal = (wbits == _LEGAL_W[0]) | (wbits == _LEGAL_W[1]) | (wbits == _LEGAL_W[2]) \
+        | (wbits == _LEGAL_W[3])
+    illegal = is_leaf & ~legal
+    if illegal.any():
+        k = int(illegal.argmax())
+        raise VmBugged(f"illegal writable bits in SPTE {int(new[k]):#x} for gfn "
+                       f"{_gfn(group, changed, k):#x}")
 
 
 def _gfn(group: TableGroup, changed: np.ndarray, k: int) -> int:

@@ -415,15 +415,21 @@ class TdpMmu:
         self.mmu_lock.assert_held_write()
         done = 0
         with self.rcu.read_lock():
-            for root in self._valid_roots(slot.as_id):
+            roots = self._valid_roots(slot.as_id)
+            if not roots:
+                return 0
+            # `dirty` with a table's worth of False either side: every 4K table that
+            # reaches the range reads its 512 flags from `padded`, no bounds to check.
+            padded = np.zeros(len(dirty) + 2 * PT_ENTRIES, np.bool_)
+            padded[PT_ENTRIES:PT_ENTRIES + len(dirty)] = dirty
+            for root in roots:
                 leaf_tables = [entry for entry in tables(root, gfn, gfn + len(dirty))
                                if entry[0].level == PG_LEVEL_4K]
                 for group in TableGroup.chunks(PG_LEVEL_4K, leaf_tables):
-                    offset = group.gfns() - gfn       # each entry's index into `dirty`
-                    inside = group.inside & (offset >= 0) & (offset < len(dirty))
+                    first = np.array([page.gfn - gfn + PT_ENTRIES for page in group.pages])
                     old = group.old
-                    protect = inside & dirty[np.where(inside, offset, 0)] & \
-                        leaf_present(old, PG_LEVEL_4K) & ((old & _W) != 0)
+                    protect = padded[first[:, None] + _COLUMNS] & \
+                        ((old & _PRESENT_W) == _PRESENT_W)
                     done += set_sptes(self, group, np.where(protect, old & _NOT_W, old),
                                       False)
         return done
@@ -552,6 +558,8 @@ def max_mapping_level(slot: "Memslot", gfn: int, host_mapping_level: Callable[[i
 _PRESENT = np.uint64(MMU_PRESENT)
 _NONPRESENT = np.uint64(NONPRESENT)
 _W = np.uint64(WRITABLE)
+_PRESENT_W = np.uint64(MMU_PRESENT | WRITABLE)     # a writable 4K leaf
+_COLUMNS = np.arange(PT_ENTRIES)
 _NOT_W = np.uint64(((1 << 64) - 1) & ~WRITABLE)
 
 YIELD_BATCH = 4096          # SPTEs a walk may visit before it yields unasked (need_resched)
