@@ -21,6 +21,7 @@ import asyncio
 import enum
 import errno
 from array import array
+from bisect import bisect_right
 from operator import indexOf
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
@@ -339,6 +340,11 @@ class Vcpu:
                     yield i
                 i += 1
             return
+        if check is None:
+            runs = batch.runs()
+            if runs is not None:
+                yield from self._guest_runs(runs, i)
+                return
         tlb_get, write_data, host, wpos = tlb.get, batch.write_data, self._host, self._wpos
         memory = host.contents                 # pfn -> page, for the pages ever written
         # Views: resuming after an MMIO exit does not copy the rest of the batch.
@@ -367,6 +373,38 @@ class Vcpu:
                 wpos += size
             elif op & OP_WITH_DATA:            # a read: a write with data has a size
                 self._read_data += host.read_pfn(pfn, gpa & _PAGE_OFFSET, _SIZE[op])
+        self._wpos = wpos
+
+    def _guest_runs(self, runs: list[int], i: int) -> Iterator[int]:
+        """`_guest` over a batch of contiguous runs (`AccessBatch.runs`), sanitizers off:
+        the accesses of a run share a TLB entry and a page, so a run takes one TLB lookup
+        and moves its bytes in one copy. The first access of a run that misses walks, and
+        exits, as alone; resumed after an exit, the run goes on from the next access."""
+        batch = self._batch
+        gpas, ops, keys, write_data = batch.gpas, batch.ops, batch.tlb_keys, batch.write_data
+        tlb_get, fill, host, wpos = self.tlb.get, self._tlb_fill, self._host, self._wpos
+        memory, read_data = host.contents, self._read_data
+        k = bisect_right(runs, i)              # runs[k] is where the run holding i ends
+        for end in runs[k:]:
+            gpa, op = gpas[i], ops[i]
+            pfn = tlb_get(keys[i])
+            if pfn is None:
+                pfn = fill(gpa, op)
+                while pfn is None:             # exit; the host fixes it, the walk is redone
+                    self._wpos = wpos
+                    yield i
+                    pfn = fill(gpa, op)
+            if op & OP_WITH_DATA:
+                offset = gpa & _PAGE_OFFSET
+                length = gpas[end - 1] + _SIZE[op] - gpa
+                if _WRITE_SIZE[op]:
+                    host.write_pfn(pfn, offset, write_data[wpos:wpos + length])
+                    wpos += length
+                else:
+                    page = memory.get(pfn)
+                    read_data += bytes(length) if page is None else \
+                        memoryview(page)[offset:offset + length]
+            i = end
         self._wpos = wpos
 
     def _tlb_fill(self, gpa: int, op: int) -> int | None:
