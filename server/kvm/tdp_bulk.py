@@ -152,30 +152,29 @@ def tables(root: MmuPage, start: int, end: int, min_level: int = PG_LEVEL_4K
 async def walk_tables(walk: "_YieldingWalk", root: MmuPage, start: int, end: int,
                       visit: Callable[[TableGroup], bool], min_level: int = PG_LEVEL_4K,
                       flush: bool = False, flush_on_yield: bool = False) -> bool:
-    """Call `visit(group)` for the tables `tables` gives, a batch of about `YIELD_BATCH`
-    SPTEs at a time grouped by level, under the walk's mmu_lock; after a batch, yield the
-    lock when a task waits for it or the walk visited a batch since it last yielded, then
-    walk again from the next gfn. `visit` says whether it changed an SPTE. Returns whether
-    any did; with `flush_on_yield`, only since the last yield, which flushed them (as
-    `zap_leafs` does)."""
+    """Call `visit(group)` for the tables `tables` gives, grouped by level, under the
+    walk's mmu_lock, a batch at a time: a batch ends after a table at `min_level` when a
+    task waits for the lock or the walk visited `YIELD_BATCH` SPTEs since it last yielded
+    (`need_resched`, asked between tables); then the walk yields the lock and walks again
+    from the next gfn. `visit` says whether it changed an SPTE. Returns whether any did;
+    with `flush_on_yield`, only since the last yield, which flushed them (as `zap_leafs`
+    does)."""
     gfn = start
     while gfn < end:
         batch: list[tuple[MmuPage, int, int]] = []
-        resume, size = end, 0
+        resume = end
         for entry in tables(root, gfn, end, min_level):
             batch.append(entry)
             page, lo, hi = entry
-            size += hi - lo
-            if page.level == min_level and size >= walk.batch:
+            walk.visited += hi - lo
+            if page.level == min_level and walk.need_resched_bulk():
                 resume = page.gfn + (hi << level_shift(page.level))
                 break
         for group in TableGroup.by_level(batch):
             if visit(group):
                 flush = True
-        walk.visited += size
-        if resume >= end or not walk.need_resched_bulk():
-            gfn = resume
-            continue
+        if resume >= end:
+            break
         await walk.cond_resched(None, flush and flush_on_yield)
         if flush_on_yield:
             flush = False

@@ -569,8 +569,6 @@ class _YieldingWalk:
     """A long walk under mmu_lock inside an RCU read-side section, which yields both the
     way `tdp_mmu_iter_cond_resched` does (`need_resched`, then `cond_resched`)."""
 
-    batch = YIELD_BATCH     # SPTEs a bulk walk visits between two chances to yield
-
     def __init__(self, mmu: TdpMmu, shared: bool) -> None:
         self.mmu, self.shared = mmu, shared
         self.visited = 0
