@@ -426,10 +426,14 @@ class TdpMmu:
                 leaf_tables = [entry for entry in tables(root, gfn, gfn + len(dirty))
                                if entry[0].level == PG_LEVEL_4K]
                 for group in TableGroup.chunks(PG_LEVEL_4K, leaf_tables):
-                    first = np.array([page.gfn - gfn + PT_ENTRIES for page in group.pages])
+                    first = [page.gfn - gfn + PT_ENTRIES for page in group.pages]
+                    if first[-1] - first[0] == PT_ENTRIES * (len(first) - 1):
+                        # Consecutive tables (the usual case): one slice of `padded`.
+                        flags = padded[first[0]:first[-1] + PT_ENTRIES].reshape(-1, PT_ENTRIES)
+                    else:
+                        flags = padded[np.array(first)[:, None] + _COLUMNS]
                     old = group.old
-                    protect = padded[first[:, None] + _COLUMNS] & \
-                        ((old & _PRESENT_W) == _PRESENT_W)
+                    protect = flags & ((old & _PRESENT_W) == _PRESENT_W)
                     done += set_sptes(self, group, np.where(protect, old & _NOT_W, old),
                                       False)
         return done
