@@ -1,8 +1,8 @@
 """Per-access translation and the demand fault, each beside the floor CPython sets for it.
 
     translation.random_tlb       translation-only reads of random gfns over a working set
-                                 a quarter larger than the TLB's reach: hits are not one set operation over
-                                 the batch, and misses walk the EPT. ns per access with the
+                                 a quarter larger than the TLB's reach: hits are not one
+                                 set operation over the batch, and misses walk the EPT. ns per access with the
                                  TLB hit rate seen; baseline: the bare `array('Q')` loop
                                  (one index per access), target <= 3x; beside it, a bare
                                  4-level walk over the VM's own tables for every access.
@@ -142,7 +142,8 @@ async def data_path(runs: int) -> None:
     gpas = array("Q", range(0, npages << 12, 8)).tobytes()
     variants = {"translate": (make_op(AccessKind.READ, 8, False), b""),
                 "data_read": (make_op(AccessKind.READ, 8, True), b""),
-                "data_write": (make_op(AccessKind.WRITE, 8, True), bytes(range(256)) * (n // 32))}
+                "data_write": (make_op(AccessKind.WRITE, 8, True),
+                               bytes(range(256)) * (n // 32))}
     for op, data in variants.values():                 # map every page writable, dirty
         await vcpu.run(AccessBatch.from_wire(gpas, bytes([op]) * n, data))
     warm = vcpu.stats()["pf_taken"]

@@ -30,12 +30,10 @@ import numpy as np
 from . import spte as S
 from .errors import KvmError, einval
 from .memslots import Memslot
-from .spte import ACCESSED
-from .tdp_bulk import TableGroup, leaf_present, tables
+from .tdp_bulk import TableGroup, accessed, leaf_present, tables
 from .tdp_iter import TdpIter
 from .types import PAGE_SHIFT, PG_LEVEL_4K, pages_per_level
 
-_ACCESSED = np.uint64(ACCESSED)
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -96,8 +94,7 @@ def young_bitmap(vm: "Vm", start: int, end: int) -> bytes:
                 continue
             for group in TableGroup.by_level(list(tables(root, first, last))):
                 old = group.old
-                hits = group.inside & leaf_present(old, group.level) & \
-                    ((old & _ACCESSED) != 0)
+                hits = group.inside & leaf_present(old, group.level) & accessed(old)
                 gfns = group.gfns()[hits]
                 if group.level == PG_LEVEL_4K:
                     young[gfns + shift] = True

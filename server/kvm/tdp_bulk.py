@@ -32,19 +32,24 @@ import numpy as np
 
 from .errors import VmBugged
 from .mmu_page import MmuPage, UseAfterFree
-from .spte import (BASE_ADDR_MASK, FROZEN, HOST_WRITABLE, LARGE, LEAF_BITS, MMU_PRESENT,
-                   MMU_WRITABLE, PRESENT_LARGE, WRITABLE)
+from .spte import (ACCESSED, BASE_ADDR_MASK, FROZEN, HOST_WRITABLE, LARGE, LEAF_BITS,
+                   MMU_PRESENT, MMU_WRITABLE, NONPRESENT, PRESENT_LARGE, WRITABLE)
 from .types import PG_LEVEL_4K, PT_ENTRIES, level_shift, pages_per_level
 
 if TYPE_CHECKING:
     from .tdp_mmu import TdpMmu, _YieldingWalk
 
-__all__ = ["sptes", "leaf_present", "bits_to_pages", "TableGroup", "tables", "walk_tables",
+__all__ = ["sptes", "leaf_present", "shadow_present", "writable", "accessed",
+           "write_protected", "zapped", "bits_to_pages", "TableGroup", "tables", "walk_tables",
            "set_sptes", "handle_changed_sptes", "remove_pt", "fill_small"]
 
 _U64 = np.uint64
 _ALL = (1 << 64) - 1
 _PRESENT = _U64(MMU_PRESENT)
+_NONPRESENT = _U64(NONPRESENT)
+_W = _U64(WRITABLE)
+_NOT_W = _U64(_ALL & ~WRITABLE)
+_ACCESSED = _U64(ACCESSED)
 _PRESENT_LARGE = _U64(PRESENT_LARGE)
 _BASE = _U64(BASE_ADDR_MASK)
 _W_BITS = _U64(HOST_WRITABLE | MMU_WRITABLE | WRITABLE)
@@ -73,6 +78,31 @@ def leaf_present(values: np.ndarray, level: int) -> np.ndarray:
     """`is_leaf_present` of each SPTE at `level`."""
     bits = _LEAF[level]
     return (values & bits) == bits
+
+
+def shadow_present(values: np.ndarray) -> np.ndarray:
+    """`is_shadow_present` of each SPTE."""
+    return (values & _PRESENT) != 0
+
+
+def writable(values: np.ndarray) -> np.ndarray:
+    """`is_writable` of each SPTE."""
+    return (values & _W) != 0
+
+
+def accessed(values: np.ndarray) -> np.ndarray:
+    """`is_accessed` of each SPTE."""
+    return (values & _ACCESSED) != 0
+
+
+def write_protected(values: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """The SPTEs with W cleared where `where` holds (MMU-writable stays)."""
+    return np.where(where, values & _NOT_W, values)
+
+
+def zapped(values: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """The SPTEs made NONPRESENT where `where` holds."""
+    return np.where(where, _NONPRESENT, values)
 
 
 def bits_to_pages(words: np.ndarray) -> np.ndarray:
@@ -284,7 +314,7 @@ def remove_pt(mmu: "TdpMmu", page: MmuPage, shared: bool) -> None:
     if frozen.any():
         raise VmBugged(f"entry {int(frozen.argmax(axis=None))} of unlinked {page!r} is "
                        "already frozen")
-    freeze = group.inside if shared else (old & _PRESENT) != 0
+    freeze = group.inside if shared else shadow_present(old)
     new = np.where(freeze, _FROZEN, old)
     changed = old != new
     rows = np.flatnonzero(changed.any(axis=1))

@@ -28,7 +28,8 @@ from .mmu_lock import MmuLock
 from .mmu_page import MmuPage, PageTables
 from .rcu import Rcu
 from .stats import VmStats
-from .tdp_bulk import TableGroup, leaf_present, set_sptes, tables, walk_tables
+from .tdp_bulk import (TableGroup, leaf_present, set_sptes, shadow_present, tables,
+                       walk_tables, writable, write_protected, zapped)
 from .tdp_iter import TdpIter
 from .trace import Tracer
 from .types import (MAX_HUGEPAGE_LEVEL, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, PT_ENTRIES,
@@ -267,7 +268,7 @@ class TdpMmu:
         if self.bulk:
             def zap(group: TableGroup) -> bool:
                 old = group.old
-                new = np.where(group.inside & leaf_present(old, group.level), _NONPRESENT, old)
+                new = zapped(old, group.inside & leaf_present(old, group.level))
                 return set_sptes(self, group, new, False) > 0 and not root.invalid
 
             with _YieldingWalk(self, shared=False) as walk:
@@ -309,8 +310,7 @@ class TdpMmu:
                         if group.level != zap_level:
                             return False
                         old = group.old
-                        new = np.where(group.inside & ((old & _PRESENT) != 0), _NONPRESENT,
-                                       old)
+                        new = zapped(old, group.inside & shadow_present(old))
                         return set_sptes(self, group, new, shared) > 0
 
                     await walk_tables(walk, root, 0, self.max_gfn, zap, zap_level)
@@ -364,8 +364,8 @@ class TdpMmu:
 
         def wrprot(group: TableGroup) -> bool:
             old = group.old
-            writable = group.inside & leaf_present(old, group.level) & ((old & _W) != 0)
-            return set_sptes(self, group, np.where(writable, old & _NOT_W, old), True) > 0
+            protect = group.inside & leaf_present(old, group.level) & writable(old)
+            return set_sptes(self, group, write_protected(old, protect), True) > 0
 
         for root in self._each_valid_root(slot.as_id):
             with _YieldingWalk(self, shared=True) as walk:
@@ -429,13 +429,13 @@ class TdpMmu:
                     first = [page.gfn - gfn + PT_ENTRIES for page in group.pages]
                     if first[-1] - first[0] == PT_ENTRIES * (len(first) - 1):
                         # Consecutive tables (the usual case): one slice of `padded`.
-                        flags = padded[first[0]:first[-1] + PT_ENTRIES].reshape(-1, PT_ENTRIES)
+                        flags = padded[first[0]:first[-1] + PT_ENTRIES]
+                        flags = flags.reshape(-1, PT_ENTRIES)
                     else:
                         flags = padded[np.array(first)[:, None] + _COLUMNS]
                     old = group.old
-                    protect = flags & ((old & _PRESENT_W) == _PRESENT_W)
-                    done += set_sptes(self, group, np.where(protect, old & _NOT_W, old),
-                                      False)
+                    protect = flags & leaf_present(old, PG_LEVEL_4K) & writable(old)
+                    done += set_sptes(self, group, write_protected(old, protect), False)
         return done
 
     def write_protect_gfn(self, slot: "Memslot", gfn: int, min_level: int) -> bool:
@@ -559,12 +559,7 @@ def max_mapping_level(slot: "Memslot", gfn: int, host_mapping_level: Callable[[i
         return level
     return min(level, host_mapping_level(slot.gfn_to_hva(gfn)))
 
-_PRESENT = np.uint64(MMU_PRESENT)
-_NONPRESENT = np.uint64(NONPRESENT)
-_W = np.uint64(WRITABLE)
-_PRESENT_W = np.uint64(MMU_PRESENT | WRITABLE)     # a writable 4K leaf
 _COLUMNS = np.arange(PT_ENTRIES)
-_NOT_W = np.uint64(((1 << 64) - 1) & ~WRITABLE)
 
 YIELD_BATCH = 4096          # SPTEs a walk may visit before it yields unasked (need_resched)
 
