@@ -3,7 +3,8 @@
 Every result is one JSON line with the median of several runs and its ratio to a baseline
 measured in the same run:
 - `bare_loop`: a CPython loop doing one `array('Q')` index per access over the same gfns;
-- `in_process`: the same batches run through the model without gRPC.
+- `in_process`: the same batches run through the model without gRPC (the Run stream
+  also with another process keeping one core busy: `grpc_stream_*_busy_core`).
 
     python benchmarks/foundation.py [--runs 5] [--accesses 200000]
 """
@@ -165,7 +166,20 @@ async def _stream_pipelined(port: int, vm_id: int, batches: list, depth: int) ->
         return elapsed
 
 
-async def grpc_stream(runs: int, n: int) -> None:
+BUSY_BOUND_S = 600            # the longest a busy-core load may run, whatever happens
+
+
+def _busy_core() -> subprocess.Popen:
+    """Another process that keeps one core busy (a Python loop), for at most
+    BUSY_BOUND_S seconds; the caller terminates it."""
+    loop = f"import time\nend = time.monotonic() + {BUSY_BOUND_S}\n" \
+        "while time.monotonic() < end:\n    pass\n"
+    return subprocess.Popen([sys.executable, "-c", loop])
+
+
+async def grpc_stream(runs: int, n: int, busy_core: bool = False) -> None:
+    """The Run stream against in-process; with `busy_core`, both while another process
+    keeps one core busy."""
     npages = 4096
     gfns = access_pattern(n, npages)
     op = make_op(AccessKind.READ, 8, False)
@@ -176,6 +190,7 @@ async def grpc_stream(runs: int, n: int) -> None:
         await vcpu.run(AccessBatch.from_wire(gpas, ops))
 
     proc, port = _start_server()
+    load = _busy_core() if busy_core else None
     try:
         with Client(f"127.0.0.1:{port}") as client:
             vm = client.create_vm(max_vcpus=1)
@@ -197,16 +212,19 @@ async def grpc_stream(runs: int, n: int) -> None:
             sequential.append(await _stream_pipelined(port, vm_id, batches, depth=1))
             pipelined.append(await _stream_pipelined(port, vm_id, batches, depth=4))
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        for child in filter(None, (load, proc)):
+            child.terminate()
+            child.wait(timeout=30)
     base = median_of(local)
+    suffix = "_busy_core" if busy_core else ""
     for name, samples in (("grpc_stream_sequential", sequential),
                           ("grpc_stream_pipelined", pipelined)):
         t = median_of(samples)
-        emit(name, n / t, "accesses/s", "in_process", n / base, base / t,
+        emit(name + suffix, n / t, "accesses/s", "in_process", n / base, base / t,
              ">= 0.75 (throughput vs in-process)", runs, batch=STREAM_BATCH,
              in_flight=1 if name.endswith("sequential") else 4,
-             server="separate process on 127.0.0.1")
+             server="separate process on 127.0.0.1",
+             load="another process keeps one core busy" if busy_core else "none")
 
 
 async def main() -> None:
@@ -217,6 +235,7 @@ async def main() -> None:
     await tlb_hits(args.runs, args.accesses)
     await demand_faults(args.runs)
     await grpc_stream(args.runs, args.accesses)
+    await grpc_stream(args.runs, args.accesses, busy_core=True)
     await page_table_memory()
 
 

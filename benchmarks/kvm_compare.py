@@ -26,6 +26,13 @@ Both sides check what they measure: every harvest reports every page dirty, and 
 second pass goes through `pf_fast` exactly when the fast page fault is on. Without a usable
 /dev/kvm a `kvm_compare.realkvm` line says why and only the vmmu half runs.
 
+The two sides alternate run by run (a real-KVM run, then vmmu with the fast page fault on
+and off), so that drift on a shared host hits both alike. Every line says what the host's
+KVM is (`host`: shadow paging or TDP, PVM, nested, A/D and PML where TDP, and whether its
+second pass took the fast page fault) and how each side populated memory (`populate`); a
+first `kvm_compare.host` line lists every kvm module parameter.
+    kvm_compare.harvest           target: ratio <= 3 (GET_DIRTY_LOG, every page dirty)
+
     python benchmarks/kvm_compare.py [--size-mib 256] [--runs 3] [--kvm-runs 5]
 """
 
@@ -44,6 +51,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.kvmhost import KvmUnavailable, PHASES, kvm_dirty_log_workload  # noqa: E402
+from benchmarks.kvmhost.workload import host_facts  # noqa: E402
 from vmmu.server.kvm import (KVM_MEM_LOG_DIRTY_PAGES, AccessBatch, AccessKind,  # noqa: E402
                              Backing, ExitReason, Kvm, VmConfig, make_op)
 
@@ -53,6 +61,9 @@ SLOT = 1
 SLOT_GPA = 1 << 30
 
 PASS_TARGET = 2.0            # vmmu ns/page at most twice real KVM's, for each pass
+HARVEST_TARGET = 3.0         # GET_DIRTY_LOG of every page dirty: at most 3x real KVM's
+# How each side has every host page allocated before the first pass.
+POPULATE = {"realkvm": "mmap(MAP_POPULATE)", "vmmu": "madvise(MADV_POPULATE_WRITE)"}
 FAST_PF_TARGET = 0.37        # the seed: 195864447 / 532473698 ns
 PASSES = ("first_pass", "second_pass")
 
@@ -141,45 +152,83 @@ def _check_second_pass_path(stats: dict[str, int], fast_page_fault: bool, npages
            f"{npages} pages, {fast} of them in the fast path; counters {stats}")
 
 
-async def vmmu_dirty_log_workload(size: int, runs: int) -> dict[bool, dict]:
-    """{fast_page_fault: {"ns_per_page", "samples", "vcpu_stats"}} for on and off; the two
-    configurations alternate run by run so that drift on the host hits both alike."""
+def _new_vmmu_results() -> dict[bool, dict]:
+    return {fast: {"samples": {phase: [] for phase in PHASES}, "vcpu_stats": {}}
+            for fast in (True, False)}
+
+
+async def vmmu_dirty_log_round(size: int, out: dict[bool, dict]) -> None:
+    """One run with the fast page fault on and one with it off, added to `out`."""
     npages = size // PAGE_SIZE
-    out: dict[bool, dict] = {fast: {"samples": {phase: [] for phase in PHASES}, "vcpu_stats": {}}
-                             for fast in (True, False)}
-    for _ in range(runs):
-        for fast in (True, False):
-            elapsed, vcpu_stats = await _vmmu_run(size, fast)
-            _check_second_pass_path(vcpu_stats["second_pass"], fast, npages)
-            for phase, ns in elapsed.items():
-                out[fast]["samples"][phase].append(ns / npages)
-            out[fast]["vcpu_stats"] = vcpu_stats
-    for result in out.values():
-        result["ns_per_page"] = {phase: statistics.median(v)
-                                 for phase, v in result["samples"].items()}
-    return out
+    for fast in (True, False):
+        elapsed, vcpu_stats = await _vmmu_run(size, fast)
+        _check_second_pass_path(vcpu_stats["second_pass"], fast, npages)
+        for phase, ns in elapsed.items():
+            out[fast]["samples"][phase].append(ns / npages)
+        out[fast]["vcpu_stats"] = vcpu_stats
+
+
+def _medians(result: dict) -> dict:
+    result["ns_per_page"] = {phase: statistics.median(v)
+                             for phase, v in result["samples"].items()}
+    return result
 
 
 # -- the comparison ------------------------------------------------------------------------
 
-def real_kvm(size: int, runs: int) -> dict | None:
-    """The workload on real KVM, or None (after saying why) where /dev/kvm is unusable."""
+def real_kvm_run(size: int) -> dict | None:
+    """One run of the workload on real KVM, or None (after saying why) where /dev/kvm is
+    unusable."""
     try:
-        return kvm_dirty_log_workload(size, runs)
+        return kvm_dirty_log_workload(size, 1)
     except (KvmUnavailable, OSError) as e:
         print(json.dumps({"benchmark": "kvm_compare.realkvm", "available": False,
                           "reason": str(e)}), flush=True)
         return None
 
 
+async def interleaved(size: int, runs: int, kvm_runs: int) -> tuple[dict | None, dict]:
+    """Real-KVM runs and vmmu rounds alternated: (real KVM's results or None, vmmu's)."""
+    kvm: dict | None = None
+    kvm_ok = True
+    vmmu = _new_vmmu_results()
+    for round_ in range(max(runs, kvm_runs)):
+        if kvm_ok and round_ < kvm_runs:
+            one = real_kvm_run(size)
+            if one is None:
+                kvm_ok = False
+            elif kvm is None:
+                kvm = one
+            else:
+                for phase in PHASES:
+                    kvm["samples"][phase] += one["samples"][phase]
+                kvm["vcpu_stats"], kvm["runs"] = one["vcpu_stats"], kvm["runs"] + 1
+        if round_ < runs:
+            await vmmu_dirty_log_round(size, vmmu)
+    for result in vmmu.values():
+        _medians(result)
+    return (_medians(kvm) if kvm is not None else None), vmmu
+
+
+def describe_host(kvm: dict | None) -> dict:
+    """The host's KVM in a few fields, for every line: `host_facts` without the module
+    parameters, and whether its second pass took the fast page fault."""
+    facts = host_facts()
+    facts.pop("module_parameters")
+    facts["fast_page_fault_taken"] = None if kvm is None else \
+        kvm["vcpu_stats"]["second_pass"].get("pf_fast", 0) > 0
+    return facts
+
+
 def report(size_mib: int, kvm: dict | None, vmmu: dict[bool, dict], runs: int) -> None:
     on, off = vmmu[True], vmmu[False]
-    common = {"size_mib": size_mib, "runs": runs}
+    common = {"size_mib": size_mib, "runs": runs, "host": describe_host(kvm),
+              "populate": POPULATE, "interleaved": True}
     for phase in PHASES:
         extra = dict(common, samples=_rounded(on["samples"][phase]))
         if phase in on["vcpu_stats"]:
             extra["vcpu_stats"] = on["vcpu_stats"][phase]
-        target = PASS_TARGET if phase in PASSES else None
+        target = PASS_TARGET if phase in PASSES else HARVEST_TARGET
         if kvm is None:
             print(json.dumps({"benchmark": f"kvm_compare.{phase}",
                               "value": round(on["ns_per_page"][phase], 1), "unit": "ns/page",
@@ -188,8 +237,7 @@ def report(size_mib: int, kvm: dict | None, vmmu: dict[bool, dict], runs: int) -
                               "met": None, **extra}), flush=True)
             continue
         extra.update(baseline_runs=kvm["runs"],
-                     baseline_samples=_rounded(kvm["samples"][phase]),
-                     host=kvm["host"])
+                     baseline_samples=_rounded(kvm["samples"][phase]))
         if phase in kvm["vcpu_stats"]:
             extra["baseline_vcpu_stats"] = kvm["vcpu_stats"][phase]
         emit(f"kvm_compare.{phase}", on["ns_per_page"][phase], "ns/page", "realkvm",
@@ -218,8 +266,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.size_mib < 1 or args.runs < 1 or args.kvm_runs < 1:
         parser.error("--size-mib, --runs and --kvm-runs must be at least 1")
     size = args.size_mib * MiB
-    kvm = real_kvm(size, args.kvm_runs)
-    vmmu = asyncio.run(vmmu_dirty_log_workload(size, args.runs))
+    print(json.dumps({"benchmark": "kvm_compare.host", **host_facts(),
+                      "populate": POPULATE}), flush=True)
+    kvm, vmmu = asyncio.run(interleaved(size, args.runs, args.kvm_runs))
     report(args.size_mib, kvm, vmmu, args.runs)
 
 

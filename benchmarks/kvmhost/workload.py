@@ -19,6 +19,7 @@ seed, `pf_fixed` the slow path.
 
 from __future__ import annotations
 
+import glob
 import os
 import statistics
 import time
@@ -90,11 +91,30 @@ def _timed_harvest(vm: RealVm, npages: int) -> int:
 
 
 def host_facts() -> dict:
-    """Kernel release and the KVM flavour: TDP MMU on or off, PVM loaded or not."""
+    """What the host's KVM is, as far as the host tells: kernel release, the MMU that
+    builds the guest's page tables (shadow paging or TDP, and with PVM always shadow),
+    whether it runs nested (the CPU's `hypervisor` flag), the A/D and PML switches, and
+    every parameter of the loaded kvm modules (/sys/module/kvm*/parameters)."""
+    params: dict[str, dict[str, str]] = {}
+    for module in sorted(glob.glob("/sys/module/kvm*")):
+        values = {}
+        for path in sorted(glob.glob(os.path.join(module, "parameters", "*"))):
+            try:
+                with open(path) as f:
+                    values[os.path.basename(path)] = f.read().strip()
+            except OSError:
+                continue
+        params[os.path.basename(module)] = values
+    kvm, intel, amd = (params.get(m, {}) for m in ("kvm", "kvm_intel", "kvm_amd"))
+    pvm = "kvm_pvm" in params
+    tdp = not pvm and (intel.get("ept") == "Y" or amd.get("npt") in ("1", "Y"))
     try:
-        with open("/sys/module/kvm/parameters/tdp_mmu") as f:
-            tdp_mmu: str | None = f.read().strip()
+        with open("/proc/cpuinfo") as f:
+            nested = any(line.startswith("flags") and " hypervisor" in line for line in f)
     except OSError:
-        tdp_mmu = None
-    return {"kernel": os.uname().release, "tdp_mmu": tdp_mmu,
-            "pvm": os.path.isdir("/sys/module/kvm_pvm")}
+        nested = None
+    return {"kernel": os.uname().release, "tdp_mmu": kvm.get("tdp_mmu"), "pvm": pvm,
+            "paging": "tdp" if tdp else "shadow", "nested": nested,
+            "ept_ad": intel.get("eptad") if tdp else None,
+            "pml": intel.get("pml") if tdp else None,
+            "eager_page_split": kvm.get("eager_page_split"), "module_parameters": params}

@@ -15,6 +15,8 @@ import sys
 from array import array
 from typing import Iterable
 
+import numpy as np
+
 from .errors import einval
 from .types import AccessKind
 
@@ -37,12 +39,34 @@ def make_op(kind: AccessKind, size: int, with_data: bool) -> int:
 class AccessBatch:
     MAX_ACCESSES = 1 << 20
 
-    __slots__ = ("gpas", "ops", "write_data", "tlb_keys", "has_data")
+    # A run must average this many accesses for `runs` to offer them: below, a loop over
+    # the accesses costs less than one over the runs plus finding them.
+    RUN_MIN = 4
+
+    __slots__ = ("gpas", "ops", "write_data", "tlb_keys", "has_data", "_runs")
 
     def __init__(self, gpas: array, ops: bytes, write_data: bytes) -> None:
         self.gpas, self.ops, self.write_data = gpas, ops, write_data
         self.tlb_keys = tlb_keys(gpas, ops)
         self.has_data = ops.translate(_WITH_DATA).find(1) >= 0
+        self._runs: list[int] | None | bool = False
+
+    def runs(self) -> list[int] | None:
+        """The batch cut into contiguous runs: accesses with the same op, each starting
+        where the one before it ended, in the same page (so with one TLB key, one pfn, and
+        bytes that move in one copy). The index where each run starts, then len(batch);
+        None when runs average fewer than RUN_MIN accesses. Found once per batch."""
+        if self._runs is False:
+            gpas = np.frombuffer(self.gpas, dtype=np.uint64)
+            ops = np.frombuffer(self.ops, dtype=np.uint8)
+            ends = gpas[:-1] + _SIZES[ops[:-1]]
+            joins = (gpas[1:] == ends) & ((gpas[1:] >> 12) == (gpas[:-1] >> 12)) & \
+                (ops[1:] == ops[:-1])
+            starts = np.flatnonzero(~joins) + 1
+            n = len(ops)
+            self._runs = None if (len(starts) + 1) * self.RUN_MIN > n else \
+                [0] + starts.tolist() + [n]
+        return self._runs
 
     def __len__(self) -> int:
         return len(self.gpas)
@@ -172,6 +196,7 @@ def tlb_keys(gpas: array, ops: bytes) -> array:
     return keys
 
 
+_SIZES = np.array([op_size(op) for op in range(256)], dtype=np.uint64)
 _HIGH_NIBBLE = bytes(b & 0xF0 for b in range(256))
 _KIND = bytes(b & OP_KIND_MASK for b in range(256))
 _INVALID_OP = _table(lambda op: op != OP_HLT and (op & ~_OP_VALID or not op & OP_KIND_MASK))

@@ -31,13 +31,15 @@ from __future__ import annotations
 import errno
 import sys
 from array import array
-from itertools import compress
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .dirty_ring import DirtyGfn, coalesce
 from .errors import KvmError, einval
 from .memslots import (KVM_ADDRESS_SPACE_NUM, KVM_MEM_LOG_DIRTY_PAGES, KVM_USER_MEM_SLOTS,
                        Memslot, MemslotChange)
+from .tdp_bulk import bits_to_pages
 from .types import PG_LEVEL_2M, PG_LEVEL_4K
 
 if TYPE_CHECKING:
@@ -171,16 +173,36 @@ def enable_log_dirty_pt_masked(vm: "Vm", slot: Memslot, offset: int, mask: int) 
     With INITIALLY_SET the slot's huge leaves were never split: the ones holding the first
     and the last page are split now (eager splitting) and write-protected, W and
     MMU-writable, so that the next write to them takes the slow path, which maps 4K."""
-    tdp = vm.tdp
     if _initially_set(vm):
-        first = slot.base_gfn + offset + (mask & -mask).bit_length() - 1
-        last = slot.base_gfn + offset + mask.bit_length() - 1
-        if vm.config.eager_page_split:
-            tdp.split_huge_pages_locked(slot, first, last + 1, PG_LEVEL_4K)
-        tdp.write_protect_gfn(slot, first, PG_LEVEL_2M)
-        if first >> 9 != last >> 9:
-            tdp.write_protect_gfn(slot, last, PG_LEVEL_2M)
-    tdp.clear_dirty_pt_masked(slot, slot.base_gfn + offset, mask)
+        _protect_huge(vm, slot, offset, mask)
+    vm.tdp.clear_dirty_pt_masked(slot, slot.base_gfn + offset, mask)
+
+
+def _protect_huge(vm: "Vm", slot: Memslot, offset: int, mask: int) -> None:
+    """`enable_log_dirty_pt_masked`'s part for INITIALLY_SET: the huge leaves."""
+    tdp = vm.tdp
+    first = slot.base_gfn + offset + (mask & -mask).bit_length() - 1
+    last = slot.base_gfn + offset + mask.bit_length() - 1
+    if vm.config.eager_page_split:
+        tdp.split_huge_pages_locked(slot, first, last + 1, PG_LEVEL_4K)
+    tdp.write_protect_gfn(slot, first, PG_LEVEL_2M)
+    if first >> 9 != last >> 9:
+        tdp.write_protect_gfn(slot, last, PG_LEVEL_2M)
+
+
+def _protect_dirty(vm: "Vm", slot: Memslot, offset: int, words: np.ndarray) -> None:
+    """`enable_log_dirty_pt_masked` for each word of a bitmap (mmu_lock held for write):
+    bit i of word j stands for page `offset + 64 * j + i` of the slot. In bulk over the
+    tables unless tracing wants an event per SPTE; the same SPTEs either way."""
+    nonzero = np.flatnonzero(words).tolist()
+    if not vm.tdp.bulk:
+        for j in nonzero:
+            enable_log_dirty_pt_masked(vm, slot, offset + 64 * j, int(words[j]))
+        return
+    if _initially_set(vm):
+        for j in nonzero:
+            _protect_huge(vm, slot, offset + 64 * j, int(words[j]))
+    vm.tdp.clear_dirty_pages(slot, slot.base_gfn + offset, bits_to_pages(words))
 
 
 # -- KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG -------------------------------------------------
@@ -219,15 +241,15 @@ async def get_dirty_log(vm: "Vm", slot: int) -> bytes:
             if vm.sanitizers is not None:
                 vm.sanitizers.check_dirty_recorded(slot)
             return _le_bytes(bitmap)
-        snapshot = array("Q", bytes(8 * len(bitmap)))
         async with vm.mmu_lock.write:
             if vm.sanitizers is not None:
                 vm.sanitizers.check_dirty_recorded(slot)
-            dirty = list(compress(range(len(bitmap)), bitmap))
-            for i in dirty:
-                mask = snapshot[i] = bitmap[i]
-                bitmap[i] = 0
-                enable_log_dirty_pt_masked(vm, memslot, i * 64, mask)
+            words = np.frombuffer(bitmap, dtype=np.uint64)
+            snapshot = words.copy()
+            dirty = bool(snapshot.any())
+            if dirty:
+                words.fill(0)
+                _protect_dirty(vm, memslot, 0, snapshot)
         # As KVM, the flush comes after mmu_lock is dropped: a write through a stale TLB
         # entry until then is to a page this call reports, copied after it returns.
         if dirty:
@@ -257,19 +279,16 @@ async def clear_dirty_log(vm: "Vm", slot: int, first_page: int, num_pages: int,
             raise einval(f"num_pages {num_pages} is not a multiple of 64 and does not reach "
                          "the end of the slot")
         words = _user_words(bitmap, num_pages)
-        dirty = memslot.dirty_bitmap
         base = first_page // 64
-        cleared = 0
+        dirty = np.frombuffer(memslot.dirty_bitmap, dtype=np.uint64)[base:base + len(words)]
         async with vm.mmu_lock.write:
             if vm.sanitizers is not None:
                 vm.sanitizers.check_dirty_recorded(slot)
-            for i in compress(range(len(words)), words):
-                mask = words[i] & dirty[base + i]
-                if not mask:
-                    continue
-                dirty[base + i] &= ~mask
-                cleared += mask.bit_count()
-                enable_log_dirty_pt_masked(vm, memslot, first_page + i * 64, mask)
+            masks = words & dirty
+            cleared = int(np.bitwise_count(masks).sum())
+            if cleared:
+                np.bitwise_and(dirty, ~masks, out=dirty)
+                _protect_dirty(vm, memslot, first_page, masks)
         if cleared:
             _flush(vm)                    # after dropping mmu_lock, as GET_DIRTY_LOG
         if vm.sanitizers is not None:
@@ -277,29 +296,23 @@ async def clear_dirty_log(vm: "Vm", slot: int, first_page: int, num_pages: int,
     return cleared
 
 
-def _user_words(bitmap: bytes, num_pages: int) -> array:
+def _user_words(bitmap: bytes, num_pages: int) -> np.ndarray:
     """The caller's bitmap as 64-bit words (what KVM copies from userspace)."""
     words = (num_pages + 63) // 64
     if not (num_pages + 7) // 8 <= len(bitmap) <= 8 * words:
         raise einval(f"the bitmap of {num_pages} pages takes {(num_pages + 7) // 8} to "
                      f"{8 * words} bytes, not {len(bitmap)}")
-    raw = array("Q", bytes(bitmap).ljust(8 * words, b"\0"))
-    if sys.byteorder == "big":
-        raw.byteswap()
-    return raw
+    raw = np.frombuffer(bytes(bitmap).ljust(8 * words, b"\0"), dtype="<u8")
+    return raw.astype(np.uint64)
 
 
-def _le_bytes(words: array) -> bytes:
-    if sys.byteorder == "big":
-        words = array("Q", words)
-        words.byteswap()
-    return words.tobytes()
+def _le_bytes(words: np.ndarray | array) -> bytes:
+    return np.asarray(words, dtype=np.uint64).astype("<u8", copy=False).tobytes()
 
 
-def _offsets(words: array, first: int) -> list[int]:
+def _offsets(words: np.ndarray, first: int) -> list[int]:
     """The page offsets whose bits are set, bit i of word j standing for first + 64j + i."""
-    return [first + 64 * j + i for j in compress(range(len(words)), words)
-            for i in range(64) if words[j] >> i & 1]
+    return (np.flatnonzero(bits_to_pages(words)) + first).tolist()
 
 
 # -- dirty rings ----------------------------------------------------------------------------
@@ -326,9 +339,13 @@ async def reset_dirty_rings(vm: "Vm") -> int:
         # The entries stay in the rings until their pages are protected and TLBs flushed:
         # until then a write through a stale TLB entry is still covered by them.
         work = [(vcpu, vcpu.dirty_ring.harvested()) for vcpu in vm.vcpus()]
-        for _, entries in work:
-            for slot, offset, mask in coalesce(entries):
-                await _reset_dirty_gfn(vm, slot, offset, mask)
+        if vm.tdp.bulk and not _initially_set(vm):
+            await _reset_dirty_slots(vm, [batch for _, entries in work
+                                          for batch in coalesce(entries)])
+        else:
+            for _, entries in work:
+                for slot, offset, mask in coalesce(entries):
+                    await _reset_dirty_gfn(vm, slot, offset, mask)
         count = sum(len(entries) for _, entries in work)
         if count:
             _flush(vm)
@@ -342,13 +359,36 @@ async def reset_dirty_rings(vm: "Vm") -> int:
     return count
 
 
-async def _reset_dirty_gfn(vm: "Vm", slot: int, offset: int, mask: int) -> None:
-    """Write-protect one batch again; a slot gone or shrunk meanwhile is skipped."""
+def _reset_memslot(vm: "Vm", slot: int, offset: int, mask: int) -> Memslot | None:
+    """The memslot of a batch to protect again; None for a slot gone or shrunk."""
     as_id, slot_id = slot >> 16, slot & 0xFFFF
     if as_id >= KVM_ADDRESS_SPACE_NUM or slot_id >= KVM_USER_MEM_SLOTS:
-        return
+        return None
     memslot = vm.memslot_sets[as_id].by_id.get(slot_id)
     if memslot is None or offset + mask.bit_length() > memslot.npages:
-        return
-    async with vm.mmu_lock.write:
-        enable_log_dirty_pt_masked(vm, memslot, offset, mask)
+        return None
+    return memslot
+
+
+async def _reset_dirty_gfn(vm: "Vm", slot: int, offset: int, mask: int) -> None:
+    """Write-protect one batch again (mmu_lock held for write for it)."""
+    memslot = _reset_memslot(vm, slot, offset, mask)
+    if memslot is not None:
+        async with vm.mmu_lock.write:
+            enable_log_dirty_pt_masked(vm, memslot, offset, mask)
+
+
+async def _reset_dirty_slots(vm: "Vm", batches: list[tuple[int, int, int]]) -> None:
+    """The batches' pages write-protected again in bulk: one pass over the tables per
+    slot, mmu_lock held for write for it."""
+    pages: dict[int, tuple[Memslot, np.ndarray]] = {}
+    for slot, offset, mask in batches:
+        memslot = _reset_memslot(vm, slot, offset, mask)
+        if memslot is None:
+            continue
+        _, dirty = pages.setdefault(slot, (memslot, np.zeros(memslot.npages, np.bool_)))
+        n = mask.bit_length()
+        dirty[offset:offset + n] |= bits_to_pages(np.array([mask], np.uint64))[:n]
+    for memslot, dirty in pages.values():
+        async with vm.mmu_lock.write:
+            vm.tdp.clear_dirty_pages(memslot, memslot.base_gfn, dirty)

@@ -16,7 +16,10 @@ import asyncio
 from array import array
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
+
 from . import spte as S
+from . import tdp_bulk
 from .spte import (BASE_ADDR_MASK, FROZEN, LEAF_BITS, MMU_PRESENT, MMU_WRITABLE,
                    NONPRESENT, PRESENT_LARGE, WRITABLE, check_writable_invariants, make_leaf)
 from .errors import VmBugged
@@ -27,6 +30,8 @@ from .mmu_page import MmuPage, PageTables
 from .rcu import Rcu
 from .resched import Timeslice
 from .stats import VmStats
+from .tdp_bulk import (TableGroup, leaf_present, set_sptes, shadow_present, tables,
+                       walk_tables, writable, write_protected, zapped)
 from .tdp_iter import TdpIter
 from .trace import Tracer
 from .types import (MAX_HUGEPAGE_LEVEL, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, PT_ENTRIES,
@@ -54,6 +59,12 @@ class TdpMmu:
         self.sched = None                # the VM's preemption points
         self.knobs: frozenset[str] = frozenset()
         self.max_gfn = pages_per_level(root_level + 1)     # the gfns a root reaches
+
+    @property
+    def bulk(self) -> bool:
+        """Whether operations over many SPTEs take their bulk paths (`tdp_bulk`): when
+        no tracepoint wants an event per SPTE."""
+        return not self.tracer.on
 
     # -- roots --------------------------------------------------------------------
 
@@ -214,6 +225,10 @@ class TdpMmu:
             self.tracer.emit("kvm_mmu_prepare_zap_page", as_id=page.as_id, gfn=page.gfn,
                              level=page.level)
         self.stat.tdp_mmu_pages -= 1
+        if self.bulk:
+            tdp_bulk.remove_pt(self, page, shared)
+            self._free_removed_pt(page)
+            return
         step = pages_per_level(page.level)
         spt = page.spt
         for i in range(PT_ENTRIES):
@@ -225,6 +240,9 @@ class TdpMmu:
             spt[i] = FROZEN
             self.handle_changed_spte(page.as_id, page.gfn + i * step, old, FROZEN,
                                      page.level, shared)
+        self._free_removed_pt(page)
+
+    def _free_removed_pt(self, page: MmuPage) -> None:
         if "free_tables_immediately" in self.knobs:
             self.tables.free(page)          # debug knob: no grace period for lockless walkers
         else:
@@ -251,8 +269,7 @@ class TdpMmu:
                 sp = self.tables.alloc(it.level - 1, it.gfn, root.as_id)
                 huge = S.is_leaf_present(old, it.level)
                 if huge:
-                    for i in range(PT_ENTRIES):
-                        sp.spt[i] = S.make_small(old, it.level, i)
+                    tdp_bulk.fill_small(sp, old, it.level)
                 if not self.set_spte_atomic(it, S.make_nonleaf(sp.pfn, self.ad_enabled)):
                     self.tables.free(sp)
                     return RET_PF_RETRY
@@ -296,8 +313,18 @@ class TdpMmu:
         page only partly inside the range goes whole. May yield the lock; returns whether
         zaps since the last flush still need one."""
         self.mmu_lock.assert_held_write()
+        end = min(end, self.max_gfn)
+        if self.bulk:
+            def zap(group: TableGroup) -> bool:
+                old = group.old
+                new = zapped(old, group.inside & leaf_present(old, group.level))
+                return set_sptes(self, group, new, False) > 0 and not root.invalid
+
+            with _YieldingWalk(self, shared=False) as walk:
+                return await walk_tables(walk, root, start, end, zap, flush=flush,
+                                         flush_on_yield=True)
         with _YieldingWalk(self, shared=False) as walk:
-            for it in TdpIter(root, start, min(end, self.max_gfn)):
+            for it in TdpIter(root, start, end):
                 if walk.need_resched(it):
                     await walk.cond_resched(it, flush)
                     flush = False
@@ -327,6 +354,16 @@ class TdpMmu:
             self.mmu_lock.assert_held_write()
         with _YieldingWalk(self, shared) as walk:
             for zap_level in (PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G, root.level):
+                if self.bulk:
+                    def zap(group: TableGroup) -> bool:
+                        if group.level != zap_level:
+                            return False
+                        old = group.old
+                        new = zapped(old, group.inside & shadow_present(old))
+                        return set_sptes(self, group, new, shared) > 0
+
+                    await walk_tables(walk, root, 0, self.max_gfn, zap, zap_level)
+                    continue
                 for it in TdpIter(root, 0, self.max_gfn, zap_level):
                     if walk.need_resched(it):
                         await walk.cond_resched(it, False)
@@ -373,8 +410,19 @@ class TdpMmu:
         needed; the caller flushes."""
         self.mmu_lock.assert_held_read()
         flush = False
+
+        def wrprot(group: TableGroup) -> bool:
+            old = group.old
+            protect = group.inside & leaf_present(old, group.level) & writable(old)
+            return set_sptes(self, group, write_protected(old, protect), True) > 0
+
         for root in self._each_valid_root(slot.as_id):
             with _YieldingWalk(self, shared=True) as walk:
+                if self.bulk:
+                    if await walk_tables(walk, root, slot.base_gfn, slot.end_gfn, wrprot,
+                                         min_level):
+                        flush = True
+                    continue
                 for it in TdpIter(root, slot.base_gfn, slot.end_gfn, min_level):
                     if walk.need_resched(it):
                         await walk.cond_resched(it, False)
@@ -408,6 +456,35 @@ class TdpMmu:
                     if S.is_writable(it.old_spte):
                         self.iter_set_spte(it, it.old_spte & ~WRITABLE)
                         done += 1
+        return done
+
+    def clear_dirty_pages(self, slot: "Memslot", gfn: int, dirty: np.ndarray) -> int:
+        """`clear_dirty_pt_masked` in bulk (mmu_lock held for write): clear W on the 4K
+        leaf of `gfn + i` for every true `dirty[i]`. Returns the SPTEs write-protected."""
+        self.mmu_lock.assert_held_write()
+        done = 0
+        with self.rcu.read_lock():
+            roots = self._valid_roots(slot.as_id)
+            if not roots:
+                return 0
+            # `dirty` with a table's worth of False either side: every 4K table that
+            # reaches the range reads its 512 flags from `padded`, no bounds to check.
+            padded = np.zeros(len(dirty) + 2 * PT_ENTRIES, np.bool_)
+            padded[PT_ENTRIES:PT_ENTRIES + len(dirty)] = dirty
+            for root in roots:
+                leaf_tables = [entry for entry in tables(root, gfn, gfn + len(dirty))
+                               if entry[0].level == PG_LEVEL_4K]
+                for group in TableGroup.chunks(PG_LEVEL_4K, leaf_tables):
+                    first = [page.gfn - gfn + PT_ENTRIES for page in group.pages]
+                    if first[-1] - first[0] == PT_ENTRIES * (len(first) - 1):
+                        # Consecutive tables (the usual case): one slice of `padded`.
+                        flags = padded[first[0]:first[-1] + PT_ENTRIES]
+                        flags = flags.reshape(-1, PT_ENTRIES)
+                    else:
+                        flags = padded[np.array(first)[:, None] + _COLUMNS]
+                    old = group.old
+                    protect = flags & leaf_present(old, PG_LEVEL_4K) & writable(old)
+                    done += set_sptes(self, group, write_protected(old, protect), False)
         return done
 
     def write_protect_gfn(self, slot: "Memslot", gfn: int, min_level: int) -> bool:
@@ -463,8 +540,7 @@ class TdpMmu:
         while it.level > PG_LEVEL_4K and S.is_leaf_present(it.old_spte, it.level):
             huge = it.old_spte
             sp = self.tables.alloc(it.level - 1, it.gfn, as_id)
-            for i in range(PT_ENTRIES):
-                sp.spt[i] = S.make_small(huge, it.level, i)
+            tdp_bulk.fill_small(sp, huge, it.level)
             table = S.make_nonleaf(sp.pfn, self.ad_enabled)
             if not shared:
                 self.iter_set_spte(it, table)
@@ -532,6 +608,8 @@ def max_mapping_level(slot: "Memslot", gfn: int, host_mapping_level: Callable[[i
         return level
     return min(level, host_mapping_level(slot.gfn_to_hva(gfn)))
 
+_COLUMNS = np.arange(PT_ENTRIES)
+
 YIELD_BATCH = 4096          # SPTEs a walk may visit before it yields unasked (need_resched)
 
 
@@ -557,9 +635,13 @@ class _YieldingWalk:
         self.visited += 1
         if it.next_last_level_gfn == it.yielded_gfn:
             return False
+        return self.need_resched_bulk()
+
+    def need_resched_bulk(self) -> bool:
+        """The same between two tables of a bulk walk, which always made progress."""
         return self.visited >= YIELD_BATCH or self.mmu.mmu_lock.needbreak()
 
-    async def cond_resched(self, it: TdpIter, flush: bool) -> None:
+    async def cond_resched(self, it: TdpIter | None, flush: bool) -> None:
         """Flush if needed, drop RCU and the lock, let others run, retake them; the walk
         restarts from the root at `it.next_last_level_gfn`."""
         mmu = self.mmu
@@ -580,6 +662,7 @@ class _YieldingWalk:
             else:
                 await lock.acquire_write()
             self.token = mmu.rcu.enter()
-        it.mark_yielded()
+        if it is not None:
+            it.mark_yielded()
         self.visited = 0
         mmu.stat.tdp_mmu_yields += 1

@@ -21,6 +21,7 @@ import asyncio
 import enum
 import errno
 from array import array
+from bisect import bisect_right
 from operator import indexOf
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
@@ -127,7 +128,7 @@ _DONE = Exit(ExitReason.DONE)
 # (`_exit_error_code` TIMER_TICK, not a #PF error code), so that a long batch reaches the
 # run loop's need_resched check even when it never faults.
 GUEST_TICK = 256
-TIMER_TICK = -1
+TIMER_TICK = -2                # not a fault either, and not an HLT
 _HALTED = Exit(ExitReason.HLT)
 
 
@@ -381,6 +382,11 @@ class Vcpu:
                     yield i
                 i += 1
             return
+        if check is None:
+            runs = batch.runs()
+            if runs is not None:
+                yield from self._guest_runs(runs, i)
+                return
         tlb_get, write_data, host, wpos = tlb.get, batch.write_data, self._host, self._wpos
         memory = host.contents                 # pfn -> page, for the pages ever written
         # Views: resuming after an MMIO exit does not copy the rest of the batch.
@@ -393,11 +399,7 @@ class Vcpu:
                 tick = i + GUEST_TICK
             pfn = tlb_get(key)
             if pfn is None:
-                pfn = fill(gpa, op)
-                while pfn is None:             # exit; the host fixes it, the walk is redone
-                    self._wpos = wpos
-                    yield i
-                    pfn = fill(gpa, op)
+                pfn = yield from self._miss(i, gpa, op, wpos)
             if check is not None:
                 check(gpa >> 12, pfn, op & OP_KIND_MASK == _WRITE)
             # The access moves its bytes (within one page: batches are checked).
@@ -414,6 +416,44 @@ class Vcpu:
                 wpos += size
             elif op & OP_WITH_DATA:            # a read: a write with data has a size
                 self._read_data += host.read_pfn(pfn, gpa & _PAGE_OFFSET, _SIZE[op])
+        self._wpos = wpos
+
+    def _miss(self, i: int, gpa: int, op: int, wpos: int) -> Iterator[int]:
+        """A TLB miss of access i: walk; exit until the host has fixed it, and walk
+        again. Returns the pfn."""
+        pfn = self._tlb_fill(gpa, op)
+        while pfn is None:
+            self._wpos = wpos
+            yield i
+            pfn = self._tlb_fill(gpa, op)
+        return pfn
+
+    def _guest_runs(self, runs: list[int], i: int) -> Iterator[int]:
+        """`_guest` over a batch of contiguous runs (`AccessBatch.runs`), sanitizers off:
+        the accesses of a run share a TLB entry and a page, so a run takes one TLB lookup
+        and moves its bytes in one copy. The first access of a run that misses walks, and
+        exits, as alone; resumed after an exit, the run goes on from the next access."""
+        batch = self._batch
+        gpas, ops, keys, write_data = batch.gpas, batch.ops, batch.tlb_keys, batch.write_data
+        tlb_get, host, wpos = self.tlb.get, self._host, self._wpos
+        memory, read_data = host.contents, self._read_data
+        k = bisect_right(runs, i)              # runs[k] is where the run holding i ends
+        for end in runs[k:]:
+            gpa, op = gpas[i], ops[i]
+            pfn = tlb_get(keys[i])
+            if pfn is None:
+                pfn = yield from self._miss(i, gpa, op, wpos)
+            if op & OP_WITH_DATA:
+                offset = gpa & _PAGE_OFFSET
+                length = gpas[end - 1] + _SIZE[op] - gpa
+                if _WRITE_SIZE[op]:
+                    host.write_pfn(pfn, offset, write_data[wpos:wpos + length])
+                    wpos += length
+                else:
+                    page = memory.get(pfn)
+                    read_data += bytes(length) if page is None else \
+                        memoryview(page)[offset:offset + length]
+            i = end
         self._wpos = wpos
 
     def _tlb_fill(self, gpa: int, op: int) -> int | None:

@@ -41,7 +41,7 @@ async def test_a_write_breaks_copy_on_write_with_an_invalidation(make_guest):
     spte = leaf(g, 0x3000)
     assert not is_zero_pfn(spte.pfn) and spte.writable
     assert await read(g, 0x3000) == b"written!"
-    assert g.vm.read_hva(g.hva(0x3000), 8) == b"written!"
+    assert await g.vm.read_hva(g.hva(0x3000), 8) == b"written!"
     info = g.vm.host_regions()[0]
     assert (info.populated_4k_pages, info.zero_pages) == (1, 0)
 
@@ -63,7 +63,7 @@ async def test_a_thp_read_maps_the_huge_zero_page_and_a_write_gets_a_thp(make_gu
 
 async def test_the_vmm_writing_a_zero_page_breaks_copy_on_write_too(make_guest):
     g = await make_guest(Backing.PAGE_4K, 4 * MIB)
-    assert g.vm.read_hva(g.hva(0x4000), 4) == bytes(4)       # the VMM's read maps it too
+    assert await g.vm.read_hva(g.hva(0x4000), 4) == bytes(4)       # the VMM's read maps it too
     await read(g, 0x4000)
     assert leaf(g, 0x4000).pfn == ZERO_PFN
     await g.vm.write_hva(g.hva(0x4000), b"host")

@@ -97,7 +97,7 @@ async def vmmu_outcome(args) -> tuple[str, bool]:
             assert vm.memslots() == before                  # a rejected call changes nothing
         result = await write_bytes(vm, [SLOT1_GPA + OFFSET])
         assert result.exit.reason is ExitReason.DONE
-        return outcome, vm.read_hva(hvas[SLOT1] + OFFSET, 1) == bytes([OFFSET])
+        return outcome, await vm.read_hva(hvas[SLOT1] + OFFSET, 1) == bytes([OFFSET])
     finally:
         await vm.destroy()
 
@@ -166,7 +166,7 @@ async def test_a_write_to_a_read_only_slot_is_an_mmio_exit_as_on_real_kvm():
         unchanged = real.memory(1)[3 * PAGE + OFFSET] == 0
     vm, hva = await vmmu_guest(KVM_MEM_READONLY)
     assert vmmu_exit(await write_bytes(vm, [gpa])) == expected == ("mmio", gpa)
-    assert unchanged and vm.read_hva(hva + 3 * PAGE + OFFSET, 1) == b"\0"
+    assert unchanged and await vm.read_hva(hva + 3 * PAGE + OFFSET, 1) == b"\0"
     await vm.destroy()
 
 
@@ -190,7 +190,7 @@ async def test_a_host_protection_faults_until_fixed_as_on_real_kvm(prot):
     await vm.mprotect(hva, SIZE, PROT_READ | PROT_WRITE)
     result = await vm.vcpus()[0].run()                      # KVM_RUN again
     assert result.exit.reason is ExitReason.DONE
-    assert vm.read_hva(hva + 5 * PAGE + OFFSET, 1)[0] == real_byte == OFFSET
+    assert (await vm.read_hva(hva + 5 * PAGE + OFFSET, 1))[0] == real_byte == OFFSET
     await vm.destroy()
 
 
@@ -218,5 +218,5 @@ async def test_a_deleted_slot_is_mmio_and_a_moved_one_answers_at_its_new_gpa():
     got.append(vmmu_exit(await write_bytes(vm, [SLOT2_GPA + OFFSET])))
     assert got == expected == [("done", 0), ("mmio", old), ("done", 0),
                                ("mmio", SLOT2_GPA + OFFSET)]
-    assert vm.read_hva(hva + PAGE + OFFSET, 1)[0] == moved_byte == OFFSET
+    assert (await vm.read_hva(hva + PAGE + OFFSET, 1))[0] == moved_byte == OFFSET
     await vm.destroy()
