@@ -13,6 +13,7 @@ caller, who flushes before dropping mmu_lock.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Callable
 
 from . import spte as S
@@ -55,14 +56,22 @@ class TdpMmu:
     def get_root(self, as_id: int) -> MmuPage:
         """A valid root for a vCPU in `as_id`, shared with every vCPU of the same role."""
         self.mmu_lock.assert_held()
-        for root in self.roots:
-            if root.as_id == as_id and not root.invalid:
-                root.root_refs += 1
-                return root
+        for root in self.valid_roots(as_id):
+            root.root_refs += 1
+            return root
         root = self.tables.alloc(self.root_level, 0, as_id, is_root=True)
         self.roots.append(root)
         self.stat.tdp_mmu_pages += 1
         return root
+
+    def valid_roots(self, as_id: int) -> Iterator[MmuPage]:
+        """The roots of `as_id` a walk may use (`for_each_valid_tdp_mmu_root`): each one's
+        `invalid` is read when its turn comes, so a root invalidated while the caller
+        walked an earlier one (it may yield) is skipped. The one definition of a valid
+        root: faults, dirty logging, aging and the EPT walk all pick roots through it."""
+        for root in list(self.roots):
+            if root.as_id == as_id and not root.invalid:
+                yield root
 
     def put_root(self, root: MmuPage) -> None:
         root.root_refs -= 1
@@ -301,16 +310,10 @@ class TdpMmu:
 
     # -- dirty logging: write-protection, eager split, huge page recovery -----------
 
-    def _valid_roots(self, as_id: int) -> list[MmuPage]:
-        return [root for root in self.roots if root.as_id == as_id and not root.invalid]
-
-    def _each_valid_root(self, as_id: int):
-        """`for_each_valid_tdp_mmu_root_yield_safe`: every root of `as_id` still valid when
-        its turn comes, referenced while the caller walks it (a walk that yields may see
-        it invalidated, never freed)."""
-        for root in [r for r in self.roots if r.as_id == as_id]:
-            if root.invalid:
-                continue
+    def _each_valid_root(self, as_id: int) -> Iterator[MmuPage]:
+        """`for_each_valid_tdp_mmu_root_yield_safe`: `valid_roots`, each referenced while
+        the caller walks it (a walk that yields may see it invalidated, never freed)."""
+        for root in self.valid_roots(as_id):
             root.root_refs += 1
             try:
                 yield root
@@ -345,7 +348,7 @@ class TdpMmu:
         done = 0
         first = gfn + (mask & -mask).bit_length() - 1
         with self.rcu.read_lock():
-            for root in self._valid_roots(slot.as_id):
+            for root in self.valid_roots(slot.as_id):
                 left = mask
                 for it in TdpIter(root, first, gfn + 64):
                     if not left:
@@ -368,7 +371,7 @@ class TdpMmu:
         self.mmu_lock.assert_held_write()
         changed = False
         with self.rcu.read_lock():
-            for root in self._valid_roots(slot.as_id):
+            for root in self.valid_roots(slot.as_id):
                 for it in TdpIter(root, gfn, gfn + 1, min_level):
                     if not S.is_leaf_present(it.old_spte, it.level):
                         continue
@@ -403,7 +406,7 @@ class TdpMmu:
         self.mmu_lock.assert_held_write()
         split = 0
         with self.rcu.read_lock():
-            for root in self._valid_roots(slot.as_id):
+            for root in self.valid_roots(slot.as_id):
                 for it in TdpIter(root, start, end, target_level + 1):
                     split += self._split_huge_leaf(it, root.as_id, shared=False)
         return split

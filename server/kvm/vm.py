@@ -409,7 +409,7 @@ class Vm:
             raise einval(f"address space {as_id} does not exist")
         if not 0 <= gpa <= (self.max_gfn << PAGE_SHIFT) | 0xFFF:
             raise einval(f"gpa {gpa:#x} is beyond the guest physical address width")
-        root = next((r for r in self.tdp.roots if r.as_id == as_id and not r.invalid), None)
+        root = next(self.tdp.valid_roots(as_id), None)
         if root is None:
             return []
         return [_spte_info(level, gfn, index, value)
