@@ -255,9 +255,8 @@ def hugepage_adjust(vcpu: "Vcpu", fault: PageFault) -> None:
         return
     # The level the host maps hva at was read with the pfn; a change since would have moved
     # mmu_invalidate_seq, and the fault has just checked it under mmu_lock.
-    level = min(fault.max_level, MAX_HUGEPAGE_LEVEL, fault.host_level)
-    while level > PG_LEVEL_4K and slot.lpage_disallowed(fault.gfn, level):
-        level -= 1
+    level = slot.max_lpage_level(fault.gfn, min(fault.max_level, MAX_HUGEPAGE_LEVEL,
+                                                fault.host_level))
     fault.req_level = level
     if level > PG_LEVEL_4K:
         fault.goal_level = level

@@ -479,9 +479,7 @@ def max_mapping_level(slot: "Memslot", gfn: int, host_mapping_level: Callable[[i
                       ) -> int:
     """`kvm_mmu_max_mapping_level`: the largest leaf the memslot's lpage rules and the host
     mapping of gfn's hva allow."""
-    level = MAX_HUGEPAGE_LEVEL
-    while level > PG_LEVEL_4K and slot.lpage_disallowed(gfn, level):
-        level -= 1
+    level = slot.max_lpage_level(gfn, MAX_HUGEPAGE_LEVEL)
     if level == PG_LEVEL_4K:
         return level
     return min(level, host_mapping_level(slot.gfn_to_hva(gfn)))
