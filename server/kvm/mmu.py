@@ -213,8 +213,8 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
             fault.map_writable = writable and not slot.readonly
             if check_retry and notifier.retry_gfn_unsafe(mmu_seq, gfn):
                 return RET_PF_RETRY
-        elif gfn >= vm.tdp.max_gfn:
-            return RET_PF_EMULATE
+        elif gfn > vm.max_gfn:
+            return RET_PF_EMULATE                          # kvm_handle_noslot_fault
         await sched.point("fault.before_lock")
         lock = vm.mmu_lock
         await lock.acquire_read()

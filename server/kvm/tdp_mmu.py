@@ -38,8 +38,8 @@ __all__ = ["TdpMmu", "max_mapping_level"]
 
 
 class TdpMmu:
-    def __init__(self, *, root_level: int, ad_enabled: bool, mmu_lock: MmuLock, rcu: Rcu,
-                 stats: VmStats, flush_remote_tlbs: Callable[[], None],
+    def __init__(self, *, root_level: int, max_gfn: int, ad_enabled: bool, mmu_lock: MmuLock,
+                 rcu: Rcu, stats: VmStats, flush_remote_tlbs: Callable[[], None],
                  tracer: Tracer) -> None:
         self.root_level, self.ad_enabled = root_level, ad_enabled
         self.mmu_lock, self.rcu, self.stat, self.tracer = mmu_lock, rcu, stats, tracer
@@ -49,7 +49,7 @@ class TdpMmu:
         self.sanitizers = None           # set by the VM when its sanitizers are on
         self.sched = None                # the VM's preemption points
         self.knobs: frozenset[str] = frozenset()
-        self.max_gfn = pages_per_level(root_level + 1)     # the gfns a root reaches
+        self.max_gfn = max_gfn           # the VM's `kvm_mmu_max_gfn()`, inclusive
 
     # -- roots --------------------------------------------------------------------
 
@@ -257,7 +257,7 @@ class TdpMmu:
         zaps since the last flush still need one."""
         self.mmu_lock.assert_held_write()
         with _YieldingWalk(self, shared=False) as walk:
-            for it in TdpIter(root, start, min(end, self.max_gfn)):
+            for it in TdpIter(root, start, min(end, self.max_gfn + 1)):
                 if walk.need_resched(it):
                     await walk.cond_resched(it, flush)
                     flush = False
@@ -287,7 +287,7 @@ class TdpMmu:
             self.mmu_lock.assert_held_write()
         with _YieldingWalk(self, shared) as walk:
             for zap_level in (PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G, root.level):
-                for it in TdpIter(root, 0, self.max_gfn, zap_level):
+                for it in TdpIter(root, 0, self.max_gfn + 1, zap_level):
                     if walk.need_resched(it):
                         await walk.cond_resched(it, False)
                         continue

@@ -156,6 +156,8 @@ class Vm:
         self.death: str = ""
         self.ad_enabled = config.ad_bits
         self.can_be_fast = can_be_fast_table(self)         # by the error code's bits
+        # `kvm_mmu_max_gfn()`: the last gfn (inclusive) a memslot may hold and a fault may
+        # map, from the guest physical address width; the one definition of the bound.
         self.max_gfn = (1 << (config.gpa_bits - PAGE_SHIFT)) - 1
         self.stat = VmStats()
         self.knobs = frozenset(config.debug)
@@ -169,7 +171,8 @@ class Vm:
         self.rcu = Rcu()
         self.slots_lock = asyncio.Lock()
         self.memslot_sets = [Memslots(as_id) for as_id in range(KVM_ADDRESS_SPACE_NUM)]
-        self.tdp = TdpMmu(root_level=config.tdp_levels, ad_enabled=config.ad_bits,
+        self.tdp = TdpMmu(root_level=config.tdp_levels, max_gfn=self.max_gfn,
+                          ad_enabled=config.ad_bits,
                           mmu_lock=self.mmu_lock, rcu=self.rcu, stats=self.stat,
                           flush_remote_tlbs=self.flush_remote_tlbs, tracer=self.tracer)
         self.tdp.sanitizers, self.tdp.knobs = self.sanitizers, self.knobs

@@ -108,8 +108,8 @@ async def test_a_gfn_beyond_the_roots_reach_finds_no_spte_in_the_fast_path(make_
     await g.vm.clear_young(g.region.hva, g.region.hva + g.size)
     tracked = g.vm.walk(0x5000)[-1].spte
     assert S.is_access_track(tracked)
-    far = 0x5000 + (g.vm.tdp.max_gfn << 12)
-    assert g.vm.tdp.max_gfn == 1 << 36
+    far = 0x5000 + ((g.vm.max_gfn + 1) << 12)
+    assert g.vm.max_gfn + 1 == 1 << 36
     stats = g.vcpu.stats()
 
     assert await page_fault(g.vcpu, far, PFERR_GUEST_FINAL_MASK) is RetPf.EMULATE
