@@ -27,7 +27,7 @@ from .kvm import Kvm
 from .memslots import KVM_MEM_LOG_DIRTY_PAGES
 from .sanitizers import SanitizerViolation
 from .types import PAGE_SIZE, AccessKind, Backing
-from .vm import DEBUG_KNOBS, Vm, VmConfig
+from .vm import Vm, VmConfig, check_debug_knobs
 
 __all__ = ["SCENARIOS", "Outcome", "ExploreResult", "ExploreStep", "check", "run_scenario",
            "explore", "explore_steps"]
@@ -245,9 +245,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
 def _check_knobs(name: str, knobs: frozenset[str]) -> Scenario:
     if name not in SCENARIOS:
         raise einval(f"unknown scenario {name!r}; known: {sorted(SCENARIOS)}")
-    unknown = set(knobs) - DEBUG_KNOBS
-    if unknown:
-        raise einval(f"unknown debug knobs {sorted(unknown)}")
+    check_debug_knobs(knobs)
     return SCENARIOS[name]
 
 

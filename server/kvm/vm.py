@@ -14,7 +14,7 @@ import enum
 import errno
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
@@ -41,7 +41,8 @@ from .types import PAGE_SHIFT, Backing
 from .vcpu import (KVM_REQ_DIRTY_RING_SOFT_FULL, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
                    KVM_REQ_TLB_FLUSH, KVM_REQ_VM_DEAD, Vcpu)
 
-__all__ = ["Vm", "VmConfig", "VmInfo", "SpteInfo", "VmState", "KVM_MAX_VCPUS", "DEBUG_KNOBS"]
+__all__ = ["Vm", "VmConfig", "VmInfo", "SpteInfo", "VmState", "KVM_MAX_VCPUS", "DEBUG_KNOBS",
+           "check_debug_knobs"]
 
 KVM_MAX_VCPUS = 1024
 HOST_MAXPHYADDR = 52
@@ -57,6 +58,13 @@ DEBUG_KNOBS = frozenset({
     "fast_pf_plain_write",       # the fast page fault stores its SPTE without a cmpxchg
     "skip_wrprot_flush",         # dirty-log write-protection does not flush TLBs
 })
+
+
+def check_debug_knobs(knobs: Iterable[str]) -> None:
+    """EINVAL naming the knobs that are not in DEBUG_KNOBS, if any."""
+    unknown = set(knobs) - DEBUG_KNOBS
+    if unknown:
+        raise einval(f"unknown debug knobs {sorted(unknown)}; known: {sorted(DEBUG_KNOBS)}")
 
 
 def _sanitizers_default() -> bool:
@@ -91,9 +99,7 @@ class VmConfig:
             raise einval(f"max_vcpus {self.max_vcpus} is not in 1..{KVM_MAX_VCPUS}")
         if self.tdp_levels not in (4, 5):
             raise einval(f"tdp_levels {self.tdp_levels} is not 4 or 5")
-        unknown = set(self.debug) - DEBUG_KNOBS
-        if unknown:
-            raise einval(f"unknown debug knobs {sorted(unknown)}; known: {sorted(DEBUG_KNOBS)}")
+        check_debug_knobs(self.debug)
         if self.schedule_seed is not None and not 0 <= self.schedule_seed < 1 << 64:
             raise einval(f"schedule_seed {self.schedule_seed} is not a u64")
         if self.gpc_policy not in GPC_POLICIES:
