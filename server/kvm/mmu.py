@@ -189,7 +189,7 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
         notifier, sched = vm.notifier, vm.sched
         mmu_seq = fault.mmu_seq = notifier.mmu_invalidate_seq
         await sched.point("fault.after_seq_snapshot")
-        slots = vm.memslot_sets[fault.as_id]
+        slots = vcpu.memslots
         fault.generation = slots.generation
         gfn = fault.gfn
         slot = slots.lookup(gfn)

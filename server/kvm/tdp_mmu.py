@@ -227,16 +227,15 @@ class TdpMmu:
     def _map_target_level(self, fault: PageFault, it: TdpIter) -> RetPf:
         old, level = it.old_spte, it.level
         needs = ACCESS_NEEDS[fault.error_code & PFERR_ACCESS_MASK]      # is_access_allowed
-        if S.is_leaf_present(old, level) and (fault.prefetch or old & needs):
+        if S.is_leaf_present(old, level) and old & needs:
             return RET_PF_SPURIOUS
         slot = fault.slot
         if slot is None:
             new = S.make_mmio(fault.gfn, fault.generation)
         else:
-            # host_writable = writable = map_writable, ad_enabled, prefetch
+            # host_writable = writable = map_writable, ad_enabled, never a prefetch
             writable = fault.map_writable
-            new = make_leaf(fault.pfn, level, writable, writable, self.ad_enabled,
-                            fault.prefetch)
+            new = make_leaf(fault.pfn, level, writable, writable, self.ad_enabled)
         if new == old:
             return RET_PF_SPURIOUS
         if not self.set_spte_atomic(it, new):
