@@ -56,7 +56,9 @@ __all__ = ["page_fault", "hugepage_adjust", "page_fault_can_be_fast", "can_be_fa
 # (GUEST_FINAL is bit 32) makes each test of it a big-int operation.
 FAULT_BITS = PFERR_PRESENT_MASK | PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_RSVD_MASK | \
     PFERR_FETCH_MASK
-FAST_PF_TRIES = 4                # walks of one fast page fault whose cmpxchg lost a race
+# Walks of one fast page fault at most: the first, and one more after each lost cmpxchg
+# while KVM's `++retry_count > 4` is false; then the slow path takes the fault.
+FAST_PF_TRIES = 5
 _FAST_PF_TRIES = range(FAST_PF_TRIES)
 _PRESENT_WRITE = PFERR_PRESENT_MASK | PFERR_WRITE_MASK
 _PRESENT_WRITE_RSVD = _PRESENT_WRITE | PFERR_RSVD_MASK
@@ -105,8 +107,11 @@ async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
         need, write = _FAST_PF_ACCESS[bits]
         rcu = vm.rcu
         token = rcu.enter()
-        # fault->slot: looked up once, under the read-side section that memslot updates
-        # wait out, so a slot published meanwhile is not this fault's business.
+        # fault->slot: looked up once, inside the read-side section. Of the memslot
+        # updates only turning dirty logging on or off waits the section out
+        # (`dirty_log.commit_memslot`): it protects the slot after this cmpxchg and its
+        # mark. A delete or move zaps the slot's SPTEs instead (`Vm._zap_all_fast`): the
+        # cmpxchg then fails, or what it stored is zapped after it.
         slot = vcpu.memslots.lookup(gfn)
         try:
             for _ in _FAST_PF_TRIES:
