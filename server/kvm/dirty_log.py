@@ -9,9 +9,11 @@ next write faults and records it anew.
 
 Invariant (the sanitizers' `no-lost-dirty-page`): a page the guest can write without a
 fault is recorded. Whatever clears a record write-protects the page and flushes TLBs
-before userspace hears of it: GET_DIRTY_LOG and CLEAR_DIRTY_LOG clear, protect and flush
-in one step under mmu_lock held for write; a dirty ring reset recycles its entries only
-after the pages are protected and TLBs flushed.
+before userspace hears of it: GET_DIRTY_LOG and CLEAR_DIRTY_LOG clear and protect under
+mmu_lock held for write and flush before they drop it (KVM flushes just after dropping
+it; releasing the lock does not yield, so no task can run between the two and the orders
+cannot be told apart); a dirty ring reset recycles its entries only after the pages are
+protected and TLBs flushed.
 
     enable   (FLAGS_ONLY, logging on)   split huge leaves (eagerly, or on the next write
              fault), clear W on every leaf, flush; nothing with manual protect and
