@@ -18,25 +18,23 @@ import argparse
 import ast
 import asyncio
 import inspect
-import json
 import statistics
+import sys
 import time
 import types
 from array import array
+from pathlib import Path
 
-from vmmu.server.kvm import AccessBatch, AccessKind, Backing, Kvm, VmConfig, make_op
-from vmmu.server.kvm import mmu as mmu_module
-from vmmu.server.kvm import vcpu as vcpu_module
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.report import emit  # noqa: E402
+from vmmu.server.kvm import (AccessBatch, AccessKind, Backing, Kvm, VmConfig,  # noqa: E402
+                             make_op)
+from vmmu.server.kvm import mmu as mmu_module  # noqa: E402
+from vmmu.server.kvm import vcpu as vcpu_module  # noqa: E402
 
 GiB = 1 << 30
-
-
-def emit(name: str, value: float, unit: str, baseline: str, baseline_value: float,
-         target: str | None, runs: int, **extra) -> None:
-    print(json.dumps({"benchmark": name, "value": round(value, 2), "unit": unit,
-                      "baseline": baseline, "baseline_value": round(baseline_value, 2),
-                      "ratio": round(value / baseline_value, 3), "target": target,
-                      "runs": runs, **extra}), flush=True)
 
 
 async def guest(pages: int, backing: Backing = Backing.PAGE_4K):
@@ -69,7 +67,7 @@ async def invalidate_refault(runs: int, pages: int = 4096) -> None:
         cycle.append((time.perf_counter() - start) / pages * 1e9)
         assert vcpu.stats()["pf_fixed"] == 2 * pages
     emit("invalidate_refault_per_page", statistics.median(cycle), "ns", "demand_fault",
-         statistics.median(first), None, runs, pages=pages)
+         statistics.median(first), digits=2, runs=runs, pages=pages)
 
 
 async def zap_1g(runs: int) -> None:
@@ -104,10 +102,10 @@ async def zap_1g(runs: int) -> None:
                 spt[i] = spt[i] | 1
         bare.append((time.perf_counter() - start) / pages * 1e9)
     base = statistics.median(bare)
-    emit("zap_1g_4k", statistics.median(alone), "ns/spte", "bare_loop_rmw", base, None, runs,
-         yielded=False)
+    emit("zap_1g_4k", statistics.median(alone), "ns/spte", "bare_loop_rmw", base, digits=2,
+         runs=runs, yielded=False)
     emit("zap_1g_4k_reader_waiting", statistics.median(contended), "ns/spte",
-         "bare_loop_rmw", base, None, runs, yields_median=statistics.median(yields))
+         "bare_loop_rmw", base, digits=2, runs=runs, yields_median=statistics.median(yields))
 
 
 async def _reader_loop(vm, zap: asyncio.Task) -> None:
@@ -137,7 +135,7 @@ async def lock_uncontended(runs: int, n: int = 100_000) -> None:
     base = statistics.median(results["sleep0"])
     for mode in ("read", "write"):
         emit(f"mmu_lock_uncontended_{mode}", statistics.median(results[mode]), "ns",
-             "await_asyncio_sleep_0", base, None, runs)
+             "await_asyncio_sleep_0", base, digits=2, runs=runs)
 
 
 def _without_points(module: types.ModuleType) -> types.ModuleType:
@@ -181,8 +179,8 @@ async def preemption_points(runs: int, pages: int = 8192) -> None:
             finally:
                 vcpu_module.page_fault = original
     emit("preemption_points_demand_fault", statistics.median(with_points), "ns/fault",
-         "fault_path_without_points", statistics.median(without), "<= 1.05", runs,
-         points_per_fault=3)
+         "fault_path_without_points", statistics.median(without), limit=1.05, digits=2,
+         runs=runs, points_per_fault=3)
 
 
 async def main() -> None:

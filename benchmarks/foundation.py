@@ -13,30 +13,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import subprocess
 import sys
 import time
 from array import array
+from pathlib import Path
 
 import grpc
 
-from vmmu.client import Backing as ClientBacking
-from vmmu.client import BatchBuilder, Client
-from vmmu.server.kvm import AccessBatch, AccessKind, Backing, Kvm, VmConfig, make_op
-from vmmu.v1 import vcpu_pb2, vcpu_pb2_grpc
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.report import emit  # noqa: E402
+from vmmu.client import Backing as ClientBacking  # noqa: E402
+from vmmu.client import BatchBuilder, Client  # noqa: E402
+from vmmu.server.kvm import (AccessBatch, AccessKind, Backing, Kvm, VmConfig,  # noqa: E402
+                             make_op)
+from vmmu.v1 import vcpu_pb2, vcpu_pb2_grpc  # noqa: E402
 
 MiB = 1 << 20
 STREAM_BATCH = 10_000
-
-
-def emit(name: str, value: float, unit: str, baseline: str, baseline_value: float,
-         ratio: float, target: str | None, runs: int, **extra) -> None:
-    line = {"benchmark": name, "value": round(value, 3), "unit": unit, "baseline": baseline,
-            "baseline_value": round(baseline_value, 3), "ratio": round(ratio, 3),
-            "target": target, "runs": runs, **extra}
-    print(json.dumps(line), flush=True)
 
 
 def median_of(samples: list[float]) -> float:
@@ -89,9 +86,9 @@ async def tlb_hits(runs: int, n: int) -> None:
             bare.append(bare_loop_ns(gfns, npages))
         assert vcpu.stats()["pf_taken"] == npages, "every access after warm-up must hit"
         ns, base = median_of(ours), median_of(bare)
-        emit(name, 1e9 / ns, "accesses/s", "bare_loop", 1e9 / base, ns / base,
-             "<= 3 (time per access vs bare loop)" if name == "tlb_hit_translate" else None,
-             runs, ns_per_access=round(ns, 1), bare_ns_per_access=round(base, 1),
+        emit(name, 1e9 / ns, "accesses/s", "bare_loop", 1e9 / base, ratio=ns / base,
+             target="<= 3 (time per access vs bare loop)" if name == "tlb_hit_translate"
+             else None, runs=runs, ns_per_access=round(ns, 1), bare_ns_per_access=round(base, 1),
              includes="batch decode + run")
 
 
@@ -114,8 +111,8 @@ async def demand_faults(runs: int) -> None:
             assert vcpu.stats()["pf_fixed"] == faults
             bare.append(bare_loop_ns(gfns, faults * step))
         ns, base = median_of(ours), median_of(bare)
-        emit(name, 1e9 / ns, "faults/s", "bare_loop", 1e9 / base, ns / base, None, runs,
-             ns_per_fault=round(ns, 1))
+        emit(name, 1e9 / ns, "faults/s", "bare_loop", 1e9 / base, ratio=ns / base,
+             runs=runs, ns_per_fault=round(ns, 1))
 
 
 async def page_table_memory() -> None:
@@ -131,7 +128,7 @@ async def page_table_memory() -> None:
                        (sys.getsizeof(t.children) if t.children is not None else 0)
                        for t in tables)
     emit("page_table_bytes_per_4k_page", python_bytes / npages, "bytes", "ept_4k_tables",
-         ept_bytes / npages, python_bytes / ept_bytes, "<= 10 bytes", 1,
+         ept_bytes / npages, target="<= 10 bytes", runs=1,
          tables=len(tables), mapped_4k_pages=npages,
          note="value counts the array, children list and MmuPage objects as Python holds them; "
               "baseline_value counts 4 KiB per table as the hardware would")
@@ -220,8 +217,8 @@ async def grpc_stream(runs: int, n: int, busy_core: bool = False) -> None:
     for name, samples in (("grpc_stream_sequential", sequential),
                           ("grpc_stream_pipelined", pipelined)):
         t = median_of(samples)
-        emit(name + suffix, n / t, "accesses/s", "in_process", n / base, base / t,
-             ">= 0.75 (throughput vs in-process)", runs, batch=STREAM_BATCH,
+        emit(name + suffix, n / t, "accesses/s", "in_process", n / base, ratio=base / t,
+             target=">= 0.75 (throughput vs in-process)", runs=runs, batch=STREAM_BATCH,
              in_flight=1 if name.endswith("sequential") else 4,
              server="separate process on 127.0.0.1",
              load="another process keeps one core busy" if busy_core else "none")

@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
 
-from vmmu.server.kvm import Backing, Kvm, VmConfig
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.report import emit  # noqa: E402
+from vmmu.server.kvm import Backing, Kvm, VmConfig  # noqa: E402
 
 PAGE = 4096
 PAGES = 256
@@ -155,17 +160,11 @@ async def refresh_under_storm(storm: str, runs: int, refreshes: int, bound_s: fl
                 medians[policy].append(median)
     value = None if livelock["global"] else statistics.median(medians["global"])
     base = None if livelock["range"] else statistics.median(medians["range"])
-    ratio = None if value is None or base is None else round(value / base, 2)
-    print(json.dumps({
-        "benchmark": f"gpc_refresh_storm_{storm}",
-        "value": None if value is None else round(value, 1), "unit": "us",
-        "baseline": "range_policy", "baseline_value": None if base is None else round(base, 1),
-        "ratio": ratio, "runs": runs, "refreshes_per_run": refreshes,
-        "livelock": livelock["global"], "baseline_livelock": livelock["range"],
-        "bound_s": bound_s, "invalidators": STORMS[storm][0],
-        "count_zero_share": round(zero_share, 3),
-        "storm_invalidations_median": statistics.median(invalidations),
-    }), flush=True)
+    emit(f"gpc_refresh_storm_{storm}", value, "us", "range_policy", base, digits=1,
+         runs=runs, refreshes_per_run=refreshes, livelock=livelock["global"],
+         baseline_livelock=livelock["range"], bound_s=bound_s,
+         invalidators=STORMS[storm][0], count_zero_share=round(zero_share, 3),
+         storm_invalidations_median=statistics.median(invalidations))
 
 
 async def main() -> None:

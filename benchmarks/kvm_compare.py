@@ -52,6 +52,8 @@ if __package__ in (None, ""):
 
 from benchmarks.kvmhost import KvmUnavailable, PHASES, kvm_dirty_log_workload  # noqa: E402
 from benchmarks.kvmhost.workload import host_facts  # noqa: E402
+from benchmarks.kvmhost.workload import FAULT_STATS  # noqa: E402
+from benchmarks.report import delta, emit  # noqa: E402
 from vmmu.server.kvm import (KVM_MEM_LOG_DIRTY_PAGES, AccessBatch, AccessKind,  # noqa: E402
                              Backing, ExitReason, Kvm, VmConfig, make_op)
 
@@ -68,16 +70,6 @@ FAST_PF_TARGET = 0.37        # the seed: 195864447 / 532473698 ns
 PASSES = ("first_pass", "second_pass")
 
 
-def emit(name: str, value: float, unit: str, baseline: str, baseline_value: float,
-         target: float | None, **extra) -> None:
-    ratio = value / baseline_value
-    line = {"benchmark": name, "value": round(value, 1), "unit": unit, "baseline": baseline,
-            "baseline_value": round(baseline_value, 1), "ratio": round(ratio, 3),
-            "target": None if target is None else f"ratio <= {target}",
-            "met": None if target is None else ratio <= target, **extra}
-    print(json.dumps(line), flush=True)
-
-
 def check(ok: bool, message: str) -> None:
     # Not `assert`: the checks must hold under `python -O` too.
     if not ok:
@@ -90,11 +82,6 @@ def _write_every_page(npages: int) -> AccessBatch:
     gpas = array("Q", range(SLOT_GPA, SLOT_GPA + npages * PAGE_SIZE, PAGE_SIZE)).tobytes()
     ops = bytes([make_op(AccessKind.WRITE, 1, True)]) * npages
     return AccessBatch.from_wire(gpas, ops, b"\x01" * npages)
-
-
-def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {name: after[name] - before[name]
-            for name in ("exits", "pf_taken", "pf_fast", "pf_fixed", "pf_spurious")}
 
 
 async def vmmu_logged_guest(size: int, fast_page_fault: bool, name: str = ""):
@@ -139,8 +126,8 @@ async def _vmmu_run(size: int, fast_page_fault: bool
                        f"vmmu {phase}: {dirty} dirty pages of {npages} written")
     finally:
         await vm.destroy()
-    return elapsed, {"first_pass": _delta(stats[0], stats[1]),
-                     "second_pass": _delta(stats[1], stats[2])}
+    return elapsed, {"first_pass": delta(stats[0], stats[1], FAULT_STATS),
+                     "second_pass": delta(stats[1], stats[2], FAULT_STATS)}
 
 
 def _check_second_pass_path(stats: dict[str, int], fast_page_fault: bool, npages: int) -> None:
@@ -230,21 +217,18 @@ def report(size_mib: int, kvm: dict | None, vmmu: dict[bool, dict], runs: int) -
             extra["vcpu_stats"] = on["vcpu_stats"][phase]
         target = PASS_TARGET if phase in PASSES else HARVEST_TARGET
         if kvm is None:
-            print(json.dumps({"benchmark": f"kvm_compare.{phase}",
-                              "value": round(on["ns_per_page"][phase], 1), "unit": "ns/page",
-                              "baseline": None, "ratio": None,
-                              "target": None if target is None else f"ratio <= {target}",
-                              "met": None, **extra}), flush=True)
+            emit(f"kvm_compare.{phase}", on["ns_per_page"][phase], "ns/page", None, None,
+                 limit=target, digits=1, **extra)
             continue
         extra.update(baseline_runs=kvm["runs"],
                      baseline_samples=_rounded(kvm["samples"][phase]))
         if phase in kvm["vcpu_stats"]:
             extra["baseline_vcpu_stats"] = kvm["vcpu_stats"][phase]
         emit(f"kvm_compare.{phase}", on["ns_per_page"][phase], "ns/page", "realkvm",
-             kvm["ns_per_page"][phase], target, **extra)
+             kvm["ns_per_page"][phase], limit=target, digits=1, **extra)
     emit("kvm_compare.fast_page_fault", on["ns_per_page"]["second_pass"], "ns/page",
          "vmmu second pass, fast_page_fault off", off["ns_per_page"]["second_pass"],
-         FAST_PF_TARGET, **common,
+         limit=FAST_PF_TARGET, digits=1, **common,
          samples=_rounded(on["samples"]["second_pass"]),
          baseline_samples=_rounded(off["samples"]["second_pass"]),
          vcpu_stats=on["vcpu_stats"]["second_pass"],

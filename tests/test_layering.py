@@ -63,3 +63,60 @@ def test_importing_the_model_loads_no_grpc_or_protobuf():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def runtime_model_imports(path: Path) -> set[str]:
+    """The model's modules a file imports when it runs: its relative imports, leaving out
+    those under `if TYPE_CHECKING:` (a module below `vm` names `Vm` only in annotations)."""
+    names = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                for stmt in child.orelse:
+                    visit(stmt)
+                continue
+            if isinstance(child, ast.ImportFrom) and child.level == 1:
+                names.update([child.module] if child.module else
+                             [alias.name for alias in child.names])
+            visit(child)
+
+    visit(ast.parse(path.read_text(), filename=str(path)))
+    return names & {p.stem for p in MODEL_FILES}
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """A cycle of the graph as a path that ends where it starts, or [] if it has none."""
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = "done"
+        path.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
+def test_the_models_modules_import_each_other_without_a_cycle():
+    """docs/design.md groups the model's modules on the promise that imports go one way."""
+    graph = {p.stem: runtime_model_imports(p) - {p.stem} for p in MODEL_FILES
+             if p.stem != "__init__"}
+    assert graph["vm"] >= {"tdp_mmu", "mmu", "vcpu"} and "vm" not in graph["mmu"]
+    assert import_cycle(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == \
+        ["a", "b", "c", "a"]
+    assert import_cycle({"a": {"b"}, "b": set()}) == []

@@ -24,6 +24,7 @@ import os
 import statistics
 import time
 
+from ..report import delta
 from . import abi, guest
 from .vm import PAGE_SIZE, RealVm
 
@@ -72,12 +73,8 @@ def _one_run(size: int) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
         after_second = vm.vcpu_stats()
         second_harvest = _timed_harvest(vm, slot.npages)
     elapsed = dict(zip(PHASES, (first, harvest, second, second_harvest)))
-    return elapsed, {"first_pass": _delta(before, after_first),
-                     "second_pass": _delta(after_first, after_second)}
-
-
-def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {name: after[name] - before[name] for name in FAULT_STATS if name in after}
+    return elapsed, {"first_pass": delta(before, after_first, FAULT_STATS),
+                     "second_pass": delta(after_first, after_second, FAULT_STATS)}
 
 
 def _timed_harvest(vm: RealVm, npages: int) -> int:

@@ -130,9 +130,7 @@ def _gfn_ranges(vm: "Vm", start: int, end: int) -> list[tuple[Memslot, int, int]
 def _young_leaves(vm: "Vm", slot: Memslot, first: int, last: int) -> Iterator[TdpIter]:
     """Every present leaf with Accessed set over gfns [first, last) of the slot, in the
     valid roots of its address space; `it.old_spte` is the value found."""
-    for root in list(vm.tdp.roots):
-        if root.as_id != slot.as_id or root.invalid:
-            continue
+    for root in vm.tdp.valid_roots(slot.as_id):
         for it in TdpIter(root, first, last):
             if S.is_leaf_present(it.old_spte, it.level) and S.is_accessed(it.old_spte):
                 yield it

@@ -12,6 +12,8 @@ knob a scenario is about, exploration must find one within a bounded number of s
 | `aging_vs_table_free` | lockless aging reads a table that a memslot deletion unlinked and freed | RCU: free after a grace period (`free_tables_immediately`), aging inside a read-side section (`aging_without_rcu`) |
 | `gpc_refresh_vs_invalidate` | a GPC refresh looks up a pfn, the host migrates or drops the page, the refresh sets valid with the old pfn | refresh's wait and retry (`gpc_refresh_no_check`), `global` policy |
 | `gpc_range_refresh_vs_invalidate` | the same, with other pages' invalidations held open meanwhile | the same, `range` policy |
+| `fast_pf_vs_invalidate` | the fast page fault reads a write-protected SPTE, the host migrates the page and the zap clears it, the fast path stores the old SPTE with W set: the old pfn mapped | the cmpxchg against the snapshot (`fast_pf_plain_write`) |
+| `dirty_log_vs_tlb` | GET_DIRTY_LOG write-protects a page a vCPU still writes through a stale writable TLB entry: a write lost to the log | the TLB flush after write-protecting (`skip_wrprot_flush`) |
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .kvm import Kvm
 from .memslots import KVM_MEM_LOG_DIRTY_PAGES
 from .sanitizers import SanitizerViolation
 from .types import PAGE_SIZE, AccessKind, Backing
-from .vm import DEBUG_KNOBS, Vm, VmConfig
+from .vm import Vm, VmConfig, check_debug_knobs
 
 __all__ = ["SCENARIOS", "Outcome", "ExploreResult", "ExploreStep", "check", "run_scenario",
            "explore", "explore_steps"]
@@ -245,9 +247,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
 def _check_knobs(name: str, knobs: frozenset[str]) -> Scenario:
     if name not in SCENARIOS:
         raise einval(f"unknown scenario {name!r}; known: {sorted(SCENARIOS)}")
-    unknown = set(knobs) - DEBUG_KNOBS
-    if unknown:
-        raise einval(f"unknown debug knobs {sorted(unknown)}")
+    check_debug_knobs(knobs)
     return SCENARIOS[name]
 
 

@@ -15,7 +15,7 @@ from array import array
 from dataclasses import dataclass
 
 from .errors import KvmError, einval
-from .types import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE_MAX
+from .types import PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_4K, TASK_SIZE_MAX
 
 __all__ = [
     "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "KVM_MEMSLOT_INVALID",
@@ -109,6 +109,13 @@ class Memslot:
         if frame == base >> shift and base & mask:
             return True
         return frame == (end - 1) >> shift and bool(end & mask)
+
+    def max_lpage_level(self, gfn: int, level: int) -> int:
+        """The largest level up to `level` at which the lpage rules let gfn be mapped
+        (the loop of `__kvm_mmu_max_mapping_level`); 4K is always allowed."""
+        while level > PG_LEVEL_4K and self.lpage_disallowed(gfn, level):
+            level -= 1
+        return level
 
     def info(self) -> MemslotInfo:
         return MemslotInfo(self.as_id, self.id, self.flags & ~KVM_MEMSLOT_INVALID,

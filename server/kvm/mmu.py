@@ -56,7 +56,9 @@ __all__ = ["page_fault", "hugepage_adjust", "page_fault_can_be_fast", "can_be_fa
 # (GUEST_FINAL is bit 32) makes each test of it a big-int operation.
 FAULT_BITS = PFERR_PRESENT_MASK | PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_RSVD_MASK | \
     PFERR_FETCH_MASK
-FAST_PF_TRIES = 5                # walks: KVM gives up once its retry count exceeds 4
+# Walks of one fast page fault at most: the first, and one more after each lost cmpxchg
+# while KVM's `++retry_count > 4` is false; then the slow path takes the fault.
+FAST_PF_TRIES = 5
 _FAST_PF_TRIES = range(FAST_PF_TRIES)
 _PRESENT_WRITE = PFERR_PRESENT_MASK | PFERR_WRITE_MASK
 _PRESENT_WRITE_RSVD = _PRESENT_WRITE | PFERR_RSVD_MASK
@@ -105,8 +107,11 @@ async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
         need, write = _FAST_PF_ACCESS[bits]
         rcu = vm.rcu
         token = rcu.enter()
-        # fault->slot: looked up once, under the read-side section that memslot updates
-        # wait out, so a slot published meanwhile is not this fault's business.
+        # fault->slot: looked up once, inside the read-side section. Of the memslot
+        # updates only turning dirty logging on or off waits the section out
+        # (`dirty_log.commit_memslot`): it protects the slot after this cmpxchg and its
+        # mark. A delete or move zaps the slot's SPTEs instead (`Vm._zap_all_fast`): the
+        # cmpxchg then fails, or what it stored is zapped after it.
         slot = vcpu.memslots.lookup(gfn)
         try:
             for _ in _FAST_PF_TRIES:
@@ -189,7 +194,7 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
         notifier, sched = vm.notifier, vm.sched
         mmu_seq = fault.mmu_seq = notifier.mmu_invalidate_seq
         await sched.point("fault.after_seq_snapshot")
-        slots = vm.memslot_sets[fault.as_id]
+        slots = vcpu.memslots
         fault.generation = slots.generation
         gfn = fault.gfn
         slot = slots.lookup(gfn)
@@ -213,8 +218,8 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
             fault.map_writable = writable and not slot.readonly
             if check_retry and notifier.retry_gfn_unsafe(mmu_seq, gfn):
                 return RET_PF_RETRY
-        elif gfn >= vm.tdp.max_gfn:
-            return RET_PF_EMULATE
+        elif gfn > vm.max_gfn:
+            return RET_PF_EMULATE                          # kvm_handle_noslot_fault
         await sched.point("fault.before_lock")
         lock = vm.mmu_lock
         await lock.acquire_read()
@@ -255,9 +260,8 @@ def hugepage_adjust(vcpu: "Vcpu", fault: PageFault) -> None:
         return
     # The level the host maps hva at was read with the pfn; a change since would have moved
     # mmu_invalidate_seq, and the fault has just checked it under mmu_lock.
-    level = min(fault.max_level, MAX_HUGEPAGE_LEVEL, fault.host_level)
-    while level > PG_LEVEL_4K and slot.lpage_disallowed(fault.gfn, level):
-        level -= 1
+    level = slot.max_lpage_level(fault.gfn, min(fault.max_level, MAX_HUGEPAGE_LEVEL,
+                                                fault.host_level))
     fault.req_level = level
     if level > PG_LEVEL_4K:
         fault.goal_level = level

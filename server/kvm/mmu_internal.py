@@ -49,8 +49,9 @@ class PageFault:
     """One fault's inputs, what the lookups found, and the level it will map at.
 
     The fields every fault starts with are class attributes: a fault object is made on
-    every fault, and only what differs is stored on it (a fault of address space 1, or a
-    prefetch, would set `as_id` or `prefetch` on its object)."""
+    every fault, and only what differs is stored on it. A fault is always a vCPU's, in
+    address space 0 (`Vcpu.memslots`: no SMM), and never a prefetch (no async page fault
+    completes, no KVM_PRE_FAULT_MEMORY), so it carries neither `as_id` nor `prefetch`."""
 
     slot = None                     # the memslot, None for a gfn no slot covers (MMIO)
     hva = 0
@@ -62,8 +63,6 @@ class PageFault:
     req_level = PG_LEVEL_4K
     goal_level = PG_LEVEL_4K
     host_level = PG_LEVEL_4K        # the level the host maps the hva at
-    as_id = 0
-    prefetch = False
 
     def __init__(self, addr: int, error_code: int) -> None:
         self.addr = addr

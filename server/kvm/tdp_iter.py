@@ -138,8 +138,9 @@ class TdpIter:
         self.yielded = True
 
 
-# By root level (4 or 5, VmConfig.tdp_levels): the first gfn the root does not reach
-# (`TdpMmu.max_gfn` of an MMU with such roots).
+# By root level (4 or 5, VmConfig.tdp_levels): the first gfn the root's tables do not reach.
+# A VM's `max_gfn` is below it (2^36 - 1 under 4 levels; under 5, 2^40 - 1: the host's
+# 52-bit MAXPHYADDR), so this bound only keeps a stray gfn from wrapping.
 _GFN_REACH = {root_level: pages_per_level(root_level + 1) for root_level in (4, 5)}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from array import array
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -47,8 +48,8 @@ __all__ = ["TdpMmu", "max_mapping_level"]
 
 
 class TdpMmu:
-    def __init__(self, *, root_level: int, ad_enabled: bool, mmu_lock: MmuLock, rcu: Rcu,
-                 stats: VmStats, flush_remote_tlbs: Callable[[], None],
+    def __init__(self, *, root_level: int, max_gfn: int, ad_enabled: bool, mmu_lock: MmuLock,
+                 rcu: Rcu, stats: VmStats, flush_remote_tlbs: Callable[[], None],
                  tracer: Tracer) -> None:
         self.root_level, self.ad_enabled = root_level, ad_enabled
         self.mmu_lock, self.rcu, self.stat, self.tracer = mmu_lock, rcu, stats, tracer
@@ -58,7 +59,7 @@ class TdpMmu:
         self.sanitizers = None           # set by the VM when its sanitizers are on
         self.sched = None                # the VM's preemption points
         self.knobs: frozenset[str] = frozenset()
-        self.max_gfn = pages_per_level(root_level + 1)     # the gfns a root reaches
+        self.max_gfn = max_gfn           # the VM's `kvm_mmu_max_gfn()`, inclusive
 
     @property
     def bulk(self) -> bool:
@@ -71,14 +72,22 @@ class TdpMmu:
     def get_root(self, as_id: int) -> MmuPage:
         """A valid root for a vCPU in `as_id`, shared with every vCPU of the same role."""
         self.mmu_lock.assert_held()
-        for root in self.roots:
-            if root.as_id == as_id and not root.invalid:
-                root.root_refs += 1
-                return root
+        for root in self.valid_roots(as_id):
+            root.root_refs += 1
+            return root
         root = self.tables.alloc(self.root_level, 0, as_id, is_root=True)
         self.roots.append(root)
         self.stat.tdp_mmu_pages += 1
         return root
+
+    def valid_roots(self, as_id: int) -> Iterator[MmuPage]:
+        """The roots of `as_id` a walk may use (`for_each_valid_tdp_mmu_root`): each one's
+        `invalid` is read when its turn comes, so a root invalidated while the caller
+        walked an earlier one (it may yield) is skipped. The one definition of a valid
+        root: faults, dirty logging, aging and the EPT walk all pick roots through it."""
+        for root in list(self.roots):
+            if root.as_id == as_id and not root.invalid:
+                yield root
 
     def put_root(self, root: MmuPage) -> None:
         root.root_refs -= 1
@@ -284,16 +293,15 @@ class TdpMmu:
     def _map_target_level(self, fault: PageFault, it: TdpIter) -> RetPf:
         old, level = it.old_spte, it.level
         needs = ACCESS_NEEDS[fault.error_code & PFERR_ACCESS_MASK]      # is_access_allowed
-        if S.is_leaf_present(old, level) and (fault.prefetch or old & needs):
+        if S.is_leaf_present(old, level) and old & needs:
             return RET_PF_SPURIOUS
         slot = fault.slot
         if slot is None:
             new = S.make_mmio(fault.gfn, fault.generation)
         else:
-            # host_writable = writable = map_writable, ad_enabled, prefetch
+            # host_writable = writable = map_writable, ad_enabled, never a prefetch
             writable = fault.map_writable
-            new = make_leaf(fault.pfn, level, writable, writable, self.ad_enabled,
-                            fault.prefetch)
+            new = make_leaf(fault.pfn, level, writable, writable, self.ad_enabled)
         if new == old:
             return RET_PF_SPURIOUS
         if not self.set_spte_atomic(it, new):
@@ -313,7 +321,7 @@ class TdpMmu:
         page only partly inside the range goes whole. May yield the lock; returns whether
         zaps since the last flush still need one."""
         self.mmu_lock.assert_held_write()
-        end = min(end, self.max_gfn)
+        end = min(end, self.max_gfn + 1)
         if self.bulk:
             def zap(group: TableGroup) -> bool:
                 old = group.old
@@ -362,9 +370,9 @@ class TdpMmu:
                         new = zapped(old, group.inside & shadow_present(old))
                         return set_sptes(self, group, new, shared) > 0
 
-                    await walk_tables(walk, root, 0, self.max_gfn, zap, zap_level)
+                    await walk_tables(walk, root, 0, self.max_gfn + 1, zap, zap_level)
                     continue
-                for it in TdpIter(root, 0, self.max_gfn, zap_level):
+                for it in TdpIter(root, 0, self.max_gfn + 1, zap_level):
                     if walk.need_resched(it):
                         await walk.cond_resched(it, False)
                         continue
@@ -387,16 +395,10 @@ class TdpMmu:
 
     # -- dirty logging: write-protection, eager split, huge page recovery -----------
 
-    def _valid_roots(self, as_id: int) -> list[MmuPage]:
-        return [root for root in self.roots if root.as_id == as_id and not root.invalid]
-
-    def _each_valid_root(self, as_id: int):
-        """`for_each_valid_tdp_mmu_root_yield_safe`: every root of `as_id` still valid when
-        its turn comes, referenced while the caller walks it (a walk that yields may see
-        it invalidated, never freed)."""
-        for root in [r for r in self.roots if r.as_id == as_id]:
-            if root.invalid:
-                continue
+    def _each_valid_root(self, as_id: int) -> Iterator[MmuPage]:
+        """`for_each_valid_tdp_mmu_root_yield_safe`: `valid_roots`, each referenced while
+        the caller walks it (a walk that yields may see it invalidated, never freed)."""
+        for root in self.valid_roots(as_id):
             root.root_refs += 1
             try:
                 yield root
@@ -442,7 +444,7 @@ class TdpMmu:
         done = 0
         first = gfn + (mask & -mask).bit_length() - 1
         with self.rcu.read_lock():
-            for root in self._valid_roots(slot.as_id):
+            for root in self.valid_roots(slot.as_id):
                 left = mask
                 for it in TdpIter(root, first, gfn + 64):
                     if not left:
@@ -494,7 +496,7 @@ class TdpMmu:
         self.mmu_lock.assert_held_write()
         changed = False
         with self.rcu.read_lock():
-            for root in self._valid_roots(slot.as_id):
+            for root in self.valid_roots(slot.as_id):
                 for it in TdpIter(root, gfn, gfn + 1, min_level):
                     if not S.is_leaf_present(it.old_spte, it.level):
                         continue
@@ -529,7 +531,7 @@ class TdpMmu:
         self.mmu_lock.assert_held_write()
         split = 0
         with self.rcu.read_lock():
-            for root in self._valid_roots(slot.as_id):
+            for root in self.valid_roots(slot.as_id):
                 for it in TdpIter(root, start, end, target_level + 1):
                     split += self._split_huge_leaf(it, root.as_id, shared=False)
         return split
@@ -601,9 +603,7 @@ def max_mapping_level(slot: "Memslot", gfn: int, host_mapping_level: Callable[[i
                       ) -> int:
     """`kvm_mmu_max_mapping_level`: the largest leaf the memslot's lpage rules and the host
     mapping of gfn's hva allow."""
-    level = MAX_HUGEPAGE_LEVEL
-    while level > PG_LEVEL_4K and slot.lpage_disallowed(gfn, level):
-        level -= 1
+    level = slot.max_lpage_level(gfn, MAX_HUGEPAGE_LEVEL)
     if level == PG_LEVEL_4K:
         return level
     return min(level, host_mapping_level(slot.gfn_to_hva(gfn)))

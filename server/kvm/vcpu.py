@@ -152,7 +152,7 @@ class Vcpu:
         self._exit_error_code = 0
         # What the walker reads on every miss, fixed for the VM's life.
         self.memslots = vm.memslot_sets[0]     # kvm_vcpu_memslots: no SMM, address space 0
-        self._max_gfn = vm.tdp.max_gfn
+        self._max_gfn = vm.max_gfn
         self._ad_enabled = vm.ad_enabled
         self._host = vm.host
         self._check_access = vm.sanitizers.check_access if vm.sanitizers is not None else None
@@ -509,11 +509,11 @@ class Vcpu:
 
     def _walk_upper(self, gfn: int) -> tuple[array, int, int] | None:
         """The walk from the root down to the entry for gfn that is not a present table
-        pointer: (its table's SPTEs, its index, the level's gfn shift); None when the root
-        does not reach gfn. Sets Accessed on the table pointers it passes (A/D on) and
+        pointer: (its table's SPTEs, its index, the level's gfn shift); None for a gfn above
+        the VM's `max_gfn`. Sets Accessed on the table pointers it passes (A/D on) and
         caches the 4K-level table it reaches."""
-        if gfn >= self._max_gfn:
-            return None        # indexing would wrap onto a low gfn's entries
+        if gfn > self._max_gfn:
+            return None        # maps nothing (beyond the root's reach, indices would wrap)
         page = self.root
         if page.freed:
             raise VmBugged(f"hardware walk from freed root {page!r}")

@@ -15,7 +15,7 @@ import enum
 import errno
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
@@ -43,7 +43,8 @@ from .types import PAGE_SHIFT, Backing
 from .vcpu import (KVM_REQ_DIRTY_RING_SOFT_FULL, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
                    KVM_REQ_TLB_FLUSH, KVM_REQ_VM_DEAD, Vcpu)
 
-__all__ = ["Vm", "VmConfig", "VmInfo", "SpteInfo", "VmState", "KVM_MAX_VCPUS", "DEBUG_KNOBS"]
+__all__ = ["Vm", "VmConfig", "VmInfo", "SpteInfo", "VmState", "KVM_MAX_VCPUS", "DEBUG_KNOBS",
+           "check_debug_knobs"]
 
 KVM_MAX_VCPUS = 1024
 HOST_MAXPHYADDR = 52
@@ -59,6 +60,13 @@ DEBUG_KNOBS = frozenset({
     "fast_pf_plain_write",       # the fast page fault stores its SPTE without a cmpxchg
     "skip_wrprot_flush",         # dirty-log write-protection does not flush TLBs
 })
+
+
+def check_debug_knobs(knobs: Iterable[str]) -> None:
+    """EINVAL naming the knobs that are not in DEBUG_KNOBS, if any."""
+    unknown = set(knobs) - DEBUG_KNOBS
+    if unknown:
+        raise einval(f"unknown debug knobs {sorted(unknown)}; known: {sorted(DEBUG_KNOBS)}")
 
 
 def _sanitizers_default() -> bool:
@@ -93,9 +101,7 @@ class VmConfig:
             raise einval(f"max_vcpus {self.max_vcpus} is not in 1..{KVM_MAX_VCPUS}")
         if self.tdp_levels not in (4, 5):
             raise einval(f"tdp_levels {self.tdp_levels} is not 4 or 5")
-        unknown = set(self.debug) - DEBUG_KNOBS
-        if unknown:
-            raise einval(f"unknown debug knobs {sorted(unknown)}; known: {sorted(DEBUG_KNOBS)}")
+        check_debug_knobs(self.debug)
         if self.schedule_seed is not None and not 0 <= self.schedule_seed < 1 << 64:
             raise einval(f"schedule_seed {self.schedule_seed} is not a u64")
         if self.gpc_policy not in GPC_POLICIES:
@@ -164,6 +170,8 @@ class Vm:
         self.dirty_ring_size = config.dirty_ring_size
         self.dirty_ring_with_bitmap = config.dirty_ring_with_bitmap
         self.can_be_fast = can_be_fast_table(self)         # by the error code's bits
+        # `kvm_mmu_max_gfn()`: the last gfn (inclusive) a memslot may hold and a fault may
+        # map, from the guest physical address width; the one definition of the bound.
         self.max_gfn = (1 << (config.gpa_bits - PAGE_SHIFT)) - 1
         self.stat = VmStats()
         self.knobs = frozenset(config.debug)
@@ -177,7 +185,8 @@ class Vm:
         self.rcu = Rcu()
         self.slots_lock = asyncio.Lock()
         self.memslot_sets = [Memslots(as_id) for as_id in range(KVM_ADDRESS_SPACE_NUM)]
-        self.tdp = TdpMmu(root_level=config.tdp_levels, ad_enabled=config.ad_bits,
+        self.tdp = TdpMmu(root_level=config.tdp_levels, max_gfn=self.max_gfn,
+                          ad_enabled=config.ad_bits,
                           mmu_lock=self.mmu_lock, rcu=self.rcu, stats=self.stat,
                           flush_remote_tlbs=self.flush_remote_tlbs, tracer=self.tracer)
         self.tdp.sanitizers, self.tdp.knobs = self.sanitizers, self.knobs
@@ -428,7 +437,7 @@ class Vm:
             raise einval(f"address space {as_id} does not exist")
         if not 0 <= gpa <= (self.max_gfn << PAGE_SHIFT) | 0xFFF:
             raise einval(f"gpa {gpa:#x} is beyond the guest physical address width")
-        root = next((r for r in self.tdp.roots if r.as_id == as_id and not r.invalid), None)
+        root = next(self.tdp.valid_roots(as_id), None)
         if root is None:
             return []
         return [_spte_info(level, gfn, index, value)

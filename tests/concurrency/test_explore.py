@@ -31,7 +31,9 @@ async def test_without_the_protection_the_explorer_finds_the_race(scenario, knob
     assert found is not None, f"{scenario} with {knob}: no violation in {FOUND_WITHIN} seeds"
     assert found.oracle in oracles
     assert found.trace                      # the preemption points that led there
-    assert str(found.seed) and result.seeds_run == found.seed + 1
+    assert result.seeds_run == found.seed + 1           # it stopped at the first violation
+    # The seed it reports is the one to replay: run alone, it breaks the same way.
+    assert await run_scenario(scenario, found.seed, frozenset({knob})) == found
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
@@ -46,6 +48,8 @@ async def test_a_seed_replays_the_same_interleaving(scenario, knob, oracles):
     runs = [await run_scenario(scenario, seed, frozenset({knob})) for seed in (3, 3, 4)]
     assert runs[0] == runs[1]
     assert runs[0].points > 0
+    # Not because every seed runs alike: seed 4 takes another path through the points.
+    assert (runs[2].points, runs[2].trace) != (runs[0].points, runs[0].trace)
 
 
 async def test_seeds_give_different_interleavings():

@@ -8,7 +8,7 @@ import pytest
 from vmmu.server.kvm import AccessBatch, AccessKind, Backing, ExitReason, Kvm, VmConfig
 from vmmu.server.kvm import spte as S
 from vmmu.server.kvm.errors import KvmError
-from vmmu.server.kvm.mmu import FAULT_BITS, page_fault, page_fault_can_be_fast
+from vmmu.server.kvm.mmu import FAST_PF_TRIES, FAULT_BITS, page_fault, page_fault_can_be_fast
 from vmmu.server.kvm.mmu_internal import (PFERR_FETCH_MASK, PFERR_GUEST_FINAL_MASK,
                                           PFERR_PRESENT_MASK, PFERR_RSVD_MASK,
                                           PFERR_USER_MASK, PFERR_WRITE_MASK, RetPf)
@@ -72,6 +72,35 @@ async def test_the_fix_another_task_made_first_is_spurious(make_guest):
     assert after["pf_spurious"] == stats["pf_spurious"] + 1
 
 
+async def test_a_fast_page_fault_losing_every_cmpxchg_walks_five_times_then_goes_slow(
+        make_guest, monkeypatch):
+    """KVM's loop: the first walk, then one more after each lost cmpxchg while
+    `++retry_count > 4` is false; then the slow path. Here each cmpxchg loses to aging,
+    which clears or sets the Accessed bit between the walk's read and the cmpxchg."""
+    g = await make_guest(Backing.PAGE_4K, 2 * MIB)
+    await g.vcpu.run(access(0x5000, AccessKind.WRITE))
+    await write_protect(g.vm, 5)
+    await g.vcpu.run(access(0x5000, AccessKind.READ))          # load the root, flush
+    leaf = leaf_of(g.vcpu.root, 5)
+    point, cas_points = g.vm.sched.point, []
+
+    async def racing_point(name: str) -> None:
+        if name == "fast_pf.cas":
+            cas_points.append(name)
+            leaf.table.spt[leaf.index] ^= S.ACCESSED         # aging won the race
+        await point(name)
+
+    monkeypatch.setattr(g.vm.sched, "point", racing_point)
+    stats = g.vcpu.stats()
+    assert await page_fault(g.vcpu, 0x5000, PFERR_WRITE_MASK | PFERR_PRESENT_MASK) \
+        is RetPf.FIXED
+    assert len(cas_points) == FAST_PF_TRIES == 5
+    after = g.vcpu.stats()
+    assert after["pf_fast"] == stats["pf_fast"]                # the slow path fixed it
+    assert after["pf_fixed"] == stats["pf_fixed"] + 1
+    assert g.vm.walk(0x5000)[-1].writable
+
+
 async def test_read_only_memory_is_left_to_the_slow_path(make_guest):
     g = await make_guest(Backing.PAGE_4K, 2 * MIB, writable=False)
     await g.vcpu.run(access(0x1000, AccessKind.READ))
@@ -108,8 +137,8 @@ async def test_a_gfn_beyond_the_roots_reach_finds_no_spte_in_the_fast_path(make_
     await g.vm.clear_young(g.region.hva, g.region.hva + g.size)
     tracked = g.vm.walk(0x5000)[-1].spte
     assert S.is_access_track(tracked)
-    far = 0x5000 + (g.vm.tdp.max_gfn << 12)
-    assert g.vm.tdp.max_gfn == 1 << 36
+    far = 0x5000 + ((g.vm.max_gfn + 1) << 12)
+    assert g.vm.max_gfn + 1 == 1 << 36
     stats = g.vcpu.stats()
 
     assert await page_fault(g.vcpu, far, PFERR_GUEST_FINAL_MASK) is RetPf.EMULATE

@@ -104,14 +104,19 @@ def test_an_unknown_policy_is_einval():
 
 # -- use through a valid cache -----------------------------------------------------------
 
-async def test_read_and_write_go_to_the_host_page_and_mark_it_dirty(guest, monkeypatch):
+async def test_read_and_write_go_to_the_host_page_and_a_write_marks_it_dirty(make_guest):
+    """In a dirty-logged slot, what GET_DIRTY_LOG reports: the page a write through the
+    cache went to, and nothing for a read."""
+    guest = await make_guest(Backing.PAGE_4K, 16 * PAGE_SIZE, flags=KVM_MEM_LOG_DIRTY_PAGES,
+                             sanitizers=True)
     vm = guest.vm
-    dirtied = []
-    monkeypatch.setattr(vm, "mark_page_dirty", lambda slot, gfn: dirtied.append((slot.id, gfn)))
     gpc = await vm.gpcs.create(GPA, 16)
+    assert gpc.read(0, 8) == bytes(8)
+    assert not any(await vm.get_dirty_log(0))                   # a read dirties nothing
     gpc.write(4, b"gpc!")
     assert await vm.read_hva(guest.hva(GPA) + 4, 4) == b"gpc!"
-    assert dirtied == [(0, GPA >> 12)]
+    dirty = await vm.get_dirty_log(0)
+    assert int.from_bytes(dirty, "little") == 1 << (GPA >> 12)    # page 1 only
     await vm.write_hva(guest.hva(GPA), b"host")
     assert gpc.read(0, 8) == b"hostgpc!"
 

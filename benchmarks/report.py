@@ -1,0 +1,44 @@
+"""What every benchmark prints: one JSON line per result, with its ratio to a baseline
+measured in the same run (docs/benchmarks.md); and the change of counters over a phase.
+
+Standard library only: `benchmarks.kvmhost` uses it too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+__all__ = ["emit", "delta"]
+
+
+def emit(name: str, value: float | None, unit: str, baseline: str | None,
+         baseline_value: float | None, *, ratio: float | None = None,
+         target: str | None = None, limit: float | None = None, digits: int = 3,
+         **extra) -> None:
+    """Print one result line. `ratio` is `value / baseline_value` unless given (a
+    throughput passes the ratio of its times); it is null when either is missing (a
+    livelock, no baseline on this machine). With `limit` the result is held to
+    `ratio <= limit`: `target` says so unless given, and `met` whether it held. `value`
+    and `baseline_value` are rounded to `digits` (0: whole numbers)."""
+    if ratio is None and value is not None and baseline_value is not None:
+        ratio = value / baseline_value
+    if limit is not None and target is None:
+        target = f"ratio <= {limit}"
+    line = {"benchmark": name, "value": _round(value, digits), "unit": unit,
+            "baseline": baseline, "baseline_value": _round(baseline_value, digits),
+            "ratio": _round(ratio, 3), "target": target,
+            "met": None if limit is None or ratio is None else ratio <= limit, **extra}
+    print(json.dumps(line), flush=True)
+
+
+def delta(before: dict[str, int], after: dict[str, int], names: Iterable[str]
+          ) -> dict[str, int]:
+    """How much each counter of `names` that `after` has grew since `before`."""
+    return {name: after[name] - before[name] for name in names if name in after}
+
+
+def _round(x: float | None, digits: int) -> float | int | None:
+    if x is None:
+        return None
+    return round(x, digits) if digits else round(x)
