@@ -14,6 +14,9 @@ the SPTE into its access-tracked form with a compare-and-exchange, and leaves th
 alone if that fails (whoever changed it made it young anyway). The next access restores
 an access-tracked SPTE through the fault path, at the same pfn.
 
+The `aging_lock` policy (seed 000's comparison) takes mmu_lock for read or for write around
+the walk instead; in virtual time the walk charges `age_spte` per page of each range.
+
 Invariant: aging never zaps, never frees a table and never flushes a TLB. A stale TLB
 entry only hides later accesses from aging, and reclaim tolerates such false negatives.
 """
@@ -48,14 +51,26 @@ async def clear_young(vm: "Vm", start: int, end: int) -> bool:
     """`kvm_age_gfn` over hva [start, end): was any of it young? It is old afterwards."""
     _check_range(start, end)
     young = False
-    with _read_side(vm):
-        for slot, first, last in _gfn_ranges(vm, start, end):
-            for it in _young_leaves(vm, slot, first, last):
-                young = True
-                # A concurrent zap may unlink and free this table here: only RCU keeps
-                # the next read of it safe.
-                await vm.sched.point("age.before_clear")
-                _age_spte(vm, it)
+    policy = vm.config.aging_lock
+    lock = vm.mmu_lock
+    if policy != "none":
+        await (lock.acquire_read() if policy == "read" else lock.acquire_write())
+    try:
+        with _read_side(vm):
+            for slot, first, last in _gfn_ranges(vm, start, end):
+                for it in _young_leaves(vm, slot, first, last):
+                    young = True
+                    # A concurrent zap may unlink and free this table here: only RCU
+                    # keeps the next read of it safe.
+                    await vm.sched.point("age.before_clear")
+                    _age_spte(vm, it)
+                if vm.clock is not None:
+                    vm.clock.charge(vm.clock.costs.age_spte * (last - first))
+    finally:
+        if policy == "read":
+            lock.release_read()
+        elif policy == "write":
+            lock.release_write()
     if vm.tracer.on:
         vm.tracer.emit("kvm_age_hva", start=start, end=end, young=young)
     return young

@@ -34,7 +34,6 @@ its read; `refresh_lock` serializes refresh, activate and deactivate as KVM's mu
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import errno
 import itertools
@@ -42,6 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .clock import Mutex, simulated
 from .errors import KvmError, NoSuchObject, VmBugged, einval
 from .mmu_lock import LockAssertion
 from .types import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
@@ -155,7 +155,8 @@ class Gpc:
         self.generation = -1
         self.pfn: int | None = None
         self.invalidate_seq = 0            # sweeps that covered the page (range policy)
-        self.refresh_lock = asyncio.Lock()
+        self.clock = gpcs.vm.clock
+        self.refresh_lock = Mutex(self.clock)
         self.refreshes = self.retries = self.wait_ns = 0
 
     def __repr__(self) -> str:
@@ -181,6 +182,7 @@ class Gpc:
 
     # -- the user's calls ---------------------------------------------------------------
 
+    @simulated("gpc")
     async def activate(self, gpa: int, length: int) -> None:
         """`kvm_gpc_activate`: join the VM's list of active caches, then refresh at gpa.
 
@@ -210,6 +212,7 @@ class Gpc:
         self._oracle()
         return True
 
+    @simulated("gpc")
     async def refresh(self, length: int) -> None:
         """`kvm_gpc_refresh`: make the cache valid for [gpa, gpa + length) again.
 
@@ -222,6 +225,7 @@ class Gpc:
         async with self.refresh_lock:
             await self._refresh(self.gpa, length)
 
+    @simulated("gpc")
     async def deactivate(self) -> None:
         """`kvm_gpc_deactivate`: leave the list, drop the pfn; gpa and uhva stay (the
         generation guards them). Nothing happens to an inactive cache."""
@@ -304,12 +308,14 @@ class Gpc:
                 # A pfn looked up now would be thrown away: wait instead of spinning. The
                 # range policy needs it besides: its snapshot must not predate a sweep
                 # whose invalidation has not ended.
-                start = time.perf_counter_ns()
+                start = self._now_ns()
                 await policy.wait(self)
-                waited = time.perf_counter_ns() - start
+                waited = self._now_ns() - start
                 self.wait_ns += waited
                 vm.stat.gpc_refresh_wait_ns += waited
             seq = policy.seq(self)
+            if self.clock is not None:
+                self.clock.charge(self.clock.costs.gpc_refresh)
             await vm.sched.point("gpc.refresh_hva_to_pfn")     # the host may change the page
             pfn, _, _ = await vm.host.hva_to_pfn(self.uhva, True)
             await vm.sched.point("gpc.refresh_before_valid")   # ... or invalidate it now
@@ -326,6 +332,10 @@ class Gpc:
             vm.tracer.emit("gpc_refresh", gpc=self.id, result="valid", retries=retries)
         if self.generation == vm.memslot_sets[0].generation:
             self._oracle()      # a cache of an older generation is unusable: check fails
+
+    def _now_ns(self) -> int:
+        """Wall ns, or the refresher's virtual ns in virtual time."""
+        return self.clock.time() if self.clock is not None else time.perf_counter_ns()
 
     def _fail(self, errno_value: int) -> None:
         if self.valid:

@@ -91,9 +91,13 @@ class HeldInvalidation:
     async def released(self) -> None:
         await self._released.wait()
 
-    async def wait_ended(self) -> None:
-        """Wait until end() has run. Cancelling the wait leaves the hold's task running."""
-        await asyncio.shield(self.task)
+    async def wait_ended(self, clock=None) -> None:
+        """Wait until end() has run. Cancelling the wait leaves the hold's task running.
+        In virtual time the waiter does not hold the turn meanwhile (`clock.outside`)."""
+        if clock is None:
+            await asyncio.shield(self.task)
+        else:
+            await clock.outside(asyncio.shield(self.task))
 
     def info(self) -> HeldInvalidationInfo:
         return HeldInvalidationInfo(self.id, self.start, self.end, self.state, self.lease_s)
@@ -131,7 +135,7 @@ class HeldInvalidations:
             raise
         if held.state is HoldState.HELD:
             held.release(HoldState.ENDED_BY_CLIENT)
-        await held.wait_ended()
+        await held.wait_ended(self._vm.clock)
 
     async def end(self, held_id: int) -> None:
         """End a hold and wait for end(): faults in the range may then map it."""
@@ -141,7 +145,7 @@ class HeldInvalidations:
             how = f": it ended ({ended.state.value})" if ended else ""
             raise NoSuchObject(f"invalidation {held_id} is not held{how}")
         held.release(HoldState.ENDED_BY_CLIENT)
-        await held.wait_ended()
+        await held.wait_ended(self._vm.clock)
 
     async def release_all(self, how: HoldState) -> None:
         """End every hold (VM teardown) and wait until each has run end()."""
@@ -150,7 +154,7 @@ class HeldInvalidations:
             if held.state is HoldState.HELD:
                 held.release(how)
         for held in holds:
-            await held.wait_ended()
+            await held.wait_ended(self._vm.clock)
 
     def held(self) -> list[HeldInvalidationInfo]:
         return [h.info() for h in self._held.values() if h.state is HoldState.HELD]
@@ -174,8 +178,12 @@ class HeldInvalidations:
         self._held[held.id] = held
         self._vm.stat.invalidations_held += 1
         held.task = asyncio.create_task(self._life(held), name=f"held-invalidation-{held.id}")
+        clock = self._vm.clock
         try:
-            await asyncio.shield(held.started)
+            if clock is None:
+                await asyncio.shield(held.started)
+            else:
+                await clock.outside(asyncio.shield(held.started))
         except asyncio.CancelledError:
             # The caller went away before it learned the id: nobody could end the hold.
             if held.state is HoldState.HELD:
@@ -184,6 +192,16 @@ class HeldInvalidations:
         return held
 
     async def _life(self, held: HeldInvalidation) -> None:
+        """The hold's own task: in virtual time a host-side actor of its own, which waits
+        for its client outside the simulation."""
+        clock = self._vm.clock
+        if clock is None:
+            await self._hold(held, None)
+            return
+        async with clock.running(name=f"holder{held.id}"):
+            await self._hold(held, clock)
+
+    async def _hold(self, held: HeldInvalidation, clock) -> None:
         vm = self._vm
         try:
             await vm.notifier.invalidate_range_start(*held.notified)
@@ -195,7 +213,10 @@ class HeldInvalidations:
         held.started.set_result(None)
         try:
             async with asyncio.timeout_at(held.deadline):
-                await held.released()
+                if clock is None:
+                    await held.released()
+                else:
+                    await clock.outside(held.released())
         except TimeoutError:
             if held.state is HoldState.HELD:  # a release may have come with the deadline
                 held.release(HoldState.LEASE_EXPIRED)

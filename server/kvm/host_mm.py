@@ -86,6 +86,7 @@ class HostMm:
         self._next_hva = HVA_BASE
         self.pfns = PfnAllocator()
         self.sched = None                          # the owning VM's preemption points
+        self.clock = None                          # its virtual clock, in virtual time
         self.contents: dict[int, bytearray] = {}
         self.ksm_pages: dict[int, int] = {}      # pfn of a KSM page -> hvas that map it
         self.notifiers: list[MmuNotifier] = []
@@ -145,7 +146,10 @@ class HostMm:
         for n in self.notifiers:
             await n.invalidate_range_start(start, end)
         try:
-            if self.sched is not None:             # the host works on the range a while
+            if self.clock is not None:             # the host works on the range a while
+                self.clock.charge(self.clock.costs.host_op_page *
+                                  ((end - start + PAGE_SIZE - 1) >> PAGE_SHIFT))
+            if self.sched is not None:
                 await self.sched.point("mm.invalidate_window")
             return change()
         finally:
@@ -219,6 +223,9 @@ class HostMm:
         page first breaks copy-on-write, which invalidates the page. A swapped-out page
         comes back at a new pfn with its contents.
         """
+        clock = self.clock
+        if clock is not None:
+            clock.charge(clock.costs.gup_slow)
         while True:
             region, _ = self._region_for_access(hva, write)
             if not (write and self.is_cow(region, hva)):
@@ -295,6 +302,12 @@ class HostMm:
         if level == PG_LEVEL_4K and region.backing is Backing.THP:
             region.split_2m.add(hva >> HPAGE_SHIFT)     # a table of 4K entries maps it now
         base = self.pfns.alloc(level)
+        clock = self.clock
+        if clock is not None:
+            costs = clock.costs
+            clock.charge(costs.page_alloc_4k + costs.page_zero_4k if level == PG_LEVEL_4K
+                         else (costs.page_alloc_2m + costs.page_zero_2m) *
+                         pages_per_level(level) // pages_per_level(PG_LEVEL_2M))
         region.frames[level][hva >> (PAGE_SHIFT + level_shift(level))] = base
         return base + ((hva >> PAGE_SHIFT) & (pages_per_level(level) - 1)), level
 
@@ -312,6 +325,8 @@ class HostMm:
 
     def _swap_in(self, region: HostRegion, page: int) -> tuple[int, int]:
         pfn = self.pfns.alloc(PG_LEVEL_4K)
+        if self.clock is not None:
+            self.clock.charge(self.clock.costs.page_alloc_4k)
         data = region.swapped.pop(page)
         if data is not None:
             self.contents[pfn] = data

@@ -94,6 +94,9 @@ async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
     if vm.tracer.on:
         vm.tracer.emit("kvm_page_fault", vcpu=vcpu.id, gpa=gpa, error_code=error_code)
     bits = error_code & FAULT_BITS
+    clock = vm.clock
+    if clock is not None:
+        clock.charge(clock.costs.fault_base)
     if bits & PFERR_RSVD_MASK:
         r = handle_mmio_page_fault(vcpu, gpa)
         if r is not RET_PF_INVALID:
@@ -113,6 +116,8 @@ async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
         # mark. A delete or move zaps the slot's SPTEs instead (`Vm._zap_all_fast`): the
         # cmpxchg then fails, or what it stored is zapped after it.
         slot = vcpu.memslots.lookup(gfn)
+        if clock is not None:
+            clock.charge(clock.costs.memslot_lookup + clock.costs.fast_pf)
         try:
             for _ in _FAST_PF_TRIES:
                 table, index, level, old = last_spte(vcpu.root, gfn)
@@ -139,6 +144,8 @@ async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
                 if spt[index] != old and "fast_pf_plain_write" not in vm.knobs:
                     continue                      # changed under us: walk again
                 spt[index] = new                  # the cmpxchg (the debug knob: no compare)
+                if clock is not None:
+                    clock.charge(clock.costs.spte_cmpxchg)
                 if make_writable and slot is not None:
                     vm.mark_page_dirty(slot, gfn, vcpu)     # W went 0 -> 1
                 r = RET_PF_FIXED
@@ -198,6 +205,9 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
         fault.generation = slots.generation
         gfn = fault.gfn
         slot = slots.lookup(gfn)
+        clock = vm.clock
+        if clock is not None:
+            clock.charge(clock.costs.memslot_lookup)
         if slot is not None:
             if slot.invalid:
                 return RET_PF_RETRY
@@ -212,8 +222,10 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
             await sched.point("fault.hva_to_pfn")
             host = vm.host
             found = host.hva_to_pfn_fast(hva, write)
+            if clock is not None:
+                clock.charge(clock.costs.gup_fast)
             if found is None:
-                found = await host.hva_to_pfn(hva, write)
+                found = await host.hva_to_pfn(hva, write)   # charges the slow lookup
             fault.pfn, writable, fault.host_level = found
             fault.map_writable = writable and not slot.readonly
             if check_retry and notifier.retry_gfn_unsafe(mmu_seq, gfn):
@@ -222,7 +234,8 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
             return RET_PF_EMULATE                          # kvm_handle_noslot_fault
         await sched.point("fault.before_lock")
         lock = vm.mmu_lock
-        await lock.acquire_read()
+        shared = vm.config.fault_lock == "read"
+        await (lock.acquire_read() if shared else lock.acquire_write())
         try:
             if is_page_fault_stale(vcpu, fault):
                 return RET_PF_RETRY
@@ -238,9 +251,14 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
                 vcpu.stat.pf_mmio_spte_created += 1
             return r
         finally:
-            lock.release_read()
+            if shared:
+                lock.release_read()
+            else:
+                lock.release_write()
     finally:
         rcu.exit(token)
+        if vm.tdp.disconnected:
+            await vm.tdp.free_disconnected()    # table_free "write_section"
 
 
 def is_page_fault_stale(vcpu: "Vcpu", fault: PageFault) -> bool:

@@ -18,6 +18,12 @@ Behaviour:
 - An uncontended acquire does not suspend: `acquire_read/write` grant at once and return an
   awaitable that is already done, and leaving `async with` is no coroutine at all; only a
   waiter gets a coroutine of its own.
+- In virtual time (clock.py) the lock is held in virtual time too: an acquire is taken in
+  the order of virtual time (it is a preemption point), a reader is granted no earlier than
+  the last writer released it, a writer no earlier than every earlier holder released it,
+  and a waiter resumes at the virtual time of its grant. What it costs: an atomic on the
+  lock word, plus a cache-line transfer for each other CPU that took the lock within the
+  last microsecond (the line bounces between them). Wait times are then virtual ns.
 """
 
 from __future__ import annotations
@@ -27,10 +33,9 @@ import collections
 import time
 from dataclasses import dataclass
 
-from asyncio.events import _get_running_loop
-from asyncio.tasks import _current_tasks
+from asyncio import current_task
 
-from .sched import DONE
+from .clock import DONE, VirtualClock, park, wake, woken
 
 __all__ = ["MmuLock", "LockStatistics", "LockAssertion"]
 
@@ -47,6 +52,8 @@ class LockStatistics:
     write_contended: int
     read_wait_ns: int
     write_wait_ns: int
+    read_hold_ns: int           # virtual time only: how long holders held it
+    write_hold_ns: int
     readers: int
     writer: bool
     waiters: int
@@ -71,40 +78,43 @@ class _Guard:
 class MmuLock:
     READ, WRITE = "read", "write"
 
-    def __init__(self, lockdep: bool = True) -> None:
+    def __init__(self, lockdep: bool = True, clock: VirtualClock | None = None) -> None:
         self.lockdep = lockdep
+        self.clock = clock
         if not lockdep:
             self.assert_held_read = self._assert_held_read_mode
             self.assert_held_write = self._assert_held_write_mode
             self.assert_held = self._assert_held_mode
-        self._loop: asyncio.AbstractEventLoop | None = None   # the holders' loop
         self._readers: dict[asyncio.Task | None, int] = {}
         self._writer: asyncio.Task | None = None
-        self._waiters: collections.deque[tuple[str, asyncio.Future, asyncio.Task]] = \
+        self._waiters: collections.deque[tuple[str, asyncio.Future, asyncio.Task, object]] = \
             collections.deque()
+        # Virtual time: when the last writer and the last of the readers let go, and the
+        # recent acquisitions that share the lock word's cache line.
+        self._write_free_at = 0
+        self._read_free_at = 0
+        self._recent: collections.deque[tuple[int, object]] = collections.deque()
+        self._recent_by_actor: dict[object, int] = {}
+        self._granted_at: dict[asyncio.Task | None, int] = {}
         self._stats = {"read_acquisitions": 0, "write_acquisitions": 0, "read_contended": 0,
-                       "write_contended": 0, "read_wait_ns": 0, "write_wait_ns": 0}
+                       "write_contended": 0, "read_wait_ns": 0, "write_wait_ns": 0,
+                       "read_hold_ns": 0, "write_hold_ns": 0}
+        if clock is not None:
+            self.acquire_read = self._acquire_read_virtual
+            self.acquire_write = self._acquire_write_virtual
+            self.release_read = self._release_read_virtual
+            self.release_write = self._release_write_virtual
         self.read = _Guard(self.acquire_read, self.release_read)
         self.write = _Guard(self.acquire_write, self.release_write)
 
     # -- acquire/release ----------------------------------------------------------
 
     def _current_task(self) -> asyncio.Task | None:
-        """The running task, looked up in the loop of the lock's tasks: cheaper than
-        `asyncio.current_task`, and on every fault's path. A task that holds or awaits the
-        lock runs in that loop, so a task of another loop is never mistaken for one. The
-        acquires and releases spell the lookup out."""
-        return _current_tasks.get(self._loop)
-
-    def _task_in_new_loop(self) -> asyncio.Task | None:
-        """The running task when the lock's loop does not know it: the lock's first use,
-        or a new loop (the lock is free then)."""
-        self._loop = _get_running_loop()
-        return _current_tasks.get(self._loop)
+        return current_task()
 
     def acquire_read(self):
         """Take the lock for read: returns an awaitable, already done when granted at once."""
-        task = _current_tasks.get(self._loop) or self._task_in_new_loop()
+        task = current_task()
         readers = self._readers
         if self._writer is None and not self._waiters and task not in readers:
             self._stats["read_acquisitions"] += 1
@@ -114,7 +124,7 @@ class MmuLock:
 
     def acquire_write(self):
         """Take the lock for write: returns an awaitable, already done when granted at once."""
-        task = _current_tasks.get(self._loop) or self._task_in_new_loop()
+        task = current_task()
         if self._writer is None and not self._readers and not self._waiters:
             self._stats["write_acquisitions"] += 1
             self._writer = task
@@ -130,13 +140,16 @@ class MmuLock:
         return self._wait(mode, task)
 
     async def _wait(self, mode: str, task: asyncio.Task) -> None:
-        self._stats[f"{mode}_contended"] += 1
+        clock = self.clock
+        if clock is None:               # in virtual time, counted by the virtual grant
+            self._stats[f"{mode}_contended"] += 1
         fut = asyncio.get_running_loop().create_future()
-        entry = (mode, fut, task)
+        actor = park(clock)
+        entry = (mode, fut, task, actor)
         self._waiters.append(entry)
         start = time.perf_counter_ns()
         try:
-            await fut
+            await woken(clock, actor, fut)
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():    # granted, then cancelled: give it back
                 if mode == self.READ:
@@ -150,16 +163,23 @@ class MmuLock:
                 self._grant()                          # we may have blocked readers behind
             raise
         finally:
-            self._stats[f"{mode}_wait_ns"] += time.perf_counter_ns() - start
+            if clock is None:
+                self._stats[f"{mode}_wait_ns"] += time.perf_counter_ns() - start
 
     def release_read(self) -> None:
-        if self._readers.pop(_current_tasks.get(self._loop), None) is None:
+        self._release_read()
+
+    def _release_read(self) -> None:
+        if self._readers.pop(current_task(), None) is None:
             raise LockAssertion("mmu_lock released for read by a task that does not hold it")
         if self._waiters:
             self._grant()
 
     def release_write(self) -> None:
-        if self._writer is None or self._writer is not _current_tasks.get(self._loop):
+        self._release_write()
+
+    def _release_write(self) -> None:
+        if self._writer is None or self._writer is not current_task():
             raise LockAssertion("mmu_lock released for write by a task that does not hold it")
         self._writer = None
         if self._waiters:
@@ -167,7 +187,7 @@ class MmuLock:
 
     def _grant(self) -> None:
         while self._waiters and self._writer is None:
-            mode, fut, task = self._waiters[0]
+            mode, fut, task, actor = self._waiters[0]
             if fut.done():                            # cancelled, cleanup pending
                 self._waiters.popleft()
                 continue
@@ -176,11 +196,87 @@ class MmuLock:
                     return
                 self._waiters.popleft()
                 self._writer = task
-                fut.set_result(None)
+                self._hand_over(fut, actor)
                 return
             self._waiters.popleft()
             self._readers[task] = 1
-            fut.set_result(None)
+            self._hand_over(fut, actor)
+
+    def _hand_over(self, fut: asyncio.Future, actor) -> None:
+        wake(self.clock, actor, fut)         # in virtual time: at the releaser's time
+
+    # -- virtual time ---------------------------------------------------------------
+
+    async def _acquire_read_virtual(self) -> None:
+        await self._acquire_virtual(self.READ)
+
+    async def _acquire_write_virtual(self) -> None:
+        await self._acquire_virtual(self.WRITE)
+
+    async def _acquire_virtual(self, mode: str) -> None:
+        clock = self.clock
+        task = current_task()
+        actor = clock.current
+        if actor is None or actor.task is not task:
+            raise LockAssertion("mmu_lock taken outside the simulation of a VM in virtual "
+                                "time")
+        await clock.point()                  # acquires are taken in virtual-time order
+        asked = actor.time
+        if mode == self.READ:
+            if self._writer is None and not self._waiters and task not in self._readers:
+                self._stats["read_acquisitions"] += 1
+                self._readers[task] = 1
+            else:
+                await self._queue(mode, task)
+            free_at = self._write_free_at
+        else:
+            if self._writer is None and not self._readers and not self._waiters:
+                self._stats["write_acquisitions"] += 1
+                self._writer = task
+            else:
+                await self._queue(mode, task)
+            free_at = max(self._write_free_at, self._read_free_at)
+        costs = clock.costs
+        clock.charge(costs.lock_acquire + costs.cacheline_transfer * self._sharers(actor))
+        granted = max(actor.time, free_at)
+        if granted > asked + costs.lock_acquire:          # waited beyond its own atomic
+            self._stats[f"{mode}_contended"] += 1
+            self._stats[f"{mode}_wait_ns"] += granted - asked
+        if granted > actor.time:
+            await clock.sleep_until(granted)
+        self._granted_at[task] = actor.time
+
+    def _sharers(self, actor) -> int:
+        """Other CPUs that took the lock within the contention window: each transfer of
+        the line to this CPU costs one `cacheline_transfer`."""
+        recent, by_actor, t = self._recent, self._recent_by_actor, actor.time
+        oldest = t - self.clock.CONTENTION_WINDOW_NS
+        while recent and (recent[0][0] < oldest or len(recent) >= self.clock.MAX_SHARERS):
+            _, gone = recent.popleft()
+            if by_actor[gone] == 1:
+                del by_actor[gone]
+            else:
+                by_actor[gone] -= 1
+        sharers = len(by_actor) - (actor in by_actor)
+        recent.append((t, actor))
+        by_actor[actor] = by_actor.get(actor, 0) + 1
+        return sharers
+
+    def _release_read_virtual(self) -> None:
+        clock = self.clock
+        clock.charge(clock.costs.lock_acquire)
+        t = clock.time()
+        if t > self._read_free_at:
+            self._read_free_at = t
+        self._stats["read_hold_ns"] += t - self._granted_at.pop(current_task(), t)
+        self._release_read()
+
+    def _release_write_virtual(self) -> None:
+        clock = self.clock
+        clock.charge(clock.costs.lock_acquire)
+        t = self._write_free_at = clock.time()
+        self._stats["write_hold_ns"] += t - self._granted_at.pop(current_task(), t)
+        self._release_write()
 
     # -- contracts ----------------------------------------------------------------
 

@@ -14,9 +14,9 @@ every TLB is flushed; until the matching end, no fault installs a mapping of the
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
+from .clock import WaitQueue
 from .errors import VmBugged
 
 if TYPE_CHECKING:
@@ -35,21 +35,22 @@ class Notifier:
         self.range_start = INVALID_GFN
         self.range_end = INVALID_GFN
         self.mn_active_invalidate_count = 0
-        self._end_waiters: list[asyncio.Future] = []
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._end_waiters = WaitQueue(vm.clock)       # faults waiting for an end
+        self._idle_waiters = WaitQueue(vm.clock)      # waiting for the count to reach 0
         self.start_hooks: list = []     # run at start() before mmu_lock: the GPC sweep
         # hva ranges between the top of start() and the bottom of end(), kept with
         # mn_active_invalidate_count: what a range-based GPC refresh asks about (gpc.py).
         self.invalidating_hvas: list[tuple[int, int]] = []
-        self._hva_range_ended: asyncio.Event | None = None   # made by the first waiter
+        self._hva_range_waiters = WaitQueue(vm.clock)  # waiting for any start() to end
 
     # -- the host's callbacks -------------------------------------------------------
 
     async def invalidate_range_start(self, start: int, end: int) -> None:
         self.mn_active_invalidate_count += 1
         self.invalidating_hvas.append((start, end))
-        self._idle.clear()
+        clock = self.vm.clock
+        if clock is not None:
+            clock.charge(clock.costs.notifier_callback)
         tracer = self.vm.tracer
         if tracer.on:
             tracer.emit("kvm_mmu_invalidate_range", phase="start", start=start, end=end)
@@ -75,6 +76,9 @@ class Notifier:
                     vm.sanitizers.check_range_unmapped(as_id, gfn_start, gfn_end)
 
     async def invalidate_range_end(self, start: int, end: int) -> None:
+        clock = self.vm.clock
+        if clock is not None:
+            clock.charge(clock.costs.notifier_callback)
         if self.vm.tracer.on:
             self.vm.tracer.emit("kvm_mmu_invalidate_range", phase="end", start=start, end=end)
         if self._gfn_ranges(start, end):
@@ -86,11 +90,9 @@ class Notifier:
         if self.mn_active_invalidate_count < 0:
             raise VmBugged("mn_active_invalidate_count went negative")
         self.invalidating_hvas.remove((start, end))
-        if self._hva_range_ended is not None:
-            self._hva_range_ended.set()
-            self._hva_range_ended = None
+        self._hva_range_waiters.wake_all()
         if self.mn_active_invalidate_count == 0:
-            self._idle.set()
+            self._idle_waiters.wake_all()
 
     def _gfn_ranges(self, start: int, end: int) -> list[tuple[int, int, int]]:
         return [(slots.as_id, gfn_start, gfn_end)
@@ -119,10 +121,7 @@ class Notifier:
         self.mmu_invalidate_in_progress -= 1
         if self.mmu_invalidate_in_progress < 0:
             raise VmBugged("mmu_invalidate_in_progress went negative")
-        for waiter in self._end_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._end_waiters.clear()
+        self._end_waiters.wake_all()
 
     # -- what faults ask -------------------------------------------------------------
 
@@ -144,14 +143,12 @@ class Notifier:
 
     async def wait_for_end(self) -> None:
         """Sleep until the next invalidation end (a faulting vCPU need not spin)."""
-        waiter = asyncio.get_running_loop().create_future()
-        self._end_waiters.append(waiter)
-        await waiter
+        await self._end_waiters.wait()
 
     async def wait_idle(self) -> None:
         """Wait until no invalidation is between start() and the end of end()."""
         while self.mn_active_invalidate_count:
-            await self._idle.wait()
+            await self._idle_waiters.wait()
 
     def invalidating(self, start: int, end: int) -> bool:
         """Does an invalidation between start() and the end of end() overlap hva
@@ -165,6 +162,4 @@ class Notifier:
         """Wait until no invalidation in flight overlaps hva [start, end); others may
         go on. Returns at once when none does."""
         while self.invalidating(start, end):
-            if self._hva_range_ended is None:
-                self._hva_range_ended = asyncio.Event()
-            await self._hva_range_ended.wait()
+            await self._hva_range_waiters.wait()

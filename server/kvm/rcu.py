@@ -4,6 +4,11 @@ A callback queued by `call_rcu` runs only once every read-side section that was 
 it was queued has ended (a grace period). Sections may span `await`s (preemptible RCU).
 Lockless walkers (fast page fault, aging, the hardware walker's view of a freed table) run
 inside sections, so a table unlinked while they read it is still intact until they leave.
+
+In virtual time (clock.py) `synchronize` parks its actor until the section that ends the
+grace period exits, and lasts at least the cost table's `rcu_grace_period`. A section
+that begins and ends between two awaits has no width in real order: a grace period
+processed after it does not wait for it, whatever their virtual times.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import collections
 from contextlib import contextmanager
+
+from .clock import VirtualClock
 
 __all__ = ["Rcu"]
 
@@ -20,12 +27,13 @@ class Rcu:
     `call_rcu` in `_current` (they hold up no callback: every queued one is older), the
     others in `_older`, whose oldest entry is what the oldest callback waits for."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: VirtualClock | None = None) -> None:
+        self.clock = clock
         self._seq = 0                                    # advances at every call_rcu
         self._current = 0                                # sections open that began at _seq
         self._older: dict[int, int] = {}                 # earlier start seq -> sections open
         self._callbacks: collections.deque[tuple[int, object]] = collections.deque()
-        self.grace_periods = 0
+        self.grace_periods = 0                           # ends that ran callbacks
         self.callbacks_run = 0
 
     @contextmanager
@@ -68,17 +76,29 @@ class Rcu:
 
     def _advance(self) -> None:
         oldest = min(self._older) if self._older else None
-        while self._callbacks and (oldest is None or oldest >= self._callbacks[0][0]):
-            _, callback = self._callbacks.popleft()
+        callbacks = self._callbacks
+        if callbacks and (oldest is None or oldest >= callbacks[0][0]):
             self.grace_periods += 1
+        while callbacks and (oldest is None or oldest >= callbacks[0][0]):
+            _, callback = callbacks.popleft()
             self.callbacks_run += 1
             callback()
 
     async def synchronize(self) -> None:
         """Wait for a grace period: every section active now has ended."""
         fut = asyncio.get_running_loop().create_future()
-        self.call_rcu(lambda: fut.done() or fut.set_result(None))
-        await fut
+        clock = self.clock
+        if clock is None:
+            self.call_rcu(lambda: fut.done() or fut.set_result(None))
+            await fut
+            return
+        shortest = clock.time() + clock.costs.rcu_grace_period
+        actor = clock.park()
+        self.call_rcu(lambda: clock.wake(actor, fut, shortest))
+        if actor is None:
+            await fut
+        else:
+            await clock.await_turn(actor, fut)
 
     async def barrier(self) -> None:
         """Wait until every callback queued so far has run."""

@@ -8,6 +8,9 @@ scheduler decides how many turns of the event loop's ready queue the task gives 
 (none, a few, or many). The ready queue is FIFO and a scenario has no outside input, so the
 same seed gives the same interleaving and the same result, and different seeds explore
 different ones. The last points passed are kept as a trace for the sanitizers' reports.
+
+A VM in virtual time (clock.py) schedules by virtual time instead: at a point the running
+actor gives the turn to an earlier one, if any; the seed breaks ties.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import asyncio
 import collections
 import random
 from asyncio import current_task
+
+from .clock import DONE, VirtualClock
 
 __all__ = ["Scheduler", "POINTS", "DONE"]
 
@@ -38,29 +43,17 @@ TRACE_LENGTH = 24
 _TURNS = (0, 0, 0, 0, 1, 1, 2, 3, 5, 8, 13, 40)   # turns given away: mostly few, some many
 
 
-def _finished_future() -> asyncio.Future:
-    """A future that is already done. Awaiting a done future returns at once, in C and
-    in any loop (its own loop is never consulted again), so it serves every no-op await."""
-    loop = asyncio.new_event_loop()
-    try:
-        fut = loop.create_future()
-        fut.set_result(None)
-        return fut
-    finally:
-        loop.close()
-
-
-DONE = _finished_future()      # awaiting it never switches tasks
-
-
 class Scheduler:
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, clock: VirtualClock | None = None) -> None:
         self.seed = seed
         self.deterministic = seed is not None
+        self.clock = clock
         self._rng = random.Random(seed)
         self.trace: collections.deque[tuple[str, str]] = collections.deque(maxlen=TRACE_LENGTH)
         self.points_passed = 0
-        if not self.deterministic:
+        if clock is not None:
+            self.point = self._virtual_point
+        elif not self.deterministic:
             # Free-running, a point is a lookup of its name (an unknown one raises
             # KeyError) that gives back DONE: no Python frame on the fault path.
             self.point = dict.fromkeys(POINTS, DONE).__getitem__
@@ -71,6 +64,20 @@ class Scheduler:
         if name not in _KNOWN:
             raise KeyError(name)
         return self._switch(name)
+
+    def _virtual_point(self, name: str):
+        """In virtual time a point is where the clock may give the turn to an earlier
+        actor: the schedule is virtual time's, its ties broken by the seed."""
+        if name not in _KNOWN:
+            raise KeyError(name)
+        self.points_passed += 1
+        clock = self.clock
+        actor = clock.current
+        if actor is None or actor.task is not current_task():
+            self.trace.append(("?", name))
+            return DONE                      # a task outside the simulation: no switch
+        self.trace.append((actor.name, name))
+        return clock.point()
 
     async def _switch(self, name: str) -> None:
         self.points_passed += 1

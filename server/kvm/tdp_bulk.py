@@ -234,6 +234,10 @@ def set_sptes(mmu: "TdpMmu", group: TableGroup, new: np.ndarray, shared: bool) -
     if (old_values == _FROZEN).any():
         raise VmBugged(f"bulk SPTE write over a frozen entry at level {group.level}")
     _write(mmu, group, rows, changed, new, shared)
+    clock = mmu.clock
+    if clock is not None:                    # in virtual time: what one at a time costs
+        clock.charge(len(old_values) *
+                     (clock.costs.spte_cmpxchg if shared else clock.costs.spte_write))
     handle_changed_sptes(mmu, group, changed, old_values, new_values, shared)
     return len(old_values)
 

@@ -8,6 +8,13 @@ books: page counts, teardown of an unlinked table, the present-leaf-pfn-never-ch
 invariant. A table unlinked from a tree is frozen entry by entry and freed after an RCU
 grace period. Functions that may need a TLB flush return `flush` and leave it to the
 caller, who flushes before dropping mmu_lock.
+
+Policies (VmConfig, the designs seeds 001 and 002 compare): `table_free` "write_section"
+puts a table unlinked under the read lock on `disconnected`, freed once the shared section
+that unlinked it is over, inside a short write-side critical section (`free_disconnected`);
+`zap_leafs_only` off makes the notifier's zap take a table whose whole span lies in the
+range, tables and all, as KVM did before leaf-only zaps. In virtual time SPTE writes, table
+allocations and frees charge the cost table.
 """
 
 from __future__ import annotations
@@ -60,12 +67,23 @@ class TdpMmu:
         self.sched = None                # the VM's preemption points
         self.knobs: frozenset[str] = frozenset()
         self.max_gfn = max_gfn           # the VM's `kvm_mmu_max_gfn()`, inclusive
+        self.clock = None                # the VM's virtual clock, if it has one
+        self.free_in_write_section = False
+        self.zap_leafs_only = True
+        self.faults_shared = True            # fault_lock "read"
+        self.disconnected: list[MmuPage] = []    # table_free "write_section": to free
 
     @property
     def bulk(self) -> bool:
         """Whether operations over many SPTEs take their bulk paths (`tdp_bulk`): when
         no tracepoint wants an event per SPTE."""
         return not self.tracer.on
+
+    def policy(self, config) -> None:
+        """Take the VM's MMU policies (VmConfig: fault_lock, table_free, zap_leafs_only)."""
+        self.free_in_write_section = config.table_free == "write_section"
+        self.zap_leafs_only = config.zap_leafs_only
+        self.faults_shared = config.fault_lock == "read"
 
     # -- roots --------------------------------------------------------------------
 
@@ -160,8 +178,9 @@ class TdpMmu:
     # -- the two doors ------------------------------------------------------------
 
     def set_spte_atomic(self, it: TdpIter, new: int) -> bool:
-        """cmpxchg against `it.old_spte`; on failure refresh the snapshot and say so."""
-        self.mmu_lock.assert_held_read()
+        """cmpxchg against `it.old_spte`; on failure refresh the snapshot and say so. For
+        mmu_lock held for read; held for write only by faults under fault_lock "write"."""
+        self.mmu_lock.assert_held_read() if self.faults_shared else self.mmu_lock.assert_held()
         old = it.old_spte
         if old == FROZEN or it.yielded:
             raise VmBugged("atomic SPTE write from a frozen or stale snapshot")
@@ -175,6 +194,8 @@ class TdpMmu:
         level = it.level
         if level > PG_LEVEL_4K:
             self._record_child(table, i, new)
+        if self.clock is not None:
+            self.clock.charge(self.clock.costs.spte_cmpxchg)
         self.handle_changed_spte(table.as_id, it.gfn, current, new, level, True)
         it.old_spte = new
         return True
@@ -188,6 +209,8 @@ class TdpMmu:
         spt[i] = new
         if level > PG_LEVEL_4K:
             self._record_child(table, i, new)
+        if self.clock is not None:
+            self.clock.charge(self.clock.costs.spte_write)
         self.handle_changed_spte(table.as_id, it.gfn, old, new, level, shared=False)
         it.old_spte = new
 
@@ -236,7 +259,7 @@ class TdpMmu:
         self.stat.tdp_mmu_pages -= 1
         if self.bulk:
             tdp_bulk.remove_pt(self, page, shared)
-            self._free_removed_pt(page)
+            self._free_removed_pt(page, shared)
             return
         step = pages_per_level(page.level)
         spt = page.spt
@@ -249,20 +272,48 @@ class TdpMmu:
             spt[i] = FROZEN
             self.handle_changed_spte(page.as_id, page.gfn + i * step, old, FROZEN,
                                      page.level, shared)
-        self._free_removed_pt(page)
+        self._free_removed_pt(page, shared)
 
-    def _free_removed_pt(self, page: MmuPage) -> None:
+    def _free_removed_pt(self, page: MmuPage, shared: bool) -> None:
         if "free_tables_immediately" in self.knobs:
-            self.tables.free(page)          # debug knob: no grace period for lockless walkers
+            self._free(page)                # debug knob: no grace period for lockless walkers
+        elif self.free_in_write_section:
+            if shared:
+                self.disconnected.append(page)   # freed when the shared section is over
+            else:
+                self._free(page)            # exclusive: no holder of mmu_lock reads it
         else:
-            self.rcu.call_rcu(lambda: self.tables.free(page))
+            self.rcu.call_rcu(lambda: self._free(page))
+
+    def _free(self, page: MmuPage) -> None:
+        if self.clock is not None:
+            self.clock.charge(self.clock.costs.table_free)
+        self.tables.free(page)
+
+    async def free_disconnected(self) -> None:
+        """table_free "write_section": after a shared section that unlinked tables, wait
+        out every other holder of mmu_lock in a short write-side critical section; then
+        no one who could have reached them holds the lock, and vCPUs flushed their TLBs
+        when they were unlinked. Called with mmu_lock not held."""
+        if not self.disconnected:
+            return
+        async with self.mmu_lock.write:
+            pages, self.disconnected = self.disconnected, []
+        for page in pages:
+            self._free(page)
 
     # -- the fault path's walk (mmu_lock held for read) -----------------------------
 
     def map(self, fault: PageFault, root: MmuPage) -> RetPf:
         """`kvm_tdp_mmu_map`: walk to the goal level, linking or splitting tables."""
-        self.mmu_lock.assert_held_read()
+        if self.faults_shared:
+            self.mmu_lock.assert_held_read()
+        else:
+            self.mmu_lock.assert_held_write()
         goal = fault.goal_level
+        if self.clock is not None:
+            costs = self.clock.costs
+            self.clock.charge(costs.tdp_walk_level * (root.level - goal + 1) + costs.make_spte)
         token = self.rcu.enter()
         try:
             # The range is one gfn, so the walk only ever steps down (as far as it can).
@@ -276,6 +327,8 @@ class TdpMmu:
                     return self._map_target_level(fault, it)
                 # Not present, or a huge leaf above the goal: link a table in its place.
                 sp = self.tables.alloc(it.level - 1, it.gfn, root.as_id)
+                if self.clock is not None:
+                    self.clock.charge(self.clock.costs.table_alloc)
                 huge = S.is_leaf_present(old, it.level)
                 if huge:
                     tdp_bulk.fill_small(sp, old, it.level)
@@ -322,7 +375,8 @@ class TdpMmu:
         zaps since the last flush still need one."""
         self.mmu_lock.assert_held_write()
         end = min(end, self.max_gfn + 1)
-        if self.bulk:
+        leafs_only = self.zap_leafs_only
+        if self.bulk and leafs_only:
             def zap(group: TableGroup) -> bool:
                 old = group.old
                 new = zapped(old, group.inside & leaf_present(old, group.level))
@@ -338,7 +392,10 @@ class TdpMmu:
                     flush = False
                     continue
                 if not S.is_leaf_present(it.old_spte, it.level):
-                    continue
+                    # Before leaf-only zaps: a table wholly inside the range goes too.
+                    if leafs_only or not it.old_spte & MMU_PRESENT or it.gfn < start or \
+                            it.gfn + pages_per_level(it.level) > end:
+                        continue
                 self.iter_set_spte(it, NONPRESENT)
                 flush = flush or not root.invalid
         return flush

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Iterator
 from .spte import (ACCESSED, BASE_ADDR_MASK, DIRTY, EXECUTABLE, LARGE, MMIO_MASK, MMIO_VALUE,
                    READABLE, RWX, WRITABLE)
 from .batch import OP_HLT, OP_KIND_MASK, OP_WITH_DATA, AccessBatch, op_size
+from .clock import Actor
 from .errors import KvmError, VmBugged
 from .mmu import page_fault
 from .mmu_internal import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY
@@ -114,6 +115,8 @@ class RunResult:
     completed: int
     exit: Exit
     read_data: bytes
+    start_ns: int = 0          # virtual time: when the run entered the guest, and left
+    end_ns: int = 0            # (0 for a VM in wall time)
 
 
 @dataclass(frozen=True)
@@ -156,26 +159,46 @@ class Vcpu:
         self._ad_enabled = vm.ad_enabled
         self._host = vm.host
         self._check_access = vm.sanitizers.check_access if vm.sanitizers is not None else None
+        # Virtual time: the simulated CPU this vCPU runs on, and the hardware walks done
+        # since its time was last charged (from the paging-structure cache, or the root).
+        self.clock = vm.clock
+        self.actor = Actor(f"vcpu{vcpu_id}") if vm.clock is not None else None
+        self.walks_cached = 0
+        self.walks_full = 0
+        self._start_ns = 0
 
     def info(self) -> VcpuInfo:
         return VcpuInfo(self.id, self._running, self._mmio is not None)
 
     def stats(self) -> dict[str, int]:
-        return self.stat.as_dict()
+        stats = self.stat.as_dict()
+        actor = self.actor
+        if actor is not None:                  # virtual time: where the vCPU's time went
+            stats.update(virtual_ns=actor.time, virtual_busy_ns=actor.busy_ns,
+                         virtual_wait_ns=actor.wait_ns)
+        return stats
+
+    def in_guest(self) -> bool:
+        """Inside KVM_RUN: an IPI makes it exit."""
+        return self._running
 
     def make_request(self, request: int) -> None:
         self.requests |= request
 
     # -- KVM_RUN ----------------------------------------------------------------------
 
-    async def run(self, batch: AccessBatch | None = None,
-                  mmio_data: bytes | None = None) -> RunResult:
+    async def run(self, batch: AccessBatch | None = None, mmio_data: bytes | None = None,
+                  start_ns: int | None = None) -> RunResult:
         """KVM_RUN: run `batch` from its start; or complete a pending MMIO and resume; or,
         given neither, resume the batch where the last step left it, as KVM_RUN does
         after any exit: the access that ended it with a MEMORY_FAULT or an
         INTERNAL_ERROR is tried again, and after an HLT or DIRTY_RING_FULL the batch
-        goes on."""
+        goes on. In virtual time the run starts at `start_ns` if given (not before the
+        VM's now), else where the vCPU's time stands (or at now, if that is later)."""
         self.vm.check_alive()
+        if start_ns is not None and self.clock is None:
+            raise KvmError(errno.EOPNOTSUPP, f"a start time needs a VM in virtual time; "
+                           f"VM {self.vm.id} runs in wall time")
         if self._running:
             raise KvmError(errno.EBUSY, f"vCPU {self.id} is already running")
         if batch is not None and mmio_data is not None:
@@ -188,7 +211,15 @@ class Vcpu:
         elif batch is None and (self._batch is None or self._pos >= len(self._batch)):
             raise KvmError(errno.EINVAL, f"vCPU {self.id} has no batch left to resume: "
                            "run needs a batch")
+        if self.clock is not None:
+            async with self.clock.running(self.actor, start_ns=start_ns):
+                return await self._run(batch, mmio_data)
+        return await self._run(batch, mmio_data)
+
+    async def _run(self, batch: AccessBatch | None, mmio_data: bytes | None) -> RunResult:
         self._running = True
+        if self.actor is not None:
+            self._start_ns = self.actor.time
         try:
             if batch is not None:
                 self._batch, self._pos, self._wpos = batch, 0, 0
@@ -227,6 +258,10 @@ class Vcpu:
         if self.vm.tracer.on:
             self.vm.tracer.emit("kvm_userspace_exit", vcpu=self.id, reason=exit.reason.value,
                                 errno=exit.errno)
+        actor = self.actor
+        if actor is not None:
+            return RunResult(self._pos, exit, bytes(self._read_data), self._start_ns,
+                             actor.time)
         return RunResult(self._pos, exit, bytes(self._read_data))
 
     async def _run_loop(self) -> RunResult:
@@ -234,15 +269,19 @@ class Vcpu:
 
         The guest is a generator (`_guest`) resumed at every entry: it keeps its place in
         the batch across exits, as a vCPU's state survives a VM exit."""
-        batch, stats, vm = self._batch, self.stat, self.vm
+        batch, stats, vm, clock = self._batch, self.stat, self.vm, self.clock
         gpas, n, first = batch.gpas, len(batch), self._pos
         guest = self._guest()
         timeslice = Timeslice(vm.sched)     # `vcpu_run`'s need_resched between entries
+        charged = first
         try:
             while True:
                 if (self.requests or self.root is None) and not await self._enter_guest():
                     return self._dirty_ring_full_exit()
                 i = self._pos = next(guest, n)
+                if clock is not None:
+                    charged = self._charge_guest(clock, charged, min(i, n), i < n and
+                                                 self._exit_error_code != TIMER_TICK)
                 if i >= n:
                     return self._result(_DONE)
                 error_code = self._exit_error_code
@@ -283,6 +322,22 @@ class Vcpu:
                         await asyncio.sleep(0)      # let the zap or the other fault move on
         finally:
             stats.accesses += self._pos - first     # the accesses completed since `first`
+
+    def _charge_guest(self, clock, charged: int, i: int, exits: bool) -> int:
+        """Virtual time for the guest's work since the last charge: its TLB hits and
+        hardware walks up to access i, and the exit that access takes if it `exits` (the
+        host's timer tick costs the model nothing: it is not a VM exit of the guest's
+        making). Returns i, the accesses charged for."""
+        costs = clock.costs
+        walks = self.walks_cached + self.walks_full
+        ns = (i - charged - walks) * costs.tlb_hit if i > charged + walks else 0
+        ns += (self.walks_cached + self.walks_full * self.vm.config.tdp_levels) * \
+            costs.ept_walk_level
+        if exits:
+            ns += costs.vmexit_entry
+        self.walks_cached = self.walks_full = 0
+        clock.charge(ns)
+        return i
 
     def _dirty_ring_full_exit(self) -> RunResult:
         """KVM_EXIT_DIRTY_RING_FULL: the vCPU may not run until the ring is reset."""
@@ -331,6 +386,8 @@ class Vcpu:
             self.tlb.clear()
             self.pde_cache.clear()
             self.stat.tlb_flush += 1
+            if self.clock is not None:
+                self.clock.charge(self.clock.costs.tlb_flush_local)
         if self.requests & KVM_REQ_DIRTY_RING_SOFT_FULL:
             # `kvm_dirty_ring_check_request`: the request stays until a reset makes room.
             if self.dirty_ring.soft_full():
@@ -469,6 +526,7 @@ class Vcpu:
         gfn = gpa >> 12
         page = self.pde_cache.get(gfn >> 9)
         if page is None:
+            self.walks_full += 1
             stop = self._walk_upper(gfn)
             if stop is None:
                 self._exit_error_code = exits[0]
@@ -477,6 +535,7 @@ class Vcpu:
         elif page.freed:
             raise VmBugged(f"paging-structure cache holds freed {page!r}")
         else:
+            self.walks_cached += 1
             spt, index, shift = page.spt, gfn & 511, 0
         spte = spt[index]
         error_code = exits[spte & RWX]

@@ -9,7 +9,6 @@ never takes `slots_lock`; memslot publication waits for `mn_active_invalidate_co
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import enum
 import errno
@@ -21,6 +20,8 @@ from dataclasses import dataclass, field
 
 from . import aging, caps, dirty_log, host_ops
 from . import spte as S
+from .clock import Mutex, VirtualClock, simulated, simulated_sync
+from .costs import Costs, check_costs
 from .dirty_log import BYTE_IN_WORD
 from .dirty_ring import DIRTY_GFN_BYTES, DirtyGfn, DirtyRing, check_ring_size
 from .errors import KvmError, NoSuchObject, VmBugged, einval
@@ -44,7 +45,7 @@ from .vcpu import (KVM_REQ_DIRTY_RING_SOFT_FULL, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
                    KVM_REQ_TLB_FLUSH, KVM_REQ_VM_DEAD, Vcpu)
 
 __all__ = ["Vm", "VmConfig", "VmInfo", "SpteInfo", "VmState", "KVM_MAX_VCPUS", "DEBUG_KNOBS",
-           "check_debug_knobs"]
+           "check_debug_knobs", "CLOCKS", "POLICIES"]
 
 KVM_MAX_VCPUS = 1024
 HOST_MAXPHYADDR = 52
@@ -69,11 +70,24 @@ def check_debug_knobs(knobs: Iterable[str]) -> None:
         raise einval(f"unknown debug knobs {sorted(unknown)}; known: {sorted(DEBUG_KNOBS)}")
 
 
+CLOCKS = ("wall", "virtual")
+# The designs the seeds compare, each a legitimate MMU (docs/virtual-time.md):
+POLICIES = {
+    "fault_lock": ("read", "write"),          # faults under mmu_lock held for read or write
+    "table_free": ("rcu", "write_section"),   # unlinked tables: after a grace period, or
+                                              # at the end of a shared section, inside a
+                                              # short write-side critical section (seed 002)
+    "aging_lock": ("none", "read", "write"),  # aging: lockless, or under mmu_lock
+}
+
+
 def _sanitizers_default() -> bool:
     return os.environ.get("VMMU_SANITIZERS", "") not in ("", "0")
 
 
-_BIT_IN_BYTE = tuple(1 << bit for bit in range(8))    # a tuple lookup costs less than a shift
+_BIT_IN_BYTE = tuple(1 << bit for bit in range(8))
+_LOCK_STATS = ("read_acquisitions", "write_acquisitions", "read_contended", "write_contended",
+               "read_wait_ns", "write_wait_ns", "read_hold_ns", "write_hold_ns")    # a tuple lookup costs less than a shift
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,19 @@ class VmConfig:
     manual_dirty_log_protect: int = 0
     dirty_ring_size: int = 0
     dirty_ring_with_bitmap: bool = False
+    # Time (clock.py): "wall", or "virtual" with the cost table's defaults overridden by
+    # `costs` (name -> ns). Policies: POLICIES; zap_leafs_only off is the MMU notifier's
+    # zap before seed 001 (tables whose whole span is inside the range go too).
+    clock: str = "wall"
+    costs: tuple[tuple[str, int], ...] = ()
+    fault_lock: str = "read"
+    table_free: str = "rcu"
+    aging_lock: str = "none"
+    zap_leafs_only: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.costs, dict):       # a mapping is welcome; kept as sorted pairs
+            object.__setattr__(self, "costs", tuple(sorted(self.costs.items())))
 
     def validate(self) -> None:
         if not 1 <= self.max_vcpus <= KVM_MAX_VCPUS:
@@ -112,6 +139,20 @@ class VmConfig:
             check_ring_size(self.dirty_ring_size)
         elif self.dirty_ring_with_bitmap:
             raise einval("dirty_ring_with_bitmap needs a dirty ring (dirty_ring_size)")
+        if self.clock not in CLOCKS:
+            raise einval(f"clock {self.clock!r} is not one of {', '.join(CLOCKS)}")
+        if self.costs and self.clock != "virtual":
+            raise einval("costs need a VM in virtual time (clock 'virtual')")
+        check_costs(dict(self.costs))
+        for policy, choices in POLICIES.items():
+            if getattr(self, policy) not in choices:
+                raise einval(f"{policy} {getattr(self, policy)!r} is not one of "
+                             f"{', '.join(choices)}")
+        if self.table_free == "write_section" and (self.fast_page_fault or
+                                                   self.aging_lock == "none"):
+            # The exclusive section waits out mmu_lock's holders, not lockless walkers.
+            raise einval("table_free 'write_section' frees tables that lockless walkers "
+                         "may hold: it needs fast_page_fault off and aging under mmu_lock")
 
     @property
     def gpa_bits(self) -> int:
@@ -176,21 +217,25 @@ class Vm:
         self.stat = VmStats()
         self.knobs = frozenset(config.debug)
         self.tracer = Tracer(vm_id)
-        self.sched = Scheduler(config.schedule_seed)
+        self.clock = VirtualClock(Costs(dict(config.costs)), config.schedule_seed or 0) \
+            if config.clock == "virtual" else None
+        self.sched = Scheduler(config.schedule_seed, self.clock)
         self.host = HostMm()
         self.host.sched = self.sched
+        self.host.clock = self.tracer.clock = self.clock
         self.sanitizers = Sanitizers(self) if config.sanitizers else None
         self.violation: VmBugged | None = None
-        self.mmu_lock = MmuLock(lockdep=self.sanitizers is not None)
-        self.rcu = Rcu()
-        self.slots_lock = asyncio.Lock()
+        self.mmu_lock = MmuLock(lockdep=self.sanitizers is not None, clock=self.clock)
+        self.rcu = Rcu(self.clock)
+        self.slots_lock = Mutex(self.clock)
         self.memslot_sets = [Memslots(as_id) for as_id in range(KVM_ADDRESS_SPACE_NUM)]
         self.tdp = TdpMmu(root_level=config.tdp_levels, max_gfn=self.max_gfn,
                           ad_enabled=config.ad_bits,
                           mmu_lock=self.mmu_lock, rcu=self.rcu, stats=self.stat,
                           flush_remote_tlbs=self.flush_remote_tlbs, tracer=self.tracer)
         self.tdp.sanitizers, self.tdp.knobs = self.sanitizers, self.knobs
-        self.tdp.sched = self.sched
+        self.tdp.sched, self.tdp.clock = self.sched, self.clock
+        self.tdp.policy(config)
         self.notifier = Notifier(self)
         self.host.notifiers.append(self.notifier)
         self.holds = HeldInvalidations(self)
@@ -217,11 +262,18 @@ class Vm:
             self._kick_vcpus_dead()
 
     async def destroy(self) -> None:
-        """`kvm_destroy_vm`: no vCPU runs again; every SPTE and table goes."""
+        """`kvm_destroy_vm`: no vCPU runs again; every SPTE and table goes. In virtual time
+        the clock runs free from here on, so that nothing waits for a simulator's advance."""
         if self.state is VmState.DESTROYED:
             return
         self.state = VmState.DESTROYED
         self._kick_vcpus_dead()
+        if self.clock is not None:
+            self.clock.run_free()
+        await self._teardown()
+
+    @simulated("teardown")
+    async def _teardown(self) -> None:
         await self.holds.release_all(HoldState.VM_DESTROYED)
         self.host.notifiers.remove(self.notifier)
         async with self.mmu_lock.write:
@@ -247,6 +299,29 @@ class Vm:
                       sum(len(s) for s in self.memslot_sets), len(self.host.regions()),
                       self.state is VmState.DEAD)
 
+    # -- virtual time (clock.py) -------------------------------------------------------
+
+    def virtual_clock(self) -> VirtualClock:
+        """The VM's clock; EOPNOTSUPP for a VM in wall time."""
+        if self.clock is None:
+            raise KvmError(errno.EOPNOTSUPP, f"VM {self.id} runs in wall time: it has no "
+                           "virtual clock (create it with clock 'virtual')")
+        return self.clock
+
+    def virtual_now(self) -> int:
+        """The VM's virtual now, in ns: the time of the latest event it simulated."""
+        self.check_alive()
+        return self.virtual_clock().now
+
+    async def advance(self, until_ns: int) -> int:
+        """Run the VM's simulation up to virtual time `until_ns` (and, from now on, never
+        past the latest such time); returns the new virtual now."""
+        self.check_alive()
+        clock = self.virtual_clock()
+        if until_ns >= 1 << 63:
+            raise einval(f"until_ns {until_ns} is beyond 2^63 ns")
+        return await clock.advance(until_ns)
+
     # -- host memory (the VMM's own mm) ---------------------------------------------
 
     def mmap(self, size: int, backing: Backing, *, writable: bool = True,
@@ -254,6 +329,7 @@ class Vm:
         self.check_alive()
         return self.host.mmap(size, backing, writable=writable, hva=hva).info()
 
+    @simulated("invalidator")
     async def munmap(self, hva: int, size: int) -> None:
         self.check_alive()
         await self.host.munmap(hva, size)
@@ -261,11 +337,13 @@ class Vm:
     def host_regions(self) -> list[HostRegionInfo]:
         return [region.info() for region in self.host.regions()]
 
+    @simulated("vmm")
     async def read_hva(self, hva: int, length: int) -> bytes:
         """Read as the VMM would (populates, as touching the memory does)."""
         self.check_alive()
         return await self.host.read(hva, length)
 
+    @simulated("vmm")
     async def write_hva(self, hva: int, data: bytes) -> None:
         """Write as the VMM would; a KSM page in the range breaks copy-on-write first."""
         self.check_alive()
@@ -273,6 +351,7 @@ class Vm:
 
     # -- memslots ---------------------------------------------------------------------
 
+    @simulated("vmm")
     async def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int,
                                      memory_size: int, userspace_addr: int) -> None:
         """`KVM_SET_USER_MEMORY_REGION`: create, delete (size 0), move or change flags."""
@@ -312,6 +391,7 @@ class Vm:
 
     # -- client-held MMU-notifier invalidations (held.py) ------------------------------
 
+    @simulated("holder")
     async def begin_invalidation(self, start: int, end: int, lease_s: float) -> int:
         """Invalidate hva [start, end) as the host mm would and hold it until
         `end_invalidation(id)` or for `lease_s` seconds at most; returns the hold's id once
@@ -319,6 +399,7 @@ class Vm:
         self.check_alive()
         return (await self.holds.begin(start, end, lease_s)).id
 
+    @simulated("holder")
     async def end_invalidation(self, invalidation_id: int) -> None:
         """End a hold: after this, faults in the range map it again."""
         self.check_alive()
@@ -371,6 +452,25 @@ class Vm:
             vcpu.make_request(KVM_REQ_TLB_FLUSH)
         if self._vcpus:
             self.stat.remote_tlb_flush += 1
+        if self.clock is not None:
+            self._flush_ipis(self.clock)
+
+    def _flush_ipis(self, clock: VirtualClock) -> None:
+        """A remote flush in virtual time: an IPI to each vCPU in guest mode, each of which
+        exits, flushes and acknowledges; the flusher waits for the acknowledgements (one
+        round trip after the last IPI is sent)."""
+        costs = clock.costs
+        me = clock.current
+        targets = [vcpu.actor for vcpu in self._vcpus.values()
+                   if vcpu.in_guest() and vcpu.actor is not me]
+        if not targets:
+            return
+        clock.charge(costs.ipi_send * len(targets))
+        for actor in targets:
+            clock.bill(actor, costs.ipi_receive)
+        if me is not None:
+            me.time += costs.ipi_receive          # waiting for the acknowledgements
+            me.wait_ns += costs.ipi_receive
 
     def mark_page_dirty(self, slot: Memslot, gfn: int, vcpu: Vcpu | None = None) -> None:
         """`mark_page_dirty_in_slot`: record gfn as dirty if the slot logs: in the ring of
@@ -382,6 +482,10 @@ class Vm:
             return
         offset = gfn - slot.base_gfn
         ring = vcpu.dirty_ring if vcpu is not None else None
+        clock = self.clock
+        if clock is not None:
+            clock.charge(clock.costs.ring_push if ring is not None else
+                         clock.costs.dirty_bitmap_set)
         if ring is not None:
             if ring.push(slot.as_id << 16 | slot.id, offset):
                 vcpu.make_request(KVM_REQ_DIRTY_RING_SOFT_FULL)
@@ -393,18 +497,24 @@ class Vm:
 
     # -- dirty logging (dirty_log.py) -------------------------------------------------
 
+    @simulated("vmm")
     async def enable_cap(self, cap: int, flags: int = 0, args: Sequence[int] = ()) -> None:
         """KVM_ENABLE_CAP on the VM: the dirty-logging capabilities (caps.py)."""
         self.check_alive()
         await caps.enable_cap(self, cap, flags, args)
 
+    @simulated("harvester")
     async def get_dirty_log(self, slot: int) -> bytes:
         """KVM_GET_DIRTY_LOG of `slot` (`as_id << 16 | id`): one bit per page, LSB first.
         Without manual protect, the reported pages are cleared and write-protected again."""
         self.check_alive()
         with self._dies_on_bug():
-            return await dirty_log.get_dirty_log(self, slot)
+            bitmap = await dirty_log.get_dirty_log(self, slot)
+        if self.clock is not None:
+            self.clock.charge(self.clock.costs.dirty_bitmap_word * (len(bitmap) // 8))
+        return bitmap
 
+    @simulated("harvester")
     async def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
                               bitmap: bytes) -> int:
         """KVM_CLEAR_DIRTY_LOG: clear the bits of `bitmap` (bit i: page first_page + i) and
@@ -413,6 +523,7 @@ class Vm:
         with self._dies_on_bug():
             return await dirty_log.clear_dirty_log(self, slot, first_page, num_pages, bitmap)
 
+    @simulated_sync("harvester")
     def harvest_dirty_ring(self, vcpu_id: int) -> list[DirtyGfn]:
         """Collect the entries the vCPU's dirty ring published since the last harvest, as
         userspace does; they are recycled by the next `reset_dirty_rings`."""
@@ -421,6 +532,7 @@ class Vm:
         with self._dies_on_bug():
             return dirty_log.harvest_dirty_ring(self, vcpu)
 
+    @simulated("harvester")
     async def reset_dirty_rings(self) -> int:
         """KVM_RESET_DIRTY_RINGS: recycle every harvested entry, write-protecting its page
         again; returns the entries recycled."""
@@ -444,10 +556,19 @@ class Vm:
                 for level, gfn, index, value in self.tdp.walk(root, gpa >> PAGE_SHIFT)]
 
     def stats(self) -> dict[str, int]:
-        return self.stat.as_dict()
+        """KVM's VM stats; in virtual time also the clock's now and events and mmu_lock's
+        statistics in virtual ns (docs/stats.md)."""
+        stats = self.stat.as_dict()
+        clock = self.clock
+        if clock is not None:
+            lock = self.mmu_lock.statistics()
+            stats.update(virtual_now_ns=clock.now, virtual_events=clock.dispatches,
+                         **{f"mmu_lock_{name}": getattr(lock, name) for name in _LOCK_STATS})
+        return stats
 
     # -- the host mm takes mappings away (host_ops.py) and ages them (aging.py) -------
 
+    @simulated("invalidator")
     async def madvise_dontneed(self, hva: int, size: int) -> None:
         """madvise(MADV_DONTNEED): the pages go; the next touch reads zeroes."""
         self.check_alive()
@@ -455,6 +576,7 @@ class Vm:
             await host_ops.madvise_dontneed(self.host, hva, size)
         self._trace_host_op("madvise_dontneed", hva, hva + size)
 
+    @simulated("vmm")
     async def madvise_populate_write(self, hva: int, size: int) -> int:
         """madvise(MADV_POPULATE_WRITE): fault the range in writable, as a write touch
         does, with its memory allocated; returns the 4K pages populated or swapped in."""
@@ -464,6 +586,7 @@ class Vm:
         self._trace_host_op("madvise_populate_write", hva, hva + size, populated)
         return populated
 
+    @simulated("invalidator")
     async def migrate_pages(self, hva: int, size: int) -> int:
         """Move the populated pages of the range to new pfns; returns the 4K pages moved."""
         self.check_alive()
@@ -472,6 +595,7 @@ class Vm:
         self._trace_host_op("migrate", hva, hva + size, moved)
         return moved
 
+    @simulated("invalidator")
     async def swap_out(self, hva: int, size: int) -> int:
         """MADV_PAGEOUT: the pages go to swap; returns how many went."""
         self.check_alive()
@@ -480,6 +604,7 @@ class Vm:
         self._trace_host_op("swap_out", hva, hva + size, out)
         return out
 
+    @simulated("invalidator")
     async def mprotect(self, hva: int, size: int, prot: int) -> None:
         """mprotect(2) of part of a region: `prot` is PROT_NONE, or PROT_READ with or
         without PROT_WRITE (PROT_EXEC is accepted and means nothing to KVM)."""
@@ -488,6 +613,7 @@ class Vm:
             await host_ops.mprotect(self.host, hva, size, prot)
         self._trace_host_op("mprotect", hva, hva + size)
 
+    @simulated("invalidator")
     async def ksm_merge(self, hvas: list[int]) -> int:
         """Merge the pages at `hvas` with identical contents into shared KSM pages;
         returns the pages merged away."""
@@ -497,6 +623,7 @@ class Vm:
         self._trace_host_op("ksm_merge", min(hvas), max(hvas) + 1, merged)
         return merged
 
+    @simulated("invalidator")
     async def thp_split(self, hva: int) -> None:
         """split_huge_pmd of the THP mapping hva."""
         self.check_alive()
@@ -504,6 +631,7 @@ class Vm:
             await host_ops.thp_split(self.host, hva)
         self._trace_host_op("thp_split", hva, hva + 1)
 
+    @simulated("invalidator")
     async def thp_collapse(self, hva: int) -> None:
         """khugepaged: the 2M frame at hva becomes one THP."""
         self.check_alive()
@@ -511,23 +639,27 @@ class Vm:
             await host_ops.thp_collapse(self.host, hva)
         self._trace_host_op("thp_collapse", hva, hva + 1)
 
+    @simulated("ager")
     async def clear_young(self, start: int, end: int) -> bool:
         """The clear_young notifier over hva [start, end): young? Old afterwards."""
         self.check_alive()
         with self._dies_on_bug():
             return await aging.clear_young(self, start, end)
 
+    @simulated("ager")
     async def clear_flush_young(self, start: int, end: int) -> bool:
         """The clear_flush_young notifier: on x86 the same as `clear_young`."""
         self.check_alive()
         with self._dies_on_bug():
             return await aging.clear_flush_young(self, start, end)
 
+    @simulated_sync("ager")
     def test_young(self, hva: int) -> bool:
         """The test_young notifier for the page at hva; ages nothing."""
         self.check_alive()
         return aging.test_young(self, hva)
 
+    @simulated_sync("ager")
     def young_bitmap(self, start: int, end: int) -> bytes:
         """test_young for each 4K page [start, end) touches, one bit per page, LSB first."""
         self.check_alive()

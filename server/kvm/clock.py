@@ -1,0 +1,474 @@
+"""Virtual time: a discrete-event simulation of a VM's CPUs, run on the model's own code.
+
+Every vCPU, and every host-side caller of the model (an invalidator, the ager, a harvester,
+a GPC refresher, a client-held invalidation), is an *actor*: a simulated CPU with its own
+virtual time in ns. One actor at a time holds the *turn* and runs model code; what it does
+charges costs (costs.py) to its time. Where it awaits, at a preemption point or to wait for
+something, it gives the turn back, and the clock gives it to the runnable actor with the
+smallest virtual time, ties broken by a seeded draw: the order in which the model's tasks
+run is the order of virtual time, at the grain of the code between two awaits (a segment,
+atomic as every synchronous stretch of the model is).
+
+Waiting is where time is lost. An actor that waits (for mmu_lock, a grace period, the end of
+an invalidation) is *parked*: not runnable. The task that ends the wait wakes it (`wake`),
+which makes it runnable at once at the waker's time, so no later event overtakes the wake;
+it resumes no earlier than the event it waited for.
+
+Invariants: `now`, the time of the latest dispatch, never goes back; an actor entering the
+simulation starts no earlier than `now`; at most one actor holds the turn. Driving: the
+clock runs whatever is runnable (free-running) until a simulator calls `advance(until)`;
+from then on nothing runs past the latest `until` (the horizon).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import heapq
+import itertools
+import random
+from asyncio import current_task
+from contextlib import asynccontextmanager, contextmanager
+
+from .costs import Costs
+from .errors import einval
+
+__all__ = ["VirtualClock", "Actor", "WaitQueue", "Mutex", "DONE", "simulated",
+           "simulated_sync", "park", "woken", "wake"]
+
+
+class _NoLoop:
+    """Enough of a loop for a future that is done at birth and never calls back."""
+
+    def get_debug(self) -> bool:
+        return False
+
+
+def _finished_future() -> asyncio.Future:
+    """A future that is already done: awaiting it returns at once in C, in any loop, and
+    no loop is ever consulted (it has no callbacks to schedule)."""
+    fut = asyncio.Future(loop=_NoLoop())
+    fut.set_result(None)
+    return fut
+
+
+DONE = _finished_future()      # awaiting it never switches tasks
+
+
+class Actor:
+    """A simulated CPU: its virtual time, and how that time was spent."""
+
+    __slots__ = ("name", "time", "task", "busy_ns", "wait_ns", "debt_ns", "events")
+
+    def __init__(self, name: str, time: int = 0) -> None:
+        self.name = name
+        self.time = time           # ns: where this CPU is in virtual time
+        self.task: asyncio.Task | None = None     # the task running as this actor now
+        self.busy_ns = 0           # charged work
+        self.wait_ns = 0           # time lost waiting (locks, grace periods, flushes)
+        self.debt_ns = 0           # work others made it do (an IPI), paid at its next turn
+        self.events = 0            # turns it was given
+
+    def __repr__(self) -> str:
+        return f"<Actor {self.name} @{self.time}ns>"
+
+
+class VirtualClock:
+    """The simulation of one VM. Its plain methods never let time pass for anyone else;
+    its awaitables may."""
+
+    CONTENTION_WINDOW_NS = 1000    # acquisitions this close share a contended cache line
+    MAX_SHARERS = 64
+
+    def __init__(self, costs: Costs, seed: int = 0) -> None:
+        self.costs = costs
+        self.now = 0
+        self.horizon: int | None = None          # None: free-running
+        self.current: Actor | None = None        # the actor holding the turn
+        self.dispatches = 0                      # turns given: simulated events
+        self._heap: list[tuple[int, float, int, Actor, asyncio.Future]] = []
+        self._order = itertools.count()
+        self._rng = random.Random(seed)
+        self._quiet: list[asyncio.Future] = []   # advance() callers
+        self._dispatch_soon = False
+
+    # -- charging -------------------------------------------------------------------
+
+    def charge(self, ns: int) -> None:
+        """The actor holding the turn spent `ns` working (none holds it: nobody pays)."""
+        actor = self.current
+        if actor is not None:
+            actor.time += ns
+            actor.busy_ns += ns
+
+    def time(self) -> int:
+        """Virtual now as the running actor sees it."""
+        actor = self.current
+        return actor.time if actor is not None else self.now
+
+    def bill(self, actor: Actor, ns: int) -> None:
+        """Make `actor` (runnable or parked, not running) pay `ns` at its next turn."""
+        actor.debt_ns += ns
+
+    # -- the turn ----------------------------------------------------------------------
+
+    def point(self):
+        """The awaitable of a preemption point: the running actor gives the turn to an
+        earlier one if there is any (or parks past the horizon); else it goes on."""
+        actor = self.current
+        heap = self._heap
+        t = actor.time
+        if (not heap or t < heap[0][0]) and (self.horizon is None or t <= self.horizon):
+            return DONE
+        return self._switch(actor)
+
+    async def _switch(self, actor: Actor) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._push(actor, fut)
+        self.current = None
+        self._dispatch()
+        await self.await_turn(actor, fut)
+
+    def sleep_until(self, t: int):
+        """The running actor waits (is not working) until virtual time `t`."""
+        actor = self.current
+        if t > actor.time:
+            actor.wait_ns += t - actor.time
+            actor.time = t
+        return self.point()
+
+    def park(self) -> Actor | None:
+        """The running actor stops being runnable until someone `wake`s it: the turn goes
+        to the next. Returns it (None outside the simulation)."""
+        actor = self.current
+        if actor is None or actor.task is not current_task():
+            return None                      # the caller is not in the simulation
+        self.current = None
+        self._dispatch()
+        return actor
+
+    def wake(self, actor: Actor | None, fut: asyncio.Future, at: int | None = None) -> None:
+        """End the wait of a parked actor: it becomes runnable at the waker's time (or `at`
+        if later) and `fut` completes when its turn comes. Outside the simulation (no
+        actor), `fut` completes at once."""
+        if fut.done():
+            return
+        if actor is None:
+            fut.set_result(None)
+            return
+        t = self.time()
+        if at is not None and at > t:
+            t = at
+        if t > actor.time:
+            actor.wait_ns += t - actor.time
+            actor.time = t
+        self._push(actor, fut)
+        if self.current is None:
+            self._dispatch()
+
+    async def outside(self, aw):
+        """Await `aw`, something outside the simulation (a client, a wall-clock lease),
+        without holding the turn; resume at the VM's now or later."""
+        actor = self.park()
+        try:
+            return await aw
+        except asyncio.CancelledError:
+            actor = None                     # nobody resumes: the caller unwinds
+            raise
+        finally:
+            if actor is not None:
+                if self.now > actor.time:
+                    actor.wait_ns += self.now - actor.time
+                    actor.time = self.now
+                fut = asyncio.get_running_loop().create_future()
+                self._push(actor, fut)
+                if self.current is None:
+                    self._dispatch()
+                await self.await_turn(actor, fut)
+
+    async def await_turn(self, actor: Actor, fut: asyncio.Future) -> None:
+        """Wait until `fut`, pushed with `actor`, is dispatched: the turn is then ours."""
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and self.current is actor:
+                self.current = None          # given the turn, then cancelled: pass it on
+                self._dispatch()
+            raise
+
+    def _push(self, actor: Actor, fut: asyncio.Future) -> None:
+        heapq.heappush(self._heap, (actor.time, self._rng.random(), next(self._order),
+                                    actor, fut))
+
+    def _dispatch_later(self) -> None:
+        if not self._dispatch_soon:
+            self._dispatch_soon = True
+            asyncio.get_running_loop().call_soon(self._dispatch_if_free)
+
+    def _dispatch_if_free(self) -> None:
+        self._dispatch_soon = False
+        if self.current is None:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Give the turn to the earliest runnable actor within the horizon."""
+        heap, horizon = self._heap, self.horizon
+        while heap:
+            t, _, _, actor, fut = heap[0]
+            if fut.done():                   # its task was cancelled meanwhile
+                heapq.heappop(heap)
+                continue
+            if actor.debt_ns:                # work it was made to do while it waited
+                heapq.heappop(heap)
+                actor.time += actor.debt_ns
+                actor.busy_ns += actor.debt_ns
+                actor.debt_ns = 0
+                self._push(actor, fut)
+                continue
+            if horizon is not None and t > horizon:
+                break
+            heapq.heappop(heap)
+            self.current = actor
+            if t > self.now:
+                self.now = t
+            self.dispatches += 1
+            actor.events += 1
+            fut.set_result(None)
+            return
+        self.current = None
+        if self._quiet:
+            for waiter in self._quiet:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._quiet.clear()
+
+    # -- actors -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self, actor: Actor | None = None, name: str = "host",
+                      start_ns: int | None = None):
+        """`async with clock.running(...)`: the body runs as `actor` (a new one named
+        `name` if None), from `start_ns` or its own time, and never before `now`. Nested
+        in a task that already runs as an actor, the body simply goes on as that one."""
+        task = current_task()
+        holder = self.current
+        if holder is not None and holder.task is task:
+            yield holder
+            return
+        if start_ns is not None and start_ns < self.now:
+            raise einval(f"start time {start_ns} ns is before the VM's virtual now "
+                         f"({self.now} ns)")
+        if actor is None:
+            actor = Actor(name)
+        elif actor.task is not None:
+            raise einval(f"{actor.name} is already running")
+        start = max(actor.time, self.now, start_ns or 0)
+        if start > actor.time:
+            actor.time = start
+        actor.task = task
+        try:
+            fut = asyncio.get_running_loop().create_future()
+            self._push(actor, fut)
+            if self.current is None:
+                # Not at once: the tasks ready now enter first, so that actors started
+                # together start together.
+                self._dispatch_later()
+            await self.await_turn(actor, fut)
+            yield actor
+        finally:
+            actor.task = None
+            if self.current is actor:
+                self.current = None
+                self._dispatch()
+
+    @contextmanager
+    def running_sync(self, name: str = "host"):
+        """A synchronous call as an actor of its own at `now` (or as the running actor
+        when one runs it): nothing else runs meanwhile, so it needs no turn."""
+        holder = self.current
+        if holder is not None and holder.task is current_task():
+            yield holder
+            return
+        actor = Actor(name, self.now)
+        self.current = actor
+        try:
+            yield actor
+        finally:
+            self.current = holder
+
+    def holds_turn(self) -> bool:
+        actor = self.current
+        return actor is not None and actor.task is current_task()
+
+    # -- driving ------------------------------------------------------------------------
+
+    async def advance(self, until_ns: int) -> int:
+        """Run the simulation up to virtual time `until_ns` and no further, from now on;
+        returns the new now (`until_ns`)."""
+        if until_ns < self.now:
+            raise einval(f"cannot advance to {until_ns} ns: the VM's virtual now is "
+                         f"{self.now} ns")
+        self.horizon = until_ns
+        if self.current is None:
+            self._dispatch()
+        while not self._is_quiet() or self._dispatch_soon:
+            fut = asyncio.get_running_loop().create_future()
+            self._quiet.append(fut)
+            await fut
+        self.now = max(self.now, until_ns)
+        return self.now
+
+    def run_free(self) -> None:
+        """No horizon any more: whatever is runnable runs (a VM being destroyed)."""
+        self.horizon = None
+        if self.current is None:
+            self._dispatch()
+
+    def _is_quiet(self) -> bool:
+        heap = self._heap
+        while heap and heap[0][4].done():
+            heapq.heappop(heap)
+        return self.current is None and (not heap or self.horizon is None or
+                                         heap[0][0] > self.horizon)
+
+
+def simulated(name: str):
+    """Decorate an async method of an object with a `clock` (None in wall time): in virtual
+    time the call runs as an actor named `name` (see `VirtualClock.running`), or as the
+    caller's actor when the caller is one."""
+    def decorate(method):
+        @functools.wraps(method)
+        async def run(self, *args, **kwargs):
+            clock = self.clock
+            if clock is None:
+                return await method(self, *args, **kwargs)
+            async with clock.running(name=name):
+                return await method(self, *args, **kwargs)
+        return run
+    return decorate
+
+
+def simulated_sync(name: str):
+    """The same for a synchronous method: it runs as an actor of its own at `now`."""
+    def decorate(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            clock = self.clock
+            if clock is None:
+                return method(self, *args, **kwargs)
+            with clock.running_sync(name):
+                return method(self, *args, **kwargs)
+        return run
+    return decorate
+
+
+# A waiter, in wall or virtual time (clock None: wall): `actor = park(clock)` before it
+# queues `fut`, `await woken(clock, actor, fut)`; the waker calls `wake(clock, actor, fut)`.
+
+def park(clock: VirtualClock | None) -> Actor | None:
+    return clock.park() if clock is not None else None
+
+
+def woken(clock: VirtualClock | None, actor: Actor | None, fut: asyncio.Future):
+    return fut if actor is None else clock.await_turn(actor, fut)
+
+
+def wake(clock: VirtualClock | None, actor: Actor | None, fut: asyncio.Future) -> None:
+    if clock is not None:
+        clock.wake(actor, fut)
+    elif not fut.done():
+        fut.set_result(None)
+
+
+class WaitQueue:
+    """Tasks waiting for something another task makes true. In wall time, futures; in
+    virtual time the waiters are parked actors, woken at the waker's virtual time. A
+    cancelled waiter leaves the queue."""
+
+    __slots__ = ("clock", "_waiters")
+
+    def __init__(self, clock: VirtualClock | None) -> None:
+        self.clock = clock
+        self._waiters: collections.deque[tuple[asyncio.Future, Actor | None]] = \
+            collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    async def wait(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        actor = park(self.clock)
+        entry = (fut, actor)
+        self._waiters.append(entry)
+        try:
+            await woken(self.clock, actor, fut)
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+
+    def wake_one(self, at: int | None = None) -> bool:
+        while self._waiters:
+            fut, actor = self._waiters.popleft()
+            if not fut.done():
+                self._wake(fut, actor, at)
+                return True
+        return False
+
+    def wake_all(self, at: int | None = None) -> None:
+        waiters, self._waiters = self._waiters, collections.deque()
+        for fut, actor in waiters:
+            self._wake(fut, actor, at)
+
+    def _wake(self, fut: asyncio.Future, actor: Actor | None, at: int | None) -> None:
+        if self.clock is not None:
+            self.clock.wake(actor, fut, at)
+        elif not fut.done():
+            fut.set_result(None)
+
+
+class Mutex:
+    """A FIFO sleeping lock (a kernel mutex) whose waiters wait in virtual time when the
+    VM has a virtual clock; `async with mutex:`. Ownership passes at release, so a task
+    arriving then cannot take it before the waiter it was handed to; a waiter cancelled
+    after the hand-over passes it on."""
+
+    __slots__ = ("clock", "_locked", "_waiters")
+
+    def __init__(self, clock: VirtualClock | None) -> None:
+        self.clock = clock
+        self._locked = False
+        self._waiters: collections.deque[tuple[asyncio.Future, Actor | None]] = \
+            collections.deque()
+
+    def locked(self) -> bool:
+        return self._locked
+
+    async def __aenter__(self) -> None:
+        if not self._locked:
+            self._locked = True
+            return
+        fut = asyncio.get_running_loop().create_future()
+        actor = park(self.clock)
+        entry = (fut, actor)
+        self._waiters.append(entry)
+        try:
+            await woken(self.clock, actor, fut)
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._release()              # handed over, then cancelled
+            elif entry in self._waiters:
+                self._waiters.remove(entry)
+            raise
+
+    async def __aexit__(self, *exc) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            fut, actor = self._waiters.popleft()
+            if fut.done():
+                continue
+            wake(self.clock, actor, fut)
+            return
+        self._locked = False
