@@ -24,7 +24,6 @@ from vmmu.server.rpc.app import start_server
 __all__ = ["main", "serve", "demo", "explore"]
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
-RAY_EXTRA = "pip install 'vmmu[ray]'"
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -92,6 +91,7 @@ def explore(args: argparse.Namespace) -> int:
 
 
 def _add_explore(subparsers: argparse._SubParsersAction) -> None:
+    from vmmu.server.explore_pool import RAY_INSTALL
     from vmmu.server.kvm.explore import SCENARIOS
     from vmmu.server.kvm.vm import DEBUG_KNOBS
     parser = subparsers.add_parser("explore", help="explore a race scenario's schedules",
@@ -109,7 +109,7 @@ def _add_explore(subparsers: argparse._SubParsersAction) -> None:
                              "(default: this machine's cores)")
     parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                         help="run the seeds as Ray tasks on the cluster at ADDRESS (a local "
-                             f"cluster without it); needs {RAY_EXTRA}")
+                             f"cluster without it); needs Ray: {RAY_INSTALL}")
     parser.set_defaults(run=explore, check=functools.partial(_check_explore, parser))
 
 
