@@ -100,7 +100,9 @@ class Plan:
 
     The bound is the lowest violating seed known (or the end): chunks are handed out
     lowest first and only below the bound, and the exploration is over when nothing
-    below the bound is pending or running. Plain bookkeeping; no await in it.
+    below the bound is pending or running. Plain bookkeeping; no await in it, and
+    O(log n) per chunk but when the bound moves (thousands of chunks run at once on a
+    cluster, and the driver must keep up).
     """
 
     first_seed: int
@@ -109,6 +111,7 @@ class Plan:
     next_seed: int = -1
     retries: list[Chunk] = field(default_factory=list)       # a heap
     running: set[Chunk] = field(default_factory=set)
+    running_below: int = 0                                   # running chunks below bound
     first_violation: Outcome | None = None
     seeds_done: int = 0
     workers_lost: int = 0
@@ -133,17 +136,23 @@ class Plan:
         else:
             return None
         self.running.add(chunk)
+        self.running_below += 1
         return chunk
 
-    def finish(self, chunk: Chunk, result: ExploreResult) -> None:
+    def _stopped(self, chunk: Chunk) -> None:
         self.running.remove(chunk)
+        if chunk.first < self.bound:
+            self.running_below -= 1
+
+    def finish(self, chunk: Chunk, result: ExploreResult) -> None:
+        self._stopped(chunk)
         self.seeds_done += result.seeds_run
         self._found(result.first_violation)
 
     def died(self, chunk: Chunk, reason: str) -> None:
         """The chunk's worker went away: run its seeds again, one per chunk; a seed
         whose worker dies ATTEMPTS times is that seed's outcome."""
-        self.running.remove(chunk)
+        self._stopped(chunk)
         self.workers_lost += 1
         if chunk.count > 1:
             for seed in range(chunk.first, chunk.first + chunk.count):
@@ -161,11 +170,11 @@ class Plan:
         if outcome is not None and (self.first_violation is None
                                     or outcome.seed < self.first_violation.seed):
             self.first_violation = outcome
+            self.running_below = sum(c.first < outcome.seed for c in self.running)
 
     def over(self) -> bool:
-        return (self.next_seed >= self.bound
-                and not any(c.first < self.bound for c in self.running)
-                and not any(c.first < self.bound for c in self.retries))
+        return (self.next_seed >= self.bound and self.running_below == 0
+                and not (self.retries and self.retries[0].first < self.bound))
 
     def last_step(self) -> ExploreStep:
         found = self.first_violation
@@ -173,15 +182,15 @@ class Plan:
         return ExploreStep(seeds_run, True, found, self.workers_lost)
 
 
-def _batch(seeds: int, lanes: int) -> int:
-    """Enough chunks to keep every lane busy to the end, each at most MAX_BATCH seeds."""
-    return max(1, min(MAX_BATCH, seeds // (lanes * 8)))
-
-
 class Workers:
     """Lanes that each run one chunk at a time; subclasses say where a chunk runs."""
 
     lanes: int
+    max_batch = MAX_BATCH
+
+    def batch(self, seeds: int) -> int:
+        """Seeds per chunk: about 8 chunks per lane, to keep every lane busy to the end."""
+        return max(1, min(self.max_batch, seeds // (self.lanes * 8)))
 
     async def run(self, lane: int, scenario: str, knobs: frozenset[str],
                   chunk: Chunk) -> ExploreResult:
@@ -196,19 +205,23 @@ class Workers:
         """As the model's `explore_steps`: progress every `every` seeds done (in any
         order), then the last step with the lowest violating seed."""
         model.check(name, seeds, knobs)
-        plan = Plan(first_seed, seeds, batch or _batch(seeds, self.lanes))
+        plan = Plan(first_seed, seeds, batch or self.batch(seeds))
         free = list(range(self.lanes))
         running: dict[asyncio.Task, tuple[int, Chunk]] = {}
+        finished: asyncio.Queue[asyncio.Task] = asyncio.Queue()
         reported = 0
         try:
             while True:
                 while free and (chunk := plan.take()) is not None:
                     lane = free.pop()
                     task = asyncio.create_task(self.run(lane, name, knobs, chunk))
+                    task.add_done_callback(finished.put_nowait)
                     running[task] = lane, chunk
                 if plan.over():
                     break
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                done = [await finished.get()]
+                while not finished.empty():
+                    done.append(finished.get_nowait())
                 for task in done:
                     lane, chunk = running.pop(task)
                     free.append(lane)

@@ -21,14 +21,17 @@ try:
 except ImportError as missing:
     raise RayMissing(f"Ray is not installed: {RAY_INSTALL}") from missing
 
-__all__ = ["RayWorkers", "TASKS_PER_CPU"]
+__all__ = ["RayWorkers", "TASKS_PER_CPU", "MAX_BATCH"]
 
 TASKS_PER_CPU = 2
+MAX_BATCH = 256          # the driver handles every task: see docs/scale-out.md
 
 
 class RayWorkers(Workers):
     """Chunks as tasks on the Ray cluster at `address` ("": a local cluster of `cpus`);
     a Ray already initialized in this process is used as it is, and left running."""
+
+    max_batch = MAX_BATCH
 
     def __init__(self, address: str, cpus: int) -> None:
         self._started = not ray.is_initialized()

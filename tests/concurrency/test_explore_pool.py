@@ -33,6 +33,19 @@ def test_the_plan_keeps_the_lowest_violation_whatever_comes_back_first():
     assert plan.last_step().seeds_run == 3
 
 
+def test_chunks_beyond_a_violation_are_not_waited_for():
+    plan = Plan(first_seed=0, seeds=40, batch=5)
+    chunks = [plan.take() for _ in range(4)]                 # seeds 0..19
+    plan.finish(chunks[2], ExploreResult("s", frozenset(), 3, Outcome(12, "bad", "o")))
+    assert plan.take() is None                               # nothing more above 12
+    plan.finish(chunks[0], ExploreResult("s", frozenset(), 5, None))
+    assert not plan.over()                                   # 5..9 may hold a lower seed
+    plan.finish(chunks[1], ExploreResult("s", frozenset(), 5, None))
+    assert plan.over() and plan.last_step().seeds_run == 13  # chunk 15..19 still running
+    plan.finish(chunks[3], ExploreResult("s", frozenset(), 5, Outcome(16, "bad", "o")))
+    assert plan.over() and plan.last_step().first_violation.seed == 12
+
+
 def test_a_chunk_whose_worker_died_runs_again_seed_by_seed_then_is_a_finding():
     plan = Plan(first_seed=10, seeds=3, batch=3)
     chunk = plan.take()
