@@ -186,11 +186,12 @@ class Workers:
     """Lanes that each run one chunk at a time; subclasses say where a chunk runs."""
 
     lanes: int
+    chunks_per_lane = 8
     max_batch = MAX_BATCH
 
     def batch(self, seeds: int) -> int:
-        """Seeds per chunk: about 8 chunks per lane, to keep every lane busy to the end."""
-        return max(1, min(self.max_batch, seeds // (self.lanes * 8)))
+        """Seeds per chunk: several chunks per lane, to keep every lane busy to the end."""
+        return max(1, min(self.max_batch, seeds // (self.lanes * self.chunks_per_lane)))
 
     async def run(self, lane: int, scenario: str, knobs: frozenset[str],
                   chunk: Chunk) -> ExploreResult:

@@ -21,16 +21,18 @@ try:
 except ImportError as missing:
     raise RayMissing(f"Ray is not installed: {RAY_INSTALL}") from missing
 
-__all__ = ["RayWorkers", "TASKS_PER_CPU", "MAX_BATCH"]
+__all__ = ["RayWorkers", "TASKS_PER_CPU", "CHUNKS_PER_LANE", "MAX_BATCH"]
 
 TASKS_PER_CPU = 2
-MAX_BATCH = 256          # the driver handles every task: see docs/scale-out.md
+CHUNKS_PER_LANE = 4      # the driver handles every task (about 1 ms of its CPU each), so
+MAX_BATCH = 256          # fewer, longer tasks than for local processes: docs/scale-out.md
 
 
 class RayWorkers(Workers):
     """Chunks as tasks on the Ray cluster at `address` ("": a local cluster of `cpus`);
     a Ray already initialized in this process is used as it is, and left running."""
 
+    chunks_per_lane = CHUNKS_PER_LANE
     max_batch = MAX_BATCH
 
     def __init__(self, address: str, cpus: int) -> None:
