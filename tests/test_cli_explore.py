@@ -1,6 +1,8 @@
 """`vmmu explore` on worker processes: the same report as one process, the --all table,
 plain progress lines off a terminal, and what it says when Ray is missing."""
 
+import os
+import pty
 import subprocess
 import sys
 
@@ -13,8 +15,11 @@ WITHOUT_RAY = "import sys; sys.modules['ray'] = None; from vmmu.cli import main;
 
 
 def vmmu(*args: str, python: tuple[str, ...] = ("-m", "vmmu.cli")):
-    return subprocess.run([sys.executable, *python, "explore", *args], capture_output=True,
-                          text=True, timeout=300)
+    """Run `vmmu explore`; stdout and stderr decoded as written (a "\r" stays one)."""
+    done = subprocess.run([sys.executable, *python, "explore", *args], capture_output=True,
+                          timeout=300)
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(),
+                                       done.stderr.decode())
 
 
 @pytest.mark.parametrize("args", [
@@ -64,3 +69,26 @@ def test_contradictory_options_are_refused(args, reason):
 def test_workers_out_of_range_are_refused():
     refused = vmmu("tlb_vs_zap", "--seeds", "2", "--workers", "1000")
     assert refused.returncode == 2 and "workers 1000 is not in 1..64" in refused.stderr
+
+
+def test_on_a_terminal_progress_is_a_bar():
+    controller, terminal = pty.openpty()
+    try:
+        done = subprocess.run([sys.executable, "-m", "vmmu.cli", "explore", "tlb_vs_zap",
+                               "--seeds", "4", "--workers", "2"], stderr=terminal,
+                              stdout=subprocess.PIPE, text=True, timeout=300)
+        os.close(terminal)
+        shown = b""
+        while chunk := _read(controller):
+            shown += chunk
+    finally:
+        os.close(controller)
+    assert done.returncode == 0 and "all 4 seeds passed" in done.stdout
+    assert b"\rtlb_vs_zap [" in shown and b"] 4/4 seeds" in shown
+
+
+def _read(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:                          # EIO: the terminal's other end is closed
+        return b""
