@@ -66,9 +66,10 @@ def test_contradictory_options_are_refused(args, reason):
     assert refused.returncode == 2 and reason in refused.stderr
 
 
-def test_workers_out_of_range_are_refused():
-    refused = vmmu("tlb_vs_zap", "--seeds", "2", "--workers", "1000")
-    assert refused.returncode == 2 and "workers 1000 is not in 1..64" in refused.stderr
+@pytest.mark.parametrize("workers", ["0", "1000"])
+def test_workers_out_of_range_are_refused(workers):
+    refused = vmmu("tlb_vs_zap", "--seeds", "2", "--workers", workers)
+    assert refused.returncode == 2 and f"workers {workers} is not in 1..64" in refused.stderr
 
 
 def test_on_a_terminal_progress_is_a_bar():

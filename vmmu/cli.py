@@ -7,7 +7,8 @@
     vmmu explore --all --seeds N       every scenario with and without each knob, a table
 
 A subcommand is a `_add_<name>(subparsers)` that declares its arguments and sets
-`run=<function(args) -> exit status>`; `main` registers every one listed in `SUBCOMMANDS`.
+`run=<function(args) -> exit status>` (and `check=<function(args)>` if it refuses some
+combinations of options); `main` registers every one listed in `SUBCOMMANDS`.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def explore(args: argparse.Namespace) -> int:
     every protection on."""
     from vmmu.explore_cli import run_explore, run_explore_all
     from vmmu.server.explore_pool import default_workers
-    workers = args.workers or default_workers()
+    workers = default_workers() if args.workers is None else args.workers
     if args.all:
         return run_explore_all(args.seeds, args.first_seed, workers, args.ray)
     return run_explore(args.scenario, args.seeds, frozenset(args.knob), args.first_seed,
