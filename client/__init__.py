@@ -10,9 +10,10 @@ from vmmu.client.aio import (AsyncClient, AsyncInvalidationHold, AsyncRunStream,
 from vmmu.client.batch import Access, Batch, BatchBuilder
 from vmmu.client.errors import (Aborted, AlreadyExists, FailedPrecondition, Internal,
                                 InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
-                                Unavailable, VmmuError)
+                                Unauthenticated, Unavailable, VmmuError)
 from vmmu.client.sync import Client, InvalidationHold, RunStream, TraceStream, Vcpu, Vm
-from vmmu.client.types import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Backing, DirtyGfn,
+from vmmu.client.types import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Backing, ClientTls,
+                               DirtyGfn,
                                Exit, ExitReason, Gpc, GpcState, HeldInvalidation, HoldState,
                                HostRegion, Invalidations, Memslot, RunResult, Spte, TraceEvent,
                                VcpuInfo, VmConfig, VmInfo)
@@ -24,6 +25,7 @@ __all__ = [
     "Access", "Batch", "BatchBuilder",
     "VmmuError", "InvalidArgument", "NotFound", "AlreadyExists", "FailedPrecondition",
     "ResourceExhausted", "PermissionDenied", "Aborted", "Internal", "Unavailable",
+    "Unauthenticated", "ClientTls",
     "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "Backing", "ExitReason",
     "VmConfig", "VmInfo", "Spte", "HostRegion", "Memslot", "VcpuInfo", "Exit", "RunResult",
     "HoldState", "HeldInvalidation", "Invalidations", "TraceEvent", "GpcState", "Gpc",

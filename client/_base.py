@@ -16,14 +16,14 @@ import grpc
 from google.protobuf import duration_pb2
 
 from vmmu.client.batch import Batch
-from vmmu.client.types import (Backing, Exit, ExitReason, HeldInvalidation, HoldState,
+from vmmu.client.types import (Backing, ClientTls, Exit, ExitReason, HeldInvalidation, HoldState,
                                HostRegion, Invalidations, Memslot, RunResult, Spte, TraceEvent,
                                VcpuInfo, VmConfig, VmInfo)
 from vmmu.v1 import (dirty_log_pb2_grpc, gpc_pb2_grpc, host_memory_pb2, host_memory_pb2_grpc,
                      memslot_pb2, memslot_pb2_grpc, notifier_pb2, notifier_pb2_grpc,
                      trace_pb2, trace_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc, vm_pb2, vm_pb2_grpc)
 
-__all__ = ["Call", "Stubs", "CHANNEL_OPTIONS"]
+__all__ = ["Call", "Stubs", "CHANNEL_OPTIONS", "channel_credentials"]
 
 T = TypeVar("T")
 
@@ -32,6 +32,29 @@ T = TypeVar("T")
 MAX_MESSAGE_BYTES = 32 << 20
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+
+def channel_credentials(token: str | None, tls: ClientTls | None
+                        ) -> grpc.ChannelCredentials | None:
+    """The credentials of a channel with `token` on every call and `tls`, or None for a
+    plaintext channel without a token. gRPC sends call credentials only over a channel it
+    deems secure: without TLS the token goes over local credentials, which a loopback
+    address satisfies (the only plaintext address a server listens on unless told
+    `--insecure`)."""
+    if tls is not None:
+        transport = grpc.ssl_channel_credentials(root_certificates=tls.root_certificates,
+                                                 private_key=tls.private_key,
+                                                 certificate_chain=tls.certificate_chain)
+    elif token is not None:
+        transport = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
+    else:
+        return None
+    if token is None:
+        return transport
+    return grpc.composite_channel_credentials(transport,
+                                              grpc.access_token_call_credentials(token))
+
 
 _BACKING_TO_WIRE = {b: host_memory_pb2.Backing.Value(f"BACKING_{b.name}") for b in Backing}
 _BACKING_FROM_WIRE = {wire: b for b, wire in _BACKING_TO_WIRE.items()}

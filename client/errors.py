@@ -10,6 +10,7 @@
      +-- Aborted               ABORTED             (EINTR)
      +-- Internal              INTERNAL            (a broken invariant: the VM is dead)
      +-- Unavailable           UNAVAILABLE         (no server, or it is shutting down)
+     +-- Unauthenticated       UNAUTHENTICATED     (no token, or one the server does not know)
 
 The server starts every error message with the errno name ("EINVAL: ..."); `errno_name`
 is that name, or None when the status did not come from the model.
@@ -24,7 +25,7 @@ import grpc
 __all__ = [
     "VmmuError", "InvalidArgument", "NotFound", "AlreadyExists", "FailedPrecondition",
     "ResourceExhausted", "PermissionDenied", "Aborted", "Internal", "Unavailable",
-    "error_from_status", "error_from_rpc",
+    "Unauthenticated", "error_from_status", "error_from_rpc",
 ]
 
 _ERRNO_PREFIX = re.compile(r"(E[A-Z0-9]+): ")
@@ -77,6 +78,10 @@ class Unavailable(VmmuError):
     pass
 
 
+class Unauthenticated(VmmuError):
+    pass
+
+
 _ERROR_BY_CODE: dict[grpc.StatusCode, type[VmmuError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -87,6 +92,7 @@ _ERROR_BY_CODE: dict[grpc.StatusCode, type[VmmuError]] = {
     grpc.StatusCode.ABORTED: Aborted,
     grpc.StatusCode.INTERNAL: Internal,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
 

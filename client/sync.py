@@ -24,7 +24,8 @@ import grpc
 from vmmu.client import _base, _dirty_log, _gpc
 from vmmu.client.batch import Batch
 from vmmu.client.errors import VmmuError, error_from_rpc
-from vmmu.client.types import (Backing, DirtyGfn, Gpc, HeldInvalidation, HostRegion,
+from vmmu.client.types import (Backing, ClientTls, DirtyGfn, Gpc, HeldInvalidation,
+                               HostRegion,
                                Invalidations, Memslot, RunResult, Spte, TraceEvent, VcpuInfo,
                                VmInfo)
 
@@ -36,8 +37,15 @@ T = TypeVar("T")
 class Client:
     """A connection to a vmmu server."""
 
-    def __init__(self, target: str) -> None:
-        self._channel = grpc.insecure_channel(target, options=_base.CHANNEL_OPTIONS)
+    def __init__(self, target: str, *, token: str | None = None,
+                 tls: ClientTls | None = None) -> None:
+        """Connect to `target` ("host:port"), over TLS if `tls` is given, sending
+        `authorization: Bearer <token>` on every call if `token` is."""
+        credentials = _base.channel_credentials(token, tls)
+        self._channel = (grpc.insecure_channel(target, options=_base.CHANNEL_OPTIONS)
+                         if credentials is None else
+                         grpc.secure_channel(target, credentials,
+                                             options=_base.CHANNEL_OPTIONS))
         self._stubs = _base.Stubs(self._channel)
 
     def close(self) -> None:

@@ -15,10 +15,21 @@ __all__ = [
     "Backing", "ExitReason", "HoldState",
     "VmConfig", "VmInfo", "Spte", "HostRegion", "Memslot", "VcpuInfo", "Exit", "RunResult",
     "HeldInvalidation", "Invalidations", "TraceEvent", "GpcState", "Gpc", "DirtyGfn",
+    "ClientTls",
 ]
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """TLS to the server, in PEM bytes: the CA to trust (None: the system's roots), and
+    for mutual TLS the client's own certificate chain and key."""
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
 
 
 class Backing(enum.Enum):

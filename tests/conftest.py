@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import os
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -29,14 +29,15 @@ os.environ.setdefault("VMMU_SANITIZERS", "1")
 
 
 class ServerThread:
-    """A started server on 127.0.0.1:<free port>, served by a loop in its own thread."""
+    """A started server on 127.0.0.1:<free port>, served by a loop in its own thread;
+    `options` are `start_server`'s."""
 
-    def __init__(self) -> None:
+    def __init__(self, **options: Any) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vmmu-server",
                                         daemon=True)
         self._thread.start()
-        self.serving: Serving = self.call(start_server("127.0.0.1:0"))
+        self.serving: Serving = self.call(start_server("127.0.0.1:0", **options))
         self.address = f"127.0.0.1:{self.serving.port}"
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -55,6 +56,20 @@ def server() -> Iterator[ServerThread]:
     running = ServerThread()
     yield running
     running.stop()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., ServerThread]]:
+    """Starts servers with `start_server`'s options; each stops at the end of the test."""
+    started: list[ServerThread] = []
+
+    def start(**options: Any) -> ServerThread:
+        started.append(ServerThread(**options))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.stop()
 
 
 _TWINS: dict[type, type] = {Client: AsyncClient, Vm: AsyncVm, Vcpu: AsyncVcpu,
@@ -115,6 +130,27 @@ async def client(request: pytest.FixtureRequest, server: ServerThread) -> AsyncI
     else:
         async with AsyncClient(server.address) as async_client:
             yield async_client
+
+
+@pytest.fixture(params=["sync", "async"])
+async def connect(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Any]]:
+    """Opens clients, blocking (through AsAsync) or asyncio, with `Client`'s arguments;
+    closes them at the end of the test."""
+    opened: list[Client | AsyncClient] = []
+
+    def open_client(address: str, **options: Any) -> Any:
+        if request.param == "sync":
+            opened.append(Client(address, **options))
+            return AsAsync(opened[-1])
+        opened.append(AsyncClient(address, **options))
+        return opened[-1]
+
+    yield open_client
+    for opened_client in opened:
+        if isinstance(opened_client, AsyncClient):
+            await opened_client.close()
+        else:
+            opened_client.close()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ holder going away (a cancelled stream, a closed channel, a killed process)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 import time
@@ -171,6 +172,49 @@ async def test_a_killed_holder_process_ends_its_hold_and_the_vcpu_proceeds(async
     assert [h.state for h in (await vm.invalidations()).ended] == [HoldState.CLIENT_GONE]
 
 
+KEEPALIVE_S = 1.0
+
+
+async def test_a_stopped_holder_process_loses_its_hold_within_the_keepalive(serve):
+    """SIGSTOP: the holder's socket stays open and its kernel still acknowledges TCP, but
+    nothing answers the server's pings; within the keepalive its hold ends as
+    CLIENT_GONE and the vCPU waiting on it proceeds."""
+    running = serve(keepalive_s=KEEPALIVE_S)
+    holder = None
+    try:
+        async with AsyncClient(running.address) as client:
+            vm = await client.create_vm(max_vcpus=1)
+            region = await vm.mmap(4 * MiB, Backing.THP)
+            await vm.set_user_memory_region(slot=0, flags=0, guest_phys_addr=0,
+                                            memory_size=4 * MiB, userspace_addr=region.hva)
+            vcpu = await vm.create_vcpu(0)
+            holder = subprocess.Popen(
+                [sys.executable, "-c", HOLDER, running.address, str(vm.id), str(region.hva),
+                 str(region.hva + 2 * MiB)], stdout=subprocess.PIPE, text=True)
+            assert await asyncio.to_thread(holder.stdout.readline) == "held\n"
+            run = asyncio.create_task(vcpu.run(READ))
+            await retrying(vcpu)
+            await asyncio.sleep(2 * KEEPALIVE_S)     # pings answered: the hold stays
+            assert not run.done()
+            assert [h.state for h in (await vm.invalidations()).held] == [HoldState.HELD]
+
+            holder.send_signal(signal.SIGSTOP)
+            stopped = time.monotonic()
+            # Generous against a loaded machine, far below the 50 s an untuned keepalive
+            # (30 s, then 20 s for the ack) would take.
+            result = await asyncio.wait_for(run, timeout=10 * KEEPALIVE_S)
+            released_after = time.monotonic() - stopped
+            assert result.exit.reason is ExitReason.DONE
+            assert [h.state for h in (await vm.invalidations()).ended] == \
+                [HoldState.CLIENT_GONE]
+            print(f"released {released_after:.2f} s after SIGSTOP (keepalive {KEEPALIVE_S} s)")
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+            holder.stdout.close()
+
+
 @pytest.mark.parametrize("start, end, lease_s", [
     (0x7f00_0000_0001, 0x7f00_0000_2000, 1), (0x7f00_0000_2000, 0x7f00_0000_2000, 1),
     (0x7f00_0000_0000, 0x7f00_0000_1000, 0), (0x7f00_0000_0000, 0x7f00_0000_1000, -1),
@@ -202,12 +246,10 @@ async def test_unknown_holds_and_vms_are_not_found(guest, client):
         await client.vm(4242).invalidations()
 
 
-async def test_a_holder_whose_connection_goes_silent_is_noticed_by_keepalive(monkeypatch):
+async def test_a_holder_whose_connection_goes_silent_is_noticed_by_keepalive():
     """No FIN, no RST: the holder's host is simply gone. The server's keepalive pings go
     unanswered, it drops the connection, and the hold ends as CLIENT_GONE."""
-    monkeypatch.setattr(app, "KEEPALIVE_TIME_MS", 100)
-    monkeypatch.setattr(app, "KEEPALIVE_TIMEOUT_MS", 200)
-    serving = await app.start_server()
+    serving = await app.start_server(keepalive_s=0.3)
     silent = asyncio.Event()
     relays: list[asyncio.Task] = []
     writers: list[asyncio.StreamWriter] = []

@@ -1,6 +1,8 @@
 """The `vmmu` command line: one function per subcommand, `main` dispatches.
 
-    vmmu serve [--listen HOST:PORT]    serve the vmmu.v1 gRPC API until SIGINT/SIGTERM
+    vmmu serve [--listen HOST:PORT] [--tls-cert F --tls-key F [--tls-client-ca F]]
+               [--token-file F] [--insecure] [--keepalive SECONDS] [--metrics HOST:PORT]
+                                       serve the vmmu.v1 gRPC API until SIGINT/SIGTERM
     vmmu demo [--accesses N]           an in-process server driven through the client
     vmmu explore SCENARIO --seeds N    run a race scenario under N schedule seeds
                 [--workers K] [--ray [ADDRESS]]   on K processes, or as Ray tasks
@@ -19,8 +21,10 @@ import functools
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from vmmu.server.rpc.app import start_server
+from vmmu.server.rpc.app import DEFAULT_KEEPALIVE_S, start_server
+from vmmu.server.rpc.auth import InsecureListener, ServerTls, Tokens
 
 __all__ = ["main", "serve", "demo", "explore"]
 
@@ -30,18 +34,30 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 def serve(args: argparse.Namespace) -> int:
     """Serve the vmmu.v1 gRPC API on `args.listen` until SIGINT or SIGTERM, then stop
     gracefully: open Run streams get a grace period, then the model shuts down."""
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+        print("vmmu: --tls-cert and --tls-key go together (and --tls-client-ca needs them)",
+              file=sys.stderr)
+        return 2
     try:
-        asyncio.run(_serve(args.listen))
-    except OSError as exc:
+        tls = (ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
+               if args.tls_cert else None)
+        tokens = Tokens.from_file(args.token_file) if args.token_file else None
+        asyncio.run(_serve(args.listen, tls=tls, tokens=tokens, insecure=args.insecure,
+                           keepalive_s=args.keepalive, metrics=args.metrics))
+    except (OSError, InsecureListener, ValueError) as exc:
         print(f"vmmu: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _serve(listen: str) -> None:
-    serving = await start_server(listen)
+async def _serve(listen: str, **options: Any) -> None:
+    serving = await start_server(listen, **options)
     host = listen.rsplit(":", 1)[0]
     print(f"vmmu serving on {host}:{serving.port}", flush=True)
+    if serving.metrics is not None:
+        metrics_host = options["metrics"].rsplit(":", 1)[0]
+        print(f"vmmu metrics on http://{metrics_host}:{serving.metrics_port}/metrics",
+              flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -59,6 +75,24 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                         help=f"address to listen on (default {DEFAULT_LISTEN}; port 0 picks "
                              "a free port)")
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate "
+                        "chain (with --tls-key)")
+    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", metavar="PEM",
+                        help="require client certificates signed by this CA (mutual TLS)")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="require 'authorization: Bearer <token>' with a token from FILE "
+                             "(one 'TOKEN [NAME]' a line); each token is an identity that "
+                             "sees only the VMs it created")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow plaintext on a non-loopback address")
+    parser.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE_S,
+                        metavar="SECONDS",
+                        help="close the connection of a client that answers no ping for "
+                             "SECONDS, ending its streams and holds (pinged every SECONDS/2; "
+                             f"default {DEFAULT_KEEPALIVE_S:g})")
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus metrics over HTTP on HOST:PORT")
     parser.set_defaults(run=serve)
 
 

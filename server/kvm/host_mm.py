@@ -25,6 +25,7 @@ from typing import Iterator, Protocol, TypeVar
 
 from .errors import KvmError, NoSuchObject, VmBugged, einval
 from .host_region import HPAGE_SHIFT, HPAGE_SIZE, HostRegion, HostRegionInfo, keys_in
+from .resched import Timeslice
 from .types import (PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_1G, PG_LEVEL_2M,
                     PG_LEVEL_4K, Backing, level_shift, pages_per_level)
 
@@ -340,35 +341,52 @@ class HostMm:
 
     # -- contents --------------------------------------------------------------------
 
-    def read(self, hva: int, length: int) -> bytes:
-        """Read as the VMM would (populates, as touching the memory does)."""
+    async def read(self, hva: int, length: int) -> bytes:
+        """Read as the VMM would (populates, as touching the memory does). A long read
+        lets other tasks run when its timeslice is used up, then checks the rest of the
+        range again: a part unmapped meanwhile is EFAULT, as it is for the VMM."""
         self._check_access(hva, length, write=False)
+        timeslice = Timeslice(self.sched)
+        end = hva + length
         out = bytearray()
         for chunk_hva, chunk_len in _page_chunks(hva, length):
+            if timeslice.need_resched():
+                await timeslice.cond_resched()
+                self._check_access(chunk_hva, end - chunk_hva, write=False)
             pfn, _, _ = self._get_page(self.find(chunk_hva), chunk_hva, write=False)
             out += self.read_pfn(pfn, chunk_hva & (PAGE_SIZE - 1), chunk_len)
         return bytes(out)
 
-    async def write(self, hva: int, data: bytes) -> list[int]:
-        """Write as the VMM would; returns the pfns written. Nothing is written on error.
+    async def write(self, hva: int, data: bytes) -> None:
+        """Write as the VMM would. Nothing is written on error.
 
         KSM pages in the range break copy-on-write first (invalidations, which may let
-        other tasks run); the write itself then happens without an `await`.
+        other tasks run); the write itself then happens without an `await`, a window of
+        WRITE_WINDOW bytes at a time: between two, a long write lets other tasks run when
+        its timeslice is used up, and the next window is checked (and unshared) again, so
+        a part unmapped or made read-only meanwhile ends the write there with EFAULT, as
+        it does for the VMM.
         """
-        chunks = list(_page_chunks(hva, len(data)))
-        while True:
-            self._check_access(hva, len(data), write=True)
-            shared = [h for h, _ in chunks if self.is_ksm(self.find(h), h)]
-            if not shared:
-                break
-            for chunk_hva in shared:
-                await self.unshare(self.find(chunk_hva), chunk_hva)
-        pfns = [self._get_page(self.find(h), h, write=True)[0] for h, _ in chunks]
-        done = 0
-        for (chunk_hva, n), pfn in zip(chunks, pfns):
-            self.write_pfn(pfn, chunk_hva & (PAGE_SIZE - 1), data[done:done + n])
-            done += n
-        return pfns
+        self._check_access(hva, len(data), write=True)
+        timeslice = Timeslice(self.sched)
+        for done in range(0, max(len(data), 1), WRITE_WINDOW):
+            if done:
+                await timeslice.cond_resched()
+            window = data[done:done + WRITE_WINDOW]
+            start = hva + done
+            chunks = list(_page_chunks(start, len(window)))
+            while True:
+                self._check_access(start, len(window), write=True)
+                shared = [h for h, _ in chunks if self.is_ksm(self.find(h), h)]
+                if not shared:
+                    break
+                for chunk_hva in shared:
+                    await self.unshare(self.find(chunk_hva), chunk_hva)
+            offset = 0
+            for chunk_hva, n in chunks:
+                pfn = self._get_page(self.find(chunk_hva), chunk_hva, write=True)[0]
+                self.write_pfn(pfn, chunk_hva & (PAGE_SIZE - 1), window[offset:offset + n])
+                offset += n
 
     def spans(self, start: int, end: int, unmapped_errno: int
               ) -> Iterator[tuple[HostRegion, int, int]]:
@@ -413,6 +431,9 @@ class HostMm:
                 return
             page = self.contents[pfn] = bytearray(PAGE_SIZE)
         page[offset:offset + len(data)] = data
+
+
+WRITE_WINDOW = 1 << 20      # bytes a write moves between two need_resched checks
 
 
 def _page_chunks(hva: int, length: int):

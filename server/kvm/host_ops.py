@@ -32,6 +32,7 @@ from functools import partial
 from .errors import KvmError, einval
 from .host_mm import GIB, HostMm
 from .host_region import HPAGE_SHIFT, HPAGE_SIZE, HostRegion, keys_in
+from .resched import Timeslice
 from .types import (PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_2M, PG_LEVEL_4K, Backing, level_shift,
                     pages_per_level)
 
@@ -80,22 +81,36 @@ async def madvise_populate_write(mm: HostMm, hva: int, size: int) -> int:
     gets a zeroed page, so that no later write into the range allocates. The range may
     span adjacent regions. EINVAL if it is not page aligned or empty, ENOMEM if a part
     is not mapped, EINVAL if a part is not writable; the whole range is checked before
-    anything changes. Returns the 4K pages populated or swapped in (a huge page that
-    this populated counts whole, as in `migrate`)."""
+    anything changes. A long population lets other tasks run when its timeslice is used
+    up, as the kernel's reschedules: the rest of the range is then checked again, so one
+    that another task unmapped meanwhile fails part-way, as it may in the kernel. Returns
+    the 4K pages populated or swapped in (a huge page that this populated counts whole,
+    as in `migrate`)."""
+    timeslice = Timeslice(mm.sched)
+    end = hva + size
+    populated = 0
     while True:
-        chunks = _populate_range(mm, hva, size)
-        shared = [(region, page_hva) for region, start, end in chunks
-                  for page_hva in mm.ksm_hvas(region, start, end)]
-        if not shared:
-            # Synchronous from here: nothing can change the range under the population.
-            return sum(_populate_write(mm, *chunk) for chunk in chunks)
-        try:
-            for region, page_hva in shared:
-                await mm.unshare(region, page_hva)
-        except KvmError as error:
-            if error.errno != errno.EFAULT:
-                raise
-            # A region was unmapped meanwhile (EFAULT): the range is checked again.
+        chunks = _populate_range(mm, hva, end - hva)
+        shared = [(region, page_hva) for region, start, stop in chunks
+                  for page_hva in mm.ksm_hvas(region, start, stop)]
+        if shared:
+            try:
+                for region, page_hva in shared:
+                    await mm.unshare(region, page_hva)
+            except KvmError as error:
+                if error.errno != errno.EFAULT:
+                    raise
+                # A region was unmapped meanwhile (EFAULT): the range is checked again.
+            continue
+        # Synchronous until the slice is used up: nothing can change the range under it.
+        for region, start, stop in chunks:
+            new, hva = _populate_write(mm, region, start, stop, timeslice)
+            populated += new
+            if hva < stop:
+                break
+        if hva == end:
+            return populated
+        await timeslice.cond_resched()
 
 
 def _populate_range(mm: HostMm, hva: int, size: int) -> list[tuple[HostRegion, int, int]]:
@@ -110,7 +125,13 @@ def _populate_range(mm: HostMm, hva: int, size: int) -> list[tuple[HostRegion, i
     return chunks
 
 
-def _populate_write(mm: HostMm, region: HostRegion, start: int, end: int) -> int:
+POPULATE_STEP = 64 * PAGE_SIZE      # the most populated between two need_resched checks
+
+
+def _populate_write(mm: HostMm, region: HostRegion, start: int, end: int,
+                    timeslice: Timeslice) -> tuple[int, int]:
+    """Populate [start, end) until done or the timeslice is used up: (the 4K pages
+    populated, the hva it stopped at)."""
     new = 0
     contents = mm.contents
     hva = start
@@ -118,12 +139,14 @@ def _populate_write(mm: HostMm, region: HostRegion, start: int, end: int) -> int
         pfn, level, populated = mm.fault_in(region, hva, write=True)
         new += populated
         host_page_end = (hva | ((PAGE_SIZE << level_shift(level)) - 1)) + 1
-        stop = min(end, host_page_end)
+        stop = min(end, host_page_end, hva + POPULATE_STEP)
         for p in range(pfn, pfn + ((stop - hva) >> PAGE_SHIFT)):
             if p not in contents:
                 contents[p] = bytearray(PAGE_SIZE)
         hva = stop
-    return new
+        if timeslice.need_resched():
+            break
+    return new, hva
 
 
 # -- migration, swap-out, mprotect ------------------------------------------------------
@@ -220,10 +243,14 @@ async def ksm_merge(mm: HostMm, hvas: Sequence[int]) -> int:
         found = region.mapped(hva)
         if found is not None:
             groups.setdefault(mm.read_pfn(found[0], 0, PAGE_SIZE), []).append((region, hva))
+    # ksmd reschedules between pages: every step below is one page's own invalidation,
+    # which checks that page again, so other tasks may run between two.
+    timeslice = Timeslice(mm.sched)
     merged = 0
     for data, group in groups.items():
         if len(group) < 2:
             continue
+        await timeslice.cond_resched()
         stable = next((page for page in group if mm.is_ksm(*page)), None)
         if stable is not None:
             kpfn = stable[0].frames[PG_LEVEL_4K][stable[1] >> PAGE_SHIFT]
@@ -233,6 +260,7 @@ async def ksm_merge(mm: HostMm, hvas: Sequence[int]) -> int:
                                    partial(_write_protect, mm, *stable, data))
         for region, hva in group:
             if kpfn is not None and hva != stable[1]:
+                await timeslice.cond_resched()
                 merged += await mm.update(region, hva, hva + PAGE_SIZE,
                                           partial(_replace, mm, region, hva, kpfn))
     return merged

@@ -1,7 +1,14 @@
-"""The registry of VMs a server hosts: what opening /dev/kvm gives a VMM."""
+"""The registry of VMs a server hosts: what opening /dev/kvm gives a VMM.
+
+A VM may belong to an owner (a name the server gives a caller): as a VM's file descriptor
+belongs to the process that created it, a VM with an owner exists only for that owner.
+Every lookup takes `owner`; `None` is the view of a server without identities, which sees
+every VM.
+"""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 from .errors import NoSuchObject
@@ -14,48 +21,64 @@ __all__ = ["Kvm"]
 class Kvm:
     def __init__(self) -> None:
         self._vms: dict[int, Vm] = {}
+        self._owners: dict[int, str | None] = {}
         self._next_id = 1
-        self._tracing_all: list[Subscription] = []     # subscriptions that follow new VMs
+        # Subscriptions that follow new VMs, each with the owner whose VMs it follows.
+        self._tracing_all: list[tuple[Subscription, str | None]] = []
+        self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
 
-    def create_vm(self, config: VmConfig | None = None) -> Vm:
+    def create_vm(self, config: VmConfig | None = None, owner: str | None = None) -> Vm:
         vm = Vm(self._next_id, config or VmConfig())
-        for sub in self._following():
-            vm.tracer.attach(sub)
+        for sub, follows in self._following():
+            if self._visible(owner, follows):
+                vm.tracer.attach(sub)
         self._vms[vm.id] = vm
+        self._owners[vm.id] = owner
         self._next_id += 1
         return vm
 
-    def get_vm(self, vm_id: int) -> Vm:
-        try:
-            return self._vms[vm_id]
-        except KeyError:
-            raise NoSuchObject(f"no VM {vm_id}") from None
+    def get_vm(self, vm_id: int, owner: str | None = None) -> Vm:
+        vm = self._vms.get(vm_id)
+        if vm is None or not self._visible(self._owners[vm_id], owner):
+            raise NoSuchObject(f"no VM {vm_id}")
+        return vm
 
-    def vms(self) -> list[Vm]:
-        return list(self._vms.values())
+    def vms(self, owner: str | None = None) -> list[Vm]:
+        return [vm for vm in self._vms.values() if self._visible(self._owners[vm.id], owner)]
 
-    async def destroy_vm(self, vm_id: int) -> None:
-        vm = self.get_vm(vm_id)
+    async def destroy_vm(self, vm_id: int, owner: str | None = None) -> None:
+        vm = self.get_vm(vm_id, owner)
         del self._vms[vm_id]
+        del self._owners[vm_id]
         await vm.destroy()
 
     def trace(self, vm_ids: Iterable[int] = (), events: Iterable[str] = (),
-              capacity: int = DEFAULT_CAPACITY) -> Subscription:
-        """Subscribe to the events of `vm_ids`, or of every VM, those created later
-        included, when `vm_ids` is empty; `events` filters by name (empty: all). A
+              capacity: int = DEFAULT_CAPACITY, owner: str | None = None) -> Subscription:
+        """Subscribe to the events of `vm_ids`, or of every VM `owner` sees, those created
+        later included, when `vm_ids` is empty; `events` filters by name (empty: all). A
         subscription to named VMs ends when the last of them is destroyed."""
-        vms = [self.get_vm(vm_id) for vm_id in dict.fromkeys(vm_ids)]
+        vms = [self.get_vm(vm_id, owner) for vm_id in dict.fromkeys(vm_ids)]
         sub = Subscription(events, capacity, ends_with_tracers=bool(vms))
+        self._subscriptions.add(sub)
         if not vms:
-            vms = self.vms()
-            self._tracing_all = [*self._following(), sub]
+            vms = self.vms(owner)
+            self._tracing_all = [*self._following(), (sub, owner)]
         for vm in vms:
             vm.tracer.attach(sub)
         return sub
 
-    def _following(self) -> list[Subscription]:
-        self._tracing_all = [sub for sub in self._tracing_all if not sub.closed]
+    def subscriptions(self) -> list[Subscription]:
+        """The trace subscriptions made by `trace` that are still open."""
+        return [sub for sub in self._subscriptions if not sub.closed]
+
+    def _following(self) -> list[tuple[Subscription, str | None]]:
+        self._tracing_all = [(sub, owner) for sub, owner in self._tracing_all
+                             if not sub.closed]
         return self._tracing_all
+
+    @staticmethod
+    def _visible(vm_owner: str | None, viewer: str | None) -> bool:
+        return viewer is None or vm_owner == viewer
 
     async def shutdown(self) -> None:
         for vm_id in list(self._vms):

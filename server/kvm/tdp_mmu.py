@@ -13,6 +13,7 @@ caller, who flushes before dropping mmu_lock.
 from __future__ import annotations
 
 import asyncio
+from array import array
 from typing import TYPE_CHECKING, Callable
 
 from . import spte as S
@@ -24,6 +25,7 @@ from .mmu_internal import (ACCESS_NEEDS, PFERR_ACCESS_MASK, RET_PF_EMULATE, RET_
 from .mmu_lock import MmuLock
 from .mmu_page import MmuPage, PageTables
 from .rcu import Rcu
+from .resched import Timeslice
 from .stats import VmStats
 from .tdp_iter import TdpIter
 from .trace import Tracer
@@ -32,6 +34,9 @@ from .types import (MAX_HUGEPAGE_LEVEL, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, P
 
 if TYPE_CHECKING:
     from .memslots import Memslot
+
+_NONPRESENT_TABLE = array("Q", [NONPRESENT]) * PT_ENTRIES
+_FROZEN_TABLE = array("Q", [FROZEN]) * PT_ENTRIES
 
 __all__ = ["TdpMmu", "max_mapping_level"]
 
@@ -87,6 +92,48 @@ class TdpMmu:
         for root in roots:
             await self.zap_root(root, shared=not self.mmu_lock.held_for_write())
             self.put_root(root)
+
+    async def teardown(self, roots: list[MmuPage]) -> None:
+        """`kvm_mmu_uninit_tdp_mmu` at VM destruction: zap `roots` (just invalidated; no
+        vCPU holds them) and drop them.
+
+        When they are all the roots there are, in bulk: a table at a time instead of an
+        SPTE at a time, since a sparsely mapped VM has hundreds of empty entries for each
+        present one. Each table is frozen whole (a lockless walker still inside its RCU
+        section sees FROZEN and retries, as after a zap) and freed after a grace period;
+        no leaf is left, so the leaf counts are zero. Between tables the walk lets other
+        tasks run when its timeslice is used up; mmu_lock stays held, as nothing of this
+        VM may take it again."""
+        self.mmu_lock.assert_held_write()
+        if len(self.roots) != len(roots):          # another root is being zapped: its way
+            await self.zap_invalidated_roots(roots)
+            return
+        timeslice = Timeslice(self.sched)
+        for root in roots:
+            tables = [child for child in root.children if child is not None]
+            for page in tables:                     # grows as it goes: every table, once
+                if page.children is not None:
+                    tables.extend(child for child in page.children if child is not None)
+            root.spt[:] = _NONPRESENT_TABLE
+            root.children[:] = [None] * PT_ENTRIES
+            for page in reversed(tables):           # bottom level first, as zap_root goes
+                self._free_unlinked(page)
+                if timeslice.need_resched():
+                    await timeslice.cond_resched()
+            self.put_root(root)
+        self.stat.pages_4k = self.stat.pages_2m = self.stat.pages_1g = 0
+
+    def _free_unlinked(self, page: MmuPage) -> None:
+        """Freeze a table no tree links any more and free it after a grace period."""
+        if self.tracer.on:
+            self.tracer.emit("kvm_mmu_prepare_zap_page", as_id=page.as_id, gfn=page.gfn,
+                             level=page.level)
+        self.stat.tdp_mmu_pages -= 1
+        page.spt[:] = _FROZEN_TABLE
+        if "free_tables_immediately" in self.knobs:
+            self.tables.free(page)          # debug knob: no grace period for lockless walkers
+        else:
+            self.rcu.call_rcu(lambda: self.tables.free(page))
 
     # -- the two doors ------------------------------------------------------------
 

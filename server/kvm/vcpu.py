@@ -32,6 +32,7 @@ from .errors import KvmError, VmBugged
 from .mmu import page_fault
 from .mmu_internal import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY
 from .mmu_page import MmuPage
+from .resched import Timeslice
 from .stats import VcpuStats
 from .types import PAGE_SIZE, AccessKind
 from .vmx import MISCONFIG_ERROR_CODE, ept_violation_qualification, \
@@ -116,6 +117,11 @@ class VcpuInfo:
 
 
 _DONE = Exit(ExitReason.DONE)
+# The host's timer interrupt: every GUEST_TICK accesses that move data the guest exits
+# (`_exit_error_code` TIMER_TICK, not a #PF error code), so that a long batch reaches the
+# run loop's need_resched check even when it never faults.
+GUEST_TICK = 256
+TIMER_TICK = -1
 
 
 class Vcpu:
@@ -218,6 +224,7 @@ class Vcpu:
         batch, stats, vm = self._batch, self.stat, self.vm
         gpas, n, first = batch.gpas, len(batch), self._pos
         guest = self._guest()
+        timeslice = Timeslice(vm.sched)     # `vcpu_run`'s need_resched between entries
         try:
             while True:
                 if (self.requests or self.root is None) and not await self._enter_guest():
@@ -225,8 +232,11 @@ class Vcpu:
                 i = self._pos = next(guest, n)
                 if i >= n:
                     return self._result(_DONE)
-                stats.exits += 1
                 error_code = self._exit_error_code
+                if error_code == TIMER_TICK:
+                    await timeslice.cond_resched()
+                    continue
+                stats.exits += 1
                 if error_code == MISCONFIG_ERROR_CODE:
                     stats.ept_misconfigs += 1
                 else:
@@ -239,8 +249,10 @@ class Vcpu:
                     return self._result(Exit(ExitReason.MEMORY_FAULT, gpa=gpa,
                                              length=op_size(op), is_write=_is_write(op),
                                              errno=e.errno, message=e.reason))
-                if r is RET_PF_FIXED:
-                    continue                   # the usual outcome: the access runs again
+                if r is RET_PF_FIXED:          # the usual outcome: the access runs again
+                    if timeslice.need_resched():
+                        await timeslice.cond_resched()
+                    continue
                 if r is RET_PF_EMULATE:
                     return self._mmio_exit(i)
                 if r is RET_PF_RETRY:
@@ -343,7 +355,12 @@ class Vcpu:
         memory = host.contents                 # pfn -> page, for the pages ever written
         # Views: resuming after an MMIO exit does not copy the rest of the batch.
         rest = (memoryview(seq)[i:] for seq in (gpas, ops, batch.tlb_keys))
+        tick = i + GUEST_TICK
         for i, gpa, op, key in zip(range(i, n), *rest):
+            if i == tick:
+                self._wpos, self._exit_error_code = wpos, TIMER_TICK
+                yield i
+                tick = i + GUEST_TICK
             pfn = tlb_get(key)
             if pfn is None:
                 pfn = fill(gpa, op)

@@ -211,7 +211,7 @@ class Vm:
             roots = self.tdp.invalidate_all_roots()
             for vcpu in self._vcpus.values():
                 vcpu.release_root()
-            await self.tdp.zap_invalidated_roots(roots)
+            await self.tdp.teardown(roots)
         await self.rcu.barrier()
         self.tracer.close()
 
@@ -239,9 +239,10 @@ class Vm:
     def host_regions(self) -> list[HostRegionInfo]:
         return [region.info() for region in self.host.regions()]
 
-    def read_hva(self, hva: int, length: int) -> bytes:
+    async def read_hva(self, hva: int, length: int) -> bytes:
+        """Read as the VMM would (populates, as touching the memory does)."""
         self.check_alive()
-        return self.host.read(hva, length)
+        return await self.host.read(hva, length)
 
     async def write_hva(self, hva: int, data: bytes) -> None:
         """Write as the VMM would; a KSM page in the range breaks copy-on-write first."""

@@ -23,6 +23,7 @@ import grpc
 from grpc import StatusCode
 
 from vmmu.server.kvm.errors import KvmError, VmBugged
+from vmmu.server.rpc.handlers import Behavior, rewrap
 
 __all__ = ["STATUS_BY_ERRNO", "status_of", "ErrorInterceptor"]
 
@@ -53,8 +54,6 @@ def status_of(exc: KvmError | VmBugged) -> tuple[StatusCode, str]:
             f"{exc.errno_name}: {exc.reason}")
 
 
-Behavior = Callable[..., Any]
-
 
 def _guarded(behavior: Behavior) -> Behavior:
     """`behavior` with model errors turned into an aborted RPC."""
@@ -75,24 +74,6 @@ def _guarded(behavior: Behavior) -> Behavior:
     return unary
 
 
-_HANDLER_FACTORIES = {
-    "unary_unary": grpc.unary_unary_rpc_method_handler,
-    "unary_stream": grpc.unary_stream_rpc_method_handler,
-    "stream_unary": grpc.stream_unary_rpc_method_handler,
-    "stream_stream": grpc.stream_stream_rpc_method_handler,
-}
-
-
-def _guard_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    for kind, factory in _HANDLER_FACTORIES.items():
-        behavior = getattr(handler, kind)
-        if behavior is not None:
-            return factory(_guarded(behavior),
-                           request_deserializer=handler.request_deserializer,
-                           response_serializer=handler.response_serializer)
-    return handler
-
-
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Reports `KvmError` and `VmBugged` from any vmmu.v1 method with `status_of`."""
 
@@ -110,5 +91,5 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
-        self._guarded[method] = _guard_handler(handler)
+        self._guarded[method] = rewrap(handler, _guarded)
         return self._guarded[method]

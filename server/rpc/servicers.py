@@ -12,6 +12,7 @@ import grpc
 
 from vmmu.server.kvm import Kvm, Vcpu, Vm
 from vmmu.server.rpc import convert
+from vmmu.server.rpc.auth import CallerKvm
 from vmmu.server.rpc.dirty_log import DirtyLogServicer
 from vmmu.server.rpc.explore import ExploreServicer
 from vmmu.server.rpc.gpc import GpcServicer
@@ -89,7 +90,7 @@ class HostMemoryServicer(_Servicer, host_memory_pb2_grpc.HostMemoryServiceServic
 
     async def ReadHva(self, request: host_memory_pb2.ReadHvaRequest, context: Context
                       ) -> host_memory_pb2.ReadHvaResponse:
-        data = self._vm(request).read_hva(request.hva, request.length)
+        data = await self._vm(request).read_hva(request.hva, request.length)
         return host_memory_pb2.ReadHvaResponse(data=data)
 
     async def WriteHva(self, request: host_memory_pb2.WriteHvaRequest, context: Context
@@ -234,8 +235,10 @@ class TraceServicer(_Servicer, trace_pb2_grpc.TraceServiceServicer):
                 yield trace_pb2.TraceResponse(event=convert.trace_event(event, dropped_before))
 
 
-def add_servicers(kvm: Kvm, server: grpc.aio.Server) -> list[str]:
-    """Register every vmmu.v1 servicer for `kvm` on `server`; return the service names."""
+def add_servicers(model: Kvm, server: grpc.aio.Server) -> list[str]:
+    """Register every vmmu.v1 servicer for `model` on `server`, each seeing it as the
+    caller does (`CallerKvm`); return the service names."""
+    kvm = CallerKvm(model)
     vm_pb2_grpc.add_VmServiceServicer_to_server(VmServicer(kvm), server)
     host_memory_pb2_grpc.add_HostMemoryServiceServicer_to_server(HostMemoryServicer(kvm),
                                                                   server)

@@ -39,7 +39,7 @@ async def test_mmio_write_carries_its_data_and_later_writes_keep_theirs(kvm_gues
                                data=b"to-devic")
     result = await vcpu.run(mmio_data=b"")
     assert result.exit.reason is ExitReason.DONE and result.read_data == b"to-ram!!"
-    assert kvm_guest.vm.read_hva(kvm_guest.region.hva + 0x1000, 8) == b"to-ram!!"
+    assert await kvm_guest.vm.read_hva(kvm_guest.region.hva + 0x1000, 8) == b"to-ram!!"
 
 
 async def test_mmio_write_without_data_reports_zeroes(kvm_guest):
@@ -93,7 +93,7 @@ async def test_write_to_a_read_only_slot_is_mmio_and_reads_work(make_guest):
                                data=b"hack")
     result = await g.vcpu.run(mmio_data=b"")
     assert result.exit.reason is ExitReason.DONE and result.read_data == b"rom!rom!"
-    assert g.vm.read_hva(g.region.hva + 0x2000, 4) == b"rom!"
+    assert await g.vm.read_hva(g.region.hva + 0x2000, 4) == b"rom!"
     leaf = g.vm.walk(0x2000)[-1]
     assert leaf.readable and not (leaf.writable or leaf.host_writable or leaf.mmu_writable)
     assert g.vcpu.stats()["pf_mmio_spte_created"] == 0

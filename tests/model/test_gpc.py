@@ -110,7 +110,7 @@ async def test_read_and_write_go_to_the_host_page_and_mark_it_dirty(guest, monke
     monkeypatch.setattr(vm, "mark_page_dirty", lambda slot, gfn: dirtied.append((slot.id, gfn)))
     gpc = await vm.gpcs.create(GPA, 16)
     gpc.write(4, b"gpc!")
-    assert vm.read_hva(guest.hva(GPA) + 4, 4) == b"gpc!"
+    assert await vm.read_hva(guest.hva(GPA) + 4, 4) == b"gpc!"
     assert dirtied == [(0, GPA >> 12)]
     await vm.write_hva(guest.hva(GPA), b"host")
     assert gpc.read(0, 8) == b"hostgpc!"

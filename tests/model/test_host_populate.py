@@ -70,7 +70,7 @@ async def test_4k_pages_are_populated_and_get_zeroed_contents(make_guest):
         assert not kvm_maps(g, gpa)                      # the host's fault, not KVM's
     assert host_pfn(g, 0x0) is None and host_pfn(g, 0x4000) is None
     assert len(host.contents) == 3
-    assert vm.read_hva(g.hva(0x1000), 3 * PAGE) == bytes(3 * PAGE)
+    assert await vm.read_hva(g.hva(0x1000), 3 * PAGE) == bytes(3 * PAGE)
 
 
 async def test_a_later_guest_write_allocates_nothing(make_guest):
@@ -316,7 +316,7 @@ async def test_a_range_write_protected_during_a_cow_break_populates_nothing(kvm_
     host = kvm_vm.host
     assert [host.current_pfn(region.hva + i * PAGE) is not None for i in range(8)] == \
         [False, True, False, False, False, True, False, False]
-    assert kvm_vm.read_hva(region.hva + PAGE, 8) == b"twins..."
+    assert await kvm_vm.read_hva(region.hva + PAGE, 8) == b"twins..."
 
 
 # -- the readers of the contents: a populated zero page is a zero page --------------------------
@@ -377,7 +377,7 @@ async def test_migration_and_collapse_carry_the_allocated_pages(make_guest):
     base = host_pfn(g, 0x0)
     assert sorted(host.contents) == [base + i for i in range(512) if i != 5]
     assert all(host.contents[p] == ZERO for p in host.contents)
-    assert vm.read_hva(g.hva(0x0), 2 * MIB) == bytes(2 * MIB)
+    assert await vm.read_hva(g.hva(0x0), 2 * MIB) == bytes(2 * MIB)
 
 
 async def test_freeing_drops_the_allocated_contents(make_guest):

@@ -151,7 +151,7 @@ async def test_delete_zaps_and_the_old_gpa_becomes_mmio(two_slots):
     await vcpu.run(mmio_data=b"\xff" * 8)
     result = await vcpu.run(AccessBatch.build([(4 * MIB, R, 8, b"")]))
     assert result.exit.reason is ExitReason.DONE    # the other slot still works
-    assert vm.read_hva(two_slots.hva + 0x1000, 8) == b"slotdata"   # host memory untouched
+    assert await vm.read_hva(two_slots.hva + 0x1000, 8) == b"slotdata"   # host memory untouched
 
 
 async def test_move_zaps_and_the_data_follows_the_slot(two_slots):

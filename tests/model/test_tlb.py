@@ -82,7 +82,7 @@ async def test_guest_writes_reach_the_host_and_host_writes_reach_the_guest(make_
     for n, spot in enumerate(spots):
         await run(g.vcpu, (spot, W, 8, b"guest-%02d" % n))
     for n, spot in enumerate(spots):
-        assert g.vm.read_hva(g.hva(spot), 8) == b"guest-%02d" % n
+        assert await g.vm.read_hva(g.hva(spot), 8) == b"guest-%02d" % n
         await g.vm.write_hva(g.hva(spot), b"host--%02d" % n)
     result = await run(g.vcpu, *[(spot, R, 8, b"") for spot in spots])
     assert result.read_data == b"".join(b"host--%02d" % n for n in range(len(spots)))
@@ -93,7 +93,7 @@ async def test_pure_translations_move_no_data(kvm_guest):
     await vm.write_hva(kvm_guest.region.hva + 0x40, b"keep")
     result = await run(vcpu, (0x40, W, 4, None), (0x40, R, 4, None))
     assert result.exit.reason is ExitReason.DONE and result.read_data == b""
-    assert vm.read_hva(kvm_guest.region.hva + 0x40, 4) == b"keep"
+    assert await vm.read_hva(kvm_guest.region.hva + 0x40, 4) == b"keep"
 
 
 async def test_host_write_to_an_unmapped_page_is_read_by_the_guest(kvm_guest):

@@ -93,14 +93,14 @@ async def test_munmap_takes_whole_regions_only(kvm_vm):
 
 async def test_host_access_to_unmapped_or_read_only_memory_is_efault(kvm_vm):
     ro = kvm_vm.mmap(4096, Backing.PAGE_4K, writable=False)
-    assert kvm_vm.read_hva(ro.hva, 8) == bytes(8)
+    assert await kvm_vm.read_hva(ro.hva, 8) == bytes(8)
     with pytest.raises(KvmError) as err:
         await kvm_vm.write_hva(ro.hva, b"x")
     assert err.value.errno == errno.EFAULT
     for call in (lambda: kvm_vm.read_hva(0x1000, 1),
                  lambda: kvm_vm.read_hva(ro.hva + 4090, 8)):         # runs off the region
         with pytest.raises(KvmError) as err:
-            call()
+            await call()
         assert err.value.errno == errno.EFAULT
 
 

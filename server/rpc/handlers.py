@@ -1,0 +1,34 @@
+"""Method handlers with code put around their behavior: the one way the interceptors
+(`auth`, `errors`, `metrics`) wrap a vmmu.v1 method, whatever its kind."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+__all__ = ["Behavior", "Continuation", "rewrap"]
+
+Behavior = Callable[..., Any]
+# What `ServerInterceptor.intercept_service` calls for the handler of the interceptors after it.
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
+
+_FACTORIES = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+def rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Behavior]
+           ) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind and (de)serializers whose behavior is
+    `wrap(handler's behavior)`."""
+    for kind, factory in _FACTORIES.items():
+        behavior = getattr(handler, kind)
+        if behavior is not None:
+            return factory(wrap(behavior), request_deserializer=handler.request_deserializer,
+                           response_serializer=handler.response_serializer)
+    raise AssertionError(f"a method handler of no kind: {handler}")

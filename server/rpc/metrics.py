@@ -1,0 +1,199 @@
+"""Prometheus metrics of a server: its RPCs as they end, its model as it is when scraped.
+
+    vmmu_rpcs_total{method, code}                 RPCs ended, by method and status code
+    vmmu_rpc_duration_seconds{method, code}       their latency (histogram)
+    vmmu_limit_rejections_total{method}           RPCs refused RESOURCE_EXHAUSTED
+    vmmu_vms, vmmu_vcpus                          what exists now
+    vmmu_host_memory_bytes{state}                 host regions: "mapped", "populated"
+    vmmu_page_faults{kind}                        vCPU faults by outcome (pf_* stats)
+    vmmu_exits{kind}                              vCPU exits: ept_violation, ept_misconfig, mmio
+    vmmu_mmu_lock_wait_seconds{mode}              time tasks waited for mmu_lock, read/write
+    vmmu_mmu_lock_contended{mode}                 acquisitions that had to wait
+    vmmu_invalidations_held                       client-held invalidations now
+    vmmu_trace_dropped_events                     events the open trace subscriptions dropped
+
+The model's figures are sums over the VMs that exist when scraped (a destroyed VM's go
+with it), read on the event loop's thread: `serve_metrics` answers HTTP on the server's
+own loop, so a scrape never reads the model while a task changes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from grpc import StatusCode
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from vmmu.server.kvm import Kvm
+from vmmu.server.rpc.errors import SERVICE_PREFIX
+from vmmu.server.rpc.handlers import Continuation, rewrap
+
+__all__ = ["Metrics", "serve_metrics"]
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0, 30.0)
+FAULT_STATS = {"taken": "pf_taken", "fixed": "pf_fixed", "emulate": "pf_emulate",
+               "spurious": "pf_spurious", "fast": "pf_fast", "retry": "pf_retry"}
+EXIT_STATS = {"ept_violation": "ept_violations", "ept_misconfig": "ept_misconfigs",
+              "mmio": "mmio_exits"}
+
+
+class Metrics(grpc.aio.ServerInterceptor):
+    """The registry of one server; as its first interceptor, it times every vmmu.v1 RPC
+    (refusals by the interceptors after it included) and records how it ended."""
+
+    def __init__(self, kvm: Kvm) -> None:
+        self.registry = CollectorRegistry()
+        self.rpcs = Counter("vmmu_rpcs", "RPCs ended, by method and status code",
+                            ["method", "code"], registry=self.registry)
+        self.latency = Histogram("vmmu_rpc_duration_seconds", "RPC latency",
+                                 ["method", "code"], buckets=LATENCY_BUCKETS,
+                                 registry=self.registry)
+        self.rejections = Counter("vmmu_limit_rejections",
+                                  "RPCs refused RESOURCE_EXHAUSTED (a limit)", ["method"],
+                                  registry=self.registry)
+        self.registry.register(_ModelCollector(kvm))
+        self._timed: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def record(self, method: str, code: StatusCode, seconds: float) -> None:
+        self.rpcs.labels(method, code.name).inc()
+        self.latency.labels(method, code.name).observe(seconds)
+        if code is StatusCode.RESOURCE_EXHAUSTED:
+            self.rejections.labels(method).inc()
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        cached = self._timed.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        name = method.removeprefix(SERVICE_PREFIX)
+        timed = rewrap(handler, lambda behavior: _timed(behavior, self, name))
+        self._timed[method] = (handler, timed)
+        return timed
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _ended(context: grpc.aio.ServicerContext, error: BaseException | None) -> StatusCode:
+    """How a call ended: the code its handler or an abort set, else OK or, for an
+    exception that set none, CANCELLED (the client went) or UNKNOWN."""
+    code = context.code()
+    if isinstance(code, StatusCode):
+        return code
+    if error is None:
+        return StatusCode.OK
+    return StatusCode.CANCELLED if isinstance(error, asyncio.CancelledError) \
+        else StatusCode.UNKNOWN
+
+
+def _timed(behavior: Callable[..., Any], metrics: Metrics, method: str) -> Callable[..., Any]:
+    """`behavior` recording how and how fast each call ended."""
+    @contextlib.contextmanager
+    def recording(context: grpc.aio.ServicerContext) -> Iterator[None]:
+        started, error = time.perf_counter(), None
+        try:
+            yield
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            metrics.record(method, _ended(context, error), time.perf_counter() - started)
+
+    if inspect.isasyncgenfunction(behavior):
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with recording(context):
+                async for response in behavior(request, context):
+                    yield response
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        with recording(context):
+            return await behavior(request, context)
+    return unary
+
+
+class _ModelCollector:
+    """The model's figures, summed over the VMs that exist at the scrape."""
+
+    def __init__(self, kvm: Kvm) -> None:
+        self.kvm = kvm
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        vms = self.kvm.vms()
+        vcpus = [vcpu for vm in vms for vcpu in vm.vcpus()]
+        regions = [region for vm in vms for region in vm.host_regions()]
+        vcpu_stats = [vcpu.stats() for vcpu in vcpus]
+        locks = [vm.mmu_lock.statistics() for vm in vms]
+
+        yield GaugeMetricFamily("vmmu_vms", "VMs", value=len(vms))
+        yield GaugeMetricFamily("vmmu_vcpus", "vCPUs", value=len(vcpus))
+        memory = GaugeMetricFamily("vmmu_host_memory_bytes",
+                                   "host memory of the VMs' regions", labels=["state"])
+        memory.add_metric(["mapped"], sum(region.size for region in regions))
+        memory.add_metric(["populated"],
+                          sum(region.populated_4k_pages for region in regions) * 4096)
+        yield memory
+        yield _by_kind("vmmu_page_faults", "vCPU page faults by outcome", FAULT_STATS,
+                       vcpu_stats)
+        yield _by_kind("vmmu_exits", "vCPU exits by reason", EXIT_STATS, vcpu_stats)
+        wait = GaugeMetricFamily("vmmu_mmu_lock_wait_seconds",
+                                 "time tasks waited for mmu_lock", labels=["mode"])
+        contended = GaugeMetricFamily("vmmu_mmu_lock_contended",
+                                      "mmu_lock acquisitions that waited", labels=["mode"])
+        for mode in ("read", "write"):
+            wait.add_metric([mode], sum(getattr(s, f"{mode}_wait_ns") for s in locks) / 1e9)
+            contended.add_metric([mode], sum(getattr(s, f"{mode}_contended") for s in locks))
+        yield wait
+        yield contended
+        yield GaugeMetricFamily("vmmu_invalidations_held", "client-held invalidations",
+                                value=sum(len(vm.held_invalidations()) for vm in vms))
+        yield GaugeMetricFamily("vmmu_trace_dropped_events",
+                                "events the open trace subscriptions dropped",
+                                value=sum(sub.dropped for sub in self.kvm.subscriptions()))
+
+
+def _by_kind(name: str, documentation: str, kinds: dict[str, str],
+             stats: list[dict[str, int]]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=["kind"])
+    for kind, stat in kinds.items():
+        family.add_metric([kind], sum(s[stat] for s in stats))
+    return family
+
+
+async def serve_metrics(address: str, metrics: Metrics) -> asyncio.Server:
+    """Answer `GET /metrics` (any path) over HTTP/1.0 on `address` ("host:port", port 0
+    picks one), on the running loop."""
+    host, port = address.rsplit(":", 1)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await reader.readuntil(b"\r\n\r\n")
+            if request.startswith(b"GET "):
+                body = metrics.exposition()
+                head = (f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n").encode()
+            else:
+                body = b"only GET\n"
+                head = b"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 9\r\n\r\n"
+            writer.write(head + body)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass                                    # a scraper that went away, or junk
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(answer, host.strip("[]"), int(port))

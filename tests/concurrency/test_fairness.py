@@ -1,0 +1,148 @@
+"""Long requests let the event loop go: a probe task keeps running while they work.
+
+Each story runs one long operation as a task beside a probe that only counts how often it
+gets the loop. Without a yield inside the operation the probe would run once, after it;
+the operations yield when their timeslice (`resched.TIMESLICE_NS`, 2 ms) is used up, so a
+probe runs many times. The bound asserted is loose: at least a few turns, whatever the
+machine's speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+
+import pytest
+
+from vmmu.server.kvm import AccessBatch, AccessKind, Backing, Kvm, VmConfig
+from vmmu.server.kvm.errors import KvmError
+
+MIB = 1 << 20
+PAGE = 4096
+MIN_TURNS = 4          # far below what a yielding operation gives, above a blocking one's 1
+
+
+async def probe_turns(operation) -> tuple[object, int]:
+    """Run `operation` (a coroutine) beside a probe: (its result, the probe's turns)."""
+    turns = 0
+    done = False
+
+    async def probe() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(probe())
+    await asyncio.sleep(0)
+    turns = 0                              # count only the turns during the operation
+    try:
+        result = await operation
+    finally:
+        done = True
+        await task
+    return result, turns
+
+
+async def guest(size: int, backing: Backing = Backing.PAGE_4K, **config):
+    vm = Kvm().create_vm(VmConfig(name="fair", sanitizers=False, **config))
+    region = vm.mmap(size, backing)
+    await vm.set_user_memory_region(0, 0, 0, size, region.hva)
+    return vm, region, vm.create_vcpu(0)
+
+
+def writes(gpas) -> AccessBatch:
+    return AccessBatch.build((gpa, AccessKind.WRITE, 8, b"fairness") for gpa in gpas)
+
+
+async def test_a_batch_of_faults_yields_between_them():
+    vm, _, vcpu = await guest(64 * MIB)
+    result, turns = await probe_turns(vcpu.run(writes(range(0, 64 * MIB, PAGE))))
+    assert result.completed == 64 * MIB // PAGE
+    assert turns >= MIN_TURNS
+
+
+async def test_a_batch_that_never_faults_still_yields_at_the_timer_tick():
+    vm, _, vcpu = await guest(2 * MIB)
+    gpas = [gpa for _ in range(64) for gpa in range(0, 2 * MIB, PAGE)]
+    await vcpu.run(writes(gpas[:512]))                   # every page mapped: all hits now
+    exits = vcpu.stats()["exits"]
+    result, turns = await probe_turns(vcpu.run(writes(gpas)))
+    assert result.completed == len(gpas)
+    assert vcpu.stats()["exits"] == exits                # no fault: only ticks
+    assert turns >= MIN_TURNS
+
+
+async def test_populating_a_large_range_yields():
+    vm, region, _ = await guest(64 * MIB)
+    populated, turns = await probe_turns(vm.madvise_populate_write(region.hva, 64 * MIB))
+    assert populated == 64 * MIB // PAGE
+    assert turns >= MIN_TURNS
+
+
+@pytest.mark.parametrize("operation", ["populate", "read", "write"])
+async def test_a_region_unmapped_while_a_long_host_operation_yields_fails_it_there(operation):
+    vm, region, _ = await guest(64 * MIB)
+    start = {"populate": lambda: vm.madvise_populate_write(region.hva, 64 * MIB),
+             "read": lambda: vm.read_hva(region.hva, 64 * MIB),
+             "write": lambda: vm.write_hva(region.hva, bytes(64 * MIB))}[operation]
+    running = asyncio.create_task(start())
+    while not vm.host_regions()[0].populated_4k_pages:   # it has begun
+        await asyncio.sleep(0)
+    await vm.munmap(region.hva, 64 * MIB)
+    with pytest.raises(KvmError) as error:
+        await running
+    assert error.value.errno == (errno.ENOMEM if operation == "populate" else errno.EFAULT)
+
+
+async def test_reading_and_writing_a_large_range_yield():
+    vm, region, _ = await guest(64 * MIB)
+    data = bytes(range(256)) * (64 * MIB // 256)
+    _, turns = await probe_turns(vm.write_hva(region.hva, data))
+    assert turns >= MIN_TURNS
+    read, turns = await probe_turns(vm.read_hva(region.hva, 64 * MIB))
+    assert read == data
+    assert turns >= MIN_TURNS
+
+
+async def test_a_ksm_merge_of_many_pages_yields():
+    vm, region, _ = await guest(16 * MIB)
+    await vm.madvise_populate_write(region.hva, 16 * MIB)
+    hvas = list(range(region.hva, region.hva + 16 * MIB, PAGE))
+    merged, turns = await probe_turns(vm.ksm_merge(hvas))
+    assert merged == len(hvas) - 1                       # all zero pages: one group
+    assert turns >= MIN_TURNS
+
+
+async def test_tearing_down_a_sparse_vm_frees_tables_whole_and_yields():
+    """One read every 2 MiB: a 4K table of 511 empty entries per access. Teardown frees
+    table after table, without a change to any of their SPTEs."""
+    size = 16 << 30
+    kvm = Kvm()
+    vm = kvm.create_vm(VmConfig(name="sparse", sanitizers=False))
+    region = vm.mmap(size, Backing.PAGE_4K)
+    await vm.set_user_memory_region(0, 0, 0, size, region.hva)
+    reads = AccessBatch.build((gpa, AccessKind.READ, 8, None) for gpa in range(0, size, 2 * MIB))
+    await vm.create_vcpu(0).run(reads)
+    tables = vm.stats()["tdp_mmu_pages"]
+    assert vm.stats()["pages_4k"] == size // (2 * MIB) and tables > size // (2 * MIB)
+
+    trace = kvm.trace([vm.id], events=["kvm_tdp_mmu_spte_changed", "kvm_mmu_prepare_zap_page"],
+                      capacity=1 << 16)
+    _, turns = await probe_turns(kvm.destroy_vm(vm.id))
+    events = [event.event async for event, _ in trace]
+    assert events == ["kvm_mmu_prepare_zap_page"] * (tables - 1)     # every table but the root
+    assert vm.stats()["pages_4k"] == vm.stats()["tdp_mmu_pages"] == 0
+    assert len(vm.tdp.tables) == 0                                   # freed after the grace
+    assert turns >= MIN_TURNS
+
+
+async def test_a_vm_with_a_schedule_seed_never_yields_for_its_timeslice():
+    """Only the seeded points switch tasks, so a seed replays: with no point on its way
+    (every access hits), a long batch runs to its end without letting the probe in."""
+    vm, _, vcpu = await guest(2 * MIB, schedule_seed=7)
+    gpas = [gpa for _ in range(64) for gpa in range(0, 2 * MIB, PAGE)]
+    await vcpu.run(writes(gpas[:512]))
+    result, turns = await probe_turns(vcpu.run(writes(gpas)))
+    assert result.completed == len(gpas)
+    assert turns <= 1

@@ -1,0 +1,121 @@
+"""`--metrics`: Prometheus metrics over HTTP, scraped and parsed as Prometheus would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from vmmu.client import (Backing, BatchBuilder, Client, NotFound, ResourceExhausted,
+                         Unauthenticated)
+from vmmu.server.rpc.auth import Tokens
+
+MiB = 1 << 20
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the endpoint: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def guest(client: Client, max_vcpus: int = 1):
+    """A VM with 4 MiB of 4K pages at gpa 0 and vCPU 0: (vm, region, vcpu)."""
+    vm = client.create_vm(max_vcpus=max_vcpus)
+    region = vm.mmap(4 * MiB, Backing.PAGE_4K)
+    vm.set_user_memory_region(slot=0, flags=0, guest_phys_addr=0, memory_size=4 * MiB,
+                              userspace_addr=region.hva)
+    return vm, region, vm.create_vcpu(0)
+
+
+@pytest.fixture
+def metered(serve):
+    return serve(metrics="127.0.0.1:0")
+
+
+def test_rpcs_are_counted_by_method_and_code_and_timed(metered):
+    with Client(metered.address) as client:
+        vm, _, vcpu = guest(client)
+        for _ in range(3):
+            vcpu.run(BatchBuilder().write(0x1000, data=b"metrics!").read(0x5000, 8).build())
+        with pytest.raises(NotFound):
+            client.vm(999).info()
+        with pytest.raises(ResourceExhausted):                  # ENOMEM: nothing mapped
+            vm.madvise_populate_write(0x10_0000_0000, 4096)
+    samples = scrape(metered.serving.metrics_port)
+
+    def rpcs(method: str, code: str) -> float:
+        return samples.get(("vmmu_rpcs_total", (("code", code), ("method", method))), 0)
+
+    assert rpcs("VmService/CreateVm", "OK") == 1
+    assert rpcs("VcpuService/RunBatch", "OK") == 3
+    assert rpcs("VmService/GetVm", "NOT_FOUND") == 1
+    assert rpcs("HostMemoryService/Madvise", "RESOURCE_EXHAUSTED") == 1
+    assert samples[("vmmu_limit_rejections_total",
+                    (("method", "HostMemoryService/Madvise"),))] == 1
+    assert samples[("vmmu_rpc_duration_seconds_count",
+                    (("code", "OK"), ("method", "VcpuService/RunBatch")))] == 3
+    assert samples[("vmmu_rpc_duration_seconds_bucket",
+                    (("code", "OK"), ("le", "+Inf"), ("method", "VcpuService/RunBatch")))] == 3
+
+
+def test_the_model_is_read_at_the_scrape(metered):
+    with Client(metered.address) as client:
+        vm, region, vcpu = guest(client, max_vcpus=2)
+        vcpu.run(BatchBuilder().write(0x1000, data=b"12345678").read(0x2000, 8)
+                 .read(0xFEE0_0000, 4).build())                  # the last one is MMIO
+        trace = client.trace(vm_ids=[vm.id], capacity=1)
+        vcpu.complete_mmio(b"\0\0\0\0")
+        vcpu.run(BatchBuilder().read(0x3000, 8).read(0x4000, 8).build())
+        hold = vm.hold_invalidation(region.hva, region.hva + MiB)
+        try:
+            samples = scrape(metered.serving.metrics_port)
+        finally:
+            hold.cancel()
+            trace.cancel()
+        model = {name: value for (name, labels), value in samples.items() if not labels}
+        assert (model["vmmu_vms"], model["vmmu_vcpus"]) == (1, 1)
+        assert model["vmmu_invalidations_held"] == 1
+        assert model["vmmu_trace_dropped_events"] > 0          # a buffer of one event
+        assert samples[("vmmu_host_memory_bytes", (("state", "mapped"),))] == 4 * MiB
+        assert samples[("vmmu_host_memory_bytes", (("state", "populated"),))] == 4 * 4096
+        assert samples[("vmmu_page_faults", (("kind", "fixed"),))] == 4
+        assert samples[("vmmu_exits", (("kind", "mmio"),))] == 1
+        assert samples[("vmmu_exits", (("kind", "ept_violation"),))] >= 5
+        assert ("vmmu_mmu_lock_wait_seconds", (("mode", "write"),)) in samples
+        vm.destroy()
+    assert scrape(metered.serving.metrics_port)[("vmmu_vms", ())] == 0
+
+
+def test_refused_calls_are_counted_too(serve):
+    running = serve(metrics="127.0.0.1:0", tokens=Tokens.parse("secret\n"))
+    with Client(running.address) as client, pytest.raises(Unauthenticated):
+        client.list_vms()
+    with Client(running.address, token="secret") as client:
+        client.list_vms()
+    samples = scrape(running.serving.metrics_port)
+    assert samples[("vmmu_rpcs_total", (("code", "UNAUTHENTICATED"),
+                                        ("method", "VmService/ListVms")))] == 1
+    assert samples[("vmmu_rpcs_total", (("code", "OK"), ("method", "VmService/ListVms")))] == 1
+
+
+def test_serve_announces_its_metrics_endpoint():
+    server = subprocess.Popen([sys.executable, "-m", "vmmu.cli", "serve", "--listen",
+                               "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().startswith("vmmu serving on 127.0.0.1:")
+        line = server.stdout.readline()
+        assert line.startswith("vmmu metrics on http://127.0.0.1:")
+        port = int(line.rsplit(":", 1)[1].split("/")[0])
+        assert scrape(port)[("vmmu_vms", ())] == 0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        server.stdout.close()
