@@ -1,4 +1,4 @@
-"""The model is pure Python: nothing under server/kvm may reach grpc or protobuf."""
+"""The model is pure Python: nothing under server/kvm may reach grpc, protobuf or Ray."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import vmmu.server.kvm
 
 MODEL_DIR = Path(vmmu.server.kvm.__file__).parent
 MODEL_FILES = sorted(MODEL_DIR.glob("*.py"))
-FORBIDDEN = ("grpc", "google.protobuf", "vmmu.server.rpc", "vmmu.client", "vmmu.v1")
+FORBIDDEN = ("grpc", "google.protobuf", "ray", "vmmu.server.rpc", "vmmu.server.explore_ray",
+             "vmmu.client", "vmmu.v1")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -56,10 +57,10 @@ def test_the_checker_sees_forbidden_imports(tmp_path):
         "..rpc", "google.protobuf", "google.protobuf.message", "grpc"]
 
 
-def test_importing_the_model_loads_no_grpc_or_protobuf():
-    probe = ("import sys, vmmu.server.kvm\n"
-             "print(sorted(m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')"
-             " or m.startswith('google.protobuf')))")
+def test_importing_the_model_and_its_process_pool_loads_no_grpc_protobuf_or_ray():
+    probe = ("import sys, vmmu.server.kvm, vmmu.server.explore_pool\n"
+             "print(sorted(m for m in sys.modules if m in ('grpc', 'ray')"
+             " or m.startswith(('grpc.', 'ray.', 'google.protobuf'))))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip() == "[]"

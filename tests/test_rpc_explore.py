@@ -1,8 +1,10 @@
-"""ExploreService over a real server: scenarios, progress, the first violation, errors."""
+"""ExploreService over a real server: scenarios, progress, the first violation, errors,
+and the same answer from worker processes."""
 
 import grpc
 import pytest
 
+from vmmu.server.explore_pool import ATTEMPTS, CRASH_HOOK, WORKER_DIED
 from vmmu.v1 import explore_pb2, explore_pb2_grpc
 
 
@@ -45,3 +47,35 @@ async def test_bad_requests_get_invalid_argument(explorer, request_fields, reaso
             pass
     assert failed.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert reason in failed.value.details()
+
+
+@pytest.mark.parametrize("request_fields", [
+    {"scenario": "fast_pf_vs_invalidate", "seeds": 12, "knobs": ["fast_pf_plain_write"]},
+    {"scenario": "tlb_vs_zap", "seeds": 10, "first_seed": 7}])
+async def test_worker_processes_give_the_same_result_as_the_server_process(explorer,
+                                                                          request_fields):
+    async def last(**workers):
+        replies = [r async for r in explorer.Explore(explore_pb2.ExploreRequest(
+            **request_fields, progress_every=3, **workers))]
+        assert [r.done for r in replies] == [False] * (len(replies) - 1) + [True]
+        return replies[-1]
+    alone, pooled = await last(), await last(workers=2)
+    assert pooled == alone and pooled.workers_lost == 0
+
+
+async def test_too_many_workers_get_invalid_argument(explorer):
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        async for _ in explorer.Explore(explore_pb2.ExploreRequest(
+                scenario="tlb_vs_zap", seeds=1, workers=65)):
+            pass
+    assert failed.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "workers 65 is not in 1..64" in failed.value.details()
+
+
+async def test_a_seed_whose_worker_always_dies_is_reported(explorer, monkeypatch):
+    monkeypatch.setenv(CRASH_HOOK, "9")
+    replies = [r async for r in explorer.Explore(explore_pb2.ExploreRequest(
+        scenario="tlb_vs_zap", seeds=12, workers=2))]
+    found = replies[-1].first_violation
+    assert (found.seed, found.oracle) == (9, WORKER_DIED)
+    assert replies[-1].workers_lost >= ATTEMPTS and replies[-1].seeds_run == 10

@@ -5,16 +5,20 @@
                                        serve the vmmu.v1 gRPC API until SIGINT/SIGTERM
     vmmu demo [--accesses N]           an in-process server driven through the client
     vmmu explore SCENARIO --seeds N    run a race scenario under N schedule seeds
+                [--workers K] [--ray [ADDRESS]]   on K processes, or as Ray tasks
+    vmmu explore --all --seeds N       every scenario with and without each knob, a table
     vmmu scale [SWEEP ...] [--quick]   the seeds' sweeps in virtual time, as JSON lines
 
 A subcommand is a `_add_<name>(subparsers)` that declares its arguments and sets
-`run=<function(args) -> exit status>`; `main` registers every one listed in `SUBCOMMANDS`.
+`run=<function(args) -> exit status>` (and `check=<function(args)>` if it refuses some
+combinations of options); `main` registers every one listed in `SUBCOMMANDS`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -136,23 +140,51 @@ def _add_scale(subparsers: argparse._SubParsersAction) -> None:
 
 
 def explore(args: argparse.Namespace) -> int:
-    """Run a race scenario under many schedule seeds with the sanitizers on; exit 1 and
-    print the first violation (seed, oracle, trace) if a seed violates, else exit 0."""
-    from vmmu.explore_cli import run_explore
-    return run_explore(args.scenario, args.seeds, frozenset(args.knob), args.first_seed)
+    """Run a race scenario under many schedule seeds with the sanitizers on, on local
+    worker processes or Ray tasks; exit 1 and print the lowest violating seed (oracle,
+    trace) if a seed violates, else exit 0. With --all, every scenario with every
+    protection on and with each knob off, as a table; exit 1 if a scenario violates with
+    every protection on."""
+    from vmmu.explore_cli import run_explore, run_explore_all
+    from vmmu.server.explore_pool import default_workers
+    workers = default_workers() if args.workers is None else args.workers
+    if args.all:
+        return run_explore_all(args.seeds, args.first_seed, workers, args.ray)
+    return run_explore(args.scenario, args.seeds, frozenset(args.knob), args.first_seed,
+                       workers, args.ray)
 
 
 def _add_explore(subparsers: argparse._SubParsersAction) -> None:
+    from vmmu.server.explore_pool import RAY_INSTALL
     from vmmu.server.kvm.explore import SCENARIOS
     from vmmu.server.kvm.vm import DEBUG_KNOBS
     parser = subparsers.add_parser("explore", help="explore a race scenario's schedules",
                                    description=explore.__doc__)
-    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("scenario", nargs="?", choices=sorted(SCENARIOS),
+                        help="the scenario (or --all)")
+    parser.add_argument("--all", action="store_true",
+                        help="every scenario, with every protection on and each knob off")
     parser.add_argument("--seeds", type=int, default=500, help="seeds to try (default 500)")
     parser.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0)")
     parser.add_argument("--knob", action="append", default=[], choices=sorted(DEBUG_KNOBS),
                         help="switch a protection off (repeatable)")
-    parser.set_defaults(run=explore)
+    parser.add_argument("--workers", type=int, metavar="K",
+                        help="local worker processes, or the CPUs of the local Ray cluster "
+                             "(default: this machine's cores)")
+    parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                        help="run the seeds as Ray tasks on the cluster at ADDRESS (a local "
+                             f"cluster without it); needs Ray: {RAY_INSTALL}")
+    parser.set_defaults(run=explore, check=functools.partial(_check_explore, parser))
+
+
+def _check_explore(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.all == (args.scenario is not None):
+        parser.error("explore: give a scenario or --all")
+    if args.all and args.knob:
+        parser.error("explore: --all switches every knob off in turn; --knob is not for it")
+    if args.ray and args.workers:
+        parser.error("explore: the Ray cluster's CPUs set the parallelism; --workers is for "
+                     "local processes or a local Ray cluster")
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
@@ -166,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for add in SUBCOMMANDS:
         add(subparsers)
     args = parser.parse_args(argv)
+    if "check" in args:
+        args.check(args)
     return args.run(args)
 
 

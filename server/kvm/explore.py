@@ -57,6 +57,7 @@ class ExploreResult:
     knobs: frozenset[str]
     seeds_run: int
     first_violation: Outcome | None
+    workers_lost: int = 0            # worker processes that died; their seeds ran again
 
 
 @dataclass(frozen=True)
@@ -292,6 +293,7 @@ class ExploreStep:
     seeds_run: int
     done: bool
     first_violation: Outcome | None = None
+    workers_lost: int = 0
 
 
 def check(name: str, seeds: int, knobs: frozenset[str]) -> None:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from vmmu.server import explore_pool
 from vmmu.server.kvm import explore
 from vmmu.v1 import explore_pb2, explore_pb2_grpc
 
@@ -31,8 +32,9 @@ class ExploreServicer(explore_pb2_grpc.ExploreServiceServicer):
 
     async def Explore(self, request: explore_pb2.ExploreRequest, context: Context
                       ) -> AsyncIterator[explore_pb2.ExploreResponse]:
-        async for step in explore.explore_steps(request.scenario, request.seeds,
-                                                frozenset(request.knobs), request.first_seed,
-                                                request.progress_every):
+        async for step in explore_pool.explore_steps(
+                request.scenario, request.seeds, frozenset(request.knobs), request.first_seed,
+                request.progress_every, workers=max(1, request.workers)):
             yield explore_pb2.ExploreResponse(seeds_run=step.seeds_run, done=step.done,
-                                              first_violation=_outcome(step.first_violation))
+                                              first_violation=_outcome(step.first_violation),
+                                              workers_lost=step.workers_lost)

@@ -27,18 +27,20 @@ class ListScenariosResponse(_message.Message):
     def __init__(self, scenarios: _Optional[_Iterable[_Union[Scenario, _Mapping]]] = ...) -> None: ...
 
 class ExploreRequest(_message.Message):
-    __slots__ = ("scenario", "seeds", "first_seed", "knobs", "progress_every")
+    __slots__ = ("scenario", "seeds", "first_seed", "knobs", "progress_every", "workers")
     SCENARIO_FIELD_NUMBER: _ClassVar[int]
     SEEDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_SEED_FIELD_NUMBER: _ClassVar[int]
     KNOBS_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_EVERY_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     scenario: str
     seeds: int
     first_seed: int
     knobs: _containers.RepeatedScalarFieldContainer[str]
     progress_every: int
-    def __init__(self, scenario: _Optional[str] = ..., seeds: _Optional[int] = ..., first_seed: _Optional[int] = ..., knobs: _Optional[_Iterable[str]] = ..., progress_every: _Optional[int] = ...) -> None: ...
+    workers: int
+    def __init__(self, scenario: _Optional[str] = ..., seeds: _Optional[int] = ..., first_seed: _Optional[int] = ..., knobs: _Optional[_Iterable[str]] = ..., progress_every: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class SeedOutcome(_message.Message):
     __slots__ = ("seed", "violation", "oracle", "gfn", "trace", "points")
@@ -57,11 +59,13 @@ class SeedOutcome(_message.Message):
     def __init__(self, seed: _Optional[int] = ..., violation: _Optional[str] = ..., oracle: _Optional[str] = ..., gfn: _Optional[int] = ..., trace: _Optional[str] = ..., points: _Optional[int] = ...) -> None: ...
 
 class ExploreResponse(_message.Message):
-    __slots__ = ("seeds_run", "done", "first_violation")
+    __slots__ = ("seeds_run", "done", "first_violation", "workers_lost")
     SEEDS_RUN_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     FIRST_VIOLATION_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_LOST_FIELD_NUMBER: _ClassVar[int]
     seeds_run: int
     done: bool
     first_violation: SeedOutcome
-    def __init__(self, seeds_run: _Optional[int] = ..., done: _Optional[bool] = ..., first_violation: _Optional[_Union[SeedOutcome, _Mapping]] = ...) -> None: ...
+    workers_lost: int
+    def __init__(self, seeds_run: _Optional[int] = ..., done: _Optional[bool] = ..., first_violation: _Optional[_Union[SeedOutcome, _Mapping]] = ..., workers_lost: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,52 @@
+"""Exploration as Ray tasks on a local Ray cluster gives the sequential explorer's answer.
+
+The cluster is started here with two CPUs; with `VMMU_EXPLORE_CRASH` set when it starts,
+its workers exit abruptly on seed DOOMED, which no other test runs.
+"""
+
+import os
+
+import pytest
+
+from vmmu.server.explore_pool import ATTEMPTS, CRASH_HOOK, WORKER_DIED, explore_steps
+from vmmu.server.kvm.explore import explore
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'vmmu[ray]')")
+
+DOOMED = 10_007
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ[CRASH_HOOK] = str(DOOMED)       # inherited by the cluster's workers
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False)
+    finally:
+        del os.environ[CRASH_HOOK]
+    yield
+    ray.shutdown()
+
+
+async def last_step(*args, **kwargs):
+    steps = [step async for step in explore_steps(*args, ray="", **kwargs)]
+    assert all(not step.done for step in steps[:-1]) and steps[-1].done
+    return steps[-1]
+
+
+@pytest.mark.parametrize("scenario,knobs,first_seed,seeds", [
+    ("fast_pf_vs_invalidate", frozenset({"fast_pf_plain_write"}), 3, 12),
+    ("tlb_vs_zap", frozenset(), 0, 10)])
+async def test_ray_tasks_find_what_one_process_finds(cluster, scenario, knobs, first_seed,
+                                                     seeds):
+    alone = await explore(scenario, seeds, knobs, first_seed)
+    last = await last_step(scenario, seeds, knobs, first_seed, 1)
+    assert (last.seeds_run, last.first_violation) == (alone.seeds_run, alone.first_violation)
+    assert last.workers_lost == 0
+
+
+async def test_a_seed_whose_ray_worker_dies_is_reported_not_clean(cluster):
+    last = await last_step("tlb_vs_zap", 12, frozenset(), DOOMED - 5)
+    found = last.first_violation
+    assert found is not None and found.seed == DOOMED and found.oracle == WORKER_DIED
+    assert "Ray lost" in found.violation and last.workers_lost >= ATTEMPTS
