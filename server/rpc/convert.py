@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf import duration_pb2
 
 from vmmu.server.kvm import AccessBatch, Backing, ExitReason, VmConfig
+from vmmu.server.kvm.vm import CLOCKS, POLICIES
 from vmmu.server.kvm.errors import einval
 from vmmu.server.kvm.held import HoldState
 from vmmu.server.kvm.trace import DEFAULT_CAPACITY
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from vmmu.server.kvm.trace import TraceEvent
 
 __all__ = [
-    "vm_config", "vm_info", "spte",
+    "vm_config", "vm_info", "spte", "clock",
     "backing", "host_region", "madvise",
     "memslot",
     "vcpu_info", "run_step", "run_result",
@@ -48,6 +49,32 @@ _HOLD_STATE_TO_WIRE = {s: notifier_pb2.HoldState.Value(f"HOLD_STATE_{s.name}")
                        for s in HoldState}
 
 
+class _Choice:
+    """A VmConfig field whose values are names (a clock, a policy) and a wire enum
+    `<PREFIX>_<NAME>` for each, with UNSPECIFIED (0) for VmConfig's default."""
+
+    def __init__(self, field: str, enum, names: tuple[str, ...]) -> None:
+        self.field, self.enum = field, enum
+        prefix = enum.DESCRIPTOR.values_by_number[0].name.removesuffix("UNSPECIFIED")
+        self.to_wire = {name: enum.Value(prefix + name.upper()) for name in names}
+        self.from_wire = {wire: name for name, wire in self.to_wire.items()}
+
+    def from_config(self, c: vm_pb2.VmConfig) -> dict[str, str]:
+        """The keyword argument of VmConfig for this field; none when unspecified."""
+        value = getattr(c, self.field)
+        if value == 0:
+            return {}
+        if value not in self.from_wire:
+            raise einval(f"{self.field} {value} is not one of "
+                         f"{', '.join(self.enum.Name(v) for v in self.from_wire)}")
+        return {self.field: self.from_wire[value]}
+
+
+_CHOICES = [_Choice("clock", vm_pb2.Clock, CLOCKS),
+            *(_Choice(field, getattr(vm_pb2, "".join(w.title() for w in field.split("_"))),
+                      names) for field, names in POLICIES.items())]
+
+
 # -- VMs -------------------------------------------------------------------------------
 
 def vm_config(request: vm_pb2.CreateVmRequest) -> VmConfig:
@@ -61,6 +88,9 @@ def vm_config(request: vm_pb2.CreateVmRequest) -> VmConfig:
         if c.HasField("eager_page_split") else {}
     fast_page_fault = {"fast_page_fault": c.fast_page_fault} \
         if c.HasField("fast_page_fault") else {}
+    zap_leafs_only = {"zap_leafs_only": c.zap_leafs_only} \
+        if c.HasField("zap_leafs_only") else {}
+    choices = {k: v for choice in _CHOICES for k, v in choice.from_config(c).items()}
     return VmConfig(max_vcpus=c.max_vcpus, tdp_levels=c.tdp_levels, ad_bits=c.ad_bits,
                     name=c.name,
                     schedule_seed=c.schedule_seed if c.HasField("schedule_seed") else None,
@@ -68,7 +98,8 @@ def vm_config(request: vm_pb2.CreateVmRequest) -> VmConfig:
                     **eager_page_split, **fast_page_fault,
                     manual_dirty_log_protect=c.manual_dirty_log_protect,
                     dirty_ring_size=c.dirty_ring_size,
-                    dirty_ring_with_bitmap=c.dirty_ring_with_bitmap)
+                    dirty_ring_with_bitmap=c.dirty_ring_with_bitmap,
+                    costs=dict(c.costs), **zap_leafs_only, **choices)
 
 
 def _vm_config_to_wire(config: VmConfig) -> vm_pb2.VmConfig:
@@ -80,13 +111,22 @@ def _vm_config_to_wire(config: VmConfig) -> vm_pb2.VmConfig:
                            manual_dirty_log_protect=config.manual_dirty_log_protect,
                            dirty_ring_size=config.dirty_ring_size,
                            dirty_ring_with_bitmap=config.dirty_ring_with_bitmap,
-                           fast_page_fault=config.fast_page_fault)
+                           fast_page_fault=config.fast_page_fault,
+                           costs=dict(config.costs), zap_leafs_only=config.zap_leafs_only,
+                           **{choice.field: choice.to_wire[getattr(config, choice.field)]
+                              for choice in _CHOICES})
 
 
 def vm_info(info: VmInfo) -> vm_pb2.VmInfo:
     return vm_pb2.VmInfo(id=info.id, name=info.name, config=_vm_config_to_wire(info.config),
                          nr_vcpus=info.nr_vcpus, nr_memslots=info.nr_memslots,
                          nr_host_regions=info.nr_host_regions, dead=info.dead)
+
+
+def clock(vm: Vm) -> vm_pb2.GetClockResponse:
+    """A VM's virtual now and cost table (EOPNOTSUPP for a VM in wall time)."""
+    now_ns = vm.virtual_now()
+    return vm_pb2.GetClockResponse(now_ns=now_ns, costs=vm.virtual_clock().costs.as_dict())
 
 
 def spte(info: SpteInfo) -> vm_pb2.Spte:
@@ -139,14 +179,17 @@ def vcpu_info(info: VcpuInfo) -> vcpu_pb2.VcpuInfo:
 
 
 def run_step(request: vcpu_pb2.RunRequest | vcpu_pb2.RunBatchRequest
-             ) -> dict[str, AccessBatch | bytes]:
-    """The keyword arguments of `Vcpu.run` for one step: a batch or an MMIO completion."""
+             ) -> dict[str, AccessBatch | bytes | int | None]:
+    """The keyword arguments of `Vcpu.run` for one step: a batch or an MMIO completion,
+    and the virtual time to start it at."""
+    start_ns = request.start_ns if request.HasField("start_ns") else None
     step = request.WhichOneof("step")
     if step == "batch":
         b = request.batch
-        return {"batch": AccessBatch.from_wire(b.gpas, b.ops, b.write_data)}
+        return {"batch": AccessBatch.from_wire(b.gpas, b.ops, b.write_data),
+                "start_ns": start_ns}
     if step == "mmio_completion":
-        return {"mmio_data": request.mmio_completion.data}
+        return {"mmio_data": request.mmio_completion.data, "start_ns": start_ns}
     raise einval(f"{type(request).__name__} needs a batch or an mmio_completion")
 
 
@@ -157,7 +200,7 @@ def run_result(result: RunResult) -> vcpu_pb2.RunResult:
         exit=vcpu_pb2.Exit(reason=_EXIT_REASON_TO_WIRE[e.reason], gpa=e.gpa,
                            length=e.length, is_write=e.is_write, data=e.data,
                            errno=e.errno, message=e.message),
-        read_data=result.read_data)
+        read_data=result.read_data, start_ns=result.start_ns, end_ns=result.end_ns)
 
 
 # -- held MMU-notifier invalidations ---------------------------------------------------
