@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from vmmu.client import (AsyncClient, Backing, BatchBuilder, ExitReason, FailedPrecondition,
-                         InvalidArgument, VmConfig)
+                         InvalidArgument, VmConfig, load_cost_file)
 from vmmu.server.kvm.costs import DEFAULT_COSTS
 from vmmu.v1 import vm_pb2, vm_pb2_grpc
 
@@ -182,3 +182,15 @@ def test_an_unknown_enum_value_on_the_wire_is_invalid(server, field, value, name
         assert excinfo.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert excinfo.value.details() == f"EINVAL: {field} {value} is not one of {names}"
         assert stub.ListVms(vm_pb2.ListVmsRequest()).vms == []
+
+
+def test_load_cost_file_reads_plain_and_calibrated_files(tmp_path):
+    plain, calibrated, bad = (tmp_path / name for name in ("plain", "calibrated", "bad"))
+    plain.write_text('{"fault_base": 900}')
+    calibrated.write_text('{"costs": {"vmexit_entry": 700}, "measured": {"exits": 5}}')
+    bad.write_text('{"costs": {"fault_base": 1.5}}')
+
+    assert load_cost_file(str(plain)) == {"fault_base": 900}
+    assert load_cost_file(str(calibrated)) == {"vmexit_entry": 700}
+    with pytest.raises(ValueError, match="a cost file holds a JSON object of cost names"):
+        load_cost_file(str(bad))
