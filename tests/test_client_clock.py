@@ -77,6 +77,10 @@ async def test_a_run_reports_virtual_time_and_the_vcpu_stats_agree(client):
     assert again.start_ns == result.end_ns
     assert again.end_ns > again.start_ns
 
+    async with vcpu.stream() as stream:         # a step of the Run stream carries it too
+        later = await stream.run(_writes(0), start_ns=again.end_ns + 1000)
+    assert later.start_ns == again.end_ns + 1000
+
 
 async def test_a_run_in_wall_time_has_no_virtual_times(guest):
     _, _, vcpu = guest
