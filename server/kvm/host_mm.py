@@ -145,7 +145,10 @@ class HostMm:
         for n in self.notifiers:
             await n.invalidate_range_start(start, end)
         try:
-            if self.sched is not None:             # the host works on the range a while
+            if self.clock is not None:             # the host works on the range a while
+                self.clock.charge(self.clock.costs.host_op_page *
+                                  ((end - start + PAGE_SIZE - 1) >> PAGE_SHIFT))
+            if self.sched is not None:
                 await self.sched.point("mm.invalidate_window")
             return change()
         finally:

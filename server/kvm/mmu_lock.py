@@ -52,6 +52,8 @@ class LockStatistics:
     write_contended: int
     read_wait_ns: int
     write_wait_ns: int
+    read_hold_ns: int           # virtual time only: how long holders held it
+    write_hold_ns: int
     readers: int
     writer: bool
     waiters: int
@@ -92,8 +94,10 @@ class MmuLock:
         self._write_free_at = 0
         self._read_free_at = 0
         self._recent: collections.deque[tuple[int, object]] = collections.deque()
+        self._granted_at: dict[asyncio.Task | None, int] = {}
         self._stats = {"read_acquisitions": 0, "write_acquisitions": 0, "read_contended": 0,
-                       "write_contended": 0, "read_wait_ns": 0, "write_wait_ns": 0}
+                       "write_contended": 0, "read_wait_ns": 0, "write_wait_ns": 0,
+                       "read_hold_ns": 0, "write_hold_ns": 0}
         if clock is not None:
             self.acquire_read = self._acquire_read_virtual
             self.acquire_write = self._acquire_write_virtual
@@ -245,6 +249,7 @@ class MmuLock:
             self._stats[f"{mode}_wait_ns"] += granted - asked
         if granted > actor.time:
             await clock.sleep_until(granted)
+        self._granted_at[task] = actor.time
 
     def _sharers(self, actor) -> int:
         """Other CPUs that took the lock within the contention window: each transfer of
@@ -265,12 +270,14 @@ class MmuLock:
         t = clock.time()
         if t > self._read_free_at:
             self._read_free_at = t
+        self._stats["read_hold_ns"] += t - self._granted_at.pop(current_task(), t)
         self._release_read()
 
     def _release_write_virtual(self) -> None:
         clock = self.clock
         clock.charge(clock.costs.lock_acquire)
-        self._write_free_at = clock.time()
+        t = self._write_free_at = clock.time()
+        self._stats["write_hold_ns"] += t - self._granted_at.pop(current_task(), t)
         self._release_write()
 
     # -- contracts ----------------------------------------------------------------

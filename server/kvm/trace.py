@@ -59,6 +59,7 @@ class TraceEvent:
     vm_id: int
     event: str
     fields: dict = field(default_factory=dict)
+    virtual_ns: int | None = None   # a VM in virtual time: the emitter's virtual time
 
 
 class Subscription:
@@ -145,10 +146,12 @@ class Tracer:
         self._subscribers: list[Subscription] = []
         self._seq = itertools.count()
         self.emitted = 0
+        self.clock = None               # the VM's virtual clock, in virtual time
 
     def emit(self, event: str, **fields) -> None:
         self.emitted += 1
-        record = TraceEvent(next(self._seq), time.monotonic_ns(), self.vm_id, event, fields)
+        record = TraceEvent(next(self._seq), time.monotonic_ns(), self.vm_id, event, fields,
+                            self.clock.time() if self.clock is not None else None)
         for sub in self._subscribers:
             sub.offer(record)
 

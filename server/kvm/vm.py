@@ -76,7 +76,9 @@ def _sanitizers_default() -> bool:
     return os.environ.get("VMMU_SANITIZERS", "") not in ("", "0")
 
 
-_BIT_IN_BYTE = tuple(1 << bit for bit in range(8))    # a tuple lookup costs less than a shift
+_BIT_IN_BYTE = tuple(1 << bit for bit in range(8))
+_LOCK_STATS = ("read_acquisitions", "write_acquisitions", "read_contended", "write_contended",
+               "read_wait_ns", "write_wait_ns", "read_hold_ns", "write_hold_ns")    # a tuple lookup costs less than a shift
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,7 @@ class Vm:
         self.sched = Scheduler(config.schedule_seed, self.clock)
         self.host = HostMm()
         self.host.sched = self.sched
-        self.host.clock = self.clock
+        self.host.clock = self.tracer.clock = self.clock
         self.sanitizers = Sanitizers(self) if config.sanitizers else None
         self.violation: VmBugged | None = None
         self.mmu_lock = MmuLock(lockdep=self.sanitizers is not None, clock=self.clock)
@@ -457,6 +459,10 @@ class Vm:
             return
         offset = gfn - slot.base_gfn
         ring = vcpu.dirty_ring if vcpu is not None else None
+        clock = self.clock
+        if clock is not None:
+            clock.charge(clock.costs.ring_push if ring is not None else
+                         clock.costs.dirty_bitmap_set)
         if ring is not None:
             if ring.push(slot.as_id << 16 | slot.id, offset):
                 vcpu.make_request(KVM_REQ_DIRTY_RING_SOFT_FULL)
@@ -474,7 +480,10 @@ class Vm:
         Without manual protect, the reported pages are cleared and write-protected again."""
         self.check_alive()
         with self._dies_on_bug():
-            return await dirty_log.get_dirty_log(self, slot)
+            bitmap = await dirty_log.get_dirty_log(self, slot)
+        if self.clock is not None:
+            self.clock.charge(self.clock.costs.dirty_bitmap_word * (len(bitmap) // 8))
+        return bitmap
 
     @simulated("harvester")
     async def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
@@ -518,7 +527,15 @@ class Vm:
                 for level, gfn, index, value in self.tdp.walk(root, gpa >> PAGE_SHIFT)]
 
     def stats(self) -> dict[str, int]:
-        return self.stat.as_dict()
+        """KVM's VM stats; in virtual time also the clock's now and events and mmu_lock's
+        statistics in virtual ns (docs/stats.md)."""
+        stats = self.stat.as_dict()
+        clock = self.clock
+        if clock is not None:
+            lock = self.mmu_lock.statistics()
+            stats.update(virtual_now_ns=clock.now, virtual_events=clock.dispatches,
+                         **{f"mmu_lock_{name}": getattr(lock, name) for name in _LOCK_STATS})
+        return stats
 
     # -- the host mm takes mappings away (host_ops.py) and ages them (aging.py) -------
 

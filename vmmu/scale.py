@@ -1,0 +1,331 @@
+"""`vmmu scale`: the seeds' claims about cost under concurrency, measured in virtual time.
+
+Each sweep runs the model in-process on VMs in virtual time (server/kvm/clock.py) and
+yields one result per configuration: a dict of plain numbers, the same for the same seed
+and cost table on any machine (no wall time in it). docs/virtual-time.md says what each
+sweep asks and what it found.
+
+    seed002   demand faults of 1..256 vCPUs, each faulting its own memory, under three
+              designs: faults under the read lock with RCU freeing, under the write lock,
+              and under the read lock freeing in a write-side section
+    seed003   GPC refresh latency while 0..8 invalidators storm other ranges, global
+              retry against range-based
+    seed000   demand-fault latency of vCPUs while aging sweeps memory, per aging_lock
+    seed001   notifier invalidations of 4K..1G over memory mapped at 4K and 2M: what is
+              zapped beyond the range, tables freed and made again, the refault time,
+              leaf-only zaps against the old behaviour
+    seed004   the dirty-logging workload (write all, harvest, write all again) with the
+              fast page fault on and off
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from vmmu.server.kvm import (AccessBatch, AccessKind, Backing, Kvm, Vm, VmConfig,
+                             KVM_MEM_LOG_DIRTY_PAGES)
+
+__all__ = ["SWEEPS", "run_sweep", "main"]
+
+PAGE = 4096
+MIB = 1 << 20
+W, R = AccessKind.WRITE, AccessKind.READ
+
+
+@dataclass
+class _Guest:
+    kvm: Kvm
+    vm: Vm
+    hva: int
+    size: int
+
+
+async def _guest(size: int, backing: Backing = Backing.PAGE_4K, vcpus: int = 1,
+                 flags: int = 0, **config) -> _Guest:
+    kvm = Kvm()
+    vm = kvm.create_vm(VmConfig(max_vcpus=max(vcpus, 1), clock="virtual",
+                                sanitizers=False, **config))
+    region = vm.mmap(size, backing)
+    await vm.set_user_memory_region(0, flags, 0, size, region.hva)
+    for i in range(vcpus):
+        vm.create_vcpu(i)
+    return _Guest(kvm, vm, region.hva, size)
+
+
+def _touch(first_gpa: int, pages: int, step: int = PAGE, kind=W) -> AccessBatch:
+    data = b"x" if kind is W else b""
+    return AccessBatch.build([(first_gpa + i * step, kind, 1, data) for i in range(pages)])
+
+
+def _percentile(values: list[int], q: float) -> int:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# -- seed 002: faults under the read lock, RCU and the write-side section -------------
+
+FAULT_DESIGNS = {           # name -> VmConfig policies
+    "read+rcu": dict(fault_lock="read", table_free="rcu"),
+    "write": dict(fault_lock="write", table_free="rcu"),
+    "read+write_section": dict(fault_lock="read", table_free="write_section"),
+}
+
+
+async def demand_faults(vcpus: int, pages: int, design: str, seed: int = 0,
+                        costs: dict | None = None) -> dict:
+    """`vcpus` vCPUs each write one byte in each of its own `pages` 4K pages (a demand
+    fault each): aggregate faults per virtual second."""
+    g = await _guest(vcpus * pages * PAGE, vcpus=vcpus, schedule_seed=seed,
+                     fast_page_fault=False, aging_lock="read", costs=costs or {},
+                     **FAULT_DESIGNS[design])
+    results = await asyncio.gather(*[
+        g.vm.vcpu(i).run(_touch(i * pages * PAGE, pages)) for i in range(vcpus)])
+    span = max(r.end_ns for r in results) - min(r.start_ns for r in results)
+    stats = g.vm.stats()
+    out = dict(vcpus=vcpus, pages=pages, design=design, virtual_ns=span,
+               faults_per_s=round(vcpus * pages * 1e9 / span),
+               lock_wait_ns=stats["mmu_lock_read_wait_ns"] + stats["mmu_lock_write_wait_ns"],
+               lock_contended=stats["mmu_lock_read_contended"] +
+               stats["mmu_lock_write_contended"], events=stats["virtual_events"])
+    await g.kvm.shutdown()
+    return out
+
+
+async def seed002(max_vcpus: int = 256, pages: int = 4096, seed: int = 0,
+                  costs: dict | None = None) -> Iterator[dict]:
+    counts = [1 << k for k in range(max_vcpus.bit_length()) if 1 << k <= max_vcpus]
+    for design in FAULT_DESIGNS:
+        one = None
+        for n in counts:
+            r = await demand_faults(n, pages, design, seed, costs)
+            one = one or r["faults_per_s"]
+            r["efficiency"] = round(r["faults_per_s"] / (n * one), 4)
+            yield dict(sweep="seed002", **r)
+
+
+# -- seed 003: GPC refresh against an invalidation storm -----------------------------
+
+STORM_NS = 2_000_000       # how long the invalidators storm, in virtual ns
+STORM_GAP_NS = 1_000       # between two madvise calls of one invalidator (the syscall)
+
+
+async def gpc_refresh_latency(invalidators: int, policy: str, refreshes: int = 40,
+                              seed: int = 0, costs: dict | None = None) -> dict:
+    """A GPC at the last page of the slot is refreshed `refreshes` times (each after an
+    invalidation of its own page made it invalid) while `invalidators` host tasks
+    invalidate 2 MiB ranges elsewhere again and again for STORM_NS of virtual time."""
+    storm = 2 * MIB
+    size = (invalidators + 1) * storm
+    g = await _guest(size, gpc_policy=policy, schedule_seed=seed, costs=costs or {})
+    vm, clock = g.vm, g.vm.clock
+    gpc = await vm.gpcs.create(size - PAGE, 8)
+    done = False
+    latencies: list[int] = []
+
+    async def invalidator(i: int) -> None:
+        async with clock.running(name=f"invalidator{i}"):
+            while not done and clock.time() < STORM_NS:
+                await vm.migrate_pages(g.hva + i * storm, storm)
+                await clock.sleep_until(clock.time() + STORM_GAP_NS)
+
+    async def refresher() -> None:
+        nonlocal done
+        async with clock.running(name="refresher"):
+            begin = clock.time()
+            for i in range(refreshes):                # spread over the storm
+                await clock.sleep_until(begin + i * STORM_NS // refreshes)
+                await vm.migrate_pages(g.hva + size - PAGE, PAGE)   # the cache goes invalid
+                start = clock.time()
+                await gpc.refresh(8)
+                latencies.append(clock.time() - start)
+        done = True
+
+    # The storm touches its memory first, so that migration has pages to move.
+    for i in range(invalidators):
+        await vm.madvise_populate_write(g.hva + i * storm, storm)
+    await vm.madvise_populate_write(g.hva + size - PAGE, PAGE)
+    await asyncio.gather(refresher(), *[invalidator(i) for i in range(invalidators)])
+    out = dict(invalidators=invalidators, policy=policy, refreshes=refreshes,
+               p50_us=statistics.median(latencies) / 1000,
+               p99_us=_percentile(latencies, 0.99) / 1000,
+               max_us=max(latencies) / 1000,
+               mean_us=round(statistics.fmean(latencies) / 1000, 3),
+               retries=vm.stats()["gpc_refresh_retries"])
+    await g.kvm.shutdown()
+    return out
+
+
+async def seed003(max_invalidators: int = 8, refreshes: int = 40, seed: int = 0,
+                  costs: dict | None = None) -> Iterator[dict]:
+    for policy in ("global", "range"):
+        for k in range(max_invalidators + 1):
+            yield dict(sweep="seed003", **await gpc_refresh_latency(k, policy, refreshes,
+                                                                    seed, costs))
+
+
+# -- seed 000: faults while aging sweeps ---------------------------------------------
+
+async def faults_while_aging(aging_lock: str, vcpus: int = 64, faults: int = 64,
+                             sweep: int = 1 << 30, seed: int = 0,
+                             costs: dict | None = None) -> dict:
+    """`vcpus` vCPUs take `faults` demand faults each, one per run (its latency: the
+    run's virtual span), while an ager sweeps `sweep` bytes with clear_young again and
+    again."""
+    g = await _guest(sweep, vcpus=vcpus, aging_lock=aging_lock, schedule_seed=seed,
+                     costs=costs or {})
+    vm, clock = g.vm, g.vm.clock
+    done = 0
+    latencies: list[int] = []
+    sweeps = 0
+
+    async def vcpu_loop(i: int) -> None:
+        nonlocal done
+        base = i * faults * PAGE
+        vcpu = vm.vcpu(i)
+        async with clock.running(vcpu.actor):    # in the simulation between runs too
+            for k in range(faults):
+                r = await vcpu.run(_touch(base + k * PAGE, 1))
+                latencies.append(r.end_ns - r.start_ns)
+        done += 1
+
+    async def ager() -> None:
+        nonlocal sweeps
+        async with clock.running(name="ager"):
+            while done < vcpus:
+                await vm.clear_young(g.hva, g.hva + sweep)
+                sweeps += 1
+                await clock.point()          # between two calls from reclaim
+
+    await asyncio.gather(ager(), *[vcpu_loop(i) for i in range(vcpus)])
+    out = dict(aging_lock=aging_lock, vcpus=vcpus, faults=vcpus * faults,
+               sweep_bytes=sweep, sweeps=sweeps,
+               p50_us=statistics.median(latencies) / 1000,
+               p99_us=_percentile(latencies, 0.99) / 1000)
+    await g.kvm.shutdown()
+    return out
+
+
+async def seed000(vcpus: int = 64, faults: int = 64, sweep: int = 1 << 30, seed: int = 0,
+                  costs: dict | None = None) -> Iterator[dict]:
+    for aging_lock in ("none", "read", "write"):
+        yield dict(sweep="seed000", **await faults_while_aging(aging_lock, vcpus, faults,
+                                                               sweep, seed, costs))
+
+
+# -- seed 001: what an invalidation zaps, leaf-only or not ---------------------------
+
+async def invalidate_and_refault(range_bytes: int, backing: Backing, leafs_only: bool,
+                                 working_set: int, seed: int = 0,
+                                 costs: dict | None = None) -> dict:
+    """Map `working_set` (at 4K, or 2M on THP), hold an invalidation of its first
+    `range_bytes` and end it, then refault the whole working set."""
+    g = await _guest(working_set, backing, zap_leafs_only=leafs_only, schedule_seed=seed,
+                     costs=costs or {})
+    vm, vcpu = g.vm, g.vm.vcpu(0)
+    pages = working_set // PAGE
+    await vcpu.run(_touch(0, pages))
+    before = vm.stats()
+    freed_before = vm.tdp.tables.freed
+    mapped_before = before["pages_4k"] + 512 * before["pages_2m"]
+    await vm.begin_invalidation(g.hva, g.hva + range_bytes, 60.0)
+    during = vm.stats()
+    await vm.end_invalidation(vm.held_invalidations()[0].id)
+    zapped = mapped_before - (during["pages_4k"] + 512 * during["pages_2m"])
+    r = await vcpu.run(_touch(0, pages))
+    after = vm.stats()
+    out = dict(range_bytes=range_bytes, backing=backing.name, leafs_only=leafs_only,
+               working_set=working_set, pages_zapped=zapped,
+               zapped_beyond_range=zapped - min(range_bytes, working_set) // PAGE,
+               tables_freed=vm.tdp.tables.freed - freed_before,
+               tables_remade=after["tdp_mmu_pages"] - during["tdp_mmu_pages"],
+               refault_us=(r.end_ns - r.start_ns) / 1000)
+    await g.kvm.shutdown()
+    return out
+
+
+async def seed001(working_set: int = 1 << 30, seed: int = 0,
+                  costs: dict | None = None) -> Iterator[dict]:
+    ranges = [r for r in (4096, 64 * 1024, 2 * MIB, 64 * MIB, 1 << 30) if r <= working_set]
+    for backing in (Backing.PAGE_4K, Backing.THP):
+        for range_bytes in ranges:
+            for leafs_only in (True, False):
+                yield dict(sweep="seed001", **await invalidate_and_refault(
+                    range_bytes, backing, leafs_only, working_set, seed, costs))
+
+
+# -- seed 004: the dirty-logging workload, fast page fault on and off ----------------
+
+async def dirty_logging(size: int, fast_page_fault: bool, seed: int = 0,
+                        costs: dict | None = None) -> dict:
+    """Write every page of a logged slot, harvest, write every page again: the second
+    pass takes a write-protect fault per page."""
+    g = await _guest(size, flags=KVM_MEM_LOG_DIRTY_PAGES, fast_page_fault=fast_page_fault,
+                     schedule_seed=seed, costs=costs or {})
+    vm, vcpu = g.vm, g.vm.vcpu(0)
+    pages = size // PAGE
+    first = await vcpu.run(_touch(0, pages))
+    await vm.get_dirty_log(0)
+    second = await vcpu.run(_touch(0, pages))
+    out = dict(size=size, fast_page_fault=fast_page_fault,
+               first_pass_ns_per_page=(first.end_ns - first.start_ns) / pages,
+               second_pass_ns_per_page=(second.end_ns - second.start_ns) / pages)
+    await g.kvm.shutdown()
+    return out
+
+
+async def seed004(size: int = 256 * MIB, seed: int = 0,
+                  costs: dict | None = None) -> Iterator[dict]:
+    on = await dirty_logging(size, True, seed, costs)
+    off = await dirty_logging(size, False, seed, costs)
+    yield dict(sweep="seed004", size=size, on_ns_per_page=on["second_pass_ns_per_page"],
+               off_ns_per_page=off["second_pass_ns_per_page"],
+               ratio=round(on["second_pass_ns_per_page"] / off["second_pass_ns_per_page"], 4),
+               seed_ratio=round(196 / 532, 4),
+               first_pass_ns_per_page=on["first_pass_ns_per_page"])
+
+
+SWEEPS: dict[str, Callable[..., Iterator[dict]]] = {
+    "seed002": seed002, "seed003": seed003, "seed000": seed000, "seed001": seed001,
+    "seed004": seed004,
+}
+
+
+async def _collect(name: str, **options) -> list[dict]:
+    return [r async for r in SWEEPS[name](**options)]
+
+
+def run_sweep(name: str, **options) -> list[dict]:
+    """The results of one sweep (SWEEPS), in a fresh event loop."""
+    return asyncio.run(_collect(name, **options))
+
+
+def main(names: list[str], quick: bool = False, costs: dict | None = None, seed: int = 0,
+         plot: str | None = None, out=sys.stdout) -> int:
+    """Print each result as a JSON line; with `plot`, write a PNG per sweep there."""
+    options = QUICK if quick else {}
+    results: dict[str, list[dict]] = {}
+    for name in names:
+        results[name] = []
+        for r in run_sweep(name, seed=seed, costs=costs, **options.get(name, {})):
+            results[name].append(r)
+            print(json.dumps(r, sort_keys=True), file=out, flush=True)
+    if plot:
+        from vmmu.scale_plot import plot_results
+        for path in plot_results(results, plot):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+# Small sizes for a quick look (and for the tests): the same sweeps, fewer vCPUs and pages.
+QUICK = {
+    "seed002": dict(max_vcpus=8, pages=256),
+    "seed003": dict(max_invalidators=2, refreshes=10),
+    "seed000": dict(vcpus=8, faults=16, sweep=64 * MIB),
+    "seed001": dict(working_set=64 * MIB),
+    "seed004": dict(size=8 * MIB),
+}
