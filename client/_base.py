@@ -406,4 +406,5 @@ def trace_event(m: trace_pb2.TraceEvent) -> TraceEvent:
     return TraceEvent(seq=m.seq, time_ns=m.time_ns, vm_id=m.vm_id, event=m.event,
                       fields={name: getattr(value, value.WhichOneof("value"))
                               for name, value in m.fields.items()},
-                      dropped_before=m.dropped_before)
+                      dropped_before=m.dropped_before,
+                      virtual_ns=m.virtual_ns if m.HasField("virtual_ns") else None)

@@ -196,7 +196,8 @@ class Invalidations:
 class TraceEvent:
     """One tracepoint hit. `seq` counts the VM's events in emission order;
     `dropped_before` is how many events this stream lost just before this one because
-    its reader fell behind."""
+    its reader fell behind. `virtual_ns` is the emitter's virtual time for a VM in virtual
+    time, None in wall time."""
 
     seq: int
     time_ns: int
@@ -204,6 +205,7 @@ class TraceEvent:
     event: str
     fields: Mapping[str, int | str | bool]
     dropped_before: int
+    virtual_ns: int | None = None
 
 
 class GpcState(enum.Enum):

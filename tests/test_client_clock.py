@@ -198,3 +198,25 @@ def test_load_cost_file_reads_plain_and_calibrated_files(tmp_path):
     assert load_cost_file(str(calibrated)) == {"vmexit_entry": 700}
     with pytest.raises(ValueError, match="a cost file holds a JSON object of cost names"):
         load_cost_file(str(bad))
+
+
+async def test_trace_events_carry_the_emitters_virtual_time(client):
+    vm, (vcpu,) = await _virtual_guest(client)
+    trace = await client.trace(vm_ids=[vm.id], events=["kvm_page_fault", "kvm_userspace_exit"])
+    result = await vcpu.run(_writes(0, pages=2), start_ns=3000)
+    events = [await anext(trace) for _ in range(3)]
+    trace.cancel()
+
+    assert [e.event for e in events] == ["kvm_page_fault", "kvm_page_fault",
+                                         "kvm_userspace_exit"]
+    times = [e.virtual_ns for e in events]
+    assert 3000 < times[0] < times[1] < times[2] == result.end_ns
+
+
+async def test_trace_events_of_a_wall_vm_have_no_virtual_time(client, guest):
+    vm, _, vcpu = guest
+    trace = await client.trace(vm_ids=[vm.id], events=["kvm_userspace_exit"])
+    await vcpu.run(BatchBuilder().write(0x1000, 8).build())
+    event = await anext(trace)
+    trace.cancel()
+    assert (event.event, event.virtual_ns) == ("kvm_userspace_exit", None)

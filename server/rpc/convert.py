@@ -233,7 +233,7 @@ def trace_event(event: TraceEvent, dropped_before: int) -> trace_pb2.TraceEvent:
     return trace_pb2.TraceEvent(
         seq=event.seq, time_ns=event.time_ns, vm_id=event.vm_id, event=event.event,
         fields={name: _trace_value(value) for name, value in event.fields.items()},
-        dropped_before=dropped_before)
+        dropped_before=dropped_before, virtual_ns=event.virtual_ns)
 
 
 def _trace_value(value: int | str | bool) -> trace_pb2.TraceValue:
