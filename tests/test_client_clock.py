@@ -220,3 +220,12 @@ async def test_trace_events_of_a_wall_vm_have_no_virtual_time(client, guest):
     event = await anext(trace)
     trace.cancel()
     assert (event.event, event.virtual_ns) == ("kvm_userspace_exit", None)
+
+
+async def test_a_start_time_beyond_2_63_is_refused_and_changes_nothing(client):
+    vm, (vcpu,) = await _virtual_guest(client)
+    with pytest.raises(InvalidArgument) as excinfo:
+        await vcpu.run(_writes(0), start_ns=1 << 63)
+    assert excinfo.value.reason == f"start_ns {1 << 63} is beyond 2^63 ns"
+    assert await vm.virtual_now() == 0
+    assert (await vcpu.stats())["virtual_ns"] == 0

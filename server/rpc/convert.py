@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf import duration_pb2
 
 from vmmu.server.kvm import AccessBatch, Backing, ExitReason, VmConfig
-from vmmu.server.kvm.vm import CLOCKS, POLICIES
 from vmmu.server.kvm.errors import einval
 from vmmu.server.kvm.held import HoldState
 from vmmu.server.kvm.trace import DEFAULT_CAPACITY
+from vmmu.server.kvm.vm import CLOCKS, POLICIES
 from vmmu.v1 import host_memory_pb2, memslot_pb2, notifier_pb2, trace_pb2, vcpu_pb2, vm_pb2
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ _MADVISE_FROM_WIRE = {host_memory_pb2.ADVICE_DONTNEED: "madvise_dontneed",
                       host_memory_pb2.ADVICE_POPULATE_WRITE: "madvise_populate_write"}
 _HOLD_STATE_TO_WIRE = {s: notifier_pb2.HoldState.Value(f"HOLD_STATE_{s.name}")
                        for s in HoldState}
+VIRTUAL_TIME_LIMIT = 1 << 63     # as `Vm.advance`'s until_ns
 
 
 class _Choice:
@@ -71,8 +72,9 @@ class _Choice:
 
 
 _CHOICES = [_Choice("clock", vm_pb2.Clock, CLOCKS),
-            *(_Choice(field, getattr(vm_pb2, "".join(w.title() for w in field.split("_"))),
-                      names) for field, names in POLICIES.items())]
+            _Choice("fault_lock", vm_pb2.FaultLock, POLICIES["fault_lock"]),
+            _Choice("table_free", vm_pb2.TableFree, POLICIES["table_free"]),
+            _Choice("aging_lock", vm_pb2.AgingLock, POLICIES["aging_lock"])]
 
 
 # -- VMs -------------------------------------------------------------------------------
@@ -183,6 +185,9 @@ def run_step(request: vcpu_pb2.RunRequest | vcpu_pb2.RunBatchRequest
     """The keyword arguments of `Vcpu.run` for one step: a batch or an MMIO completion,
     and the virtual time to start it at."""
     start_ns = request.start_ns if request.HasField("start_ns") else None
+    if start_ns is not None and start_ns >= VIRTUAL_TIME_LIMIT:
+        # The model's times are Python ints: past 2^63 they outgrow the wire's uint64.
+        raise einval(f"start_ns {start_ns} is beyond 2^63 ns")
     step = request.WhichOneof("step")
     if step == "batch":
         b = request.batch
