@@ -72,6 +72,10 @@ async def test_a_run_reports_virtual_time_and_the_vcpu_stats_agree(client):
     assert stats["virtual_ns"] == result.end_ns
     assert stats["virtual_busy_ns"] + stats["virtual_wait_ns"] == result.end_ns - 5000
     assert await vm.virtual_now() <= result.end_ns
+    vm_stats = await vm.stats()
+    assert vm_stats["virtual_now_ns"] == await vm.virtual_now()
+    assert vm_stats["mmu_lock_read_acquisitions"] >= PAGES     # a fault takes it for read
+    assert vm_stats["mmu_lock_read_hold_ns"] > 0
 
     again = await vcpu.run(_writes(0))           # no start time: where the vCPU stands
     assert again.start_ns == result.end_ns
