@@ -3,6 +3,7 @@
     vmmu serve [--listen HOST:PORT]    serve the vmmu.v1 gRPC API until SIGINT/SIGTERM
     vmmu demo [--accesses N]           an in-process server driven through the client
     vmmu explore SCENARIO --seeds N    run a race scenario under N schedule seeds
+    vmmu scale [SWEEP ...] [--quick]   the seeds' sweeps in virtual time, as JSON lines
     vmmu calibrate [--out FILE]        measure the cost table on the host's /dev/kvm
 
 A subcommand is a `_add_<name>(subparsers)` that declares its arguments and sets
@@ -19,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 from vmmu.server.rpc.app import start_server
 
-__all__ = ["main", "serve", "demo", "explore", "calibrate"]
+__all__ = ["main", "serve", "demo", "explore", "scale", "calibrate"]
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -71,6 +72,34 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--accesses", type=int, default=200_000, metavar="N",
                         help="accesses per vCPU (default 200000)")
     parser.set_defaults(run=demo)
+
+
+def scale(args: argparse.Namespace) -> int:
+    """Run the seeds' sweeps on VMs in virtual time: one JSON line per result, the same
+    for the same seed and cost table on any machine."""
+    from vmmu.scale import SWEEPS, main as run_scale
+    from vmmu.server.kvm.costs import load_cost_file
+    unknown = [name for name in args.sweep if name not in SWEEPS]
+    if unknown:
+        print(f"vmmu scale: unknown sweeps {unknown}; known: {', '.join(SWEEPS)}",
+              file=sys.stderr)
+        return 2
+    costs = load_cost_file(args.costs) if args.costs else None
+    return run_scale(args.sweep or list(SWEEPS), quick=args.quick, costs=costs,
+                     seed=args.seed, plot=args.plot)
+
+
+def _add_scale(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("scale", help="the seeds' sweeps in virtual time",
+                                   description=scale.__doc__)
+    parser.add_argument("sweep", nargs="*", help="seed002 seed003 seed000 seed001 seed004 "
+                        "(default: all)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, seconds to run")
+    parser.add_argument("--seed", type=int, default=0, help="breaks the clock's ties")
+    parser.add_argument("--costs", metavar="FILE", help="a cost file (vmmu calibrate)")
+    parser.add_argument("--plot", metavar="DIR", help="also write PNG charts there "
+                        "(needs vmmu[plot])")
+    parser.set_defaults(run=scale)
 
 
 def explore(args: argparse.Namespace) -> int:
@@ -131,7 +160,7 @@ def _add_calibrate(subparsers: argparse._SubParsersAction) -> None:
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_serve, _add_demo, _add_explore, _add_calibrate)
+    _add_serve, _add_demo, _add_explore, _add_scale, _add_calibrate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

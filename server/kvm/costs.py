@@ -32,6 +32,8 @@ DEFAULT_COSTS: Mapping[str, int] = MappingProxyType({
     "page_zero_4k": 150,          # clearing it
     "page_alloc_2m": 2500,        # a THP
     "page_zero_2m": 60000,        # clearing 2 MiB
+    "tdp_walk_level": 40,         # one level of the fault's walk under mmu_lock (tdp_mmu_map)
+    "make_spte": 150,             # building and checking the new leaf (make_spte)
     "spte_cmpxchg": 20,           # one compare-and-exchange of an SPTE
     "spte_write": 5,              # one plain SPTE store under the write lock (a zap step)
     "table_alloc": 300,           # a page-table page from the MMU's caches, zeroed

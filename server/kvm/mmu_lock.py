@@ -94,6 +94,7 @@ class MmuLock:
         self._write_free_at = 0
         self._read_free_at = 0
         self._recent: collections.deque[tuple[int, object]] = collections.deque()
+        self._recent_by_actor: dict[object, int] = {}
         self._granted_at: dict[asyncio.Task | None, int] = {}
         self._stats = {"read_acquisitions": 0, "write_acquisitions": 0, "read_contended": 0,
                        "write_contended": 0, "read_wait_ns": 0, "write_wait_ns": 0,
@@ -254,14 +255,17 @@ class MmuLock:
     def _sharers(self, actor) -> int:
         """Other CPUs that took the lock within the contention window: each transfer of
         the line to this CPU costs one `cacheline_transfer`."""
-        recent, t = self._recent, actor.time
-        horizon = t - self.clock.CONTENTION_WINDOW_NS
-        while recent and recent[0][0] < horizon:
-            recent.popleft()
-        sharers = len({a for _, a in recent if a is not actor})
+        recent, by_actor, t = self._recent, self._recent_by_actor, actor.time
+        oldest = t - self.clock.CONTENTION_WINDOW_NS
+        while recent and (recent[0][0] < oldest or len(recent) >= self.clock.MAX_SHARERS):
+            _, gone = recent.popleft()
+            if by_actor[gone] == 1:
+                del by_actor[gone]
+            else:
+                by_actor[gone] -= 1
+        sharers = len(by_actor) - (actor in by_actor)
         recent.append((t, actor))
-        if len(recent) > self.clock.MAX_SHARERS:
-            recent.popleft()
+        by_actor[actor] = by_actor.get(actor, 0) + 1
         return sharers
 
     def _release_read_virtual(self) -> None:

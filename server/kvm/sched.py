@@ -73,9 +73,10 @@ class Scheduler:
         self.points_passed += 1
         clock = self.clock
         actor = clock.current
-        self.trace.append((actor.name if actor is not None else "?", name))
-        if actor is None:
-            return DONE
+        if actor is None or actor.task is not current_task():
+            self.trace.append(("?", name))
+            return DONE                      # a task outside the simulation: no switch
+        self.trace.append((actor.name, name))
         return clock.point()
 
     async def _switch(self, name: str) -> None:

@@ -235,6 +235,9 @@ class TdpMmu:
         else:
             self.mmu_lock.assert_held_write()
         goal = fault.goal_level
+        if self.clock is not None:
+            costs = self.clock.costs
+            self.clock.charge(costs.tdp_walk_level * (root.level - goal + 1) + costs.make_spte)
         token = self.rcu.enter()
         try:
             # The range is one gfn, so the walk only ever steps down (as far as it can).

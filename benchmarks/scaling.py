@@ -1,0 +1,111 @@
+"""Virtual time: the seeds' sweeps (vmmu.scale) and what the simulator itself costs.
+
+One JSON line per result. The sweeps' lines are deterministic for a seed and a cost table;
+the simulator's own lines (kind "simulator") are wall-clock measurements:
+
+- `virtual_vs_wall`: the same one-vCPU workload (demand faults, then TLB hits) on a VM in
+  wall time and one in virtual time, interleaved run by run; target <= 1.5;
+- `events_per_s`: simulated events (turns given) per wall second at 1 and 256 vCPUs;
+- `scale_256`: 256 vCPUs x 4096 demand faults each, wall seconds; target <= 60;
+- `deterministic`: a sweep run twice gives byte-identical JSON.
+
+    python benchmarks/scaling.py [--quick] [--runs N] [--sweeps seed002,...] [--plot DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+
+from vmmu.scale import QUICK, SWEEPS, demand_faults, run_sweep
+from vmmu.server.kvm import AccessBatch, AccessKind, Backing, Kvm, VmConfig
+
+PAGE = 4096
+
+
+def emit(**fields) -> None:
+    print(json.dumps(fields, sort_keys=True), flush=True)
+
+
+async def _one_vcpu(clock: str, pages: int) -> float:
+    """Wall seconds of: fault `pages` pages in, then hit each 8 times in the TLB."""
+    kvm = Kvm()
+    vm = kvm.create_vm(VmConfig(clock=clock, sanitizers=False))
+    region = vm.mmap(pages * PAGE, Backing.PAGE_4K)
+    await vm.set_user_memory_region(0, 0, 0, pages * PAGE, region.hva)
+    vcpu = vm.create_vcpu(0)
+    faults = AccessBatch.build([(i * PAGE, AccessKind.WRITE, 1, b"w") for i in range(pages)])
+    hits = AccessBatch.build([(i * PAGE, AccessKind.READ, 8, None)
+                              for _ in range(8) for i in range(pages)])
+    start = time.perf_counter()
+    await vcpu.run(faults)
+    await vcpu.run(hits)
+    wall = time.perf_counter() - start
+    await kvm.shutdown()
+    return wall
+
+
+def virtual_vs_wall(runs: int, pages: int) -> None:
+    wall, virtual = [], []
+    for _ in range(runs):                       # interleaved: both see the same noise
+        wall.append(asyncio.run(_one_vcpu("wall", pages)))
+        virtual.append(asyncio.run(_one_vcpu("virtual", pages)))
+    ratio = statistics.median(v / w for v, w in zip(virtual, wall))
+    emit(kind="simulator", result="virtual_vs_wall", pages=pages, runs=runs,
+         wall_s=round(statistics.median(wall), 4),
+         virtual_s=round(statistics.median(virtual), 4), ratio=round(ratio, 3),
+         target=1.5, met=ratio <= 1.5)
+
+
+async def _events_per_s(vcpus: int, pages: int) -> tuple[float, int, float]:
+    start = time.perf_counter()
+    result = await demand_faults(vcpus, pages, "read+rcu")
+    wall = time.perf_counter() - start
+    return wall, result["events"], result["faults_per_s"]
+
+
+def simulator_speed(pages: int, max_vcpus: int) -> None:
+    for vcpus in sorted({1, max_vcpus}):
+        wall, events, _ = asyncio.run(_events_per_s(vcpus, pages))
+        emit(kind="simulator", result="events_per_s", vcpus=vcpus, pages=pages,
+             wall_s=round(wall, 2), events=events, events_per_s=round(events / wall),
+             faults_per_wall_s=round(vcpus * pages / wall))
+        if vcpus == 256 and pages == 4096:
+            emit(kind="simulator", result="scale_256", vcpus=vcpus, pages=pages,
+                 wall_s=round(wall, 2), target_s=60, met=wall <= 60)
+
+
+def determinism(quick: bool) -> None:
+    options = dict(QUICK["seed002"], max_vcpus=8) if quick else dict(max_vcpus=16, pages=512)
+    once = json.dumps(run_sweep("seed002", seed=7, **options), sort_keys=True)
+    twice = json.dumps(run_sweep("seed002", seed=7, **options), sort_keys=True)
+    emit(kind="simulator", result="deterministic", sweep="seed002", identical=once == twice,
+         met=once == twice)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--sweeps", default=",".join(SWEEPS))
+    parser.add_argument("--no-simulator", action="store_true",
+                        help="only the sweeps, no wall-clock measurements")
+    parser.add_argument("--plot", metavar="DIR", help="write PNG charts there")
+    args = parser.parse_args()
+    names = [n for n in args.sweeps.split(",") if n]
+    from vmmu.scale import main as sweeps
+    sweeps(names, quick=args.quick, plot=args.plot)
+    if not args.no_simulator:
+        virtual_vs_wall(args.runs, 256 if args.quick else 2048)
+        simulator_speed(256 if args.quick else 4096, 16 if args.quick else 256)
+        determinism(args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
