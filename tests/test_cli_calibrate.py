@@ -64,7 +64,8 @@ def test_costs_follow_the_documented_rules():
                 "wp_fault": 3000.4, "get_dirty_log": 0.5, "wp_fault_fast": 90,
                 "wp_fault_taken": 100}
     d = DEFAULT_COSTS
-    rest = d["memslot_lookup"] + d["gup_fast"] + 2 * d["lock_acquire"] + d["spte_cmpxchg"]
+    rest = (d["memslot_lookup"] + d["gup_fast"] + 2 * d["lock_acquire"] +
+            4 * d["tdp_walk_level"] + d["make_spte"] + d["spte_cmpxchg"])
     costs = costs_of(measured)
     assert costs["vmexit_entry"] == 1000
     assert costs["fault_base"] == 2000 - rest

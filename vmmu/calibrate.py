@@ -48,12 +48,13 @@ __all__ = ["measure", "costs_of", "calibrate", "dumps", "FAULT_PATH_REST", "FAST
 
 MiB = 1 << 20
 SLOT, SLOT_GPA = 1, 1 << 30
-# What the model charges on a 4K demand fault besides its exit and `fault_base`: the
-# memslot lookup, GUP-fast, mmu_lock taken and released, the SPTE cmpxchg.
-FAULT_PATH_REST = ("memslot_lookup", "gup_fast", "lock_acquire", "lock_acquire",
-                   "spte_cmpxchg")
+# What the model charges on a 4K demand fault (4-level EPT) besides its exit and
+# `fault_base`, cost name -> times: the memslot lookup, GUP-fast, mmu_lock taken and
+# released, the walk from the root to the 4K level, the new leaf built and installed.
+FAULT_PATH_REST = {"memslot_lookup": 1, "gup_fast": 1, "lock_acquire": 2,
+                   "tdp_walk_level": 4, "make_spte": 1, "spte_cmpxchg": 1}
 # ... and on a fast page fault besides its exit, `fault_base` and `fast_pf`.
-FAST_PATH_REST = ("memslot_lookup", "spte_cmpxchg")
+FAST_PATH_REST = {"memslot_lookup": 1, "spte_cmpxchg": 1}
 HOST_FAULT_SHARES = ("gup_slow", "page_alloc_4k", "page_zero_4k")
 
 
@@ -91,7 +92,7 @@ def costs_of(measured: Mapping) -> dict[str, int]:
     """The cost overrides the numbers of `measure` give (the rules of the docstring)."""
     d = DEFAULT_COSTS
     exit_ns = measured["exit_round_trip"]
-    fault_base = measured["demand_fault"] - exit_ns - sum(d[n] for n in FAULT_PATH_REST)
+    fault_base = measured["demand_fault"] - exit_ns - _charged(FAULT_PATH_REST)
     host = measured["host_fault"] - measured["demand_fault"]
     shares = sum(d[n] for n in HOST_FAULT_SHARES)
     costs = {"vmexit_entry": exit_ns, "fault_base": fault_base,
@@ -99,10 +100,14 @@ def costs_of(measured: Mapping) -> dict[str, int]:
              "dirty_bitmap_word": 64 * measured["get_dirty_log"]}
     if measured["wp_fault_fast"] * 2 > measured["wp_fault_taken"]:
         costs["fast_pf"] = (measured["wp_fault"] - exit_ns - max(fault_base, 0) -
-                            sum(d[n] for n in FAST_PATH_REST))
+                            _charged(FAST_PATH_REST))
     costs = {name: max(0, round(ns)) for name, ns in costs.items()}
     check_costs(costs)
     return costs
+
+
+def _charged(times: Mapping[str, int]) -> int:
+    return sum(DEFAULT_COSTS[name] * n for name, n in times.items())
 
 
 def calibrate(size: int = 64 * MiB, runs: int = 3, exits: int = 2000) -> dict:
