@@ -27,7 +27,10 @@ others keeping their defaults:
                        else the wp fault took the slow path, and is only recorded
     dirty_bitmap_word  = 64 x get_dirty_log per page
 
-A difference below zero is 0. The file is {"costs": {name: ns}, "measured": {...}}, which
+A difference below zero is 0. The exit round trip includes the return to userspace, which
+a fault handled in KVM does not pay: where that return dominates (PVM, whose exits are
+world switches), a demand fault can cost less than the round trip and `fault_base` comes
+out 0, the exit cost being an upper bound. The file is {"costs": {name: ns}, "measured": {...}}, which
 `load_cost_file` (model and client) reads.
 """
 
