@@ -43,9 +43,9 @@ def _by(rows: list[dict], key: str) -> dict[str, list[dict]]:
 
 
 def _seed002(ax, rows):
-    for design, group in _by(rows, "design").items():
+    for (workload, design), group in _groups(rows, "workload", "design").items():
         ax.plot([r["vcpus"] for r in group], [r["faults_per_s"] for r in group], marker="o",
-                label=design)
+                label=f"{design}, {workload}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("vCPUs")
@@ -87,9 +87,13 @@ def _seed001(ax, rows):
 
 
 def _pairs(rows):
+    return _groups(rows, "backing", "leafs_only")
+
+
+def _groups(rows, *keys):
     groups = defaultdict(list)
     for row in rows:
-        groups[(row["backing"], row["leafs_only"])].append(row)
+        groups[tuple(row[key] for key in keys)].append(row)
     return groups
 
 

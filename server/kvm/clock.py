@@ -35,7 +35,7 @@ from .costs import Costs
 from .errors import einval
 
 __all__ = ["VirtualClock", "Actor", "WaitQueue", "Mutex", "DONE", "simulated",
-           "simulated_sync"]
+           "simulated_sync", "park", "woken", "wake"]
 
 
 class _NoLoop:
@@ -363,6 +363,24 @@ def simulated_sync(name: str):
     return decorate
 
 
+# A waiter, in wall or virtual time (clock None: wall): `actor = park(clock)` before it
+# queues `fut`, `await woken(clock, actor, fut)`; the waker calls `wake(clock, actor, fut)`.
+
+def park(clock: VirtualClock | None) -> Actor | None:
+    return clock.park() if clock is not None else None
+
+
+def woken(clock: VirtualClock | None, actor: Actor | None, fut: asyncio.Future):
+    return fut if actor is None else clock.await_turn(actor, fut)
+
+
+def wake(clock: VirtualClock | None, actor: Actor | None, fut: asyncio.Future) -> None:
+    if clock is not None:
+        clock.wake(actor, fut)
+    elif not fut.done():
+        fut.set_result(None)
+
+
 class WaitQueue:
     """Tasks waiting for something another task makes true. In wall time, futures; in
     virtual time the waiters are parked actors, woken at the waker's virtual time. A
@@ -380,15 +398,11 @@ class WaitQueue:
 
     async def wait(self) -> None:
         fut = asyncio.get_running_loop().create_future()
-        clock = self.clock
-        actor = clock.park() if clock is not None else None
+        actor = park(self.clock)
         entry = (fut, actor)
         self._waiters.append(entry)
         try:
-            if actor is None:
-                await fut
-            else:
-                await clock.await_turn(actor, fut)
+            await woken(self.clock, actor, fut)
         finally:
             if entry in self._waiters:
                 self._waiters.remove(entry)
@@ -434,16 +448,12 @@ class Mutex:
         if not self._locked:
             self._locked = True
             return
-        clock = self.clock
         fut = asyncio.get_running_loop().create_future()
-        actor = clock.park() if clock is not None else None
+        actor = park(self.clock)
         entry = (fut, actor)
         self._waiters.append(entry)
         try:
-            if actor is None:
-                await fut
-            else:
-                await clock.await_turn(actor, fut)
+            await woken(self.clock, actor, fut)
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 self._release()              # handed over, then cancelled
@@ -459,9 +469,6 @@ class Mutex:
             fut, actor = self._waiters.popleft()
             if fut.done():
                 continue
-            if self.clock is not None:
-                self.clock.wake(actor, fut)
-            else:
-                fut.set_result(None)
+            wake(self.clock, actor, fut)
             return
         self._locked = False

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from asyncio import current_task
 
-from .clock import DONE, VirtualClock
+from .clock import DONE, VirtualClock, park, wake, woken
 
 __all__ = ["MmuLock", "LockStatistics", "LockAssertion"]
 
@@ -144,15 +144,12 @@ class MmuLock:
         if clock is None:               # in virtual time, counted by the virtual grant
             self._stats[f"{mode}_contended"] += 1
         fut = asyncio.get_running_loop().create_future()
-        actor = clock.park() if clock is not None else None
+        actor = park(clock)
         entry = (mode, fut, task, actor)
         self._waiters.append(entry)
         start = time.perf_counter_ns()
         try:
-            if actor is None:
-                await fut
-            else:
-                await clock.await_turn(actor, fut)
+            await woken(clock, actor, fut)
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():    # granted, then cancelled: give it back
                 if mode == self.READ:
@@ -206,10 +203,7 @@ class MmuLock:
             self._hand_over(fut, actor)
 
     def _hand_over(self, fut: asyncio.Future, actor) -> None:
-        if self.clock is not None:
-            self.clock.wake(actor, fut)      # runnable at the releaser's virtual time
-        else:
-            fut.set_result(None)
+        wake(self.clock, actor, fut)         # in virtual time: at the releaser's time
 
     # -- virtual time ---------------------------------------------------------------
 
