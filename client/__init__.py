@@ -1,13 +1,15 @@
 """Python clients of the vmmu gRPC API: `Client` (blocking) and `AsyncClient` (asyncio).
 
 Both expose the same methods and return the frozen dataclasses of `types`; failures raise
-the `errors.VmmuError` family. Batches of guest accesses are built with `BatchBuilder`.
+the `errors.VmmuError` family. Batches of guest accesses are built with `BatchBuilder`;
+`load_cost_file` reads the cost table of a VM in virtual time (what `vmmu calibrate` wrote).
 The client imports only the generated vmmu.v1 code, never the server.
 """
 
 from vmmu.client.aio import (AsyncClient, AsyncInvalidationHold, AsyncRunStream,
                              AsyncTraceStream, AsyncVcpu, AsyncVm)
 from vmmu.client.batch import Access, Batch, BatchBuilder
+from vmmu.client.costs import load_cost_file
 from vmmu.client.errors import (Aborted, AlreadyExists, FailedPrecondition, Internal,
                                 InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
                                 Unauthenticated, Unavailable, VmmuError)
@@ -24,7 +26,7 @@ __all__ = [
     "Client", "Vm", "Vcpu", "RunStream", "InvalidationHold", "TraceStream",
     "AsyncClient", "AsyncVm", "AsyncVcpu", "AsyncRunStream", "AsyncInvalidationHold",
     "AsyncTraceStream",
-    "Access", "Batch", "BatchBuilder",
+    "Access", "Batch", "BatchBuilder", "load_cost_file",
     "VmmuError", "InvalidArgument", "NotFound", "AlreadyExists", "FailedPrecondition",
     "ResourceExhausted", "PermissionDenied", "Aborted", "Internal", "Unavailable",
     "Unauthenticated", "ClientTls",

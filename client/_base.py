@@ -8,7 +8,7 @@ blocking or an awaited stub call) and both translate a failed call with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -68,6 +68,27 @@ _HOLD_STATE_FROM_WIRE = {notifier_pb2.HoldState.Value(f"HOLD_STATE_{s.name}"): s
                          for s in HoldState}
 
 
+class _Choice:
+    """A VmConfig field whose values are names ("virtual", "write_section"), carried as
+    the wire enum value `<PREFIX>_<NAME>`."""
+
+    def __init__(self, field: str, enum: Any) -> None:
+        self.field = field
+        prefix = enum.DESCRIPTOR.values_by_number[0].name.removesuffix("UNSPECIFIED")
+        self.from_wire = {v.number: v.name.removeprefix(prefix).lower()
+                          for v in enum.DESCRIPTOR.values if v.number}
+        self._to_wire = {name: number for number, name in self.from_wire.items()}
+
+    def to_wire(self, name: str) -> int:
+        if name not in self._to_wire:
+            raise ValueError(f"{self.field} {name!r} is not one of {', '.join(self._to_wire)}")
+        return self._to_wire[name]
+
+
+_CHOICES = [_Choice("clock", vm_pb2.Clock), _Choice("fault_lock", vm_pb2.FaultLock),
+            _Choice("table_free", vm_pb2.TableFree), _Choice("aging_lock", vm_pb2.AgingLock)]
+
+
 class Stubs:
     """The generated stubs of every vmmu.v1 service over one channel (sync or aio)."""
 
@@ -114,7 +135,11 @@ def vm_info(m: vm_pb2.VmInfo) -> VmInfo:
                                   manual_dirty_log_protect=c.manual_dirty_log_protect,
                                   dirty_ring_size=c.dirty_ring_size,
                                   dirty_ring_with_bitmap=c.dirty_ring_with_bitmap,
-                                  fast_page_fault=c.fast_page_fault),
+                                  fast_page_fault=c.fast_page_fault,
+                                  costs=tuple(sorted(c.costs.items())),
+                                  zap_leafs_only=c.zap_leafs_only,
+                                  **{choice.field: choice.from_wire[getattr(c, choice.field)]
+                                     for choice in _CHOICES}),
                   nr_vcpus=m.nr_vcpus, nr_memslots=m.nr_memslots,
                   nr_host_regions=m.nr_host_regions, dead=m.dead)
 
@@ -149,7 +174,7 @@ def run_result(m: vcpu_pb2.RunResult) -> RunResult:
         exit=Exit(reason=_EXIT_REASON_FROM_WIRE[e.reason], gpa=e.gpa, length=e.length,
                   is_write=e.is_write, data=e.data, errno=e.errno, message=e.message,
                   suberror=e.suberror),
-        read_data=m.read_data)
+        read_data=m.read_data, start_ns=m.start_ns, end_ns=m.end_ns)
 
 
 # -- VMs -------------------------------------------------------------------------------
@@ -158,7 +183,11 @@ def create_vm(max_vcpus: int, tdp_levels: int, ad_bits: bool, name: str,
               schedule_seed: int | None, sanitizers: bool | None, debug: Iterable[str],
               gpc_policy: str, eager_page_split: bool, manual_dirty_log_protect: int,
               dirty_ring_size: int, dirty_ring_with_bitmap: bool,
-              fast_page_fault: bool) -> Call[VmInfo]:
+              fast_page_fault: bool, clock: str, costs: Mapping[str, int] | None,
+              fault_lock: str, table_free: str, aging_lock: str,
+              zap_leafs_only: bool) -> Call[VmInfo]:
+    names = {"clock": clock, "fault_lock": fault_lock, "table_free": table_free,
+             "aging_lock": aging_lock}
     config = vm_pb2.VmConfig(max_vcpus=max_vcpus, tdp_levels=tdp_levels, ad_bits=ad_bits,
                              name=name, schedule_seed=schedule_seed, sanitizers=sanitizers,
                              debug_knobs=sorted(debug), gpc_policy=gpc_policy,
@@ -166,7 +195,10 @@ def create_vm(max_vcpus: int, tdp_levels: int, ad_bits: bool, name: str,
                              manual_dirty_log_protect=manual_dirty_log_protect,
                              dirty_ring_size=dirty_ring_size,
                              dirty_ring_with_bitmap=dirty_ring_with_bitmap,
-                             fast_page_fault=fast_page_fault)
+                             fast_page_fault=fast_page_fault, costs=costs,
+                             zap_leafs_only=zap_leafs_only,
+                             **{choice.field: choice.to_wire(names[choice.field])
+                                for choice in _CHOICES})
     return Call("vm", "CreateVm", vm_pb2.CreateVmRequest(config=config),
                 lambda r: vm_info(r.vm))
 
@@ -337,9 +369,10 @@ def _access_batch(batch: Batch) -> vcpu_pb2.AccessBatch:
     return vcpu_pb2.AccessBatch(gpas=batch.gpas, ops=batch.ops, write_data=batch.write_data)
 
 
-def run_batch(vm_id: int, vcpu_id: int, batch: Batch) -> Call[RunResult]:
+def run_batch(vm_id: int, vcpu_id: int, batch: Batch, start_ns: int | None
+              ) -> Call[RunResult]:
     request = vcpu_pb2.RunBatchRequest(vm_id=vm_id, vcpu_id=vcpu_id,
-                                       batch=_access_batch(batch))
+                                       batch=_access_batch(batch), start_ns=start_ns)
     return Call("vcpu", "RunBatch", request, lambda r: run_result(r.result))
 
 
@@ -354,9 +387,11 @@ def resume(vm_id: int, vcpu_id: int) -> Call[RunResult]:
     return Call("vcpu", "RunBatch", request, lambda r: run_result(r.result))
 
 
-def run_request(vm_id: int, vcpu_id: int, batch: Batch) -> vcpu_pb2.RunRequest:
-    """A step of the Run stream that starts `batch`."""
-    return vcpu_pb2.RunRequest(vm_id=vm_id, vcpu_id=vcpu_id, batch=_access_batch(batch))
+def run_request(vm_id: int, vcpu_id: int, batch: Batch, start_ns: int | None
+                ) -> vcpu_pb2.RunRequest:
+    """A step of the Run stream that starts `batch` (at virtual time `start_ns`)."""
+    return vcpu_pb2.RunRequest(vm_id=vm_id, vcpu_id=vcpu_id, batch=_access_batch(batch),
+                               start_ns=start_ns)
 
 
 def mmio_request(vm_id: int, vcpu_id: int, data: bytes) -> vcpu_pb2.RunRequest:
@@ -413,4 +448,5 @@ def trace_event(m: trace_pb2.TraceEvent) -> TraceEvent:
     return TraceEvent(seq=m.seq, time_ns=m.time_ns, vm_id=m.vm_id, event=m.event,
                       fields={name: getattr(value, value.WhichOneof("value"))
                               for name, value in m.fields.items()},
-                      dropped_before=m.dropped_before)
+                      dropped_before=m.dropped_before,
+                      virtual_ns=m.virtual_ns if m.HasField("virtual_ns") else None)

@@ -13,13 +13,13 @@ Methods that make an RPC are coroutines; making a handle (`vm`, `vcpu`, `stream`
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 
-from vmmu.client import _base, _dirty_log, _gpc
+from vmmu.client import _base, _clock, _dirty_log, _gpc
 from vmmu.client.batch import Batch
 from vmmu.client.errors import VmmuError, error_from_rpc, error_from_status
 from vmmu.client.types import (Backing, ClientTls, DirtyGfn, Gpc, HeldInvalidation,
@@ -69,7 +69,10 @@ class AsyncClient:
                         gpc_policy: str = "global", eager_page_split: bool = True,
                         manual_dirty_log_protect: int = 0, dirty_ring_size: int = 0,
                         dirty_ring_with_bitmap: bool = False,
-                        fast_page_fault: bool = True) -> AsyncVm:
+                        fast_page_fault: bool = True, clock: str = "wall",
+                        costs: Mapping[str, int] | None = None, fault_lock: str = "read",
+                        table_free: str = "rcu", aging_lock: str = "none",
+                        zap_leafs_only: bool = True) -> AsyncVm:
         """Create a VM. `sanitizers` None keeps the server's default; `debug` names debug
         knobs to switch protections off; `gpc_policy` ("global" or "range") says which
         invalidations make a gfn-to-pfn cache refresh retry. Dirty logging:
@@ -78,12 +81,19 @@ class AsyncClient:
         makes get_dirty_log leave bits for clear_dirty_log; `dirty_ring_size` gives each
         vCPU a dirty ring of that many bytes, with memslot bitmaps only if
         `dirty_ring_with_bitmap`; `fast_page_fault` False sends every fault down the
-        slow path."""
+        slow path. Virtual time: `clock` "virtual" makes the VM a discrete-event
+        simulation, its work charged from the cost table with `costs` (name -> ns, e.g.
+        from `load_cost_file`) overriding defaults; the policies the KVM threads compare:
+        `fault_lock` ("read" or "write"), `table_free` ("rcu" or "write_section"),
+        `aging_lock` ("none", "read" or "write") and `zap_leafs_only`. ValueError for a
+        clock or policy name the wire has no value for."""
         info = await self._invoke(_base.create_vm(max_vcpus, tdp_levels, ad_bits, name,
                                                   schedule_seed, sanitizers, debug,
                                                   gpc_policy, eager_page_split,
                                                   manual_dirty_log_protect, dirty_ring_size,
-                                                  dirty_ring_with_bitmap, fast_page_fault))
+                                                  dirty_ring_with_bitmap, fast_page_fault,
+                                                  clock, costs, fault_lock, table_free,
+                                                  aging_lock, zap_leafs_only))
         return AsyncVm(self, info.id)
 
     def vm(self, vm_id: int) -> AsyncVm:
@@ -126,6 +136,19 @@ class AsyncVm:
         """KVM_ENABLE_CAP: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_DIRTY_LOG_RING or
         KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, with KVM's rules (InvalidArgument else)."""
         await self._client._invoke(_base.enable_cap(self.id, cap, args, flags))
+
+    async def virtual_now(self) -> int:
+        """The VM's virtual now in ns (FailedPrecondition for a VM in wall time)."""
+        return await self._client._invoke(_clock.virtual_now(self.id))
+
+    async def costs(self) -> dict[str, int]:
+        """The VM's cost table in ns: the defaults with its overrides."""
+        return await self._client._invoke(_clock.costs(self.id))
+
+    async def advance(self, until_ns: int) -> int:
+        """Run the VM's simulation up to virtual time `until_ns` and, from now on, never
+        past the latest such time; returns the new virtual now."""
+        return await self._client._invoke(_clock.advance(self.id, until_ns))
 
     async def destroy(self) -> None:
         await self._client._invoke(_base.destroy_vm(self.id))
@@ -294,9 +317,11 @@ class AsyncVcpu:
     async def stats(self) -> dict[str, int]:
         return await self._client._invoke(_base.vcpu_stats(self.vm_id, self.id))
 
-    async def run(self, batch: Batch) -> RunResult:
-        """Run `batch` from its first access until it is done or exits."""
-        return await self._client._invoke(_base.run_batch(self.vm_id, self.id, batch))
+    async def run(self, batch: Batch, start_ns: int | None = None) -> RunResult:
+        """Run `batch` from its first access until it is done or exits; in virtual time,
+        starting at `start_ns` if given (not before the VM's now)."""
+        return await self._client._invoke(_base.run_batch(self.vm_id, self.id, batch,
+                                                          start_ns))
 
     async def complete_mmio(self, data: bytes = b"") -> RunResult:
         """Complete the pending MMIO access (a read's `length` bytes, or nothing for a
@@ -329,8 +354,8 @@ class AsyncRunStream:
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.close()
 
-    async def run(self, batch: Batch) -> RunResult:
-        return await self._step(_base.run_request(self.vm_id, self.vcpu_id, batch))
+    async def run(self, batch: Batch, start_ns: int | None = None) -> RunResult:
+        return await self._step(_base.run_request(self.vm_id, self.vcpu_id, batch, start_ns))
 
     async def complete_mmio(self, data: bytes = b"") -> RunResult:
         return await self._step(_base.mmio_request(self.vm_id, self.vcpu_id, data))

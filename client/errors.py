@@ -4,7 +4,8 @@
      +-- InvalidArgument       INVALID_ARGUMENT    (EINVAL, EFAULT)
      +-- NotFound              NOT_FOUND           (ENOENT: no such VM, vCPU, slot, region)
      +-- AlreadyExists         ALREADY_EXISTS      (EEXIST)
-     +-- FailedPrecondition    FAILED_PRECONDITION (EBUSY, ENXIO, EAGAIN: refresh the GPC)
+     +-- FailedPrecondition    FAILED_PRECONDITION (EBUSY, ENXIO, EAGAIN: refresh the GPC,
+                                                    ENOTSUP: virtual time of a wall VM)
      +-- ResourceExhausted     RESOURCE_EXHAUSTED  (ENOMEM, ENOSPC, E2BIG)
      +-- PermissionDenied      PERMISSION_DENIED   (EPERM)
      +-- Aborted               ABORTED             (EINTR)

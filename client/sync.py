@@ -15,13 +15,13 @@ server does not have fails with NotFound on first use. `AsyncClient` mirrors eve
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 
-from vmmu.client import _base, _dirty_log, _gpc
+from vmmu.client import _base, _clock, _dirty_log, _gpc
 from vmmu.client.batch import Batch
 from vmmu.client.errors import VmmuError, error_from_rpc
 from vmmu.client.types import (Backing, ClientTls, DirtyGfn, Gpc, HeldInvalidation,
@@ -69,7 +69,10 @@ class Client:
                   sanitizers: bool | None = None, debug: Iterable[str] = (),
                   gpc_policy: str = "global", eager_page_split: bool = True,
                   manual_dirty_log_protect: int = 0, dirty_ring_size: int = 0,
-                  dirty_ring_with_bitmap: bool = False, fast_page_fault: bool = True) -> Vm:
+                  dirty_ring_with_bitmap: bool = False, fast_page_fault: bool = True,
+                  clock: str = "wall", costs: Mapping[str, int] | None = None,
+                  fault_lock: str = "read", table_free: str = "rcu", aging_lock: str = "none",
+                  zap_leafs_only: bool = True) -> Vm:
         """Create a VM. `sanitizers` None keeps the server's default; `debug` names debug
         knobs to switch protections off; `gpc_policy` ("global" or "range") says which
         invalidations make a gfn-to-pfn cache refresh retry. Dirty logging:
@@ -78,12 +81,18 @@ class Client:
         makes get_dirty_log leave bits for clear_dirty_log; `dirty_ring_size` gives each
         vCPU a dirty ring of that many bytes, with memslot bitmaps only if
         `dirty_ring_with_bitmap`; `fast_page_fault` False sends every fault down the
-        slow path."""
+        slow path. Virtual time: `clock` "virtual" makes the VM a discrete-event
+        simulation, its work charged from the cost table with `costs` (name -> ns, e.g.
+        from `load_cost_file`) overriding defaults; the policies the KVM threads compare:
+        `fault_lock` ("read" or "write"), `table_free` ("rcu" or "write_section"),
+        `aging_lock` ("none", "read" or "write") and `zap_leafs_only`. ValueError for a
+        clock or policy name the wire has no value for."""
         info = self._invoke(_base.create_vm(max_vcpus, tdp_levels, ad_bits, name,
                                             schedule_seed, sanitizers, debug, gpc_policy,
                                             eager_page_split, manual_dirty_log_protect,
                                             dirty_ring_size, dirty_ring_with_bitmap,
-                                            fast_page_fault))
+                                            fast_page_fault, clock, costs, fault_lock,
+                                            table_free, aging_lock, zap_leafs_only))
         return Vm(self, info.id)
 
     def vm(self, vm_id: int) -> Vm:
@@ -124,6 +133,19 @@ class Vm:
         """KVM_ENABLE_CAP: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_DIRTY_LOG_RING or
         KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, with KVM's rules (InvalidArgument else)."""
         self._client._invoke(_base.enable_cap(self.id, cap, args, flags))
+
+    def virtual_now(self) -> int:
+        """The VM's virtual now in ns (FailedPrecondition for a VM in wall time)."""
+        return self._client._invoke(_clock.virtual_now(self.id))
+
+    def costs(self) -> dict[str, int]:
+        """The VM's cost table in ns: the defaults with its overrides."""
+        return self._client._invoke(_clock.costs(self.id))
+
+    def advance(self, until_ns: int) -> int:
+        """Run the VM's simulation up to virtual time `until_ns` and, from now on, never
+        past the latest such time; returns the new virtual now."""
+        return self._client._invoke(_clock.advance(self.id, until_ns))
 
     def destroy(self) -> None:
         self._client._invoke(_base.destroy_vm(self.id))
@@ -291,9 +313,11 @@ class Vcpu:
     def stats(self) -> dict[str, int]:
         return self._client._invoke(_base.vcpu_stats(self.vm_id, self.id))
 
-    def run(self, batch: Batch) -> RunResult:
-        """Run `batch` from its first access until it is done or exits."""
-        return self._client._invoke(_base.run_batch(self.vm_id, self.id, batch))
+    def run(self, batch: Batch, start_ns: int | None = None) -> RunResult:
+        """Run `batch` from its first access until it is done or exits; in virtual time,
+        starting at `start_ns` if given (not before the VM's now)."""
+        return self._client._invoke(_base.run_batch(self.vm_id, self.id, batch,
+                                                        start_ns))
 
     def complete_mmio(self, data: bytes = b"") -> RunResult:
         """Complete the pending MMIO access (a read's `length` bytes, or nothing for a
@@ -330,8 +354,8 @@ class RunStream:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def run(self, batch: Batch) -> RunResult:
-        return self._step(_base.run_request(self.vm_id, self.vcpu_id, batch))
+    def run(self, batch: Batch, start_ns: int | None = None) -> RunResult:
+        return self._step(_base.run_request(self.vm_id, self.vcpu_id, batch, start_ns))
 
     def complete_mmio(self, data: bytes = b"") -> RunResult:
         return self._step(_base.mmio_request(self.vm_id, self.vcpu_id, data))

@@ -83,7 +83,10 @@ class VmConfig:
     `gpc_policy`: what makes a gfn-to-pfn cache refresh retry, "global" or "range";
     dirty logging: `eager_page_split`, `manual_dirty_log_protect` (bits 1 ENABLE, 2
     INITIALLY_SET), `dirty_ring_size` (bytes per vCPU, 0: bitmaps only),
-    `dirty_ring_with_bitmap`; `fast_page_fault`."""
+    `dirty_ring_with_bitmap`; `fast_page_fault`. Virtual time: `clock` ("wall" or
+    "virtual"), `costs` (the cost overrides given at creation, (name, ns) pairs sorted
+    by name); the policies `fault_lock` ("read" or "write"), `table_free` ("rcu" or
+    "write_section"), `aging_lock` ("none", "read" or "write"), `zap_leafs_only`."""
 
     max_vcpus: int
     tdp_levels: int
@@ -98,6 +101,12 @@ class VmConfig:
     dirty_ring_size: int = 0
     dirty_ring_with_bitmap: bool = False
     fast_page_fault: bool = True
+    clock: str = "wall"
+    costs: tuple[tuple[str, int], ...] = ()
+    fault_lock: str = "read"
+    table_free: str = "rcu"
+    aging_lock: str = "none"
+    zap_leafs_only: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,11 +193,15 @@ class Exit:
 @dataclass(frozen=True, slots=True)
 class RunResult:
     """`completed` counts from the start of the batch; `read_data` is the data of every
-    WITH_DATA read of the batch completed so far, concatenated in order."""
+    WITH_DATA read of the batch completed so far, concatenated in order. In virtual time
+    `start_ns` is when the step entered the guest and `end_ns` the vCPU's time when it
+    returned (both 0 in wall time)."""
 
     completed: int
     exit: Exit
     read_data: bytes
+    start_ns: int = 0
+    end_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +228,8 @@ class Invalidations:
 class TraceEvent:
     """One tracepoint hit. `seq` counts the VM's events in emission order;
     `dropped_before` is how many events this stream lost just before this one because
-    its reader fell behind."""
+    its reader fell behind. `virtual_ns` is the emitter's virtual time for a VM in virtual
+    time, None in wall time."""
 
     seq: int
     time_ns: int
@@ -223,6 +237,7 @@ class TraceEvent:
     event: str
     fields: Mapping[str, int | str | bool]
     dropped_before: int
+    virtual_ns: int | None = None
 
 
 class GpcState(enum.Enum):

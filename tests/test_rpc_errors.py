@@ -23,7 +23,8 @@ C = grpc.StatusCode
     (errno.EEXIST, C.ALREADY_EXISTS), (errno.ENOENT, C.NOT_FOUND),
     (errno.ENOMEM, C.RESOURCE_EXHAUSTED), (errno.ENOSPC, C.RESOURCE_EXHAUSTED),
     (errno.E2BIG, C.RESOURCE_EXHAUSTED), (errno.EBUSY, C.FAILED_PRECONDITION),
-    (errno.ENXIO, C.FAILED_PRECONDITION), (errno.EPERM, C.PERMISSION_DENIED),
+    (errno.ENXIO, C.FAILED_PRECONDITION), (errno.EOPNOTSUPP, C.FAILED_PRECONDITION),
+    (errno.EPERM, C.PERMISSION_DENIED),
     (errno.EINTR, C.ABORTED), (errno.EIO, C.INTERNAL), (errno.EDOM, C.UNKNOWN),
 ])
 def test_status_table(code, expected):

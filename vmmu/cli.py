@@ -8,6 +8,7 @@
                 [--workers K] [--ray [ADDRESS]]   on K processes, or as Ray tasks
     vmmu explore --all --seeds N       every scenario with and without each knob, a table
     vmmu scale [SWEEP ...] [--quick]   the seeds' sweeps in virtual time, as JSON lines
+    vmmu calibrate [--out FILE]        measure the cost table on the host's /dev/kvm
 
 A subcommand is a `_add_<name>(subparsers)` that declares its arguments and sets
 `run=<function(args) -> exit status>` (and `check=<function(args)>` if it refuses some
@@ -27,7 +28,7 @@ from typing import Any
 from vmmu.server.rpc.app import DEFAULT_KEEPALIVE_S, start_server
 from vmmu.server.rpc.auth import InsecureListener, ServerTls, Tokens
 
-__all__ = ["main", "serve", "demo", "explore", "scale"]
+__all__ = ["main", "serve", "demo", "explore", "scale", "calibrate"]
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -187,8 +188,45 @@ def _check_explore(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
                      "local processes or a local Ray cluster")
 
 
+def calibrate(args: argparse.Namespace) -> int:
+    """Measure on the host's /dev/kvm an exit round trip, a demand fault, a write-protect
+    fault and GET_DIRTY_LOG per page, and write the cost file of a VM in virtual time
+    (`create_vm(clock="virtual", costs=load_cost_file(FILE))`); exit 1 without a usable
+    /dev/kvm."""
+    from vmmu.calibrate import calibrate as measure_costs, dumps
+    from vmmu.kvmhost import GuestExit, KvmUnavailable
+    try:
+        cost_file = measure_costs(args.size_mib << 20, args.runs)
+    except KvmUnavailable as exc:
+        print(f"vmmu calibrate: no KVM to measure: {exc}", file=sys.stderr)
+        return 1
+    except (GuestExit, OSError) as exc:
+        print(f"vmmu calibrate: measuring on /dev/kvm failed: {exc}", file=sys.stderr)
+        return 1
+    text = dumps(cost_file)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"vmmu calibrate: wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _add_calibrate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("calibrate", help="measure the cost table on /dev/kvm",
+                                   description=calibrate.__doc__)
+    parser.add_argument("--out", metavar="FILE", help="write the cost file here "
+                        "(default: standard output)")
+    parser.add_argument("--size-mib", type=int, default=64, metavar="N",
+                        help="MiB of guest memory each fault measurement writes (default 64)")
+    parser.add_argument("--runs", type=int, default=3, metavar="N",
+                        help="runs of each measurement, the median kept (default 3)")
+    parser.set_defaults(run=calibrate)
+
+
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_serve, _add_demo, _add_explore, _add_scale)
+    _add_serve, _add_demo, _add_explore, _add_scale, _add_calibrate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .workload import MiB, PHASES, kvm_dirty_log_workload
+from vmmu.kvmhost.workload import MiB, PHASES, kvm_dirty_log_workload
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,8 +36,8 @@ import errno as errno_module
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from . import abi
-from .vm import PAGE_SIZE, RealVm
+from vmmu.kvmhost import abi
+from vmmu.kvmhost.vm import PAGE_SIZE, RealVm
 
 __all__ = ["EnableManualProtect", "SetRegion", "Write", "Get", "Clear", "Step", "Result",
            "run_script", "real_dirty_bitmaps", "BAD_ARGUMENTS", "bad_argument_errnos",

@@ -35,7 +35,7 @@ from .costs import Costs
 from .errors import einval
 
 __all__ = ["VirtualClock", "Actor", "WaitQueue", "Mutex", "DONE", "simulated",
-           "simulated_sync", "park", "woken", "wake"]
+           "simulated_sync", "park", "woken", "wake", "VIRTUAL_TIME_LIMIT"]
 
 
 class _NoLoop:
@@ -54,6 +54,7 @@ def _finished_future() -> asyncio.Future:
 
 
 DONE = _finished_future()      # awaiting it never switches tasks
+VIRTUAL_TIME_LIMIT = 1 << 63   # virtual times stay below it: they travel as uint64
 
 
 class Actor:

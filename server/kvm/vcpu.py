@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Iterator
 from .spte import (ACCESSED, BASE_ADDR_MASK, DIRTY, EXECUTABLE, LARGE, MMIO_MASK, MMIO_VALUE,
                    READABLE, RWX, WRITABLE)
 from .batch import OP_HLT, OP_KIND_MASK, OP_WITH_DATA, AccessBatch, op_size
-from .clock import Actor
+from .clock import VIRTUAL_TIME_LIMIT, Actor
 from .errors import KvmError, VmBugged
 from .mmu import page_fault
 from .mmu_internal import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY
@@ -199,6 +199,8 @@ class Vcpu:
         if start_ns is not None and self.clock is None:
             raise KvmError(errno.EOPNOTSUPP, f"a start time needs a VM in virtual time; "
                            f"VM {self.vm.id} runs in wall time")
+        if start_ns is not None and not 0 <= start_ns < VIRTUAL_TIME_LIMIT:
+            raise KvmError(errno.EINVAL, f"start_ns {start_ns} is not in [0, 2^63) ns")
         if self._running:
             raise KvmError(errno.EBUSY, f"vCPU {self.id} is already running")
         if batch is not None and mmio_data is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from . import aging, caps, dirty_log, host_ops
 from . import spte as S
-from .clock import Mutex, VirtualClock, simulated, simulated_sync
+from .clock import VIRTUAL_TIME_LIMIT, Mutex, VirtualClock, simulated, simulated_sync
 from .costs import Costs, check_costs
 from .dirty_log import BYTE_IN_WORD
 from .dirty_ring import DIRTY_GFN_BYTES, DirtyGfn, DirtyRing, check_ring_size
@@ -318,8 +318,8 @@ class Vm:
         past the latest such time); returns the new virtual now."""
         self.check_alive()
         clock = self.virtual_clock()
-        if until_ns >= 1 << 63:
-            raise einval(f"until_ns {until_ns} is beyond 2^63 ns")
+        if not 0 <= until_ns < VIRTUAL_TIME_LIMIT:
+            raise einval(f"until_ns {until_ns} is not in [0, 2^63) ns")
         return await clock.advance(until_ns)
 
     # -- host memory (the VMM's own mm) ---------------------------------------------

@@ -19,6 +19,7 @@ from vmmu.server.kvm import (PROT_NONE, PROT_READ, PROT_WRITE, AccessBatch, Back
 from vmmu.server.kvm.errors import einval
 from vmmu.server.kvm.held import HoldState
 from vmmu.server.kvm.trace import DEFAULT_CAPACITY
+from vmmu.server.kvm.vm import CLOCKS, POLICIES
 from vmmu.v1 import host_memory_pb2, memslot_pb2, notifier_pb2, trace_pb2, vcpu_pb2, vm_pb2
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from vmmu.server.kvm.trace import TraceEvent
 
 __all__ = [
-    "vm_config", "vm_info", "spte",
+    "vm_config", "vm_info", "spte", "clock",
     "backing", "host_region", "madvise", "protection",
     "memslot",
     "vcpu_info", "run_step", "run_result",
@@ -52,6 +53,33 @@ _HOLD_STATE_TO_WIRE = {s: notifier_pb2.HoldState.Value(f"HOLD_STATE_{s.name}")
                        for s in HoldState}
 
 
+class _Choice:
+    """A VmConfig field whose values are names (a clock, a policy) and a wire enum
+    `<PREFIX>_<NAME>` for each, with UNSPECIFIED (0) for VmConfig's default."""
+
+    def __init__(self, field: str, enum, names: tuple[str, ...]) -> None:
+        self.field, self.enum = field, enum
+        prefix = enum.DESCRIPTOR.values_by_number[0].name.removesuffix("UNSPECIFIED")
+        self.to_wire = {name: enum.Value(prefix + name.upper()) for name in names}
+        self.from_wire = {wire: name for name, wire in self.to_wire.items()}
+
+    def from_config(self, c: vm_pb2.VmConfig) -> dict[str, str]:
+        """The keyword argument of VmConfig for this field; none when unspecified."""
+        value = getattr(c, self.field)
+        if value == 0:
+            return {}
+        if value not in self.from_wire:
+            raise einval(f"{self.field} {value} is not one of "
+                         f"{', '.join(self.enum.Name(v) for v in self.from_wire)}")
+        return {self.field: self.from_wire[value]}
+
+
+_CHOICES = [_Choice("clock", vm_pb2.Clock, CLOCKS),
+            _Choice("fault_lock", vm_pb2.FaultLock, POLICIES["fault_lock"]),
+            _Choice("table_free", vm_pb2.TableFree, POLICIES["table_free"]),
+            _Choice("aging_lock", vm_pb2.AgingLock, POLICIES["aging_lock"])]
+
+
 # -- VMs -------------------------------------------------------------------------------
 
 def vm_config(request: vm_pb2.CreateVmRequest) -> VmConfig:
@@ -65,6 +93,9 @@ def vm_config(request: vm_pb2.CreateVmRequest) -> VmConfig:
         if c.HasField("eager_page_split") else {}
     fast_page_fault = {"fast_page_fault": c.fast_page_fault} \
         if c.HasField("fast_page_fault") else {}
+    zap_leafs_only = {"zap_leafs_only": c.zap_leafs_only} \
+        if c.HasField("zap_leafs_only") else {}
+    choices = {k: v for choice in _CHOICES for k, v in choice.from_config(c).items()}
     return VmConfig(max_vcpus=c.max_vcpus, tdp_levels=c.tdp_levels, ad_bits=c.ad_bits,
                     name=c.name,
                     schedule_seed=c.schedule_seed if c.HasField("schedule_seed") else None,
@@ -72,7 +103,8 @@ def vm_config(request: vm_pb2.CreateVmRequest) -> VmConfig:
                     **eager_page_split, **fast_page_fault,
                     manual_dirty_log_protect=c.manual_dirty_log_protect,
                     dirty_ring_size=c.dirty_ring_size,
-                    dirty_ring_with_bitmap=c.dirty_ring_with_bitmap)
+                    dirty_ring_with_bitmap=c.dirty_ring_with_bitmap,
+                    costs=dict(c.costs), **zap_leafs_only, **choices)
 
 
 def _vm_config_to_wire(config: VmConfig) -> vm_pb2.VmConfig:
@@ -84,13 +116,22 @@ def _vm_config_to_wire(config: VmConfig) -> vm_pb2.VmConfig:
                            manual_dirty_log_protect=config.manual_dirty_log_protect,
                            dirty_ring_size=config.dirty_ring_size,
                            dirty_ring_with_bitmap=config.dirty_ring_with_bitmap,
-                           fast_page_fault=config.fast_page_fault)
+                           fast_page_fault=config.fast_page_fault,
+                           costs=dict(config.costs), zap_leafs_only=config.zap_leafs_only,
+                           **{choice.field: choice.to_wire[getattr(config, choice.field)]
+                              for choice in _CHOICES})
 
 
 def vm_info(info: VmInfo) -> vm_pb2.VmInfo:
     return vm_pb2.VmInfo(id=info.id, name=info.name, config=_vm_config_to_wire(info.config),
                          nr_vcpus=info.nr_vcpus, nr_memslots=info.nr_memslots,
                          nr_host_regions=info.nr_host_regions, dead=info.dead)
+
+
+def clock(vm: Vm) -> vm_pb2.GetClockResponse:
+    """A VM's virtual now and cost table (EOPNOTSUPP for a VM in wall time)."""
+    now_ns = vm.virtual_now()
+    return vm_pb2.GetClockResponse(now_ns=now_ns, costs=vm.virtual_clock().costs.as_dict())
 
 
 def spte(info: SpteInfo) -> vm_pb2.Spte:
@@ -155,17 +196,19 @@ def vcpu_info(info: VcpuInfo) -> vcpu_pb2.VcpuInfo:
 
 
 def run_step(request: vcpu_pb2.RunRequest | vcpu_pb2.RunBatchRequest
-             ) -> dict[str, AccessBatch | bytes]:
-    """The keyword arguments of `Vcpu.run` for one step: a batch, an MMIO completion,
-    or none (a resume)."""
+             ) -> dict[str, AccessBatch | bytes | int | None]:
+    """The keyword arguments of `Vcpu.run` for one step: a batch, an MMIO completion or
+    none (a resume), and the virtual time to start it at."""
+    start_ns = request.start_ns if request.HasField("start_ns") else None
     step = request.WhichOneof("step")
     if step == "batch":
         b = request.batch
-        return {"batch": AccessBatch.from_wire(b.gpas, b.ops, b.write_data)}
+        return {"batch": AccessBatch.from_wire(b.gpas, b.ops, b.write_data),
+                "start_ns": start_ns}
     if step == "mmio_completion":
-        return {"mmio_data": request.mmio_completion.data}
+        return {"mmio_data": request.mmio_completion.data, "start_ns": start_ns}
     if step == "resume":
-        return {}
+        return {"start_ns": start_ns}
     raise einval(f"{type(request).__name__} needs a batch, an mmio_completion or a resume")
 
 
@@ -176,7 +219,7 @@ def run_result(result: RunResult) -> vcpu_pb2.RunResult:
         exit=vcpu_pb2.Exit(reason=_EXIT_REASON_TO_WIRE[e.reason], gpa=e.gpa,
                            length=e.length, is_write=e.is_write, data=e.data,
                            errno=e.errno, message=e.message, suberror=e.suberror),
-        read_data=result.read_data)
+        read_data=result.read_data, start_ns=result.start_ns, end_ns=result.end_ns)
 
 
 # -- held MMU-notifier invalidations ---------------------------------------------------
@@ -209,7 +252,7 @@ def trace_event(event: TraceEvent, dropped_before: int) -> trace_pb2.TraceEvent:
     return trace_pb2.TraceEvent(
         seq=event.seq, time_ns=event.time_ns, vm_id=event.vm_id, event=event.event,
         fields={name: _trace_value(value) for name, value in event.fields.items()},
-        dropped_before=dropped_before)
+        dropped_before=dropped_before, virtual_ns=event.virtual_ns)
 
 
 def _trace_value(value: int | str | bool) -> trace_pb2.TraceValue:

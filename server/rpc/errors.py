@@ -38,6 +38,7 @@ STATUS_BY_ERRNO: dict[int, StatusCode] = {
     errno.EBUSY: StatusCode.FAILED_PRECONDITION,
     errno.ENXIO: StatusCode.FAILED_PRECONDITION,
     errno.EAGAIN: StatusCode.FAILED_PRECONDITION,   # a GPC used while invalid: refresh first
+    errno.EOPNOTSUPP: StatusCode.FAILED_PRECONDITION,   # virtual time asked of a wall VM
     errno.EPERM: StatusCode.PERMISSION_DENIED,
     errno.EINTR: StatusCode.ABORTED,
     errno.EIO: StatusCode.INTERNAL,     # the VM is dead: an earlier call broke an invariant

@@ -72,6 +72,15 @@ class VmServicer(_Servicer, vm_pb2_grpc.VmServiceServicer):
         await self._vm(request).enable_cap(request.cap, request.flags, list(request.args))
         return vm_pb2.EnableCapResponse()
 
+    async def GetClock(self, request: vm_pb2.GetClockRequest, context: Context
+                       ) -> vm_pb2.GetClockResponse:
+        return convert.clock(self._vm(request))
+
+    async def AdvanceClock(self, request: vm_pb2.AdvanceClockRequest, context: Context
+                           ) -> vm_pb2.AdvanceClockResponse:
+        now_ns = await self._vm(request).advance(request.until_ns)
+        return vm_pb2.AdvanceClockResponse(now_ns=now_ns)
+
 
 class HostMemoryServicer(_Servicer, host_memory_pb2_grpc.HostMemoryServiceServicer):
     async def CreateRegion(self, request: host_memory_pb2.CreateRegionRequest, context: Context

@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.kvmhost import (PHASES, Clear, EnableManualProtect, Get, GuestExit,
-                                KvmUnavailable, RealVm, SetRegion, Write, abi,
+                                KvmUnavailable, RealVm, SetRegion, Write,
                                 bad_argument_errnos, bitmap_of, kvm_dirty_log_workload,
                                 pages_of, real_dirty_bitmaps, run_script)
 from benchmarks.kvmhost.conformance import LOG, MANUAL, MANUAL_INITIALLY_SET
+from vmmu.kvmhost import abi
 
 try:
     RealVm().close()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13vmmu/v1/trace.proto\x12\x07vmmu.v1\"R\n\x0cTraceRequest\x12\x0e\n\x06vm_ids\x18\x01 \x03(\x04\x12\x0e\n\x06\x65vents\x18\x02 \x03(\t\x12\x15\n\x08\x63\x61pacity\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_capacity\"n\n\nTraceValue\x12\x14\n\nuint_value\x18\x01 \x01(\x04H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x07\n\x05value\"\xd5\x01\n\nTraceEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07time_ns\x18\x02 \x01(\x04\x12\r\n\x05vm_id\x18\x03 \x01(\x04\x12\r\n\x05\x65vent\x18\x04 \x01(\t\x12/\n\x06\x66ields\x18\x05 \x03(\x0b\x32\x1f.vmmu.v1.TraceEvent.FieldsEntry\x12\x16\n\x0e\x64ropped_before\x18\x06 \x01(\x04\x1a\x42\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.vmmu.v1.TraceValue:\x02\x38\x01\"3\n\rTraceResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.vmmu.v1.TraceEvent2H\n\x0cTraceService\x12\x38\n\x05Trace\x12\x15.vmmu.v1.TraceRequest\x1a\x16.vmmu.v1.TraceResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13vmmu/v1/trace.proto\x12\x07vmmu.v1\"R\n\x0cTraceRequest\x12\x0e\n\x06vm_ids\x18\x01 \x03(\x04\x12\x0e\n\x06\x65vents\x18\x02 \x03(\t\x12\x15\n\x08\x63\x61pacity\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_capacity\"n\n\nTraceValue\x12\x14\n\nuint_value\x18\x01 \x01(\x04H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x07\n\x05value\"\xfd\x01\n\nTraceEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07time_ns\x18\x02 \x01(\x04\x12\r\n\x05vm_id\x18\x03 \x01(\x04\x12\r\n\x05\x65vent\x18\x04 \x01(\t\x12/\n\x06\x66ields\x18\x05 \x03(\x0b\x32\x1f.vmmu.v1.TraceEvent.FieldsEntry\x12\x16\n\x0e\x64ropped_before\x18\x06 \x01(\x04\x12\x17\n\nvirtual_ns\x18\x07 \x01(\x04H\x00\x88\x01\x01\x1a\x42\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.vmmu.v1.TraceValue:\x02\x38\x01\x42\r\n\x0b_virtual_ns\"3\n\rTraceResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.vmmu.v1.TraceEvent2H\n\x0cTraceService\x12\x38\n\x05Trace\x12\x15.vmmu.v1.TraceRequest\x1a\x16.vmmu.v1.TraceResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,11 +38,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRACEVALUE']._serialized_start=116
   _globals['_TRACEVALUE']._serialized_end=226
   _globals['_TRACEEVENT']._serialized_start=229
-  _globals['_TRACEEVENT']._serialized_end=442
-  _globals['_TRACEEVENT_FIELDSENTRY']._serialized_start=376
-  _globals['_TRACEEVENT_FIELDSENTRY']._serialized_end=442
-  _globals['_TRACERESPONSE']._serialized_start=444
-  _globals['_TRACERESPONSE']._serialized_end=495
-  _globals['_TRACESERVICE']._serialized_start=497
-  _globals['_TRACESERVICE']._serialized_end=569
+  _globals['_TRACEEVENT']._serialized_end=482
+  _globals['_TRACEEVENT_FIELDSENTRY']._serialized_start=401
+  _globals['_TRACEEVENT_FIELDSENTRY']._serialized_end=467
+  _globals['_TRACERESPONSE']._serialized_start=484
+  _globals['_TRACERESPONSE']._serialized_end=535
+  _globals['_TRACESERVICE']._serialized_start=537
+  _globals['_TRACESERVICE']._serialized_end=609
 # @@protoc_insertion_point(module_scope)

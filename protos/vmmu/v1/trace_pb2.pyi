@@ -29,7 +29,7 @@ class TraceValue(_message.Message):
     def __init__(self, uint_value: _Optional[int] = ..., int_value: _Optional[int] = ..., string_value: _Optional[str] = ..., bool_value: _Optional[bool] = ...) -> None: ...
 
 class TraceEvent(_message.Message):
-    __slots__ = ("seq", "time_ns", "vm_id", "event", "fields", "dropped_before")
+    __slots__ = ("seq", "time_ns", "vm_id", "event", "fields", "dropped_before", "virtual_ns")
     class FieldsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -43,13 +43,15 @@ class TraceEvent(_message.Message):
     EVENT_FIELD_NUMBER: _ClassVar[int]
     FIELDS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    VIRTUAL_NS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     time_ns: int
     vm_id: int
     event: str
     fields: _containers.MessageMap[str, TraceValue]
     dropped_before: int
-    def __init__(self, seq: _Optional[int] = ..., time_ns: _Optional[int] = ..., vm_id: _Optional[int] = ..., event: _Optional[str] = ..., fields: _Optional[_Mapping[str, TraceValue]] = ..., dropped_before: _Optional[int] = ...) -> None: ...
+    virtual_ns: int
+    def __init__(self, seq: _Optional[int] = ..., time_ns: _Optional[int] = ..., vm_id: _Optional[int] = ..., event: _Optional[str] = ..., fields: _Optional[_Mapping[str, TraceValue]] = ..., dropped_before: _Optional[int] = ..., virtual_ns: _Optional[int] = ...) -> None: ...
 
 class TraceResponse(_message.Message):
     __slots__ = ("event",)

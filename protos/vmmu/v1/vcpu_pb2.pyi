@@ -65,14 +65,18 @@ class Resume(_message.Message):
     def __init__(self) -> None: ...
 
 class RunResult(_message.Message):
-    __slots__ = ("completed", "exit", "read_data")
+    __slots__ = ("completed", "exit", "read_data", "start_ns", "end_ns")
     COMPLETED_FIELD_NUMBER: _ClassVar[int]
     EXIT_FIELD_NUMBER: _ClassVar[int]
     READ_DATA_FIELD_NUMBER: _ClassVar[int]
+    START_NS_FIELD_NUMBER: _ClassVar[int]
+    END_NS_FIELD_NUMBER: _ClassVar[int]
     completed: int
     exit: Exit
     read_data: bytes
-    def __init__(self, completed: _Optional[int] = ..., exit: _Optional[_Union[Exit, _Mapping]] = ..., read_data: _Optional[bytes] = ...) -> None: ...
+    start_ns: int
+    end_ns: int
+    def __init__(self, completed: _Optional[int] = ..., exit: _Optional[_Union[Exit, _Mapping]] = ..., read_data: _Optional[bytes] = ..., start_ns: _Optional[int] = ..., end_ns: _Optional[int] = ...) -> None: ...
 
 class VcpuInfo(_message.Message):
     __slots__ = ("id", "running", "mmio_pending")
@@ -134,18 +138,20 @@ class GetVcpuStatsResponse(_message.Message):
     def __init__(self, stats: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class RunRequest(_message.Message):
-    __slots__ = ("vm_id", "vcpu_id", "batch", "mmio_completion", "resume")
+    __slots__ = ("vm_id", "vcpu_id", "batch", "mmio_completion", "resume", "start_ns")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     VCPU_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     MMIO_COMPLETION_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
+    START_NS_FIELD_NUMBER: _ClassVar[int]
     vm_id: int
     vcpu_id: int
     batch: AccessBatch
     mmio_completion: MmioCompletion
     resume: Resume
-    def __init__(self, vm_id: _Optional[int] = ..., vcpu_id: _Optional[int] = ..., batch: _Optional[_Union[AccessBatch, _Mapping]] = ..., mmio_completion: _Optional[_Union[MmioCompletion, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ...) -> None: ...
+    start_ns: int
+    def __init__(self, vm_id: _Optional[int] = ..., vcpu_id: _Optional[int] = ..., batch: _Optional[_Union[AccessBatch, _Mapping]] = ..., mmio_completion: _Optional[_Union[MmioCompletion, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., start_ns: _Optional[int] = ...) -> None: ...
 
 class RunResponse(_message.Message):
     __slots__ = ("result",)
@@ -154,18 +160,20 @@ class RunResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[RunResult, _Mapping]] = ...) -> None: ...
 
 class RunBatchRequest(_message.Message):
-    __slots__ = ("vm_id", "vcpu_id", "batch", "mmio_completion", "resume")
+    __slots__ = ("vm_id", "vcpu_id", "batch", "mmio_completion", "resume", "start_ns")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     VCPU_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     MMIO_COMPLETION_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
+    START_NS_FIELD_NUMBER: _ClassVar[int]
     vm_id: int
     vcpu_id: int
     batch: AccessBatch
     mmio_completion: MmioCompletion
     resume: Resume
-    def __init__(self, vm_id: _Optional[int] = ..., vcpu_id: _Optional[int] = ..., batch: _Optional[_Union[AccessBatch, _Mapping]] = ..., mmio_completion: _Optional[_Union[MmioCompletion, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ...) -> None: ...
+    start_ns: int
+    def __init__(self, vm_id: _Optional[int] = ..., vcpu_id: _Optional[int] = ..., batch: _Optional[_Union[AccessBatch, _Mapping]] = ..., mmio_completion: _Optional[_Union[MmioCompletion, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., start_ns: _Optional[int] = ...) -> None: ...
 
 class RunBatchResponse(_message.Message):
     __slots__ = ("result",)

@@ -7,6 +7,31 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Clock(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CLOCK_UNSPECIFIED: _ClassVar[Clock]
+    CLOCK_WALL: _ClassVar[Clock]
+    CLOCK_VIRTUAL: _ClassVar[Clock]
+
+class FaultLock(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FAULT_LOCK_UNSPECIFIED: _ClassVar[FaultLock]
+    FAULT_LOCK_READ: _ClassVar[FaultLock]
+    FAULT_LOCK_WRITE: _ClassVar[FaultLock]
+
+class TableFree(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TABLE_FREE_UNSPECIFIED: _ClassVar[TableFree]
+    TABLE_FREE_RCU: _ClassVar[TableFree]
+    TABLE_FREE_WRITE_SECTION: _ClassVar[TableFree]
+
+class AgingLock(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGING_LOCK_UNSPECIFIED: _ClassVar[AgingLock]
+    AGING_LOCK_NONE: _ClassVar[AgingLock]
+    AGING_LOCK_READ: _ClassVar[AgingLock]
+    AGING_LOCK_WRITE: _ClassVar[AgingLock]
+
 class SpteKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SPTE_KIND_UNSPECIFIED: _ClassVar[SpteKind]
@@ -15,6 +40,19 @@ class SpteKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SPTE_KIND_MMIO: _ClassVar[SpteKind]
     SPTE_KIND_TABLE: _ClassVar[SpteKind]
     SPTE_KIND_LEAF: _ClassVar[SpteKind]
+CLOCK_UNSPECIFIED: Clock
+CLOCK_WALL: Clock
+CLOCK_VIRTUAL: Clock
+FAULT_LOCK_UNSPECIFIED: FaultLock
+FAULT_LOCK_READ: FaultLock
+FAULT_LOCK_WRITE: FaultLock
+TABLE_FREE_UNSPECIFIED: TableFree
+TABLE_FREE_RCU: TableFree
+TABLE_FREE_WRITE_SECTION: TableFree
+AGING_LOCK_UNSPECIFIED: AgingLock
+AGING_LOCK_NONE: AgingLock
+AGING_LOCK_READ: AgingLock
+AGING_LOCK_WRITE: AgingLock
 SPTE_KIND_UNSPECIFIED: SpteKind
 SPTE_KIND_NON_PRESENT: SpteKind
 SPTE_KIND_FROZEN: SpteKind
@@ -23,7 +61,14 @@ SPTE_KIND_TABLE: SpteKind
 SPTE_KIND_LEAF: SpteKind
 
 class VmConfig(_message.Message):
-    __slots__ = ("max_vcpus", "tdp_levels", "ad_bits", "name", "schedule_seed", "sanitizers", "debug_knobs", "gpc_policy", "eager_page_split", "manual_dirty_log_protect", "dirty_ring_size", "dirty_ring_with_bitmap", "fast_page_fault")
+    __slots__ = ("max_vcpus", "tdp_levels", "ad_bits", "name", "schedule_seed", "sanitizers", "debug_knobs", "gpc_policy", "eager_page_split", "manual_dirty_log_protect", "dirty_ring_size", "dirty_ring_with_bitmap", "fast_page_fault", "clock", "costs", "fault_lock", "table_free", "aging_lock", "zap_leafs_only")
+    class CostsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     MAX_VCPUS_FIELD_NUMBER: _ClassVar[int]
     TDP_LEVELS_FIELD_NUMBER: _ClassVar[int]
     AD_BITS_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +82,12 @@ class VmConfig(_message.Message):
     DIRTY_RING_SIZE_FIELD_NUMBER: _ClassVar[int]
     DIRTY_RING_WITH_BITMAP_FIELD_NUMBER: _ClassVar[int]
     FAST_PAGE_FAULT_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    COSTS_FIELD_NUMBER: _ClassVar[int]
+    FAULT_LOCK_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FREE_FIELD_NUMBER: _ClassVar[int]
+    AGING_LOCK_FIELD_NUMBER: _ClassVar[int]
+    ZAP_LEAFS_ONLY_FIELD_NUMBER: _ClassVar[int]
     max_vcpus: int
     tdp_levels: int
     ad_bits: bool
@@ -50,7 +101,13 @@ class VmConfig(_message.Message):
     dirty_ring_size: int
     dirty_ring_with_bitmap: bool
     fast_page_fault: bool
-    def __init__(self, max_vcpus: _Optional[int] = ..., tdp_levels: _Optional[int] = ..., ad_bits: _Optional[bool] = ..., name: _Optional[str] = ..., schedule_seed: _Optional[int] = ..., sanitizers: _Optional[bool] = ..., debug_knobs: _Optional[_Iterable[str]] = ..., gpc_policy: _Optional[str] = ..., eager_page_split: _Optional[bool] = ..., manual_dirty_log_protect: _Optional[int] = ..., dirty_ring_size: _Optional[int] = ..., dirty_ring_with_bitmap: _Optional[bool] = ..., fast_page_fault: _Optional[bool] = ...) -> None: ...
+    clock: Clock
+    costs: _containers.ScalarMap[str, int]
+    fault_lock: FaultLock
+    table_free: TableFree
+    aging_lock: AgingLock
+    zap_leafs_only: bool
+    def __init__(self, max_vcpus: _Optional[int] = ..., tdp_levels: _Optional[int] = ..., ad_bits: _Optional[bool] = ..., name: _Optional[str] = ..., schedule_seed: _Optional[int] = ..., sanitizers: _Optional[bool] = ..., debug_knobs: _Optional[_Iterable[str]] = ..., gpc_policy: _Optional[str] = ..., eager_page_split: _Optional[bool] = ..., manual_dirty_log_protect: _Optional[int] = ..., dirty_ring_size: _Optional[int] = ..., dirty_ring_with_bitmap: _Optional[bool] = ..., fast_page_fault: _Optional[bool] = ..., clock: _Optional[_Union[Clock, str]] = ..., costs: _Optional[_Mapping[str, int]] = ..., fault_lock: _Optional[_Union[FaultLock, str]] = ..., table_free: _Optional[_Union[TableFree, str]] = ..., aging_lock: _Optional[_Union[AgingLock, str]] = ..., zap_leafs_only: _Optional[bool] = ...) -> None: ...
 
 class VmInfo(_message.Message):
     __slots__ = ("id", "name", "config", "nr_vcpus", "nr_memslots", "nr_host_regions", "dead")
@@ -198,3 +255,38 @@ class EnableCapRequest(_message.Message):
 class EnableCapResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class GetClockRequest(_message.Message):
+    __slots__ = ("vm_id",)
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    def __init__(self, vm_id: _Optional[int] = ...) -> None: ...
+
+class GetClockResponse(_message.Message):
+    __slots__ = ("now_ns", "costs")
+    class CostsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NOW_NS_FIELD_NUMBER: _ClassVar[int]
+    COSTS_FIELD_NUMBER: _ClassVar[int]
+    now_ns: int
+    costs: _containers.ScalarMap[str, int]
+    def __init__(self, now_ns: _Optional[int] = ..., costs: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class AdvanceClockRequest(_message.Message):
+    __slots__ = ("vm_id", "until_ns")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_NS_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    until_ns: int
+    def __init__(self, vm_id: _Optional[int] = ..., until_ns: _Optional[int] = ...) -> None: ...
+
+class AdvanceClockResponse(_message.Message):
+    __slots__ = ("now_ns",)
+    NOW_NS_FIELD_NUMBER: _ClassVar[int]
+    now_ns: int
+    def __init__(self, now_ns: _Optional[int] = ...) -> None: ...

@@ -70,6 +70,16 @@ class VmServiceStub:
                 request_serializer=vmmu_dot_v1_dot_vm__pb2.EnableCapRequest.SerializeToString,
                 response_deserializer=vmmu_dot_v1_dot_vm__pb2.EnableCapResponse.FromString,
                 _registered_method=True)
+        self.GetClock = channel.unary_unary(
+                '/vmmu.v1.VmService/GetClock',
+                request_serializer=vmmu_dot_v1_dot_vm__pb2.GetClockRequest.SerializeToString,
+                response_deserializer=vmmu_dot_v1_dot_vm__pb2.GetClockResponse.FromString,
+                _registered_method=True)
+        self.AdvanceClock = channel.unary_unary(
+                '/vmmu.v1.VmService/AdvanceClock',
+                request_serializer=vmmu_dot_v1_dot_vm__pb2.AdvanceClockRequest.SerializeToString,
+                response_deserializer=vmmu_dot_v1_dot_vm__pb2.AdvanceClockResponse.FromString,
+                _registered_method=True)
 
 
 class VmServiceServicer:
@@ -126,6 +136,26 @@ class VmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetClock(self, request, context):
+        """GetClock reads the virtual clock of a VM in virtual time: its now and its cost
+        table. FAILED_PRECONDITION (EOPNOTSUPP) for a VM in wall time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdvanceClock(self, request, context):
+        """AdvanceClock runs a VM in virtual time up to `until_ns` and returns when nothing
+        runnable is left before it; from then on the VM never runs past the latest such
+        time (a simulator drives it). Runs started meanwhile, on Run streams or RunBatch
+        calls, go on up to that time and wait there for the next AdvanceClock.
+        INVALID_ARGUMENT (EINVAL) before the VM's now; FAILED_PRECONDITION (EOPNOTSUPP) for
+        a VM in wall time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VmServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +193,16 @@ def add_VmServiceServicer_to_server(servicer, server):
                     servicer.EnableCap,
                     request_deserializer=vmmu_dot_v1_dot_vm__pb2.EnableCapRequest.FromString,
                     response_serializer=vmmu_dot_v1_dot_vm__pb2.EnableCapResponse.SerializeToString,
+            ),
+            'GetClock': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetClock,
+                    request_deserializer=vmmu_dot_v1_dot_vm__pb2.GetClockRequest.FromString,
+                    response_serializer=vmmu_dot_v1_dot_vm__pb2.GetClockResponse.SerializeToString,
+            ),
+            'AdvanceClock': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvanceClock,
+                    request_deserializer=vmmu_dot_v1_dot_vm__pb2.AdvanceClockRequest.FromString,
+                    response_serializer=vmmu_dot_v1_dot_vm__pb2.AdvanceClockResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +395,60 @@ class VmService:
             '/vmmu.v1.VmService/EnableCap',
             vmmu_dot_v1_dot_vm__pb2.EnableCapRequest.SerializeToString,
             vmmu_dot_v1_dot_vm__pb2.EnableCapResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetClock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmu.v1.VmService/GetClock',
+            vmmu_dot_v1_dot_vm__pb2.GetClockRequest.SerializeToString,
+            vmmu_dot_v1_dot_vm__pb2.GetClockResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvanceClock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmu.v1.VmService/AdvanceClock',
+            vmmu_dot_v1_dot_vm__pb2.AdvanceClockRequest.SerializeToString,
+            vmmu_dot_v1_dot_vm__pb2.AdvanceClockResponse.FromString,
             options,
             channel_credentials,
             insecure,
