@@ -51,8 +51,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.kvmhost import KvmUnavailable, PHASES, kvm_dirty_log_workload  # noqa: E402
-from benchmarks.kvmhost.workload import host_facts  # noqa: E402
-from benchmarks.kvmhost.workload import FAULT_STATS  # noqa: E402
+from vmmu.kvmhost.workload import FAULT_STATS, host_facts  # noqa: E402
 from benchmarks.report import delta, emit  # noqa: E402
 from vmmu.server.kvm import (KVM_MEM_LOG_DIRTY_PAGES, AccessBatch, AccessKind,  # noqa: E402
                              Backing, ExitReason, Kvm, VmConfig, make_op)

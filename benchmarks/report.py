@@ -1,13 +1,14 @@
 """What every benchmark prints: one JSON line per result, with its ratio to a baseline
 measured in the same run (docs/benchmarks.md); and the change of counters over a phase.
 
-Standard library only: `benchmarks.kvmhost` uses it too.
+`delta` is the /dev/kvm harness's (`vmmu.kvmhost.stats`), used here for vmmu's counters
+too.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from vmmu.kvmhost.stats import delta
 
 __all__ = ["emit", "delta"]
 
@@ -31,11 +32,6 @@ def emit(name: str, value: float | None, unit: str, baseline: str | None,
             "met": None if limit is None or ratio is None else ratio <= limit, **extra}
     print(json.dumps(line), flush=True)
 
-
-def delta(before: dict[str, int], after: dict[str, int], names: Iterable[str]
-          ) -> dict[str, int]:
-    """How much each counter of `names` that `after` has grew since `before`."""
-    return {name: after[name] - before[name] for name in names if name in after}
 
 
 def _round(x: float | None, digits: int) -> float | int | None:

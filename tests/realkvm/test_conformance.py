@@ -26,7 +26,8 @@ import pytest
 
 from benchmarks.kvmhost import (BAD_ARGUMENTS, Clear, EnableManualProtect, Get,
                                 KvmUnavailable, RealVm, Result, SetRegion, Step, Write,
-                                abi, bitmap_of, pages_of, run_script)
+                                bitmap_of, pages_of, run_script)
+from vmmu.kvmhost import abi
 from benchmarks.kvmhost.conformance import (LOG, MANUAL, MANUAL_INITIALLY_SET, SLOT_BASE,
                                             SLOT_STRIDE)
 from vmmu.server.kvm import (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, AccessBatch, AccessKind,

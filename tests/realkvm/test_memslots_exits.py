@@ -17,7 +17,8 @@ from array import array
 
 import pytest
 
-from benchmarks.kvmhost import GuestExit, KvmUnavailable, RealVm, abi
+from benchmarks.kvmhost import GuestExit, KvmUnavailable, RealVm
+from vmmu.kvmhost import abi
 from vmmu.server.kvm import (KVM_MEM_READONLY, PROT_NONE, PROT_READ, PROT_WRITE, AccessBatch,
                              AccessKind, Backing, ExitReason, Kvm, KvmError, VmConfig,
                              make_op)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+from collections.abc import Iterable
 
 from .abi import KVM_GET_STATS_FD
 
-__all__ = ["Stats"]
+__all__ = ["Stats", "delta"]
 
 # struct kvm_stats_header: flags, name_size, num_desc, id_offset, desc_offset, data_offset
 _HEADER = struct.Struct("<6I")
@@ -48,3 +49,9 @@ class Stats:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def delta(before: dict[str, int], after: dict[str, int], names: Iterable[str]
+          ) -> dict[str, int]:
+    """How much each counter of `names` that `after` has grew since `before`."""
+    return {name: after[name] - before[name] for name in names if name in after}

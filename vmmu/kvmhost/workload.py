@@ -24,7 +24,7 @@ import os
 import statistics
 import time
 
-from ..report import delta
+from .stats import delta
 from . import abi, guest
 from .vm import PAGE_SIZE, RealVm
 
