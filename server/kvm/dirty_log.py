@@ -147,10 +147,20 @@ async def commit_memslot(vm: "Vm", change: MemslotChange, old: Memslot | None,
     if not new.dirty_logging:
         if sanitizers is not None:
             sanitizers.dirty_log_watch(key, False)
+        if vm.shadow is not None:
+            async with vm.mmu_lock.write:
+                await vm.shadow.recover_huge_pages(new, vm.host.host_mapping_level)
+            return
         async with vm.mmu_lock.read:
             await vm.tdp.recover_huge_pages(new, vm.host.host_mapping_level)
         return
-    if not _initially_set(vm):
+    if not _initially_set(vm) and vm.shadow is not None:
+        # The legacy MMU splits nothing eagerly (KVM: TDP MMU only): its huge leaves lose
+        # W too, and a write to one maps 4K in its place.
+        async with vm.mmu_lock.write:
+            vm.shadow.slot_remove_write_access(new, PG_LEVEL_4K)
+        _flush(vm)
+    elif not _initially_set(vm):
         if vm.config.eager_page_split:
             async with vm.mmu_lock.read:
                 await vm.tdp.try_split_huge_pages(new, new.base_gfn, new.end_gfn,
@@ -171,11 +181,11 @@ def enable_log_dirty_pt_masked(vm: "Vm", slot: Memslot, offset: int, mask: int) 
     With INITIALLY_SET the slot's huge leaves were never split: the ones holding the first
     and the last page are split now (eager splitting) and write-protected, W and
     MMU-writable, so that the next write to them takes the slow path, which maps 4K."""
-    tdp = vm.tdp
+    tdp = vm.mmu            # the TDP MMU, or the legacy one through its rmaps
     if _initially_set(vm):
         first = slot.base_gfn + offset + (mask & -mask).bit_length() - 1
         last = slot.base_gfn + offset + mask.bit_length() - 1
-        if vm.config.eager_page_split:
+        if vm.config.eager_page_split and vm.shadow is None:
             tdp.split_huge_pages_locked(slot, first, last + 1, PG_LEVEL_4K)
         tdp.write_protect_gfn(slot, first, PG_LEVEL_2M)
         if first >> 9 != last >> 9:

@@ -138,7 +138,7 @@ class Vcpu:
         self._exit_error_code = 0
         # What the walker reads on every miss, fixed for the VM's life.
         self.memslots = vm.memslot_sets[0]     # kvm_vcpu_memslots: no SMM, address space 0
-        self._max_gfn = vm.tdp.max_gfn
+        self._max_gfn = vm.mmu.max_gfn
         self._ad_enabled = vm.ad_enabled
         self._host = vm.host
         self._check_access = vm.sanitizers.check_access if vm.sanitizers is not None else None
@@ -297,18 +297,19 @@ class Vcpu:
 
     async def _load_root(self) -> None:
         vm = self.vm
-        async with vm.mmu_lock.read:
+        # The legacy MMU makes and frees its roots with mmu_lock held for write.
+        async with (vm.mmu_lock.read if vm.shadow is None else vm.mmu_lock.write):
             self.requests &= ~KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
             if self.root is not None and self.root.invalid:
-                vm.tdp.put_root(self.root)
+                vm.mmu.put_root(self.root)
                 self.root = None
             if self.root is None:
-                self.root = vm.tdp.get_root(0)
+                self.root = vm.mmu.get_root(0)
                 self.requests |= KVM_REQ_TLB_FLUSH      # a fresh root flushes locally
 
     def release_root(self) -> None:
         if self.root is not None:
-            self.vm.tdp.put_root(self.root)
+            self.vm.mmu.put_root(self.root)
             self.root = None
 
     # -- guest mode (synchronous: nothing else runs) -----------------------------------
