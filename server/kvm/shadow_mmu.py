@@ -53,9 +53,14 @@ if TYPE_CHECKING:
     from .memslots import Memslot, Memslots
     from .sched import Scheduler
 
-__all__ = ["ShadowMmu", "ShadowPage", "BATCH_ZAP_PAGES"]
+__all__ = ["ShadowMmu", "ShadowPage", "SpteChangeLost", "BATCH_ZAP_PAGES"]
 
 BATCH_ZAP_PAGES = 10        # pages zap_obsolete_pages zaps before it may yield mmu_lock
+
+
+class SpteChangeLost(VmBugged):
+    """An SPTE that mmu_lock's holder cleared is present again: someone changed it
+    outside mmu_lock, and one of the two changes is lost (KVM's WARN in mmu_spte_set)."""
 
 
 class ShadowPage(MmuPage):
@@ -158,7 +163,7 @@ class ShadowMmu:
         changed it outside mmu_lock after its holder cleared it: a lost change."""
         old = sp.spt[index]
         if S.is_shadow_present(old):
-            raise VmBugged(f"SPTE {old:#x} at entry {index} of {sp!r} became present again "
+            raise SpteChangeLost(f"SPTE {old:#x} at entry {index} of {sp!r} became present again "
                            "while mmu_lock was held for write: a change made outside "
                            "mmu_lock was lost")
         sp.spt[index] = new
@@ -358,10 +363,9 @@ class ShadowMmu:
             if not obsolete:
                 break
             for sp in obsolete:
-                if batch >= BATCH_ZAP_PAGES and self.mmu_lock.needbreak():
-                    # The invalid list stays pending while the lock is out: its pages
+                if batch >= BATCH_ZAP_PAGES and await self._cond_resched():
+                    # The invalid list stayed pending while the lock was out: its pages
                     # are unlinked, and lockless walkers may still hold them.
-                    await self._cond_resched()
                     batch = 0
                     break                 # restart: the list changed while the lock was out
                 if sp in self.active:
@@ -369,14 +373,20 @@ class ShadowMmu:
                     batch += 1
         self._commit_zap(invalid_list)
 
-    async def _cond_resched(self) -> None:
+    async def _cond_resched(self) -> bool:
+        """`cond_resched_rwlock_write`: the time slice may end here (the preemption point,
+        mmu_lock still held: lockless walkers run, others queue for the lock); if anyone
+        waits for the lock, drop it and let them have it. True if it was dropped."""
         lock = self.mmu_lock
+        await self.sched.point("shadow.cond_resched")
+        if not lock.needbreak():
+            return False
         lock.release_write()
         try:
-            await self.sched.point("shadow.cond_resched")
             await asyncio.sleep(0)
         finally:
             await lock.acquire_write()
+        return True
 
     async def zap_all(self) -> None:
         """`kvm_mmu_zap_all` (VM destruction, mmu_lock held for write): every page."""
