@@ -26,6 +26,11 @@ class Guest:
         return self.region.hva + (gpa - self.gpa)
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "tdp_only: the test reads the TDP MMU's own structures "
+                            "or behaviour the legacy MMU does not share (docs/legacy-mmu.md)")
+
+
 @pytest.fixture(params=["tdp", "legacy"])
 def mmu(request) -> str:
     """The MMU the model's VMs run (VmConfig.mmu): each test runs on both, unless it
