@@ -149,6 +149,7 @@ async def test_bad_aging_ranges(kvm_vm, start, end, code):
             await kvm_vm.clear_young(start, end)
 
 
+@pytest.mark.tdp_only          # the TDP MMU's lockless walk (rmap aging: test_shadow_mmu.py)
 @pytest.mark.parametrize("ad_bits", [True, False], ids=["ad", "no-ad"])
 async def test_aging_never_revives_an_spte_zapped_between_read_and_clear(make_guest,
                                                                          monkeypatch, ad_bits):
@@ -169,6 +170,7 @@ async def test_aging_never_revives_an_spte_zapped_between_read_and_clear(make_gu
     assert vm.walk(0x1000)[-1].spte == S.NONPRESENT
 
 
+@pytest.mark.tdp_only          # the TDP MMU's lockless walk (rmap aging: test_shadow_mmu.py)
 async def test_rcu_keeps_the_tables_aging_reads_while_a_memslot_delete_frees_them(
         kvm_guest, monkeypatch):
     vm, hva = kvm_guest.vm, kvm_guest.region.hva
@@ -186,6 +188,7 @@ async def test_rcu_keeps_the_tables_aging_reads_while_a_memslot_delete_frees_the
     assert vm.mmu.tables.freed > freed
 
 
+@pytest.mark.tdp_only          # the TDP MMU's lockless walk (rmap aging: test_shadow_mmu.py)
 @pytest.mark.parametrize("knob", ["aging_without_rcu", "free_tables_immediately"])
 async def test_without_the_grace_period_aging_reads_a_freed_table(make_guest, monkeypatch,
                                                                   knob):
@@ -204,6 +207,7 @@ async def test_without_the_grace_period_aging_reads_a_freed_table(make_guest, mo
     assert vm.info().dead
 
 
+@pytest.mark.tdp_only          # the TDP MMU's lockless walk (rmap aging: test_shadow_mmu.py)
 async def test_aging_emits_its_tracepoints(kvm_guest):
     vm, hva = kvm_guest.vm, kvm_guest.region.hva
     await touch(kvm_guest.vcpu, 0x5000)
