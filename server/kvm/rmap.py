@@ -33,6 +33,7 @@ Every synchronous step here is atomic (the event loop); only the spin awaits.
 
 from __future__ import annotations
 
+import asyncio
 from array import array
 from typing import TYPE_CHECKING, Iterator
 
@@ -177,6 +178,7 @@ class Rmaps:
                 return old
             self.spins += 1
             await self.sched.point("rmap.lock_spin")
+            await asyncio.sleep(0)        # the holder must run for the bit to clear
 
     def try_lock(self, heads: array, i: int) -> int | None:
         """The lock without the spin, for synchronous callers: None if it is held."""

