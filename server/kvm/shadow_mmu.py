@@ -247,7 +247,7 @@ class ShadowMmu:
                 self.tracer.emit("mark_mmio_spte", gfn=fault.gfn, gen=fault.generation)
             return RET_PF_EMULATE
         if not rmapped:
-            self._account_leaf(level, 1)
+            self.stat.account_leaf(level, 1)
             if self.sanitizers is not None:
                 self.sanitizers.check_new_mapping(sp.as_id, gfn, level)
             heads, i = self._head(sp.as_id, gfn, level)
@@ -255,15 +255,6 @@ class ShadowMmu:
             if count >= self.stat.max_mmu_rmap_size:
                 self.stat.max_mmu_rmap_size = count + 1
         return RET_PF_FIXED
-
-    def _account_leaf(self, level: int, delta: int) -> None:
-        stat = self.stat
-        if level == PG_LEVEL_4K:
-            stat.pages_4k += delta
-        elif level == 2:
-            stat.pages_2m += delta
-        else:
-            stat.pages_1g += delta
 
     # -- dropping SPTEs -------------------------------------------------------------
 
@@ -274,7 +265,7 @@ class ShadowMmu:
         old = sp.spt[index]
         sp.spt[index] = NONPRESENT
         if S.is_leaf_present(old, sp.level):
-            self._account_leaf(sp.level, -1)
+            self.stat.account_leaf(sp.level, -1)
         if self.tracer.on:
             self.tracer.emit("kvm_mmu_set_spte", gfn=sp.gfn + index * pages_per_level(sp.level),
                              level=sp.level, old=old, new=NONPRESENT)

@@ -31,6 +31,15 @@ class VmStats(_Stats):
                  "gpc_invalidations", "gpc_refreshes", "gpc_refresh_retries",
                  "gpc_refresh_wait_ns")
 
+    def account_leaf(self, level: int, delta: int) -> None:
+        """The pages_4k/2m/1g stats: leaves mapped at each level."""
+        if level == 1:
+            self.pages_4k += delta
+        elif level == 2:
+            self.pages_2m += delta
+        else:
+            self.pages_1g += delta
+
 
 class VcpuStats(_Stats):
     __slots__ = ("pf_taken", "pf_fixed", "pf_emulate", "pf_spurious", "pf_fast",

@@ -150,14 +150,7 @@ class TdpMmu:
             self.handle_removed_pt(self.tables.child(S.spte_to_pfn(old)), shared)
 
     def _account_leaf(self, level: int, delta: int) -> None:
-        """The pages_4k/2m/1g stats: leaves mapped at each level."""
-        stat = self.stat
-        if level == PG_LEVEL_4K:
-            stat.pages_4k += delta
-        elif level == PG_LEVEL_2M:
-            stat.pages_2m += delta
-        elif level == PG_LEVEL_1G:
-            stat.pages_1g += delta
+        self.stat.account_leaf(level, delta)
 
     def handle_removed_pt(self, page: MmuPage, shared: bool) -> None:
         """Tear down an unlinked table: freeze every entry, free the page after RCU."""
