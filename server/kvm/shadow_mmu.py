@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Callable
 from . import spte as S
 from .errors import VmBugged
 from .mmu_internal import (ACCESS_NEEDS, PFERR_ACCESS_MASK, RET_PF_EMULATE, RET_PF_FIXED,
-                           RET_PF_SPURIOUS, PageFault, RetPf)
+                           RET_PF_SPURIOUS, PageFault, RetPf, fault_spte)
 from .mmu_lock import MmuLock
 from .mmu_page import MmuPage, PageTables, UseAfterFree
 from .rcu import Rcu
 from .rmap import PTE_LIST_DESC_BYTES, Rmaps, SlotRmaps, sptep_index, sptep_of
-from .spte import MMU_PRESENT, NONPRESENT, PRESENT_LARGE, WRITABLE, MMU_WRITABLE, make_leaf
+from .spte import MMU_PRESENT, MMU_WRITABLE, NONPRESENT, PRESENT_LARGE, WRITABLE
 from .stats import VmStats
 from .tdp_mmu import max_mapping_level
 from .trace import Tracer
@@ -228,12 +228,7 @@ class ShadowMmu:
                 flush = True
             else:
                 rmapped = True
-        if slot is None:
-            new = S.make_mmio(fault.gfn, fault.generation)
-        else:
-            writable = fault.map_writable
-            new = make_leaf(fault.pfn, level, writable, writable, self.ad_enabled,
-                            fault.prefetch)
+        new = fault_spte(fault, level, self.ad_enabled)
         if new == old:
             return RET_PF_SPURIOUS
         sp.spt[index] = new

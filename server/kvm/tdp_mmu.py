@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Callable
 
 from . import spte as S
 from .spte import (BASE_ADDR_MASK, FROZEN, LEAF_BITS, MMU_PRESENT, MMU_WRITABLE,
-                   NONPRESENT, PRESENT_LARGE, WRITABLE, check_writable_invariants, make_leaf)
+                   NONPRESENT, PRESENT_LARGE, WRITABLE, check_writable_invariants)
 from .errors import VmBugged
 from .mmu_internal import (ACCESS_NEEDS, PFERR_ACCESS_MASK, RET_PF_EMULATE, RET_PF_FIXED,
-                           RET_PF_RETRY, RET_PF_SPURIOUS, PageFault, RetPf)
+                           RET_PF_RETRY, RET_PF_SPURIOUS, PageFault, RetPf, fault_spte)
 from .mmu_lock import MmuLock
 from .mmu_page import MmuPage, PageTables
 from .rcu import Rcu
@@ -214,13 +214,7 @@ class TdpMmu:
         if S.is_leaf_present(old, level) and (fault.prefetch or old & needs):
             return RET_PF_SPURIOUS
         slot = fault.slot
-        if slot is None:
-            new = S.make_mmio(fault.gfn, fault.generation)
-        else:
-            # host_writable = writable = map_writable, ad_enabled, prefetch
-            writable = fault.map_writable
-            new = make_leaf(fault.pfn, level, writable, writable, self.ad_enabled,
-                            fault.prefetch)
+        new = fault_spte(fault, level, self.ad_enabled)
         if new == old:
             return RET_PF_SPURIOUS
         if not self.set_spte_atomic(it, new):
