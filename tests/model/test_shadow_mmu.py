@@ -344,3 +344,21 @@ async def test_on_huge_pages_legacy_logs_what_tdp_logs_and_the_pages_a_dropped_l
     assert logs and len(logs) == sum(e[0] == "dirty" for e in legacy)
     for tdp_log, legacy_log in logs:
         assert all(t & ~l == 0 for t, l in zip(tdp_log, legacy_log))
+
+
+async def test_the_legacy_mmu_emits_its_tracepoints(make_guest):
+    g = await legacy_guest(make_guest)
+    sub = g.vm.tracer.subscribe(frozenset({"kvm_mmu_get_page", "kvm_mmu_set_spte",
+                                           "kvm_mmu_zap_all_fast",
+                                           "kvm_mmu_prepare_zap_page"}))
+    await run(g.vcpu, R, 7)
+    await g.vm.set_user_memory_region(0, 0, 0, 0, 0)
+    sub.close()
+    events = []
+    while (event := await sub.get()) is not None:       # what was buffered, then None
+        events.append(event)
+    names = [e.event for e in events]
+    assert names[:5] == ["kvm_mmu_get_page"] * 4 + ["kvm_mmu_set_spte"]
+    assert [e.fields["level"] for e in events[:4]] == [4, 3, 2, 1]
+    assert events[4].fields["gfn"] == 7 and events[4].fields["old"] == S.NONPRESENT
+    assert names[5] == "kvm_mmu_zap_all_fast" and names.count("kvm_mmu_prepare_zap_page") == 4
