@@ -114,7 +114,7 @@ def vm_info(m: vm_pb2.VmInfo) -> VmInfo:
                                   manual_dirty_log_protect=c.manual_dirty_log_protect,
                                   dirty_ring_size=c.dirty_ring_size,
                                   dirty_ring_with_bitmap=c.dirty_ring_with_bitmap,
-                                  fast_page_fault=c.fast_page_fault),
+                                  fast_page_fault=c.fast_page_fault, mmu=c.mmu),
                   nr_vcpus=m.nr_vcpus, nr_memslots=m.nr_memslots,
                   nr_host_regions=m.nr_host_regions, dead=m.dead)
 
@@ -158,7 +158,7 @@ def create_vm(max_vcpus: int, tdp_levels: int, ad_bits: bool, name: str,
               schedule_seed: int | None, sanitizers: bool | None, debug: Iterable[str],
               gpc_policy: str, eager_page_split: bool, manual_dirty_log_protect: int,
               dirty_ring_size: int, dirty_ring_with_bitmap: bool,
-              fast_page_fault: bool) -> Call[VmInfo]:
+              fast_page_fault: bool, mmu: str) -> Call[VmInfo]:
     config = vm_pb2.VmConfig(max_vcpus=max_vcpus, tdp_levels=tdp_levels, ad_bits=ad_bits,
                              name=name, schedule_seed=schedule_seed, sanitizers=sanitizers,
                              debug_knobs=sorted(debug), gpc_policy=gpc_policy,
@@ -166,7 +166,7 @@ def create_vm(max_vcpus: int, tdp_levels: int, ad_bits: bool, name: str,
                              manual_dirty_log_protect=manual_dirty_log_protect,
                              dirty_ring_size=dirty_ring_size,
                              dirty_ring_with_bitmap=dirty_ring_with_bitmap,
-                             fast_page_fault=fast_page_fault)
+                             fast_page_fault=fast_page_fault, mmu=mmu)
     return Call("vm", "CreateVm", vm_pb2.CreateVmRequest(config=config),
                 lambda r: vm_info(r.vm))
 
@@ -275,9 +275,10 @@ def thp_collapse(vm_id: int, hva: int) -> Call[None]:
                 host_memory_pb2.ThpCollapseRequest(vm_id=vm_id, hva=hva), _none)
 
 
-def clear_young(vm_id: int, start: int, end: int) -> Call[bool]:
+def clear_young(vm_id: int, start: int, end: int, fast_only: bool) -> Call[bool]:
     return Call("host_memory", "ClearYoung",
-                host_memory_pb2.ClearYoungRequest(vm_id=vm_id, start=start, end=end),
+                host_memory_pb2.ClearYoungRequest(vm_id=vm_id, start=start, end=end,
+                                                  fast_only=fast_only),
                 lambda r: r.young)
 
 

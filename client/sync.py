@@ -69,7 +69,8 @@ class Client:
                   sanitizers: bool | None = None, debug: Iterable[str] = (),
                   gpc_policy: str = "global", eager_page_split: bool = True,
                   manual_dirty_log_protect: int = 0, dirty_ring_size: int = 0,
-                  dirty_ring_with_bitmap: bool = False, fast_page_fault: bool = True) -> Vm:
+                  dirty_ring_with_bitmap: bool = False, fast_page_fault: bool = True,
+                  mmu: str = "tdp") -> Vm:
         """Create a VM. `sanitizers` None keeps the server's default; `debug` names debug
         knobs to switch protections off; `gpc_policy` ("global" or "range") says which
         invalidations make a gfn-to-pfn cache refresh retry. Dirty logging:
@@ -78,12 +79,13 @@ class Client:
         makes get_dirty_log leave bits for clear_dirty_log; `dirty_ring_size` gives each
         vCPU a dirty ring of that many bytes, with memslot bitmaps only if
         `dirty_ring_with_bitmap`; `fast_page_fault` False sends every fault down the
-        slow path."""
+        slow path; `mmu` "legacy" runs KVM's MMU with tdp_mmu=0 (rmaps) instead of the
+        TDP MMU."""
         info = self._invoke(_base.create_vm(max_vcpus, tdp_levels, ad_bits, name,
                                             schedule_seed, sanitizers, debug, gpc_policy,
                                             eager_page_split, manual_dirty_log_protect,
                                             dirty_ring_size, dirty_ring_with_bitmap,
-                                            fast_page_fault))
+                                            fast_page_fault, mmu))
         return Vm(self, info.id)
 
     def vm(self, vm_id: int) -> Vm:
@@ -175,9 +177,10 @@ class Vm:
     def thp_collapse(self, hva: int) -> None:
         self._client._invoke(_base.thp_collapse(self.id, hva))
 
-    def clear_young(self, start: int, end: int) -> bool:
-        """Was any page of hva [start, end) young? It is old afterwards."""
-        return self._client._invoke(_base.clear_young(self.id, start, end))
+    def clear_young(self, start: int, end: int, fast_only: bool = False) -> bool:
+        """Was any page of hva [start, end) young? It is old afterwards, except what
+        `fast_only` aging may leave (the legacy MMU with A/D bits off)."""
+        return self._client._invoke(_base.clear_young(self.id, start, end, fast_only))
 
     def clear_flush_young(self, start: int, end: int) -> bool:
         return self._client._invoke(_base.clear_flush_young(self.id, start, end))

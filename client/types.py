@@ -83,7 +83,7 @@ class VmConfig:
     `gpc_policy`: what makes a gfn-to-pfn cache refresh retry, "global" or "range";
     dirty logging: `eager_page_split`, `manual_dirty_log_protect` (bits 1 ENABLE, 2
     INITIALLY_SET), `dirty_ring_size` (bytes per vCPU, 0: bitmaps only),
-    `dirty_ring_with_bitmap`; `fast_page_fault`."""
+    `dirty_ring_with_bitmap`; `fast_page_fault`; `mmu`, "tdp" or "legacy"."""
 
     max_vcpus: int
     tdp_levels: int
@@ -98,6 +98,7 @@ class VmConfig:
     dirty_ring_size: int = 0
     dirty_ring_with_bitmap: bool = False
     fast_page_fault: bool = True
+    mmu: str = "tdp"
 
 
 @dataclass(frozen=True, slots=True)

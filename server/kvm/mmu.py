@@ -166,7 +166,7 @@ async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
 def handle_mmio_page_fault(vcpu: "Vcpu", gpa: int) -> RetPf:
     """An MMIO SPTE was hit: emulate if its generation is current, else refault."""
     vm = vcpu.vm
-    path = vm.tdp.walk(vcpu.root, gpa >> 12)
+    path = vm.mmu.walk(vcpu.root, gpa >> 12)
     leaf = path[-1][3]
     if not S.is_mmio(leaf):
         return RET_PF_RETRY          # zapped meanwhile
@@ -222,7 +222,9 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
             return RET_PF_EMULATE                          # kvm_handle_noslot_fault
         await sched.point("fault.before_lock")
         lock = vm.mmu_lock
-        await lock.acquire_read()
+        # The TDP MMU maps with mmu_lock held for read, the legacy MMU for write.
+        shadow = vm.shadow
+        await (lock.acquire_read() if shadow is None else lock.acquire_write())
         try:
             if is_page_fault_stale(vcpu, fault):
                 return RET_PF_RETRY
@@ -230,7 +232,8 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
             if vm.tracer.on:
                 vm.tracer.emit("kvm_mmu_spte_requested", gfn=gfn, pfn=fault.pfn,
                                level=fault.goal_level)
-            r = vm.tdp.map(fault, vcpu.root)
+            r = vm.tdp.map(fault, vcpu.root) if shadow is None else \
+                await shadow.map(fault, vcpu.root)
             if r is RET_PF_FIXED:
                 if fault.map_writable and slot.dirty_logging:
                     vm.mark_page_dirty(slot, gfn, vcpu)   # a writable SPTE is in
@@ -238,7 +241,10 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
                 vcpu.stat.pf_mmio_spte_created += 1
             return r
         finally:
-            lock.release_read()
+            if shadow is None:
+                lock.release_read()
+            else:
+                lock.release_write()
     finally:
         rcu.exit(token)
 

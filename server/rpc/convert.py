@@ -65,11 +65,12 @@ def vm_config(request: vm_pb2.CreateVmRequest) -> VmConfig:
         if c.HasField("eager_page_split") else {}
     fast_page_fault = {"fast_page_fault": c.fast_page_fault} \
         if c.HasField("fast_page_fault") else {}
+    mmu = {"mmu": c.mmu} if c.HasField("mmu") else {}
     return VmConfig(max_vcpus=c.max_vcpus, tdp_levels=c.tdp_levels, ad_bits=c.ad_bits,
                     name=c.name,
                     schedule_seed=c.schedule_seed if c.HasField("schedule_seed") else None,
                     debug=frozenset(c.debug_knobs), **sanitizers, **gpc_policy,
-                    **eager_page_split, **fast_page_fault,
+                    **eager_page_split, **fast_page_fault, **mmu,
                     manual_dirty_log_protect=c.manual_dirty_log_protect,
                     dirty_ring_size=c.dirty_ring_size,
                     dirty_ring_with_bitmap=c.dirty_ring_with_bitmap)
@@ -84,7 +85,7 @@ def _vm_config_to_wire(config: VmConfig) -> vm_pb2.VmConfig:
                            manual_dirty_log_protect=config.manual_dirty_log_protect,
                            dirty_ring_size=config.dirty_ring_size,
                            dirty_ring_with_bitmap=config.dirty_ring_with_bitmap,
-                           fast_page_fault=config.fast_page_fault)
+                           fast_page_fault=config.fast_page_fault, mmu=config.mmu)
 
 
 def vm_info(info: VmInfo) -> vm_pb2.VmInfo:

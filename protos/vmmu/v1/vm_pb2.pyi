@@ -23,7 +23,7 @@ SPTE_KIND_TABLE: SpteKind
 SPTE_KIND_LEAF: SpteKind
 
 class VmConfig(_message.Message):
-    __slots__ = ("max_vcpus", "tdp_levels", "ad_bits", "name", "schedule_seed", "sanitizers", "debug_knobs", "gpc_policy", "eager_page_split", "manual_dirty_log_protect", "dirty_ring_size", "dirty_ring_with_bitmap", "fast_page_fault")
+    __slots__ = ("max_vcpus", "tdp_levels", "ad_bits", "name", "schedule_seed", "sanitizers", "debug_knobs", "gpc_policy", "eager_page_split", "manual_dirty_log_protect", "dirty_ring_size", "dirty_ring_with_bitmap", "fast_page_fault", "mmu")
     MAX_VCPUS_FIELD_NUMBER: _ClassVar[int]
     TDP_LEVELS_FIELD_NUMBER: _ClassVar[int]
     AD_BITS_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class VmConfig(_message.Message):
     DIRTY_RING_SIZE_FIELD_NUMBER: _ClassVar[int]
     DIRTY_RING_WITH_BITMAP_FIELD_NUMBER: _ClassVar[int]
     FAST_PAGE_FAULT_FIELD_NUMBER: _ClassVar[int]
+    MMU_FIELD_NUMBER: _ClassVar[int]
     max_vcpus: int
     tdp_levels: int
     ad_bits: bool
@@ -50,7 +51,8 @@ class VmConfig(_message.Message):
     dirty_ring_size: int
     dirty_ring_with_bitmap: bool
     fast_page_fault: bool
-    def __init__(self, max_vcpus: _Optional[int] = ..., tdp_levels: _Optional[int] = ..., ad_bits: _Optional[bool] = ..., name: _Optional[str] = ..., schedule_seed: _Optional[int] = ..., sanitizers: _Optional[bool] = ..., debug_knobs: _Optional[_Iterable[str]] = ..., gpc_policy: _Optional[str] = ..., eager_page_split: _Optional[bool] = ..., manual_dirty_log_protect: _Optional[int] = ..., dirty_ring_size: _Optional[int] = ..., dirty_ring_with_bitmap: _Optional[bool] = ..., fast_page_fault: _Optional[bool] = ...) -> None: ...
+    mmu: str
+    def __init__(self, max_vcpus: _Optional[int] = ..., tdp_levels: _Optional[int] = ..., ad_bits: _Optional[bool] = ..., name: _Optional[str] = ..., schedule_seed: _Optional[int] = ..., sanitizers: _Optional[bool] = ..., debug_knobs: _Optional[_Iterable[str]] = ..., gpc_policy: _Optional[str] = ..., eager_page_split: _Optional[bool] = ..., manual_dirty_log_protect: _Optional[int] = ..., dirty_ring_size: _Optional[int] = ..., dirty_ring_with_bitmap: _Optional[bool] = ..., fast_page_fault: _Optional[bool] = ..., mmu: _Optional[str] = ...) -> None: ...
 
 class VmInfo(_message.Message):
     __slots__ = ("id", "name", "config", "nr_vcpus", "nr_memslots", "nr_host_regions", "dead")
