@@ -135,7 +135,7 @@ def vm_info(m: vm_pb2.VmInfo) -> VmInfo:
                                   manual_dirty_log_protect=c.manual_dirty_log_protect,
                                   dirty_ring_size=c.dirty_ring_size,
                                   dirty_ring_with_bitmap=c.dirty_ring_with_bitmap,
-                                  fast_page_fault=c.fast_page_fault,
+                                  fast_page_fault=c.fast_page_fault, mmu=c.mmu,
                                   costs=tuple(sorted(c.costs.items())),
                                   zap_leafs_only=c.zap_leafs_only,
                                   **{choice.field: choice.from_wire[getattr(c, choice.field)]
@@ -185,7 +185,7 @@ def create_vm(max_vcpus: int, tdp_levels: int, ad_bits: bool, name: str,
               dirty_ring_size: int, dirty_ring_with_bitmap: bool,
               fast_page_fault: bool, clock: str, costs: Mapping[str, int] | None,
               fault_lock: str, table_free: str, aging_lock: str,
-              zap_leafs_only: bool) -> Call[VmInfo]:
+              zap_leafs_only: bool, mmu: str) -> Call[VmInfo]:
     names = {"clock": clock, "fault_lock": fault_lock, "table_free": table_free,
              "aging_lock": aging_lock}
     config = vm_pb2.VmConfig(max_vcpus=max_vcpus, tdp_levels=tdp_levels, ad_bits=ad_bits,
@@ -195,7 +195,7 @@ def create_vm(max_vcpus: int, tdp_levels: int, ad_bits: bool, name: str,
                              manual_dirty_log_protect=manual_dirty_log_protect,
                              dirty_ring_size=dirty_ring_size,
                              dirty_ring_with_bitmap=dirty_ring_with_bitmap,
-                             fast_page_fault=fast_page_fault, costs=costs,
+                             fast_page_fault=fast_page_fault, costs=costs, mmu=mmu,
                              zap_leafs_only=zap_leafs_only,
                              **{choice.field: choice.to_wire(names[choice.field])
                                 for choice in _CHOICES})
@@ -307,9 +307,10 @@ def thp_collapse(vm_id: int, hva: int) -> Call[None]:
                 host_memory_pb2.ThpCollapseRequest(vm_id=vm_id, hva=hva), _none)
 
 
-def clear_young(vm_id: int, start: int, end: int) -> Call[bool]:
+def clear_young(vm_id: int, start: int, end: int, fast_only: bool) -> Call[bool]:
     return Call("host_memory", "ClearYoung",
-                host_memory_pb2.ClearYoungRequest(vm_id=vm_id, start=start, end=end),
+                host_memory_pb2.ClearYoungRequest(vm_id=vm_id, start=start, end=end,
+                                                  fast_only=fast_only),
                 lambda r: r.young)
 
 

@@ -72,7 +72,7 @@ class AsyncClient:
                         fast_page_fault: bool = True, clock: str = "wall",
                         costs: Mapping[str, int] | None = None, fault_lock: str = "read",
                         table_free: str = "rcu", aging_lock: str = "none",
-                        zap_leafs_only: bool = True) -> AsyncVm:
+                        zap_leafs_only: bool = True, mmu: str = "tdp") -> AsyncVm:
         """Create a VM. `sanitizers` None keeps the server's default; `debug` names debug
         knobs to switch protections off; `gpc_policy` ("global" or "range") says which
         invalidations make a gfn-to-pfn cache refresh retry. Dirty logging:
@@ -86,14 +86,15 @@ class AsyncClient:
         from `load_cost_file`) overriding defaults; the policies the KVM threads compare:
         `fault_lock` ("read" or "write"), `table_free` ("rcu" or "write_section"),
         `aging_lock` ("none", "read" or "write") and `zap_leafs_only`. ValueError for a
-        clock or policy name the wire has no value for."""
+        clock or policy name the wire has no value for. `mmu` "legacy" runs KVM's MMU
+        with tdp_mmu=0 (rmaps) instead of the TDP MMU."""
         info = await self._invoke(_base.create_vm(max_vcpus, tdp_levels, ad_bits, name,
                                                   schedule_seed, sanitizers, debug,
                                                   gpc_policy, eager_page_split,
                                                   manual_dirty_log_protect, dirty_ring_size,
                                                   dirty_ring_with_bitmap, fast_page_fault,
                                                   clock, costs, fault_lock, table_free,
-                                                  aging_lock, zap_leafs_only))
+                                                  aging_lock, zap_leafs_only, mmu))
         return AsyncVm(self, info.id)
 
     def vm(self, vm_id: int) -> AsyncVm:
@@ -200,9 +201,11 @@ class AsyncVm:
     async def thp_collapse(self, hva: int) -> None:
         await self._client._invoke(_base.thp_collapse(self.id, hva))
 
-    async def clear_young(self, start: int, end: int) -> bool:
-        """Was any page of hva [start, end) young? It is old afterwards."""
-        return await self._client._invoke(_base.clear_young(self.id, start, end))
+    async def clear_young(self, start: int, end: int, fast_only: bool = False) -> bool:
+        """Was any page of hva [start, end) young? It is old afterwards, except what
+        `fast_only` aging may leave (the legacy MMU with A/D bits off)."""
+        return await self._client._invoke(_base.clear_young(self.id, start, end,
+                                                            fast_only))
 
     async def clear_flush_young(self, start: int, end: int) -> bool:
         return await self._client._invoke(_base.clear_flush_young(self.id, start, end))

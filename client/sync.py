@@ -72,7 +72,7 @@ class Client:
                   dirty_ring_with_bitmap: bool = False, fast_page_fault: bool = True,
                   clock: str = "wall", costs: Mapping[str, int] | None = None,
                   fault_lock: str = "read", table_free: str = "rcu", aging_lock: str = "none",
-                  zap_leafs_only: bool = True) -> Vm:
+                  zap_leafs_only: bool = True, mmu: str = "tdp") -> Vm:
         """Create a VM. `sanitizers` None keeps the server's default; `debug` names debug
         knobs to switch protections off; `gpc_policy` ("global" or "range") says which
         invalidations make a gfn-to-pfn cache refresh retry. Dirty logging:
@@ -86,13 +86,14 @@ class Client:
         from `load_cost_file`) overriding defaults; the policies the KVM threads compare:
         `fault_lock` ("read" or "write"), `table_free` ("rcu" or "write_section"),
         `aging_lock` ("none", "read" or "write") and `zap_leafs_only`. ValueError for a
-        clock or policy name the wire has no value for."""
+        clock or policy name the wire has no value for. `mmu` "legacy" runs KVM's MMU
+        with tdp_mmu=0 (rmaps) instead of the TDP MMU."""
         info = self._invoke(_base.create_vm(max_vcpus, tdp_levels, ad_bits, name,
                                             schedule_seed, sanitizers, debug, gpc_policy,
                                             eager_page_split, manual_dirty_log_protect,
                                             dirty_ring_size, dirty_ring_with_bitmap,
                                             fast_page_fault, clock, costs, fault_lock,
-                                            table_free, aging_lock, zap_leafs_only))
+                                            table_free, aging_lock, zap_leafs_only, mmu))
         return Vm(self, info.id)
 
     def vm(self, vm_id: int) -> Vm:
@@ -197,9 +198,10 @@ class Vm:
     def thp_collapse(self, hva: int) -> None:
         self._client._invoke(_base.thp_collapse(self.id, hva))
 
-    def clear_young(self, start: int, end: int) -> bool:
-        """Was any page of hva [start, end) young? It is old afterwards."""
-        return self._client._invoke(_base.clear_young(self.id, start, end))
+    def clear_young(self, start: int, end: int, fast_only: bool = False) -> bool:
+        """Was any page of hva [start, end) young? It is old afterwards, except what
+        `fast_only` aging may leave (the legacy MMU with A/D bits off)."""
+        return self._client._invoke(_base.clear_young(self.id, start, end, fast_only))
 
     def clear_flush_young(self, start: int, end: int) -> bool:
         return self._client._invoke(_base.clear_flush_young(self.id, start, end))

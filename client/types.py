@@ -86,7 +86,7 @@ class VmConfig:
     `dirty_ring_with_bitmap`; `fast_page_fault`. Virtual time: `clock` ("wall" or
     "virtual"), `costs` (the cost overrides given at creation, (name, ns) pairs sorted
     by name); the policies `fault_lock` ("read" or "write"), `table_free` ("rcu" or
-    "write_section"), `aging_lock` ("none", "read" or "write"), `zap_leafs_only`."""
+    "write_section"), `aging_lock` ("none", "read" or "write"), `zap_leafs_only`; `mmu`, "tdp" or "legacy"."""
 
     max_vcpus: int
     tdp_levels: int
@@ -107,6 +107,7 @@ class VmConfig:
     table_free: str = "rcu"
     aging_lock: str = "none"
     zap_leafs_only: bool = True
+    mmu: str = "tdp"
 
 
 @dataclass(frozen=True, slots=True)

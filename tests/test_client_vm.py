@@ -165,3 +165,39 @@ async def test_vcpus(client):
     with pytest.raises(NotFound, match="ENOENT"):
         await vm.vcpu(0).info()
     assert (await vm.info()).nr_vcpus == 1
+
+
+async def test_a_legacy_mmu_vm_runs_logs_and_ages_through_the_client(client):
+    """`mmu="legacy"`: the same guest-visible results, its own structures in the stats."""
+    from vmmu.client import BatchBuilder, KVM_MEM_LOG_DIRTY_PAGES
+
+    vm = await client.create_vm(max_vcpus=1, mmu="legacy", ad_bits=False)
+    assert (await vm.info()).config.mmu == "legacy"
+    region = await vm.mmap(4 * MiB, Backing.THP)
+    await vm.set_user_memory_region(slot=0, flags=0, guest_phys_addr=0, memory_size=4 * MiB,
+                                    userspace_addr=region.hva)
+    vcpu = await vm.create_vcpu(0)
+    run = await vcpu.run(BatchBuilder().write(0x3000, data=b"legacy!!")
+                         .read(0x3000, 8, with_data=True).build())
+    assert run.read_data == b"legacy!!"
+    stats = await vm.stats()
+    assert stats["mmu_shadow_pages"] == 3 and stats["tdp_mmu_pages"] == 0     # root, 1G, 2M
+    assert stats["pages_2m"] == 1 and stats["max_mmu_rmap_size"] == 1
+    assert [s.level for s in await vm.walk(0x3000)] == [4, 3, 2]
+    # A/D bits off: fast_only aging reports young and leaves the SPTE; the locked walk ages.
+    assert await vm.clear_young(region.hva, region.hva + 4 * MiB, fast_only=True)
+    assert await vm.test_young(region.hva + 0x3000)
+    assert await vm.clear_young(region.hva, region.hva + 4 * MiB)
+    assert not await vm.test_young(region.hva + 0x3000)
+    await vm.set_user_memory_region(slot=0, flags=KVM_MEM_LOG_DIRTY_PAGES, guest_phys_addr=0,
+                                    memory_size=4 * MiB, userspace_addr=region.hva)
+    await vcpu.run(BatchBuilder().write(0x5000, data=b"x").build())
+    log = await vm.get_dirty_log(0)
+    assert log[0] == 1 << 5 and not any(log[1:])
+
+
+async def test_an_unknown_mmu_creates_nothing(client):
+    with pytest.raises(InvalidArgument) as excinfo:
+        await client.create_vm(mmu="shadow")
+    assert excinfo.value.errno_name == "EINVAL" and "mmu" in excinfo.value.reason
+    assert await client.list_vms() == []

@@ -91,7 +91,8 @@ async def demand_faults(vcpus: int, pages: int, design: str, seed: int = 0,
                faults_per_s=round(vcpus * pages * 1e9 / span),
                lock_wait_ns=stats["mmu_lock_read_wait_ns"] + stats["mmu_lock_write_wait_ns"],
                lock_contended=stats["mmu_lock_read_contended"] +
-               stats["mmu_lock_write_contended"], events=stats["virtual_events"])
+               stats["mmu_lock_write_contended"], switches=stats["virtual_events"],
+               points=g.vm.sched.points_passed)
     await g.kvm.shutdown()
     return out
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import rmap_aging
 from . import spte as S
 from .errors import KvmError, einval
 from .memslots import Memslot
@@ -47,9 +48,17 @@ __all__ = ["clear_young", "clear_flush_young", "test_young", "young_bitmap",
 MAX_BITMAP_PAGES = 1 << 25       # 128 GiB of hva per bitmap: 4 MiB of bits
 
 
-async def clear_young(vm: "Vm", start: int, end: int) -> bool:
-    """`kvm_age_gfn` over hva [start, end): was any of it young? It is old afterwards."""
+async def clear_young(vm: "Vm", start: int, end: int, fast_only: bool = False) -> bool:
+    """`kvm_age_gfn` over hva [start, end): was any of it young? It is old afterwards.
+    The legacy MMU ages through its rmaps (rmap_aging.py), where `fast_only` matters;
+    the TDP MMU's aging is lockless anyway."""
     _check_range(start, end)
+    if vm.shadow is not None:
+        young = await rmap_aging.age_gfn_ranges(vm.shadow, _gfn_ranges(vm, start, end),
+                                                fast_only)
+        if vm.tracer.on:
+            vm.tracer.emit("kvm_age_hva", start=start, end=end, young=young)
+        return young
     young = False
     policy = vm.config.aging_lock
     lock = vm.mmu_lock
@@ -76,9 +85,9 @@ async def clear_young(vm: "Vm", start: int, end: int) -> bool:
     return young
 
 
-async def clear_flush_young(vm: "Vm", start: int, end: int) -> bool:
+async def clear_flush_young(vm: "Vm", start: int, end: int, fast_only: bool = False) -> bool:
     """x86 selects KVM_ELIDE_TLB_FLUSH_IF_YOUNG: the same as `clear_young`, no flush."""
-    return await clear_young(vm, start, end)
+    return await clear_young(vm, start, end, fast_only)
 
 
 def test_young(vm: "Vm", hva: int) -> bool:
@@ -104,9 +113,12 @@ def young_bitmap(vm: "Vm", start: int, end: int) -> bytes:
     for slot, first, last in _gfn_ranges(vm, start, end):
         # The bitmap's index of gfn g of this slot is g + shift.
         shift = (slot.gfn_to_hva(first) >> PAGE_SHIFT) - first_page - first
-        for root in list(vm.tdp.roots):
-            if root.as_id != slot.as_id or root.invalid:
-                continue
+        if vm.shadow is not None:            # the legacy MMU: its young leaves, one by one
+            for leaf in _young_leaves(vm, slot, first, last):
+                step = pages_per_level(leaf.level)
+                young[max(leaf.gfn, first) + shift:min(leaf.gfn + step, last) + shift] = True
+            continue
+        for root in vm.tdp.valid_roots(slot.as_id):
             for group in TableGroup.by_level(list(tables(root, first, last))):
                 old = group.old
                 hits = group.inside & leaf_present(old, group.level) & accessed(old)
@@ -144,7 +156,11 @@ def _gfn_ranges(vm: "Vm", start: int, end: int) -> list[tuple[Memslot, int, int]
 
 def _young_leaves(vm: "Vm", slot: Memslot, first: int, last: int) -> Iterator[TdpIter]:
     """Every present leaf with Accessed set over gfns [first, last) of the slot, in the
-    valid roots of its address space; `it.old_spte` is the value found."""
+    valid roots of its address space; `it.old_spte` is the value found. (The legacy MMU
+    finds them in its rmaps: `YoungLeaf`s, with the same `gfn` and `level`.)"""
+    if vm.shadow is not None:
+        yield from rmap_aging.young_leaves(vm.shadow, slot, first, last)
+        return
     for root in vm.tdp.valid_roots(slot.as_id):
         for it in TdpIter(root, first, last):
             if S.is_leaf_present(it.old_spte, it.level) and S.is_accessed(it.old_spte):

@@ -149,10 +149,20 @@ async def commit_memslot(vm: "Vm", change: MemslotChange, old: Memslot | None,
     if not new.dirty_logging:
         if sanitizers is not None:
             sanitizers.dirty_log_watch(key, False)
+        if vm.shadow is not None:
+            async with vm.mmu_lock.write:
+                await vm.shadow.recover_huge_pages(new, vm.host.host_mapping_level)
+            return
         async with vm.mmu_lock.read:
             await vm.tdp.recover_huge_pages(new, vm.host.host_mapping_level)
         return
-    if not _initially_set(vm):
+    if not _initially_set(vm) and vm.shadow is not None:
+        # The legacy MMU splits nothing eagerly (KVM: TDP MMU only): its huge leaves lose
+        # W too, and a write to one maps 4K in its place.
+        async with vm.mmu_lock.write:
+            vm.shadow.slot_remove_write_access(new, PG_LEVEL_4K)
+        _flush(vm)
+    elif not _initially_set(vm):
         if vm.config.eager_page_split:
             async with vm.mmu_lock.read:
                 await vm.tdp.try_split_huge_pages(new, new.base_gfn, new.end_gfn,
@@ -175,27 +185,27 @@ def enable_log_dirty_pt_masked(vm: "Vm", slot: Memslot, offset: int, mask: int) 
     MMU-writable, so that the next write to them takes the slow path, which maps 4K."""
     if _initially_set(vm):
         _protect_huge(vm, slot, offset, mask)
-    vm.tdp.clear_dirty_pt_masked(slot, slot.base_gfn + offset, mask)
+    vm.mmu.clear_dirty_pt_masked(slot, slot.base_gfn + offset, mask)
 
 
 def _protect_huge(vm: "Vm", slot: Memslot, offset: int, mask: int) -> None:
     """`enable_log_dirty_pt_masked`'s part for INITIALLY_SET: the huge leaves."""
-    tdp = vm.tdp
+    mmu = vm.mmu            # the TDP MMU, or the legacy one through its rmaps
     first = slot.base_gfn + offset + (mask & -mask).bit_length() - 1
     last = slot.base_gfn + offset + mask.bit_length() - 1
-    if vm.config.eager_page_split:
-        tdp.split_huge_pages_locked(slot, first, last + 1, PG_LEVEL_4K)
-    tdp.write_protect_gfn(slot, first, PG_LEVEL_2M)
+    if vm.config.eager_page_split and vm.shadow is None:
+        mmu.split_huge_pages_locked(slot, first, last + 1, PG_LEVEL_4K)
+    mmu.write_protect_gfn(slot, first, PG_LEVEL_2M)
     if first >> 9 != last >> 9:
-        tdp.write_protect_gfn(slot, last, PG_LEVEL_2M)
+        mmu.write_protect_gfn(slot, last, PG_LEVEL_2M)
 
 
 def _protect_dirty(vm: "Vm", slot: Memslot, offset: int, words: np.ndarray) -> None:
     """`enable_log_dirty_pt_masked` for each word of a bitmap (mmu_lock held for write):
     bit i of word j stands for page `offset + 64 * j + i` of the slot. In bulk over the
-    tables unless tracing wants an event per SPTE; the same SPTEs either way."""
+    TDP MMU's tables unless tracing wants an event per SPTE; the same SPTEs either way."""
     nonzero = np.flatnonzero(words).tolist()
-    if not vm.tdp.bulk:
+    if vm.shadow is not None or not vm.tdp.bulk:
         for j in nonzero:
             enable_log_dirty_pt_masked(vm, slot, offset + 64 * j, int(words[j]))
         return
@@ -339,7 +349,7 @@ async def reset_dirty_rings(vm: "Vm") -> int:
         # The entries stay in the rings until their pages are protected and TLBs flushed:
         # until then a write through a stale TLB entry is still covered by them.
         work = [(vcpu, vcpu.dirty_ring.harvested()) for vcpu in vm.vcpus()]
-        if vm.tdp.bulk and not _initially_set(vm):
+        if vm.shadow is None and vm.tdp.bulk and not _initially_set(vm):
             await _reset_dirty_slots(vm, [batch for _, entries in work
                                           for batch in coalesce(entries)])
         else:

@@ -14,6 +14,9 @@ knob a scenario is about, exploration must find one within a bounded number of s
 | `gpc_range_refresh_vs_invalidate` | the same, with other pages' invalidations held open meanwhile | the same, `range` policy |
 | `fast_pf_vs_invalidate` | the fast page fault reads a write-protected SPTE, the host migrates the page and the zap clears it, the fast path stores the old SPTE with W set: the old pfn mapped | the cmpxchg against the snapshot (`fast_pf_plain_write`) |
 | `dirty_log_vs_tlb` | GET_DIRTY_LOG write-protects a page a vCPU still writes through a stale writable TLB entry: a write lost to the log | the TLB flush after write-protecting (`skip_wrprot_flush`) |
+| `rmap_walk_vs_rmap_change` | lockless rmap aging walks a descriptor chain that a zap of obsolete pages and new faults reshape and free | the read-only rmap lock (`rmap_walk_without_lock`) |
+| `lockless_age_vs_drop_spte` | lockless aging (A/D off, fast_only) stores an access-tracked SPTE over one a write fault dropped | report young and leave it (`lockless_age_access_track`) |
+| `fast_pf_vs_shadow_page_free` | a fast page fault holds a shadow page that zap_all_fast unlinks | free after the flush, on commit (`free_sp_before_flush`) |
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ class Scenario:
     knobs: frozenset[str]            # the protections whose absence it demonstrates
     body: Callable[[Vm, random.Random], Awaitable[None]]
     gpc_policy: str = "global"       # the VM's GPC refresh policy (gpc.py)
+    mmu: str = "tdp"                 # the VM's MMU (VmConfig.mmu)
+    ad_bits: bool = True
 
 
 async def _guest(vm: Vm, pages: int = PAGES) -> tuple[int, object]:
@@ -222,6 +227,103 @@ async def _dirty_log_vs_tlb(vm: Vm, rng: random.Random) -> None:
     await _together(vcpu0=guest(), harvester=harvester())
 
 
+# -- the legacy MMU's races (shadow_mmu.py, rmap.py, rmap_aging.py) ------------------------
+
+SPREAD = 2 << 20                     # one guest page per 2M: a shadow page (4K level) each
+
+
+async def _spread_guest(vm: Vm, backing: Backing = Backing.PAGE_4K,
+                        flags: int = 0) -> tuple[int, object]:
+    """Slot 0: PAGES pages one 2M apart (so many shadow pages), and slot 1: a small slot
+    whose deletion and re-creation runs zap_all_fast."""
+    region = vm.mmap(PAGES * SPREAD, backing)
+    await vm.set_user_memory_region(0, flags, 0, PAGES * SPREAD, region.hva)
+    other = vm.mmap(PAGES * PAGE_SIZE, Backing.PAGE_4K)
+    await vm.set_user_memory_region(1, 0, PAGES * SPREAD, PAGES * PAGE_SIZE, other.hva)
+    return region.hva, vm.create_vcpu(0)
+
+
+def _spread(kind: AccessKind, data: bytes | None = None) -> AccessBatch:
+    return AccessBatch.build((g * SPREAD, kind, 8, data) for g in range(PAGES))
+
+
+async def _flap_slot1(vm: Vm) -> None:
+    """Delete slot 1 and make it again: zap_all_fast, yielding mmu_lock between batches."""
+    other = vm.memslots()[-1]
+    await vm.set_user_memory_region(1, 0, 0, 0, 0)
+    await vm.set_user_memory_region(1, 0, other.guest_phys_addr, other.memory_size,
+                                    other.userspace_addr)
+
+
+async def _rmap_walk_vs_rmap_change(vm: Vm, rng: random.Random) -> None:
+    hva, vcpu = await _spread_guest(vm)
+    reads = _spread(AccessKind.READ)
+    await vcpu.run(reads)
+
+    async def guest() -> None:       # faults into the fresh root while obsolete SPTEs of
+        for _ in range(ROUNDS * 2):  # the same gfns wait in their rmaps: chains form
+            await vcpu.run(reads)
+            await vm.sched.point("vcpu.entry")
+
+    async def memslots() -> None:
+        for _ in range(ROUNDS):
+            await _flap_slot1(vm)
+            await vm.sched.point("vcpu.entry")
+
+    async def aging() -> None:
+        for _ in range(ROUNDS * 2):
+            await vm.clear_young(hva, hva + PAGES * SPREAD)
+            await vm.sched.point("mm.invalidate_window")
+
+    await _together(vcpu0=guest(), memslots=memslots(), aging=aging())
+
+
+async def _lockless_age_vs_drop_spte(vm: Vm, rng: random.Random) -> None:
+    pages = 8
+    region = vm.mmap(pages * SPREAD, Backing.THP)
+    await vm.set_user_memory_region(0, 0, 0, pages * SPREAD, region.hva)
+    vcpu = vm.create_vcpu(0)
+    huge = AccessBatch.build((g * SPREAD, AccessKind.READ, 8, None) for g in range(pages))
+
+    async def guest() -> None:       # huge leaves, write-protected by logging; each write
+        for _ in range(ROUNDS // 2):  # drops one and maps 4K
+            await vm.set_user_memory_region(0, 0, 0, pages * SPREAD, region.hva)
+            await vcpu.run(huge)
+            await vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, pages * SPREAD,
+                                            region.hva)
+            for g in rng.sample(range(pages), pages):
+                await vcpu.run(AccessBatch.build([(g * SPREAD + PAGE_SIZE, AccessKind.WRITE,
+                                                   8, None)]))
+                await vm.sched.point("vcpu.entry")
+
+    async def aging() -> None:       # MGLRU's fast_only aging: without mmu_lock
+        for _ in range(ROUNDS * 4):
+            await vm.clear_young(region.hva, region.hva + pages * SPREAD, fast_only=True)
+            await vm.sched.point("mm.invalidate_window")
+
+    await _together(vcpu0=guest(), aging=aging())
+
+
+async def _fast_pf_vs_shadow_page_free(vm: Vm, rng: random.Random) -> None:
+    hva, vcpu = await _spread_guest(vm)
+    writes = _spread(AccessKind.WRITE)
+    await vcpu.run(writes)
+    await vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, PAGES * SPREAD, hva)
+
+    async def guest() -> None:       # every write a fast page fault on a protected SPTE
+        for _ in range(ROUNDS * 2):
+            await vm.get_dirty_log(0)
+            await vcpu.run(writes)
+            await vm.sched.point("vcpu.entry")
+
+    async def memslots() -> None:
+        for _ in range(ROUNDS):
+            await vm.sched.point("vcpu.entry")
+            await _flap_slot1(vm)
+
+    await _together(vcpu0=guest(), memslots=memslots())
+
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("fault_vs_invalidate", "a vCPU faults while the host migrates its pages",
              frozenset({"skip_invalidate_retry"}), _fault_vs_invalidate),
@@ -242,6 +344,23 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("dirty_log_vs_tlb",
              "a vCPU keeps writing while GET_DIRTY_LOG harvests and write-protects",
              frozenset({"skip_wrprot_flush"}), _dirty_log_vs_tlb),
+    # The legacy MMU: its own races, and the shared ones on its structures.
+    Scenario("rmap_walk_vs_rmap_change",
+             "lockless rmap aging while zap_all_fast and faults reshape the rmaps",
+             frozenset({"rmap_walk_without_lock"}), _rmap_walk_vs_rmap_change, mmu="legacy"),
+    Scenario("lockless_age_vs_drop_spte",
+             "fast_only aging with A/D bits off while write faults drop huge leaves",
+             frozenset({"lockless_age_access_track"}), _lockless_age_vs_drop_spte,
+             mmu="legacy", ad_bits=False),
+    Scenario("fast_pf_vs_shadow_page_free",
+             "fast page faults while zap_all_fast unlinks and frees shadow pages",
+             frozenset({"free_sp_before_flush"}), _fast_pf_vs_shadow_page_free, mmu="legacy"),
+    Scenario("legacy_fault_vs_invalidate", "fault_vs_invalidate on the legacy MMU",
+             frozenset({"skip_invalidate_retry"}), _fault_vs_invalidate, mmu="legacy"),
+    Scenario("legacy_tlb_vs_zap", "tlb_vs_zap on the legacy MMU (zaps through the rmaps)",
+             frozenset({"skip_zap_tlb_flush"}), _tlb_vs_zap, mmu="legacy"),
+    Scenario("legacy_dirty_log_vs_tlb", "dirty_log_vs_tlb on the legacy MMU",
+             frozenset({"skip_wrprot_flush"}), _dirty_log_vs_tlb, mmu="legacy"),
 )}
 
 
@@ -260,7 +379,8 @@ async def run_scenario(name: str, seed: int, knobs: frozenset[str] = frozenset()
     kvm = Kvm()
     vm = kvm.create_vm(VmConfig(max_vcpus=1, schedule_seed=seed, sanitizers=True,
                                 debug=frozenset(knobs), name=f"{name}#{seed}",
-                                gpc_policy=scenario.gpc_policy, clock=clock))
+                                gpc_policy=scenario.gpc_policy, mmu=scenario.mmu,
+                                ad_bits=scenario.ad_bits, clock=clock))
     bug: VmBugged | None = None
     asyncio.current_task().set_name("setup")
     try:

@@ -173,7 +173,7 @@ async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
 def handle_mmio_page_fault(vcpu: "Vcpu", gpa: int) -> RetPf:
     """An MMIO SPTE was hit: emulate if its generation is current, else refault."""
     vm = vcpu.vm
-    path = vm.tdp.walk(vcpu.root, gpa >> 12)
+    path = vm.mmu.walk(vcpu.root, gpa >> 12)
     leaf = path[-1][3]
     if not S.is_mmio(leaf):
         return RET_PF_RETRY          # zapped meanwhile
@@ -234,7 +234,10 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
             return RET_PF_EMULATE                          # kvm_handle_noslot_fault
         await sched.point("fault.before_lock")
         lock = vm.mmu_lock
-        shared = vm.config.fault_lock == "read"
+        # The TDP MMU maps with mmu_lock held for read (unless the VM's fault_lock policy
+        # says write), the legacy MMU for write.
+        shadow = vm.shadow
+        shared = shadow is None and vm.config.fault_lock == "read"
         await (lock.acquire_read() if shared else lock.acquire_write())
         try:
             if is_page_fault_stale(vcpu, fault):
@@ -243,7 +246,8 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
             if vm.tracer.on:
                 vm.tracer.emit("kvm_mmu_spte_requested", gfn=gfn, pfn=fault.pfn,
                                level=fault.goal_level)
-            r = vm.tdp.map(fault, vcpu.root)
+            r = vm.tdp.map(fault, vcpu.root) if shadow is None else \
+                await shadow.map(fault, vcpu.root)
             if r is RET_PF_FIXED:
                 if fault.map_writable and slot.dirty_logging:
                     vm.mark_page_dirty(slot, gfn, vcpu)   # a writable SPTE is in
@@ -257,7 +261,7 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
                 lock.release_write()
     finally:
         rcu.exit(token)
-        if vm.tdp.disconnected:
+        if vm.tdp is not None and vm.tdp.disconnected:
             await vm.tdp.free_disconnected()    # table_free "write_section"
 
 

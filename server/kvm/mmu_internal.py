@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import enum
 
-from .spte import EXECUTABLE, READABLE, WRITABLE
+from .spte import EXECUTABLE, READABLE, WRITABLE, make_leaf, make_mmio
 from .types import MAX_HUGEPAGE_LEVEL, PG_LEVEL_4K
 
 __all__ = ["RetPf", "PageFault", "RET_PF_CONTINUE", "RET_PF_RETRY", "RET_PF_EMULATE",
            "RET_PF_WRITE_PROTECTED", "RET_PF_INVALID", "RET_PF_FIXED", "RET_PF_SPURIOUS",
            "PFERR_PRESENT_MASK", "PFERR_WRITE_MASK", "PFERR_USER_MASK",
            "PFERR_RSVD_MASK", "PFERR_FETCH_MASK", "PFERR_GUEST_FINAL_MASK",
-           "PFERR_GUEST_PAGE_MASK", "PFERR_ACCESS_MASK", "ACCESS_NEEDS"]
+           "PFERR_GUEST_PAGE_MASK", "PFERR_ACCESS_MASK", "ACCESS_NEEDS", "fault_spte"]
 
 PFERR_PRESENT_MASK = 1 << 0
 PFERR_WRITE_MASK = 1 << 1
@@ -69,3 +69,12 @@ class PageFault:
         self.error_code = error_code
         self.gfn = addr >> 12
         self.write = error_code & PFERR_WRITE_MASK != 0
+
+
+def fault_spte(fault: PageFault, level: int, ad_enabled: bool) -> int:
+    """`make_spte` for a fault, as both MMUs install it: an MMIO SPTE when no memslot
+    holds the gfn, else the leaf (host_writable = writable = map_writable)."""
+    if fault.slot is None:
+        return make_mmio(fault.gfn, fault.generation)
+    writable = fault.map_writable
+    return make_leaf(fault.pfn, level, writable, writable, ad_enabled)

@@ -68,7 +68,7 @@ class Notifier:
                 vm.sanitizers.invalidation_begun(start, end)
             for as_id, gfn_start, gfn_end in hits:
                 self._range_add(gfn_start, gfn_end)
-                flush = await vm.tdp.unmap_gfn_range(as_id, gfn_start, gfn_end) or flush
+                flush = await vm.mmu.unmap_gfn_range(as_id, gfn_start, gfn_end) or flush
             if flush and "skip_zap_tlb_flush" not in vm.knobs:
                 vm.flush_remote_tlbs()
             if vm.sanitizers is not None:

@@ -137,6 +137,8 @@ class Sanitizers:
         """An MMU-notifier invalidation of gfns [start, end) has zapped and flushed: no
         invalid root of `as_id` maps any of them."""
         vm = self.vm
+        if vm.tdp is None:
+            return                  # the legacy MMU: obsolete pages are zapped whole
         with vm.rcu.read_lock():
             for root in vm.tdp.roots:
                 if root.as_id != as_id or not root.invalid:

@@ -36,6 +36,9 @@ POINTS = (
     "age.before_clear",           # lockless aging read a young SPTE and has not aged it yet
     "gpc.refresh_hva_to_pfn",     # GPC refresh snapshotted its sequence, lookup to come
     "gpc.refresh_before_valid",   # GPC refresh has a pfn and has not set valid yet
+    "rmap.lock_spin",             # a writer found an rmap head locked and waits for it
+    "rmap_age.before_clear",      # lockless rmap aging read a young SPTE, holds its head
+    "shadow.cond_resched",        # zap of obsolete shadow pages dropped mmu_lock
 )
 
 _KNOWN = frozenset(POINTS)

@@ -24,10 +24,21 @@ class VmStats(_Stats):
     __slots__ = ("remote_tlb_flush_requests", "remote_tlb_flush", "pages_4k", "pages_2m",
                  "pages_1g", "nx_lpage_splits", "tdp_mmu_pages", "mmu_invalidate_seq",
                  "tdp_mmu_yields",
+                 "mmu_shadow_zapped", "mmu_cache_miss", "max_mmu_rmap_size",
+                 "mmu_shadow_pages",
                  "invalidations_held", "invalidations_lease_expired",
                  "invalidations_client_gone",
                  "gpc_invalidations", "gpc_refreshes", "gpc_refresh_retries",
                  "gpc_refresh_wait_ns")
+
+    def account_leaf(self, level: int, delta: int) -> None:
+        """The pages_4k/2m/1g stats: leaves mapped at each level."""
+        if level == 1:
+            self.pages_4k += delta
+        elif level == 2:
+            self.pages_2m += delta
+        else:
+            self.pages_1g += delta
 
 
 class VcpuStats(_Stats):

@@ -29,10 +29,10 @@ import numpy as np
 from . import spte as S
 from . import tdp_bulk
 from .spte import (BASE_ADDR_MASK, FROZEN, LEAF_BITS, MMU_PRESENT, MMU_WRITABLE,
-                   NONPRESENT, PRESENT_LARGE, WRITABLE, check_writable_invariants, make_leaf)
+                   NONPRESENT, PRESENT_LARGE, WRITABLE, check_writable_invariants)
 from .errors import VmBugged
 from .mmu_internal import (ACCESS_NEEDS, PFERR_ACCESS_MASK, RET_PF_EMULATE, RET_PF_FIXED,
-                           RET_PF_RETRY, RET_PF_SPURIOUS, PageFault, RetPf)
+                           RET_PF_RETRY, RET_PF_SPURIOUS, PageFault, RetPf, fault_spte)
 from .mmu_lock import MmuLock
 from .mmu_page import MmuPage, PageTables
 from .rcu import Rcu
@@ -242,14 +242,7 @@ class TdpMmu:
             self.handle_removed_pt(self.tables.child(S.spte_to_pfn(old)), shared)
 
     def _account_leaf(self, level: int, delta: int) -> None:
-        """The pages_4k/2m/1g stats: leaves mapped at each level."""
-        stat = self.stat
-        if level == PG_LEVEL_4K:
-            stat.pages_4k += delta
-        elif level == PG_LEVEL_2M:
-            stat.pages_2m += delta
-        elif level == PG_LEVEL_1G:
-            stat.pages_1g += delta
+        self.stat.account_leaf(level, delta)
 
     def handle_removed_pt(self, page: MmuPage, shared: bool) -> None:
         """Tear down an unlinked table: freeze every entry, free the page after RCU."""
@@ -349,12 +342,7 @@ class TdpMmu:
         if S.is_leaf_present(old, level) and old & needs:
             return RET_PF_SPURIOUS
         slot = fault.slot
-        if slot is None:
-            new = S.make_mmio(fault.gfn, fault.generation)
-        else:
-            # host_writable = writable = map_writable, ad_enabled, never a prefetch
-            writable = fault.map_writable
-            new = make_leaf(fault.pfn, level, writable, writable, self.ad_enabled)
+        new = fault_spte(fault, level, self.ad_enabled)
         if new == old:
             return RET_PF_SPURIOUS
         if not self.set_spte_atomic(it, new):

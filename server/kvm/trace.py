@@ -39,6 +39,9 @@ EVENTS = (
     "kvm_mmio",                    # vcpu, gpa, len, is_write
     "fast_page_fault",             # vcpu, gpa, old, new, result
     "kvm_mmu_split_huge_page",     # gfn, level
+    "kvm_mmu_get_page",            # gfn, level, as_id, created (legacy MMU)
+    "kvm_mmu_set_spte",            # gfn, level, old, new (legacy MMU)
+    "kvm_mmu_zap_all_fast",        # mmu_valid_gen, used_pages (legacy MMU)
     "kvm_tlb_flush",               # remote flush requested: vcpus
     "kvm_dirty_ring_push",         # vcpu, slot, offset
     "kvm_dirty_ring_reset",        # vcpu, count

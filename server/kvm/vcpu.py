@@ -399,18 +399,19 @@ class Vcpu:
 
     async def _load_root(self) -> None:
         vm = self.vm
-        async with vm.mmu_lock.read:
+        # The legacy MMU makes and frees its roots with mmu_lock held for write.
+        async with (vm.mmu_lock.read if vm.shadow is None else vm.mmu_lock.write):
             self.requests &= ~KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
             if self.root is not None and self.root.invalid:
-                vm.tdp.put_root(self.root)
+                vm.mmu.put_root(self.root)
                 self.root = None
             if self.root is None:
-                self.root = vm.tdp.get_root(0)
+                self.root = vm.mmu.get_root(0)
                 self.requests |= KVM_REQ_TLB_FLUSH      # a fresh root flushes locally
 
     def release_root(self) -> None:
         if self.root is not None:
-            self.vm.tdp.put_root(self.root)
+            self.vm.mmu.put_root(self.root)
             self.root = None
 
     # -- guest mode (synchronous: nothing else runs) -----------------------------------

@@ -37,6 +37,7 @@ from .notifier import Notifier
 from .rcu import Rcu
 from .sanitizers import Sanitizers
 from .sched import Scheduler
+from .shadow_mmu import ShadowMmu
 from .stats import VmStats
 from .tdp_mmu import TdpMmu
 from .trace import Tracer
@@ -60,7 +61,13 @@ DEBUG_KNOBS = frozenset({
     "gpc_refresh_no_check",      # GPC refresh sets valid without waiting or retrying (§5.4)
     "fast_pf_plain_write",       # the fast page fault stores its SPTE without a cmpxchg
     "skip_wrprot_flush",         # dirty-log write-protection does not flush TLBs
+    # The legacy MMU's (shadow_mmu.py, rmap.py, rmap_aging.py):
+    "rmap_walk_without_lock",    # lockless rmap aging reads heads without the read-only lock
+    "lockless_age_access_track",  # lockless rmap aging marks A/D-off SPTEs for access tracking
+    "free_sp_before_flush",      # zapped shadow pages are freed before the remote TLB flush
 })
+
+MMUS = ("tdp", "legacy")         # VmConfig.mmu: the TDP MMU, or KVM's MMU with tdp_mmu=0
 
 
 def check_debug_knobs(knobs: Iterable[str]) -> None:
@@ -101,6 +108,7 @@ class VmConfig:
     debug: frozenset[str] = frozenset()  # protections switched off (DEBUG_KNOBS)
     gpc_policy: str = "global"   # what makes GPC refresh retry: "global" or "range" (gpc.py)
     fast_page_fault: bool = True  # fix write-protection and access tracking without mmu_lock
+    mmu: str = "tdp"             # "tdp" (tdp_mmu.py) or "legacy" (shadow_mmu.py: rmaps)
     # Dirty logging (dirty_log.py): split huge pages when logging is enabled (KVM's
     # eager_page_split); KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 bits (1 ENABLE, 2 INITIALLY_SET);
     # per-vCPU dirty rings of this many bytes (0: none, KVM_CAP_DIRTY_LOG_RING), with a
@@ -131,6 +139,8 @@ class VmConfig:
         check_debug_knobs(self.debug)
         if self.schedule_seed is not None and not 0 <= self.schedule_seed < 1 << 64:
             raise einval(f"schedule_seed {self.schedule_seed} is not a u64")
+        if self.mmu not in MMUS:
+            raise einval(f"mmu {self.mmu!r} is not one of {', '.join(MMUS)}")
         if self.gpc_policy not in GPC_POLICIES:
             raise einval(f"gpc_policy {self.gpc_policy!r} is not one of "
                          f"{', '.join(GPC_POLICIES)}")
@@ -148,6 +158,9 @@ class VmConfig:
             if getattr(self, policy) not in choices:
                 raise einval(f"{policy} {getattr(self, policy)!r} is not one of "
                              f"{', '.join(choices)}")
+        if self.mmu == "legacy" and (self.table_free != "rcu" or not self.zap_leafs_only):
+            raise einval("table_free and zap_leafs_only are policies of the TDP MMU; the "
+                         "legacy MMU frees on commit and zaps leafs only")
         if self.table_free == "write_section" and (self.fast_page_fault or
                                                    self.aging_lock == "none"):
             # The exclusive section waits out mmu_lock's holders, not lockless walkers.
@@ -229,13 +242,23 @@ class Vm:
         self.rcu = Rcu(self.clock)
         self.slots_lock = Mutex(self.clock)
         self.memslot_sets = [Memslots(as_id) for as_id in range(KVM_ADDRESS_SPACE_NUM)]
-        self.tdp = TdpMmu(root_level=config.tdp_levels, max_gfn=self.max_gfn,
-                          ad_enabled=config.ad_bits,
-                          mmu_lock=self.mmu_lock, rcu=self.rcu, stats=self.stat,
-                          flush_remote_tlbs=self.flush_remote_tlbs, tracer=self.tracer)
-        self.tdp.sanitizers, self.tdp.knobs = self.sanitizers, self.knobs
-        self.tdp.sched, self.tdp.clock = self.sched, self.clock
-        self.tdp.policy(config)
+        # The MMU: `tdp` is the TDP MMU, `shadow` the legacy one; `mmu` is whichever runs.
+        self.tdp: TdpMmu | None = None
+        self.shadow: ShadowMmu | None = None
+        if config.mmu == "legacy":
+            self.mmu = self.shadow = ShadowMmu(
+                root_level=config.tdp_levels, max_gfn=self.max_gfn, ad_enabled=config.ad_bits,
+                mmu_lock=self.mmu_lock, rcu=self.rcu, stats=self.stat,
+                flush_remote_tlbs=self.flush_remote_tlbs, tracer=self.tracer,
+                sched=self.sched, knobs=self.knobs, memslot_sets=self.memslot_sets)
+        else:
+            self.mmu = self.tdp = TdpMmu(
+                root_level=config.tdp_levels, max_gfn=self.max_gfn, ad_enabled=config.ad_bits,
+                mmu_lock=self.mmu_lock, rcu=self.rcu, stats=self.stat,
+                flush_remote_tlbs=self.flush_remote_tlbs, tracer=self.tracer)
+            self.tdp.knobs, self.tdp.sched, self.tdp.clock = self.knobs, self.sched, self.clock
+            self.tdp.policy(config)
+        self.mmu.sanitizers = self.sanitizers
         self.notifier = Notifier(self)
         self.host.notifiers.append(self.notifier)
         self.holds = HeldInvalidations(self)
@@ -277,10 +300,15 @@ class Vm:
         await self.holds.release_all(HoldState.VM_DESTROYED)
         self.host.notifiers.remove(self.notifier)
         async with self.mmu_lock.write:
-            roots = self.tdp.invalidate_all_roots()
-            for vcpu in self._vcpus.values():
-                vcpu.release_root()
-            await self.tdp.teardown(roots)
+            if self.shadow is not None:
+                for vcpu in self._vcpus.values():
+                    vcpu.release_root()
+                await self.shadow.zap_all()
+            else:
+                roots = self.tdp.invalidate_all_roots()
+                for vcpu in self._vcpus.values():
+                    vcpu.release_root()
+                await self.tdp.teardown(roots)
         await self.rcu.barrier()
         self.tracer.close()
 
@@ -367,6 +395,8 @@ class Vm:
                 await self._zap_all_fast()
                 old = invalid
             dirty_log.prepare_memslot(self, old, new)
+            if self.shadow is not None:
+                self.shadow.prepare_memslot(old, new)
             await self._publish(old, new)
             with self._dies_on_bug():
                 await dirty_log.commit_memslot(self, change, old, new)
@@ -378,7 +408,15 @@ class Vm:
 
     async def _zap_all_fast(self) -> None:
         """`kvm_mmu_zap_all_fast`: invalidate every root under the write lock, then zap
-        the old roots under the read lock while vCPUs fault into fresh ones."""
+        the old roots under the read lock while vCPUs fault into fresh ones. The legacy
+        MMU zaps its obsolete pages under the write lock, yielding it between batches."""
+        if self.shadow is not None:
+            async with self.mmu_lock.write:
+                for vcpu in self._vcpus.values():
+                    vcpu.make_request(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
+                with self._dies_on_bug():
+                    await self.shadow.zap_all_fast()
+            return
         async with self.mmu_lock.write:
             roots = self.tdp.invalidate_all_roots()
             for vcpu in self._vcpus.values():
@@ -549,11 +587,11 @@ class Vm:
             raise einval(f"address space {as_id} does not exist")
         if not 0 <= gpa <= (self.max_gfn << PAGE_SHIFT) | 0xFFF:
             raise einval(f"gpa {gpa:#x} is beyond the guest physical address width")
-        root = next(self.tdp.valid_roots(as_id), None)
+        root = next(self.mmu.valid_roots(as_id), None)
         if root is None:
             return []
         return [_spte_info(level, gfn, index, value)
-                for level, gfn, index, value in self.tdp.walk(root, gpa >> PAGE_SHIFT)]
+                for level, gfn, index, value in self.mmu.walk(root, gpa >> PAGE_SHIFT)]
 
     def stats(self) -> dict[str, int]:
         """KVM's VM stats; in virtual time also the clock's now and events and mmu_lock's
@@ -640,11 +678,12 @@ class Vm:
         self._trace_host_op("thp_collapse", hva, hva + 1)
 
     @simulated("ager")
-    async def clear_young(self, start: int, end: int) -> bool:
-        """The clear_young notifier over hva [start, end): young? Old afterwards."""
+    async def clear_young(self, start: int, end: int, fast_only: bool = False) -> bool:
+        """The clear_young notifier over hva [start, end): young? Old afterwards.
+        `fast_only` (MGLRU): only what can be learnt without mmu_lock."""
         self.check_alive()
         with self._dies_on_bug():
-            return await aging.clear_young(self, start, end)
+            return await aging.clear_young(self, start, end, fast_only)
 
     @simulated("ager")
     async def clear_flush_young(self, start: int, end: int) -> bool:

@@ -96,11 +96,12 @@ def vm_config(request: vm_pb2.CreateVmRequest) -> VmConfig:
     zap_leafs_only = {"zap_leafs_only": c.zap_leafs_only} \
         if c.HasField("zap_leafs_only") else {}
     choices = {k: v for choice in _CHOICES for k, v in choice.from_config(c).items()}
+    mmu = {"mmu": c.mmu} if c.HasField("mmu") else {}
     return VmConfig(max_vcpus=c.max_vcpus, tdp_levels=c.tdp_levels, ad_bits=c.ad_bits,
                     name=c.name,
                     schedule_seed=c.schedule_seed if c.HasField("schedule_seed") else None,
                     debug=frozenset(c.debug_knobs), **sanitizers, **gpc_policy,
-                    **eager_page_split, **fast_page_fault,
+                    **eager_page_split, **fast_page_fault, **mmu,
                     manual_dirty_log_protect=c.manual_dirty_log_protect,
                     dirty_ring_size=c.dirty_ring_size,
                     dirty_ring_with_bitmap=c.dirty_ring_with_bitmap,
@@ -118,6 +119,7 @@ def _vm_config_to_wire(config: VmConfig) -> vm_pb2.VmConfig:
                            dirty_ring_with_bitmap=config.dirty_ring_with_bitmap,
                            fast_page_fault=config.fast_page_fault,
                            costs=dict(config.costs), zap_leafs_only=config.zap_leafs_only,
+                           mmu=config.mmu,
                            **{choice.field: choice.to_wire[getattr(config, choice.field)]
                               for choice in _CHOICES})
 

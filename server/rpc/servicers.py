@@ -151,7 +151,8 @@ class HostMemoryServicer(_Servicer, host_memory_pb2_grpc.HostMemoryServiceServic
 
     async def ClearYoung(self, request: host_memory_pb2.ClearYoungRequest, context: Context
                          ) -> host_memory_pb2.ClearYoungResponse:
-        young = await self._vm(request).clear_young(request.start, request.end)
+        young = await self._vm(request).clear_young(request.start, request.end,
+                                                    request.fast_only)
         return host_memory_pb2.ClearYoungResponse(young=young)
 
     async def ClearFlushYoung(self, request: host_memory_pb2.ClearFlushYoungRequest,

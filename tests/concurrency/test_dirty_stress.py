@@ -34,13 +34,14 @@ async def _writer(vcpu, rng: random.Random, vm) -> int:
     return done
 
 
+@pytest.mark.parametrize("mmu", ["tdp", "legacy"])
 @pytest.mark.parametrize("mode", ["bitmap", "manual_protect", "ring"])
 @pytest.mark.parametrize("schedule_seed", [None, 11])
-async def test_every_guest_write_reaches_the_next_harvest(mode, schedule_seed):
+async def test_every_guest_write_reaches_the_next_harvest(mode, schedule_seed, mmu):
     config = {"bitmap": {}, "manual_protect": {"manual_dirty_log_protect": 1},
               "ring": {"dirty_ring_size": 4096}}[mode]
     vm = Kvm().create_vm(VmConfig(max_vcpus=VCPUS, sanitizers=True, name="dirty-stress",
-                                  schedule_seed=schedule_seed, **config))
+                                  schedule_seed=schedule_seed, mmu=mmu, **config))
     region = vm.mmap(SIZE, Backing.THP)
     await vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, SIZE, region.hva)
     vcpus = [vm.create_vcpu(i) for i in range(VCPUS)]

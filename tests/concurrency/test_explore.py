@@ -21,7 +21,16 @@ KNOBBED = [("fault_vs_invalidate", "skip_invalidate_retry",
            ("aging_vs_table_free", "aging_without_rcu", {"UseAfterFree"}),
            ("fast_pf_vs_invalidate", "fast_pf_plain_write",
             {"stale-translation", "no-new-mapping-during-invalidation"}),
-           ("dirty_log_vs_tlb", "skip_wrprot_flush", {"no-lost-dirty-page"})]
+           ("dirty_log_vs_tlb", "skip_wrprot_flush", {"no-lost-dirty-page"}),
+           # The legacy MMU's (seed 000 and the shadow MMU's zap ordering)...
+           ("rmap_walk_vs_rmap_change", "rmap_walk_without_lock", {"UseAfterFree"}),
+           ("lockless_age_vs_drop_spte", "lockless_age_access_track", {"SpteChangeLost"}),
+           ("fast_pf_vs_shadow_page_free", "free_sp_before_flush", {"UseAfterFree"}),
+           # ...and the shared protections on its structures.
+           ("legacy_fault_vs_invalidate", "skip_invalidate_retry",
+            {"no-new-mapping-during-invalidation", "stale-translation"}),
+           ("legacy_tlb_vs_zap", "skip_zap_tlb_flush", {"stale-translation"}),
+           ("legacy_dirty_log_vs_tlb", "skip_wrprot_flush", {"no-lost-dirty-page"})]
 
 
 @pytest.mark.parametrize("scenario,knob,oracles", KNOBBED)

@@ -123,11 +123,12 @@ async def _memslot_loop(vm, regions, stop: asyncio.Event) -> int:
     return changes
 
 
+@pytest.mark.parametrize("mmu", ["tdp", "legacy"])
 @pytest.mark.parametrize("schedule_seed", [None, 7])
-async def test_everything_at_once_stays_sanitizer_clean(schedule_seed):
+async def test_everything_at_once_stays_sanitizer_clean(schedule_seed, mmu):
     """Free-running, and under a deterministic schedule that interleaves far more."""
     vm = Kvm().create_vm(VmConfig(max_vcpus=VCPUS, sanitizers=True,
-                                  schedule_seed=schedule_seed, name="stress"))
+                                  schedule_seed=schedule_seed, name="stress", mmu=mmu))
     regions = {}
     for slot, gpa, size, backing in SLOTS:
         regions[slot] = vm.mmap(size, backing)

@@ -26,12 +26,27 @@ class Guest:
         return self.region.hva + (gpa - self.gpa)
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "tdp_only: the test reads the TDP MMU's own structures "
+                            "or behaviour the legacy MMU does not share (docs/legacy-mmu.md)")
+
+
+@pytest.fixture(params=["tdp", "legacy"])
+def mmu(request) -> str:
+    """The MMU the model's VMs run (VmConfig.mmu): each test runs on both, unless it
+    reads one MMU's structures (`@pytest.mark.tdp_only`)."""
+    if request.param != "tdp" and request.node.get_closest_marker("tdp_only"):
+        pytest.skip("reads the TDP MMU's own structures")
+    return request.param
+
+
 @pytest.fixture
-def make_kvm_vm():
-    """`make_kvm_vm(**VmConfig fields)`: a fresh VM."""
+def make_kvm_vm(mmu):
+    """`make_kvm_vm(**VmConfig fields)`: a fresh VM, on the `mmu` of the test's run."""
     kvm = Kvm()
 
     def make(**config) -> Vm:
+        config.setdefault("mmu", mmu)
         return kvm.create_vm(VmConfig(name="model-test", **config))
 
     return make

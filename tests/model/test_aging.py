@@ -94,14 +94,14 @@ async def test_aging_never_flushes_zaps_or_frees(kvm_guest):
     vm = kvm_guest.vm
     await touch(kvm_guest.vcpu, 0x0, 0x200000)
     stats = vm.stats()
-    freed = vm.tdp.tables.freed
+    freed = vm.mmu.tables.freed
     region = kvm_guest.region
     assert await vm.clear_flush_young(region.hva, region.hva + region.size)
     after = vm.stats()
     for name in ("remote_tlb_flush_requests", "pages_4k", "pages_2m", "tdp_mmu_pages",
                  "mmu_invalidate_seq"):
         assert after[name] == stats[name], name
-    assert vm.tdp.tables.freed == freed
+    assert vm.mmu.tables.freed == freed
 
 
 async def test_aging_takes_no_mmu_lock(kvm_guest):
@@ -150,6 +150,7 @@ async def test_bad_aging_ranges(kvm_vm, start, end, code):
             await kvm_vm.clear_young(start, end)
 
 
+@pytest.mark.tdp_only          # the TDP MMU's lockless walk (rmap aging: test_shadow_mmu.py)
 @pytest.mark.parametrize("ad_bits", [True, False], ids=["ad", "no-ad"])
 async def test_aging_never_revives_an_spte_zapped_between_read_and_clear(make_guest,
                                                                          monkeypatch, ad_bits):
@@ -170,23 +171,25 @@ async def test_aging_never_revives_an_spte_zapped_between_read_and_clear(make_gu
     assert vm.walk(0x1000)[-1].spte == S.NONPRESENT
 
 
+@pytest.mark.tdp_only          # the TDP MMU's lockless walk (rmap aging: test_shadow_mmu.py)
 async def test_rcu_keeps_the_tables_aging_reads_while_a_memslot_delete_frees_them(
         kvm_guest, monkeypatch):
     vm, hva = kvm_guest.vm, kvm_guest.region.hva
     await touch(kvm_guest.vcpu, 0x0, 0x1000)
-    freed = vm.tdp.tables.freed
+    freed = vm.mmu.tables.freed
     reached, resume = park_at(vm, monkeypatch, "age.before_clear")
     aging = asyncio.create_task(vm.clear_young(hva, hva + 4 * MIB))
     await reached.wait()
 
     await vm.set_user_memory_region(0, 0, 0, 0, 0)             # delete: every table goes
-    assert vm.tdp.tables.freed == freed                         # ...after the grace period
+    assert vm.mmu.tables.freed == freed                         # ...after the grace period
     resume.set()
 
     assert await aging and not vm.info().dead
-    assert vm.tdp.tables.freed > freed
+    assert vm.mmu.tables.freed > freed
 
 
+@pytest.mark.tdp_only          # the TDP MMU's lockless walk (rmap aging: test_shadow_mmu.py)
 @pytest.mark.parametrize("knob", ["aging_without_rcu", "free_tables_immediately"])
 async def test_without_the_grace_period_aging_reads_a_freed_table(make_guest, monkeypatch,
                                                                   knob):
@@ -205,6 +208,7 @@ async def test_without_the_grace_period_aging_reads_a_freed_table(make_guest, mo
     assert vm.info().dead
 
 
+@pytest.mark.tdp_only          # the TDP MMU's lockless walk (rmap aging: test_shadow_mmu.py)
 async def test_aging_emits_its_tracepoints(kvm_guest):
     vm, hva = kvm_guest.vm, kvm_guest.region.hva
     await touch(kvm_guest.vcpu, 0x5000)

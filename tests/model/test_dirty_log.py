@@ -77,6 +77,7 @@ async def logging_guest(make_guest, touched=range(16), **config):
 
 # -- enabling and disabling ------------------------------------------------------------------
 
+@pytest.mark.tdp_only          # splits and recovers in place: the legacy MMU zaps
 async def test_enable_splits_huge_pages_eagerly_and_write_protects_every_leaf(make_guest):
     g = await make_guest(Backing.THP, 4 * MIB)
     await run(g.vcpu, W, 0, 512)
@@ -94,6 +95,7 @@ async def test_enable_splits_huge_pages_eagerly_and_write_protects_every_leaf(ma
     assert bits(await g.vm.get_dirty_log(0)) == set()
 
 
+@pytest.mark.tdp_only          # splits and recovers in place: the legacy MMU zaps
 async def test_lazy_split_write_protects_huge_leaves_and_a_write_splits_one(make_guest):
     g = await make_guest(Backing.THP, 4 * MIB, eager_page_split=False)
     await run(g.vcpu, W, 0, 512)
@@ -123,6 +125,7 @@ async def test_enabling_an_unmapped_slot_still_flushes(make_guest):
     assert flushes(g.vm) == before + 1 and pages(g.vm) == (0, 0, 0)
 
 
+@pytest.mark.tdp_only          # splits and recovers in place: the legacy MMU zaps
 async def test_disable_recovers_huge_pages_with_the_same_frames_and_data(make_guest):
     g = await make_guest(Backing.THP, 4 * MIB)
     await g.vm.write_hva(g.region.hva + 0x3008, b"kept")
@@ -149,6 +152,7 @@ async def test_disable_leaves_4k_where_the_host_maps_4k(make_guest):
     assert pages(g.vm) == (16, 0, 0) and flushes(g.vm) == before
 
 
+@pytest.mark.tdp_only          # splits and recovers in place: the legacy MMU zaps
 async def test_disable_recovers_only_what_the_lpage_rules_allow(kvm_vm):
     region = kvm_vm.mmap(4 * MIB, Backing.THP)
     # 3 MiB at gpa 2 MiB: the second 2M frame is only half in the slot, so 4K only.
@@ -162,6 +166,7 @@ async def test_disable_recovers_only_what_the_lpage_rules_allow(kvm_vm):
     assert pages(kvm_vm) == (1, 1, 0)
 
 
+@pytest.mark.tdp_only          # splits and recovers in place: the legacy MMU zaps
 async def test_1g_pages_are_split_to_4k_and_recovered_whole(make_guest):
     g = await make_guest(Backing.HUGETLB_1G, GIB, gpa=GIB)
     base = GIB >> 12
@@ -390,6 +395,7 @@ async def test_initially_set_starts_all_dirty_and_protects_nothing(make_guest):
     assert await g.vm.get_dirty_log(0) == b"\xff" * 128
 
 
+@pytest.mark.tdp_only          # splits in place: the legacy MMU zaps
 @pytest.mark.parametrize("eager", [True, False])
 async def test_initially_set_clear_protects_the_huge_pages_around_the_range(make_guest,
                                                                             eager):

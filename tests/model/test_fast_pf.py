@@ -29,12 +29,21 @@ def leaf_of(root, gfn: int) -> TdpIter:
     raise AssertionError(f"gfn {gfn:#x} is not mapped")
 
 
+def set_spte(vm, it: TdpIter, new: int) -> None:
+    """An SPTE write under mmu_lock held for write: the TDP MMU's door, or the legacy
+    MMU's plain store."""
+    if vm.tdp is not None:
+        vm.tdp.iter_set_spte(it, new)
+    else:
+        it.table.spt[it.index] = it.old_spte = new
+
+
 async def write_protect(vm, gfn: int) -> int:
     """Clear W on gfn's 4K leaf (MMU-writable stays), as dirty logging does; flush."""
     async with vm.mmu_lock.write:
         it = leaf_of(vm.vcpus()[0].root, gfn)
         assert it.level == 1 and S.is_writable(it.old_spte)
-        vm.tdp.iter_set_spte(it, it.old_spte & ~S.WRITABLE)
+        set_spte(vm, it, it.old_spte & ~S.WRITABLE)
         vm.flush_remote_tlbs()
         return it.old_spte
 
@@ -157,7 +166,7 @@ async def test_a_huge_leaf_in_a_dirty_logged_slot_is_not_fast_fixed(make_guest):
     async with g.vm.mmu_lock.write:
         it = leaf_of(g.vcpu.root, 1)
         assert it.level == 2
-        g.vm.tdp.iter_set_spte(it, it.old_spte & ~S.WRITABLE)
+        set_spte(g.vm, it, it.old_spte & ~S.WRITABLE)
     slot = g.vm.memslot_sets[0].lookup(1)
     slot.flags |= 1                                              # logging, as seen by faults
     slot.dirty_logging = True

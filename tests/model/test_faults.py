@@ -145,14 +145,14 @@ async def test_read_of_a_writable_host_page_maps_it_writable(kvm_guest):
 
 def clear_leaf_bits(vm, gpa, bits):
     """Age the leaf mapping gpa by hand, and flush the TLBs so the walker sees it."""
-    page = next(r for r in vm.tdp.roots if not r.invalid)
+    page = next(r for r in vm.mmu.roots if not r.invalid)
     while True:
         index = (gpa >> (12 + 9 * (page.level - 1))) & 511
         spte = page.spt[index]
         if S.is_last(spte, page.level):
             page.spt[index] = spte & ~bits
             break
-        page = vm.tdp.tables.child(S.spte_to_pfn(spte))
+        page = vm.mmu.tables.child(S.spte_to_pfn(spte))
     vm.flush_remote_tlbs()
 
 

@@ -88,7 +88,7 @@ async def test_synchronize_waits_for_a_reader_across_awaits():
 async def test_tables_unlinked_by_a_zap_are_freed_after_the_readers_leave(kvm_guest):
     vm = kvm_guest.vm
     await kvm_guest.vcpu.run(AccessBatch.build([(0x1000, AccessKind.READ, 8, None)]))
-    tables = vm.tdp.tables
+    tables = vm.mmu.tables
     below_root = [tables.child(s.pfn) for s in vm.walk(0x1000) if s.kind == "table"][1:]
     assert len(below_root) == 1 and len(tables) == 3      # root -> L3 -> L2 (a 2M leaf)
 

@@ -14,6 +14,7 @@ from vmmu.server.kvm.types import PG_LEVEL_2M, PG_LEVEL_4K
 
 MIB = 1 << 20
 R, W = AccessKind.READ, AccessKind.WRITE
+pytestmark = pytest.mark.tdp_only
 
 
 async def touch(vcpu, *gpas):

@@ -65,7 +65,7 @@ async def test_a_broken_invariant_kills_the_vm(kvm_guest, monkeypatch):
     def broken_map(fault, root):
         raise VmBugged("test: invariant broken")
 
-    monkeypatch.setattr(vm.tdp, "map", broken_map)
+    monkeypatch.setattr(vm.mmu, "map", broken_map)
     result = await vcpu.run(read(0x1000))
     assert result.exit.reason is ExitReason.INTERNAL_ERROR
     assert result.exit.errno == errno.EIO and "invariant broken" in result.exit.message
@@ -77,7 +77,7 @@ async def test_a_broken_invariant_kills_the_vm(kvm_guest, monkeypatch):
     with pytest.raises(KvmError):
         vm.create_vcpu(1)
     await vm.destroy()                                      # teardown still works
-    assert vm.tdp.roots == []
+    assert vm.mmu.roots == []
 
 
 async def test_a_vcpu_inside_run_leaves_when_its_vm_is_destroyed(kvm_guest):

@@ -105,11 +105,11 @@ class Replayer:
 
 
 async def replay(steps: Sequence[Step], backing: Backing = Backing.PAGE_4K,
-                 eager_page_split: bool = True) -> list[Result]:
+                 eager_page_split: bool = True, mmu: str = "tdp") -> list[Result]:
     """Replay `steps` on a fresh vmmu VM; one `Result` per step, as `run_script` returns.
     `EnableManualProtect` is KVM_ENABLE_CAP on the live VM, wherever the script has it."""
     results = []
-    vm = Kvm().create_vm(VmConfig(eager_page_split=eager_page_split))
+    vm = Kvm().create_vm(VmConfig(eager_page_split=eager_page_split, mmu=mmu))
     try:
         replayer = Replayer(vm, backing)
         for step in steps:
@@ -155,10 +155,10 @@ def transcript(results: Sequence[Result]) -> list[tuple]:
 
 
 async def assert_conforms(steps: Sequence[Step], backing: Backing = Backing.PAGE_4K,
-                          eager_page_split: bool = True) -> None:
+                          eager_page_split: bool = True, mmu: str = "tdp") -> None:
     steps = tuple(steps)
     expected = transcript(on_real_kvm(steps))
-    assert transcript(await replay(steps, backing, eager_page_split)) == expected
+    assert transcript(await replay(steps, backing, eager_page_split, mmu)) == expected
 
 
 # What vmmu's host and KVM module parameter may change without changing a bitmap: huge
@@ -167,6 +167,9 @@ hosts = pytest.mark.parametrize(("backing", "eager_page_split"),
                                 [(Backing.PAGE_4K, True), (Backing.THP, True),
                                  (Backing.THP, False)],
                                 ids=["4k", "thp", "thp-split-on-fault"])
+# vmmu's MMU: the host's KVM here runs the legacy MMU (tdp_mmu=0), which also shadows the
+# guest's own page tables; what a bitmap shows does not depend on either.
+mmus = pytest.mark.parametrize("mmu", ["tdp", "legacy"])
 
 
 def random_pages(rng: random.Random, npages: int, n: int) -> tuple[int, ...]:
@@ -207,10 +210,11 @@ BITMAP_MODE: dict[str, tuple[Step, ...]] = {
 }
 
 
+@mmus
 @hosts
 @pytest.mark.parametrize("name", BITMAP_MODE)
-async def test_bitmap_mode_matches_real_kvm(name, backing, eager_page_split):
-    await assert_conforms(BITMAP_MODE[name], backing, eager_page_split)
+async def test_bitmap_mode_matches_real_kvm(name, backing, eager_page_split, mmu):
+    await assert_conforms(BITMAP_MODE[name], backing, eager_page_split, mmu)
 
 
 # -- (b) manual protect: GET copies, CLEAR clears and re-protects ----------------------------
@@ -251,12 +255,13 @@ MANUAL_PROTECT: dict[str, tuple[Step, ...]] = {
 }
 
 
+@mmus
 @hosts
 @pytest.mark.parametrize("mode", [MANUAL, MANUAL_INITIALLY_SET], ids=["enable", "initially_set"])
 @pytest.mark.parametrize("name", MANUAL_PROTECT)
-async def test_manual_protect_matches_real_kvm(name, mode, backing, eager_page_split):
+async def test_manual_protect_matches_real_kvm(name, mode, backing, eager_page_split, mmu):
     await assert_conforms((EnableManualProtect(mode),) + MANUAL_PROTECT[name], backing,
-                          eager_page_split)
+                          eager_page_split, mmu)
 
 
 # -- (c) bad arguments: the same errno, step by step -----------------------------------------

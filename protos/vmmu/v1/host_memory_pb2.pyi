@@ -235,14 +235,16 @@ class ThpCollapseResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ClearYoungRequest(_message.Message):
-    __slots__ = ("vm_id", "start", "end")
+    __slots__ = ("vm_id", "start", "end", "fast_only")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    FAST_ONLY_FIELD_NUMBER: _ClassVar[int]
     vm_id: int
     start: int
     end: int
-    def __init__(self, vm_id: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+    fast_only: bool
+    def __init__(self, vm_id: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., fast_only: _Optional[bool] = ...) -> None: ...
 
 class ClearYoungResponse(_message.Message):
     __slots__ = ("young",)

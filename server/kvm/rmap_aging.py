@@ -1,0 +1,131 @@
+"""Aging through the legacy MMU's rmaps: with mmu_lock held for write, or without it (seed 000).
+
+`kvm_rmap_age_gfn_range` picks the walk:
+
+- A/D bits on, or `fast_only` (MGLRU asks only what it can learn cheaply): the lockless
+  walk, `kvm_rmap_age_gfn_range_lockless`. It takes each non-empty head's lock read-only,
+  so no rmap change (an add, a remove, a descriptor freed) happens under it, and walks its
+  SPTEs. A young SPTE with A/D bits on loses its Accessed bit by an atomic clear_bit; one
+  with A/D off is reported young and left as it is: marking it for access tracking is a
+  read-modify-write of the whole SPTE, which outside mmu_lock would race the lock's
+  holders. A holder that clears an SPTE (drop_spte) and then waits for the head's lock to
+  take it out of the rmap would find the SPTE present again when the ager stores what it
+  computed from its older read: a lost change, and a leaf no rmap lists. (The
+  `lockless_age_access_track` debug knob makes the lockless walk do it anyway.)
+- otherwise (A/D off): `__kvm_rmap_age_gfn_range` with mmu_lock held for write, which may
+  mark SPTEs for access tracking; the fast page fault restores them on the next access.
+
+Invariant: aging never zaps, never changes an rmap and never flushes a TLB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import compress
+from typing import TYPE_CHECKING, NamedTuple
+
+from . import spte as S
+from .memslots import Memslot
+from .mmu_page import UseAfterFree
+from .rmap import sptep_index
+from .types import MAX_HUGEPAGE_LEVEL, PG_LEVEL_4K, pages_per_level
+
+if TYPE_CHECKING:
+    from .shadow_mmu import ShadowMmu
+
+__all__ = ["YoungLeaf", "young_leaves", "age_gfn_ranges"]
+
+
+class YoungLeaf(NamedTuple):
+    gfn: int          # the leaf's first gfn
+    level: int
+
+
+def _heads(mmu: "ShadowMmu", slot: Memslot, first: int, last: int):
+    """(heads, index) of every non-empty rmap head of gfns [first, last) of the slot, by
+    level from 4K up."""
+    rmaps = mmu.slot_rmaps.get((slot.as_id, slot.id))
+    if rmaps is None:
+        return
+    for level in range(PG_LEVEL_4K, MAX_HUGEPAGE_LEVEL + 1):
+        heads = rmaps.heads[level]
+        lo, hi = rmaps.index(first, level), rmaps.index(last - 1, level) + 1
+        for i in compress(range(lo, hi), heads[lo:hi]):
+            yield heads, i, level
+
+
+def young_leaves(mmu: "ShadowMmu", slot: Memslot, first: int, last: int
+                 ) -> Iterator[YoungLeaf]:
+    """Every present leaf with Accessed set over gfns [first, last) of the slot. A read of
+    the rmaps that changes nothing and never awaits: atomic in vmmu, it needs no lock
+    (`kvm_rmap_get`)."""
+    rmaps = mmu.rmaps
+    for heads, i, level in _heads(mmu, slot, first, last):
+        for sptep in rmaps.sptes(heads[i]):
+            sp = mmu._sptep_table(sptep)
+            spte = sp.spt[sptep_index(sptep)]
+            if S.is_leaf_present(spte, level) and S.is_accessed(spte):
+                yield YoungLeaf(sp.gfn + sptep_index(sptep) * pages_per_level(level), level)
+
+
+async def age_gfn_ranges(mmu: "ShadowMmu", ranges: list[tuple[Memslot, int, int]],
+                         fast_only: bool) -> bool:
+    """`kvm_age_gfn` over each (slot, first, last): was any of it young? Old afterwards,
+    except A/D-disabled SPTEs a lockless walk found (reported young, left young)."""
+    if mmu.ad_enabled or fast_only:
+        young = False
+        for slot, first, last in ranges:
+            young = await _age_lockless(mmu, slot, first, last) or young
+        return young
+    async with mmu.mmu_lock.write:
+        return any([_age_locked(mmu, slot, first, last) for slot, first, last in ranges])
+
+
+def _age_locked(mmu: "ShadowMmu", slot: Memslot, first: int, last: int) -> bool:
+    """`__kvm_rmap_age_gfn_range` (mmu_lock held for write): `mmu_spte_age` on each
+    young leaf."""
+    mmu.mmu_lock.assert_held_write()
+    young = False
+    for heads, i, level in _heads(mmu, slot, first, last):
+        for sptep in mmu.rmaps.sptes(heads[i]):
+            sp = mmu._sptep_table(sptep)
+            index = sptep_index(sptep)
+            spte = sp.spt[index]
+            if S.is_leaf_present(spte, level) and S.is_accessed(spte):
+                sp.spt[index] = spte & ~S.ACCESSED if not S.ad_disabled(spte) else \
+                    S.mark_for_access_track(spte)
+                young = True
+    return young
+
+
+async def _age_lockless(mmu: "ShadowMmu", slot: Memslot, first: int, last: int) -> bool:
+    """`kvm_rmap_age_gfn_range_lockless`: no mmu_lock; each head locked read-only."""
+    rmaps, sched = mmu.rmaps, mmu.sched
+    mark = "lockless_age_access_track" in mmu.knobs
+    young = False
+    for heads, i, level in _heads(mmu, slot, first, last):
+        val = await rmaps.lock_readonly(heads, i)
+        try:
+            for sptep in rmaps.sptes(val):
+                sp = mmu._sptep_table(sptep)
+                index = sptep_index(sptep)
+                spte = sp.spt[index]
+                if not (S.is_leaf_present(spte, level) and S.is_accessed(spte)):
+                    continue
+                young = True
+                if S.ad_disabled(spte) and not mark:
+                    continue                  # report young, leave the SPTE as it is
+                # Another CPU runs here: a fault, a zap, a writer waiting for this head.
+                await sched.point("rmap_age.before_clear")
+                if sp.freed:
+                    raise UseAfterFree(f"lockless aging wrote freed {sp!r}")
+                if not S.ad_disabled(spte):
+                    current = sp.spt[index]
+                    if S.is_leaf_present(current, level):
+                        sp.spt[index] = current & ~S.ACCESSED      # clear_bit: atomic
+                else:
+                    # mmu_spte_age's store, computed from the value read before.
+                    sp.spt[index] = S.mark_for_access_track(spte)
+        finally:
+            rmaps.unlock_readonly(heads, i, val)
+    return young
