@@ -281,6 +281,8 @@ async def _rmap_walk_vs_rmap_change(vm: Vm, rng: random.Random) -> None:
 async def _lockless_age_vs_drop_spte(vm: Vm, rng: random.Random) -> None:
     pages = 8
     region = vm.mmap(pages * SPREAD, Backing.THP)
+    # Populated, so that the reads map the THPs themselves (writable), not the huge zero page.
+    await vm.madvise_populate_write(region.hva, pages * SPREAD)
     await vm.set_user_memory_region(0, 0, 0, pages * SPREAD, region.hva)
     vcpu = vm.create_vcpu(0)
     huge = AccessBatch.build((g * SPREAD, AccessKind.READ, 8, None) for g in range(pages))
