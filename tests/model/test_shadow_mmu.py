@@ -315,7 +315,7 @@ async def _workload(mmu: str, backing: Backing, seed: int) -> list:
                                             size, region.hva)
         elif logging:
             seen.append(("dirty", await vm.get_dirty_log(0)))
-    seen.append(("memory", vm.read_hva(region.hva, size)))
+    seen.append(("memory", await vm.read_hva(region.hva, size)))
     if mmu == "legacy":
         check_rmaps(vm)
     await kvm.shutdown()

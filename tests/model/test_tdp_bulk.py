@@ -163,6 +163,7 @@ async def test_young_bitmap_agrees_with_test_young_page_by_page(make_guest):
     assert [bool(bitmap >> i & 1) for i in range(len(pages))] == expected
 
 
+@pytest.mark.tdp_only
 @pytest.mark.parametrize("level", [PG_LEVEL_2M, PG_LEVEL_2M + 1])
 @pytest.mark.parametrize("ad_enabled", [True, False])
 def test_fill_small_makes_each_child_as_make_small_does(kvm_vm, level, ad_enabled):
@@ -172,6 +173,7 @@ def test_fill_small_makes_each_child_as_make_small_does(kvm_vm, level, ad_enable
     assert list(page.spt) == [S.make_small(huge, level, i) for i in range(PT_ENTRIES)]
 
 
+@pytest.mark.tdp_only
 async def test_a_bulk_write_keeps_the_rules_of_handle_changed_spte(make_guest):
     """The bulk door's bookkeeping raises where `handle_changed_spte` would: a present
     leaf whose pfn changes, illegal writable bits."""

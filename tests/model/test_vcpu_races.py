@@ -145,6 +145,7 @@ async def test_a_fault_whose_root_was_zapped_meanwhile_retries_on_a_fresh_root(k
     assert vm.walk(0x200000)[-1].kind == "leaf"            # mapped in the fresh root
 
 
+@pytest.mark.tdp_only
 async def test_a_root_freed_with_sptes_is_a_sanitizer_violation(kvm_guest):
     vm, vcpu = kvm_guest.vm, kvm_guest.vcpu
     await vcpu.run(read(0x0))
@@ -156,6 +157,7 @@ async def test_a_root_freed_with_sptes_is_a_sanitizer_violation(kvm_guest):
     assert e.value.oracle == ROOT_FREED_WITH_SPTES and e.value.gfn == 0
 
 
+@pytest.mark.tdp_only
 async def test_the_notifier_zaps_invalid_roots_not_yet_zapped(kvm_guest):
     """The roots were invalidated and their zap has not got to the range (it runs under
     the read lock and yields): the notifier's zap reaches them too, so no page table maps
@@ -179,6 +181,7 @@ async def test_the_notifier_zaps_invalid_roots_not_yet_zapped(kvm_guest):
     assert old.freed                                       # empty when freed
 
 
+@pytest.mark.tdp_only
 async def test_an_invalid_root_that_still_maps_an_invalidated_range_is_a_violation(kvm_guest):
     vm, vcpu = kvm_guest.vm, kvm_guest.vcpu
     await vcpu.run(read(0x200000))
