@@ -240,7 +240,9 @@ async def test_bad_clock_input_is_refused_and_changes_nothing(make_guest, make_k
         with pytest.raises(KvmError, match=policy):
             make_kvm_vm(**{policy: value})
     with pytest.raises(KvmError, match="write_section"):
-        make_kvm_vm(table_free="write_section")      # lockless walkers would still read
+        make_kvm_vm(table_free="write_section", mmu="tdp")   # lockless walkers still read
+    with pytest.raises(KvmError, match="policies of the TDP MMU"):
+        make_kvm_vm(zap_leafs_only=False, mmu="legacy")
 
 
 async def test_trace_events_carry_virtual_time(make_guest):
