@@ -183,6 +183,13 @@ class Vcpu:
                                      message=str(bug)))
         finally:
             self._running = False
+            if self.vm.destroyed:
+                self.release_root()       # `destroy` left it to the vCPU that was running
+
+    @property
+    def running(self) -> bool:
+        """Inside KVM_RUN: a fault of this vCPU may be using its root."""
+        return self._running
 
     def _check_mmio_completion(self, data: bytes) -> None:
         pending = self._mmio

@@ -191,6 +191,10 @@ class Vm:
         if self.state is VmState.DEAD:
             raise KvmError(errno.EIO, f"VM {self.id} is dead: {self.death}")
 
+    @property
+    def destroyed(self) -> bool:
+        return self.state is VmState.DESTROYED
+
     def mark_dead(self, bug: VmBugged) -> None:
         if self.state is VmState.ALIVE:
             death = str(bug)
@@ -209,8 +213,12 @@ class Vm:
         self.host.notifiers.remove(self.notifier)
         async with self.mmu_lock.write:
             roots = self.tdp.invalidate_all_roots()
+            # A vCPU inside KVM_RUN may be mid-fault on its root: it finds the root invalid
+            # (RET_PF_RETRY), then KVM_REQ_VM_DEAD at its next entry, and drops the root as
+            # it leaves KVM_RUN (in KVM no vCPU runs once kvm_destroy_vm can start).
             for vcpu in self._vcpus.values():
-                vcpu.release_root()
+                if not vcpu.running:
+                    vcpu.release_root()
             await self.tdp.zap_invalidated_roots(roots)
         await self.rcu.barrier()
         self.tracer.close()
