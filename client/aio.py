@@ -338,7 +338,8 @@ class AsyncRunStream:
             code = await self._call.code()
             if code is grpc.StatusCode.OK:
                 raise VmmuError(grpc.StatusCode.CANCELLED, "the Run stream is closed")
-            raise error_from_status(code, await self._call.details())
+            raise error_from_status(code, await self._call.details(),
+                                    await self._call.trailing_metadata())
         return _base.run_result(response.result)
 
 
