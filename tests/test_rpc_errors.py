@@ -243,3 +243,25 @@ async def test_both_clients_expose_the_errno_and_metadata(server, sync):
                 await client.vm(41).info()
     assert excinfo.value.errno == errno.ENOENT
     assert excinfo.value.metadata["vm_id"] == "41"
+
+
+@pytest.mark.parametrize("tdp_levels, gpa, code", [
+    (4, 1 << 50, C.INVALID_ARGUMENT), (4, 1 << 48, C.INVALID_ARGUMENT),
+    (4, (1 << 48) - 8, C.OK), (5, 1 << 50, C.OK)])
+def test_a_gpa_beyond_the_guest_address_width_is_invalid(channel, tdp_levels, gpa, code):
+    """A guest cannot make an access beyond its MAXPHYADDR (48 bits under a 4-level
+    EPT): such a batch is refused, where one within the width exits to MMIO."""
+    config = vm_pb2.VmConfig(max_vcpus=1, tdp_levels=tdp_levels)
+    vm_id = vm_pb2_grpc.VmServiceStub(channel).CreateVm(
+        vm_pb2.CreateVmRequest(config=config)).vm.id
+    stub = vcpu_pb2_grpc.VcpuServiceStub(channel)
+    stub.CreateVcpu(vcpu_pb2.CreateVcpuRequest(vm_id=vm_id, vcpu_id=0))
+    batch = vcpu_pb2.AccessBatch(gpas=gpa.to_bytes(8, "little"), ops=bytes([0x0d]))
+    request = vcpu_pb2.RunBatchRequest(vm_id=vm_id, vcpu_id=0, batch=batch)
+    if code is C.OK:
+        assert stub.RunBatch(request).result.exit.reason == vcpu_pb2.EXIT_REASON_MMIO
+        return
+    got, details = _status(stub.RunBatch, request)
+    assert got is code and "beyond the guest physical address width (48 bits)" in details
+    stats = stub.GetVcpuStats(vcpu_pb2.GetVcpuStatsRequest(vm_id=vm_id, vcpu_id=0)).stats
+    assert stats["exits"] == 0

@@ -138,13 +138,14 @@ def vcpu_info(info: VcpuInfo) -> vcpu_pb2.VcpuInfo:
     return vcpu_pb2.VcpuInfo(id=info.id, running=info.running, mmio_pending=info.mmio_pending)
 
 
-def run_step(request: vcpu_pb2.RunRequest | vcpu_pb2.RunBatchRequest
+def run_step(request: vcpu_pb2.RunRequest | vcpu_pb2.RunBatchRequest, gpa_bits: int
              ) -> dict[str, AccessBatch | bytes]:
-    """The keyword arguments of `Vcpu.run` for one step: a batch or an MMIO completion."""
+    """The keyword arguments of `Vcpu.run` for one step: a batch or an MMIO completion.
+    A batch's gpas must lie within the VM's guest physical address width, `gpa_bits`."""
     step = request.WhichOneof("step")
     if step == "batch":
         b = request.batch
-        return {"batch": AccessBatch.from_wire(b.gpas, b.ops, b.write_data)}
+        return {"batch": AccessBatch.from_wire(b.gpas, b.ops, b.write_data, 1 << gpa_bits)}
     if step == "mmio_completion":
         return {"mmio_data": request.mmio_completion.data}
     raise einval(f"{type(request).__name__} needs a batch or an mmio_completion")

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from vmmu.server.kvm import Kvm, Vcpu, Vm
+from vmmu.server.kvm import Kvm, RunResult, Vcpu, Vm
 from vmmu.server.rpc import convert
 from vmmu.server.rpc.dirty_log import DirtyLogServicer
 from vmmu.server.rpc.explore import ExploreServicer
@@ -182,15 +182,18 @@ class VcpuServicer(_Servicer, vcpu_pb2_grpc.VcpuServiceServicer):
                   ) -> None:
         # context.read/write rather than iterating `requests`: a step less per message.
         while (request := await context.read()) is not grpc.aio.EOF:
-            step = convert.run_step(request)
-            result = await self._vcpu(request).run(**step)
+            result = await self._run_step(request)
             await context.write(vcpu_pb2.RunResponse(result=convert.run_result(result)))
 
     async def RunBatch(self, request: vcpu_pb2.RunBatchRequest, context: Context
                        ) -> vcpu_pb2.RunBatchResponse:
-        step = convert.run_step(request)
-        result = await self._vcpu(request).run(**step)
+        result = await self._run_step(request)
         return vcpu_pb2.RunBatchResponse(result=convert.run_result(result))
+
+    async def _run_step(self, request: vcpu_pb2.RunRequest | vcpu_pb2.RunBatchRequest
+                        ) -> RunResult:
+        vcpu = self._vcpu(request)
+        return await vcpu.run(**convert.run_step(request, vcpu.vm.config.gpa_bits))
 
 
 class NotifierServicer(_Servicer, notifier_pb2_grpc.NotifierServiceServicer):
