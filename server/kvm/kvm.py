@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .errors import NoSuchObject
+from .limits import DEFAULT_LIMITS, Limits, MemoryCharge
 from .trace import DEFAULT_CAPACITY, Subscription
 from .vm import Vm, VmConfig
 
@@ -12,13 +13,24 @@ __all__ = ["Kvm"]
 
 
 class Kvm:
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
         self._vms: dict[int, Vm] = {}
         self._next_id = 1
         self._tracing_all: list[Subscription] = []     # subscriptions that follow new VMs
+        self._subscriptions: list[Subscription] = []
+        # The server's memory charges, the parents of every VM's.
+        self.mapped = MemoryCharge(limits, "server_mapped_bytes")
+        self.populated = MemoryCharge(limits, "server_populated_bytes")
 
     def create_vm(self, config: VmConfig | None = None) -> Vm:
-        vm = Vm(self._next_id, config or VmConfig())
+        config = config or VmConfig()
+        config.validate()
+        self.limits.check("vms", len(self._vms) + 1, f"a VM beyond the {len(self._vms)} "
+                          "this server hosts")
+        self.limits.check_name(config.name)
+        self.limits.check("vcpus", config.max_vcpus, f"max_vcpus {config.max_vcpus}")
+        vm = Vm(self._next_id, config, self.limits, self.mapped, self.populated)
         for sub in self._following():
             vm.tracer.attach(sub)
         self._vms[vm.id] = vm
@@ -45,7 +57,11 @@ class Kvm:
         included, when `vm_ids` is empty; `events` filters by name (empty: all). A
         subscription to named VMs ends when the last of them is destroyed."""
         vms = [self.get_vm(vm_id) for vm_id in dict.fromkeys(vm_ids)]
+        self._subscriptions = [s for s in self._subscriptions if not s.closed]
+        self.limits.check("trace_subscribers", len(self._subscriptions) + 1,
+                          f"a subscription beyond the {len(self._subscriptions)} open")
         sub = Subscription(events, capacity, ends_with_tracers=bool(vms))
+        self._subscriptions.append(sub)
         if not vms:
             vms = self.vms()
             self._tracing_all = [*self._following(), sub]

@@ -242,6 +242,8 @@ class Vcpu:
                 try:
                     r = await page_fault(self, gpa, error_code)
                 except KvmError as e:
+                    if self.requests & KVM_REQ_VM_DEAD:
+                        vm.check_alive()           # the VM went away under the fault
                     op = batch.ops[i]
                     return self._result(Exit(ExitReason.MEMORY_FAULT, gpa=gpa,
                                              length=op_size(op), is_write=_is_write(op),

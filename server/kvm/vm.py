@@ -29,6 +29,7 @@ from .host_mm import HostMm, HostRegionInfo
 from .memslots import (KVM_ADDRESS_SPACE_NUM, KVM_MEMSLOT_INVALID, Memslot, MemslotChange,
                        MemslotInfo, Memslots, check_region)
 from .mmu import can_be_fast_table
+from .limits import DEFAULT_LIMITS, Limits, MemoryCharge
 from .mmu_lock import MmuLock
 from .notifier import Notifier
 from .rcu import Rcu
@@ -149,9 +150,11 @@ _ALIVE = VmState.ALIVE
 
 
 class Vm:
-    def __init__(self, vm_id: int, config: VmConfig) -> None:
+    def __init__(self, vm_id: int, config: VmConfig, limits: Limits = DEFAULT_LIMITS,
+                 server_mapped: MemoryCharge | None = None,
+                 server_populated: MemoryCharge | None = None) -> None:
         config.validate()
-        self.id, self.config = vm_id, config
+        self.id, self.config, self.limits = vm_id, config, limits
         self.state = VmState.ALIVE
         self.death: str = ""
         self.ad_enabled = config.ad_bits
@@ -161,7 +164,8 @@ class Vm:
         self.knobs = frozenset(config.debug)
         self.tracer = Tracer(vm_id)
         self.sched = Scheduler(config.schedule_seed)
-        self.host = HostMm()
+        self.host = HostMm(MemoryCharge(limits, "vm_mapped_bytes", server_mapped),
+                           MemoryCharge(limits, "vm_populated_bytes", server_populated))
         self.host.sched = self.sched
         self.sanitizers = Sanitizers(self) if config.sanitizers else None
         self.violation: VmBugged | None = None
@@ -222,6 +226,18 @@ class Vm:
             await self.tdp.zap_invalidated_roots(roots)
         await self.rcu.barrier()
         self.tracer.close()
+        self._release_memory()
+
+    def _release_memory(self) -> None:
+        """Drop the memory a destroyed VM held (host pages, dirty bitmaps, TLBs) now,
+        rather than when the cyclic GC reaches the VM's objects, and charge it back."""
+        for slots in self.memslot_sets:
+            for slot in list(slots):
+                slots.replace(slot, None)
+        self.host.release()
+        for vcpu in self._vcpus.values():
+            vcpu.tlb.clear()
+            vcpu.pde_cache.clear()
 
     def _kick_vcpus_dead(self) -> None:
         """`KVM_REQ_VM_DEAD` to every vCPU: one inside KVM_RUN leaves at its next entry."""
