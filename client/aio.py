@@ -340,7 +340,7 @@ class AsyncRunStream:
                 raise VmmuError(grpc.StatusCode.CANCELLED, "the Run stream is closed")
             raise error_from_status(code, await self._call.details(),
                                     await self._call.trailing_metadata())
-        return _base.run_result(response.result)
+        return _base.run_response(response)
 
 
 class AsyncInvalidationHold:

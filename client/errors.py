@@ -28,10 +28,12 @@ from collections.abc import Iterable
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from vmmu.v1 import vcpu_pb2
+
 __all__ = [
     "VmmuError", "InvalidArgument", "NotFound", "AlreadyExists", "FailedPrecondition",
     "ResourceExhausted", "PermissionDenied", "Aborted", "Internal", "Unavailable",
-    "error_from_status", "error_from_rpc", "error_info",
+    "error_from_status", "error_from_rpc", "error_info", "step_error",
 ]
 
 _ERRNO_PREFIX = re.compile(r"(E[A-Z0-9]+): ")
@@ -90,6 +92,8 @@ class Unavailable(VmmuError):
     pass
 
 
+_CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
 _ERROR_BY_CODE: dict[grpc.StatusCode, type[VmmuError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -122,6 +126,13 @@ def error_from_status(code: grpc.StatusCode, details: str | None,
     """The VmmuError that reports a call that ended with `code`."""
     return _ERROR_BY_CODE.get(code, VmmuError)(code, details or code.name,
                                                 error_info(trailing_metadata))
+
+
+def step_error(m: vcpu_pb2.StepError) -> VmmuError:
+    """The VmmuError of a step the Run stream refused (the stream goes on)."""
+    code = _CODE_BY_NUMBER.get(m.code, grpc.StatusCode.UNKNOWN)
+    info = error_details_pb2.ErrorInfo(reason=m.reason, domain=DOMAIN, metadata=m.metadata)
+    return _ERROR_BY_CODE.get(code, VmmuError)(code, m.message, info)
 
 
 def error_from_rpc(exc: grpc.RpcError) -> VmmuError:

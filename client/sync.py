@@ -335,7 +335,7 @@ class RunStream:
             raise error_from_rpc(exc) from exc
         if response is None:
             raise VmmuError(grpc.StatusCode.CANCELLED, "the Run stream is closed")
-        return _base.run_result(response.result)
+        return _base.run_response(response)
 
 
 class InvalidationHold:

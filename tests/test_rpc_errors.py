@@ -60,12 +60,12 @@ def _create_vm(channel) -> int:
     return vm_pb2_grpc.VmServiceStub(channel).CreateVm(vm_pb2.CreateVmRequest(config=config)).vm.id
 
 
-def test_create_vm_without_config_is_invalid(channel):
+def test_create_vm_with_an_empty_request_takes_the_defaults(channel):
     stub = vm_pb2_grpc.VmServiceStub(channel)
-    code, details = _status(stub.CreateVm, vm_pb2.CreateVmRequest())
-    assert code is C.INVALID_ARGUMENT
-    assert details == "EINVAL: CreateVmRequest.config is required"
-    assert stub.ListVms(vm_pb2.ListVmsRequest()).vms == []
+    vm = stub.CreateVm(vm_pb2.CreateVmRequest()).vm
+    assert (vm.config.max_vcpus, vm.config.tdp_levels, vm.config.ad_bits, vm.name) == \
+        (8, 4, True, "")
+    assert [v.id for v in stub.ListVms(vm_pb2.ListVmsRequest()).vms] == [vm.id]
 
 
 @pytest.mark.parametrize("backing, name", [
@@ -87,9 +87,11 @@ def test_run_step_needs_a_batch_or_a_completion(channel, stream):
     stub = vcpu_pb2_grpc.VcpuServiceStub(channel)
     stub.CreateVcpu(vcpu_pb2.CreateVcpuRequest(vm_id=vm_id, vcpu_id=0))
 
-    if stream:
-        code, details = _status(lambda r: list(stub.Run(iter([r]))),
-                                vcpu_pb2.RunRequest(vm_id=vm_id, vcpu_id=0))
+    if stream:                                  # refused in its response; the stream goes on
+        (response,) = stub.Run(iter([vcpu_pb2.RunRequest(vm_id=vm_id, vcpu_id=0)]))
+        assert (response.error.code, response.error.reason) == \
+            (C.INVALID_ARGUMENT.value[0], "EINVAL")
+        code, details = C.INVALID_ARGUMENT, response.error.message
     else:
         code, details = _status(stub.RunBatch, vcpu_pb2.RunBatchRequest(vm_id=vm_id, vcpu_id=0))
     assert code is C.INVALID_ARGUMENT

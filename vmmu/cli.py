@@ -1,6 +1,7 @@
 """The `vmmu` command line: one function per subcommand, `main` dispatches.
 
-    vmmu serve [--listen HOST:PORT]    serve the vmmu.v1 gRPC API until SIGINT/SIGTERM
+    vmmu serve [--listen HOST:PORT] [--limits-file FILE] [--limit NAME=VALUE]...
+                                       serve the vmmu.v1 gRPC API until SIGINT/SIGTERM
     vmmu demo [--accesses N]           an in-process server driven through the client
     vmmu explore SCENARIO --seeds N    run a race scenario under N schedule seeds
 
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from vmmu.server.kvm.limits import Limits
 from vmmu.server.rpc.app import start_server
 
 __all__ = ["main", "serve", "demo", "explore"]
@@ -25,17 +28,39 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 
 def serve(args: argparse.Namespace) -> int:
     """Serve the vmmu.v1 gRPC API on `args.listen` until SIGINT or SIGTERM, then stop
-    gracefully: open Run streams get a grace period, then the model shuts down."""
+    gracefully: open Run streams get a grace period, then the model shuts down. Errors
+    are logged to stderr, one line each."""
     try:
-        asyncio.run(_serve(args.listen))
+        limits = Limits.from_file(args.limits_file) if args.limits_file else Limits()
+        limits = Limits.from_mapping(dict(args.limit), limits)
+    except (OSError, ValueError) as exc:
+        print(f"vmmu: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        asyncio.run(_serve(args.listen, limits))
     except OSError as exc:
         print(f"vmmu: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _serve(listen: str) -> None:
-    serving = await start_server(listen)
+_SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _limit(text: str) -> tuple[str, int]:
+    """NAME=VALUE, VALUE an integer with an optional K, M, G or T (binary) suffix."""
+    name, sep, value = text.partition("=")
+    scale = _SIZE_SUFFIXES.get(value[-1:].upper(), 1) if value else 1
+    digits = value[:-1] if scale > 1 else value
+    if not sep or not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE (VALUE a number, "
+                                         "optionally with K, M, G or T)")
+    return name.strip(), int(digits) * scale
+
+
+async def _serve(listen: str, limits: Limits) -> None:
+    serving = await start_server(listen, limits)
     host = listen.rsplit(":", 1)[0]
     print(f"vmmu serving on {host}:{serving.port}", flush=True)
     stop = asyncio.Event()
@@ -55,6 +80,12 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                         help=f"address to listen on (default {DEFAULT_LISTEN}; port 0 picks "
                              "a free port)")
+    parser.add_argument("--limits-file", metavar="FILE",
+                        help="a TOML file whose [limits] table sets limits (docs/limits.md)")
+    parser.add_argument("--limit", type=_limit, action="append", default=[],
+                        metavar="NAME=VALUE",
+                        help="set one limit, after the file (e.g. vms=16, "
+                             "vm_populated_bytes=4G); repeatable")
     parser.set_defaults(run=serve)
 
 

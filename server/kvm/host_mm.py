@@ -405,12 +405,34 @@ class HostMm:
             hva = stop
 
     def _check_access(self, hva: int, length: int, write: bool) -> None:
-        """Fail before touching anything if any byte of the range would fault."""
+        """Fail before touching anything if any byte of the range would fault, or if
+        populating it could pass a memory limit."""
         if length < 0:
             raise einval(f"negative length {length}")
         for region, start, stop in self.spans(hva, hva + length, errno.EFAULT):
             if write and not all(region.protections(start, stop)):
                 raise KvmError(errno.EFAULT, f"[{start:#x}, {stop:#x}) is mapped read-only")
+        self.check_populate(hva, hva + length)
+
+    def check_populate(self, start: int, end: int) -> None:
+        """Raise LimitExceeded if populating the mapped pages of [start, end) that are not
+        present could pass a memory limit (a frame counts whole, as a fault takes it)."""
+        charge = self.pfns.charge
+        if charge is None or start >= end:
+            return
+        need, hva = 0, start & PAGE_MASK
+        while hva < end:
+            region = self.find(hva)
+            if region is None:
+                hva += PAGE_SIZE
+                continue
+            if region.mapped(hva) is not None:
+                hva += PAGE_SIZE
+                continue
+            frame = PAGE_SIZE << level_shift(region.frame_level(hva))
+            need += frame
+            hva = (hva & ~(frame - 1)) + frame
+        charge.check(need)
 
     def read_pfn(self, pfn: int, offset: int, length: int) -> bytes:
         page = self.contents.get(pfn)

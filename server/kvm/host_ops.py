@@ -84,6 +84,7 @@ async def madvise_populate_write(mm: HostMm, hva: int, size: int) -> int:
     this populated counts whole, as in `migrate`)."""
     while True:
         chunks = _populate_range(mm, hva, size)
+        mm.check_populate(hva, hva + size)
         shared = [(region, page_hva) for region, start, end in chunks
                   for page_hva in mm.ksm_hvas(region, start, end)]
         if not shared:

@@ -33,7 +33,7 @@ from .mmu import page_fault
 from .mmu_internal import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY
 from .mmu_page import MmuPage
 from .stats import VcpuStats
-from .types import PAGE_SIZE, AccessKind
+from .types import PAGE_SHIFT, PAGE_SIZE, AccessKind
 from .vmx import MISCONFIG_ERROR_CODE, ept_violation_qualification, \
     error_code_from_qualification
 
@@ -169,6 +169,8 @@ class Vcpu:
                            f"{self._mmio.gpa:#x} to complete first")
         if mmio_data is not None:
             self._check_mmio_completion(mmio_data)
+        else:
+            self._check_batch_limits(batch)
         self._running = True
         try:
             if batch is not None:
@@ -186,10 +188,38 @@ class Vcpu:
             if self.vm.destroyed:
                 self.release_root()       # `destroy` left it to the vCPU that was running
 
+    def _check_batch_limits(self, batch: AccessBatch) -> None:
+        """Refuse a batch longer than the `batch_accesses` limit, or one that could make
+        the server allocate more than `batch_bytes`: a host frame (of the largest backing
+        the VM maps) and a page table per level below the root for every access, counted
+        once per distinct frame and table; the exact count only when the cheap bounds
+        (every access distinct, every TLB key distinct) do not settle it."""
+        limits, n = self.vm.limits, len(batch)
+        limits.check("batch_accesses", n, f"a batch of {n} accesses", errno.E2BIG)
+        level = max((r.backing.page_level for r in self._host.regions()), default=1)
+        frame_shift = PAGE_SHIFT + 9 * (level - 1)
+        table_levels = range(1, self.vm.tdp.root_level)
+        worst = (1 << frame_shift) + PAGE_SIZE * len(table_levels)
+        if n * worst <= limits.batch_bytes or \
+                len(set(batch.tlb_keys)) * worst <= limits.batch_bytes:
+            return
+        gpas = batch.gpas
+        need = len({gpa >> frame_shift for gpa in gpas}) << frame_shift
+        need += PAGE_SIZE * sum(len({gpa >> (PAGE_SHIFT + 9 * table) for gpa in gpas})
+                                for table in table_levels)
+        limits.check("batch_bytes", need, f"a batch that may allocate {need} bytes",
+                     errno.E2BIG)
+
     @property
     def running(self) -> bool:
         """Inside KVM_RUN: a fault of this vCPU may be using its root."""
         return self._running
+
+    def cancel_mmio(self, pending: Exit) -> None:
+        """Drop the MMIO exit `pending` if it is still the one to complete: its access is
+        cancelled, the batch ends there and the vCPU takes a new batch."""
+        if self._mmio is pending and not self._running:
+            self._mmio = self._batch = None
 
     def _check_mmio_completion(self, data: bytes) -> None:
         pending = self._mmio

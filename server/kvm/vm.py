@@ -265,6 +265,7 @@ class Vm:
 
     def read_hva(self, hva: int, length: int) -> bytes:
         self.check_alive()
+        self.limits.check_response(length, f"reading {length} bytes")
         return self.host.read(hva, length)
 
     async def write_hva(self, hva: int, data: bytes) -> None:
@@ -278,6 +279,8 @@ class Vm:
                                      memory_size: int, userspace_addr: int) -> None:
         """`KVM_SET_USER_MEMORY_REGION`: create, delete (size 0), move or change flags."""
         self.check_alive()
+        self.limits.check("memslot_bytes", memory_size, f"a memslot of {memory_size:#x} "
+                          "bytes", errno.E2BIG)
         async with self.slots_lock:
             change, old, new = check_region(self.memslot_sets, slot, flags, guest_phys_addr,
                                             memory_size, userspace_addr, self.max_gfn)
@@ -318,6 +321,7 @@ class Vm:
         `end_invalidation(id)` or for `lease_s` seconds at most; returns the hold's id once
         the range is zapped and flushed."""
         self.check_alive()
+        self._check_holds()
         return (await self.holds.begin(start, end, lease_s)).id
 
     async def end_invalidation(self, invalidation_id: int) -> None:
@@ -330,7 +334,12 @@ class Vm:
         """`async with vm.hold_invalidation(start, end) as held:` holds the invalidation
         while the body runs; a cancelled body releases it as CLIENT_GONE."""
         self.check_alive()
+        self._check_holds()
         return self.holds.hold(start, end)
+
+    def _check_holds(self) -> None:
+        held = len(self.holds.held())
+        self.limits.check("holds", held + 1, f"a hold beyond the {held} held")
 
     def held_invalidations(self) -> list[HeldInvalidationInfo]:
         return self.holds.held()

@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vmmu.server.kvm import Kvm
+from vmmu.server.kvm.limits import DEFAULT_LIMITS, Limits
 from vmmu.server.rpc.errors import ErrorInterceptor
 from vmmu.server.rpc.servicers import add_servicers
 
@@ -44,16 +45,20 @@ class Serving(NamedTuple):
         await self.kvm.shutdown()
 
 
-async def start_server(address: str = "127.0.0.1:0") -> Serving:
-    """Build and start a server for a new `Kvm` on `address` ("host:0" picks a free port).
+async def start_server(address: str = "127.0.0.1:0", limits: Limits = DEFAULT_LIMITS
+                       ) -> Serving:
+    """Build and start a server for a new `Kvm` with `limits` on `address` ("host:0" picks
+    a free port).
 
     Raises OSError if the address cannot be bound (in use, or not local).
     """
-    kvm = Kvm()
+    kvm = Kvm(limits)
+    # A response may carry `response_bytes` of data and its framing.
+    max_send = max(MAX_MESSAGE_BYTES, limits.response_bytes + (1 << 20))
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor()],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", max_send),
                  # Each server has its own Kvm: two sharing a port would split a client's
                  # calls between two sets of VMs.
                  ("grpc.so_reuseport", 0),

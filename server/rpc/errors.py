@@ -27,7 +27,7 @@ import inspect
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -36,9 +36,12 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc import StatusCode
 
 from vmmu.server.kvm.errors import KvmError, VmBugged
+from vmmu.v1 import vcpu_pb2
+
+T = TypeVar("T")
 
 __all__ = ["STATUS_BY_ERRNO", "DOMAIN", "DETAILS_KEY", "status_of", "rich_status",
-           "ErrorInterceptor"]
+           "refusable", "ErrorInterceptor"]
 
 STATUS_BY_ERRNO: dict[int, StatusCode] = {
     errno.EINVAL: StatusCode.INVALID_ARGUMENT,
@@ -119,6 +122,20 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, request: Any,
     metadata["method"] = method
     status = rich_status(code, details, reason, metadata)
     await context.abort(code, details, ((DETAILS_KEY, status.SerializeToString()),))
+
+
+async def refusable(step: Awaitable[T], method: str, context: grpc.aio.ServicerContext
+                    ) -> T | vcpu_pb2.StepError:
+    """The result of `step`, or the StepError that reports its KvmError (logged as any
+    error is): how a stream refuses one request and goes on."""
+    try:
+        return await step
+    except KvmError as exc:
+        code, details = status_of(exc)
+        log.info("rpc step error method=%s code=%s errno=%s peer=%s reason=%r", method,
+                 code.name, exc.errno_name, context.peer(), details)
+        return vcpu_pb2.StepError(code=code.value[0], reason=exc.errno_name, message=details,
+                                  metadata={**exc.metadata, "method": method})
 
 
 Behavior = Callable[..., Any]
