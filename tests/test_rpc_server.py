@@ -12,6 +12,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase)
 
@@ -30,6 +31,20 @@ def test_reflection_lists_the_services(server):
         vcpu_file = database.FindFileContainingSymbol("vmmu.v1.VcpuService")
     assert services >= {*SERVICES, "grpc.health.v1.Health"}
     assert vcpu_file.name == "vmmu/v1/vcpu.proto"
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_is_served_as_v1_and_v1alpha(server, version):
+    """v1's messages are v1alpha's under another package: one encoding asks both."""
+    info = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.stream_stream(
+            info, request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        (response,) = call(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    services = {s.name for s in response.list_services_response.service}
+    assert services >= {*SERVICES, "grpc.reflection.v1.ServerReflection",
+                        "grpc.reflection.v1alpha.ServerReflection"}
 
 
 @pytest.mark.parametrize("service", ["", *SERVICES])

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from vmmu.server.kvm import Kvm
 from vmmu.server.kvm.limits import DEFAULT_LIMITS, Limits
@@ -29,6 +29,7 @@ DEFAULT_GRACE = 5.0   # seconds an open Run stream may take to finish at shutdow
 # The largest batch (AccessBatch.MAX_ACCESSES accesses of 8 bytes with data) is 17 MiB
 # on the wire; gRPC's default limit of 4 MiB would refuse it before the model could.
 MAX_MESSAGE_BYTES = 32 << 20
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 KEEPALIVE_TIME_MS = 30_000       # a quiet connection is pinged this often
 KEEPALIVE_TIMEOUT_MS = 20_000    # and closed when a ping goes unanswered this long
 
@@ -43,6 +44,21 @@ class Serving(NamedTuple):
     async def stop(self, grace: float | None = DEFAULT_GRACE) -> None:
         await self.server.stop(grace)
         await self.kvm.shutdown()
+
+
+def _enable_reflection(services: list[str], server: grpc.aio.Server) -> None:
+    """Server reflection, as grpc.reflection.v1 and v1alpha: grpcio-reflection serves
+    v1alpha only, and v1's messages are v1alpha's under another package (the same fields
+    and numbers), so one servicer answers both."""
+    servicer = reflection.aio.ReflectionServicer(
+        [*services, reflection.SERVICE_NAME, REFLECTION_V1], pool=None)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    info = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        REFLECTION_V1, {"ServerReflectionInfo": info}),))
 
 
 async def start_server(address: str = "127.0.0.1:0", limits: Limits = DEFAULT_LIMITS
@@ -76,9 +92,8 @@ async def start_server(address: str = "127.0.0.1:0", limits: Limits = DEFAULT_LI
     for service in ("", *services):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
-    reflection.enable_server_reflection(
-        [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME], server)
+    _enable_reflection([*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
+                       server)
 
     try:
         port = server.add_insecure_port(address)
