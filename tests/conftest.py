@@ -20,6 +20,7 @@ import pytest
 from vmmu.client import (AsyncClient, AsyncInvalidationHold, AsyncRunStream, AsyncTraceStream,
                          AsyncVcpu, AsyncVm, Backing, Client, InvalidationHold, RunStream,
                          TraceStream, Vcpu, Vm)
+from vmmu.server.kvm.limits import DEFAULT_LIMITS, Limits
 from vmmu.server.rpc.app import Serving, start_server
 
 T = TypeVar("T")
@@ -31,12 +32,12 @@ os.environ.setdefault("VMMU_SANITIZERS", "1")
 class ServerThread:
     """A started server on 127.0.0.1:<free port>, served by a loop in its own thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vmmu-server",
                                         daemon=True)
         self._thread.start()
-        self.serving: Serving = self.call(start_server("127.0.0.1:0"))
+        self.serving: Serving = self.call(start_server("127.0.0.1:0", limits))
         self.address = f"127.0.0.1:{self.serving.port}"
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
