@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import os
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -56,6 +56,20 @@ def server() -> Iterator[ServerThread]:
     running = ServerThread()
     yield running
     running.stop()
+
+
+@pytest.fixture
+def make_server() -> Iterator[Callable[[Limits], ServerThread]]:
+    """`make_server(limits)`: a started ServerThread with those limits."""
+    started: list[ServerThread] = []
+
+    def make(limits: Limits) -> ServerThread:
+        started.append(ServerThread(limits))
+        return started[-1]
+
+    yield make
+    for running in started:
+        running.stop()
 
 
 _TWINS: dict[type, type] = {Client: AsyncClient, Vm: AsyncVm, Vcpu: AsyncVcpu,

@@ -26,8 +26,6 @@ from vmmu.server.rpc.app import start_server
 from vmmu.v1 import (dirty_log_pb2, explore_pb2, gpc_pb2, host_memory_pb2, memslot_pb2,
                      notifier_pb2, trace_pb2, vcpu_pb2, vm_pb2)
 
-from conftest import ServerThread
-
 C = grpc.StatusCode
 MIB = 1 << 20
 MODULES = (vm_pb2, host_memory_pb2, memslot_pb2, vcpu_pb2, explore_pb2, notifier_pb2,
@@ -39,7 +37,7 @@ METHODS = sorted(((service.full_name, method)
 FUZZ_LIMITS = Limits(vms=16, vm_populated_bytes=64 * MIB, server_populated_bytes=128 * MIB,
                      response_bytes=1 * MIB, explore_seeds=3, batch_accesses=4096,
                      batch_bytes=16 * MIB, holds=2, trace_subscribers=4)
-TIMEOUT = 5.0
+TIMEOUT = 30.0      # generous: the machine may be busy; no call here waits on another
 
 _RANGES = {
     D.FieldDescriptor.TYPE_UINT32: (0, (1 << 32) - 1),
@@ -204,12 +202,10 @@ def _snapshot(wire: Wire, vm_id: int) -> list[Message]:
         request.SerializeToString(), timeout=TIMEOUT) for path, request, response in requests]
 
 
-@pytest.fixture(scope="module")
-def fuzz_server():
-    running = ServerThread(FUZZ_LIMITS)
-    with grpc.insecure_channel(running.address) as channel:
+@pytest.fixture
+def fuzz_server(make_server):
+    with grpc.insecure_channel(make_server(FUZZ_LIMITS).address) as channel:
         yield Wire(channel)
-    running.stop()
 
 
 @settings(max_examples=60, deadline=None, database=None,
