@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .errors import NoSuchObject
-from .limits import DEFAULT_LIMITS, Limits, MemoryCharge
+from .limits import NO_LIMITS, Limits, MemoryCharge
 from .trace import DEFAULT_CAPACITY, Subscription
 from .vm import Vm, VmConfig
 
@@ -13,7 +13,7 @@ __all__ = ["Kvm"]
 
 
 class Kvm:
-    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, limits: Limits = NO_LIMITS) -> None:
         self.limits = limits
         self._vms: dict[int, Vm] = {}
         self._next_id = 1

@@ -7,9 +7,10 @@ nested in another charges it: to the VM, and through it to the server. A guest a
 would populate past a memory limit fails as host memory the kernel cannot allocate does,
 with a MEMORY_FAULT exit (errno ENOMEM) at that access; the accesses before it stand.
 
-The defaults keep one server within a few GiB of real memory whatever its clients send;
-docs/limits.md describes each limit and how to set them (`vmmu serve --limit NAME=VALUE`,
-`--limits-file FILE`).
+The defaults (`DEFAULT_LIMITS`, what `vmmu serve` and `start_server` use) keep one server
+within a few GiB of real memory whatever its clients send; an embedded `Kvm()` has
+`NO_LIMITS`. docs/limits.md describes each limit and how to set them (`vmmu serve --limit
+NAME=VALUE`, `--limits-file FILE`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from .errors import LimitExceeded
 
-__all__ = ["Limits", "MemoryCharge", "DEFAULT_LIMITS"]
+__all__ = ["Limits", "MemoryCharge", "DEFAULT_LIMITS", "NO_LIMITS"]
 
 KIB, MIB, GIB, TIB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
@@ -82,6 +83,8 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+# What the model has when embedded without limits (`Kvm()`): bounded by nothing but memory.
+NO_LIMITS = Limits(**{f.name: 1 << 62 for f in dataclasses.fields(Limits)})
 
 
 class MemoryCharge:

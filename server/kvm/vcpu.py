@@ -190,23 +190,21 @@ class Vcpu:
 
     def _check_batch_limits(self, batch: AccessBatch) -> None:
         """Refuse a batch longer than the `batch_accesses` limit, or one that could make
-        the server allocate more than `batch_bytes`: a host frame (of the largest backing
-        the VM maps) and a page table per level below the root for every access, counted
-        once per distinct frame and table; the exact count only when the cheap bounds
-        (every access distinct, every TLB key distinct) do not settle it."""
+        the server allocate more than `batch_bytes`: the contents of a 4K page and a page
+        table per level below the root for every access, counted once per distinct page
+        and table; the exact count only when the cheap bounds (every access distinct,
+        every TLB key distinct) do not settle it. (A huge host frame costs the server no
+        more than the 4K pages written in it; it is charged as populated memory.)"""
         limits, n = self.vm.limits, len(batch)
         limits.check("batch_accesses", n, f"a batch of {n} accesses", errno.E2BIG)
-        level = max((r.backing.page_level for r in self._host.regions()), default=1)
-        frame_shift = PAGE_SHIFT + 9 * (level - 1)
         table_levels = range(1, self.vm.tdp.root_level)
-        worst = (1 << frame_shift) + PAGE_SIZE * len(table_levels)
+        worst = PAGE_SIZE * (1 + len(table_levels))
         if n * worst <= limits.batch_bytes or \
                 len(set(batch.tlb_keys)) * worst <= limits.batch_bytes:
             return
         gpas = batch.gpas
-        need = len({gpa >> frame_shift for gpa in gpas}) << frame_shift
-        need += PAGE_SIZE * sum(len({gpa >> (PAGE_SHIFT + 9 * table) for gpa in gpas})
-                                for table in table_levels)
+        need = PAGE_SIZE * sum(len({gpa >> (PAGE_SHIFT + 9 * level) for gpa in gpas})
+                               for level in range(len(table_levels) + 1))
         limits.check("batch_bytes", need, f"a batch that may allocate {need} bytes",
                      errno.E2BIG)
 

@@ -29,7 +29,7 @@ from .host_mm import HostMm, HostRegionInfo
 from .memslots import (KVM_ADDRESS_SPACE_NUM, KVM_MEMSLOT_INVALID, Memslot, MemslotChange,
                        MemslotInfo, Memslots, check_region)
 from .mmu import can_be_fast_table
-from .limits import DEFAULT_LIMITS, Limits, MemoryCharge
+from .limits import NO_LIMITS, Limits, MemoryCharge
 from .mmu_lock import MmuLock
 from .notifier import Notifier
 from .rcu import Rcu
@@ -150,7 +150,7 @@ _ALIVE = VmState.ALIVE
 
 
 class Vm:
-    def __init__(self, vm_id: int, config: VmConfig, limits: Limits = DEFAULT_LIMITS,
+    def __init__(self, vm_id: int, config: VmConfig, limits: Limits = NO_LIMITS,
                  server_mapped: MemoryCharge | None = None,
                  server_populated: MemoryCharge | None = None) -> None:
         config.validate()
