@@ -467,7 +467,7 @@ class TdpMmu:
         self.mmu_lock.assert_held_write()
         done = 0
         with self.rcu.read_lock():
-            roots = self._valid_roots(slot.as_id)
+            roots = list(self.valid_roots(slot.as_id))
             if not roots:
                 return 0
             # `dirty` with a table's worth of False either side: every 4K table that
