@@ -11,7 +11,7 @@
      +-- Aborted               ABORTED             (EINTR)
      +-- Internal              INTERNAL            (a broken invariant: the VM is dead)
      +-- Unavailable           UNAVAILABLE         (no server, or it is shutting down)
-     +-- Unauthenticated       UNAUTHENTICATED     (no token, or one the server does not know)
+     +-- Unauthenticated       UNAUTHENTICATED     (EACCES: no token, or one the server does not know)
 
 The server sends a `google.rpc.Status` with every error, whose `ErrorInfo` (domain
 "vmmu.dev") gives the errno name as its `reason` and names the field or object at fault in

@@ -42,7 +42,7 @@ from vmmu.v1 import vcpu_pb2
 T = TypeVar("T")
 
 __all__ = ["STATUS_BY_ERRNO", "DOMAIN", "DETAILS_KEY", "status_of", "rich_status",
-           "refusable", "ErrorInterceptor"]
+           "refuse", "refusable", "ErrorInterceptor"]
 
 STATUS_BY_ERRNO: dict[int, StatusCode] = {
     errno.EINVAL: StatusCode.INVALID_ARGUMENT,
@@ -111,17 +111,31 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, request: Any,
         code, details = status_of(exc)
         # A VM that broke an invariant answers EIO from then on (KVM_BUG_ON): so now.
         reason = exc.errno_name if isinstance(exc, KvmError) else "EIO"
-        metadata = {**_objects(request), **getattr(exc, "metadata", {})}
-        log.info("rpc error method=%s code=%s errno=%s peer=%s reason=%r", method,
-                 code.name, reason, context.peer(), details)
+        await refuse(context, method, code, reason, details,
+                     {**_objects(request), **getattr(exc, "metadata", {})})
     else:
         incident = next(_incidents)
-        code, reason, metadata = StatusCode.INTERNAL, "EIO", {"incident": str(incident)}
+        code, reason = StatusCode.INTERNAL, "EIO"
         details = f"EIO: internal error #{incident}, logged on the server"
         log.error("rpc error method=%s code=%s errno=%s peer=%s incident=%d", method,
                   code.name, reason, context.peer(), incident, exc_info=exc)
-    metadata["method"] = method
-    status = rich_status(code, details, reason, metadata)
+        await _end(context, method, code, reason, details, {"incident": str(incident)})
+
+
+async def refuse(context: grpc.aio.ServicerContext, method: str, code: StatusCode,
+                 reason: str, details: str, metadata: Mapping[str, str] | None = None
+                 ) -> None:
+    """End the call refused with `code` and `details` (the errno name `reason` first),
+    an ErrorInfo with `reason` and `metadata`, and log it: the one way a call is refused,
+    by the guard or by an interceptor before it."""
+    log.info("rpc error method=%s code=%s errno=%s peer=%s reason=%r", method,
+             code.name, reason, context.peer(), details)
+    await _end(context, method, code, reason, details, metadata or {})
+
+
+async def _end(context: grpc.aio.ServicerContext, method: str, code: StatusCode,
+               reason: str, details: str, metadata: Mapping[str, str]) -> None:
+    status = rich_status(code, details, reason, {**metadata, "method": method})
     await context.abort(code, details, ((DETAILS_KEY, status.SerializeToString()),))
 
 
