@@ -16,6 +16,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from vmmu.client.batch import Batch
+from vmmu.client.errors import step_error
 from vmmu.client.types import (Backing, ClientTls, Exit, ExitReason, HeldInvalidation, HoldState,
                                HostRegion, Invalidations, Memslot, Protection, RunResult, Spte,
                                TraceEvent, VcpuInfo, VmConfig, VmInfo)
@@ -175,6 +176,13 @@ def run_result(m: vcpu_pb2.RunResult) -> RunResult:
                   is_write=e.is_write, data=e.data, errno=e.errno, message=e.message,
                   suberror=e.suberror),
         read_data=m.read_data, start_ns=m.start_ns, end_ns=m.end_ns)
+
+
+def run_response(m: vcpu_pb2.RunResponse) -> RunResult:
+    """The result of one Run step, or the VmmuError the stream refused it with."""
+    if m.HasField("error"):
+        raise step_error(m.error)
+    return run_result(m.result)
 
 
 # -- VMs -------------------------------------------------------------------------------

@@ -343,7 +343,8 @@ class AsyncVcpu:
 
 class AsyncRunStream:
     """The bidirectional Run stream of one vCPU. Each step sends one request and awaits
-    its answer; an error ends the stream."""
+    its answer; a refused step raises and the stream goes on. An MMIO exit the stream
+    leaves pending is dropped when it closes."""
 
     def __init__(self, stubs: _base.Stubs, vm_id: int, vcpu_id: int) -> None:
         self.vm_id = vm_id
@@ -387,8 +388,9 @@ class AsyncRunStream:
             code = await self._call.code()
             if code is grpc.StatusCode.OK:
                 raise VmmuError(grpc.StatusCode.CANCELLED, "the Run stream is closed")
-            raise error_from_status(code, await self._call.details())
-        return _base.run_result(response.result)
+            raise error_from_status(code, await self._call.details(),
+                                    await self._call.trailing_metadata())
+        return _base.run_response(response)
 
 
 class AsyncInvalidationHold:

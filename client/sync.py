@@ -341,7 +341,8 @@ _CLOSE = object()
 
 class RunStream:
     """The bidirectional Run stream of one vCPU. Each step sends one request and blocks
-    for its answer; an error ends the stream."""
+    for its answer; a refused step raises and the stream goes on. An MMIO exit the stream
+    leaves pending is dropped when it closes."""
 
     def __init__(self, stubs: _base.Stubs, vm_id: int, vcpu_id: int) -> None:
         self.vm_id = vm_id
@@ -382,7 +383,7 @@ class RunStream:
             raise error_from_rpc(exc) from exc
         if response is None:
             raise VmmuError(grpc.StatusCode.CANCELLED, "the Run stream is closed")
-        return _base.run_result(response.result)
+        return _base.run_response(response)
 
 
 class InvalidationHold:

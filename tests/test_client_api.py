@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import inspect
 import subprocess
 import sys
 
 import grpc
 import pytest
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from vmmu.client import (AlreadyExists, AsyncClient, AsyncInvalidationHold, AsyncRunStream,
                          AsyncTraceStream, AsyncVcpu, AsyncVm, Batch, BatchBuilder, Client,
@@ -76,14 +79,23 @@ def test_batch_builder_refuses_what_cannot_be_encoded(build):
         build(BatchBuilder())
 
 
-def test_errors_carry_the_errno_name_and_reason():
-    error = error_from_status(grpc.StatusCode.INVALID_ARGUMENT,
-                              "EINVAL: guest_phys_addr 0x1001 is not page aligned")
+def test_errors_carry_the_errno_and_the_error_info():
+    details = "EINVAL: guest_phys_addr 0x1001 is not page aligned"
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(
+        reason="EINVAL", domain="vmmu.dev",
+        metadata={"vm_id": "3", "method": "/vmmu.v1.MemslotService/X"}))
+    status = status_pb2.Status(code=3, message=details, details=[info])
+    error = error_from_status(grpc.StatusCode.INVALID_ARGUMENT, details,
+                              [("grpc-status-details-bin", status.SerializeToString())])
     assert type(error) is InvalidArgument
-    assert (error.code, error.errno_name, error.reason) == \
-        (grpc.StatusCode.INVALID_ARGUMENT, "EINVAL", "guest_phys_addr 0x1001 is not page aligned")
+    assert (error.code, error.errno, error.errno_name, error.reason) == \
+        (grpc.StatusCode.INVALID_ARGUMENT, errno.EINVAL, "EINVAL",
+         "guest_phys_addr 0x1001 is not page aligned")
+    assert error.metadata == {"vm_id": "3", "method": "/vmmu.v1.MemslotService/X"}
     assert type(error_from_status(grpc.StatusCode.ALREADY_EXISTS, "EEXIST: x")) is AlreadyExists
 
     foreign = error_from_status(grpc.StatusCode.DEADLINE_EXCEEDED, None)
     assert type(foreign) is VmmuError
+    assert (foreign.errno, foreign.metadata) == (None, {})
     assert (foreign.errno_name, foreign.reason) == (None, "DEADLINE_EXCEEDED")

@@ -3,6 +3,7 @@ memory faults, and bad batches that the server rejects without changing anything
 
 from __future__ import annotations
 
+import asyncio
 import errno
 
 import pytest
@@ -129,15 +130,15 @@ async def test_bad_batch_is_rejected_and_nothing_changes(guest, name):
     assert await vm.read_hva(region.hva + 0x1000, 8) == bytes(8)
 
 
-async def test_bad_batch_ends_the_stream_with_its_status(guest):
+async def test_a_bad_batch_is_refused_in_its_response_and_the_stream_goes_on(guest):
     vm, _, vcpu = guest
     async with vcpu.stream() as stream:
         assert (await stream.run(BatchBuilder().read(0x1000).build())).completed == 1
         stats = await vcpu.stats()
-        with pytest.raises(InvalidArgument, match="EINVAL"):
+        with pytest.raises(InvalidArgument, match="EINVAL") as excinfo:
             await stream.run(BAD_BATCHES["crosses a page"])
-    assert await vcpu.stats() == stats
-    async with vcpu.stream() as stream:
+        assert excinfo.value.errno == errno.EINVAL
+        assert await vcpu.stats() == stats
         assert (await stream.run(BatchBuilder().read(0x1000).build())).completed == 1
 
 
@@ -171,3 +172,36 @@ async def test_an_hlt_with_a_gpa_is_rejected(guest):
     with pytest.raises(InvalidArgument, match="HLT"):
         await vcpu.run(Batch((8).to_bytes(8, "little"), hlt.ops))
     assert (await vcpu.stats())["exits"] == 0
+async def test_a_batch_behind_a_pending_mmio_is_refused_and_the_stream_goes_on(guest):
+    vm, _, vcpu = guest
+    async with vcpu.stream() as stream:
+        exit_ = await stream.run(BatchBuilder().read(MMIO_GPA, 8, with_data=True).build())
+        assert exit_.exit.reason is ExitReason.MMIO
+        with pytest.raises(FailedPrecondition) as excinfo:
+            await stream.run(BatchBuilder().read(0x1000).build())
+        assert excinfo.value.errno == errno.EBUSY
+        done = await stream.complete_mmio(b"abcdefgh")
+        assert (done.exit.reason, done.read_data) == (ExitReason.DONE, b"abcdefgh")
+
+
+async def test_a_pending_mmio_is_dropped_when_its_stream_ends(guest):
+    vm, _, vcpu = guest
+    async with vcpu.stream() as stream:
+        exit_ = await stream.run(BatchBuilder().read(MMIO_GPA, 8, with_data=True).build())
+        assert exit_.exit.reason is ExitReason.MMIO
+        assert (await vcpu.info()).mmio_pending
+    for _ in range(100):                        # the server sees the stream end
+        if not (await vcpu.info()).mmio_pending:
+            break
+        await asyncio.sleep(0.01)
+    assert not (await vcpu.info()).mmio_pending
+    assert (await vcpu.run(BatchBuilder().read(0x1000).build())).completed == 1
+
+
+async def test_a_unary_mmio_exit_stays_pending(guest):
+    """RunBatch owns no stream: its MMIO waits for a completion by a later call."""
+    vm, _, vcpu = guest
+    exit_ = await vcpu.run(BatchBuilder().read(MMIO_GPA, 8, with_data=True).build())
+    assert exit_.exit.reason is ExitReason.MMIO
+    await asyncio.sleep(0.05)
+    assert (await vcpu.info()).mmio_pending

@@ -7,6 +7,7 @@ Certificates are made for each run by a throwaway CA (the `cryptography` package
 from __future__ import annotations
 
 import datetime
+import errno
 import functools
 import ipaddress
 import shutil
@@ -158,8 +159,10 @@ async def test_mutual_tls_requires_a_client_certificate_from_the_client_ca(pki,
 async def test_calls_without_a_known_token_are_unauthenticated(open_clients):
     connect = open_clients(tokens=Tokens.parse(TOKENS))
     for refused in (connect(), connect(token="not-a-token")):
-        with pytest.raises(Unauthenticated, match="authorization: Bearer"):
+        with pytest.raises(Unauthenticated, match="authorization: Bearer") as excinfo:
             await refused.list_vms()
+        assert excinfo.value.errno == errno.EACCES
+        assert excinfo.value.metadata["method"] == "/vmmu.v1.VmService/ListVms"
         with pytest.raises(Unauthenticated):
             await refused.create_vm()
     assert await connect(token="anon-secret").list_vms() == []

@@ -4,14 +4,19 @@ and malformed protobuf input refused before the model is called."""
 from __future__ import annotations
 
 import errno
+import logging
+import pathlib
+import re
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
-from vmmu.client import Client, Internal
+from vmmu.client import AsyncClient, Client, Internal, NotFound
 from vmmu.server.kvm import Vm
 from vmmu.server.kvm.errors import KvmError, NoSuchObject, VmBugged
-from vmmu.server.rpc.errors import status_of
+from vmmu.server.rpc.errors import STATUS_BY_ERRNO, status_of
 from vmmu.v1 import (host_memory_pb2, host_memory_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc, vm_pb2,
                      vm_pb2_grpc)
 
@@ -56,12 +61,12 @@ def _create_vm(channel) -> int:
     return vm_pb2_grpc.VmServiceStub(channel).CreateVm(vm_pb2.CreateVmRequest(config=config)).vm.id
 
 
-def test_create_vm_without_config_is_invalid(channel):
+def test_create_vm_with_an_empty_request_takes_the_defaults(channel):
     stub = vm_pb2_grpc.VmServiceStub(channel)
-    code, details = _status(stub.CreateVm, vm_pb2.CreateVmRequest())
-    assert code is C.INVALID_ARGUMENT
-    assert details == "EINVAL: CreateVmRequest.config is required"
-    assert stub.ListVms(vm_pb2.ListVmsRequest()).vms == []
+    vm = stub.CreateVm(vm_pb2.CreateVmRequest()).vm
+    assert (vm.config.max_vcpus, vm.config.tdp_levels, vm.config.ad_bits, vm.name) == \
+        (8, 4, True, "")
+    assert [v.id for v in stub.ListVms(vm_pb2.ListVmsRequest()).vms] == [vm.id]
 
 
 @pytest.mark.parametrize("backing, name", [
@@ -83,9 +88,11 @@ def test_run_step_needs_a_batch_or_a_completion(channel, stream):
     stub = vcpu_pb2_grpc.VcpuServiceStub(channel)
     stub.CreateVcpu(vcpu_pb2.CreateVcpuRequest(vm_id=vm_id, vcpu_id=0))
 
-    if stream:
-        code, details = _status(lambda r: list(stub.Run(iter([r]))),
-                                vcpu_pb2.RunRequest(vm_id=vm_id, vcpu_id=0))
+    if stream:                                  # refused in its response; the stream goes on
+        (response,) = stub.Run(iter([vcpu_pb2.RunRequest(vm_id=vm_id, vcpu_id=0)]))
+        assert (response.error.code, response.error.reason) == \
+            (C.INVALID_ARGUMENT.value[0], "EINVAL")
+        code, details = C.INVALID_ARGUMENT, response.error.message
     else:
         code, details = _status(stub.RunBatch, vcpu_pb2.RunBatchRequest(vm_id=vm_id, vcpu_id=0))
     assert code is C.INVALID_ARGUMENT
@@ -105,7 +112,7 @@ def test_broken_invariant_reaches_the_client_as_internal(server, monkeypatch):
         with pytest.raises(Internal) as excinfo:
             vm.stats()
     assert str(excinfo.value) == f"VmBugged: VM {vm.id}: SPTE points to a freed table"
-    assert excinfo.value.errno_name is None
+    assert excinfo.value.errno == errno.EIO
 
 
 def test_madvise_populate_write_over_the_wire(channel):
@@ -144,3 +151,121 @@ def test_madvise_populate_write_over_the_wire(channel):
 
     dropped = stub.Madvise(madvise(region.hva, 2 << 20, host_memory_pb2.ADVICE_DONTNEED))
     assert dropped.pages_populated == 0 and populated() == [0]
+
+
+def _error_info(exc: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    status = rpc_status.from_call(exc)
+    assert status is not None, "the status carries no google.rpc.Status"
+    (detail,) = status.details
+    info = error_details_pb2.ErrorInfo()
+    assert detail.Unpack(info)
+    return info
+
+
+def test_every_error_carries_an_error_info_naming_the_errno_and_the_object(channel):
+    vm_id = _create_vm(channel)
+    stub = vcpu_pb2_grpc.VcpuServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.GetVcpu(vcpu_pb2.GetVcpuRequest(vm_id=vm_id, vcpu_id=5))
+    assert excinfo.value.code() is C.NOT_FOUND
+    info = _error_info(excinfo.value)
+    assert (info.reason, info.domain) == ("ENOENT", "vmmu.dev")
+    assert dict(info.metadata) == {"vm_id": str(vm_id), "vcpu_id": "5",
+                                   "method": "/vmmu.v1.VcpuService/GetVcpu"}
+
+
+_CORRUPT = b"\xff\xff\xff"                  # no protobuf parses this wire format
+
+
+@pytest.mark.parametrize("method, kind, data", [
+    ("/vmmu.v1.VmService/CreateVm", "unary_unary", _CORRUPT),
+    ("/vmmu.v1.VmService/CreateVm", "unary_unary", b"\x0a\x03\x22\x01\xff"),  # name not UTF-8
+    ("/vmmu.v1.TraceService/Trace", "unary_stream", _CORRUPT),
+    ("/vmmu.v1.VcpuService/Run", "stream_stream", _CORRUPT)],
+    ids=["unary", "unary-utf8", "server-stream", "bidi-stream"])
+def test_undecodable_requests_are_invalid_arguments(channel, method, kind, data):
+    call = getattr(channel, kind)(method)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        if kind == "unary_unary":
+            call(data)
+        elif kind == "unary_stream":
+            list(call(data))
+        else:
+            list(call(iter([data])))
+    assert excinfo.value.code() is C.INVALID_ARGUMENT
+    assert excinfo.value.details().startswith("EINVAL: undecodable request: ")
+    assert _error_info(excinfo.value).reason == "EINVAL"
+    assert vm_pb2_grpc.VmServiceStub(channel).ListVms(vm_pb2.ListVmsRequest()).vms == []
+
+
+def test_a_bug_of_ours_is_internal_with_no_python_text_and_is_logged(server, monkeypatch,
+                                                                     caplog):
+    def broken(vm: Vm) -> dict[str, int]:
+        raise AttributeError("'NoneType' object has no attribute 'secret'")
+
+    with Client(server.address) as client:
+        vm = client.create_vm()
+        monkeypatch.setattr(Vm, "stats", broken)
+        with caplog.at_level(logging.INFO, logger="vmmu.rpc"), \
+                pytest.raises(Internal) as excinfo:
+            vm.stats()
+    assert "secret" not in str(excinfo.value) and "NoneType" not in str(excinfo.value)
+    assert re.fullmatch(r"internal error #\d+, logged on the server", excinfo.value.reason)
+    assert excinfo.value.errno == errno.EIO
+    (record,) = [r for r in caplog.records if r.name == "vmmu.rpc"]
+    assert "secret" in record.exc_text                       # the traceback stays here
+
+
+def test_every_error_is_logged_as_one_structured_line(channel, caplog):
+    stub = vm_pb2_grpc.VmServiceStub(channel)
+    with caplog.at_level(logging.INFO, logger="vmmu.rpc"):
+        _status(stub.GetVm, vm_pb2.GetVmRequest(vm_id=99))
+    (record,) = [r for r in caplog.records if r.name == "vmmu.rpc"]
+    line = record.getMessage()
+    assert "\n" not in line
+    assert re.match(r"rpc error method=/vmmu\.v1\.VmService/GetVm code=NOT_FOUND "
+                    r"errno=ENOENT peer=ipv4:127\.0\.0\.1:\d+ reason=", line), line
+
+
+def test_every_errno_the_model_raises_has_a_status():
+    """The table is complete: no model error can fall through to UNKNOWN."""
+    root = pathlib.Path(__file__).parent.parent / "server"
+    raised = {name for path in root.rglob("*.py")
+              for name in re.findall(r"errno\.(E[A-Z0-9]+)", path.read_text())}
+    assert raised and {name for name in raised
+                       if getattr(errno, name) not in STATUS_BY_ERRNO} == set()
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+async def test_both_clients_expose_the_errno_and_metadata(server, sync):
+    if sync:
+        with Client(server.address) as client, pytest.raises(NotFound) as excinfo:
+            client.vm(41).info()
+    else:
+        async with AsyncClient(server.address) as client:
+            with pytest.raises(NotFound) as excinfo:
+                await client.vm(41).info()
+    assert excinfo.value.errno == errno.ENOENT
+    assert excinfo.value.metadata["vm_id"] == "41"
+
+
+@pytest.mark.parametrize("tdp_levels, gpa, code", [
+    (4, 1 << 50, C.INVALID_ARGUMENT), (4, 1 << 48, C.INVALID_ARGUMENT),
+    (4, (1 << 48) - 8, C.OK), (5, 1 << 50, C.OK)])
+def test_a_gpa_beyond_the_guest_address_width_is_invalid(channel, tdp_levels, gpa, code):
+    """A guest cannot make an access beyond its MAXPHYADDR (48 bits under a 4-level
+    EPT): such a batch is refused, where one within the width exits to MMIO."""
+    config = vm_pb2.VmConfig(max_vcpus=1, tdp_levels=tdp_levels)
+    vm_id = vm_pb2_grpc.VmServiceStub(channel).CreateVm(
+        vm_pb2.CreateVmRequest(config=config)).vm.id
+    stub = vcpu_pb2_grpc.VcpuServiceStub(channel)
+    stub.CreateVcpu(vcpu_pb2.CreateVcpuRequest(vm_id=vm_id, vcpu_id=0))
+    batch = vcpu_pb2.AccessBatch(gpas=gpa.to_bytes(8, "little"), ops=bytes([0x0d]))
+    request = vcpu_pb2.RunBatchRequest(vm_id=vm_id, vcpu_id=0, batch=batch)
+    if code is C.OK:
+        assert stub.RunBatch(request).result.exit.reason == vcpu_pb2.EXIT_REASON_MMIO
+        return
+    got, details = _status(stub.RunBatch, request)
+    assert got is code and "beyond the guest physical address width (48 bits)" in details
+    stats = stub.GetVcpuStats(vcpu_pb2.GetVcpuStatsRequest(vm_id=vm_id, vcpu_id=0)).stats
+    assert stats["exits"] == 0

@@ -6,11 +6,13 @@ import subprocess
 import sys
 import urllib.request
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from vmmu.client import (Backing, BatchBuilder, Client, NotFound, ResourceExhausted,
                          Unauthenticated)
+from vmmu.client.errors import error_info
 from vmmu.server.rpc.auth import Tokens
 
 MiB = 1 << 20
@@ -104,6 +106,31 @@ def test_refused_calls_are_counted_too(serve):
     assert samples[("vmmu_rpcs_total", (("code", "UNAUTHENTICATED"),
                                         ("method", "VmService/ListVms")))] == 1
     assert samples[("vmmu_rpcs_total", (("code", "OK"), ("method", "VmService/ListVms")))] == 1
+
+
+def test_every_interceptor_applies_and_the_final_code_is_counted(serve):
+    """Metrics, then the token check, then the error guard: bytes protobuf cannot decode
+    are INVALID_ARGUMENT for a call that passed the token check, UNAUTHENTICATED for one
+    that did not, each with its ErrorInfo, and counted with that code."""
+    running = serve(metrics="127.0.0.1:0", tokens=Tokens.parse("secret\n"))
+    with grpc.insecure_channel(running.address) as channel:
+        create = channel.unary_unary("/vmmu.v1.VmService/CreateVm")
+        for metadata, code, errno_name in [
+                ((("authorization", "Bearer secret"),), grpc.StatusCode.INVALID_ARGUMENT,
+                 "EINVAL"),
+                ((), grpc.StatusCode.UNAUTHENTICATED, "EACCES")]:
+            with pytest.raises(grpc.RpcError) as excinfo:
+                create(b"\xff\xff\xff", metadata=metadata)
+            assert excinfo.value.code() is code
+            info = error_info(excinfo.value.trailing_metadata())
+            assert info is not None and info.reason == errno_name
+            assert info.metadata["method"] == "/vmmu.v1.VmService/CreateVm"
+    samples = scrape(running.serving.metrics_port)
+    for code in ("INVALID_ARGUMENT", "UNAUTHENTICATED"):
+        assert samples[("vmmu_rpcs_total", (("code", code),
+                                            ("method", "VmService/CreateVm")))] == 1
+    with Client(running.address, token="secret") as client:
+        assert client.list_vms() == []                     # nothing was created
 
 
 def test_serve_announces_its_metrics_endpoint():

@@ -2,6 +2,7 @@
 
     vmmu serve [--listen HOST:PORT] [--tls-cert F --tls-key F [--tls-client-ca F]]
                [--token-file F] [--insecure] [--keepalive SECONDS] [--metrics HOST:PORT]
+               [--limits-file FILE] [--limit NAME=VALUE]...
                                        serve the vmmu.v1 gRPC API until SIGINT/SIGTERM
     vmmu demo [--accesses N]           an in-process server driven through the client
     vmmu explore SCENARIO --seeds N    run a race scenario under N schedule seeds
@@ -20,11 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from vmmu.server.kvm.limits import Limits
 from vmmu.server.rpc.app import DEFAULT_KEEPALIVE_S, start_server
 from vmmu.server.rpc.auth import InsecureListener, ServerTls, Tokens
 
@@ -35,25 +38,48 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 
 def serve(args: argparse.Namespace) -> int:
     """Serve the vmmu.v1 gRPC API on `args.listen` until SIGINT or SIGTERM, then stop
-    gracefully: open Run streams get a grace period, then the model shuts down."""
+    gracefully: open Run streams get a grace period, then the model shuts down. Errors
+    are logged to stderr, one line each."""
     if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
         print("vmmu: --tls-cert and --tls-key go together (and --tls-client-ca needs them)",
               file=sys.stderr)
         return 2
     try:
+        limits = Limits.from_file(args.limits_file) if args.limits_file else Limits()
+        limits = Limits.from_mapping(dict(args.limit), limits)
+    except (OSError, ValueError) as exc:
+        print(f"vmmu: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
         tls = (ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
                if args.tls_cert else None)
         tokens = Tokens.from_file(args.token_file) if args.token_file else None
-        asyncio.run(_serve(args.listen, tls=tls, tokens=tokens, insecure=args.insecure,
-                           keepalive_s=args.keepalive, metrics=args.metrics))
+        asyncio.run(_serve(args.listen, limits, tls=tls, tokens=tokens,
+                           insecure=args.insecure, keepalive_s=args.keepalive,
+                           metrics=args.metrics))
     except (OSError, InsecureListener, ValueError) as exc:
         print(f"vmmu: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _serve(listen: str, **options: Any) -> None:
-    serving = await start_server(listen, **options)
+_SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _limit(text: str) -> tuple[str, int]:
+    """NAME=VALUE, VALUE an integer with an optional K, M, G or T (binary) suffix."""
+    name, sep, value = text.partition("=")
+    scale = _SIZE_SUFFIXES.get(value[-1:].upper(), 1) if value else 1
+    digits = value[:-1] if scale > 1 else value
+    if not sep or not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE (VALUE a number, "
+                                         "optionally with K, M, G or T)")
+    return name.strip(), int(digits) * scale
+
+
+async def _serve(listen: str, limits: Limits, **options: Any) -> None:
+    serving = await start_server(listen, limits, **options)
     host = listen.rsplit(":", 1)[0]
     print(f"vmmu serving on {host}:{serving.port}", flush=True)
     if serving.metrics is not None:
@@ -95,6 +121,12 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                              f"default {DEFAULT_KEEPALIVE_S:g})")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics over HTTP on HOST:PORT")
+    parser.add_argument("--limits-file", metavar="FILE",
+                        help="a TOML file whose [limits] table sets limits (docs/limits.md)")
+    parser.add_argument("--limit", type=_limit, action="append", default=[],
+                        metavar="NAME=VALUE",
+                        help="set one limit, after the file (e.g. vms=16, "
+                             "vm_populated_bytes=4G); repeatable")
     parser.set_defaults(run=serve)
 
 

@@ -247,6 +247,8 @@ async def get_dirty_log(vm: "Vm", slot: int) -> bytes:
     async with vm.slots_lock:
         memslot = _logged_memslot(vm, slot)
         bitmap = memslot.dirty_bitmap
+        # Before the harvest: bits cleared for an answer that cannot be sent would be lost.
+        vm.limits.check_response(8 * len(bitmap), f"the dirty log of slot {slot}")
         if _manual_protect(vm):
             if vm.sanitizers is not None:
                 vm.sanitizers.check_dirty_recorded(slot)

@@ -2,37 +2,49 @@
 
     KvmError(errno)            a call KVM would fail with -errno; nothing was changed
      +-- NoSuchObject          an unknown VM, vCPU, slot, region... (ENOENT)
+     +-- LimitExceeded         a configured limit of the server (limits.py) would be passed
     VmBugged                   a broken invariant (KVM_BUG_ON): the VM is dead from now on
 
 `KvmError` is the caller's fault and is mapped to a gRPC status by the RPC layer (the errno
-name travels in the message). `VmBugged` is ours: the VM refuses all further work.
+name travels in the message, `metadata` names the field or object at fault). `VmBugged` is
+ours: the VM refuses all further work.
 """
 
 from __future__ import annotations
 
 import errno as _errno
 
-__all__ = ["KvmError", "NoSuchObject", "VmBugged", "einval"]
+__all__ = ["KvmError", "NoSuchObject", "LimitExceeded", "VmBugged", "einval"]
 
 
 class KvmError(Exception):
     """A request KVM would reject with `-errno`. The model state is unchanged."""
 
-    def __init__(self, errno: int, message: str) -> None:
+    def __init__(self, errno: int, message: str, **metadata: str) -> None:
         self.errno = errno
         self.errno_name = _errno.errorcode.get(errno, str(errno))
         self.reason = message
+        self.metadata = metadata
         super().__init__(f"{self.errno_name}: {message}")
 
 
 class NoSuchObject(KvmError):
-    def __init__(self, message: str) -> None:
-        super().__init__(_errno.ENOENT, message)
+    def __init__(self, message: str, **metadata: str) -> None:
+        super().__init__(_errno.ENOENT, message, **metadata)
+
+
+class LimitExceeded(KvmError):
+    """The call would pass the server's limit `limit` (ENOMEM for memory, ENOSPC for a
+    count, E2BIG for a size); checked before anything changes."""
+
+    def __init__(self, errno: int, limit: str, value: int, message: str) -> None:
+        super().__init__(errno, f"{message} (limit {limit} = {value})", limit=limit,
+                         limit_value=str(value))
 
 
 class VmBugged(Exception):
     """KVM_BUG_ON: an invariant of the model broke. The VM is marked dead."""
 
 
-def einval(message: str) -> KvmError:
-    return KvmError(_errno.EINVAL, message)
+def einval(message: str, **metadata: str) -> KvmError:
+    return KvmError(_errno.EINVAL, message, **metadata)

@@ -26,6 +26,7 @@ from typing import Iterator, Protocol, TypeVar
 from .errors import KvmError, NoSuchObject, VmBugged, einval
 from .host_region import (HPAGE_SHIFT, HPAGE_SIZE, HUGE_ZERO_PFN, PROT_READ, PROT_WRITE,
                           ZERO_PFN, HostRegion, HostRegionInfo, is_zero_pfn, keys_in)
+from .limits import MemoryCharge
 from .resched import Timeslice
 from .types import (PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_1G, PG_LEVEL_2M,
                     PG_LEVEL_4K, TASK_SIZE_MAX, Backing, level_shift, pages_per_level)
@@ -56,14 +57,17 @@ class PfnAllocator:
 
     REUSE_DELAY = 16
 
-    def __init__(self, first: int = FIRST_PFN) -> None:
+    def __init__(self, first: int = FIRST_PFN, charge: MemoryCharge | None = None) -> None:
         self._next = first
         self._free: dict[int, deque[int]] = {PG_LEVEL_4K: deque(), PG_LEVEL_2M: deque(),
                                               PG_LEVEL_1G: deque()}
         self.allocated_4k = 0
+        self.charge = charge           # refuses, before anything changes, past its limit
 
     def alloc(self, level: int) -> int:
         count = pages_per_level(level)
+        if self.charge is not None:
+            self.charge.try_charge(count << PAGE_SHIFT)
         self.allocated_4k += count
         if len(self._free[level]) > self.REUSE_DELAY:
             return self._free[level].popleft()
@@ -73,18 +77,21 @@ class PfnAllocator:
 
     def free(self, pfn: int, level: int) -> None:
         self.allocated_4k -= pages_per_level(level)
+        if self.charge is not None:
+            self.charge.uncharge(PAGE_SIZE << level_shift(level))
         self._free[level].append(pfn)
 
 
 class HostMm:
     """The VMM's mm: regions, their host pages, KSM pages and the page contents."""
 
-    def __init__(self) -> None:
+    def __init__(self, mapped: MemoryCharge | None = None,
+                 populated: MemoryCharge | None = None) -> None:
         self._starts: list[int] = []
         self._regions: list[HostRegion] = []
         self._last_found: HostRegion | None = None
-        self._next_hva = HVA_BASE
-        self.pfns = PfnAllocator()
+        self.mapped = mapped
+        self.pfns = PfnAllocator(charge=populated)
         self.sched = None                          # the owning VM's preemption points
         self.clock = None                          # its virtual clock, in virtual time
         self.contents: dict[int, bytearray] = {}
@@ -110,29 +117,43 @@ class HostMm:
         if (i and self._regions[i - 1].end > hva) or \
                 (i < len(self._starts) and self._starts[i] < hva + size):
             raise KvmError(errno.EEXIST, f"[{hva:#x}, {hva + size:#x}) overlaps a region")
+        if self.mapped is not None:
+            self.mapped.try_charge(size)
         region = HostRegion(hva, size, backing, writable)
         self._starts.insert(i, hva)
         self._regions.insert(i, region)
         return region
 
     def _place(self, size: int, align: int) -> int:
-        hva = (self._next_hva + align - 1) & ~(align - 1)
-        while self._overlaps(hva, size):
-            hva += align
-        self._next_hva = hva + size + HPAGE_SIZE      # leave a gap
-        return hva
-
-    def _overlaps(self, hva: int, size: int) -> bool:
-        return any(r.hva < hva + size and hva < r.end for r in self._regions)
+        """The lowest `align`ed hva from HVA_BASE up with room for `size` bytes and a gap
+        of HPAGE_SIZE on both sides (first fit: the space of unmapped regions is reused);
+        TASK_SIZE_MAX when there is none. Nothing changes until the caller inserts."""
+        hva = _align_up(HVA_BASE, align)
+        for region in self._regions[max(0, bisect.bisect_right(self._starts, HVA_BASE) - 1):]:
+            if region.end <= HVA_BASE:
+                continue
+            if hva + size + HPAGE_SIZE <= region.hva:
+                break
+            hva = max(hva, _align_up(region.end + HPAGE_SIZE, align))
+        return min(hva, TASK_SIZE_MAX)
 
     async def munmap(self, hva: int, size: int) -> None:
         """Unmap a whole region: notifiers first, then the host pages are freed."""
         region = self.region_exact(hva, size)
         await self.invalidate(hva, hva + size, lambda: self._drop_region(region))
 
+    def release(self) -> None:
+        """Drop every region and its pages at once (the VM is gone: no notifier listens)."""
+        for region in list(self._regions):
+            self._drop_region(region)
+        self.contents.clear()
+        self.ksm_pages.clear()
+
     def _drop_region(self, region: HostRegion) -> None:
         i = self._regions.index(region)
         del self._regions[i], self._starts[i]
+        if self.mapped is not None:
+            self.mapped.uncharge(region.size)
         if region is self._last_found:
             self._last_found = None
         for level, frames in region.frames.items():
@@ -414,6 +435,7 @@ class HostMm:
         lets other tasks run when its timeslice is used up, then checks the rest of the
         range again: a part unmapped meanwhile is EFAULT, as it is for the VMM."""
         self._check_access(hva, length, write=False)
+        self.check_populate(hva, hva + length, write=False)
         timeslice = Timeslice(self.sched)
         end = hva + length
         out = bytearray()
@@ -436,6 +458,7 @@ class HostMm:
         it does for the VMM.
         """
         self._check_access(hva, len(data), write=True)
+        self.check_populate(hva, hva + len(data), write=True)
         timeslice = Timeslice(self.sched)
         for done in range(0, max(len(data), 1), WRITE_WINDOW):
             if done:
@@ -479,6 +502,43 @@ class HostMm:
                 raise KvmError(errno.EFAULT, f"[{start:#x}, {stop:#x}) is not all mapped "
                                + ("writable" if write else "readable"))
 
+    def check_populate(self, start: int, end: int, write: bool) -> None:
+        """Raise LimitExceeded if touching the mapped pages of [start, end) could pass a
+        memory limit: a page not present costs its frame whole, as a fault takes it (a
+        read maps the zero page instead, but of a 1G hugetlb region, and a swapped-out
+        page comes back as 4K); for a write, a page mapping the zero page or a KSM page
+        costs the copy its copy-on-write break allocates."""
+        charge = self.pfns.charge
+        if charge is None or start >= end:
+            return
+        need, hva = 0, start & PAGE_MASK
+        while hva < end:
+            region = self.find(hva)
+            if region is None:
+                hva += PAGE_SIZE
+                continue
+            found = region.mapped(hva)
+            if found is not None:
+                if write and self.is_cow(region, hva):
+                    frame = PAGE_SIZE << level_shift(found[1]) if is_zero_pfn(found[0]) \
+                        else PAGE_SIZE
+                    need += frame
+                    hva = (hva & ~(frame - 1)) + frame
+                else:
+                    hva += PAGE_SIZE
+                continue
+            if hva >> PAGE_SHIFT in region.swapped:
+                need += PAGE_SIZE
+                hva += PAGE_SIZE
+                continue
+            if not write and region.backing is not Backing.HUGETLB_1G:
+                hva += PAGE_SIZE
+                continue
+            frame = PAGE_SIZE << level_shift(region.frame_level(hva))
+            need += frame
+            hva = (hva & ~(frame - 1)) + frame
+        charge.check(need)
+
     def read_pfn(self, pfn: int, offset: int, length: int) -> bytes:
         page = self.contents.get(pfn)
         if page is None:
@@ -508,6 +568,10 @@ class HostMm:
 
 
 WRITE_WINDOW = 1 << 20      # bytes a write moves between two need_resched checks
+
+
+def _align_up(value: int, align: int) -> int:
+    return (value + align - 1) & ~(align - 1)
 
 
 def _page_chunks(hva: int, length: int):

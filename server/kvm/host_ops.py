@@ -90,6 +90,8 @@ async def madvise_populate_write(mm: HostMm, hva: int, size: int) -> int:
     timeslice = Timeslice(mm.sched)
     end = hva + size
     populated = 0
+    _populate_range(mm, hva, size)
+    mm.check_populate(hva, end, write=True)       # once, before anything changes
     while True:
         chunks = _populate_range(mm, hva, end - hva)
         shared = [(region, page_hva) for region, start, stop in chunks

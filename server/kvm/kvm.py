@@ -12,6 +12,7 @@ import weakref
 from collections.abc import Iterable
 
 from .errors import NoSuchObject
+from .limits import NO_LIMITS, Limits, MemoryCharge
 from .trace import DEFAULT_CAPACITY, Subscription
 from .vm import Vm, VmConfig
 
@@ -19,16 +20,26 @@ __all__ = ["Kvm"]
 
 
 class Kvm:
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits = NO_LIMITS) -> None:
+        self.limits = limits
         self._vms: dict[int, Vm] = {}
         self._owners: dict[int, str | None] = {}
         self._next_id = 1
         # Subscriptions that follow new VMs, each with the owner whose VMs it follows.
         self._tracing_all: list[tuple[Subscription, str | None]] = []
         self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        # The server's memory charges, the parents of every VM's.
+        self.mapped = MemoryCharge(limits, "server_mapped_bytes")
+        self.populated = MemoryCharge(limits, "server_populated_bytes")
 
     def create_vm(self, config: VmConfig | None = None, owner: str | None = None) -> Vm:
-        vm = Vm(self._next_id, config or VmConfig())
+        config = config or VmConfig()
+        config.validate()
+        self.limits.check("vms", len(self._vms) + 1, f"a VM beyond the {len(self._vms)} "
+                          "this server hosts")
+        self.limits.check_name(config.name)
+        self.limits.check("vcpus", config.max_vcpus, f"max_vcpus {config.max_vcpus}")
+        vm = Vm(self._next_id, config, self.limits, self.mapped, self.populated)
         for sub, follows in self._following():
             if self._visible(owner, follows):
                 vm.tracer.attach(sub)
@@ -58,6 +69,9 @@ class Kvm:
         later included, when `vm_ids` is empty; `events` filters by name (empty: all). A
         subscription to named VMs ends when the last of them is destroyed."""
         vms = [self.get_vm(vm_id, owner) for vm_id in dict.fromkeys(vm_ids)]
+        open_subs = len(self.subscriptions())
+        self.limits.check("trace_subscribers", open_subs + 1,
+                          f"a subscription beyond the {open_subs} open")
         sub = Subscription(events, capacity, ends_with_tracers=bool(vms))
         self._subscriptions.add(sub)
         if not vms:

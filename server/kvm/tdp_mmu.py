@@ -134,8 +134,9 @@ class TdpMmu:
             self.put_root(root)
 
     async def teardown(self, roots: list[MmuPage]) -> None:
-        """`kvm_mmu_uninit_tdp_mmu` at VM destruction: zap `roots` (just invalidated; no
-        vCPU holds them) and drop them.
+        """`kvm_mmu_uninit_tdp_mmu` at VM destruction: zap `roots` (just invalidated) and
+        drop the TDP MMU's reference to them. A vCPU inside KVM_RUN keeps its reference
+        until it leaves: its fault finds the root invalid and empty, and retries.
 
         When they are all the roots there are, in bulk: a table at a time instead of an
         SPTE at a time, since a sparsely mapped VM has hundreds of empty entries for each

@@ -36,7 +36,7 @@ from .mmu_internal import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY
 from .mmu_page import MmuPage
 from .resched import Timeslice
 from .stats import VcpuStats
-from .types import PAGE_SIZE, AccessKind
+from .types import PAGE_SHIFT, PAGE_SIZE, AccessKind
 from .vmx import MISCONFIG_ERROR_CODE, ept_violation_qualification, \
     error_code_from_qualification
 
@@ -213,6 +213,8 @@ class Vcpu:
         elif batch is None and (self._batch is None or self._pos >= len(self._batch)):
             raise KvmError(errno.EINVAL, f"vCPU {self.id} has no batch left to resume: "
                            "run needs a batch")
+        elif batch is not None:
+            self._check_batch_limits(batch)
         if self.clock is not None:
             async with self.clock.running(self.actor, start_ns=start_ns):
                 return await self._run(batch, mmio_data)
@@ -235,6 +237,39 @@ class Vcpu:
                                      message=str(bug)))
         finally:
             self._running = False
+            if self.vm.destroyed:
+                self.release_root()       # `destroy` left it to the vCPU that was running
+
+    def _check_batch_limits(self, batch: AccessBatch) -> None:
+        """Refuse a batch longer than the `batch_accesses` limit, or one that could make
+        the server allocate more than `batch_bytes`: the contents of a 4K page and a page
+        table per level below the root for every access, counted once per distinct page
+        and table; the exact count only when the cheap bounds (every access distinct,
+        every TLB key distinct) do not settle it. (A huge host frame costs the server no
+        more than the 4K pages written in it; it is charged as populated memory.)"""
+        limits, n = self.vm.limits, len(batch)
+        limits.check("batch_accesses", n, f"a batch of {n} accesses", errno.E2BIG)
+        table_levels = range(1, self.vm.tdp.root_level)
+        worst = PAGE_SIZE * (1 + len(table_levels))
+        if n * worst <= limits.batch_bytes or \
+                len(set(batch.tlb_keys)) * worst <= limits.batch_bytes:
+            return
+        gpas = batch.gpas
+        need = PAGE_SIZE * sum(len({gpa >> (PAGE_SHIFT + 9 * level) for gpa in gpas})
+                               for level in range(len(table_levels) + 1))
+        limits.check("batch_bytes", need, f"a batch that may allocate {need} bytes",
+                     errno.E2BIG)
+
+    @property
+    def running(self) -> bool:
+        """Inside KVM_RUN: a fault of this vCPU may be using its root."""
+        return self._running
+
+    def cancel_mmio(self, pending: Exit) -> None:
+        """Drop the MMIO exit `pending` if it is still the one to complete: its access is
+        cancelled, the batch ends there and the vCPU takes a new batch."""
+        if self._mmio is pending and not self._running:
+            self._mmio = self._batch = None
 
     def _check_mmio_completion(self, data: bytes) -> None:
         pending = self._mmio
@@ -304,6 +339,8 @@ class Vcpu:
                 try:
                     r = await page_fault(self, gpa, error_code)
                 except KvmError as e:
+                    if self.requests & KVM_REQ_VM_DEAD:
+                        vm.check_alive()           # the VM went away under the fault
                     op = batch.ops[i]
                     return self._result(Exit(ExitReason.MEMORY_FAULT, gpa=gpa,
                                              length=op_size(op), is_write=_is_write(op),

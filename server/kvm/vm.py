@@ -32,6 +32,7 @@ from .host_region import is_zero_pfn
 from .memslots import (KVM_ADDRESS_SPACE_NUM, KVM_MEMSLOT_INVALID, Memslot, MemslotChange,
                        MemslotInfo, Memslots, check_region)
 from .mmu import can_be_fast_table
+from .limits import NO_LIMITS, Limits, MemoryCharge
 from .mmu_lock import MmuLock
 from .notifier import Notifier
 from .rcu import Rcu
@@ -212,9 +213,11 @@ _ALIVE = VmState.ALIVE
 
 
 class Vm:
-    def __init__(self, vm_id: int, config: VmConfig) -> None:
+    def __init__(self, vm_id: int, config: VmConfig, limits: Limits = NO_LIMITS,
+                 server_mapped: MemoryCharge | None = None,
+                 server_populated: MemoryCharge | None = None) -> None:
         config.validate()
-        self.id, self.config = vm_id, config
+        self.id, self.config, self.limits = vm_id, config, limits
         self.state = VmState.ALIVE
         self.death: str = ""
         self.ad_enabled = config.ad_bits
@@ -233,7 +236,8 @@ class Vm:
         self.clock = VirtualClock(Costs(dict(config.costs)), config.schedule_seed or 0) \
             if config.clock == "virtual" else None
         self.sched = Scheduler(config.schedule_seed, self.clock)
-        self.host = HostMm()
+        self.host = HostMm(MemoryCharge(limits, "vm_mapped_bytes", server_mapped),
+                           MemoryCharge(limits, "vm_populated_bytes", server_populated))
         self.host.sched = self.sched
         self.host.clock = self.tracer.clock = self.clock
         self.sanitizers = Sanitizers(self) if config.sanitizers else None
@@ -276,6 +280,10 @@ class Vm:
         if self.state is VmState.DEAD:
             raise KvmError(errno.EIO, f"VM {self.id} is dead: {self.death}")
 
+    @property
+    def destroyed(self) -> bool:
+        return self.state is VmState.DESTROYED
+
     def mark_dead(self, bug: VmBugged) -> None:
         if self.state is VmState.ALIVE:
             death = str(bug)
@@ -300,17 +308,34 @@ class Vm:
         await self.holds.release_all(HoldState.VM_DESTROYED)
         self.host.notifiers.remove(self.notifier)
         async with self.mmu_lock.write:
+            # A vCPU inside KVM_RUN may be mid-fault on its root: it finds the root invalid
+            # (RET_PF_RETRY), then KVM_REQ_VM_DEAD at its next entry, and drops the root as
+            # it leaves KVM_RUN (in KVM no vCPU runs once kvm_destroy_vm can start).
             if self.shadow is not None:
                 for vcpu in self._vcpus.values():
-                    vcpu.release_root()
+                    if not vcpu.running:
+                        vcpu.release_root()
                 await self.shadow.zap_all()
             else:
                 roots = self.tdp.invalidate_all_roots()
                 for vcpu in self._vcpus.values():
-                    vcpu.release_root()
+                    if not vcpu.running:
+                        vcpu.release_root()
                 await self.tdp.teardown(roots)
         await self.rcu.barrier()
         self.tracer.close()
+        self._release_memory()
+
+    def _release_memory(self) -> None:
+        """Drop the memory a destroyed VM held (host pages, dirty bitmaps, TLBs) now,
+        rather than when the cyclic GC reaches the VM's objects, and charge it back."""
+        for slots in self.memslot_sets:
+            for slot in list(slots):
+                slots.replace(slot, None)
+        self.host.release()
+        for vcpu in self._vcpus.values():
+            vcpu.tlb.clear()
+            vcpu.pde_cache.clear()
 
     def _kick_vcpus_dead(self) -> None:
         """`KVM_REQ_VM_DEAD` to every vCPU: one inside KVM_RUN leaves at its next entry."""
@@ -369,6 +394,7 @@ class Vm:
     async def read_hva(self, hva: int, length: int) -> bytes:
         """Read as the VMM would (populates, as touching the memory does)."""
         self.check_alive()
+        self.limits.check_response(length, f"reading {length} bytes")
         return await self.host.read(hva, length)
 
     @simulated("vmm")
@@ -384,6 +410,8 @@ class Vm:
                                      memory_size: int, userspace_addr: int) -> None:
         """`KVM_SET_USER_MEMORY_REGION`: create, delete (size 0), move or change flags."""
         self.check_alive()
+        self.limits.check("memslot_bytes", memory_size, f"a memslot of {memory_size:#x} "
+                          "bytes", errno.E2BIG)
         async with self.slots_lock:
             change, old, new = check_region(self.memslot_sets, slot, flags, guest_phys_addr,
                                             memory_size, userspace_addr, self.max_gfn)
@@ -435,6 +463,7 @@ class Vm:
         `end_invalidation(id)` or for `lease_s` seconds at most; returns the hold's id once
         the range is zapped and flushed."""
         self.check_alive()
+        self._check_holds()
         return (await self.holds.begin(start, end, lease_s)).id
 
     @simulated("holder")
@@ -448,7 +477,12 @@ class Vm:
         """`async with vm.hold_invalidation(start, end) as held:` holds the invalidation
         while the body runs; a cancelled body releases it as CLIENT_GONE."""
         self.check_alive()
+        self._check_holds()
         return self.holds.hold(start, end)
+
+    def _check_holds(self) -> None:
+        held = len(self.holds.held())
+        self.limits.check("holds", held + 1, f"a hold beyond the {held} held")
 
     def held_invalidations(self) -> list[HeldInvalidationInfo]:
         return self.holds.held()

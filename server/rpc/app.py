@@ -22,9 +22,10 @@ from typing import NamedTuple
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from vmmu.server.kvm import Kvm
+from vmmu.server.kvm.limits import DEFAULT_LIMITS, Limits
 from vmmu.server.rpc.auth import ServerTls, TokenInterceptor, Tokens, check_listener
 from vmmu.server.rpc.errors import ErrorInterceptor
 from vmmu.server.rpc.metrics import Metrics, serve_metrics
@@ -42,6 +43,7 @@ MAX_MESSAGE_BYTES = 32 << 20
 # it ends, so a client that stops without closing its connection (its process stopped,
 # its host gone) must not hold a VM for long. Pings go out every half of it.
 DEFAULT_KEEPALIVE_S = 4.0
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 class Serving(NamedTuple):
@@ -64,14 +66,30 @@ class Serving(NamedTuple):
             await self.metrics.wait_closed()
 
 
-async def start_server(address: str = "127.0.0.1:0", *, tls: ServerTls | None = None,
-                       tokens: Tokens | None = None, insecure: bool = False,
-                       keepalive_s: float = DEFAULT_KEEPALIVE_S,
+def _enable_reflection(services: list[str], server: grpc.aio.Server) -> None:
+    """Server reflection, as grpc.reflection.v1 and v1alpha: grpcio-reflection serves
+    v1alpha only, and v1's messages are v1alpha's under another package (the same fields
+    and numbers), so one servicer answers both."""
+    servicer = reflection.aio.ReflectionServicer(
+        [*services, reflection.SERVICE_NAME, REFLECTION_V1], pool=None)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    info = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        REFLECTION_V1, {"ServerReflectionInfo": info}),))
+
+
+async def start_server(address: str = "127.0.0.1:0", limits: Limits = DEFAULT_LIMITS, *,
+                       tls: ServerTls | None = None, tokens: Tokens | None = None,
+                       insecure: bool = False, keepalive_s: float = DEFAULT_KEEPALIVE_S,
                        metrics: str | None = None) -> Serving:
-    """Build and start a server for a new `Kvm` on `address` ("host:0" picks a free port),
-    over TLS if `tls` is given, with an identity per token if `tokens` are; a client that
-    answers no ping for `keepalive_s` seconds loses its connection and its streams;
-    Prometheus metrics are served over HTTP on `metrics` ("host:port") if it is given.
+    """Build and start a server for a new `Kvm` with `limits` on `address` ("host:0" picks
+    a free port), over TLS if `tls` is given, with an identity per token if `tokens` are;
+    a client that answers no ping for `keepalive_s` seconds loses its connection and its
+    streams; Prometheus metrics are served over HTTP on `metrics` ("host:port") if it is
+    given.
 
     Raises InsecureListener (a ValueError) for a non-loopback `address` without `tls`
     unless `insecure`, OSError if the address cannot be bound (in use, or not local).
@@ -80,8 +98,12 @@ async def start_server(address: str = "127.0.0.1:0", *, tls: ServerTls | None = 
     if not keepalive_s > 0:
         raise ValueError(f"keepalive of {keepalive_s} s: it must be positive")
     ping_ms = max(1, round(keepalive_s * 1000 / 2))
-    kvm = Kvm()
-    # The token check comes first: the handlers it lets through run as the caller.
+    kvm = Kvm(limits)
+    # A response may carry `response_bytes` of data and its framing.
+    max_send = max(MAX_MESSAGE_BYTES, limits.response_bytes + (1 << 20))
+    # The token check comes first: the handlers it lets through run as the caller. The
+    # error guard is innermost: it decodes the request of a call the token check let
+    # through, so that undecodable bytes are INVALID_ARGUMENT like any error of the call.
     interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
     if tokens is not None:
         interceptors.insert(0, TokenInterceptor(tokens))
@@ -91,7 +113,7 @@ async def start_server(address: str = "127.0.0.1:0", *, tls: ServerTls | None = 
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", max_send),
                  # Each server has its own Kvm: two sharing a port would split a client's
                  # calls between two sets of VMs.
                  ("grpc.so_reuseport", 0),
@@ -108,9 +130,8 @@ async def start_server(address: str = "127.0.0.1:0", *, tls: ServerTls | None = 
     for service in ("", *services):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
-    reflection.enable_server_reflection(
-        [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME], server)
+    _enable_reflection([*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
+                       server)
 
     try:
         port = (server.add_secure_port(address, tls.credentials()) if tls is not None

@@ -28,6 +28,7 @@ from grpc import StatusCode
 
 from vmmu.server.kvm import Kvm, Vm, VmConfig
 from vmmu.server.kvm.trace import DEFAULT_CAPACITY, Subscription
+from vmmu.server.rpc.errors import refuse
 from vmmu.server.rpc.handlers import Continuation, rewrap
 
 __all__ = ["ServerTls", "Tokens", "TokenInterceptor", "CallerKvm", "caller", "is_loopback",
@@ -134,12 +135,15 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _refusal(handler: grpc.RpcMethodHandler, details: str) -> grpc.RpcMethodHandler:
-    """A handler of `handler`'s kind that answers every call UNAUTHENTICATED."""
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(StatusCode.UNAUTHENTICATED, details)
+def _refusal(method: str, handler: grpc.RpcMethodHandler, details: str
+             ) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind that answers every call UNAUTHENTICATED, with errno
+    EACCES (as opening /dev/kvm without the permission to) in its ErrorInfo."""
+    async def refused(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await refuse(context, method, StatusCode.UNAUTHENTICATED, "EACCES",
+                     f"EACCES: {details}")
 
-    return rewrap(handler, lambda behavior: refuse)
+    return rewrap(handler, lambda behavior: refused)
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
@@ -158,8 +162,9 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
             return handler
         identity = self._tokens.identity(handler_call_details.invocation_metadata)
         if identity is None:
-            return _refusal(handler, "a known token is required: send metadata "
-                                     "'authorization: Bearer <token>'")
+            return _refusal(handler_call_details.method, handler,
+                            "a known token is required: send metadata "
+                            "'authorization: Bearer <token>'")
         _CALLER.set(identity)
         return handler
 

@@ -32,7 +32,7 @@ __all__ = [
     "vm_config", "vm_info", "spte", "clock",
     "backing", "host_region", "madvise", "protection",
     "memslot",
-    "vcpu_info", "run_step", "run_result",
+    "vcpu_info", "run_step", "run_result", "run_response",
     "lease_s", "held_invalidation",
     "trace_subscription", "trace_event",
 ]
@@ -83,9 +83,10 @@ _CHOICES = [_Choice("clock", vm_pb2.Clock, CLOCKS),
 # -- VMs -------------------------------------------------------------------------------
 
 def vm_config(request: vm_pb2.CreateVmRequest) -> VmConfig:
-    if not request.HasField("config"):
-        raise einval("CreateVmRequest.config is required")
+    """The VM's config; VmConfig's defaults for an absent `config` and absent fields, and
+    for zero `max_vcpus` and `tdp_levels` (proto3 cannot tell them from absent)."""
     c = request.config
+    defaults = VmConfig()
     # An absent `sanitizers` leaves VmConfig's default: the server's VMMU_SANITIZERS.
     sanitizers = {"sanitizers": c.sanitizers} if c.HasField("sanitizers") else {}
     gpc_policy = {"gpc_policy": c.gpc_policy} if c.HasField("gpc_policy") else {}
@@ -97,7 +98,9 @@ def vm_config(request: vm_pb2.CreateVmRequest) -> VmConfig:
         if c.HasField("zap_leafs_only") else {}
     choices = {k: v for choice in _CHOICES for k, v in choice.from_config(c).items()}
     mmu = {"mmu": c.mmu} if c.HasField("mmu") else {}
-    return VmConfig(max_vcpus=c.max_vcpus, tdp_levels=c.tdp_levels, ad_bits=c.ad_bits,
+    return VmConfig(max_vcpus=c.max_vcpus or defaults.max_vcpus,
+                    tdp_levels=c.tdp_levels or defaults.tdp_levels,
+                    ad_bits=c.ad_bits if c.HasField("ad_bits") else defaults.ad_bits,
                     name=c.name,
                     schedule_seed=c.schedule_seed if c.HasField("schedule_seed") else None,
                     debug=frozenset(c.debug_knobs), **sanitizers, **gpc_policy,
@@ -197,21 +200,28 @@ def vcpu_info(info: VcpuInfo) -> vcpu_pb2.VcpuInfo:
     return vcpu_pb2.VcpuInfo(id=info.id, running=info.running, mmio_pending=info.mmio_pending)
 
 
-def run_step(request: vcpu_pb2.RunRequest | vcpu_pb2.RunBatchRequest
+def run_step(request: vcpu_pb2.RunRequest | vcpu_pb2.RunBatchRequest, gpa_bits: int
              ) -> dict[str, AccessBatch | bytes | int | None]:
     """The keyword arguments of `Vcpu.run` for one step: a batch, an MMIO completion or
-    none (a resume), and the virtual time to start it at."""
+    none (a resume), and the virtual time to start it at. A batch's gpas must lie within
+    the VM's guest physical address width, `gpa_bits`."""
     start_ns = request.start_ns if request.HasField("start_ns") else None
     step = request.WhichOneof("step")
     if step == "batch":
         b = request.batch
-        return {"batch": AccessBatch.from_wire(b.gpas, b.ops, b.write_data),
+        return {"batch": AccessBatch.from_wire(b.gpas, b.ops, b.write_data, 1 << gpa_bits),
                 "start_ns": start_ns}
     if step == "mmio_completion":
         return {"mmio_data": request.mmio_completion.data, "start_ns": start_ns}
     if step == "resume":
         return {"start_ns": start_ns}
     raise einval(f"{type(request).__name__} needs a batch, an mmio_completion or a resume")
+
+
+def run_response(outcome: RunResult | vcpu_pb2.StepError) -> vcpu_pb2.RunResponse:
+    if isinstance(outcome, vcpu_pb2.StepError):
+        return vcpu_pb2.RunResponse(error=outcome)
+    return vcpu_pb2.RunResponse(result=run_result(outcome))
 
 
 def run_result(result: RunResult) -> vcpu_pb2.RunResult:

@@ -8,6 +8,7 @@ import grpc
 
 from vmmu.server import explore_pool
 from vmmu.server.kvm import explore
+from vmmu.server.kvm.limits import Limits
 from vmmu.v1 import explore_pb2, explore_pb2_grpc
 
 __all__ = ["ExploreServicer"]
@@ -24,6 +25,9 @@ def _outcome(outcome: explore.Outcome | None) -> explore_pb2.SeedOutcome | None:
 
 
 class ExploreServicer(explore_pb2_grpc.ExploreServiceServicer):
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+
     async def ListScenarios(self, request: explore_pb2.ListScenariosRequest, context: Context
                             ) -> explore_pb2.ListScenariosResponse:
         return explore_pb2.ListScenariosResponse(scenarios=[
@@ -32,6 +36,7 @@ class ExploreServicer(explore_pb2_grpc.ExploreServiceServicer):
 
     async def Explore(self, request: explore_pb2.ExploreRequest, context: Context
                       ) -> AsyncIterator[explore_pb2.ExploreResponse]:
+        self.limits.check("explore_seeds", request.seeds, f"{request.seeds} seeds")
         async for step in explore_pool.explore_steps(
                 request.scenario, request.seeds, frozenset(request.knobs), request.first_seed,
                 request.progress_every, workers=max(1, request.workers)):

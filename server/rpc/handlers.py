@@ -22,13 +22,20 @@ _FACTORIES = {
 }
 
 
-def rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Behavior]
+_SAME: Any = object()
+
+
+def rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Behavior], *,
+           request_deserializer: Callable[[bytes], Any] | None = _SAME
            ) -> grpc.RpcMethodHandler:
     """A handler of `handler`'s kind and (de)serializers whose behavior is
-    `wrap(handler's behavior)`."""
+    `wrap(handler's behavior)`; with `request_deserializer`, that one decodes the requests
+    (None: the behavior gets their bytes)."""
+    if request_deserializer is _SAME:
+        request_deserializer = handler.request_deserializer
     for kind, factory in _FACTORIES.items():
         behavior = getattr(handler, kind)
         if behavior is not None:
-            return factory(wrap(behavior), request_deserializer=handler.request_deserializer,
+            return factory(wrap(behavior), request_deserializer=request_deserializer,
                            response_serializer=handler.response_serializer)
     raise AssertionError(f"a method handler of no kind: {handler}")

@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from vmmu.server.kvm import Kvm, Vcpu, Vm
+from vmmu.server.kvm import Exit, ExitReason, Kvm, RunResult, Vcpu, Vm
 from vmmu.server.rpc import convert
 from vmmu.server.rpc.auth import CallerKvm
 from vmmu.server.rpc.dirty_log import DirtyLogServicer
+from vmmu.server.rpc.errors import refusable
 from vmmu.server.rpc.explore import ExploreServicer
 from vmmu.server.rpc.gpc import GpcServicer
 from vmmu.v1 import (dirty_log_pb2, dirty_log_pb2_grpc, explore_pb2, explore_pb2_grpc, gpc_pb2,
@@ -26,6 +27,7 @@ __all__ = ["VmServicer", "HostMemoryServicer", "MemslotServicer", "VcpuServicer"
            "NotifierServicer", "TraceServicer", "add_servicers"]
 
 Context = grpc.aio.ServicerContext
+RUN = "/vmmu.v1.VcpuService/Run"
 
 
 class _Servicer:
@@ -196,17 +198,31 @@ class VcpuServicer(_Servicer, vcpu_pb2_grpc.VcpuServiceServicer):
 
     async def Run(self, requests: AsyncIterator[vcpu_pb2.RunRequest], context: Context
                   ) -> None:
-        # context.read/write rather than iterating `requests`: a step less per message.
-        while (request := await context.read()) is not grpc.aio.EOF:
-            step = convert.run_step(request)
-            result = await self._vcpu(request).run(**step)
-            await context.write(vcpu_pb2.RunResponse(result=convert.run_result(result)))
+        # The MMIO exits this stream left pending, by vCPU: dropped when the stream ends.
+        pending: dict[Vcpu, Exit] = {}
+        try:
+            # context.read/write rather than iterating `requests`: a step less per message.
+            while (request := await context.read()) is not grpc.aio.EOF:
+                outcome = await refusable(self._run_step(request, pending), RUN, context)
+                await context.write(convert.run_response(outcome))
+        finally:
+            for vcpu, mmio in pending.items():
+                vcpu.cancel_mmio(mmio)
 
     async def RunBatch(self, request: vcpu_pb2.RunBatchRequest, context: Context
                        ) -> vcpu_pb2.RunBatchResponse:
-        step = convert.run_step(request)
-        result = await self._vcpu(request).run(**step)
+        result = await self._run_step(request)
         return vcpu_pb2.RunBatchResponse(result=convert.run_result(result))
+
+    async def _run_step(self, request: vcpu_pb2.RunRequest | vcpu_pb2.RunBatchRequest,
+                        pending: dict[Vcpu, Exit] | None = None) -> RunResult:
+        vcpu = self._vcpu(request)
+        result = await vcpu.run(**convert.run_step(request, vcpu.vm.config.gpa_bits))
+        if pending is not None and result.exit.reason is ExitReason.MMIO:
+            pending[vcpu] = result.exit
+        elif pending is not None:
+            pending.pop(vcpu, None)
+        return result
 
 
 class NotifierServicer(_Servicer, notifier_pb2_grpc.NotifierServiceServicer):
@@ -259,7 +275,8 @@ def add_servicers(model: Kvm, server: grpc.aio.Server) -> list[str]:
                                                                   server)
     memslot_pb2_grpc.add_MemslotServiceServicer_to_server(MemslotServicer(kvm), server)
     vcpu_pb2_grpc.add_VcpuServiceServicer_to_server(VcpuServicer(kvm), server)
-    explore_pb2_grpc.add_ExploreServiceServicer_to_server(ExploreServicer(), server)
+    explore_pb2_grpc.add_ExploreServiceServicer_to_server(ExploreServicer(model.limits),
+                                                        server)
     notifier_pb2_grpc.add_NotifierServiceServicer_to_server(NotifierServicer(kvm), server)
     trace_pb2_grpc.add_TraceServiceServicer_to_server(TraceServicer(kvm), server)
     gpc_pb2_grpc.add_GpcServiceServicer_to_server(GpcServicer(kvm), server)

@@ -190,3 +190,23 @@ async def test_an_invalid_root_that_still_maps_an_invalidated_range_is_a_violati
     with pytest.raises(SanitizerViolation) as e:
         vm.sanitizers.check_range_unmapped(0, 0x200, 0x400)
     assert e.value.oracle == INVALID_ROOT_MAPS_RANGE and e.value.gfn == 0x200
+@pytest.mark.parametrize("seed", range(24))
+async def test_a_vm_destroyed_mid_fault_ends_the_runs_and_frees_every_root(make_guest, seed):
+    """A destroy that runs to its end while a fault of each vCPU is between preemption
+    points: the fault finds its root invalid, the vCPU leaves with ENOENT at its next
+    entry and drops its root on the way out, so every table is freed."""
+    guest = await make_guest(size=8 << 20, max_vcpus=2, schedule_seed=seed)
+    vm = guest.vm
+    vcpus = [guest.vcpu, vm.create_vcpu(1)]
+    batches = [AccessBatch.build([(gpa, R, 4, b"") for gpa in range(v << 12, 8 << 20, 7 << 12)])
+               for v in range(2)]
+    runs = [asyncio.create_task(vcpu.run(batch)) for vcpu, batch in zip(vcpus, batches)]
+    for _ in range(seed % 11 + 1):
+        await asyncio.sleep(0)
+    await vm.destroy()
+    for run in runs:
+        with pytest.raises(KvmError) as err:
+            await run
+        assert err.value.errno == errno.ENOENT
+    await vm.rcu.barrier()
+    assert vm.tdp.roots == [] and len(vm.tdp.tables) == 0

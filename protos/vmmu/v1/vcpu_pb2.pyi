@@ -153,11 +153,32 @@ class RunRequest(_message.Message):
     start_ns: int
     def __init__(self, vm_id: _Optional[int] = ..., vcpu_id: _Optional[int] = ..., batch: _Optional[_Union[AccessBatch, _Mapping]] = ..., mmio_completion: _Optional[_Union[MmioCompletion, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., start_ns: _Optional[int] = ...) -> None: ...
 
+class StepError(_message.Message):
+    __slots__ = ("code", "reason", "message", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    reason: str
+    message: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class RunResponse(_message.Message):
-    __slots__ = ("result",)
+    __slots__ = ("result", "error")
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     result: RunResult
-    def __init__(self, result: _Optional[_Union[RunResult, _Mapping]] = ...) -> None: ...
+    error: StepError
+    def __init__(self, result: _Optional[_Union[RunResult, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ...) -> None: ...
 
 class RunBatchRequest(_message.Message):
     __slots__ = ("vm_id", "vcpu_id", "batch", "mmio_completion", "resume", "start_ns")

@@ -90,7 +90,12 @@ class VcpuServiceServicer:
     def Run(self, request_iterator, context):
         """Run is a KVM_RUN loop on a stream: every request is one step (a new access batch, or
         the completion of the pending MMIO access) and gets exactly one response, in order.
-        An error ends the stream with its status; steps answered before it stand.
+        A step the vCPU refuses (a malformed batch, a batch while an MMIO exit is pending, a
+        limit) is answered with `error` set, changes nothing, and the stream goes on. Only a
+        request that cannot be decoded or a broken invariant ends the stream with a status.
+        When the stream ends (half-closed, cancelled or failed) with an MMIO exit of its own
+        pending on a vCPU, that MMIO is dropped: the access is cancelled (its batch ends
+        there, as if the guest never retried it) and the vCPU takes a new batch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

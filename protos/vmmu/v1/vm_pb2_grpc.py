@@ -87,7 +87,8 @@ class VmServiceServicer:
     """
 
     def CreateVm(self, request, context):
-        """CreateVm creates an empty VM: no memslots, no vCPUs (KVM_CREATE_VM).
+        """CreateVm creates an empty VM: no memslots, no vCPUs (KVM_CREATE_VM). An empty request
+        is a VM with the defaults of VmConfig (8 vCPUs, 4-level EPT with A/D bits).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
