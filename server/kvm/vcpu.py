@@ -249,7 +249,7 @@ class Vcpu:
         more than the 4K pages written in it; it is charged as populated memory.)"""
         limits, n = self.vm.limits, len(batch)
         limits.check("batch_accesses", n, f"a batch of {n} accesses", errno.E2BIG)
-        table_levels = range(1, self.vm.tdp.root_level)
+        table_levels = range(1, self.vm.mmu.root_level)
         worst = PAGE_SIZE * (1 + len(table_levels))
         if n * worst <= limits.batch_bytes or \
                 len(set(batch.tlb_keys)) * worst <= limits.batch_bytes:
