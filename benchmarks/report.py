@@ -1,5 +1,6 @@
 """What every benchmark prints: one JSON line per result, with its ratio to a baseline
-measured in the same run (docs/benchmarks.md); and the change of counters over a phase.
+measured in the same run (docs/benchmarks.md), or a plain row for what is not such a
+result; and the change of counters over a phase.
 
 `delta` is the /dev/kvm harness's (`vmmu.kvmhost.stats`), used here for vmmu's counters
 too.
