@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import emit  # noqa: E402
 from vmmu.server.kvm import (KVM_MEM_LOG_DIRTY_PAGES, AccessBatch, AccessKind,  # noqa: E402
                              Backing, Kvm, VmConfig, make_op)
 from vmmu.server.kvm import aging  # noqa: E402
@@ -45,18 +45,12 @@ MiB, GiB = 1 << 20, 1 << 30
 TEN_TIMES = 0.1
 
 
-def emit(name: str, bulk: list[float], per_spte: list[float], unit: str,
-         target: float | None, **extra) -> None:
-    value, base = statistics.median(bulk), statistics.median(per_spte)
-    ratio = value / base
-    print(json.dumps({"benchmark": name, "value": round(value, 1), "unit": unit,
-                      "baseline": "per-SPTE path", "baseline_value": round(base, 1),
-                      "ratio": round(ratio, 4),
-                      "target": None if target is None else f"ratio <= {target}",
-                      "met": None if target is None else ratio <= target,
-                      "samples": [round(v, 1) for v in bulk],
-                      "baseline_samples": [round(v, 1) for v in per_spte], **extra}),
-          flush=True)
+def emit_bulk(name: str, bulk: list[float], per_spte: list[float], unit: str,
+              limit: float | None, **extra) -> None:
+    """The bulk path's median against the per-SPTE path's, with both runs' samples."""
+    emit(name, statistics.median(bulk), unit, "per-SPTE path", statistics.median(per_spte),
+         limit=limit, digits=1, ratio_digits=4, samples=[round(v, 1) for v in bulk],
+         baseline_samples=[round(v, 1) for v in per_spte], **extra)
 
 
 def check(ok: bool, message: str) -> None:
@@ -139,8 +133,8 @@ async def young_and_zap(size: int, runs: int) -> None:
                 check(flush and vm.stat.pages_4k == 0, "the zap should leave no leaf")
             await vm.destroy()
     common = {"size_mib": size >> 20, "runs": runs}
-    emit("bulk.young_bitmap", young[True], young[False], "ns/page", TEN_TIMES, **common)
-    emit("bulk.zap_leafs", zap[True], zap[False], "ns/spte", TEN_TIMES, **common)
+    emit_bulk("bulk.young_bitmap", young[True], young[False], "ns/page", TEN_TIMES, **common)
+    emit_bulk("bulk.zap_leafs", zap[True], zap[False], "ns/spte", TEN_TIMES, **common)
 
 
 async def dirty_log(size: int, runs: int) -> None:
@@ -169,8 +163,8 @@ async def dirty_log(size: int, runs: int) -> None:
             check(not any(leaf.writable for leaf in vm.walk(0)[-1:]), "page 0 protected")
             await vm.destroy()
     common = {"size_mib": size >> 20, "runs": runs}
-    emit("bulk.get_dirty_log", get[True], get[False], "ns/page", None, **common)
-    emit("bulk.enable_dirty_log", enable[True], enable[False], "ns/page", None, **common)
+    emit_bulk("bulk.get_dirty_log", get[True], get[False], "ns/page", None, **common)
+    emit_bulk("bulk.enable_dirty_log", enable[True], enable[False], "ns/page", None, **common)
 
 
 def main(argv: list[str] | None = None) -> None:

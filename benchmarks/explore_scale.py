@@ -26,14 +26,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
-from vmmu.server.explore_pool import RayMissing, default_workers, open_workers
-from vmmu.server.kvm.explore import SCENARIOS, explore
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.report import emit  # noqa: E402
+from vmmu.server.explore_pool import RayMissing, default_workers, open_workers  # noqa: E402
+from vmmu.server.kvm.explore import SCENARIOS, explore  # noqa: E402
 
 SCENARIO = "fault_vs_invalidate"
 LOOP_S = 2.0
@@ -43,14 +47,11 @@ PER_SEED_SEEDS = 20
 EMPTY_TASKS = 400
 
 
-def emit(name: str, value: float, unit: str, baseline: str | None = None,
-         baseline_value: float | None = None, ratio: float | None = None, **extra) -> None:
-    line = {"benchmark": name, "value": round(value, 3), "unit": unit}
-    if baseline is not None:
-        line.update(baseline=baseline, baseline_value=round(baseline_value, 3),
-                    ratio=round(ratio, 3))
-    line.update(extra, load=[round(x, 2) for x in os.getloadavg()])
-    print(json.dumps(line), flush=True)
+def emit_loaded(name: str, value: float, unit: str, baseline: str | None = None,
+                baseline_value: float | None = None, **extra) -> None:
+    """One result line with the machine's load averages: the pools' rates follow them."""
+    emit(name, value, unit, baseline, baseline_value, **extra,
+         load=[round(x, 2) for x in os.getloadavg()])
 
 
 def cpu_seconds(pool) -> float:
@@ -120,20 +121,20 @@ async def main(runs: int, seeds: int, workers: int, use_ray: bool) -> None:
     for name in sorted(SCENARIOS):
         begun, cpu = time.perf_counter(), time.process_time()
         await explore(name, PER_SEED_SEEDS, frozenset(), 20_000_000)
-        emit(f"explore_scale.per_seed.{name}",
-             (time.process_time() - cpu) / PER_SEED_SEEDS * 1e3, "cpu-ms/seed",
-             wall_ms=round((time.perf_counter() - begun) / PER_SEED_SEEDS * 1e3, 3),
-             seeds=PER_SEED_SEEDS)
+        emit_loaded(f"explore_scale.per_seed.{name}",
+                    (time.process_time() - cpu) / PER_SEED_SEEDS * 1e3, "cpu-ms/seed",
+                    wall_ms=round((time.perf_counter() - begun) / PER_SEED_SEEDS * 1e3, 3),
+                    seeds=PER_SEED_SEEDS)
     async with AsyncExitStack() as stack:
         pools = {"one_process": (await started(1, None, stack))[0]}
         pools["processes"], start_s = await started(workers, None, stack)
-        emit("explore_scale.processes_start", start_s, "s", **shared)
+        emit_loaded("explore_scale.processes_start", start_s, "s", **shared)
         if use_ray:
             try:
                 pools["ray"], start_s = await started(workers, "", stack)
-                emit("explore_scale.ray_start", start_s, "s", **shared)
+                emit_loaded("explore_scale.ray_start", start_s, "s", **shared)
             except RayMissing as missing:
-                emit("explore_scale.ray", 0, "seeds/s", skipped=str(missing))
+                emit_loaded("explore_scale.ray", 0, "seeds/s", skipped=str(missing))
         rates: dict[str, list[float]] = {mode: [] for mode in pools}
         per_cpu: dict[str, list[float]] = {"one_process": [], "processes": []}
         loops: list[float] = []
@@ -150,37 +151,38 @@ async def main(runs: int, seeds: int, workers: int, use_ray: bool) -> None:
             if "ray" in pools:
                 rates["ray_batch1"].append(
                     (await seeds_per_second(pools["ray"], seeds, first_seed, batch=1))[0])
-        emit("explore_scale.bare_loops", statistics.median(loops), "x one process",
-             samples=[round(r, 2) for r in loops], **shared)
+        emit_loaded("explore_scale.bare_loops", statistics.median(loops), "x one process",
+                    samples=[round(r, 2) for r in loops], **shared)
         one = rates["one_process"]
         efficiency = statistics.median(
             p / b for p, b in zip(per_cpu["processes"], per_cpu["one_process"]))
-        emit("explore_scale.processes_cpu", statistics.median(per_cpu["processes"]),
-             "seeds/cpu-s", "one_process", statistics.median(per_cpu["one_process"]),
-             efficiency, samples=[round(r, 2) for r in per_cpu["processes"]],
-             scaling_if_cores_free=round(workers * efficiency, 2), **shared)
-        emit("explore_scale.one_process", statistics.median(one), "seeds/s",
-             samples=[round(r, 2) for r in one], **shared)
+        emit_loaded("explore_scale.processes_cpu", statistics.median(per_cpu["processes"]),
+                    "seeds/cpu-s", "one_process", statistics.median(per_cpu["one_process"]),
+                    ratio=efficiency, samples=[round(r, 2) for r in per_cpu["processes"]],
+                    scaling_if_cores_free=round(workers * efficiency, 2), **shared)
+        emit_loaded("explore_scale.one_process", statistics.median(one), "seeds/s",
+                    samples=[round(r, 2) for r in one], **shared)
         for mode, target in (("processes", f">= {0.8 * workers:.1f} (0.8 x K)"),
                              ("ray", None)):
             if mode in rates:
-                emit(f"explore_scale.{mode}", statistics.median(rates[mode]), "seeds/s",
-                     "one_process", statistics.median(one),
-                     statistics.median(r / b for r, b in zip(rates[mode], one)),
-                     target=target, samples=[round(r, 2) for r in rates[mode]], **shared)
+                emit_loaded(f"explore_scale.{mode}", statistics.median(rates[mode]),
+                            "seeds/s", "one_process", statistics.median(one),
+                            ratio=statistics.median(r / b for r, b in zip(rates[mode], one)),
+                            target=target, samples=[round(r, 2) for r in rates[mode]],
+                            **shared)
         if "ray" in pools:
-            emit("explore_scale.ray_batch1", statistics.median(rates["ray_batch1"]),
-                 "seeds/s", "ray", statistics.median(rates["ray"]),
-                 statistics.median(r / b for r, b in zip(rates["ray_batch1"],
-                                                          rates["ray"])),
-                 samples=[round(r, 2) for r in rates["ray_batch1"]], **shared)
+            emit_loaded("explore_scale.ray_batch1", statistics.median(rates["ray_batch1"]),
+                        "seeds/s", "ray", statistics.median(rates["ray"]),
+                        ratio=statistics.median(r / b for r, b in zip(rates["ray_batch1"],
+                                                                      rates["ray"])),
+                        samples=[round(r, 2) for r in rates["ray_batch1"]], **shared)
             latency, in_flight, driver = await ray_task_cost(workers)
-            emit("explore_scale.ray_task_round_trip", latency * 1e3, "ms/task",
-                 tasks=EMPTY_TASKS // 4)
-            emit("explore_scale.ray_task_cost", in_flight * 1e3, "ms/task",
-                 tasks=EMPTY_TASKS, in_flight=2 * workers)
-            emit("explore_scale.ray_driver_cpu", driver * 1e3, "ms/task",
-                 tasks=EMPTY_TASKS, in_flight=2 * workers)
+            emit_loaded("explore_scale.ray_task_round_trip", latency * 1e3, "ms/task",
+                        tasks=EMPTY_TASKS // 4)
+            emit_loaded("explore_scale.ray_task_cost", in_flight * 1e3, "ms/task",
+                        tasks=EMPTY_TASKS, in_flight=2 * workers)
+            emit_loaded("explore_scale.ray_driver_cpu", driver * 1e3, "ms/task",
+                        tasks=EMPTY_TASKS, in_flight=2 * workers)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import shutil
@@ -32,7 +31,7 @@ if __package__ in (None, ""):
 
 from benchmarks.kvm_compare import (FAST_PF_TARGET, SLOT, check,  # noqa: E402
                                     vmmu_logged_guest)
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.report import emit, row  # noqa: E402
 
 MiB = 1 << 20
 # A child runs up to its phase: "setup", "first" (+ the first pass), "harvested"
@@ -78,8 +77,7 @@ def main() -> None:
         asyncio.run(child(args.child, args.mib * MiB))
         return
     if shutil.which("valgrind") is None:
-        print(json.dumps({"benchmark": "fault_instructions", "skipped": "valgrind is not "
-                          "installed"}), flush=True)
+        row(benchmark="fault_instructions", skipped="valgrind is not installed")
         return
     pages = args.mib * MiB // 4096
     ir = {phase: instructions(phase, args.mib) for phase in PHASES}

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -52,7 +51,7 @@ if __package__ in (None, ""):
 
 from benchmarks.kvmhost import KvmUnavailable, PHASES, kvm_dirty_log_workload  # noqa: E402
 from vmmu.kvmhost.workload import FAULT_STATS, host_facts  # noqa: E402
-from benchmarks.report import delta, emit  # noqa: E402
+from benchmarks.report import delta, emit, row  # noqa: E402
 from vmmu.server.kvm import (KVM_MEM_LOG_DIRTY_PAGES, AccessBatch, AccessKind,  # noqa: E402
                              Backing, ExitReason, Kvm, VmConfig, make_op)
 
@@ -168,8 +167,7 @@ def real_kvm_run(size: int) -> dict | None:
     try:
         return kvm_dirty_log_workload(size, 1)
     except (KvmUnavailable, OSError) as e:
-        print(json.dumps({"benchmark": "kvm_compare.realkvm", "available": False,
-                          "reason": str(e)}), flush=True)
+        row(benchmark="kvm_compare.realkvm", available=False, reason=str(e))
         return None
 
 
@@ -249,8 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.size_mib < 1 or args.runs < 1 or args.kvm_runs < 1:
         parser.error("--size-mib, --runs and --kvm-runs must be at least 1")
     size = args.size_mib * MiB
-    print(json.dumps({"benchmark": "kvm_compare.host", **host_facts(),
-                      "populate": POPULATE}), flush=True)
+    row(benchmark="kvm_compare.host", **host_facts(), populate=POPULATE)
     kvm, vmmu = asyncio.run(interleaved(size, args.runs, args.kvm_runs))
     report(args.size_mib, kvm, vmmu, args.runs)
 

@@ -21,24 +21,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
-from vmmu.server.kvm import AccessBatch, AccessKind, Backing, Kvm, VmConfig
-from vmmu.server.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES
-from vmmu.server.kvm.types import PAGE_SIZE
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.report import emit  # noqa: E402
+from vmmu.server.kvm import AccessBatch, AccessKind, Backing, Kvm, VmConfig  # noqa: E402
+from vmmu.server.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES  # noqa: E402
+from vmmu.server.kvm.types import PAGE_SIZE  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-def emit(name: str, value: float, unit: str, baseline: str, baseline_value: float,
-         target: str | None, runs: int, **extra) -> None:
-    print(json.dumps({"benchmark": name, "value": round(value, 3), "unit": unit,
-                      "baseline": baseline, "baseline_value": round(baseline_value, 3),
-                      "ratio": round(value / baseline_value, 3) if baseline_value else None,
-                      "target": target, "runs": runs, **extra}), flush=True)
 
 
 def _batch(pages: int, kind: AccessKind) -> AccessBatch:
@@ -103,17 +100,18 @@ async def main(runs: int, mib: int) -> None:
            for mmu, rs in results.items()}
     for i, (name, unit) in enumerate((("demand_fault", "us/fault"), ("wrprot_fault", "us/fault"),
                                       ("get_dirty_log", "ns/page"))):
-        emit(f"{name}_legacy_vs_tdp", med["legacy"][i], unit, "tdp", med["tdp"][i], None,
-             runs, mib=mib)
+        emit(f"{name}_legacy_vs_tdp", med["legacy"][i], unit, "tdp", med["tdp"][i],
+             runs=runs, mib=mib)
     lockless = statistics.median([await aging(size, True) for _ in range(runs)])
     locked = statistics.median([await aging(size, False) for _ in range(runs)])
     scale = GiB / size
-    emit("aging_lockless_vs_write_lock", lockless, "ms", "write_lock", locked, None, runs,
+    emit("aging_lockless_vs_write_lock", lockless, "ms", "write_lock", locked, runs=runs,
          mib=mib, lockless_ms_per_gib=round(lockless * scale, 1),
          write_lock_ms_per_gib=round(locked * scale, 1))
     tdp = await bytes_per_page("tdp", size)
     legacy = await bytes_per_page("legacy", size)
-    emit("bytes_per_page_legacy", legacy, "bytes/4K page", "tdp", tdp, "<= 20", 1, mib=mib)
+    emit("bytes_per_page_legacy", legacy, "bytes/4K page", "tdp", tdp, target="<= 20",
+         runs=1, mib=mib)
 
 
 if __name__ == "__main__":

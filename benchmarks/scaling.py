@@ -21,15 +21,16 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
-from vmmu.scale import QUICK, SWEEPS, demand_faults, run_sweep
-from vmmu.server.kvm import AccessBatch, AccessKind, Backing, Kvm, VmConfig
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.report import row  # noqa: E402
+from vmmu.scale import QUICK, SWEEPS, demand_faults, run_sweep  # noqa: E402
+from vmmu.server.kvm import AccessBatch, AccessKind, Backing, Kvm, VmConfig  # noqa: E402
 
 PAGE = 4096
-
-
-def emit(**fields) -> None:
-    print(json.dumps(fields, sort_keys=True), flush=True)
 
 
 async def _one_vcpu(clock: str, pages: int) -> float:
@@ -56,7 +57,7 @@ def virtual_vs_wall(runs: int, pages: int) -> None:
         wall.append(asyncio.run(_one_vcpu("wall", pages)))
         virtual.append(asyncio.run(_one_vcpu("virtual", pages)))
     ratio = statistics.median(v / w for v, w in zip(virtual, wall))
-    emit(kind="simulator", result="virtual_vs_wall", pages=pages, runs=runs,
+    row(kind="simulator", result="virtual_vs_wall", pages=pages, runs=runs,
          wall_s=round(statistics.median(wall), 4),
          virtual_s=round(statistics.median(virtual), 4), ratio=round(ratio, 3),
          target=1.5, met=ratio <= 1.5)
@@ -72,11 +73,11 @@ async def _events_per_s(vcpus: int, pages: int) -> tuple[float, int, float]:
 def simulator_speed(pages: int, max_vcpus: int) -> None:
     for vcpus in sorted({1, max_vcpus}):
         wall, events, switches = asyncio.run(_events_per_s(vcpus, pages))
-        emit(kind="simulator", result="events_per_s", vcpus=vcpus, pages=pages,
+        row(kind="simulator", result="events_per_s", vcpus=vcpus, pages=pages,
              wall_s=round(wall, 2), events=events, switches=switches,
              events_per_s=round(events / wall), faults_per_wall_s=round(vcpus * pages / wall))
         if vcpus == 256 and pages == 4096:
-            emit(kind="simulator", result="scale_256", vcpus=vcpus, pages=pages,
+            row(kind="simulator", result="scale_256", vcpus=vcpus, pages=pages,
                  wall_s=round(wall, 2), target_s=60, met=wall <= 60)
 
 
@@ -84,7 +85,7 @@ def determinism(quick: bool) -> None:
     options = dict(QUICK["seed002"], max_vcpus=8) if quick else dict(max_vcpus=16, pages=512)
     once = json.dumps(run_sweep("seed002", seed=7, **options), sort_keys=True)
     twice = json.dumps(run_sweep("seed002", seed=7, **options), sort_keys=True)
-    emit(kind="simulator", result="deterministic", sweep="seed002", identical=once == twice,
+    row(kind="simulator", result="deterministic", sweep="seed002", identical=once == twice,
          met=once == twice)
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import re
@@ -43,6 +42,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.kvm_compare import check, vmmu_logged_guest  # noqa: E402
+from benchmarks.report import emit, row  # noqa: E402
 from vmmu.server.kvm import AccessBatch, AccessKind, Backing, Kvm, VmConfig, make_op  # noqa
 from vmmu.server.kvm.spte import BASE_ADDR_MASK, make_leaf, make_nonleaf  # noqa: E402
 from vmmu.server.kvm.vcpu import TLB_CAPACITY  # noqa: E402
@@ -52,17 +52,6 @@ TRANSLATE_TARGET = 3.0
 FAULT_TARGET = 8.0
 DATA_TARGET = 2.0
 _FRESH = array("Q", [1 << 63]) * 512
-
-
-def emit(name: str, value: float, unit: str, baseline: str, baseline_value: float,
-         target: float | None, **extra) -> None:
-    ratio = value / baseline_value
-    print(json.dumps({"benchmark": name, "value": round(value, 1), "unit": unit,
-                      "baseline": baseline, "baseline_value": round(baseline_value, 1),
-                      "ratio": round(ratio, 3),
-                      "target": None if target is None else f"ratio <= {target}",
-                      "met": None if target is None else ratio <= target, **extra}),
-          flush=True)
 
 
 # -- translation ---------------------------------------------------------------------------
@@ -124,7 +113,7 @@ async def random_tlb(runs: int, n: int) -> None:
     check(vcpu.stats()["pf_taken"] == npages, "no access after warm-up may fault")
     ns = statistics.median(ours)
     emit("translation.random_tlb", ns, "ns/access", "bare array('Q') index loop",
-         statistics.median(index), TRANSLATE_TARGET, runs=runs, accesses=n,
+         statistics.median(index), limit=TRANSLATE_TARGET, digits=1, runs=runs, accesses=n,
          working_set_pages=npages, tlb_capacity=TLB_CAPACITY, tlb_hit_rate=round(hit_rate, 4),
          bare_walk_ns=round(statistics.median(walk), 1),
          ratio_to_bare_walk=round(ns / statistics.median(walk), 3),
@@ -160,7 +149,8 @@ async def data_path(runs: int) -> None:
     base = statistics.median(samples["translate"])
     for name in ("data_read", "data_write"):
         emit(f"translation.{name}", statistics.median(samples[name]), "ns/access",
-             "translation-only read, same gpas", base, DATA_TARGET, runs=runs, accesses=n,
+             "translation-only read, same gpas", base, limit=DATA_TARGET, digits=1,
+             runs=runs, accesses=n,
              samples=[round(v, 1) for v in samples[name]],
              baseline_samples=[round(v, 1) for v in samples["translate"]],
              includes="batch decode + run")
@@ -219,7 +209,7 @@ async def demand_fault(runs: int, size: int) -> tuple[float, float]:
             await vm.destroy()
     ns, base = statistics.median(ours), statistics.median(floor)
     emit("translation.demand_fault", ns, "ns/page", "Python 4-level walk-and-install",
-         base, FAULT_TARGET, runs=runs, size_mib=size >> 20,
+         base, limit=FAULT_TARGET, digits=1, runs=runs, size_mib=size >> 20,
          samples=[round(v) for v in ours], baseline_samples=[round(v) for v in floor])
     return ns, base
 
@@ -249,15 +239,16 @@ def floor_instructions(pages: int) -> int:
 
 def instructions(mib: int) -> None:
     if shutil.which("valgrind") is None:
-        print(json.dumps({"benchmark": "translation.demand_fault_instructions",
-                          "skipped": "valgrind is not installed"}), flush=True)
+        row(benchmark="translation.demand_fault_instructions",
+            skipped="valgrind is not installed")
         return
     from benchmarks.fault_instructions import instructions as vmmu_instructions
     pages = mib * MiB // 4096
     floor = (floor_instructions(pages) - floor_instructions(0)) / pages
     ours = (vmmu_instructions("first", mib) - vmmu_instructions("setup", mib)) / pages
     emit("translation.demand_fault_instructions", ours, "instructions/page",
-         "Python 4-level walk-and-install", floor, FAULT_TARGET, size_mib=mib)
+         "Python 4-level walk-and-install", floor, limit=FAULT_TARGET, digits=1,
+         size_mib=mib)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+from benchmarks.report import emit
 from vmmu.kvmhost.workload import MiB, PHASES, kvm_dirty_log_workload
 
 
@@ -21,10 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     common = {"runs": result["runs"], "size_mib": args.size_mib, "host": result["host"]}
     for phase in PHASES:
         extra = {"vcpu_stats": result["vcpu_stats"][phase]} if phase in result["vcpu_stats"] else {}
-        print(json.dumps({"benchmark": f"realkvm.{phase}",
-                          "value": round(result["ns_per_page"][phase], 1), "unit": "ns/page",
-                          "samples": [round(v, 1) for v in result["samples"][phase]],
-                          **extra, **common}), flush=True)
+        emit(f"realkvm.{phase}", result["ns_per_page"][phase], "ns/page", None, None,
+             digits=1, samples=[round(v, 1) for v in result["samples"][phase]],
+             **extra, **common)
 
 
 if __name__ == "__main__":
