@@ -70,8 +70,8 @@ def _batch(data: st.DataObject, ctx: dict[str, int]) -> vcpu_pb2.AccessBatch:
             builder.write(gpa, 8, data=bytes(8))
         else:
             builder.read(gpa, 8, with_data=data.draw(st.booleans()))
-    gpas, ops, write_data = builder.build().to_wire()
-    return vcpu_pb2.AccessBatch(gpas=gpas, ops=ops, write_data=write_data)
+    batch = builder.build()
+    return vcpu_pb2.AccessBatch(gpas=batch.gpas, ops=batch.ops, write_data=batch.write_data)
 
 
 def _fill(data: st.DataObject, message: Message, ctx: dict[str, int], depth: int = 0) -> None:

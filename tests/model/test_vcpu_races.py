@@ -209,4 +209,4 @@ async def test_a_vm_destroyed_mid_fault_ends_the_runs_and_frees_every_root(make_
             await run
         assert err.value.errno == errno.ENOENT
     await vm.rcu.barrier()
-    assert vm.tdp.roots == [] and len(vm.tdp.tables) == 0
+    assert vm.mmu.roots == [] and len(vm.mmu.tables) == 0
