@@ -167,18 +167,12 @@ class MmuLock:
                 self._stats[f"{mode}_wait_ns"] += time.perf_counter_ns() - start
 
     def release_read(self) -> None:
-        self._release_read()
-
-    def _release_read(self) -> None:
         if self._readers.pop(current_task(), None) is None:
             raise LockAssertion("mmu_lock released for read by a task that does not hold it")
         if self._waiters:
             self._grant()
 
     def release_write(self) -> None:
-        self._release_write()
-
-    def _release_write(self) -> None:
         if self._writer is None or self._writer is not current_task():
             raise LockAssertion("mmu_lock released for write by a task that does not hold it")
         self._writer = None
@@ -269,14 +263,14 @@ class MmuLock:
         if t > self._read_free_at:
             self._read_free_at = t
         self._stats["read_hold_ns"] += t - self._granted_at.pop(current_task(), t)
-        self._release_read()
+        MmuLock.release_read(self)           # the lock itself, under the virtual override
 
     def _release_write_virtual(self) -> None:
         clock = self.clock
         clock.charge(clock.costs.lock_acquire)
         t = self._write_free_at = clock.time()
         self._stats["write_hold_ns"] += t - self._granted_at.pop(current_task(), t)
-        self._release_write()
+        MmuLock.release_write(self)
 
     # -- contracts ----------------------------------------------------------------
 
