@@ -9,7 +9,8 @@
         faultin             snapshot mmu_invalidate_seq; memslot; host pfn (GUP-fast, else
                             the lookup that may sleep); the unlocked retry pre-checks
         mmu_lock for read   is_page_fault_stale (root invalid, retry_gfn)
-          hugepage_adjust   the level the slot, the lpage rules and the host allow
+          hugepage_adjust   the level the slot, the lpage rules and the host allow; 4K
+                            for a fetch under the NX huge page mitigation
           TdpMmu.map        walk, link, install with CAS
       each outcome is counted: pf_fixed, pf_emulate, pf_spurious, pf_retry
 
@@ -275,7 +276,11 @@ def is_page_fault_stale(vcpu: "Vcpu", fault: PageFault) -> bool:
 
 
 def hugepage_adjust(vcpu: "Vcpu", fault: PageFault) -> None:
-    """Pick `goal_level`: memslot lpage rules, dirty logging and the host mapping level."""
+    """Pick `goal_level`: memslot lpage rules, dirty logging and the host mapping level.
+    Under the NX huge page mitigation an instruction fetch is `huge_page_disallowed`: it
+    keeps `req_level`, the level it could have mapped, but maps at 4K."""
+    if fault.error_code & PFERR_FETCH_MASK and vcpu.vm.config.nx_huge_pages:
+        fault.huge_page_disallowed = True
     slot = fault.slot
     if slot is None or fault.host_level == PG_LEVEL_4K or fault.max_level == PG_LEVEL_4K or \
             slot.dirty_logging:
@@ -285,6 +290,6 @@ def hugepage_adjust(vcpu: "Vcpu", fault: PageFault) -> None:
     level = slot.max_lpage_level(fault.gfn, min(fault.max_level, MAX_HUGEPAGE_LEVEL,
                                                 fault.host_level))
     fault.req_level = level
-    if level > PG_LEVEL_4K:
+    if level > PG_LEVEL_4K and not fault.huge_page_disallowed:
         fault.goal_level = level
         fault.pfn &= ~(pages_per_level(level) - 1)

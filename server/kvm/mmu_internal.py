@@ -63,6 +63,7 @@ class PageFault:
     req_level = PG_LEVEL_4K
     goal_level = PG_LEVEL_4K
     host_level = PG_LEVEL_4K        # the level the host maps the hva at
+    huge_page_disallowed = False    # an instruction fetch under the NX huge page mitigation
 
     def __init__(self, addr: int, error_code: int) -> None:
         self.addr = addr
@@ -71,10 +72,12 @@ class PageFault:
         self.write = error_code & PFERR_WRITE_MASK != 0
 
 
-def fault_spte(fault: PageFault, level: int, ad_enabled: bool) -> int:
+def fault_spte(fault: PageFault, level: int, ad_enabled: bool,
+               executable: bool = True) -> int:
     """`make_spte` for a fault, as both MMUs install it: an MMIO SPTE when no memslot
-    holds the gfn, else the leaf (host_writable = writable = map_writable)."""
+    holds the gfn, else the leaf (host_writable = writable = map_writable; not executable
+    when the NX huge page mitigation says so)."""
     if fault.slot is None:
         return make_mmio(fault.gfn, fault.generation)
     writable = fault.map_writable
-    return make_leaf(fault.pfn, level, writable, writable, ad_enabled)
+    return make_leaf(fault.pfn, level, writable, writable, ad_enabled, executable=executable)

@@ -46,7 +46,7 @@ class _FreedChildren:
 
 class MmuPage:
     __slots__ = ("spt", "children", "pfn", "level", "gfn", "as_id", "invalid", "freed", "is_root",
-                 "root_refs")
+                 "root_refs", "nx_huge_page_disallowed")
 
     def __init__(self, pfn: int, level: int, gfn: int, as_id: int, is_root: bool) -> None:
         self.spt = array("Q", _FRESH)
@@ -58,6 +58,9 @@ class MmuPage:
         self.freed = False
         self.is_root = is_root
         self.root_refs = 2 if is_root else 0   # the creating vCPU's and the TDP MMU's own
+        # Made by an instruction fetch under the NX huge page mitigation: a fault must not
+        # replace this table with a huge leaf (`disallowed_hugepage_adjust`).
+        self.nx_huge_page_disallowed = False
 
     def __repr__(self) -> str:
         return f"MmuPage(pfn={self.pfn:#x}, level={self.level}, gfn={self.gfn:#x})"

@@ -27,7 +27,7 @@ __all__ = [
     "is_mmio", "is_writable", "is_mmu_writable", "is_host_writable", "is_accessed",
     "is_dirty", "is_access_track", "ad_disabled", "spte_to_pfn",
     "make_nonleaf", "make_leaf", "make_mmio", "make_small", "make_huge", "mmio_gfn",
-    "mmio_generation",
+    "mmio_generation", "make_executable", "make_nonexecutable",
     "mark_for_access_track", "restore_access_track", "needs_atomic_update",
     "leaf_change_needs_tlb_flush", "check_writable_invariants", "describe",
 ]
@@ -187,13 +187,16 @@ def mmio_generation(spte: int) -> int:
     return low | (high << _MMIO_GEN_LOW_BITS)
 
 
-def make_small(huge: int, huge_level: int, index: int) -> int:
-    """Child `index` of a split huge leaf: same bits, pfn advanced, large cleared at 4K."""
+def make_small(huge: int, huge_level: int, index: int, nx_huge_pages: bool = False) -> int:
+    """Child `index` of a split huge leaf: same bits, pfn advanced, large cleared at 4K
+    (and X set again there under the NX huge page mitigation)."""
     child_level = huge_level - 1
     pfn = spte_to_pfn(huge) + index * (1 << ((child_level - 1) * 9))
     spte = (huge & ~BASE_ADDR_MASK) | (pfn << 12)
     if child_level == PG_LEVEL_4K:
         spte &= ~LARGE
+        if nx_huge_pages:
+            spte = make_executable(spte)
     return spte
 
 
@@ -218,6 +221,20 @@ def mark_for_access_track(spte: int) -> int:
 def restore_access_track(spte: int) -> int:
     saved = (spte & ACC_TRACK_SAVED_MASK) >> ACC_TRACK_SAVED_SHIFT
     return (spte & ~ACC_TRACK_SAVED_MASK) | saved | ACCESSED
+
+
+def make_executable(spte: int) -> int:
+    """`make_spte_executable`: set X, in the stashed bits of an access-tracked SPTE."""
+    if is_access_track(spte):
+        return spte | EXECUTABLE << ACC_TRACK_SAVED_SHIFT
+    return spte | EXECUTABLE
+
+
+def make_nonexecutable(spte: int) -> int:
+    """`make_spte_nonexecutable`: clear X, in the stashed bits of an access-tracked SPTE."""
+    if is_access_track(spte):
+        return spte & ~(EXECUTABLE << ACC_TRACK_SAVED_SHIFT)
+    return spte & ~EXECUTABLE
 
 
 def needs_atomic_update(spte: int, level: int) -> bool:

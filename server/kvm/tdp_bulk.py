@@ -33,7 +33,8 @@ import numpy as np
 from .errors import VmBugged
 from .mmu_page import MmuPage, UseAfterFree
 from .spte import (ACCESSED, BASE_ADDR_MASK, FROZEN, HOST_WRITABLE, LARGE, LEAF_BITS,
-                   MMU_PRESENT, MMU_WRITABLE, NONPRESENT, PRESENT_LARGE, WRITABLE)
+                   MMU_PRESENT, MMU_WRITABLE, NONPRESENT, PRESENT_LARGE, WRITABLE,
+                   make_executable)
 from .types import PG_LEVEL_4K, PT_ENTRIES, level_shift, pages_per_level
 
 if TYPE_CHECKING:
@@ -58,8 +59,6 @@ _LEGAL_W = tuple(_U64(bits) for bits in (HOST_WRITABLE | MMU_WRITABLE | WRITABLE
                                          HOST_WRITABLE | MMU_WRITABLE, HOST_WRITABLE, 0))
 _LEAF = (None,) + tuple(_U64(bits) for bits in LEAF_BITS[1:])
 _FROZEN = _U64(FROZEN)
-_NOT_BASE_LARGE = _U64(_ALL & ~BASE_ADDR_MASK & ~LARGE)
-_NOT_BASE = _U64(_ALL & ~BASE_ADDR_MASK)
 # By child level: entry i of a table made from a huge leaf maps pfn + i * pages_per_level,
 # as bits 12-51 of an SPTE (make_small's pfn, for all 512 children at once).
 _CHILD_PFNS = (None,) + tuple(
@@ -327,10 +326,16 @@ def remove_pt(mmu: "TdpMmu", page: MmuPage, shared: bool) -> None:
         handle_changed_sptes(mmu, group, changed, old[changed], new[changed], shared)
 
 
-def fill_small(page: MmuPage, huge: int, huge_level: int) -> None:
-    """The 512 entries of a table made from the huge leaf `huge` (`make_small` of each)."""
+def fill_small(page: MmuPage, huge: int, huge_level: int, nx_huge_pages: bool) -> None:
+    """The 512 entries of a table made from the huge leaf `huge` (`make_small` of each).
+    Under the NX huge page mitigation 4K children are executable again
+    (`make_small_spte`: the mitigation applies to huge leaves only)."""
     child_level = huge_level - 1
-    keep = _NOT_BASE_LARGE if child_level == PG_LEVEL_4K else _NOT_BASE
+    bits = huge & ~BASE_ADDR_MASK
+    if child_level == PG_LEVEL_4K:
+        bits &= ~LARGE
+        if nx_huge_pages:
+            bits = make_executable(bits)
     frame = _U64(huge & BASE_ADDR_MASK)
     values = sptes(page)
-    np.bitwise_or(_CHILD_PFNS[child_level] + frame, _U64(huge) & keep, out=values)
+    np.bitwise_or(_CHILD_PFNS[child_level] + frame, _U64(bits), out=values)

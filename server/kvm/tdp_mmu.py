@@ -13,7 +13,9 @@ Policies (VmConfig, the designs seeds 001 and 002 compare): `table_free` "write_
 puts a table unlinked under the read lock on `disconnected`, freed once the shared section
 that unlinked it is over, inside a short write-side critical section (`free_disconnected`);
 `zap_leafs_only` off makes the notifier's zap take a table whose whole span lies in the
-range, tables and all, as KVM did before leaf-only zaps. In virtual time SPTE writes, table
+range, tables and all, as KVM did before leaf-only zaps; `nx_huge_pages` makes no huge
+leaf executable and keeps the tables a fetch linked from becoming huge again until the
+recovery worker zaps them (nx_huge_pages.py). In virtual time SPTE writes, table
 allocations and frees charge the cost table.
 """
 
@@ -35,6 +37,7 @@ from .mmu_internal import (ACCESS_NEEDS, PFERR_ACCESS_MASK, RET_PF_EMULATE, RET_
                            RET_PF_RETRY, RET_PF_SPURIOUS, PageFault, RetPf, fault_spte)
 from .mmu_lock import MmuLock
 from .mmu_page import MmuPage, PageTables
+from .nx_huge_pages import PossibleNxHugePages
 from .rcu import Rcu
 from .resched import Timeslice
 from .stats import VmStats
@@ -46,7 +49,7 @@ from .types import (MAX_HUGEPAGE_LEVEL, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, P
                     pages_per_level)
 
 if TYPE_CHECKING:
-    from .memslots import Memslot
+    from .memslots import Memslot, Memslots
 
 _NONPRESENT_TABLE = array("Q", [NONPRESENT]) * PT_ENTRIES
 _FROZEN_TABLE = array("Q", [FROZEN]) * PT_ENTRIES
@@ -72,6 +75,8 @@ class TdpMmu:
         self.zap_leafs_only = True
         self.faults_shared = True            # fault_lock "read"
         self.disconnected: list[MmuPage] = []    # table_free "write_section": to free
+        self.nx_huge_pages = False
+        self.possible_nx_huge_pages = PossibleNxHugePages(stats)
 
     @property
     def bulk(self) -> bool:
@@ -80,9 +85,11 @@ class TdpMmu:
         return not self.tracer.on
 
     def policy(self, config) -> None:
-        """Take the VM's MMU policies (VmConfig: fault_lock, table_free, zap_leafs_only)."""
+        """Take the VM's MMU policies (VmConfig: fault_lock, table_free, zap_leafs_only,
+        nx_huge_pages)."""
         self.free_in_write_section = config.table_free == "write_section"
         self.zap_leafs_only = config.zap_leafs_only
+        self.nx_huge_pages = config.nx_huge_pages
         self.faults_shared = config.fault_lock == "read"
 
     # -- roots --------------------------------------------------------------------
@@ -170,6 +177,7 @@ class TdpMmu:
             self.tracer.emit("kvm_mmu_prepare_zap_page", as_id=page.as_id, gfn=page.gfn,
                              level=page.level)
         self.stat.tdp_mmu_pages -= 1
+        self.possible_nx_huge_pages.unlink(page)
         page.spt[:] = _FROZEN_TABLE
         if "free_tables_immediately" in self.knobs:
             self.tables.free(page)          # debug knob: no grace period for lockless walkers
@@ -251,6 +259,7 @@ class TdpMmu:
             self.tracer.emit("kvm_mmu_prepare_zap_page", as_id=page.as_id, gfn=page.gfn,
                              level=page.level)
         self.stat.tdp_mmu_pages -= 1
+        self.possible_nx_huge_pages.unlink(page)
         if self.bulk:
             tdp_bulk.remove_pt(self, page, shared)
             self._free_removed_pt(page, shared)
@@ -318,24 +327,44 @@ class TdpMmu:
                 if old == FROZEN:
                     return RET_PF_RETRY
                 if it.level == goal:
-                    return self._map_target_level(fault, it)
+                    if not (self.nx_huge_pages and self._disallowed_hugepage_adjust(fault, it)):
+                        return self._map_target_level(fault, it)
+                    goal = it.min_level = fault.goal_level
+                    it.step_down(far=True)
+                    continue
                 # Not present, or a huge leaf above the goal: link a table in its place.
                 sp = self.tables.alloc(it.level - 1, it.gfn, root.as_id)
                 if self.clock is not None:
                     self.clock.charge(self.clock.costs.table_alloc)
+                sp.nx_huge_page_disallowed = fault.huge_page_disallowed
                 huge = S.is_leaf_present(old, it.level)
                 if huge:
-                    tdp_bulk.fill_small(sp, old, it.level)
+                    tdp_bulk.fill_small(sp, old, it.level, self.nx_huge_pages)
                 if not self.set_spte_atomic(it, S.make_nonleaf(sp.pfn, self.ad_enabled)):
                     self.tables.free(sp)
                     return RET_PF_RETRY
                 self.stat.tdp_mmu_pages += 1
                 if huge:
                     self._account_leaf(it.level - 1, PT_ENTRIES)
+                if fault.huge_page_disallowed and fault.req_level >= it.level:
+                    self.possible_nx_huge_pages.track(sp)
                 if not it.step_down(far=True):
                     return RET_PF_RETRY
         finally:
             self.rcu.exit(token)
+
+    @staticmethod
+    def _disallowed_hugepage_adjust(fault: PageFault, it: TdpIter) -> bool:
+        """`disallowed_hugepage_adjust`: the fault would make a huge leaf at `it`, where a
+        table a fetch linked under the NX huge page mitigation is: map one level lower
+        instead (the pfn gets back the gfn's bits of that level). Whether it did."""
+        level, old = it.level, it.old_spte
+        if level == PG_LEVEL_4K or old & PRESENT_LARGE != MMU_PRESENT or \
+                not it.table.children[it.index].nx_huge_page_disallowed:
+            return False
+        fault.pfn |= fault.gfn & (pages_per_level(level) - pages_per_level(level - 1))
+        fault.goal_level = level - 1
+        return True
 
     def _map_target_level(self, fault: PageFault, it: TdpIter) -> RetPf:
         old, level = it.old_spte, it.level
@@ -343,7 +372,8 @@ class TdpMmu:
         if S.is_leaf_present(old, level) and old & needs:
             return RET_PF_SPURIOUS
         slot = fault.slot
-        new = fault_spte(fault, level, self.ad_enabled)
+        new = fault_spte(fault, level, self.ad_enabled,
+                         executable=level == PG_LEVEL_4K or not self.nx_huge_pages)
         if new == old:
             return RET_PF_SPURIOUS
         if not self.set_spte_atomic(it, new):
@@ -588,7 +618,7 @@ class TdpMmu:
         while it.level > PG_LEVEL_4K and S.is_leaf_present(it.old_spte, it.level):
             huge = it.old_spte
             sp = self.tables.alloc(it.level - 1, it.gfn, as_id)
-            tdp_bulk.fill_small(sp, huge, it.level)
+            tdp_bulk.fill_small(sp, huge, it.level, self.nx_huge_pages)
             table = S.make_nonleaf(sp.pfn, self.ad_enabled)
             if not shared:
                 self.iter_set_spte(it, table)
@@ -641,8 +671,57 @@ class TdpMmu:
         child = self.tables.child(S.spte_to_pfn(it.old_spte))
         for sub in TdpIter(child, it.gfn, it.gfn + pages_per_level(it.level)):
             if S.is_leaf_present(sub.old_spte, sub.level):
-                return S.make_huge(sub.old_spte, it.level)
+                huge = S.make_huge(sub.old_spte, it.level)
+                return S.make_nonexecutable(huge) if self.nx_huge_pages else huge
         return None
+
+    # -- the NX huge page recovery worker ----------------------------------------------
+
+    async def recover_nx_huge_pages(self, memslot_sets: "list[Memslots]", ratio: int) -> int:
+        """`kvm_recover_nx_huge_pages` (mmu_lock held for write): take the oldest
+        ceil(n / ratio) of the n possible NX huge pages off the list. Each is zapped (the
+        entry that links it), so that the next fault that is not a fetch maps its range
+        huge, unless its memslot logs dirty pages: there it would fault back 4K, and is
+        only unaccounted (turning logging off recovers it). Yields mmu_lock when a task
+        waits for it, flushing first. Returns the tables zapped."""
+        self.mmu_lock.assert_held_write()
+        pages = self.possible_nx_huge_pages
+        zapped = 0
+        flush = False
+        with _YieldingWalk(self, shared=False) as walk:
+            for _ in range(-(-len(pages) // ratio)):
+                if not len(pages):
+                    break
+                sp = pages.oldest()
+                if not sp.nx_huge_page_disallowed:
+                    raise VmBugged(f"{sp!r} is a possible NX huge page but not disallowed")
+                slot = memslot_sets[sp.as_id].lookup(sp.gfn)
+                if slot is not None and slot.dirty_logging:
+                    pages.untrack(sp)
+                else:
+                    self._zap_sp(sp)
+                    flush = True
+                    zapped += 1
+                if walk.need_resched_bulk():
+                    await walk.cond_resched(None, flush)
+                    flush = False
+        if flush:
+            self.flush_remote_tlbs()
+        return zapped
+
+    def _zap_sp(self, sp: MmuPage) -> None:
+        """`kvm_tdp_mmu_zap_sp`: zap the entry that links `sp`; the teardown of `sp`
+        takes it off the list. A table is linked from one entry of one root."""
+        for root in self.roots:
+            if root.as_id != sp.as_id:
+                continue
+            it = TdpIter(root, sp.gfn, sp.gfn + 1, sp.level + 1)
+            it.step_down(far=True)
+            if it.level == sp.level + 1 and it.old_spte & PRESENT_LARGE == MMU_PRESENT and \
+                    it.table.children[it.index] is sp:
+                self.iter_set_spte(it, NONPRESENT)
+                return
+        raise VmBugged(f"possible NX huge page {sp!r} is linked from no root")
 
 
 def max_mapping_level(slot: "Memslot", gfn: int, host_mapping_level: Callable[[int], int]

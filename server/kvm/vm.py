@@ -127,6 +127,9 @@ class VmConfig:
     table_free: str = "rcu"
     aging_lock: str = "none"
     zap_leafs_only: bool = True
+    # KVM's nx_huge_pages (the iTLB multihit mitigation, nx_recovery.py): huge leaves are
+    # not executable and a fetch maps 4K. Off, as KVM's "auto" on a CPU without the bug.
+    nx_huge_pages: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.costs, dict):       # a mapping is welcome; kept as sorted pairs
@@ -162,6 +165,9 @@ class VmConfig:
         if self.mmu == "legacy" and (self.table_free != "rcu" or not self.zap_leafs_only):
             raise einval("table_free and zap_leafs_only are policies of the TDP MMU; the "
                          "legacy MMU frees on commit and zaps leafs only")
+        if self.mmu == "legacy" and self.nx_huge_pages:
+            raise einval("nx_huge_pages is modelled for the TDP MMU only; the legacy MMU "
+                         "maps fetches like reads")
         if self.table_free == "write_section" and (self.fast_page_fault or
                                                    self.aging_lock == "none"):
             # The exclusive section waits out mmu_lock's holders, not lockless walkers.
@@ -574,6 +580,25 @@ class Vm:
         """KVM_ENABLE_CAP on the VM: the dirty-logging capabilities (caps.py)."""
         self.check_alive()
         await caps.enable_cap(self, cap, flags, args)
+
+    # -- the NX huge page mitigation (nx_huge_pages.py) --------------------------------
+
+    @simulated("nx_recovery")
+    async def recover_nx_huge_pages(self, ratio: int) -> int:
+        """One pass of `kvm_nx_huge_page_recovery_worker`: zap the oldest ceil(n / ratio)
+        of the VM's n possible NX huge pages (`nx_lpage_splits`) so that their ranges can
+        be mapped huge again; `ratio` is KVM's nx_huge_pages_recovery_ratio, 1..2^32-1
+        (0, which disables the worker, is EINVAL: nothing would run). EOPNOTSUPP for a VM
+        without `nx_huge_pages`. Returns the tables zapped."""
+        self.check_alive()
+        if not 1 <= ratio < 1 << 32:
+            raise einval(f"ratio {ratio} is not in 1..2^32-1")
+        if not self.config.nx_huge_pages:
+            raise KvmError(errno.EOPNOTSUPP, f"VM {self.id} has nx_huge_pages off: there "
+                           "are no NX huge pages to recover")
+        async with self.mmu_lock.write:
+            with self._dies_on_bug():
+                return await self.tdp.recover_nx_huge_pages(self.memslot_sets, ratio)
 
     @simulated("harvester")
     async def get_dirty_log(self, slot: int) -> bytes:

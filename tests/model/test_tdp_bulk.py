@@ -166,11 +166,18 @@ async def test_young_bitmap_agrees_with_test_young_page_by_page(make_guest):
 @pytest.mark.tdp_only
 @pytest.mark.parametrize("level", [PG_LEVEL_2M, PG_LEVEL_2M + 1])
 @pytest.mark.parametrize("ad_enabled", [True, False])
-def test_fill_small_makes_each_child_as_make_small_does(kvm_vm, level, ad_enabled):
-    huge = S.make_leaf(0x40000, level, True, True, ad_enabled)
+@pytest.mark.parametrize("nx_huge_pages", [False, True])
+def test_fill_small_makes_each_child_as_make_small_does(kvm_vm, level, ad_enabled,
+                                                         nx_huge_pages):
+    huge = S.make_leaf(0x40000, level, True, True, ad_enabled,
+                       executable=not nx_huge_pages)
     page = kvm_vm.tdp.tables.alloc(level - 1, 0, 0)
-    fill_small(page, huge, level)
-    assert list(page.spt) == [S.make_small(huge, level, i) for i in range(PT_ENTRIES)]
+    fill_small(page, huge, level, nx_huge_pages)
+    assert list(page.spt) == [S.make_small(huge, level, i, nx_huge_pages)
+                              for i in range(PT_ENTRIES)]
+    # Under the mitigation only 4K children are executable again.
+    assert all(S.EXECUTABLE & spte for spte in page.spt) == \
+        (not nx_huge_pages or level == PG_LEVEL_2M)
 
 
 @pytest.mark.tdp_only

@@ -1,0 +1,167 @@
+"""The NX huge page mitigation (`nx_huge_pages`, nx_huge_pages.py): no executable huge
+leaf, fetches map 4K, the tables they link stay small until the recovery worker zaps them."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from vmmu.server.kvm import (KVM_MEM_LOG_DIRTY_PAGES, AccessBatch, AccessKind, Backing,
+                             ExitReason, KvmError, VmConfig)
+
+pytestmark = pytest.mark.tdp_only        # the legacy MMU refuses the mitigation
+
+MIB = 1 << 20
+R, W, X = AccessKind.READ, AccessKind.WRITE, AccessKind.EXEC
+
+
+async def run(vcpu, kind, *gfns):
+    result = await vcpu.run(AccessBatch.build([(gfn << 12, kind, 8, None) for gfn in gfns]))
+    assert result.exit.reason is ExitReason.DONE, result.exit
+    return result
+
+
+def leaf(vm, gfn: int):
+    spte = vm.walk(gfn << 12)[-1]
+    assert spte.kind == "leaf", spte
+    return spte
+
+
+def splits(vm) -> int:
+    return vm.stats()["nx_lpage_splits"]
+
+
+async def thp_guest(make_guest, size: int = 8 * MIB, **config):
+    """THP memory the host has written (a read maps the THP, not the huge zero page)."""
+    g = await make_guest(Backing.THP, size, **config)
+    await g.vm.madvise_populate_write(g.region.hva, size)
+    return g
+
+
+async def test_a_huge_leaf_is_not_executable_and_a_fetch_from_it_maps_4k(make_guest):
+    g = await thp_guest(make_guest, nx_huge_pages=True)
+    await run(g.vcpu, R, 5)
+    huge = leaf(g.vm, 5)
+    assert (huge.level, huge.executable) == (2, False)
+
+    await run(g.vcpu, X, 5)          # EPT violation on a present leaf: the slow path splits
+    small = leaf(g.vm, 5)
+    assert (small.level, small.executable, small.pfn) == (1, True, huge.pfn + 5)
+    # The split's other children are executable too: the mitigation is for huge leaves.
+    assert leaf(g.vm, 6).executable and leaf(g.vm, 6).level == 1
+    assert splits(g.vm) == 1
+    assert g.vm.stats()["pages_2m"] == 0
+
+
+async def test_without_the_mitigation_a_fetch_maps_huge(make_guest):
+    g = await thp_guest(make_guest)
+    await run(g.vcpu, X, 5)
+    spte = leaf(g.vm, 5)
+    assert (spte.level, spte.executable) == (2, True)
+    assert splits(g.vm) == 0
+
+
+async def test_a_read_does_not_make_huge_what_a_fetch_linked(make_guest):
+    """`disallowed_hugepage_adjust`: the fetch's table holds one leaf; a read of another
+    page in its 2M would replace the table with a huge leaf, but maps 4K beside it."""
+    g = await thp_guest(make_guest, nx_huge_pages=True)
+    await run(g.vcpu, X, 5)
+    table_pages = g.vm.stats()["tdp_mmu_pages"]
+    await run(g.vcpu, R, 7, 300)
+    for gfn in (5, 7, 300):
+        assert leaf(g.vm, gfn).level == 1
+    assert leaf(g.vm, 7).pfn == leaf(g.vm, 5).pfn + 2
+    assert g.vm.stats()["pages_2m"] == 0 and g.vm.stats()["pages_4k"] == 3
+    assert g.vm.stats()["tdp_mmu_pages"] == table_pages
+    assert splits(g.vm) == 1
+    # A 2M range no fetch touched maps huge (not executable).
+    await run(g.vcpu, R, 512)
+    assert (leaf(g.vm, 512).level, leaf(g.vm, 512).executable) == (2, False)
+
+
+async def test_recovery_zaps_the_oldest_share_and_reads_map_huge_again(make_guest):
+    g = await thp_guest(make_guest, nx_huge_pages=True)
+    await run(g.vcpu, X, 0, 512, 1024, 1536)        # four 2M ranges, oldest first
+    assert splits(g.vm) == 4
+    flushes = g.vm.stats()["remote_tlb_flush_requests"]
+
+    assert await g.vm.recover_nx_huge_pages(3) == 2           # ceil(4 / 3)
+    assert splits(g.vm) == 2
+    assert g.vm.stats()["remote_tlb_flush_requests"] == flushes + 1
+    assert g.vm.walk(0)[-1].kind != "leaf" and g.vm.walk(512 << 12)[-1].kind != "leaf"
+    assert leaf(g.vm, 1024).level == 1 and leaf(g.vm, 1536).level == 1
+    await run(g.vcpu, R, 1, 513, 1025)
+    assert [leaf(g.vm, gfn).level for gfn in (1, 513, 1025)] == [2, 2, 1]
+
+    assert await g.vm.recover_nx_huge_pages(1) == 2
+    assert splits(g.vm) == 0
+    assert await g.vm.recover_nx_huge_pages(1) == 0          # an empty list: nothing
+
+
+async def test_recovery_only_unaccounts_in_a_dirty_logged_slot(make_guest):
+    g = await thp_guest(make_guest, nx_huge_pages=True)
+    await run(g.vcpu, X, 5)
+    await g.vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, g.gpa, g.size,
+                                      g.region.hva)
+    assert await g.vm.recover_nx_huge_pages(1) == 0
+    assert splits(g.vm) == 0
+    assert leaf(g.vm, 5).level == 1                         # still mapped, still small
+    # Not disallowed any more: with logging off again, a read may map it huge.
+    await g.vm.set_user_memory_region(0, 0, g.gpa, g.size, g.region.hva)
+    await g.vm.madvise_dontneed(g.region.hva, 2 * MIB)     # zap the leaves, keep the table
+    await g.vm.madvise_populate_write(g.region.hva, 2 * MIB)
+    await run(g.vcpu, R, 5)
+    assert leaf(g.vm, 5).level == 2
+
+
+async def test_a_table_leaves_the_list_when_its_tree_goes(make_guest):
+    """Unlinked tables are untracked: after a slot delete zaps every root, recovery finds
+    nothing to zap (it would find a table no root links)."""
+    g = await thp_guest(make_guest, nx_huge_pages=True)
+    await run(g.vcpu, X, 5, 600)
+    assert splits(g.vm) == 2
+    await g.vm.set_user_memory_region(0, 0, g.gpa, 0, g.region.hva)
+    assert splits(g.vm) == 0
+    assert await g.vm.recover_nx_huge_pages(1) == 0
+
+
+async def test_a_fetch_from_1g_tracks_both_levels_and_a_read_maps_2m_beside_it(make_guest):
+    g = await make_guest(Backing.HUGETLB_1G, 1 << 30, nx_huge_pages=True)
+    await g.vm.madvise_populate_write(g.region.hva, 1 << 30)
+    await run(g.vcpu, X, 5)
+    assert leaf(g.vm, 5).level == 1
+    assert splits(g.vm) == 2                 # the 2M table and the 4K table under it
+    await run(g.vcpu, R, 512)
+    assert (leaf(g.vm, 512).level, leaf(g.vm, 512).executable) == (2, False)
+    await run(g.vcpu, R, 7)
+    assert leaf(g.vm, 7).level == 1
+
+
+async def test_bad_recovery_requests_change_nothing(make_guest, make_kvm_vm):
+    g = await thp_guest(make_guest, nx_huge_pages=True)
+    await run(g.vcpu, X, 5)
+    for ratio in (0, -1, 1 << 32):
+        with pytest.raises(KvmError) as err:
+            await g.vm.recover_nx_huge_pages(ratio)
+        assert err.value.errno == errno.EINVAL
+    assert splits(g.vm) == 1
+    with pytest.raises(KvmError) as err:
+        await make_kvm_vm().recover_nx_huge_pages(1)
+    assert err.value.errno == errno.EOPNOTSUPP
+
+
+def test_the_legacy_mmu_refuses_the_mitigation():
+    with pytest.raises(KvmError) as err:
+        VmConfig(mmu="legacy", nx_huge_pages=True).validate()
+    assert err.value.errno == errno.EINVAL and "nx_huge_pages" in str(err.value)
+
+
+async def test_huge_leaves_rebuilt_when_logging_stops_are_not_executable(make_guest):
+    g = await thp_guest(make_guest, nx_huge_pages=True)
+    await run(g.vcpu, R, 5)
+    await g.vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, g.gpa, g.size,
+                                      g.region.hva)
+    assert (leaf(g.vm, 5).level, leaf(g.vm, 5).executable) == (1, True)   # split: 4K, X
+    await g.vm.set_user_memory_region(0, 0, g.gpa, g.size, g.region.hva)
+    assert (leaf(g.vm, 5).level, leaf(g.vm, 5).executable) == (2, False)
