@@ -139,6 +139,7 @@ def vm_info(m: vm_pb2.VmInfo) -> VmInfo:
                                   fast_page_fault=c.fast_page_fault, mmu=c.mmu,
                                   costs=tuple(sorted(c.costs.items())),
                                   zap_leafs_only=c.zap_leafs_only,
+                                  nx_huge_pages=c.nx_huge_pages,
                                   **{choice.field: choice.from_wire[getattr(c, choice.field)]
                                      for choice in _CHOICES}),
                   nr_vcpus=m.nr_vcpus, nr_memslots=m.nr_memslots,
@@ -193,7 +194,7 @@ def create_vm(max_vcpus: int, tdp_levels: int, ad_bits: bool, name: str,
               dirty_ring_size: int, dirty_ring_with_bitmap: bool,
               fast_page_fault: bool, clock: str, costs: Mapping[str, int] | None,
               fault_lock: str, table_free: str, aging_lock: str,
-              zap_leafs_only: bool, mmu: str) -> Call[VmInfo]:
+              zap_leafs_only: bool, mmu: str, nx_huge_pages: bool) -> Call[VmInfo]:
     names = {"clock": clock, "fault_lock": fault_lock, "table_free": table_free,
              "aging_lock": aging_lock}
     config = vm_pb2.VmConfig(max_vcpus=max_vcpus, tdp_levels=tdp_levels, ad_bits=ad_bits,
@@ -204,7 +205,7 @@ def create_vm(max_vcpus: int, tdp_levels: int, ad_bits: bool, name: str,
                              dirty_ring_size=dirty_ring_size,
                              dirty_ring_with_bitmap=dirty_ring_with_bitmap,
                              fast_page_fault=fast_page_fault, costs=costs, mmu=mmu,
-                             zap_leafs_only=zap_leafs_only,
+                             zap_leafs_only=zap_leafs_only, nx_huge_pages=nx_huge_pages,
                              **{choice.field: choice.to_wire(names[choice.field])
                                 for choice in _CHOICES})
     return Call("vm", "CreateVm", vm_pb2.CreateVmRequest(config=config),
@@ -231,6 +232,11 @@ def vm_stats(vm_id: int) -> Call[dict[str, int]]:
 def enable_cap(vm_id: int, cap: int, args: Iterable[int], flags: int) -> Call[None]:
     return Call("vm", "EnableCap", vm_pb2.EnableCapRequest(vm_id=vm_id, cap=cap, flags=flags,
                                                            args=list(args)), _none)
+
+
+def recover_nx_huge_pages(vm_id: int, ratio: int) -> Call[int]:
+    return Call("vm", "RecoverNxHugePages",
+                vm_pb2.RecoverNxHugePagesRequest(vm_id=vm_id, ratio=ratio), lambda r: r.zapped)
 
 
 def walk(vm_id: int, gpa: int, as_id: int) -> Call[list[Spte]]:

@@ -72,7 +72,8 @@ class AsyncClient:
                         fast_page_fault: bool = True, clock: str = "wall",
                         costs: Mapping[str, int] | None = None, fault_lock: str = "read",
                         table_free: str = "rcu", aging_lock: str = "none",
-                        zap_leafs_only: bool = True, mmu: str = "tdp") -> AsyncVm:
+                        zap_leafs_only: bool = True, mmu: str = "tdp",
+                        nx_huge_pages: bool = False) -> AsyncVm:
         """Create a VM. `sanitizers` None keeps the server's default; `debug` names debug
         knobs to switch protections off; `gpc_policy` ("global" or "range") says which
         invalidations make a gfn-to-pfn cache refresh retry. Dirty logging:
@@ -87,14 +88,17 @@ class AsyncClient:
         `fault_lock` ("read" or "write"), `table_free` ("rcu" or "write_section"),
         `aging_lock` ("none", "read" or "write") and `zap_leafs_only`. ValueError for a
         clock or policy name the wire has no value for. `mmu` "legacy" runs KVM's MMU
-        with tdp_mmu=0 (rmaps) instead of the TDP MMU."""
+        with tdp_mmu=0 (rmaps) instead of the TDP MMU. `nx_huge_pages` turns the NX huge
+        page mitigation on (TDP MMU only): fetches map 4K, `recover_nx_huge_pages`
+        lets their ranges map huge again."""
         info = await self._invoke(_base.create_vm(max_vcpus, tdp_levels, ad_bits, name,
                                                   schedule_seed, sanitizers, debug,
                                                   gpc_policy, eager_page_split,
                                                   manual_dirty_log_protect, dirty_ring_size,
                                                   dirty_ring_with_bitmap, fast_page_fault,
                                                   clock, costs, fault_lock, table_free,
-                                                  aging_lock, zap_leafs_only, mmu))
+                                                  aging_lock, zap_leafs_only, mmu,
+                                                  nx_huge_pages))
         return AsyncVm(self, info.id)
 
     def vm(self, vm_id: int) -> AsyncVm:
@@ -137,6 +141,12 @@ class AsyncVm:
         """KVM_ENABLE_CAP: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_DIRTY_LOG_RING or
         KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, with KVM's rules (InvalidArgument else)."""
         await self._client._invoke(_base.enable_cap(self.id, cap, args, flags))
+
+    async def recover_nx_huge_pages(self, ratio: int) -> int:
+        """One pass of the NX huge page recovery worker: zap the oldest ceil(n / ratio)
+        of the n possible NX huge pages (stat nx_lpage_splits); returns the tables zapped.
+        FailedPrecondition for a VM without nx_huge_pages."""
+        return await self._client._invoke(_base.recover_nx_huge_pages(self.id, ratio))
 
     async def virtual_now(self) -> int:
         """The VM's virtual now in ns (FailedPrecondition for a VM in wall time)."""

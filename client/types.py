@@ -86,7 +86,8 @@ class VmConfig:
     `dirty_ring_with_bitmap`; `fast_page_fault`. Virtual time: `clock` ("wall" or
     "virtual"), `costs` (the cost overrides given at creation, (name, ns) pairs sorted
     by name); the policies `fault_lock` ("read" or "write"), `table_free` ("rcu" or
-    "write_section"), `aging_lock` ("none", "read" or "write"), `zap_leafs_only`; `mmu`, "tdp" or "legacy"."""
+    "write_section"), `aging_lock` ("none", "read" or "write"), `zap_leafs_only`; `mmu`, "tdp" or "legacy";
+    `nx_huge_pages`, the NX huge page mitigation."""
 
     max_vcpus: int
     tdp_levels: int
@@ -108,6 +109,7 @@ class VmConfig:
     aging_lock: str = "none"
     zap_leafs_only: bool = True
     mmu: str = "tdp"
+    nx_huge_pages: bool = False
 
 
 @dataclass(frozen=True, slots=True)

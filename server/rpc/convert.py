@@ -108,7 +108,8 @@ def vm_config(request: vm_pb2.CreateVmRequest) -> VmConfig:
                     manual_dirty_log_protect=c.manual_dirty_log_protect,
                     dirty_ring_size=c.dirty_ring_size,
                     dirty_ring_with_bitmap=c.dirty_ring_with_bitmap,
-                    costs=dict(c.costs), **zap_leafs_only, **choices)
+                    costs=dict(c.costs), **zap_leafs_only, **choices,
+                    nx_huge_pages=c.nx_huge_pages)
 
 
 def _vm_config_to_wire(config: VmConfig) -> vm_pb2.VmConfig:
@@ -122,7 +123,7 @@ def _vm_config_to_wire(config: VmConfig) -> vm_pb2.VmConfig:
                            dirty_ring_with_bitmap=config.dirty_ring_with_bitmap,
                            fast_page_fault=config.fast_page_fault,
                            costs=dict(config.costs), zap_leafs_only=config.zap_leafs_only,
-                           mmu=config.mmu,
+                           mmu=config.mmu, nx_huge_pages=config.nx_huge_pages,
                            **{choice.field: choice.to_wire[getattr(config, choice.field)]
                               for choice in _CHOICES})
 

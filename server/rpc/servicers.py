@@ -74,6 +74,11 @@ class VmServicer(_Servicer, vm_pb2_grpc.VmServiceServicer):
         await self._vm(request).enable_cap(request.cap, request.flags, list(request.args))
         return vm_pb2.EnableCapResponse()
 
+    async def RecoverNxHugePages(self, request: vm_pb2.RecoverNxHugePagesRequest,
+                                 context: Context) -> vm_pb2.RecoverNxHugePagesResponse:
+        zapped = await self._vm(request).recover_nx_huge_pages(request.ratio)
+        return vm_pb2.RecoverNxHugePagesResponse(zapped=zapped)
+
     async def GetClock(self, request: vm_pb2.GetClockRequest, context: Context
                        ) -> vm_pb2.GetClockResponse:
         return convert.clock(self._vm(request))

@@ -80,6 +80,11 @@ class VmServiceStub:
                 request_serializer=vmmu_dot_v1_dot_vm__pb2.AdvanceClockRequest.SerializeToString,
                 response_deserializer=vmmu_dot_v1_dot_vm__pb2.AdvanceClockResponse.FromString,
                 _registered_method=True)
+        self.RecoverNxHugePages = channel.unary_unary(
+                '/vmmu.v1.VmService/RecoverNxHugePages',
+                request_serializer=vmmu_dot_v1_dot_vm__pb2.RecoverNxHugePagesRequest.SerializeToString,
+                response_deserializer=vmmu_dot_v1_dot_vm__pb2.RecoverNxHugePagesResponse.FromString,
+                _registered_method=True)
 
 
 class VmServiceServicer:
@@ -157,6 +162,16 @@ class VmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecoverNxHugePages(self, request, context):
+        """RecoverNxHugePages runs one pass of the NX huge page recovery worker: it zaps the
+        oldest ceil(n / ratio) of the VM's n possible NX huge pages (stat nx_lpage_splits),
+        so that their ranges can be mapped huge again; one in a dirty-logged memslot is only
+        taken off the list. FAILED_PRECONDITION (EOPNOTSUPP) for a VM without nx_huge_pages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VmServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -204,6 +219,11 @@ def add_VmServiceServicer_to_server(servicer, server):
                     servicer.AdvanceClock,
                     request_deserializer=vmmu_dot_v1_dot_vm__pb2.AdvanceClockRequest.FromString,
                     response_serializer=vmmu_dot_v1_dot_vm__pb2.AdvanceClockResponse.SerializeToString,
+            ),
+            'RecoverNxHugePages': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecoverNxHugePages,
+                    request_deserializer=vmmu_dot_v1_dot_vm__pb2.RecoverNxHugePagesRequest.FromString,
+                    response_serializer=vmmu_dot_v1_dot_vm__pb2.RecoverNxHugePagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -450,6 +470,33 @@ class VmService:
             '/vmmu.v1.VmService/AdvanceClock',
             vmmu_dot_v1_dot_vm__pb2.AdvanceClockRequest.SerializeToString,
             vmmu_dot_v1_dot_vm__pb2.AdvanceClockResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecoverNxHugePages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmu.v1.VmService/RecoverNxHugePages',
+            vmmu_dot_v1_dot_vm__pb2.RecoverNxHugePagesRequest.SerializeToString,
+            vmmu_dot_v1_dot_vm__pb2.RecoverNxHugePagesResponse.FromString,
             options,
             channel_credentials,
             insecure,
