@@ -165,3 +165,10 @@ async def test_huge_leaves_rebuilt_when_logging_stops_are_not_executable(make_gu
     assert (leaf(g.vm, 5).level, leaf(g.vm, 5).executable) == (1, True)   # split: 4K, X
     await g.vm.set_user_memory_region(0, 0, g.gpa, g.size, g.region.hva)
     assert (leaf(g.vm, 5).level, leaf(g.vm, 5).executable) == (2, False)
+
+
+async def test_destroy_leaves_no_freed_table_on_the_list(make_guest):
+    g = await thp_guest(make_guest, nx_huge_pages=True)
+    await run(g.vcpu, X, 5)
+    await g.vm.destroy()
+    assert len(g.vm.tdp.possible_nx_huge_pages) == 0 and g.vm.stat.nx_lpage_splits == 0
