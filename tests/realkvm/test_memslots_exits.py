@@ -1,6 +1,8 @@
 """vmmu against the host's real KVM beyond dirty logging: memslot validation (errno, then a
 probe that nothing changed), guest exits (MMIO writes, read-only slots, host protections
-and their recovery) and slot changes under a guest (delete, move).
+and their recovery, writes straddling two pages or a page and MMIO, an instruction fetch
+from a gpa without a slot) and slot changes under a guest (delete, move, two slots on one
+hva, the host remapping the memory, MADV_DONTNEED).
 
 The host runs KVM on PVM with shadow paging: the guest here writes one byte per GPA from
 64-bit CPL-3 code (benchmarks/kvmhost/guest.py), so what is compared is what a byte write
@@ -22,6 +24,7 @@ from vmmu.kvmhost import abi
 from vmmu.server.kvm import (KVM_MEM_READONLY, PROT_NONE, PROT_READ, PROT_WRITE, AccessBatch,
                              AccessKind, Backing, ExitReason, Kvm, KvmError, VmConfig,
                              make_op)
+from vmmu.server.kvm.vcpu import KVM_INTERNAL_ERROR_EMULATION
 
 try:
     RealVm().close()
@@ -220,4 +223,138 @@ async def test_a_deleted_slot_is_mmio_and_a_moved_one_answers_at_its_new_gpa():
     assert got == expected == [("done", 0), ("mmio", old), ("done", 0),
                                ("mmio", SLOT2_GPA + OFFSET)]
     assert (await vm.read_hva(hva + PAGE + OFFSET, 1))[0] == moved_byte == OFFSET
+    await vm.destroy()
+
+
+# -- accesses that straddle ------------------------------------------------------------------
+# The real guest stores 8 bytes with one instruction. vmmu's accesses never cross a page (a
+# batch holding one is EINVAL, docs/differences.md): what it compares is the pieces KVM
+# makes of such a store, one per page, as the CPU's two translations (RAM and RAM) or the
+# emulator (RAM and MMIO: `emulator_read_write_onepage` per page) make them.
+
+VALUE = 0x1122_3344_5566_7788
+
+
+async def test_a_store_straddling_two_pages_writes_both_as_on_real_kvm():
+    gpa = SLOT1_GPA + 3 * PAGE - 4
+    with RealVm() as real:
+        real.add_slot(1, SLOT1_GPA, SIZE)
+        real.store(gpa, VALUE)
+        expected = bytes(real.memory(1)[3 * PAGE - 4:3 * PAGE + 4])
+    vm, hva = await vmmu_guest()
+    vcpu = vm.create_vcpu(0)
+    with pytest.raises(KvmError) as err:
+        AccessBatch.build([(gpa, AccessKind.WRITE, 8, VALUE.to_bytes(8, "little"))])
+    assert err.value.errno == errno.EINVAL and "crosses a page" in str(err.value)
+    data = VALUE.to_bytes(8, "little")
+    result = await vcpu.run(AccessBatch.build([(gpa, AccessKind.WRITE, 4, data[:4]),
+                                               (gpa + 4, AccessKind.WRITE, 4, data[4:])]))
+    assert result.exit.reason is ExitReason.DONE
+    assert await vm.read_hva(hva + 3 * PAGE - 4, 8) == expected == data
+    await vm.destroy()
+
+
+async def test_a_store_straddling_a_slot_end_and_mmio_exits_with_the_mmio_part():
+    """The RAM part is written; the exit is the MMIO part alone (gpa, length, data); a
+    resume completes the store."""
+    gpa = SLOT1_GPA + SIZE - 4
+    with RealVm() as real:
+        real.add_slot(1, SLOT1_GPA, SIZE)
+        with pytest.raises(GuestExit) as exit_:
+            real.store(gpa, VALUE)
+        assert exit_.value.reason == abi.ExitReason.MMIO
+        real_mmio = real.mmio_exit()
+        real_ram = bytes(real.memory(1)[SIZE - 4:])
+        real.resume()
+    vm, hva = await vmmu_guest()
+    vcpu = vm.create_vcpu(0)
+    data = VALUE.to_bytes(8, "little")
+    result = await vcpu.run(AccessBatch.build([(gpa, AccessKind.WRITE, 4, data[:4]),
+                                               (gpa + 4, AccessKind.WRITE, 4, data[4:])]))
+    exit = result.exit
+    assert exit.reason is ExitReason.MMIO and result.completed == 1
+    assert (exit.gpa, exit.data, exit.is_write) == real_mmio == \
+        (SLOT1_GPA + SIZE, data[4:], True)
+    assert await vm.read_hva(hva + SIZE - 4, 4) == real_ram == data[:4]
+    assert (await vcpu.run(mmio_data=b"")).exit.reason is ExitReason.DONE
+    await vm.destroy()
+
+
+# -- an instruction fetch from a gpa without a memslot ---------------------------------------
+
+async def test_a_fetch_from_a_gpa_without_a_slot_is_an_emulation_failure_as_on_real_kvm():
+    """KVM emulates the fetch, cannot read the instruction from MMIO, and KVM_RUN returns
+    KVM_EXIT_INTERNAL_ERROR with suberror KVM_INTERNAL_ERROR_EMULATION. Here the real
+    vCPU jumps to FREE_GPA; the same on the shadow-paging host as on a TDP one, as the
+    emulator decides it, not the MMU."""
+    with RealVm() as real:
+        with pytest.raises(GuestExit) as exit_:
+            real.run_from(FREE_GPA)
+        assert exit_.value.reason == abi.ExitReason.INTERNAL_ERROR
+        expected = ("internal_error", real.internal_error())
+    vm, _ = await vmmu_guest()
+    result = await vm.create_vcpu(0).run(AccessBatch.build([(FREE_GPA, AccessKind.EXEC, 1,
+                                                             None)]))
+    assert (result.exit.reason.value, result.exit.suberror) == expected == \
+        ("internal_error", KVM_INTERNAL_ERROR_EMULATION)
+    assert result.exit.gpa == FREE_GPA
+    await vm.destroy()
+
+
+# -- two slots on one hva, the host remapping, MADV_DONTNEED ---------------------------------
+
+async def test_two_slots_on_one_hva_write_the_same_memory_as_on_real_kvm():
+    alias = SLOT2_GPA
+    gpas = [SLOT1_GPA + OFFSET, alias + PAGE + OFFSET, SLOT1_GPA + PAGE + 1]
+    with RealVm() as real:
+        real.add_slot(1, SLOT1_GPA, SIZE)
+        real.alias_slot(2, alias, 1)
+        expected = real_exit(real, gpas), bytes(real.memory(1)[:2 * PAGE])
+    vm, hva = await vmmu_guest()
+    await vm.set_user_memory_region(2, 0, alias, SIZE, hva)
+    got = vmmu_exit(await write_bytes(vm, gpas)), await vm.read_hva(hva, 2 * PAGE)
+    assert got == expected
+    assert expected[1][OFFSET] == expected[1][PAGE + OFFSET] == OFFSET
+    await vm.destroy()
+
+
+async def test_madvise_dontneed_under_a_guest_zeroes_and_the_next_write_faults_in():
+    """The pages go (the MMU notifier zaps the guest's mappings); the guest's next write
+    lands in a fresh zeroed page, seen by the host."""
+    first, second = SLOT1_GPA + OFFSET, SLOT1_GPA + PAGE + OFFSET
+    with RealVm() as real:
+        real.add_slot(1, SLOT1_GPA, SIZE)
+        real.write_pages([first, second])
+        real.madvise_dontneed(1)
+        expected = [bytes(real.memory(1)[:2 * PAGE])]
+        expected += [real_exit(real, [second]), bytes(real.memory(1)[:2 * PAGE])]
+    vm, hva = await vmmu_guest()
+    await write_bytes(vm, [first, second])
+    await vm.madvise_dontneed(hva, SIZE)
+    got = [await vm.read_hva(hva, 2 * PAGE)]
+    got += [vmmu_exit(await write_bytes(vm, [second])), await vm.read_hva(hva, 2 * PAGE)]
+    assert got == expected
+    assert expected[0] == bytes(2 * PAGE) and expected[2][PAGE + OFFSET] == OFFSET
+    await vm.destroy()
+
+
+async def test_the_host_remapping_a_slots_memory_sends_later_writes_to_the_new_pages():
+    """mmap(MAP_FIXED) over the slot's hva replaces its pages in one call; vmmu has no
+    MAP_FIXED over a region, and does it as munmap then mmap at the same hva (no guest
+    runs in between, so the guest sees the same)."""
+    gpas = [SLOT1_GPA + OFFSET, SLOT1_GPA + 2 * PAGE + OFFSET]
+    with RealVm() as real:
+        real.add_slot(1, SLOT1_GPA, SIZE)
+        real.write_pages(gpas[:1])
+        real.remap(1)
+        expected = [bytes(real.memory(1)[:3 * PAGE])]
+        expected += [real_exit(real, gpas[1:]), bytes(real.memory(1)[:3 * PAGE])]
+    vm, hva = await vmmu_guest()
+    await write_bytes(vm, gpas[:1])
+    await vm.munmap(hva, SIZE)
+    assert vm.mmap(SIZE, Backing.PAGE_4K, hva=hva).hva == hva
+    got = [await vm.read_hva(hva, 3 * PAGE)]
+    got += [vmmu_exit(await write_bytes(vm, gpas[1:])), await vm.read_hva(hva, 3 * PAGE)]
+    assert got == expected
+    assert expected[0] == bytes(3 * PAGE) and expected[2][2 * PAGE + OFFSET] == OFFSET
     await vm.destroy()

@@ -12,10 +12,14 @@ Layout of the system slot (`SYSTEM_SIZE` bytes at GPA 0):
     0x7000 GDT (null, kernel code/data, user data 0x1b, user code64 0x23), 0x7800 TSS
     0x8000 code, LIST_BASE..SYSTEM_SIZE a list of GPAs for the `list` entry
 
-The code has two entry points, both ending in `OUT DONE_PORT`:
+The code has three entry points, all ending in `OUT DONE_PORT`:
 
     stride: for (p = rdi; p < rsi; p += rdx) *(u8 *)p = al;      then exit
     list:   for (q = rcx; q < rdx; q += 8)   *(u8 *)*q = (u8)*q; then exit
+    store:  *(u64 *)rdi = rax;                                  then exit
+
+A run may also start at any GPA below 4 GiB (`fetch_regs`): the vCPU fetches its first
+instruction there.
 
 Why OUT: HLT is privileged at CPL 3 (#GP, and with no IDT a triple fault: KVM_EXIT_SHUTDOWN);
 OUT is allowed because RFLAGS.IOPL is 3 and costs one KVM_EXIT_IO (about 25 us round trip
@@ -31,7 +35,8 @@ import struct
 from .abi import Dtable, Regs, Segment, Sregs
 
 __all__ = ["SYSTEM_SIZE", "LIST_BASE", "LIST_CAPACITY", "MAPPED_LIMIT", "DONE_PORT",
-           "install", "long_mode_sregs", "stride_regs", "list_regs"]
+           "install", "long_mode_sregs", "stride_regs", "list_regs", "store_regs",
+           "fetch_regs"]
 
 SYSTEM_SIZE = 2 << 20
 MAPPED_LIMIT = 4 << 30
@@ -42,11 +47,13 @@ GDT, TSS, CODE = 0x7000, 0x7800, 0x8000
 LIST_BASE = 0x10000
 LIST_CAPACITY = (SYSTEM_SIZE - LIST_BASE) // 8
 
-# as --64: stride (0x00), list (0x0c), done (0x1c: out %al, $0x10; jmp done)
+# as --64: stride (0x00), list (0x0c), done (0x1c: out %al, $0x10; jmp done),
+# store (0x20: mov %rax, (%rdi); jmp done)
 _CODE = bytes.fromhex("4839f7731788074801d7ebf4"
                       "4839d1730b488b0188004883c108ebf0"
-                      "e610ebfc")
-_STRIDE, _LIST = 0x00, 0x0C
+                      "e610ebfc"
+                      "488907ebf7")
+_STRIDE, _LIST, _STORE = 0x00, 0x0C, 0x20
 
 _PRESENT, _WRITABLE, _USER, _HUGE = 1 << 0, 1 << 1, 1 << 2, 1 << 7
 _GDT = (0,
@@ -97,6 +104,16 @@ def long_mode_sregs(sregs: Sregs) -> None:
 def stride_regs(start: int, end: int, stride: int) -> Regs:
     return Regs(rip=CODE + _STRIDE, rflags=_RFLAGS_FIXED | _RFLAGS_IOPL3,
                 rdi=start, rsi=end, rdx=stride)
+
+
+def store_regs(gpa: int, value: int) -> Regs:
+    """Registers for the `store` entry: one 8-byte write of `value` at `gpa`."""
+    return Regs(rip=CODE + _STORE, rflags=_RFLAGS_FIXED | _RFLAGS_IOPL3, rdi=gpa, rax=value)
+
+
+def fetch_regs(gpa: int) -> Regs:
+    """Registers that start the vCPU at `gpa`: its first instruction is fetched there."""
+    return Regs(rip=gpa, rflags=_RFLAGS_FIXED | _RFLAGS_IOPL3)
 
 
 def list_regs(count: int) -> Regs:

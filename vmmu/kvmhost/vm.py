@@ -30,6 +30,10 @@ PAGE_SIZE = 4096
 KVM_PATH = "/dev/kvm"
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long)
+_libc.mmap.restype = ctypes.c_void_p
+_MAP_FIXED = 0x10
 
 
 class KvmUnavailable(RuntimeError):
@@ -210,6 +214,27 @@ class RealVm:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
 
+    def alias_slot(self, slot: int, gpa: int, of: int) -> Slot:
+        """A second slot over the memory of slot `of` (two gfns, one hva range)."""
+        old, mem = self._slots[of]
+        new = Slot(slot, gpa, old.size, 0, old.hva)
+        self._set_region(new)
+        self._slots[slot] = (new, mem)
+        return new
+
+    def remap(self, slot: int) -> None:
+        """mmap(MAP_FIXED) fresh anonymous memory over the slot's: the old pages go (the
+        MMU notifier invalidates them) and `memory(slot)` reads the new ones."""
+        s = self._slots[slot][0]
+        if _libc.mmap(s.hva, s.size, mmap.PROT_READ | mmap.PROT_WRITE,
+                      mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0) != s.hva:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def madvise_dontneed(self, slot: int) -> None:
+        """madvise(MADV_DONTNEED) of the whole memory behind a data slot."""
+        self._slots[slot][1].madvise(mmap.MADV_DONTNEED)
+
     def _set_region(self, s: Slot) -> None:
         fcntl.ioctl(self._fd, abi.KVM_SET_USER_MEMORY_REGION,
                     abi.UserspaceMemoryRegion(s.id, s.flags, s.gpa, s.size, s.hva))
@@ -247,6 +272,27 @@ class RealVm:
             fcntl.ioctl(self._vcpu, abi.KVM_SET_REGS, guest.list_regs(len(chunk)))
             elapsed += self._run_to_done()
         return elapsed
+
+    def store(self, gpa: int, value: int) -> int:
+        """The guest writes the 8 bytes of `value` at `gpa` with one instruction; ns in
+        KVM_RUN."""
+        fcntl.ioctl(self._vcpu, abi.KVM_SET_REGS, guest.store_regs(gpa, value))
+        return self._run_to_done()
+
+    def run_from(self, gpa: int) -> int:
+        """Start the vCPU at `gpa` (its first instruction is fetched there); ns in KVM_RUN.
+        Code that does not reach `OUT DONE_PORT` ends in `GuestExit`."""
+        fcntl.ioctl(self._vcpu, abi.KVM_SET_REGS, guest.fetch_regs(gpa))
+        return self._run_to_done()
+
+    def mmio_exit(self) -> tuple[int, bytes, bool]:
+        """(gpa, data, is_write) of the MMIO exit the last run ended with."""
+        m = self._run.exit.mmio
+        return m.phys_addr, bytes(m.data[:m.len]), bool(m.is_write)
+
+    def internal_error(self) -> int:
+        """The suberror of the KVM_EXIT_INTERNAL_ERROR the last run ended with."""
+        return self._run.exit.suberror
 
     def resume(self) -> int:
         """KVM_RUN again with the registers as the last exit left them: the instruction
