@@ -63,6 +63,7 @@ class PageFault:
     req_level = PG_LEVEL_4K
     goal_level = PG_LEVEL_4K
     host_level = PG_LEVEL_4K        # the level the host maps the hva at
+    is_private = False              # the gfn was private when the fault began
 
     def __init__(self, addr: int, error_code: int) -> None:
         self.addr = addr
