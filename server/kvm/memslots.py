@@ -21,8 +21,9 @@ from .types import PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_4K, TASK_SIZE_MAX
 
 __all__ = [
     "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "KVM_MEMSLOT_INVALID",
-    "KVM_MEM_GUEST_MEMFD", "KVM_USER_MEM_SLOTS", "KVM_MEM_SLOTS_NUM", "KVM_ADDRESS_SPACE_NUM", "KVM_MEM_MAX_NR_PAGES",
-    "Memslot", "MemslotInfo", "Memslots", "MemslotChange", "check_region",
+    "KVM_MEM_GUEST_MEMFD", "KVM_USER_MEM_SLOTS", "KVM_MEM_SLOTS_NUM", "KVM_ADDRESS_SPACE_NUM",
+    "KVM_MEM_MAX_NR_PAGES", "Memslot", "MemslotInfo", "Memslots", "MemslotChange",
+    "check_region", "check_region_flags",
 ]
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0

@@ -477,10 +477,10 @@ class Vm:
 
     # -- private memory: guest_memfd (guest_memfd.py) and attributes (mem_attributes.py)
 
-    def create_guest_memfd(self, size: int, flags: int = 0) -> int:
-        """KVM_CREATE_GUEST_MEMFD: a guest_memfd of `size` bytes; returns its fd."""
+    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfdInfo:
+        """KVM_CREATE_GUEST_MEMFD: a guest_memfd of `size` bytes (its `fd` in the info)."""
         self.check_alive()
-        return self.gmems.create(size, flags).fd
+        return self.gmems.create(size, flags).info()
 
     @simulated("vmm")
     async def guest_memfd_fallocate(self, fd: int, mode: int, offset: int,

@@ -30,7 +30,7 @@ async def gmem_guest(size=4 * MIB, backing=Backing.PAGE_4K, **config):
     """A VM whose slot 0 maps [0, size) onto a host region and onto guest_memfd [0, size)."""
     vm = make_vm(**config)
     region = vm.mmap(size, backing)
-    fd = vm.create_guest_memfd(size)
+    fd = vm.create_guest_memfd(size).fd
     await vm.set_user_memory_region(0, KVM_MEM_GUEST_MEMFD, 0, size, region.hva, fd, 0)
     return vm, vm.create_vcpu(0), region, fd
 
@@ -77,7 +77,7 @@ async def test_create_checks_size_and_flags():
             vm.create_guest_memfd(size, flags)
         assert err.value.errno == errno.EINVAL
     assert vm.guest_memfds() == []
-    fd = vm.create_guest_memfd(8192)
+    fd = vm.create_guest_memfd(8192).fd
     [info] = vm.guest_memfds()
     assert (info.fd, info.size, info.flags, info.pages, info.bindings) == (fd, 8192, 0, 0, ())
 
@@ -97,7 +97,7 @@ async def test_a_guest_memfd_slot_is_immutable_but_can_be_deleted():
     # An existing slot without the flag cannot gain it either.
     other = vm.mmap(MIB, Backing.PAGE_4K)
     await vm.set_user_memory_region(1, 0, 8 * MIB, MIB, other.hva)
-    fd2 = vm.create_guest_memfd(MIB)
+    fd2 = vm.create_guest_memfd(MIB).fd
     await rejected(vm.set_user_memory_region(1, flags, 8 * MIB, MIB, other.hva, fd2, 0))
     await vm.set_user_memory_region(0, 0, 0, 0, 0)                  # delete works
     assert [s.id for s in vm.memslots()] == [1]
@@ -108,7 +108,7 @@ async def test_a_guest_memfd_slot_is_immutable_but_can_be_deleted():
 async def test_binding_rules():
     vm = make_vm()
     region = vm.mmap(4 * MIB, Backing.PAGE_4K)
-    fd = vm.create_guest_memfd(2 * MIB)
+    fd = vm.create_guest_memfd(2 * MIB).fd
     flags, hva = KVM_MEM_GUEST_MEMFD, region.hva
     await vm.set_user_memory_region(0, flags, 0, MIB, hva, fd, MIB)
     cases = [
