@@ -106,9 +106,11 @@ async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
     stats.pf_taken += 1
     r = RET_PF_INVALID
     # A software-protected VM's access is private when its gfn is (KVM sets
-    # PFERR_PRIVATE_ACCESS from the attributes); a private fault is never fast.
+    # PFERR_PRIVATE_ACCESS from the attributes, for any fault but an MMIO one); a private
+    # fault is never fast.
     attrs = vm.mem_attributes
-    private = bool(attrs.starts) and attrs.is_private(gpa >> PAGE_SHIFT)
+    private = bool(attrs.starts) and not bits & PFERR_RSVD_MASK and \
+        attrs.is_private(gpa >> PAGE_SHIFT)
     if vm.can_be_fast[bits] and not private:                # page_fault_can_be_fast
         # fast_page_fault: FIXED or SPURIOUS when the leaf needs no mmu_lock, else INVALID.
         gfn = gpa >> PAGE_SHIFT
