@@ -7,12 +7,14 @@ import asyncio
 import errno
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vmmu.server.kvm import (AccessBatch, AccessKind, Backing, ExitReason, KvmError, Kvm,
                              VmConfig)
 from vmmu.server.kvm.guest_memfd import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
                                          KVM_MEMORY_EXIT_FLAG_PRIVATE)
-from vmmu.server.kvm.mem_attributes import KVM_MEMORY_ATTRIBUTE_PRIVATE
+from vmmu.server.kvm.mem_attributes import KVM_MEMORY_ATTRIBUTE_PRIVATE, MemoryAttributes
 from vmmu.server.kvm.memslots import (KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES,
                                       KVM_MEM_READONLY)
 
@@ -342,3 +344,21 @@ async def test_attribute_changed_after_the_snapshot_is_a_memory_fault_exit(to_pr
     result = await vcpu.run()                               # KVM_RUN again
     assert result.exit.reason is ExitReason.DONE
     assert result.read_data == (bytes(8) if to_private else b"shared!!")
+
+
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 24), st.booleans()),
+                max_size=30))
+def test_attribute_ranges_agree_with_a_set_of_private_gfns(changes):
+    attrs, private = MemoryAttributes(), set()
+    for start, length, make_private in changes:
+        attrs.store(start, start + length, make_private)
+        gfns = set(range(start, start + length))
+        private = private | gfns if make_private else private - gfns
+        assert [g for g in range(72) if attrs.is_private(g)] == sorted(private)
+        ranges = attrs.ranges()
+        assert all(e < s2 for (_, e), (s2, _) in zip(ranges, ranges[1:]))   # merged
+        for lo in range(0, 64, 8):
+            for hi in (lo + 1, lo + 8, lo + 16):
+                window = set(range(lo, hi))
+                assert attrs.range_has(lo, hi, True) == (window <= private)
+                assert attrs.range_has(lo, hi, False) == (not window & private)
