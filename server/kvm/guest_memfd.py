@@ -13,7 +13,9 @@ up before retries. The hole invalidates the gfns of every slot bound to the rang
 and ends the invalidation (`mmu_invalidate_seq` moves). `invalidate_lock` (the mapping's
 `invalidate_lock`) keeps the bindings still across the three steps.
 
-`GuestMemfds` is the VM's file table: fds from 1 up, never reused within the VM.
+`GuestMemfds` is the VM's file table, numbered as a fresh process's: 0-2 are the standard
+streams (open files that are no guest_memfd), guest_memfds count from 3 and are never
+reused within the VM.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 GUEST_MEMFD_FLAGS = 0           # flags KVM_CREATE_GUEST_MEMFD accepts (no MMAP, INIT_SHARED)
 GMEM_FD_LIMIT = 1 << 10         # guest_memfds one VM may hold open
+STDIO_FDS = 3                   # fds 0-2: the standard streams
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,7 @@ class GuestMemfds:
     def __init__(self, vm: "Vm") -> None:
         self.vm = vm
         self._files: dict[int, GuestMemfd] = {}
-        self._next_fd = 1
+        self._next_fd = STDIO_FDS
 
     def create(self, size: int, flags: int) -> GuestMemfd:
         """`kvm_gmem_create`: EINVAL for unknown flags or a size that is not a positive
@@ -225,12 +228,13 @@ class GuestMemfds:
         return gmem
 
     def get(self, fd: int) -> GuestMemfd:
-        """EBADF for an fd that is no guest_memfd of this VM (KVM: EBADF for no file,
-        EINVAL for a file that is no guest_memfd or another VM's; a vmmu fd names only
-        this VM's guest_memfds)."""
+        """The guest_memfd `fd`: EINVAL for a standard stream (an open file that is no
+        guest_memfd, as KVM answers for one), EBADF for an fd nothing has opened."""
         gmem = self._files.get(fd)
         if gmem is None:
-            raise KvmError(errno.EBADF, f"fd {fd} is not a guest_memfd of VM {self.vm.id}")
+            if 0 <= fd < STDIO_FDS:
+                raise einval(f"fd {fd} is a standard stream, not a guest_memfd")
+            raise KvmError(errno.EBADF, f"fd {fd} is not open in VM {self.vm.id}")
         return gmem
 
     def infos(self) -> list[GuestMemfdInfo]:

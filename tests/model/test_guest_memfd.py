@@ -80,6 +80,7 @@ async def test_create_checks_size_and_flags():
         assert err.value.errno == errno.EINVAL
     assert vm.guest_memfds() == []
     fd = vm.create_guest_memfd(8192).fd
+    assert fd == 3                          # after the standard streams
     [info] = vm.guest_memfds()
     assert (info.fd, info.size, info.flags, info.pages, info.bindings) == (fd, 8192, 0, 0, ())
 
@@ -119,7 +120,8 @@ async def test_binding_rules():
         ((1, flags, 2 * MIB, MIB, hva, fd, 0x800), errno.EINVAL),       # not page aligned
         ((1, flags | KVM_MEM_LOG_DIRTY_PAGES, 2 * MIB, MIB, hva, fd, 0), errno.EINVAL),
         ((1, flags | KVM_MEM_READONLY, 2 * MIB, MIB, hva, fd, 0), errno.EINVAL),
-        ((1, flags, 2 * MIB, MIB, hva, 99, 0), errno.EBADF),           # no such guest_memfd
+        ((1, flags, 2 * MIB, MIB, hva, 99, 0), errno.EBADF),           # no such fd
+        ((1, flags, 2 * MIB, MIB, hva, 0, 0), errno.EINVAL),           # stdin: no guest_memfd
         ((1, flags, 2 * MIB, MIB, hva, fd, (1 << 64) - 4096), errno.EINVAL),   # wraps
         ((1, flags, MIB // 2, MIB, hva, fd, 0), errno.EEXIST),          # gpa overlap first
     ]
@@ -234,8 +236,8 @@ async def test_fault_racing_an_attribute_change_retries_and_maps_private():
     assert result.exit.reason is ExitReason.DONE, result.exit
     assert result.read_data == bytes(8)                    # the private page, not the hva's
     assert vcpu.stats()["pf_retry"] >= 1
-    assert leaf(vm, 0x5000).pfn == vm.gmems.get(1).current_pfn(vm.memslot_sets[0].by_id[0],
-                                                                 5)
+    slot = vm.memslot_sets[0].by_id[0]
+    assert leaf(vm, 0x5000).pfn == slot.gmem.current_pfn(slot, 5)
 
 
 # -- fallocate: allocation and holes ------------------------------------------------------

@@ -83,7 +83,8 @@ class GuestMemfdServiceServicer:
         through a bound memslot, then frees its pages (the next private access faults a fresh
         zeroed page). FAILED_PRECONDITION (EOPNOTSUPP) for another mode; INVALID_ARGUMENT
         (EINVAL) for an offset or length not page aligned, a zero length, or an allocation
-        past the end of the file; INVALID_ARGUMENT (EBADF) for an fd that is no guest_memfd.
+        past the end of the file; INVALID_ARGUMENT (EBADF) for an fd nothing opened, (EINVAL)
+        for 0-2, the standard streams.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

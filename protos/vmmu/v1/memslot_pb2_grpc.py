@@ -58,8 +58,9 @@ class MemslotServiceServicer:
         guest_memfd (guest_memfd.proto) and is immutable: any later call but a delete is
         INVALID_ARGUMENT (EINVAL), the identical one too. INVALID_ARGUMENT (EINVAL) also for
         GUEST_MEMFD with LOG_DIRTY_PAGES or READONLY, an offset not page aligned or past the
-        file's end, a range of the file bound already, or on a legacy-MMU VM; (EBADF) for a
-        guest_memfd that does not exist. The struct's padding has no field here.
+        file's end, a range of the file bound already, an fd of 0-2 (the standard streams,
+        which are no guest_memfd), or on a legacy-MMU VM; (EBADF) for an fd nothing opened.
+        The struct's padding has no field here.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
