@@ -16,8 +16,10 @@ from vmmu.client.errors import (Aborted, AlreadyExists, FailedPrecondition, Inte
 from vmmu.client.sync import Client, InvalidationHold, RunStream, TraceStream, Vcpu, Vm
 from vmmu.client.types import (KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
                                KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_INTERNAL_ERROR_EMULATION,
-                               KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Backing, ClientTls,
-                               DirtyGfn,
+                               KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_MEM_GUEST_MEMFD,
+                               KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_EXIT_FLAG_PRIVATE,
+                               FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Backing, ClientTls,
+                               DirtyGfn, GuestMemfd, GuestMemfdBinding,
                                Exit, ExitReason, Gpc, GpcState, HeldInvalidation, HoldState,
                                HostRegion, Invalidations, Memslot, Protection, RunResult, Spte,
                                TraceEvent, VcpuInfo, VmConfig, VmInfo)
@@ -35,5 +37,7 @@ __all__ = [
     "KVM_INTERNAL_ERROR_EMULATION", "Backing", "ExitReason", "Protection",
     "VmConfig", "VmInfo", "Spte", "HostRegion", "Memslot", "VcpuInfo", "Exit", "RunResult",
     "HoldState", "HeldInvalidation", "Invalidations", "TraceEvent", "GpcState", "Gpc",
-    "DirtyGfn",
+    "DirtyGfn", "KVM_MEM_GUEST_MEMFD", "KVM_MEMORY_ATTRIBUTE_PRIVATE",
+    "KVM_MEMORY_EXIT_FLAG_PRIVATE", "FALLOC_FL_KEEP_SIZE", "FALLOC_FL_PUNCH_HOLE",
+    "GuestMemfd", "GuestMemfdBinding",
 ]

@@ -20,8 +20,8 @@ from vmmu.client.errors import step_error
 from vmmu.client.types import (Backing, ClientTls, Exit, ExitReason, HeldInvalidation, HoldState,
                                HostRegion, Invalidations, Memslot, Protection, RunResult, Spte,
                                TraceEvent, VcpuInfo, VmConfig, VmInfo)
-from vmmu.v1 import (dirty_log_pb2_grpc, gpc_pb2_grpc, host_memory_pb2, host_memory_pb2_grpc,
-                     memslot_pb2, memslot_pb2_grpc, notifier_pb2, notifier_pb2_grpc,
+from vmmu.v1 import (dirty_log_pb2_grpc, gpc_pb2_grpc, guest_memfd_pb2_grpc, host_memory_pb2,
+                     host_memory_pb2_grpc, memslot_pb2, memslot_pb2_grpc, notifier_pb2, notifier_pb2_grpc,
                      trace_pb2, trace_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc, vm_pb2, vm_pb2_grpc)
 
 __all__ = ["Call", "Stubs", "CHANNEL_OPTIONS", "channel_credentials"]
@@ -102,6 +102,7 @@ class Stubs:
         self.trace = trace_pb2_grpc.TraceServiceStub(channel)
         self.gpc = gpc_pb2_grpc.GpcServiceStub(channel)
         self.dirty_log = dirty_log_pb2_grpc.DirtyLogServiceStub(channel)
+        self.guest_memfd = guest_memfd_pb2_grpc.GuestMemfdServiceStub(channel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +163,8 @@ def host_region(m: host_memory_pb2.HostRegion) -> HostRegion:
 
 def memslot(m: memslot_pb2.Memslot) -> Memslot:
     return Memslot(as_id=m.as_id, id=m.id, flags=m.flags, guest_phys_addr=m.guest_phys_addr,
-                   memory_size=m.memory_size, userspace_addr=m.userspace_addr)
+                   memory_size=m.memory_size, userspace_addr=m.userspace_addr,
+                   guest_memfd=m.guest_memfd, guest_memfd_offset=m.guest_memfd_offset)
 
 
 def vcpu_info(m: vcpu_pb2.VcpuInfo) -> VcpuInfo:
@@ -175,7 +177,7 @@ def run_result(m: vcpu_pb2.RunResult) -> RunResult:
         completed=m.completed,
         exit=Exit(reason=_EXIT_REASON_FROM_WIRE[e.reason], gpa=e.gpa, length=e.length,
                   is_write=e.is_write, data=e.data, errno=e.errno, message=e.message,
-                  suberror=e.suberror),
+                  suberror=e.suberror, flags=e.flags),
         read_data=m.read_data, start_ns=m.start_ns, end_ns=m.end_ns)
 
 
@@ -349,10 +351,12 @@ def young_bitmap(vm_id: int, start: int, end: int) -> Call[bytes]:
 # -- memslots --------------------------------------------------------------------------
 
 def set_user_memory_region(vm_id: int, slot: int, flags: int, guest_phys_addr: int,
-                           memory_size: int, userspace_addr: int) -> Call[None]:
+                           memory_size: int, userspace_addr: int, guest_memfd: int = 0,
+                           guest_memfd_offset: int = 0) -> Call[None]:
     request = memslot_pb2.SetUserMemoryRegionRequest(
         vm_id=vm_id, slot=slot, flags=flags, guest_phys_addr=guest_phys_addr,
-        memory_size=memory_size, userspace_addr=userspace_addr)
+        memory_size=memory_size, userspace_addr=userspace_addr, guest_memfd=guest_memfd,
+        guest_memfd_offset=guest_memfd_offset)
     return Call("memslot", "SetUserMemoryRegion", request, _none)
 
 

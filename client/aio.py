@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 
 import grpc
 
-from vmmu.client import _base, _clock, _dirty_log, _gpc
+from vmmu.client import _base, _clock, _dirty_log, _gpc, _guest_memfd
 from vmmu.client.batch import Batch
 from vmmu.client.errors import VmmuError, error_from_rpc, error_from_status
-from vmmu.client.types import (Backing, ClientTls, DirtyGfn, Gpc, HeldInvalidation,
+from vmmu.client.types import (Backing, ClientTls, DirtyGfn, Gpc, GuestMemfd, HeldInvalidation,
                                HostRegion, Invalidations, Memslot, Protection, RunResult, Spte,
                                TraceEvent, VcpuInfo, VmInfo)
 
@@ -228,9 +228,38 @@ class AsyncVm:
         return await self._client._invoke(_base.young_bitmap(self.id, start, end))
 
     async def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int,
-                                     memory_size: int, userspace_addr: int) -> None:
+                                     memory_size: int, userspace_addr: int,
+                                     guest_memfd: int = 0, guest_memfd_offset: int = 0
+                                     ) -> None:
+        """KVM_SET_USER_MEMORY_REGION2; with flag KVM_MEM_GUEST_MEMFD the slot binds
+        [guest_memfd_offset, + memory_size) of guest_memfd `guest_memfd`, and is immutable
+        until deleted."""
         await self._client._invoke(_base.set_user_memory_region(
-            self.id, slot, flags, guest_phys_addr, memory_size, userspace_addr))
+            self.id, slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd,
+            guest_memfd_offset))
+
+    async def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
+        """KVM_CREATE_GUEST_MEMFD: a guest_memfd of `size` bytes (its `fd` in the result)."""
+        return await self._client._invoke(_guest_memfd.create_guest_memfd(self.id, size, flags))
+
+    async def guest_memfd_fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on a guest_memfd: FALLOC_FL_KEEP_SIZE allocates the pages, with
+        FALLOC_FL_PUNCH_HOLE it unmaps the range from the guest and frees its pages."""
+        await self._client._invoke(_guest_memfd.fallocate(self.id, fd, mode, offset, length))
+
+    async def guest_memfds(self) -> list[GuestMemfd]:
+        return await self._client._invoke(_guest_memfd.guest_memfds(self.id))
+
+    async def set_memory_attributes(self, address: int, size: int, attributes: int,
+                                    flags: int = 0) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES of gpa [address, address + size):
+        KVM_MEMORY_ATTRIBUTE_PRIVATE makes it private, 0 shared."""
+        await self._client._invoke(_guest_memfd.set_memory_attributes(
+            self.id, address, size, attributes, flags))
+
+    async def private_ranges(self) -> list[tuple[int, int]]:
+        """The private gpa ranges [start, end), in order."""
+        return await self._client._invoke(_guest_memfd.private_ranges(self.id))
 
     async def memslots(self) -> list[Memslot]:
         return await self._client._invoke(_base.memslots(self.id))

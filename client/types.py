@@ -11,17 +11,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = [
-    "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
+    "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "KVM_MEM_GUEST_MEMFD",
+    "KVM_MEMORY_ATTRIBUTE_PRIVATE", "KVM_MEMORY_EXIT_FLAG_PRIVATE", "FALLOC_FL_KEEP_SIZE",
+    "FALLOC_FL_PUNCH_HOLE", "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
     "KVM_CAP_DIRTY_LOG_RING", "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP",
     "KVM_INTERNAL_ERROR_EMULATION",
     "Backing", "ExitReason", "HoldState", "Protection",
     "VmConfig", "VmInfo", "Spte", "HostRegion", "Memslot", "VcpuInfo", "Exit", "RunResult",
     "HeldInvalidation", "Invalidations", "TraceEvent", "GpcState", "Gpc", "DirtyGfn",
-    "ClientTls",
+    "ClientTls", "GuestMemfd", "GuestMemfdBinding",
 ]
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
+# Private memory: the memslot flag that binds a guest_memfd, the private attribute
+# (Vm.set_memory_attributes), the flag of a private MEMORY_FAULT exit, fallocate's modes.
+KVM_MEM_GUEST_MEMFD = 1 << 2
+KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
+KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
 # KVM_ENABLE_CAP capabilities a VM takes (Vm.enable_cap) and KVM_INTERNAL_ERROR_EMULATION,
 # the suberror of an INTERNAL_ERROR exit for a fetch the emulator cannot make.
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
@@ -163,6 +172,8 @@ class Memslot:
     guest_phys_addr: int
     memory_size: int
     userspace_addr: int
+    guest_memfd: int = 0             # with KVM_MEM_GUEST_MEMFD: the fd and offset bound
+    guest_memfd_offset: int = 0
 
     @property
     def slot(self) -> int:
@@ -181,7 +192,9 @@ class VcpuInfo:
 class Exit:
     """How a run step returned. For MMIO, MEMORY_FAULT and an INTERNAL_ERROR of suberror
     KVM_INTERNAL_ERROR_EMULATION, `gpa`, `length` and `is_write` describe the access at
-    index `completed`; `data` holds an MMIO write's bytes; `suberror` is 0 for a dead VM."""
+    index `completed`; `data` holds an MMIO write's bytes; `suberror` is 0 for a dead VM.
+    A MEMORY_FAULT of a private/shared mismatch reports the page (`gpa` page aligned,
+    `length` 4096) and `flags` KVM_MEMORY_EXIT_FLAG_PRIVATE if the access was private."""
 
     reason: ExitReason
     gpa: int
@@ -191,6 +204,7 @@ class Exit:
     errno: int
     message: str
     suberror: int = 0
+    flags: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +263,27 @@ class GpcState(enum.Enum):
     INACTIVE = "inactive"
     ACTIVE_INVALID = "active-invalid"
     ACTIVE_VALID = "active-valid"
+
+
+@dataclass(frozen=True, slots=True)
+class GuestMemfdBinding:
+    """The range [offset, offset + size) of a guest_memfd bound to memslot `slot`
+    (as_id << 16 | id)."""
+
+    slot: int
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class GuestMemfd:
+    """A guest_memfd: its fd, size and flags, the pages allocated in it, its bindings."""
+
+    fd: int
+    size: int
+    flags: int
+    pages: int
+    bindings: tuple[GuestMemfdBinding, ...]
 
 
 @dataclass(frozen=True, slots=True)

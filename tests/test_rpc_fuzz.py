@@ -22,13 +22,13 @@ from hypothesis import strategies as st
 from vmmu.client import AsyncClient, Backing, BatchBuilder, NotFound
 from vmmu.server.kvm.limits import Limits
 from vmmu.server.rpc.app import start_server
-from vmmu.v1 import (dirty_log_pb2, explore_pb2, gpc_pb2, host_memory_pb2, memslot_pb2,
-                     notifier_pb2, trace_pb2, vcpu_pb2, vm_pb2)
+from vmmu.v1 import (dirty_log_pb2, explore_pb2, gpc_pb2, guest_memfd_pb2, host_memory_pb2,
+                     memslot_pb2, notifier_pb2, trace_pb2, vcpu_pb2, vm_pb2)
 
 C = grpc.StatusCode
 MIB = 1 << 20
 MODULES = (vm_pb2, host_memory_pb2, memslot_pb2, vcpu_pb2, explore_pb2, notifier_pb2,
-           trace_pb2, gpc_pb2, dirty_log_pb2)
+           trace_pb2, gpc_pb2, dirty_log_pb2, guest_memfd_pb2)
 METHODS = sorted(((service.full_name, method)
                   for module in MODULES
                   for service in module.DESCRIPTOR.services_by_name.values()
@@ -200,6 +200,12 @@ def _snapshot(wire: Wire, vm_id: int) -> list[Message]:
          gpc_pb2.ListGpcsResponse),
         ("/vmmu.v1.VmService/WalkEpt", vm_pb2.WalkEptRequest(vm_id=vm_id, gpa=0x1000),
          vm_pb2.WalkEptResponse),
+        ("/vmmu.v1.GuestMemfdService/ListGuestMemfds",
+         guest_memfd_pb2.ListGuestMemfdsRequest(vm_id=vm_id),
+         guest_memfd_pb2.ListGuestMemfdsResponse),
+        ("/vmmu.v1.GuestMemfdService/ListPrivateRanges",
+         guest_memfd_pb2.ListPrivateRangesRequest(vm_id=vm_id),
+         guest_memfd_pb2.ListPrivateRangesResponse),
     ]
     return [wire.channel.unary_unary(path, response_deserializer=response.FromString)(
         request.SerializeToString(), timeout=TIMEOUT) for path, request, response in requests]

@@ -2,6 +2,7 @@
 
     KvmError(errno)            a call KVM would fail with -errno; nothing was changed
      +-- NoSuchObject          an unknown VM, vCPU, slot, region... (ENOENT)
+     +-- MemoryFault           a fault KVM_RUN ends with KVM_EXIT_MEMORY_FAULT's details
      +-- LimitExceeded         a configured limit of the server (limits.py) would be passed
     VmBugged                   a broken invariant (KVM_BUG_ON): the VM is dead from now on
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import errno as _errno
 
-__all__ = ["KvmError", "NoSuchObject", "LimitExceeded", "VmBugged", "einval"]
+__all__ = ["KvmError", "NoSuchObject", "LimitExceeded", "MemoryFault", "VmBugged", "einval"]
 
 
 class KvmError(Exception):
@@ -31,6 +32,15 @@ class KvmError(Exception):
 class NoSuchObject(KvmError):
     def __init__(self, message: str, **metadata: str) -> None:
         super().__init__(_errno.ENOENT, message, **metadata)
+
+
+class MemoryFault(KvmError):
+    """`kvm_prepare_memory_fault_exit`: KVM_RUN fails with EFAULT and `run->memory_fault`
+    says where (gpa, size) and how (flags: KVM_MEMORY_EXIT_FLAG_PRIVATE)."""
+
+    def __init__(self, gpa: int, size: int, flags: int, message: str) -> None:
+        super().__init__(_errno.EFAULT, message)
+        self.gpa, self.size, self.flags = gpa, size, flags
 
 
 class LimitExceeded(KvmError):

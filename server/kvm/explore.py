@@ -17,6 +17,8 @@ knob a scenario is about, exploration must find one within a bounded number of s
 | `rmap_walk_vs_rmap_change` | lockless rmap aging walks a descriptor chain that a zap of obsolete pages and new faults reshape and free | the read-only rmap lock (`rmap_walk_without_lock`) |
 | `lockless_age_vs_drop_spte` | lockless aging (A/D off, fast_only) stores an access-tracked SPTE over one a write fault dropped | report young and leave it (`lockless_age_access_track`) |
 | `fast_pf_vs_shadow_page_free` | a fast page fault holds a shadow page that zap_all_fast unlinks | free after the flush, on commit (`free_sp_before_flush`) |
+| `attributes_vs_fault` | a fault decides shared (or private) and resolves its pfn, KVM_SET_MEMORY_ATTRIBUTES flips the gfn, the fault installs the pfn of the old kind | the invalidation held over the change: in-progress, then the sequence (`skip_invalidate_retry`) |
+| `gmem_hole_vs_fault` | a private fault takes a guest_memfd page, a hole punched in the file frees it, the fault installs the freed page | the hole's invalidation and the fault's retry (`skip_invalidate_retry`) |
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from typing import Awaitable, Callable
 from .batch import AccessBatch
 from .errors import KvmError, VmBugged, einval
 from .kvm import Kvm
-from .memslots import KVM_MEM_LOG_DIRTY_PAGES
+from .guest_memfd import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+from .mem_attributes import KVM_MEMORY_ATTRIBUTE_PRIVATE
+from .memslots import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES
 from .sanitizers import SanitizerViolation
 from .types import PAGE_SIZE, AccessKind, Backing
 from .vm import Vm, VmConfig, check_debug_knobs
@@ -326,6 +330,42 @@ async def _fast_pf_vs_shadow_page_free(vm: Vm, rng: random.Random) -> None:
     await _together(vcpu0=guest(), memslots=memslots())
 
 
+async def _gmem_guest(vm: Vm) -> tuple[int, object]:
+    """PAGES of memory at gpa 0, shared from a host region and private from a guest_memfd."""
+    size = PAGES * PAGE_SIZE
+    region = vm.mmap(size, Backing.PAGE_4K)
+    fd = vm.create_guest_memfd(size).fd
+    await vm.set_user_memory_region(0, KVM_MEM_GUEST_MEMFD, 0, size, region.hva, fd, 0)
+    return fd, vm.create_vcpu(0)
+
+
+async def _attributes_vs_fault(vm: Vm, rng: random.Random) -> None:
+    _, vcpu = await _gmem_guest(vm)
+
+    async def vmm() -> None:           # converts pages between private and shared
+        for _ in range(ROUNDS * 2):
+            page = rng.randrange(PAGES)
+            attributes = rng.choice((0, KVM_MEMORY_ATTRIBUTE_PRIVATE))
+            await vm.set_memory_attributes(page * PAGE_SIZE, PAGE_SIZE, attributes)
+            await vm.sched.point("mm.invalidate_window")
+
+    await _together(vcpu0=_run_rounds(vcpu), vmm=vmm())
+
+
+async def _gmem_hole_vs_fault(vm: Vm, rng: random.Random) -> None:
+    fd, vcpu = await _gmem_guest(vm)
+    await vm.set_memory_attributes(0, PAGES * PAGE_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+
+    async def vmm() -> None:           # discards private pages, as a VMM does on conversion
+        for _ in range(ROUNDS * 2):
+            page = rng.randrange(PAGES)
+            await vm.guest_memfd_fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
+                                           page * PAGE_SIZE, PAGE_SIZE)
+            await vm.sched.point("mm.invalidate_window")
+
+    await _together(vcpu0=_run_rounds(vcpu), vmm=vmm())
+
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("fault_vs_invalidate", "a vCPU faults while the host migrates its pages",
              frozenset({"skip_invalidate_retry"}), _fault_vs_invalidate),
@@ -346,6 +386,12 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("dirty_log_vs_tlb",
              "a vCPU keeps writing while GET_DIRTY_LOG harvests and write-protects",
              frozenset({"skip_wrprot_flush"}), _dirty_log_vs_tlb),
+    Scenario("attributes_vs_fault",
+             "a vCPU faults while KVM_SET_MEMORY_ATTRIBUTES flips pages private and shared",
+             frozenset({"skip_invalidate_retry"}), _attributes_vs_fault),
+    Scenario("gmem_hole_vs_fault",
+             "a vCPU faults private pages while holes are punched in their guest_memfd",
+             frozenset({"skip_invalidate_retry"}), _gmem_hole_vs_fault),
     # The legacy MMU: its own races, and the shared ones on its structures.
     Scenario("rmap_walk_vs_rmap_change",
              "lockless rmap aging while zap_all_fast and faults reshape the rmaps",

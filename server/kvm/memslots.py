@@ -1,9 +1,11 @@
-"""Memslots: the guest physical memory map, with `KVM_SET_USER_MEMORY_REGION`'s rules.
+"""Memslots: the guest physical memory map, with `KVM_SET_USER_MEMORY_REGION2`'s rules.
 
 One `Memslots` set per address space (x86: 0 normal, 1 SMM), sorted by base gfn, with a
 generation that moves on every change. `check_region` is the validation of reference §6.2,
 in KVM's order and with KVM's errnos; it decides the change kind and never mutates, so a
-rejected call changes nothing.
+rejected call changes nothing. A slot with KVM_MEM_GUEST_MEMFD also takes its private
+pages from a range of a guest_memfd (guest_memfd.py): such a slot is immutable, it can
+only be deleted.
 """
 
 from __future__ import annotations
@@ -19,15 +21,15 @@ from .types import PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_4K, TASK_SIZE_MAX
 
 __all__ = [
     "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "KVM_MEMSLOT_INVALID",
-    "KVM_USER_MEM_SLOTS", "KVM_MEM_SLOTS_NUM", "KVM_ADDRESS_SPACE_NUM", "KVM_MEM_MAX_NR_PAGES",
-    "Memslot", "MemslotInfo", "Memslots", "MemslotChange", "check_region",
+    "KVM_MEM_GUEST_MEMFD", "KVM_USER_MEM_SLOTS", "KVM_MEM_SLOTS_NUM", "KVM_ADDRESS_SPACE_NUM",
+    "KVM_MEM_MAX_NR_PAGES", "Memslot", "MemslotInfo", "Memslots", "MemslotChange",
+    "check_region", "check_region_flags",
 ]
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
 KVM_MEM_GUEST_MEMFD = 1 << 2
 KVM_MEMSLOT_INVALID = 1 << 16     # internal: the slot is being deleted or moved
-VALID_FLAGS_V1 = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
 
 KVM_MEM_SLOTS_NUM = 32767         # SHRT_MAX
 KVM_USER_MEM_SLOTS = 32764        # minus the three x86 private slots
@@ -50,6 +52,8 @@ class MemslotInfo:
     guest_phys_addr: int
     memory_size: int
     userspace_addr: int
+    guest_memfd: int = 0             # with KVM_MEM_GUEST_MEMFD: the fd and the offset bound
+    guest_memfd_offset: int = 0
 
 
 class Memslot:
@@ -60,14 +64,17 @@ class Memslot:
     same array to the new slot while logging stays on (dirty_log.py).
     """
 
-    _FIELDS = ("as_id", "id", "base_gfn", "npages", "userspace_addr", "flags", "dirty_bitmap")
+    _FIELDS = ("as_id", "id", "base_gfn", "npages", "userspace_addr", "flags", "dirty_bitmap",
+               "gmem", "gmem_pgoff")
     # What the flags say and where the slot ends, read on every fault: kept as fields (a
     # slot is never edited).
     __slots__ = _FIELDS + ("readonly", "dirty_logging", "invalid", "end_gfn")
 
     def __init__(self, as_id: int, id: int, base_gfn: int, npages: int,
-                 userspace_addr: int, flags: int, dirty_bitmap: array | None = None) -> None:
+                 userspace_addr: int, flags: int, dirty_bitmap: array | None = None,
+                 gmem=None, gmem_pgoff: int = 0) -> None:
         self.as_id, self.id = as_id, id
+        self.gmem, self.gmem_pgoff = gmem, gmem_pgoff    # GuestMemfd, its first page index
         self.base_gfn, self.npages = base_gfn, npages
         self.userspace_addr, self.flags = userspace_addr, flags
         self.dirty_bitmap = dirty_bitmap
@@ -118,9 +125,11 @@ class Memslot:
         return level
 
     def info(self) -> MemslotInfo:
+        gmem = self.gmem
         return MemslotInfo(self.as_id, self.id, self.flags & ~KVM_MEMSLOT_INVALID,
                            self.base_gfn << PAGE_SHIFT, self.npages << PAGE_SHIFT,
-                           self.userspace_addr)
+                           self.userspace_addr, gmem.fd if gmem is not None else 0,
+                           self.gmem_pgoff << PAGE_SHIFT)
 
 
 class Memslots:
@@ -179,20 +188,42 @@ class Memslots:
         self.generation += KVM_ADDRESS_SPACE_NUM
 
 
+def check_region_flags(flags: int, private_mem: bool) -> None:
+    """`check_memory_region_flags`: GUEST_MEMFD only on a VM with private memory, and
+    neither with LOG_DIRTY_PAGES (private memory is not dirty-logged) nor with READONLY (a
+    write to a read-only slot is emulated MMIO, which private memory cannot be)."""
+    valid = KVM_MEM_LOG_DIRTY_PAGES | (KVM_MEM_GUEST_MEMFD if private_mem else 0)
+    if flags & KVM_MEM_GUEST_MEMFD:
+        valid &= ~KVM_MEM_LOG_DIRTY_PAGES
+    else:
+        valid |= KVM_MEM_READONLY
+    if flags & ~valid:
+        if flags & KVM_MEM_GUEST_MEMFD and not private_mem:
+            why = "GUEST_MEMFD needs private memory, which needs the TDP MMU"
+        elif flags & KVM_MEM_GUEST_MEMFD and flags & (KVM_MEM_LOG_DIRTY_PAGES |
+                                                      KVM_MEM_READONLY):
+            why = "GUEST_MEMFD takes neither LOG_DIRTY_PAGES nor READONLY"
+        else:
+            why = "the valid bits are LOG_DIRTY_PAGES|READONLY|GUEST_MEMFD"
+        raise einval(f"flags {flags:#x}: {why}")
+
+
 def check_region(spaces: list[Memslots], slot: int, flags: int, guest_phys_addr: int,
-                 memory_size: int, userspace_addr: int, max_gfn: int
+                 memory_size: int, userspace_addr: int, max_gfn: int,
+                 guest_memfd_offset: int = 0, private_mem: bool = False
                  ) -> tuple[MemslotChange | None, Memslot | None, Memslot | None]:
-    """Validate one `KVM_SET_USER_MEMORY_REGION` call: (change, old, new).
+    """Validate one `KVM_SET_USER_MEMORY_REGION2` call: (change, old, new).
 
     `change` is None for a call that changes nothing (same base, flags, size and hva).
-    Raises KvmError exactly where KVM's `kvm_set_memory_region` would.
+    Raises KvmError exactly where KVM's `kvm_set_memory_region` would, up to the
+    guest_memfd binding, which the caller checks next (`GuestMemfd.check_bind`).
     """
     for name, value in (("slot", slot), ("flags", flags), ("guest_phys_addr", guest_phys_addr),
-                        ("memory_size", memory_size), ("userspace_addr", userspace_addr)):
+                        ("memory_size", memory_size), ("userspace_addr", userspace_addr),
+                        ("guest_memfd_offset", guest_memfd_offset)):
         if value < 0:
             raise einval(f"{name} {value} is negative")
-    if flags & ~VALID_FLAGS_V1:
-        raise einval(f"flags {flags:#x} has bits other than LOG_DIRTY_PAGES|READONLY")
+    check_region_flags(flags, private_mem)
     as_id, id = slot >> 16, slot & 0xFFFF
     if id >= KVM_USER_MEM_SLOTS:
         raise einval(f"slot id {id} is not below KVM_USER_MEM_SLOTS ({KVM_USER_MEM_SLOTS})")
@@ -205,6 +236,10 @@ def check_region(spaces: list[Memslots], slot: int, flags: int, guest_phys_addr:
     if userspace_addr + memory_size > TASK_SIZE_MAX:
         raise einval(f"userspace_addr {userspace_addr:#x} + size {memory_size:#x} is not a "
                      "user address range")
+    if flags & KVM_MEM_GUEST_MEMFD and (guest_memfd_offset % PAGE_SIZE or
+                                        guest_memfd_offset + memory_size >= 1 << 64):
+        raise einval(f"guest_memfd_offset {guest_memfd_offset:#x} is not page aligned or "
+                     "wraps with memory_size")
     if as_id >= KVM_ADDRESS_SPACE_NUM:
         raise einval(f"address space {as_id} does not exist (x86 has "
                      f"{KVM_ADDRESS_SPACE_NUM})")
@@ -226,10 +261,13 @@ def check_region(spaces: list[Memslots], slot: int, flags: int, guest_phys_addr:
     if old is None:
         change = MemslotChange.CREATE
     else:
+        if flags & KVM_MEM_GUEST_MEMFD:
+            raise einval(f"slot {as_id}:{id} exists: a GUEST_MEMFD slot is immutable, it can "
+                         "only be deleted")
         if userspace_addr != old.userspace_addr or npages != old.npages or \
-                (flags ^ old.flags) & KVM_MEM_READONLY:
-            raise einval(f"slot {as_id}:{id} exists: its size, userspace_addr and READONLY "
-                         "cannot change")
+                (flags ^ old.flags) & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD):
+            raise einval(f"slot {as_id}:{id} exists: its size, userspace_addr, READONLY and "
+                         "GUEST_MEMFD cannot change")
         if base_gfn != old.base_gfn:
             change = MemslotChange.MOVE
         elif flags != old.flags:

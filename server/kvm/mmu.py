@@ -37,6 +37,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import spte as S
+from .guest_memfd import faultin_private
 from .mmu_internal import (ACCESS_NEEDS, PFERR_ACCESS_MASK, PFERR_FETCH_MASK,
                            PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK,
                            PFERR_WRITE_MASK, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_INVALID,
@@ -105,7 +106,13 @@ async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
     stats = vcpu.stat
     stats.pf_taken += 1
     r = RET_PF_INVALID
-    if vm.can_be_fast[bits]:                                # page_fault_can_be_fast
+    # A software-protected VM's access is private when its gfn is (KVM sets
+    # PFERR_PRIVATE_ACCESS from the attributes, for any fault but an MMIO one); a private
+    # fault is never fast.
+    attrs = vm.mem_attributes
+    private = bool(attrs.starts) and not bits & PFERR_RSVD_MASK and \
+        attrs.is_private(gpa >> PAGE_SHIFT)
+    if vm.can_be_fast[bits] and not private:                # page_fault_can_be_fast
         # fast_page_fault: FIXED or SPURIOUS when the leaf needs no mmu_lock, else INVALID.
         gfn = gpa >> PAGE_SHIFT
         need, write = _FAST_PF_ACCESS[bits]
@@ -159,7 +166,10 @@ async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
             vm.tracer.emit("fast_page_fault", vcpu=vcpu.id, gpa=gpa, error_code=error_code,
                            result=r.name)
     if r is RET_PF_INVALID:
-        r = await tdp_page_fault(vcpu, PageFault(gpa, error_code))
+        fault = PageFault(gpa, error_code)
+        if private:
+            fault.is_private = True
+        r = await tdp_page_fault(vcpu, fault)
     if r is RET_PF_FIXED:
         stats.pf_fixed += 1
     elif r is RET_PF_EMULATE:
@@ -209,7 +219,11 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
         clock = vm.clock
         if clock is not None:
             clock.charge(clock.costs.memslot_lookup)
-        if slot is not None:
+        if fault.is_private or vm.mem_attributes.starts:
+            r = faultin_private(vm, fault, slot)          # raises a memory-fault exit
+            if r is not None:
+                return r
+        if slot is not None and not fault.is_private:
             if slot.invalid:
                 return RET_PF_RETRY
             write = fault.write
@@ -289,6 +303,9 @@ def hugepage_adjust(vcpu: "Vcpu", fault: PageFault) -> None:
     # mmu_invalidate_seq, and the fault has just checked it under mmu_lock.
     level = slot.max_lpage_level(fault.gfn, min(fault.max_level, MAX_HUGEPAGE_LEVEL,
                                                 fault.host_level))
+    attrs = vcpu.vm.mem_attributes
+    if attrs.starts:                # a frame of mixed private and shared gfns maps by 4K
+        level = attrs.max_mapping_level(fault.gfn, level)
     fault.req_level = level
     if level > PG_LEVEL_4K and not fault.huge_page_disallowed:
         fault.goal_level = level

@@ -64,6 +64,7 @@ class PageFault:
     goal_level = PG_LEVEL_4K
     host_level = PG_LEVEL_4K        # the level the host maps the hva at
     huge_page_disallowed = False    # an instruction fetch under the NX huge page mitigation
+    is_private = False              # the gfn was private when the fault began
 
     def __init__(self, addr: int, error_code: int) -> None:
         self.addr = addr

@@ -94,6 +94,33 @@ class Notifier:
         if self.mn_active_invalidate_count == 0:
             self._idle_waiters.wake_all()
 
+    # -- invalidations by gfn: memory attributes and guest_memfd ------------------------
+
+    async def invalidate_gfns_begin(self, hits: list[tuple[int, int, int]]) -> None:
+        """`kvm_mmu_invalidate_begin` with `kvm_mmu_unmap_gfn_range` of each (as_id,
+        start, end) in `hits`, for a change KVM makes by gfn (memory attributes, a
+        guest_memfd hole): once this returns nothing maps the ranges, every TLB is
+        flushed, and until `invalidate_gfns_end` a fault that maps them retries."""
+        vm = self.vm
+        async with vm.mmu_lock.write:
+            self._begin()
+            if vm.sanitizers is not None:
+                vm.sanitizers.gfn_invalidation_begun(hits)
+            flush = False
+            for as_id, gfn_start, gfn_end in hits:
+                self._range_add(gfn_start, gfn_end)
+                flush = await vm.mmu.unmap_gfn_range(as_id, gfn_start, gfn_end) or flush
+            if flush and "skip_zap_tlb_flush" not in vm.knobs:
+                vm.flush_remote_tlbs()
+
+    async def invalidate_gfns_end(self, hits: list[tuple[int, int, int]]) -> None:
+        """`kvm_mmu_invalidate_end` of an `invalidate_gfns_begin`."""
+        vm = self.vm
+        async with vm.mmu_lock.write:
+            self._end()
+            if vm.sanitizers is not None:
+                vm.sanitizers.gfn_invalidation_ended(hits)
+
     def _gfn_ranges(self, start: int, end: int) -> list[tuple[int, int, int]]:
         return [(slots.as_id, gfn_start, gfn_end)
                 for slots in self.vm.memslot_sets

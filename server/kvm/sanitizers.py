@@ -3,9 +3,10 @@
 - `stale-translation`: every access a vCPU completes used the pfn the host maps for that
   gfn's hva at that moment (and a write never the zero page), and no access used a mapping of a range whose invalidation has
   begun and not ended (the MMU-notifier contract: once start returns, no vCPU uses an old
-  mapping);
+  mapping); for a private gfn, the page its memslot's guest_memfd holds at its index, and
+  no access inside an invalidation by gfn (an attribute change, a guest_memfd hole);
 - `no-new-mapping-during-invalidation`: no leaf SPTE is installed for a gfn whose hva is in
-  a range between invalidation begin and end;
+  a range between invalidation begin and end, or whose gfn is in an invalidation by gfn;
 - `stale-gpc`: a valid gfn-to-pfn cache, whenever it is used or a refresh has just made
   it valid, maps the pfn the host maps at its uhva now, and no invalidation in flight
   (from the top of invalidate_range_start to the bottom of _end) covers its page;
@@ -66,6 +67,7 @@ class Sanitizers:
     def __init__(self, vm: "Vm") -> None:
         self.vm = vm
         self.invalidating: list[tuple[int, int]] = []   # hva ranges begun, not ended
+        self.invalidating_gfns: list[tuple[int, int, int]] = []   # (as_id, start, end)
         self.accesses_checked = 0
         self.mappings_checked = 0
         self.gpcs_checked = 0
@@ -85,6 +87,17 @@ class Sanitizers:
     def _invalidating(self, hva_start: int, hva_end: int) -> bool:
         return any(s < hva_end and hva_start < e for s, e in self.invalidating)
 
+    def gfn_invalidation_begun(self, hits: list[tuple[int, int, int]]) -> None:
+        self.invalidating_gfns.extend(hits)
+
+    def gfn_invalidation_ended(self, hits: list[tuple[int, int, int]]) -> None:
+        for hit in hits:
+            self.invalidating_gfns.remove(hit)
+
+    def _invalidating_gfns(self, as_id: int, start: int, end: int) -> bool:
+        return any(a == as_id and s < end and start < e
+                   for a, s, e in self.invalidating_gfns)
+
     # -- the oracles -------------------------------------------------------------------
 
     def check_access(self, gfn: int, pfn: int, write: bool) -> None:
@@ -94,6 +107,18 @@ class Sanitizers:
         if slot is None:
             self.violation(STALE_TRANSLATION, gfn, f"access through pfn {pfn:#x} but no "
                            "memslot maps the gfn")
+        if self.invalidating_gfns and self._invalidating_gfns(0, gfn, gfn + 1):
+            self.violation(STALE_TRANSLATION, gfn, f"access through pfn {pfn:#x} while the "
+                           "gfn is being invalidated (memory attributes or guest_memfd)")
+        attrs = self.vm.mem_attributes
+        if attrs.starts and attrs.is_private(gfn):
+            gmem = slot.gmem
+            current = gmem.current_pfn(slot, gfn) if gmem is not None else None
+            if current != pfn:
+                held = "no page" if current is None else f"pfn {current:#x}"
+                self.violation(STALE_TRANSLATION, gfn, f"private access through pfn "
+                               f"{pfn:#x}, but the guest_memfd holds {held} for it")
+            return
         hva = slot.gfn_to_hva(gfn)
         if self._invalidating(hva, hva + 1):
             self.violation(STALE_TRANSLATION, gfn, f"access through pfn {pfn:#x} while hva "
@@ -112,6 +137,10 @@ class Sanitizers:
     def check_new_mapping(self, as_id: int, gfn: int, level: int) -> None:
         """A leaf SPTE for [gfn, gfn + pages at level) was just made present."""
         self.mappings_checked += 1
+        if self.invalidating_gfns and \
+                self._invalidating_gfns(as_id, gfn, gfn + pages_per_level(level)):
+            self.violation(NO_NEW_MAPPING, gfn, f"level-{level} leaf installed while the gfn "
+                           "is being invalidated (memory attributes or guest_memfd)")
         slot = self.vm.memslot_sets[as_id].lookup(gfn)
         if slot is None:
             return

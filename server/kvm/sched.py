@@ -39,6 +39,8 @@ POINTS = (
     "rmap.lock_spin",             # a writer found an rmap head locked and waits for it
     "rmap_age.before_clear",      # lockless rmap aging read a young SPTE, holds its head
     "shadow.cond_resched",        # zap of obsolete shadow pages dropped mmu_lock
+    "attributes.store",           # memory attributes: range invalidated, not yet stored
+    "gmem.truncate",              # a guest_memfd hole: range invalidated, pages not yet freed
 )
 
 _KNOWN = frozenset(POINTS)

@@ -49,6 +49,8 @@ EVENTS = (
     "gpc_invalidate",              # gpc, start, end
     "gpc_refresh",                 # gpc, result, retries
     "host_mm_op",                  # op, start, end, pages (a host_ops call that completed)
+    "kvm_vm_set_mem_attributes",   # start, end (gfns), attributes
+    "kvm_gmem_invalidate",         # fd, start, end (guest_memfd page indices)
 )
 
 DEFAULT_CAPACITY = 4096

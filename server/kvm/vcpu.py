@@ -30,7 +30,7 @@ from .spte import (ACCESSED, BASE_ADDR_MASK, DIRTY, EXECUTABLE, LARGE, MMIO_MASK
                    READABLE, RWX, WRITABLE)
 from .batch import OP_HLT, OP_KIND_MASK, OP_WITH_DATA, AccessBatch, op_size
 from .clock import VIRTUAL_TIME_LIMIT, Actor
-from .errors import KvmError, VmBugged
+from .errors import KvmError, MemoryFault, VmBugged
 from .mmu import page_fault
 from .mmu_internal import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY
 from .mmu_page import MmuPage
@@ -108,6 +108,7 @@ class Exit:
     errno: int = 0
     message: str = ""
     suberror: int = 0          # of an INTERNAL_ERROR: KVM_INTERNAL_ERROR_*, 0 for a dead VM
+    flags: int = 0             # of a MEMORY_FAULT: KVM_MEMORY_EXIT_FLAG_* (8: PRIVATE)
 
 
 @dataclass(frozen=True)
@@ -342,6 +343,11 @@ class Vcpu:
                     if self.requests & KVM_REQ_VM_DEAD:
                         vm.check_alive()           # the VM went away under the fault
                     op = batch.ops[i]
+                    if isinstance(e, MemoryFault):      # the fault says where and how
+                        return self._result(Exit(ExitReason.MEMORY_FAULT, gpa=e.gpa,
+                                                 length=e.size, is_write=_is_write(op),
+                                                 errno=e.errno, message=e.reason,
+                                                 flags=e.flags))
                     return self._result(Exit(ExitReason.MEMORY_FAULT, gpa=gpa,
                                              length=op_size(op), is_write=_is_write(op),
                                              errno=e.errno, message=e.reason))

@@ -26,11 +26,13 @@ from .dirty_log import BYTE_IN_WORD
 from .dirty_ring import DIRTY_GFN_BYTES, DirtyGfn, DirtyRing, check_ring_size
 from .errors import KvmError, NoSuchObject, VmBugged, einval
 from .gpc import GPC_POLICIES, Gpcs
+from .guest_memfd import GuestMemfdInfo, GuestMemfds
 from .held import HeldInvalidation, HeldInvalidationInfo, HeldInvalidations, HoldState
 from .host_mm import HostMm, HostRegionInfo
 from .host_region import is_zero_pfn
-from .memslots import (KVM_ADDRESS_SPACE_NUM, KVM_MEMSLOT_INVALID, Memslot, MemslotChange,
-                       MemslotInfo, Memslots, check_region)
+from .mem_attributes import MemoryAttributes, set_memory_attributes
+from .memslots import (KVM_ADDRESS_SPACE_NUM, KVM_MEM_GUEST_MEMFD, KVM_MEMSLOT_INVALID, Memslot,
+                       MemslotChange, MemslotInfo, Memslots, check_region)
 from .mmu import can_be_fast_table
 from .limits import NO_LIMITS, Limits, MemoryCharge
 from .mmu_lock import MmuLock
@@ -275,6 +277,11 @@ class Vm:
         self.gpcs = Gpcs(self, config.gpc_policy)
         self.notifier.start_hooks.append(self.gpcs.invalidate_start)
         self._vcpus: dict[int, Vcpu] = {}
+        # Private memory (guest_memfd.py, mem_attributes.py): every TDP-MMU VM is a
+        # software-protected one (KVM_X86_SW_PROTECTED_VM needs tdp_mmu).
+        self.has_private_mem = config.mmu == "tdp"
+        self.mem_attributes = MemoryAttributes()
+        self.gmems = GuestMemfds(self)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -338,6 +345,7 @@ class Vm:
         for slots in self.memslot_sets:
             for slot in list(slots):
                 slots.replace(slot, None)
+        self.gmems.release()
         self.host.release()
         for vcpu in self._vcpus.values():
             vcpu.tlb.clear()
@@ -413,16 +421,26 @@ class Vm:
 
     @simulated("vmm")
     async def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int,
-                                     memory_size: int, userspace_addr: int) -> None:
-        """`KVM_SET_USER_MEMORY_REGION`: create, delete (size 0), move or change flags."""
+                                     memory_size: int, userspace_addr: int,
+                                     guest_memfd: int = 0, guest_memfd_offset: int = 0
+                                     ) -> None:
+        """`KVM_SET_USER_MEMORY_REGION2`: create, delete (size 0), move or change flags; a
+        slot created with KVM_MEM_GUEST_MEMFD binds [guest_memfd_offset, + memory_size) of
+        the guest_memfd `guest_memfd` (the two are ignored without the flag)."""
         self.check_alive()
         self.limits.check("memslot_bytes", memory_size, f"a memslot of {memory_size:#x} "
                           "bytes", errno.E2BIG)
         async with self.slots_lock:
             change, old, new = check_region(self.memslot_sets, slot, flags, guest_phys_addr,
-                                            memory_size, userspace_addr, self.max_gfn)
+                                            memory_size, userspace_addr, self.max_gfn,
+                                            guest_memfd_offset, self.has_private_mem)
             if change is None:
                 return
+            if new is not None and flags & KVM_MEM_GUEST_MEMFD:     # a CREATE: immutable
+                gmem = self.gmems.get(guest_memfd)
+                gmem.check_bind(guest_memfd_offset, new.npages)
+                new = new.copy(gmem=gmem, gmem_pgoff=guest_memfd_offset >> PAGE_SHIFT)
+                await gmem.bind(new)
             if change in (MemslotChange.DELETE, MemslotChange.MOVE):
                 invalid = old.copy(flags=old.flags | KVM_MEMSLOT_INVALID)
                 await self._publish(old, invalid)
@@ -434,6 +452,8 @@ class Vm:
             await self._publish(old, new)
             with self._dies_on_bug():
                 await dirty_log.commit_memslot(self, change, old, new)
+            if change is MemslotChange.DELETE and old.gmem is not None:
+                await old.gmem.unbind(old)
 
     async def _publish(self, old: Memslot | None, new: Memslot | None) -> None:
         """`kvm_swap_active_memslots`: wait out MMU-notifier invalidations, then swap."""
@@ -460,6 +480,42 @@ class Vm:
 
     def memslots(self) -> list[MemslotInfo]:
         return [slot.info() for slots in self.memslot_sets for slot in slots]
+
+    # -- private memory: guest_memfd (guest_memfd.py) and attributes (mem_attributes.py)
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfdInfo:
+        """KVM_CREATE_GUEST_MEMFD: a guest_memfd of `size` bytes (its `fd` in the info)."""
+        self.check_alive()
+        return self.gmems.create(size, flags).info()
+
+    @simulated("vmm")
+    async def guest_memfd_fallocate(self, fd: int, mode: int, offset: int,
+                                    length: int) -> None:
+        """fallocate(2) on a guest_memfd: KEEP_SIZE allocates the range's pages;
+        KEEP_SIZE|PUNCH_HOLE invalidates the mappings of the range and frees its pages."""
+        self.check_alive()
+        gmem = self.gmems.get(fd)
+        with self._dies_on_bug():
+            await gmem.fallocate(mode, offset, length)
+
+    def guest_memfds(self) -> list[GuestMemfdInfo]:
+        self.check_alive()
+        return self.gmems.infos()
+
+    @simulated("vmm")
+    async def set_memory_attributes(self, address: int, size: int, attributes: int,
+                                    flags: int = 0) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES of gpa [address, address + size): attributes
+        KVM_MEMORY_ATTRIBUTE_PRIVATE (8) makes the range private, 0 shared."""
+        self.check_alive()
+        with self._dies_on_bug():
+            await set_memory_attributes(self, address, size, attributes, flags)
+
+    def private_ranges(self) -> list[tuple[int, int]]:
+        """The private gpa ranges [start, end), in order (no KVM ioctl reads them back)."""
+        self.check_alive()
+        return [(start << PAGE_SHIFT, end << PAGE_SHIFT)
+                for start, end in self.mem_attributes.ranges()]
 
     # -- client-held MMU-notifier invalidations (held.py) ------------------------------
 

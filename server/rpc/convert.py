@@ -192,7 +192,8 @@ def protection(request: host_memory_pb2.MprotectRequest) -> int:
 def memslot(info: MemslotInfo) -> memslot_pb2.Memslot:
     return memslot_pb2.Memslot(
         as_id=info.as_id, id=info.id, flags=info.flags, guest_phys_addr=info.guest_phys_addr,
-        memory_size=info.memory_size, userspace_addr=info.userspace_addr)
+        memory_size=info.memory_size, userspace_addr=info.userspace_addr,
+        guest_memfd=info.guest_memfd, guest_memfd_offset=info.guest_memfd_offset)
 
 
 # -- vCPUs -----------------------------------------------------------------------------
@@ -231,7 +232,8 @@ def run_result(result: RunResult) -> vcpu_pb2.RunResult:
         completed=result.completed,
         exit=vcpu_pb2.Exit(reason=_EXIT_REASON_TO_WIRE[e.reason], gpa=e.gpa,
                            length=e.length, is_write=e.is_write, data=e.data,
-                           errno=e.errno, message=e.message, suberror=e.suberror),
+                           errno=e.errno, message=e.message, suberror=e.suberror,
+                           flags=e.flags),
         read_data=result.read_data, start_ns=result.start_ns, end_ns=result.end_ns)
 
 

@@ -47,11 +47,13 @@ __all__ = ["STATUS_BY_ERRNO", "DOMAIN", "DETAILS_KEY", "status_of", "rich_status
 STATUS_BY_ERRNO: dict[int, StatusCode] = {
     errno.EINVAL: StatusCode.INVALID_ARGUMENT,
     errno.EFAULT: StatusCode.INVALID_ARGUMENT,
+    errno.EBADF: StatusCode.INVALID_ARGUMENT,       # no such guest_memfd
     errno.EEXIST: StatusCode.ALREADY_EXISTS,
     errno.ENOENT: StatusCode.NOT_FOUND,
     errno.ENOMEM: StatusCode.RESOURCE_EXHAUSTED,
     errno.ENOSPC: StatusCode.RESOURCE_EXHAUSTED,
     errno.E2BIG: StatusCode.RESOURCE_EXHAUSTED,
+    errno.EMFILE: StatusCode.RESOURCE_EXHAUSTED,    # a VM's guest_memfds
     errno.EBUSY: StatusCode.FAILED_PRECONDITION,
     errno.ENXIO: StatusCode.FAILED_PRECONDITION,
     errno.EAGAIN: StatusCode.FAILED_PRECONDITION,   # a GPC used while invalid: refresh first

@@ -17,8 +17,10 @@ from vmmu.server.rpc.dirty_log import DirtyLogServicer
 from vmmu.server.rpc.errors import refusable
 from vmmu.server.rpc.explore import ExploreServicer
 from vmmu.server.rpc.gpc import GpcServicer
+from vmmu.server.rpc.guest_memfd import GuestMemfdServicer
 from vmmu.v1 import (dirty_log_pb2, dirty_log_pb2_grpc, explore_pb2, explore_pb2_grpc, gpc_pb2,
-                     gpc_pb2_grpc, host_memory_pb2, host_memory_pb2_grpc,
+                     gpc_pb2_grpc, guest_memfd_pb2, guest_memfd_pb2_grpc,
+                     host_memory_pb2, host_memory_pb2_grpc,
                      memslot_pb2, memslot_pb2_grpc, notifier_pb2, notifier_pb2_grpc,
                      trace_pb2, trace_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc, vm_pb2,
                      vm_pb2_grpc)
@@ -178,7 +180,8 @@ class MemslotServicer(_Servicer, memslot_pb2_grpc.MemslotServiceServicer):
                                   context: Context) -> memslot_pb2.SetUserMemoryRegionResponse:
         await self._vm(request).set_user_memory_region(
             slot=request.slot, flags=request.flags, guest_phys_addr=request.guest_phys_addr,
-            memory_size=request.memory_size, userspace_addr=request.userspace_addr)
+            memory_size=request.memory_size, userspace_addr=request.userspace_addr,
+            guest_memfd=request.guest_memfd, guest_memfd_offset=request.guest_memfd_offset)
         return memslot_pb2.SetUserMemoryRegionResponse()
 
     async def ListMemslots(self, request: memslot_pb2.ListMemslotsRequest, context: Context
@@ -286,7 +289,9 @@ def add_servicers(model: Kvm, server: grpc.aio.Server) -> list[str]:
     trace_pb2_grpc.add_TraceServiceServicer_to_server(TraceServicer(kvm), server)
     gpc_pb2_grpc.add_GpcServiceServicer_to_server(GpcServicer(kvm), server)
     dirty_log_pb2_grpc.add_DirtyLogServiceServicer_to_server(DirtyLogServicer(kvm), server)
+    guest_memfd_pb2_grpc.add_GuestMemfdServiceServicer_to_server(GuestMemfdServicer(kvm),
+                                                                  server)
     return [service.full_name
             for module in (vm_pb2, host_memory_pb2, memslot_pb2, vcpu_pb2, explore_pb2,
-                           notifier_pb2, trace_pb2, gpc_pb2, dirty_log_pb2)
+                           notifier_pb2, trace_pb2, gpc_pb2, dirty_log_pb2, guest_memfd_pb2)
             for service in module.DESCRIPTOR.services_by_name.values()]

@@ -22,6 +22,11 @@ KNOBBED = [("fault_vs_invalidate", "skip_invalidate_retry",
            ("fast_pf_vs_invalidate", "fast_pf_plain_write",
             {"stale-translation", "no-new-mapping-during-invalidation"}),
            ("dirty_log_vs_tlb", "skip_wrprot_flush", {"no-lost-dirty-page"}),
+           # Private memory: the invalidations of attribute changes and guest_memfd holes.
+           ("attributes_vs_fault", "skip_invalidate_retry",
+            {"stale-translation", "no-new-mapping-during-invalidation"}),
+           ("gmem_hole_vs_fault", "skip_invalidate_retry",
+            {"stale-translation", "no-new-mapping-during-invalidation"}),
            # The legacy MMU's (seed 000 and the shadow MMU's zap ordering)...
            ("rmap_walk_vs_rmap_change", "rmap_walk_without_lock", {"UseAfterFree"}),
            ("lockless_age_vs_drop_spte", "lockless_age_access_track", {"SpteChangeLost"}),

@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15vmmu/v1/memslot.proto\x12\x07vmmu.v1\"y\n\x07Memslot\x12\r\n\x05\x61s_id\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\r\x12\r\n\x05\x66lags\x18\x03 \x01(\r\x12\x17\n\x0fguest_phys_addr\x18\x04 \x01(\x04\x12\x13\n\x0bmemory_size\x18\x05 \x01(\x04\x12\x16\n\x0euserspace_addr\x18\x06 \x01(\x04\"\x8e\x01\n\x1aSetUserMemoryRegionRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0c\n\x04slot\x18\x02 \x01(\r\x12\r\n\x05\x66lags\x18\x03 \x01(\r\x12\x17\n\x0fguest_phys_addr\x18\x04 \x01(\x04\x12\x13\n\x0bmemory_size\x18\x05 \x01(\x04\x12\x16\n\x0euserspace_addr\x18\x06 \x01(\x04\"\x1d\n\x1bSetUserMemoryRegionResponse\"$\n\x13ListMemslotsRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\":\n\x14ListMemslotsResponse\x12\"\n\x08memslots\x18\x01 \x03(\x0b\x32\x10.vmmu.v1.Memslot2\xbf\x01\n\x0eMemslotService\x12`\n\x13SetUserMemoryRegion\x12#.vmmu.v1.SetUserMemoryRegionRequest\x1a$.vmmu.v1.SetUserMemoryRegionResponse\x12K\n\x0cListMemslots\x12\x1c.vmmu.v1.ListMemslotsRequest\x1a\x1d.vmmu.v1.ListMemslotsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15vmmu/v1/memslot.proto\x12\x07vmmu.v1\"\xaa\x01\n\x07Memslot\x12\r\n\x05\x61s_id\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\r\x12\r\n\x05\x66lags\x18\x03 \x01(\r\x12\x17\n\x0fguest_phys_addr\x18\x04 \x01(\x04\x12\x13\n\x0bmemory_size\x18\x05 \x01(\x04\x12\x16\n\x0euserspace_addr\x18\x06 \x01(\x04\x12\x13\n\x0bguest_memfd\x18\x07 \x01(\r\x12\x1a\n\x12guest_memfd_offset\x18\x08 \x01(\x04\"\xbf\x01\n\x1aSetUserMemoryRegionRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0c\n\x04slot\x18\x02 \x01(\r\x12\r\n\x05\x66lags\x18\x03 \x01(\r\x12\x17\n\x0fguest_phys_addr\x18\x04 \x01(\x04\x12\x13\n\x0bmemory_size\x18\x05 \x01(\x04\x12\x16\n\x0euserspace_addr\x18\x06 \x01(\x04\x12\x13\n\x0bguest_memfd\x18\x07 \x01(\r\x12\x1a\n\x12guest_memfd_offset\x18\x08 \x01(\x04\"\x1d\n\x1bSetUserMemoryRegionResponse\"$\n\x13ListMemslotsRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\":\n\x14ListMemslotsResponse\x12\"\n\x08memslots\x18\x01 \x03(\x0b\x32\x10.vmmu.v1.Memslot2\xbf\x01\n\x0eMemslotService\x12`\n\x13SetUserMemoryRegion\x12#.vmmu.v1.SetUserMemoryRegionRequest\x1a$.vmmu.v1.SetUserMemoryRegionResponse\x12K\n\x0cListMemslots\x12\x1c.vmmu.v1.ListMemslotsRequest\x1a\x1d.vmmu.v1.ListMemslotsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vmmu.v1.memslot_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEMSLOT']._serialized_start=34
-  _globals['_MEMSLOT']._serialized_end=155
-  _globals['_SETUSERMEMORYREGIONREQUEST']._serialized_start=158
-  _globals['_SETUSERMEMORYREGIONREQUEST']._serialized_end=300
-  _globals['_SETUSERMEMORYREGIONRESPONSE']._serialized_start=302
-  _globals['_SETUSERMEMORYREGIONRESPONSE']._serialized_end=331
-  _globals['_LISTMEMSLOTSREQUEST']._serialized_start=333
-  _globals['_LISTMEMSLOTSREQUEST']._serialized_end=369
-  _globals['_LISTMEMSLOTSRESPONSE']._serialized_start=371
-  _globals['_LISTMEMSLOTSRESPONSE']._serialized_end=429
-  _globals['_MEMSLOTSERVICE']._serialized_start=432
-  _globals['_MEMSLOTSERVICE']._serialized_end=623
+  _globals['_MEMSLOT']._serialized_start=35
+  _globals['_MEMSLOT']._serialized_end=205
+  _globals['_SETUSERMEMORYREGIONREQUEST']._serialized_start=208
+  _globals['_SETUSERMEMORYREGIONREQUEST']._serialized_end=399
+  _globals['_SETUSERMEMORYREGIONRESPONSE']._serialized_start=401
+  _globals['_SETUSERMEMORYREGIONRESPONSE']._serialized_end=430
+  _globals['_LISTMEMSLOTSREQUEST']._serialized_start=432
+  _globals['_LISTMEMSLOTSREQUEST']._serialized_end=468
+  _globals['_LISTMEMSLOTSRESPONSE']._serialized_start=470
+  _globals['_LISTMEMSLOTSRESPONSE']._serialized_end=528
+  _globals['_MEMSLOTSERVICE']._serialized_start=531
+  _globals['_MEMSLOTSERVICE']._serialized_end=722
 # @@protoc_insertion_point(module_scope)

@@ -52,8 +52,15 @@ class MemslotServiceServicer:
     """
 
     def SetUserMemoryRegion(self, request, context):
-        """SetUserMemoryRegion is KVM_SET_USER_MEMORY_REGION: create a slot, delete it
-        (memory_size 0), move it (new guest_phys_addr) or change its flags.
+        """SetUserMemoryRegion is KVM_SET_USER_MEMORY_REGION2: create a slot, delete it
+        (memory_size 0), move it (new guest_phys_addr) or change its flags. A slot created with
+        flag 4 (GUEST_MEMFD) binds [guest_memfd_offset, + memory_size) of the guest_memfd
+        guest_memfd (guest_memfd.proto) and is immutable: any later call but a delete is
+        INVALID_ARGUMENT (EINVAL), the identical one too. INVALID_ARGUMENT (EINVAL) also for
+        GUEST_MEMFD with LOG_DIRTY_PAGES or READONLY, an offset not page aligned or past the
+        file's end, a range of the file bound already, an fd of 0-2 (the standard streams,
+        which are no guest_memfd), or on a legacy-MMU VM; (EBADF) for an fd nothing opened.
+        The struct's padding has no field here.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12vmmu/v1/vcpu.proto\x12\x07vmmu.v1\"<\n\x0b\x41\x63\x63\x65ssBatch\x12\x0c\n\x04gpas\x18\x01 \x01(\x0c\x12\x0b\n\x03ops\x18\x02 \x01(\x0c\x12\x12\n\nwrite_data\x18\x03 \x01(\x0c\"\x1e\n\x0eMmioCompletion\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x9a\x01\n\x04\x45xit\x12#\n\x06reason\x18\x01 \x01(\x0e\x32\x13.vmmu.v1.ExitReason\x12\x0b\n\x03gpa\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\r\x12\x10\n\x08is_write\x18\x04 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05\x65rrno\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x10\n\x08suberror\x18\x08 \x01(\r\"\x08\n\x06Resume\"p\n\tRunResult\x12\x11\n\tcompleted\x18\x01 \x01(\x04\x12\x1b\n\x04\x65xit\x18\x02 \x01(\x0b\x32\r.vmmu.v1.Exit\x12\x11\n\tread_data\x18\x03 \x01(\x0c\x12\x10\n\x08start_ns\x18\x04 \x01(\x04\x12\x0e\n\x06\x65nd_ns\x18\x05 \x01(\x04\"=\n\x08VcpuInfo\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\x08\x12\x14\n\x0cmmio_pending\x18\x03 \x01(\x08\"3\n\x11\x43reateVcpuRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0f\n\x07vcpu_id\x18\x02 \x01(\r\"5\n\x12\x43reateVcpuResponse\x12\x1f\n\x04vcpu\x18\x01 \x01(\x0b\x32\x11.vmmu.v1.VcpuInfo\"0\n\x0eGetVcpuRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0f\n\x07vcpu_id\x18\x02 \x01(\r\"2\n\x0fGetVcpuResponse\x12\x1f\n\x04vcpu\x18\x01 \x01(\x0b\x32\x11.vmmu.v1.VcpuInfo\"5\n\x13GetVcpuStatsRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0f\n\x07vcpu_id\x18\x02 \x01(\r\"}\n\x14GetVcpuStatsResponse\x12\x37\n\x05stats\x18\x01 \x03(\x0b\x32(.vmmu.v1.GetVcpuStatsResponse.StatsEntry\x1a,\n\nStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xd6\x01\n\nRunRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0f\n\x07vcpu_id\x18\x02 \x01(\r\x12%\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x14.vmmu.v1.AccessBatchH\x00\x12\x32\n\x0fmmio_completion\x18\x04 \x01(\x0b\x32\x17.vmmu.v1.MmioCompletionH\x00\x12!\n\x06resume\x18\x05 \x01(\x0b\x32\x0f.vmmu.v1.ResumeH\x00\x12\x15\n\x08start_ns\x18\x06 \x01(\x04H\x01\x88\x01\x01\x42\x06\n\x04stepB\x0b\n\t_start_ns\"\x9f\x01\n\tStepError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x32\n\x08metadata\x18\x04 \x03(\x0b\x32 .vmmu.v1.StepError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x0bRunResponse\x12\"\n\x06result\x18\x01 \x01(\x0b\x32\x12.vmmu.v1.RunResult\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.vmmu.v1.StepError\"\xdb\x01\n\x0fRunBatchRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0f\n\x07vcpu_id\x18\x02 \x01(\r\x12%\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x14.vmmu.v1.AccessBatchH\x00\x12\x32\n\x0fmmio_completion\x18\x04 \x01(\x0b\x32\x17.vmmu.v1.MmioCompletionH\x00\x12!\n\x06resume\x18\x05 \x01(\x0b\x32\x0f.vmmu.v1.ResumeH\x00\x12\x15\n\x08start_ns\x18\x06 \x01(\x04H\x01\x88\x01\x01\x42\x06\n\x04stepB\x0b\n\t_start_ns\"6\n\x10RunBatchResponse\x12\"\n\x06result\x18\x01 \x01(\x0b\x32\x12.vmmu.v1.RunResult*\xc9\x01\n\nExitReason\x12\x1b\n\x17\x45XIT_REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45XIT_REASON_DONE\x10\x01\x12\x14\n\x10\x45XIT_REASON_MMIO\x10\x02\x12\x1c\n\x18\x45XIT_REASON_MEMORY_FAULT\x10\x03\x12\x1e\n\x1a\x45XIT_REASON_INTERNAL_ERROR\x10\x04\x12\x1f\n\x1b\x45XIT_REASON_DIRTY_RING_FULL\x10\x05\x12\x13\n\x0f\x45XIT_REASON_HLT\x10\x06\x32\xd6\x02\n\x0bVcpuService\x12\x45\n\nCreateVcpu\x12\x1a.vmmu.v1.CreateVcpuRequest\x1a\x1b.vmmu.v1.CreateVcpuResponse\x12<\n\x07GetVcpu\x12\x17.vmmu.v1.GetVcpuRequest\x1a\x18.vmmu.v1.GetVcpuResponse\x12K\n\x0cGetVcpuStats\x12\x1c.vmmu.v1.GetVcpuStatsRequest\x1a\x1d.vmmu.v1.GetVcpuStatsResponse\x12\x34\n\x03Run\x12\x13.vmmu.v1.RunRequest\x1a\x14.vmmu.v1.RunResponse(\x01\x30\x01\x12?\n\x08RunBatch\x12\x18.vmmu.v1.RunBatchRequest\x1a\x19.vmmu.v1.RunBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12vmmu/v1/vcpu.proto\x12\x07vmmu.v1\"<\n\x0b\x41\x63\x63\x65ssBatch\x12\x0c\n\x04gpas\x18\x01 \x01(\x0c\x12\x0b\n\x03ops\x18\x02 \x01(\x0c\x12\x12\n\nwrite_data\x18\x03 \x01(\x0c\"\x1e\n\x0eMmioCompletion\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xa9\x01\n\x04\x45xit\x12#\n\x06reason\x18\x01 \x01(\x0e\x32\x13.vmmu.v1.ExitReason\x12\x0b\n\x03gpa\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\r\x12\x10\n\x08is_write\x18\x04 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05\x65rrno\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x10\n\x08suberror\x18\x08 \x01(\r\x12\r\n\x05\x66lags\x18\t \x01(\x04\"\x08\n\x06Resume\"p\n\tRunResult\x12\x11\n\tcompleted\x18\x01 \x01(\x04\x12\x1b\n\x04\x65xit\x18\x02 \x01(\x0b\x32\r.vmmu.v1.Exit\x12\x11\n\tread_data\x18\x03 \x01(\x0c\x12\x10\n\x08start_ns\x18\x04 \x01(\x04\x12\x0e\n\x06\x65nd_ns\x18\x05 \x01(\x04\"=\n\x08VcpuInfo\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\x08\x12\x14\n\x0cmmio_pending\x18\x03 \x01(\x08\"3\n\x11\x43reateVcpuRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0f\n\x07vcpu_id\x18\x02 \x01(\r\"5\n\x12\x43reateVcpuResponse\x12\x1f\n\x04vcpu\x18\x01 \x01(\x0b\x32\x11.vmmu.v1.VcpuInfo\"0\n\x0eGetVcpuRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0f\n\x07vcpu_id\x18\x02 \x01(\r\"2\n\x0fGetVcpuResponse\x12\x1f\n\x04vcpu\x18\x01 \x01(\x0b\x32\x11.vmmu.v1.VcpuInfo\"5\n\x13GetVcpuStatsRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0f\n\x07vcpu_id\x18\x02 \x01(\r\"}\n\x14GetVcpuStatsResponse\x12\x37\n\x05stats\x18\x01 \x03(\x0b\x32(.vmmu.v1.GetVcpuStatsResponse.StatsEntry\x1a,\n\nStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xd6\x01\n\nRunRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0f\n\x07vcpu_id\x18\x02 \x01(\r\x12%\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x14.vmmu.v1.AccessBatchH\x00\x12\x32\n\x0fmmio_completion\x18\x04 \x01(\x0b\x32\x17.vmmu.v1.MmioCompletionH\x00\x12!\n\x06resume\x18\x05 \x01(\x0b\x32\x0f.vmmu.v1.ResumeH\x00\x12\x15\n\x08start_ns\x18\x06 \x01(\x04H\x01\x88\x01\x01\x42\x06\n\x04stepB\x0b\n\t_start_ns\"\x9f\x01\n\tStepError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x32\n\x08metadata\x18\x04 \x03(\x0b\x32 .vmmu.v1.StepError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x0bRunResponse\x12\"\n\x06result\x18\x01 \x01(\x0b\x32\x12.vmmu.v1.RunResult\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.vmmu.v1.StepError\"\xdb\x01\n\x0fRunBatchRequest\x12\r\n\x05vm_id\x18\x01 \x01(\x04\x12\x0f\n\x07vcpu_id\x18\x02 \x01(\r\x12%\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x14.vmmu.v1.AccessBatchH\x00\x12\x32\n\x0fmmio_completion\x18\x04 \x01(\x0b\x32\x17.vmmu.v1.MmioCompletionH\x00\x12!\n\x06resume\x18\x05 \x01(\x0b\x32\x0f.vmmu.v1.ResumeH\x00\x12\x15\n\x08start_ns\x18\x06 \x01(\x04H\x01\x88\x01\x01\x42\x06\n\x04stepB\x0b\n\t_start_ns\"6\n\x10RunBatchResponse\x12\"\n\x06result\x18\x01 \x01(\x0b\x32\x12.vmmu.v1.RunResult*\xc9\x01\n\nExitReason\x12\x1b\n\x17\x45XIT_REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45XIT_REASON_DONE\x10\x01\x12\x14\n\x10\x45XIT_REASON_MMIO\x10\x02\x12\x1c\n\x18\x45XIT_REASON_MEMORY_FAULT\x10\x03\x12\x1e\n\x1a\x45XIT_REASON_INTERNAL_ERROR\x10\x04\x12\x1f\n\x1b\x45XIT_REASON_DIRTY_RING_FULL\x10\x05\x12\x13\n\x0f\x45XIT_REASON_HLT\x10\x06\x32\xd6\x02\n\x0bVcpuService\x12\x45\n\nCreateVcpu\x12\x1a.vmmu.v1.CreateVcpuRequest\x1a\x1b.vmmu.v1.CreateVcpuResponse\x12<\n\x07GetVcpu\x12\x17.vmmu.v1.GetVcpuRequest\x1a\x18.vmmu.v1.GetVcpuResponse\x12K\n\x0cGetVcpuStats\x12\x1c.vmmu.v1.GetVcpuStatsRequest\x1a\x1d.vmmu.v1.GetVcpuStatsResponse\x12\x34\n\x03Run\x12\x13.vmmu.v1.RunRequest\x1a\x14.vmmu.v1.RunResponse(\x01\x30\x01\x12?\n\x08RunBatch\x12\x18.vmmu.v1.RunBatchRequest\x1a\x19.vmmu.v1.RunBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,46 +35,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETVCPUSTATSRESPONSE_STATSENTRY']._serialized_options = b'8\001'
   _globals['_STEPERROR_METADATAENTRY']._loaded_options = None
   _globals['_STEPERROR_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_EXITREASON']._serialized_start=1605
-  _globals['_EXITREASON']._serialized_end=1806
+  _globals['_EXITREASON']._serialized_start=1620
+  _globals['_EXITREASON']._serialized_end=1821
   _globals['_ACCESSBATCH']._serialized_start=31
   _globals['_ACCESSBATCH']._serialized_end=91
   _globals['_MMIOCOMPLETION']._serialized_start=93
   _globals['_MMIOCOMPLETION']._serialized_end=123
   _globals['_EXIT']._serialized_start=126
-  _globals['_EXIT']._serialized_end=280
-  _globals['_RESUME']._serialized_start=282
-  _globals['_RESUME']._serialized_end=290
-  _globals['_RUNRESULT']._serialized_start=292
-  _globals['_RUNRESULT']._serialized_end=404
-  _globals['_VCPUINFO']._serialized_start=406
-  _globals['_VCPUINFO']._serialized_end=467
-  _globals['_CREATEVCPUREQUEST']._serialized_start=469
-  _globals['_CREATEVCPUREQUEST']._serialized_end=520
-  _globals['_CREATEVCPURESPONSE']._serialized_start=522
-  _globals['_CREATEVCPURESPONSE']._serialized_end=575
-  _globals['_GETVCPUREQUEST']._serialized_start=577
-  _globals['_GETVCPUREQUEST']._serialized_end=625
-  _globals['_GETVCPURESPONSE']._serialized_start=627
-  _globals['_GETVCPURESPONSE']._serialized_end=677
-  _globals['_GETVCPUSTATSREQUEST']._serialized_start=679
-  _globals['_GETVCPUSTATSREQUEST']._serialized_end=732
-  _globals['_GETVCPUSTATSRESPONSE']._serialized_start=734
-  _globals['_GETVCPUSTATSRESPONSE']._serialized_end=859
-  _globals['_GETVCPUSTATSRESPONSE_STATSENTRY']._serialized_start=815
-  _globals['_GETVCPUSTATSRESPONSE_STATSENTRY']._serialized_end=859
-  _globals['_RUNREQUEST']._serialized_start=862
-  _globals['_RUNREQUEST']._serialized_end=1076
-  _globals['_STEPERROR']._serialized_start=1079
-  _globals['_STEPERROR']._serialized_end=1238
-  _globals['_STEPERROR_METADATAENTRY']._serialized_start=1191
-  _globals['_STEPERROR_METADATAENTRY']._serialized_end=1238
-  _globals['_RUNRESPONSE']._serialized_start=1240
-  _globals['_RUNRESPONSE']._serialized_end=1324
-  _globals['_RUNBATCHREQUEST']._serialized_start=1327
-  _globals['_RUNBATCHREQUEST']._serialized_end=1546
-  _globals['_RUNBATCHRESPONSE']._serialized_start=1548
-  _globals['_RUNBATCHRESPONSE']._serialized_end=1602
-  _globals['_VCPUSERVICE']._serialized_start=1809
-  _globals['_VCPUSERVICE']._serialized_end=2151
+  _globals['_EXIT']._serialized_end=295
+  _globals['_RESUME']._serialized_start=297
+  _globals['_RESUME']._serialized_end=305
+  _globals['_RUNRESULT']._serialized_start=307
+  _globals['_RUNRESULT']._serialized_end=419
+  _globals['_VCPUINFO']._serialized_start=421
+  _globals['_VCPUINFO']._serialized_end=482
+  _globals['_CREATEVCPUREQUEST']._serialized_start=484
+  _globals['_CREATEVCPUREQUEST']._serialized_end=535
+  _globals['_CREATEVCPURESPONSE']._serialized_start=537
+  _globals['_CREATEVCPURESPONSE']._serialized_end=590
+  _globals['_GETVCPUREQUEST']._serialized_start=592
+  _globals['_GETVCPUREQUEST']._serialized_end=640
+  _globals['_GETVCPURESPONSE']._serialized_start=642
+  _globals['_GETVCPURESPONSE']._serialized_end=692
+  _globals['_GETVCPUSTATSREQUEST']._serialized_start=694
+  _globals['_GETVCPUSTATSREQUEST']._serialized_end=747
+  _globals['_GETVCPUSTATSRESPONSE']._serialized_start=749
+  _globals['_GETVCPUSTATSRESPONSE']._serialized_end=874
+  _globals['_GETVCPUSTATSRESPONSE_STATSENTRY']._serialized_start=830
+  _globals['_GETVCPUSTATSRESPONSE_STATSENTRY']._serialized_end=874
+  _globals['_RUNREQUEST']._serialized_start=877
+  _globals['_RUNREQUEST']._serialized_end=1091
+  _globals['_STEPERROR']._serialized_start=1094
+  _globals['_STEPERROR']._serialized_end=1253
+  _globals['_STEPERROR_METADATAENTRY']._serialized_start=1206
+  _globals['_STEPERROR_METADATAENTRY']._serialized_end=1253
+  _globals['_RUNRESPONSE']._serialized_start=1255
+  _globals['_RUNRESPONSE']._serialized_end=1339
+  _globals['_RUNBATCHREQUEST']._serialized_start=1342
+  _globals['_RUNBATCHREQUEST']._serialized_end=1561
+  _globals['_RUNBATCHRESPONSE']._serialized_start=1563
+  _globals['_RUNBATCHRESPONSE']._serialized_end=1617
+  _globals['_VCPUSERVICE']._serialized_start=1824
+  _globals['_VCPUSERVICE']._serialized_end=2166
 # @@protoc_insertion_point(module_scope)

@@ -41,7 +41,7 @@ class MmioCompletion(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class Exit(_message.Message):
-    __slots__ = ("reason", "gpa", "length", "is_write", "data", "errno", "message", "suberror")
+    __slots__ = ("reason", "gpa", "length", "is_write", "data", "errno", "message", "suberror", "flags")
     REASON_FIELD_NUMBER: _ClassVar[int]
     GPA_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class Exit(_message.Message):
     ERRNO_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     SUBERROR_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
     reason: ExitReason
     gpa: int
     length: int
@@ -58,7 +59,8 @@ class Exit(_message.Message):
     errno: int
     message: str
     suberror: int
-    def __init__(self, reason: _Optional[_Union[ExitReason, str]] = ..., gpa: _Optional[int] = ..., length: _Optional[int] = ..., is_write: _Optional[bool] = ..., data: _Optional[bytes] = ..., errno: _Optional[int] = ..., message: _Optional[str] = ..., suberror: _Optional[int] = ...) -> None: ...
+    flags: int
+    def __init__(self, reason: _Optional[_Union[ExitReason, str]] = ..., gpa: _Optional[int] = ..., length: _Optional[int] = ..., is_write: _Optional[bool] = ..., data: _Optional[bytes] = ..., errno: _Optional[int] = ..., message: _Optional[str] = ..., suberror: _Optional[int] = ..., flags: _Optional[int] = ...) -> None: ...
 
 class Resume(_message.Message):
     __slots__ = ()
