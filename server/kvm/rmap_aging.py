@@ -28,6 +28,7 @@ from . import spte as S
 from .memslots import Memslot
 from .mmu_page import UseAfterFree
 from .rmap import RMAP_MANY, sptep_index
+from .rmap_walk import RmapWalk
 from .types import MAX_HUGEPAGE_LEVEL, PG_LEVEL_4K, pages_per_level
 
 if TYPE_CHECKING:
@@ -78,16 +79,21 @@ async def age_gfn_ranges(mmu: "ShadowMmu", ranges: list[tuple[Memslot, int, int]
             young = await _age_lockless(mmu, slot, first, last) or young
         return young
     async with mmu.mmu_lock.write:
-        return any([_age_locked(mmu, slot, first, last) for slot, first, last in ranges])
+        young = False
+        walk = RmapWalk(mmu, flush_on_yield=False)        # aging flushes nothing
+        for slot, first, last in ranges:
+            young = await _age_locked(walk, slot, first, last) or young
+        return young
 
 
-def _age_locked(mmu: "ShadowMmu", slot: Memslot, first: int, last: int) -> bool:
+async def _age_locked(walk: RmapWalk, slot: Memslot, first: int, last: int) -> bool:
     """`__kvm_rmap_age_gfn_range` (mmu_lock held for write): `mmu_spte_age` on each
-    young leaf."""
-    mmu.mmu_lock.assert_held_write()
+    young leaf; the walk yields mmu_lock."""
     young = False
-    for heads, i, level in _heads(mmu, slot, first, last):
-        young = _age_head(mmu, heads[i], level, True) or young
+    async for heads, level, indices in walk.chunks(slot, first, last, PG_LEVEL_4K,
+                                                   MAX_HUGEPAGE_LEVEL):
+        for i in indices:
+            young = _age_head(walk.mmu, heads[i], level, True) or young
     return young
 
 

@@ -29,7 +29,6 @@ page is freed only after it is unreachable and a flush (and grace period) has pa
 
 from __future__ import annotations
 
-import asyncio
 from array import array
 from itertools import compress
 from typing import TYPE_CHECKING, Callable
@@ -42,6 +41,7 @@ from .mmu_lock import MmuLock
 from .mmu_page import MmuPage, PageTables, UseAfterFree
 from .rcu import Rcu
 from .rmap import PTE_LIST_DESC_BYTES, Rmaps, SlotRmaps, sptep_index, sptep_of
+from .rmap_walk import RmapWalk, yield_write_lock
 from .spte import MMU_PRESENT, MMU_WRITABLE, NONPRESENT, PRESENT_LARGE, WRITABLE
 from .stats import VmStats
 from .tdp_mmu import max_mapping_level
@@ -368,15 +368,10 @@ class ShadowMmu:
         """`cond_resched_rwlock_write`: the time slice may end here (the preemption point,
         mmu_lock still held: lockless walkers run, others queue for the lock); if anyone
         waits for the lock, drop it and let them have it. True if it was dropped."""
-        lock = self.mmu_lock
         await self.sched.point("shadow.cond_resched")
-        if not lock.needbreak():
+        if not self.mmu_lock.needbreak():
             return False
-        lock.release_write()
-        try:
-            await asyncio.sleep(0)
-        finally:
-            await lock.acquire_write()
+        await yield_write_lock(self)
         return True
 
     async def zap_all(self) -> None:
@@ -392,21 +387,20 @@ class ShadowMmu:
 
     async def unmap_gfn_range(self, as_id: int, start: int, end: int) -> bool:
         """`kvm_unmap_gfn_range` -> `kvm_zap_rmap` (mmu_lock held for write): every leaf
-        SPTE mapping [start, end), found through the rmaps of each level; pages stay.
-        Returns whether a TLB flush is needed; the caller flushes."""
-        self.mmu_lock.assert_held_write()
-        flush = False
+        SPTE mapping [start, end), found through the rmaps of each level; pages stay. The
+        walk yields mmu_lock, flushing first. Returns whether a TLB flush is needed; the
+        caller flushes."""
+        walk = RmapWalk(self, flush_on_yield="skip_zap_tlb_flush" not in self.knobs)
         for slot in list(self.memslot_sets[as_id]):
             lo, hi = max(start, slot.base_gfn), min(end, slot.end_gfn)
             if lo >= hi:
                 continue
-            rmaps = self.slot_rmaps[(as_id, slot.id)]
-            for level in range(PG_LEVEL_4K, MAX_HUGEPAGE_LEVEL + 1):
-                heads = rmaps.heads[level]
-                first, last = rmaps.index(lo, level), rmaps.index(hi - 1, level) + 1
-                for i in compress(range(first, last), heads[first:last]):
-                    flush = await self.rmaps.zap_all(heads, i, self._clear_leaf) or flush
-        return flush
+            async for heads, _, indices in walk.chunks(slot, lo, hi, PG_LEVEL_4K,
+                                                       MAX_HUGEPAGE_LEVEL):
+                for i in indices:
+                    walk.flush = await self.rmaps.zap_all(heads, i, self._clear_leaf) or \
+                        walk.flush
+        return walk.flush
 
     # -- dirty logging through the rmaps (mmu_lock held for write) --------------------
 
@@ -425,17 +419,18 @@ class ShadowMmu:
                 flush = True
         return flush
 
-    def slot_remove_write_access(self, slot: "Memslot", start_level: int) -> bool:
+    async def slot_remove_write_access(self, slot: "Memslot", start_level: int) -> bool:
         """`kvm_mmu_slot_remove_write_access`: W off every leaf of the slot at or above
-        `start_level`; MMU-writable stays, so the fast page fault may give W back."""
-        self.mmu_lock.assert_held_write()
-        rmaps = self.slot_rmaps[(slot.as_id, slot.id)]
-        flush = False
-        for level in range(start_level, MAX_HUGEPAGE_LEVEL + 1):
-            heads = rmaps.heads[level]
-            for val in compress(heads, heads):
-                flush = self._write_protect_head(val, False) or flush
-        return flush
+        `start_level`; MMU-writable stays, so the fast page fault may give W back. The walk
+        yields mmu_lock without flushing, as KVM's: a vCPU that writes through a writable
+        translation meanwhile does so before logging begins (the caller flushes before it
+        returns)."""
+        walk = RmapWalk(self, flush_on_yield=False)
+        async for heads, level, indices in walk.chunks(slot, slot.base_gfn, slot.end_gfn,
+                                                       start_level, MAX_HUGEPAGE_LEVEL):
+            for i in indices:
+                walk.flush = self._write_protect_head(heads[i], False) or walk.flush
+        return walk.flush
 
     def write_protect_gfn(self, slot: "Memslot", gfn: int, min_level: int) -> bool:
         """`kvm_mmu_slot_gfn_write_protect`: W and MMU-writable off the leaves that map
@@ -466,19 +461,20 @@ class ShadowMmu:
         """`kvm_rmap_zap_collapsible_sptes` (mmu_lock held for write; logging went off):
         zap each 4K leaf whose gfn could be mapped huge now, so that the next fault maps
         it huge. Flushes if anything was zapped; returns the leaves zapped."""
-        self.mmu_lock.assert_held_write()
-        rmaps = self.slot_rmaps[(slot.as_id, slot.id)]
-        heads = rmaps.heads[PG_LEVEL_4K]
+        walk = RmapWalk(self, flush_on_yield=True)
         zapped = 0
-        for i in compress(range(len(heads)), heads):
-            gfn = slot.base_gfn + i
-            if max_mapping_level(slot, gfn, host_mapping_level) == PG_LEVEL_4K:
-                continue
-            for sptep in list(self.rmaps.sptes(heads[i])):
-                await self.rmaps.remove(heads, i, sptep)      # kvm_zap_one_rmap_spte
-                self._clear_leaf(sptep)
-                zapped += 1
-        if zapped:
+        async for heads, _, indices in walk.chunks(slot, slot.base_gfn, slot.end_gfn,
+                                                   PG_LEVEL_4K, PG_LEVEL_4K):
+            for i in indices:
+                gfn = slot.base_gfn + i
+                if max_mapping_level(slot, gfn, host_mapping_level) == PG_LEVEL_4K:
+                    continue
+                for sptep in list(self.rmaps.sptes(heads[i])):
+                    await self.rmaps.remove(heads, i, sptep)      # kvm_zap_one_rmap_spte
+                    self._clear_leaf(sptep)
+                    zapped += 1
+                    walk.flush = True
+        if walk.flush:
             self.flush_remote_tlbs()
         return zapped
 
