@@ -175,6 +175,7 @@ class Rmaps:
                 return 0
             if not old & RMAP_LOCKED:
                 heads[i] = old | RMAP_LOCKED           # the cmpxchg: old was just read
+                self._charge("rmap_lock")
                 return old
             self.spins += 1
             await self.sched.point("rmap.lock_spin")
@@ -212,11 +213,18 @@ class Rmaps:
                            f"locked at {old:#x}")
         heads[i] = old
 
+    def _charge(self, cost: str, n: int = 1) -> None:
+        """Virtual time: the running actor pays `n` of the named cost."""
+        clock = self.sched.clock
+        if clock is not None:
+            clock.charge(getattr(clock.costs, cost) * n)
+
     # -- changes (mmu_lock held for write, head locked) -----------------------------------
 
     async def add(self, heads: array, i: int, sptep: int) -> int:
         """`pte_list_add`: returns the number of SPTEs the head held before."""
         old = await self.lock(heads, i)
+        self._charge("rmap_add")
         if not old:
             new, count = sptep, 0
         elif not old & RMAP_MANY:
@@ -242,6 +250,7 @@ class Rmaps:
         """`pte_list_remove`: the entry moves the head descriptor's last sptep into its
         place, and a head descriptor left empty is freed (with the head's lock held)."""
         old = await self.lock(heads, i)
+        self._charge("rmap_remove")
         if not old:
             raise VmBugged(f"no rmap entry for sptep {sptep:#x}: the head is empty")
         if not old & RMAP_MANY:

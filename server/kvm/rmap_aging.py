@@ -73,6 +73,9 @@ async def age_gfn_ranges(mmu: "ShadowMmu", ranges: list[tuple[Memslot, int, int]
                          fast_only: bool) -> bool:
     """`kvm_age_gfn` over each (slot, first, last): was any of it young? Old afterwards,
     except A/D-disabled SPTEs a lockless walk found (reported young, left young)."""
+    if mmu.clock is not None:
+        mmu.clock.charge(mmu.clock.costs.age_spte * sum(last - first for _, first, last
+                                                        in ranges))
     if mmu.ad_enabled or fast_only:
         young = False
         for slot, first, last in ranges:

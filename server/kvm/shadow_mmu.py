@@ -92,6 +92,7 @@ class ShadowMmu:
         self.mmu_lock, self.rcu, self.stat, self.tracer = mmu_lock, rcu, stats, tracer
         self.flush_remote_tlbs = flush_remote_tlbs
         self.sched, self.knobs, self.memslot_sets = sched, knobs, memslot_sets
+        self.clock = sched.clock              # virtual time, or None
         self.sanitizers = None                # set by the VM when its sanitizers are on
         self.tables = _ShadowPageTables()
         self.hash: dict[tuple[int, int, int], list[ShadowPage]] = {}
@@ -113,10 +114,12 @@ class ShadowMmu:
 
     def _get_sp(self, gfn: int, level: int, as_id: int, is_root: bool) -> ShadowPage:
         """`kvm_mmu_get_shadow_page`: the valid page of this gfn and role, or a new one."""
+        self._charge("sp_hash_lookup")
         bucket = self.hash.setdefault((gfn, level, as_id), [])
         for sp in bucket:
             if not self.is_obsolete(sp):
                 return sp
+        self._charge("table_alloc")
         sp = self.tables.alloc(level, gfn, as_id, is_root)
         sp.mmu_valid_gen = self.mmu_valid_gen
         bucket.append(sp)
@@ -127,6 +130,11 @@ class ShadowMmu:
             self.tracer.emit("kvm_mmu_get_page", gfn=gfn, level=level, as_id=as_id,
                              created=True)
         return sp
+
+    def _charge(self, cost: str, n: int = 1) -> None:
+        """Virtual time: the running actor pays `n` of the named cost."""
+        if self.clock is not None:
+            self.clock.charge(getattr(self.clock.costs, cost) * n)
 
     def get_root(self, as_id: int) -> ShadowPage:
         """`mmu_alloc_direct_roots`: the valid root of `as_id`, one more reference."""
@@ -172,6 +180,7 @@ class ShadowMmu:
                            "while mmu_lock was held for write: a change made outside "
                            "mmu_lock was lost")
         sp.spt[index] = new
+        self._charge("spte_write")
 
     # -- rmaps of memslots ----------------------------------------------------------
 
@@ -207,6 +216,9 @@ class ShadowMmu:
         self.mmu_lock.assert_held_write()
         gfn, goal = fault.gfn, fault.goal_level
         sp, level = root, root.level
+        if self.clock is not None:
+            costs = self.clock.costs
+            self.clock.charge(costs.tdp_walk_level * (level - goal + 1) + costs.make_spte)
         while level > goal:
             index = gfn >> level_shift(level) & 511
             if sp.spt[index] & PRESENT_LARGE != MMU_PRESENT:
@@ -237,6 +249,7 @@ class ShadowMmu:
         if new == old:
             return RET_PF_SPURIOUS
         sp.spt[index] = new
+        self._charge("spte_write")
         gfn = gfn_round_down(fault.gfn, level)
         if self.tracer.on:
             self.tracer.emit("kvm_mmu_set_spte", gfn=gfn, level=level, old=old, new=new)
@@ -264,6 +277,7 @@ class ShadowMmu:
         index = sptep_index(sptep)
         old = sp.spt[index]
         sp.spt[index] = NONPRESENT
+        self._charge("spte_write")
         if S.is_leaf_present(old, sp.level):
             self.stat.account_leaf(sp.level, -1)
         if self.tracer.on:
@@ -332,6 +346,7 @@ class ShadowMmu:
                 self.rcu.call_rcu(lambda sp=sp: self._free(sp))
 
     def _free(self, sp: ShadowPage) -> None:
+        self._charge("table_free")
         self.stat.mmu_shadow_pages -= 1
         self.tables.free(sp)
 
@@ -416,6 +431,7 @@ class ShadowMmu:
             new = old & ~clear
             if new != old:                       # spte_write_protect
                 sp.spt[index] = new
+                self._charge("spte_write")
                 flush = True
         return flush
 
