@@ -293,6 +293,7 @@ def test_faults_under_the_read_lock_scale_and_under_the_write_lock_do_not():
     assert one == rate(1, "write")
     assert rate(8, "read+rcu") >= 5 * one
     assert rate(8, "write") <= 1.5 * one
+    assert rate(8, "legacy") <= 1.5 * rate(1, "legacy")     # tdp_mmu=0: the write lock too
 
 
 # Costs under which the part of a fault inside mmu_lock dominates it, as on a host
