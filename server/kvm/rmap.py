@@ -146,6 +146,10 @@ class SlotRmaps:
         shift = level_shift(level)
         return (gfn >> shift) - (self.base_gfn >> shift)
 
+    def span(self, first: int, last: int, level: int) -> tuple[int, int]:
+        """The indices [lo, hi) of the heads of gfns [first, last) at `level`."""
+        return self.index(first, level), self.index(last - 1, level) + 1
+
     def nbytes(self) -> int:
         return sum(len(h) * h.itemsize for h in self.heads[1:])
 

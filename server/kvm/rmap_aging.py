@@ -46,11 +46,9 @@ def _heads(mmu: "ShadowMmu", slot: Memslot, first: int, last: int):
     """(heads, index) of every non-empty rmap head of gfns [first, last) of the slot, by
     level from 4K up."""
     rmaps = mmu.slot_rmaps.get((slot.as_id, slot.id))
-    if rmaps is None:
-        return
-    for level in range(PG_LEVEL_4K, MAX_HUGEPAGE_LEVEL + 1):
+    for level in range(PG_LEVEL_4K, MAX_HUGEPAGE_LEVEL + 1) if rmaps is not None else ():
+        lo, hi = rmaps.span(first, last, level)
         heads = rmaps.heads[level]
-        lo, hi = rmaps.index(first, level), rmaps.index(last - 1, level) + 1
         for i in compress(range(lo, hi), heads[lo:hi]):
             yield heads, i, level
 

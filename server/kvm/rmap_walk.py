@@ -68,11 +68,9 @@ class RmapWalk:
         """(heads, level, indices of its non-empty heads) for each chunk of the walk."""
         mmu = self.mmu
         rmaps = mmu.slot_rmaps.get((slot.as_id, slot.id))
-        if rmaps is None:
-            return
-        for level in range(min_level, max_level + 1):
+        for level in range(min_level, max_level + 1) if rmaps is not None else ():
+            i, end = rmaps.span(first, last, level)
             heads = rmaps.heads[level]
-            i, end = rmaps.index(first, level), rmaps.index(last - 1, level) + 1
             while i < end:
                 stop = min(end, i + RMAP_CHUNK)
                 yield heads, level, list(compress(range(i, stop), heads[i:stop]))
