@@ -11,9 +11,12 @@
   holders. A holder that clears an SPTE (drop_spte) and then waits for the head's lock to
   take it out of the rmap would find the SPTE present again when the ager stores what it
   computed from its older read: a lost change, and a leaf no rmap lists. (The
-  `lockless_age_access_track` debug knob makes the lockless walk do it anyway.)
+  `lockless_age_access_track` debug knob makes the lockless walk do it anyway.) The head
+  lock is taken where the walk may be preempted inside a head (a point that can switch
+  tasks); free-running, a head's walk is one synchronous step and needs none.
 - otherwise (A/D off): `__kvm_rmap_age_gfn_range` with mmu_lock held for write, which may
   mark SPTEs for access tracking; the fast page fault restores them on the next access.
+  The walk yields mmu_lock between chunks of heads (rmap_walk.py).
 
 Invariant: aging never zaps, never changes an rmap and never flushes a TLB.
 """
