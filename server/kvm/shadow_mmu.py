@@ -56,6 +56,9 @@ if TYPE_CHECKING:
 __all__ = ["ShadowMmu", "ShadowPage", "SpteChangeLost", "BATCH_ZAP_PAGES"]
 
 BATCH_ZAP_PAGES = 10        # pages zap_obsolete_pages zaps before it may yield mmu_lock
+KVM_MIN_ALLOC_MMU_PAGES = 64   # the least n_max_mmu_pages KVM_SET_NR_MMU_PAGES accepts
+KVM_MIN_FREE_MMU_PAGES = 5     # a fault makes room below this many available pages...
+KVM_REFILL_PAGES = 25          # ...until this many are
 
 
 class SpteChangeLost(VmBugged):
@@ -102,6 +105,7 @@ class ShadowMmu:
         self.rmaps = Rmaps(sched, knobs)
         self.slot_rmaps: dict[tuple[int, int], SlotRmaps] = {}
         self.max_gfn = max_gfn           # the VM's `kvm_mmu_max_gfn()`, inclusive
+        self.n_max_mmu_pages: int | None = None   # KVM_SET_NR_MMU_PAGES; None: no limit
 
     def valid_roots(self, as_id: int):
         """The roots of `as_id` that vCPUs may still load (not obsolete)."""
@@ -388,6 +392,43 @@ class ShadowMmu:
             return False
         await yield_write_lock(self)
         return True
+
+    # -- the limit on shadow pages, and the shrinker --------------------------------------
+
+    def n_used_mmu_pages(self) -> int:
+        """Shadow pages in the hash: zapped ones (on an invalid list, or roots a vCPU still
+        holds) do not count, as in KVM."""
+        return len(self.active)
+
+    async def zap_oldest_mmu_pages(self, nr_to_zap: int) -> int:
+        """`kvm_mmu_zap_oldest_mmu_pages` (mmu_lock held for write): zap pages oldest
+        first, skipping roots in use, until `nr_to_zap` are gone; returns how many went."""
+        self.mmu_lock.assert_held_write()
+        invalid_list: list[ShadowPage] = []
+        before = len(self.active)
+        for sp in list(self.active):
+            if before - len(self.active) >= nr_to_zap:
+                break
+            if sp in self.active and not sp.root_refs:
+                await self.prepare_zap(sp, invalid_list)
+        self._commit_zap(invalid_list)
+        return before - len(self.active)
+
+    async def make_mmu_pages_available(self) -> None:
+        """`make_mmu_pages_available` (a fault, mmu_lock held for write): below
+        KVM_MIN_FREE_MMU_PAGES available pages, zap the oldest up to KVM_REFILL_PAGES."""
+        if self.n_max_mmu_pages is None:
+            return
+        avail = self.n_max_mmu_pages - self.n_used_mmu_pages()
+        if avail < KVM_MIN_FREE_MMU_PAGES:
+            await self.zap_oldest_mmu_pages(KVM_REFILL_PAGES - avail)
+
+    async def change_mmu_pages(self, goal: int) -> None:
+        """`kvm_mmu_change_mmu_pages` (mmu_lock held for write): the new limit, zapping
+        the oldest pages above it."""
+        if self.n_used_mmu_pages() > goal:
+            await self.zap_oldest_mmu_pages(self.n_used_mmu_pages() - goal)
+        self.n_max_mmu_pages = goal
 
     async def zap_all(self) -> None:
         """`kvm_mmu_zap_all` (VM destruction, mmu_lock held for write): every page."""
