@@ -3,12 +3,16 @@
 import subprocess
 import sys
 
+import pytest
 
-def test_demo_runs_faults_at_4k_and_2m_and_completes_an_mmio_exit():
-    done = subprocess.run([sys.executable, "-m", "vmmu.cli", "demo", "--accesses", "3000"],
-                          capture_output=True, text=True, timeout=120)
+
+@pytest.mark.parametrize("mmu", ["tdp", "legacy"])
+def test_demo_runs_faults_at_4k_and_2m_and_completes_an_mmio_exit(mmu):
+    done = subprocess.run([sys.executable, "-m", "vmmu.cli", "demo", "--accesses", "3000",
+                           "--mmu", mmu], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     out = done.stdout
+    assert f"the {mmu} MMU" in out
     assert "MMIO exits completed by the client: 1" in out
     assert "guest write read back through the hva: b'vmmu-ok!'" in out
     mapped = out.split("pages mapped:")[1].split()

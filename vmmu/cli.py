@@ -4,7 +4,8 @@
                [--token-file F] [--insecure] [--keepalive SECONDS] [--metrics HOST:PORT]
                [--limits-file FILE] [--limit NAME=VALUE]...
                                        serve the vmmu.v1 gRPC API until SIGINT/SIGTERM
-    vmmu demo [--accesses N]           an in-process server driven through the client
+    vmmu demo [--accesses N] [--mmu tdp|legacy]
+                                       an in-process server driven through the client
     vmmu explore SCENARIO --seeds N    run a race scenario under N schedule seeds
                 [--workers K] [--ray [ADDRESS]]   on K processes, or as Ray tasks
     vmmu explore --all --seeds N       every scenario with and without each knob, a table
@@ -28,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from vmmu.server.kvm.limits import Limits
+from vmmu.server.kvm.vm import MMUS
 from vmmu.server.rpc.app import DEFAULT_KEEPALIVE_S, start_server
 from vmmu.server.rpc.auth import InsecureListener, ServerTls, Tokens
 
@@ -133,7 +135,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
 def demo(args: argparse.Namespace) -> int:
     """Run the demo: a VM with two memslots and two vCPUs, served and driven locally."""
     from vmmu.demo import run_demo
-    return run_demo(args.accesses)
+    return run_demo(args.accesses, args.mmu)
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -141,6 +143,9 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
                                    description=demo.__doc__)
     parser.add_argument("--accesses", type=int, default=200_000, metavar="N",
                         help="accesses per vCPU (default 200000)")
+    parser.add_argument("--mmu", choices=MMUS, default="tdp",
+                        help="the VM's MMU: the TDP MMU or the legacy (shadow) MMU with "
+                             "rmaps (default tdp)")
     parser.set_defaults(run=demo)
 
 

@@ -62,17 +62,17 @@ async def _drive(vcpu: AsyncVcpu, work: _Workload, with_mmio: bool) -> tuple[int
     return done, mmio
 
 
-async def _demo(accesses_per_vcpu: int) -> int:
+async def _demo(accesses_per_vcpu: int, mmu: str) -> int:
     server = await start_server("127.0.0.1:0")
     try:
         async with AsyncClient(f"127.0.0.1:{server.port}") as client:
-            return await _scenario(client, server.port, accesses_per_vcpu)
+            return await _scenario(client, server.port, accesses_per_vcpu, mmu)
     finally:
         await server.stop()
 
 
-async def _scenario(client: AsyncClient, port: int, accesses_per_vcpu: int) -> int:
-    vm = await client.create_vm(max_vcpus=2, name="demo")
+async def _scenario(client: AsyncClient, port: int, accesses_per_vcpu: int, mmu: str) -> int:
+    vm = await client.create_vm(max_vcpus=2, name="demo", mmu=mmu)
     regions = {}
     for (slot, gpa, size), backing in ((THP_SLOT, Backing.THP), (SMALL_SLOT, Backing.PAGE_4K)):
         region = regions[slot] = await vm.mmap(size, backing)
@@ -101,7 +101,7 @@ async def _scenario(client: AsyncClient, port: int, accesses_per_vcpu: int) -> i
         return "".join(f"{s[name]:>12,}" for s in vcpu_stats)
 
     print(f"vmmu demo: server on 127.0.0.1:{port}, VM {vm.id}, 2 vCPUs, "
-          f"{(THP_SLOT[2] + SMALL_SLOT[2]) // MiB} MiB in 2 memslots")
+          f"{(THP_SLOT[2] + SMALL_SLOT[2]) // MiB} MiB in 2 memslots, the {mmu} MMU")
     print(f"  {'':24}{'vCPU 0':>12}{'vCPU 1':>12}")
     for name, label in (("accesses", "accesses"), ("ept_violations", "EPT violations"),
                         ("pf_taken", "faults taken"), ("pf_fixed", "  fixed"),
@@ -111,7 +111,8 @@ async def _scenario(client: AsyncClient, port: int, accesses_per_vcpu: int) -> i
         print(f"  {label:24}{col(name)}")
     print("  pages mapped:  "
           f"4K {vm_stats['pages_4k']:,}   2M {vm_stats['pages_2m']:,}   "
-          f"1G {vm_stats['pages_1g']:,}   (page-table pages {vm_stats['tdp_mmu_pages']:,})")
+          f"1G {vm_stats['pages_1g']:,}   (page-table pages "
+          f"{vm_stats['tdp_mmu_pages' if mmu == 'tdp' else 'mmu_shadow_pages']:,})")
     print(f"  MMIO exits completed by the client: {mmio}")
     print(f"  guest write read back through the hva: {echoed!r}")
     print(f"  {total:,} accesses in {elapsed:.2f} s: {total / elapsed:,.0f} accesses/s "
@@ -122,5 +123,5 @@ async def _scenario(client: AsyncClient, port: int, accesses_per_vcpu: int) -> i
     return 0 if ok else 1
 
 
-def run_demo(accesses_per_vcpu: int = 200_000) -> int:
-    return asyncio.run(_demo(accesses_per_vcpu))
+def run_demo(accesses_per_vcpu: int = 200_000, mmu: str = "tdp") -> int:
+    return asyncio.run(_demo(accesses_per_vcpu, mmu))

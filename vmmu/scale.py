@@ -5,9 +5,10 @@ yields one result per configuration: a dict of plain numbers, the same for the s
 and cost table on any machine (no wall time in it). docs/virtual-time.md says what each
 sweep asks and what it found.
 
-    seed002   demand faults of 1..256 vCPUs, each faulting its own memory, under three
+    seed002   demand faults of 1..256 vCPUs, each faulting its own memory, under four
               designs: faults under the read lock with RCU freeing, under the write lock,
-              and under the read lock freeing in a write-side section
+              under the read lock freeing in a write-side section, and the legacy MMU
+              (rmaps, faults under the write lock)
     seed003   GPC refresh latency while 0..8 invalidators storm other ranges, global
               retry against range-based
     seed000   demand-fault latency of vCPUs while aging sweeps memory, per aging_lock
@@ -73,6 +74,7 @@ FAULT_DESIGNS = {           # name -> VmConfig policies
     "read+rcu": dict(fault_lock="read", table_free="rcu"),
     "write": dict(fault_lock="write", table_free="rcu"),
     "read+write_section": dict(fault_lock="read", table_free="write_section"),
+    "legacy": dict(mmu="legacy", fault_lock="write", table_free="rcu"),   # tdp_mmu=0: rmaps
 }
 
 

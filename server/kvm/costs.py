@@ -38,6 +38,11 @@ DEFAULT_COSTS: Mapping[str, int] = MappingProxyType({
     "spte_write": 5,              # one plain SPTE store under the write lock (a zap step)
     "table_alloc": 300,           # a page-table page from the MMU's caches, zeroed
     "table_free": 100,            # freeing one
+    # the legacy MMU (shadow_mmu.py, rmap.py)
+    "sp_hash_lookup": 40,         # finding a shadow page by gfn and role in the page hash
+    "rmap_lock": 25,              # taking an rmap head's lock bit (cmpxchg) and releasing it
+    "rmap_add": 30,               # pte_list_add: an entry into the head or a descriptor
+    "rmap_remove": 40,            # pte_list_remove: finding the entry, moving the last in
     # locks, cache lines, IPIs, RCU
     "lock_acquire": 20,           # an uncontended rwlock acquire or release (an atomic op)
     "cacheline_transfer": 70,     # a contended line moving to this CPU (per other CPU on it)

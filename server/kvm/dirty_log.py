@@ -160,7 +160,7 @@ async def commit_memslot(vm: "Vm", change: MemslotChange, old: Memslot | None,
         # The legacy MMU splits nothing eagerly (KVM: TDP MMU only): its huge leaves lose
         # W too, and a write to one maps 4K in its place.
         async with vm.mmu_lock.write:
-            vm.shadow.slot_remove_write_access(new, PG_LEVEL_4K)
+            await vm.shadow.slot_remove_write_access(new, PG_LEVEL_4K)
         _flush(vm)
     elif not _initially_set(vm):
         if vm.config.eager_page_split:

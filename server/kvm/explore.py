@@ -14,7 +14,7 @@ knob a scenario is about, exploration must find one within a bounded number of s
 | `gpc_range_refresh_vs_invalidate` | the same, with other pages' invalidations held open meanwhile | the same, `range` policy |
 | `fast_pf_vs_invalidate` | the fast page fault reads a write-protected SPTE, the host migrates the page and the zap clears it, the fast path stores the old SPTE with W set: the old pfn mapped | the cmpxchg against the snapshot (`fast_pf_plain_write`) |
 | `dirty_log_vs_tlb` | GET_DIRTY_LOG write-protects a page a vCPU still writes through a stale writable TLB entry: a write lost to the log | the TLB flush after write-protecting (`skip_wrprot_flush`) |
-| `rmap_walk_vs_rmap_change` | lockless rmap aging walks a descriptor chain that a zap of obsolete pages and new faults reshape and free | the read-only rmap lock (`rmap_walk_without_lock`) |
+| `rmap_walk_vs_rmap_change` | lockless (fast_only) rmap aging walks a descriptor chain that a zap of obsolete pages, new faults and a host zap of the head reshape and free | the read-only rmap lock (`rmap_walk_without_lock`) |
 | `lockless_age_vs_drop_spte` | lockless aging (A/D off, fast_only) stores an access-tracked SPTE over one a write fault dropped | report young and leave it (`lockless_age_access_track`) |
 | `fast_pf_vs_shadow_page_free` | a fast page fault holds a shadow page that zap_all_fast unlinks | free after the flush, on commit (`free_sp_before_flush`) |
 | `attributes_vs_fault` | a fault decides shared (or private) and resolves its pfn, KVM_SET_MEMORY_ATTRIBUTES flips the gfn, the fault installs the pfn of the old kind | the invalidation held over the change: in-progress, then the sequence (`skip_invalidate_retry`) |
@@ -236,19 +236,20 @@ async def _dirty_log_vs_tlb(vm: Vm, rng: random.Random) -> None:
 SPREAD = 2 << 20                     # one guest page per 2M: a shadow page (4K level) each
 
 
-async def _spread_guest(vm: Vm, backing: Backing = Backing.PAGE_4K,
-                        flags: int = 0) -> tuple[int, object]:
-    """Slot 0: PAGES pages one 2M apart (so many shadow pages), and slot 1: a small slot
+async def _spread_guest(vm: Vm, backing: Backing = Backing.PAGE_4K, flags: int = 0,
+                        pages: int = PAGES) -> tuple[int, object]:
+    """Slot 0: `pages` pages one 2M apart (so many shadow pages), and slot 1: a small slot
     whose deletion and re-creation runs zap_all_fast."""
-    region = vm.mmap(PAGES * SPREAD, backing)
-    await vm.set_user_memory_region(0, flags, 0, PAGES * SPREAD, region.hva)
+    region = vm.mmap(pages * SPREAD, backing)
+    await vm.set_user_memory_region(0, flags, 0, pages * SPREAD, region.hva)
     other = vm.mmap(PAGES * PAGE_SIZE, Backing.PAGE_4K)
-    await vm.set_user_memory_region(1, 0, PAGES * SPREAD, PAGES * PAGE_SIZE, other.hva)
+    await vm.set_user_memory_region(1, 0, pages * SPREAD, PAGES * PAGE_SIZE, other.hva)
     return region.hva, vm.create_vcpu(0)
 
 
-def _spread(kind: AccessKind, data: bytes | None = None) -> AccessBatch:
-    return AccessBatch.build((g * SPREAD, kind, 8, data) for g in range(PAGES))
+def _spread(kind: AccessKind, data: bytes | None = None,
+            order: "range | list[int]" = range(PAGES)) -> AccessBatch:
+    return AccessBatch.build((g * SPREAD, kind, 8, data) for g in order)
 
 
 async def _flap_slot1(vm: Vm) -> None:
@@ -259,14 +260,17 @@ async def _flap_slot1(vm: Vm) -> None:
                                     other.userspace_addr)
 
 
+RMAP_PAGES = 48                      # shadow pages enough for zap_all_fast to yield often
+
+
 async def _rmap_walk_vs_rmap_change(vm: Vm, rng: random.Random) -> None:
-    hva, vcpu = await _spread_guest(vm)
-    reads = _spread(AccessKind.READ)
-    await vcpu.run(reads)
+    pages = RMAP_PAGES
+    hva, vcpu = await _spread_guest(vm, pages=pages)
+    await vcpu.run(_spread(AccessKind.READ, order=range(pages)))
 
     async def guest() -> None:       # faults into the fresh root while obsolete SPTEs of
         for _ in range(ROUNDS * 2):  # the same gfns wait in their rmaps: chains form
-            await vcpu.run(reads)
+            await vcpu.run(_spread(AccessKind.READ, order=rng.sample(range(pages), pages)))
             await vm.sched.point("vcpu.entry")
 
     async def memslots() -> None:
@@ -274,12 +278,17 @@ async def _rmap_walk_vs_rmap_change(vm: Vm, rng: random.Random) -> None:
             await _flap_slot1(vm)
             await vm.sched.point("vcpu.entry")
 
-    async def aging() -> None:
-        for _ in range(ROUNDS * 2):
-            await vm.clear_young(hva, hva + PAGES * SPREAD)
+    async def host() -> None:        # kvm_zap_all_rmap_sptes: a head's descriptors freed
+        for _ in range(ROUNDS * 2):  # at once, its shadow pages kept
+            await vm.migrate_pages(hva + rng.randrange(pages) * SPREAD, PAGE_SIZE)
             await vm.sched.point("mm.invalidate_window")
 
-    await _together(vcpu0=guest(), memslots=memslots(), aging=aging())
+    async def aging() -> None:       # MGLRU's fast_only aging, A/D off: it only reads
+        for _ in range(ROUNDS * 4):
+            await vm.clear_young(hva, hva + pages * SPREAD, fast_only=True)
+            await vm.sched.point("mm.invalidate_window")
+
+    await _together(vcpu0=guest(), memslots=memslots(), host=host(), aging=aging())
 
 
 async def _lockless_age_vs_drop_spte(vm: Vm, rng: random.Random) -> None:
@@ -394,8 +403,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              frozenset({"skip_invalidate_retry"}), _gmem_hole_vs_fault),
     # The legacy MMU: its own races, and the shared ones on its structures.
     Scenario("rmap_walk_vs_rmap_change",
-             "lockless rmap aging while zap_all_fast and faults reshape the rmaps",
-             frozenset({"rmap_walk_without_lock"}), _rmap_walk_vs_rmap_change, mmu="legacy"),
+             "fast_only rmap aging while zap_all_fast, faults and host zaps reshape the "
+             "rmaps' descriptor chains",
+             frozenset({"rmap_walk_without_lock"}), _rmap_walk_vs_rmap_change, mmu="legacy",
+             ad_bits=False),
     Scenario("lockless_age_vs_drop_spte",
              "fast_only aging with A/D bits off while write faults drop huge leaves",
              frozenset({"lockless_age_access_track"}), _lockless_age_vs_drop_spte,

@@ -261,8 +261,11 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
             if vm.tracer.on:
                 vm.tracer.emit("kvm_mmu_spte_requested", gfn=gfn, pfn=fault.pfn,
                                level=fault.goal_level)
-            r = vm.tdp.map(fault, vcpu.root) if shadow is None else \
-                await shadow.map(fault, vcpu.root)
+            if shadow is None:
+                r = vm.tdp.map(fault, vcpu.root)
+            else:
+                await shadow.make_mmu_pages_available()
+                r = await shadow.map(fault, vcpu.root)
             if r is RET_PF_FIXED:
                 if fault.map_writable and slot.dirty_logging:
                     vm.mark_page_dirty(slot, gfn, vcpu)   # a writable SPTE is in

@@ -146,6 +146,10 @@ class SlotRmaps:
         shift = level_shift(level)
         return (gfn >> shift) - (self.base_gfn >> shift)
 
+    def span(self, first: int, last: int, level: int) -> tuple[int, int]:
+        """The indices [lo, hi) of the heads of gfns [first, last) at `level`."""
+        return self.index(first, level), self.index(last - 1, level) + 1
+
     def nbytes(self) -> int:
         return sum(len(h) * h.itemsize for h in self.heads[1:])
 
@@ -175,6 +179,7 @@ class Rmaps:
                 return 0
             if not old & RMAP_LOCKED:
                 heads[i] = old | RMAP_LOCKED           # the cmpxchg: old was just read
+                self._charge("rmap_lock")
                 return old
             self.spins += 1
             await self.sched.point("rmap.lock_spin")
@@ -212,11 +217,18 @@ class Rmaps:
                            f"locked at {old:#x}")
         heads[i] = old
 
+    def _charge(self, cost: str, n: int = 1) -> None:
+        """Virtual time: the running actor pays `n` of the named cost."""
+        clock = self.sched.clock
+        if clock is not None:
+            clock.charge(getattr(clock.costs, cost) * n)
+
     # -- changes (mmu_lock held for write, head locked) -----------------------------------
 
     async def add(self, heads: array, i: int, sptep: int) -> int:
         """`pte_list_add`: returns the number of SPTEs the head held before."""
         old = await self.lock(heads, i)
+        self._charge("rmap_add")
         if not old:
             new, count = sptep, 0
         elif not old & RMAP_MANY:
@@ -242,6 +254,7 @@ class Rmaps:
         """`pte_list_remove`: the entry moves the head descriptor's last sptep into its
         place, and a head descriptor left empty is freed (with the head's lock held)."""
         old = await self.lock(heads, i)
+        self._charge("rmap_remove")
         if not old:
             raise VmBugged(f"no rmap entry for sptep {sptep:#x}: the head is empty")
         if not old & RMAP_MANY:

@@ -38,6 +38,7 @@ POINTS = (
     "gpc.refresh_before_valid",   # GPC refresh has a pfn and has not set valid yet
     "rmap.lock_spin",             # a writer found an rmap head locked and waits for it
     "rmap_age.before_clear",      # lockless rmap aging read a young SPTE, holds its head
+    "rmap_age.next_spte",         # lockless rmap aging between two entries of a descriptor
     "shadow.cond_resched",        # zap of obsolete shadow pages dropped mmu_lock
     "attributes.store",           # memory attributes: range invalidated, not yet stored
     "gmem.truncate",              # a guest_memfd hole: range invalidated, pages not yet freed
@@ -52,6 +53,7 @@ class Scheduler:
     def __init__(self, seed: int | None = None, clock: VirtualClock | None = None) -> None:
         self.seed = seed
         self.deterministic = seed is not None
+        self.preempts = self.deterministic or clock is not None   # may a point switch?
         self.clock = clock
         self._rng = random.Random(seed)
         self.trace: collections.deque[tuple[str, str]] = collections.deque(maxlen=TRACE_LENGTH)

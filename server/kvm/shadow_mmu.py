@@ -29,7 +29,6 @@ page is freed only after it is unreachable and a flush (and grace period) has pa
 
 from __future__ import annotations
 
-import asyncio
 from array import array
 from itertools import compress
 from typing import TYPE_CHECKING, Callable
@@ -42,6 +41,7 @@ from .mmu_lock import MmuLock
 from .mmu_page import MmuPage, PageTables, UseAfterFree
 from .rcu import Rcu
 from .rmap import PTE_LIST_DESC_BYTES, Rmaps, SlotRmaps, sptep_index, sptep_of
+from .rmap_walk import RmapWalk, yield_write_lock
 from .spte import MMU_PRESENT, MMU_WRITABLE, NONPRESENT, PRESENT_LARGE, WRITABLE
 from .stats import VmStats
 from .tdp_mmu import max_mapping_level
@@ -56,6 +56,9 @@ if TYPE_CHECKING:
 __all__ = ["ShadowMmu", "ShadowPage", "SpteChangeLost", "BATCH_ZAP_PAGES"]
 
 BATCH_ZAP_PAGES = 10        # pages zap_obsolete_pages zaps before it may yield mmu_lock
+KVM_MIN_ALLOC_MMU_PAGES = 64   # the least n_max_mmu_pages KVM_SET_NR_MMU_PAGES accepts
+KVM_MIN_FREE_MMU_PAGES = 5     # a fault makes room below this many available pages...
+KVM_REFILL_PAGES = 25          # ...until this many are
 
 
 class SpteChangeLost(VmBugged):
@@ -92,6 +95,7 @@ class ShadowMmu:
         self.mmu_lock, self.rcu, self.stat, self.tracer = mmu_lock, rcu, stats, tracer
         self.flush_remote_tlbs = flush_remote_tlbs
         self.sched, self.knobs, self.memslot_sets = sched, knobs, memslot_sets
+        self.clock = sched.clock              # virtual time, or None
         self.sanitizers = None                # set by the VM when its sanitizers are on
         self.tables = _ShadowPageTables()
         self.hash: dict[tuple[int, int, int], list[ShadowPage]] = {}
@@ -101,6 +105,7 @@ class ShadowMmu:
         self.rmaps = Rmaps(sched, knobs)
         self.slot_rmaps: dict[tuple[int, int], SlotRmaps] = {}
         self.max_gfn = max_gfn           # the VM's `kvm_mmu_max_gfn()`, inclusive
+        self.n_max_mmu_pages: int | None = None   # KVM_SET_NR_MMU_PAGES; None: no limit
 
     def valid_roots(self, as_id: int):
         """The roots of `as_id` that vCPUs may still load (not obsolete)."""
@@ -113,10 +118,12 @@ class ShadowMmu:
 
     def _get_sp(self, gfn: int, level: int, as_id: int, is_root: bool) -> ShadowPage:
         """`kvm_mmu_get_shadow_page`: the valid page of this gfn and role, or a new one."""
+        self._charge("sp_hash_lookup")
         bucket = self.hash.setdefault((gfn, level, as_id), [])
         for sp in bucket:
             if not self.is_obsolete(sp):
                 return sp
+        self._charge("table_alloc")
         sp = self.tables.alloc(level, gfn, as_id, is_root)
         sp.mmu_valid_gen = self.mmu_valid_gen
         bucket.append(sp)
@@ -127,6 +134,11 @@ class ShadowMmu:
             self.tracer.emit("kvm_mmu_get_page", gfn=gfn, level=level, as_id=as_id,
                              created=True)
         return sp
+
+    def _charge(self, cost: str, n: int = 1) -> None:
+        """Virtual time: the running actor pays `n` of the named cost."""
+        if self.clock is not None:
+            self.clock.charge(getattr(self.clock.costs, cost) * n)
 
     def get_root(self, as_id: int) -> ShadowPage:
         """`mmu_alloc_direct_roots`: the valid root of `as_id`, one more reference."""
@@ -172,6 +184,7 @@ class ShadowMmu:
                            "while mmu_lock was held for write: a change made outside "
                            "mmu_lock was lost")
         sp.spt[index] = new
+        self._charge("spte_write")
 
     # -- rmaps of memslots ----------------------------------------------------------
 
@@ -207,6 +220,9 @@ class ShadowMmu:
         self.mmu_lock.assert_held_write()
         gfn, goal = fault.gfn, fault.goal_level
         sp, level = root, root.level
+        if self.clock is not None:
+            costs = self.clock.costs
+            self.clock.charge(costs.tdp_walk_level * (level - goal + 1) + costs.make_spte)
         while level > goal:
             index = gfn >> level_shift(level) & 511
             if sp.spt[index] & PRESENT_LARGE != MMU_PRESENT:
@@ -237,6 +253,7 @@ class ShadowMmu:
         if new == old:
             return RET_PF_SPURIOUS
         sp.spt[index] = new
+        self._charge("spte_write")
         gfn = gfn_round_down(fault.gfn, level)
         if self.tracer.on:
             self.tracer.emit("kvm_mmu_set_spte", gfn=gfn, level=level, old=old, new=new)
@@ -264,6 +281,7 @@ class ShadowMmu:
         index = sptep_index(sptep)
         old = sp.spt[index]
         sp.spt[index] = NONPRESENT
+        self._charge("spte_write")
         if S.is_leaf_present(old, sp.level):
             self.stat.account_leaf(sp.level, -1)
         if self.tracer.on:
@@ -332,6 +350,7 @@ class ShadowMmu:
                 self.rcu.call_rcu(lambda sp=sp: self._free(sp))
 
     def _free(self, sp: ShadowPage) -> None:
+        self._charge("table_free")
         self.stat.mmu_shadow_pages -= 1
         self.tables.free(sp)
 
@@ -368,16 +387,48 @@ class ShadowMmu:
         """`cond_resched_rwlock_write`: the time slice may end here (the preemption point,
         mmu_lock still held: lockless walkers run, others queue for the lock); if anyone
         waits for the lock, drop it and let them have it. True if it was dropped."""
-        lock = self.mmu_lock
         await self.sched.point("shadow.cond_resched")
-        if not lock.needbreak():
+        if not self.mmu_lock.needbreak():
             return False
-        lock.release_write()
-        try:
-            await asyncio.sleep(0)
-        finally:
-            await lock.acquire_write()
+        await yield_write_lock(self)
         return True
+
+    # -- the limit on shadow pages, and the shrinker --------------------------------------
+
+    def n_used_mmu_pages(self) -> int:
+        """Shadow pages in the hash: zapped ones (on an invalid list, or roots a vCPU still
+        holds) do not count, as in KVM."""
+        return len(self.active)
+
+    async def zap_oldest_mmu_pages(self, nr_to_zap: int) -> int:
+        """`kvm_mmu_zap_oldest_mmu_pages` (mmu_lock held for write): zap pages oldest
+        first, skipping roots in use, until `nr_to_zap` are gone; returns how many went."""
+        self.mmu_lock.assert_held_write()
+        invalid_list: list[ShadowPage] = []
+        before = len(self.active)
+        for sp in list(self.active):
+            if before - len(self.active) >= nr_to_zap:
+                break
+            if sp in self.active and not sp.root_refs:
+                await self.prepare_zap(sp, invalid_list)
+        self._commit_zap(invalid_list)
+        return before - len(self.active)
+
+    async def make_mmu_pages_available(self) -> None:
+        """`make_mmu_pages_available` (a fault, mmu_lock held for write): below
+        KVM_MIN_FREE_MMU_PAGES available pages, zap the oldest up to KVM_REFILL_PAGES."""
+        if self.n_max_mmu_pages is None:
+            return
+        avail = self.n_max_mmu_pages - self.n_used_mmu_pages()
+        if avail < KVM_MIN_FREE_MMU_PAGES:
+            await self.zap_oldest_mmu_pages(KVM_REFILL_PAGES - avail)
+
+    async def change_mmu_pages(self, goal: int) -> None:
+        """`kvm_mmu_change_mmu_pages` (mmu_lock held for write): the new limit, zapping
+        the oldest pages above it."""
+        if self.n_used_mmu_pages() > goal:
+            await self.zap_oldest_mmu_pages(self.n_used_mmu_pages() - goal)
+        self.n_max_mmu_pages = goal
 
     async def zap_all(self) -> None:
         """`kvm_mmu_zap_all` (VM destruction, mmu_lock held for write): every page."""
@@ -392,21 +443,20 @@ class ShadowMmu:
 
     async def unmap_gfn_range(self, as_id: int, start: int, end: int) -> bool:
         """`kvm_unmap_gfn_range` -> `kvm_zap_rmap` (mmu_lock held for write): every leaf
-        SPTE mapping [start, end), found through the rmaps of each level; pages stay.
-        Returns whether a TLB flush is needed; the caller flushes."""
-        self.mmu_lock.assert_held_write()
-        flush = False
+        SPTE mapping [start, end), found through the rmaps of each level; pages stay. The
+        walk yields mmu_lock, flushing first. Returns whether a TLB flush is needed; the
+        caller flushes."""
+        walk = RmapWalk(self, flush_on_yield="skip_zap_tlb_flush" not in self.knobs)
         for slot in list(self.memslot_sets[as_id]):
             lo, hi = max(start, slot.base_gfn), min(end, slot.end_gfn)
             if lo >= hi:
                 continue
-            rmaps = self.slot_rmaps[(as_id, slot.id)]
-            for level in range(PG_LEVEL_4K, MAX_HUGEPAGE_LEVEL + 1):
-                heads = rmaps.heads[level]
-                first, last = rmaps.index(lo, level), rmaps.index(hi - 1, level) + 1
-                for i in compress(range(first, last), heads[first:last]):
-                    flush = await self.rmaps.zap_all(heads, i, self._clear_leaf) or flush
-        return flush
+            async for heads, _, indices in walk.chunks(slot, lo, hi, PG_LEVEL_4K,
+                                                       MAX_HUGEPAGE_LEVEL):
+                for i in indices:
+                    walk.flush = await self.rmaps.zap_all(heads, i, self._clear_leaf) or \
+                        walk.flush
+        return walk.flush
 
     # -- dirty logging through the rmaps (mmu_lock held for write) --------------------
 
@@ -422,20 +472,22 @@ class ShadowMmu:
             new = old & ~clear
             if new != old:                       # spte_write_protect
                 sp.spt[index] = new
+                self._charge("spte_write")
                 flush = True
         return flush
 
-    def slot_remove_write_access(self, slot: "Memslot", start_level: int) -> bool:
+    async def slot_remove_write_access(self, slot: "Memslot", start_level: int) -> bool:
         """`kvm_mmu_slot_remove_write_access`: W off every leaf of the slot at or above
-        `start_level`; MMU-writable stays, so the fast page fault may give W back."""
-        self.mmu_lock.assert_held_write()
-        rmaps = self.slot_rmaps[(slot.as_id, slot.id)]
-        flush = False
-        for level in range(start_level, MAX_HUGEPAGE_LEVEL + 1):
-            heads = rmaps.heads[level]
-            for val in compress(heads, heads):
-                flush = self._write_protect_head(val, False) or flush
-        return flush
+        `start_level`; MMU-writable stays, so the fast page fault may give W back. The walk
+        yields mmu_lock without flushing, as KVM's: a vCPU that writes through a writable
+        translation meanwhile does so before logging begins (the caller flushes before it
+        returns)."""
+        walk = RmapWalk(self, flush_on_yield=False)
+        async for heads, level, indices in walk.chunks(slot, slot.base_gfn, slot.end_gfn,
+                                                       start_level, MAX_HUGEPAGE_LEVEL):
+            for i in indices:
+                walk.flush = self._write_protect_head(heads[i], False) or walk.flush
+        return walk.flush
 
     def write_protect_gfn(self, slot: "Memslot", gfn: int, min_level: int) -> bool:
         """`kvm_mmu_slot_gfn_write_protect`: W and MMU-writable off the leaves that map
@@ -466,19 +518,20 @@ class ShadowMmu:
         """`kvm_rmap_zap_collapsible_sptes` (mmu_lock held for write; logging went off):
         zap each 4K leaf whose gfn could be mapped huge now, so that the next fault maps
         it huge. Flushes if anything was zapped; returns the leaves zapped."""
-        self.mmu_lock.assert_held_write()
-        rmaps = self.slot_rmaps[(slot.as_id, slot.id)]
-        heads = rmaps.heads[PG_LEVEL_4K]
+        walk = RmapWalk(self, flush_on_yield=True)
         zapped = 0
-        for i in compress(range(len(heads)), heads):
-            gfn = slot.base_gfn + i
-            if max_mapping_level(slot, gfn, host_mapping_level) == PG_LEVEL_4K:
-                continue
-            for sptep in list(self.rmaps.sptes(heads[i])):
-                await self.rmaps.remove(heads, i, sptep)      # kvm_zap_one_rmap_spte
-                self._clear_leaf(sptep)
-                zapped += 1
-        if zapped:
+        async for heads, _, indices in walk.chunks(slot, slot.base_gfn, slot.end_gfn,
+                                                   PG_LEVEL_4K, PG_LEVEL_4K):
+            for i in indices:
+                gfn = slot.base_gfn + i
+                if max_mapping_level(slot, gfn, host_mapping_level) == PG_LEVEL_4K:
+                    continue
+                for sptep in list(self.rmaps.sptes(heads[i])):
+                    await self.rmaps.remove(heads, i, sptep)      # kvm_zap_one_rmap_spte
+                    self._clear_leaf(sptep)
+                    zapped += 1
+                    walk.flush = True
+        if walk.flush:
             self.flush_remote_tlbs()
         return zapped
 

@@ -25,7 +25,7 @@ class VmStats(_Stats):
                  "pages_1g", "nx_lpage_splits", "tdp_mmu_pages", "mmu_invalidate_seq",
                  "tdp_mmu_yields",
                  "mmu_shadow_zapped", "mmu_cache_miss", "max_mmu_rmap_size",
-                 "mmu_shadow_pages",
+                 "mmu_shadow_pages", "shadow_mmu_yields",
                  "invalidations_held", "invalidations_lease_expired",
                  "invalidations_client_gone",
                  "gpc_invalidations", "gpc_refreshes", "gpc_refresh_retries",

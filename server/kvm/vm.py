@@ -40,7 +40,7 @@ from .notifier import Notifier
 from .rcu import Rcu
 from .sanitizers import Sanitizers
 from .sched import Scheduler
-from .shadow_mmu import ShadowMmu
+from .shadow_mmu import KVM_MIN_ALLOC_MMU_PAGES, ShadowMmu
 from .stats import VmStats
 from .tdp_mmu import TdpMmu
 from .trace import Tracer
@@ -791,6 +791,36 @@ class Vm:
         with self._dies_on_bug():
             await host_ops.thp_collapse(self.host, hva)
         self._trace_host_op("thp_collapse", hva, hva + 1)
+
+    # -- the legacy MMU's limit on shadow pages, and the shrinker -----------------------
+
+    @simulated("vmm")
+    async def set_nr_mmu_pages(self, nr_mmu_pages: int) -> None:
+        """`KVM_SET_NR_MMU_PAGES`: at most this many shadow pages (legacy MMU; the oldest
+        above it are zapped now, and faults zap the oldest to make room). The TDP MMU's
+        tables are not limited, as in KVM."""
+        self.check_alive()
+        if nr_mmu_pages < KVM_MIN_ALLOC_MMU_PAGES:
+            raise einval(f"nr_mmu_pages {nr_mmu_pages} is below {KVM_MIN_ALLOC_MMU_PAGES}")
+        if self.shadow is None:
+            return
+        async with self.mmu_lock.write:
+            with self._dies_on_bug():
+                await self.shadow.change_mmu_pages(nr_mmu_pages)
+
+    @simulated("shrinker")
+    async def mmu_shrink_scan(self, nr_to_scan: int) -> int:
+        """The MMU shrinker under host memory pressure (`mmu_shrink_scan`): zap up to
+        `nr_to_scan` of the oldest shadow pages; returns how many were freed. The TDP
+        MMU's tables are not on its list (0)."""
+        self.check_alive()
+        if nr_to_scan < 0:
+            raise einval(f"nr_to_scan {nr_to_scan} is negative")
+        if self.shadow is None:
+            return 0
+        async with self.mmu_lock.write:
+            with self._dies_on_bug():
+                return await self.shadow.zap_oldest_mmu_pages(nr_to_scan)
 
     @simulated("ager")
     async def clear_young(self, start: int, end: int, fast_only: bool = False) -> bool:

@@ -38,12 +38,18 @@ KNOBBED = [("fault_vs_invalidate", "skip_invalidate_retry",
            ("legacy_dirty_log_vs_tlb", "skip_wrprot_flush", {"no-lost-dirty-page"})]
 
 
+# The structure a use after free must be of, where a scenario is about one.
+FREED = {"rmap_walk_vs_rmap_change": "pte_list_desc",
+         "fast_pf_vs_shadow_page_free": "MmuPage"}
+
+
 @pytest.mark.parametrize("scenario,knob,oracles", KNOBBED)
 async def test_without_the_protection_the_explorer_finds_the_race(scenario, knob, oracles):
     result = await explore(scenario, FOUND_WITHIN, frozenset({knob}))
     found = result.first_violation
     assert found is not None, f"{scenario} with {knob}: no violation in {FOUND_WITHIN} seeds"
     assert found.oracle in oracles
+    assert FREED.get(scenario, "") in found.violation
     assert found.trace                      # the preemption points that led there
     assert result.seeds_run == found.seed + 1           # it stopped at the first violation
     # The seed it reports is the one to replay: run alone, it breaks the same way.

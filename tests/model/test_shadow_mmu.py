@@ -9,7 +9,7 @@ import random
 import pytest
 
 from vmmu.server.kvm import (KVM_MEM_LOG_DIRTY_PAGES, AccessBatch, AccessKind, Backing, Kvm,
-                             VmBugged, VmConfig)
+                             KvmError, VmBugged, VmConfig)
 from vmmu.server.kvm import spte as S
 from vmmu.server.kvm.mmu_page import UseAfterFree
 from vmmu.server.kvm.rmap import PTE_LIST_EXT, RMAP_LOCKED, RMAP_MANY, Rmaps, sptep_of
@@ -362,3 +362,63 @@ async def test_the_legacy_mmu_emits_its_tracepoints(make_guest):
     assert [e.fields["level"] for e in events[:4]] == [4, 3, 2, 1]
     assert events[4].fields["gfn"] == 7 and events[4].fields["old"] == S.NONPRESENT
     assert names[5] == "kvm_mmu_zap_all_fast" and names.count("kvm_mmu_prepare_zap_page") == 4
+
+
+# -- the limit on shadow pages and the shrinker (kvm_mmu_zap_oldest_mmu_pages) ----------
+
+SPREAD_PAGES = 2 * MIB // PAGE_SIZE            # one 4K shadow page per 2 MiB touched
+
+
+async def test_faults_beyond_nr_mmu_pages_zap_the_oldest_and_the_guest_keeps_its_data(
+        make_guest):
+    g = await legacy_guest(make_guest, size=256 * MIB)       # 128 4K shadow pages' worth
+    await g.vm.set_nr_mmu_pages(64)
+    gfns = range(0, 128 * SPREAD_PAGES, SPREAD_PAGES)
+    most = 0
+    for gfn in gfns:
+        await g.vcpu.run(AccessBatch.build([(gfn * PAGE_SIZE, W, 8,
+                                             gfn.to_bytes(8, "little"))]))
+        most = max(most, g.vm.shadow.n_used_mmu_pages())
+    assert most <= 64
+    assert g.vm.stats()["mmu_shadow_zapped"] > 0
+    check_rmaps(g.vm)
+    result = await g.vcpu.run(AccessBatch.build((gfn * PAGE_SIZE, R, 8, b"") for gfn in gfns))
+    assert result.read_data == b"".join(gfn.to_bytes(8, "little") for gfn in gfns)
+    assert g.vm.shadow.n_used_mmu_pages() <= 64
+
+
+async def test_set_nr_mmu_pages_zaps_above_the_limit_and_refuses_less_than_64(make_guest):
+    g = await legacy_guest(make_guest, size=256 * MIB)
+    await run(g.vcpu, R, *range(0, 100 * SPREAD_PAGES, SPREAD_PAGES))
+    assert g.vm.shadow.n_used_mmu_pages() == 103                # root, 1G, 2M, 100 4K
+    with pytest.raises(KvmError, match="below 64"):
+        await g.vm.set_nr_mmu_pages(63)
+    assert g.vm.shadow.n_used_mmu_pages() == 103 and g.vm.shadow.n_max_mmu_pages is None
+    await g.vm.set_nr_mmu_pages(80)
+    assert g.vm.shadow.n_used_mmu_pages() <= 80 and g.vm.shadow.n_max_mmu_pages == 80
+    check_rmaps(g.vm)
+
+
+async def test_the_shrinker_zaps_the_oldest_pages_but_not_a_root_in_use(make_guest):
+    g = await legacy_guest(make_guest, size=64 * MIB)
+    await run(g.vcpu, R, *range(0, 16 * SPREAD_PAGES, SPREAD_PAGES))
+    oldest = list(g.vm.shadow.active)[:11]                      # the root first
+    assert oldest[0] is g.vcpu.root
+    assert await g.vm.mmu_shrink_scan(10) == 10
+    assert not g.vcpu.root.invalid
+    # The 1G and 2M pages went first, and their children with them (unlinked, not zapped)
+    assert all(sp.invalid for sp in oldest[1:])
+    assert g.vm.shadow.n_used_mmu_pages() == 19 - 10
+    check_rmaps(g.vm)
+    result = await run(g.vcpu, R, *range(0, 16 * SPREAD_PAGES, SPREAD_PAGES))
+    assert result.completed == 16
+
+
+async def test_the_tdp_mmu_tables_are_not_the_shrinkers():
+    vm = Kvm().create_vm(VmConfig(mmu="tdp"))
+    region = vm.mmap(4 * MIB, Backing.PAGE_4K)
+    await vm.set_user_memory_region(0, 0, 0, 4 * MIB, region.hva)
+    await run(vm.create_vcpu(0), R, 0, 600)
+    await vm.set_nr_mmu_pages(64)
+    assert await vm.mmu_shrink_scan(100) == 0
+    assert vm.stat.pages_4k == 2

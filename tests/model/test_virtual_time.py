@@ -193,6 +193,22 @@ async def test_a_batch_reports_its_virtual_span_and_the_vcpu_its_time(make_guest
     assert stats["virtual_busy_ns"] + stats["virtual_wait_ns"] == again.end_ns
 
 
+@pytest.mark.parametrize("cost,uses", [("rmap_add", 16), ("sp_hash_lookup", 3),
+                                       ("spte_write", 16)])
+async def test_the_legacy_mmu_pays_its_own_costs_on_faults(make_guest, mmu, cost, uses):
+    """16 demand faults into one 4K table: on the legacy MMU, an rmap entry added and a
+    leaf stored each, and a hash lookup for each shadow page linked on the way (three below
+    the root). The TDP MMU has no rmaps or hash, and stores its leaves by cmpxchg."""
+    base = await make_guest(clock="virtual")
+    dearer = await make_guest(clock="virtual", costs={cost: DEFAULT_COSTS[cost] + 10_000})
+    cheap = await base.vcpu.run(touch(0, 16))
+    dear = await dearer.vcpu.run(touch(0, 16))
+    if mmu == "legacy":
+        assert dear.end_ns - cheap.end_ns >= uses * 10_000
+    else:
+        assert dear.end_ns == cheap.end_ns
+
+
 async def test_a_driven_vm_runs_no_further_than_its_latest_advance(make_guest):
     g = await make_guest(clock="virtual")
     vm = g.vm
@@ -277,6 +293,7 @@ def test_faults_under_the_read_lock_scale_and_under_the_write_lock_do_not():
     assert one == rate(1, "write")
     assert rate(8, "read+rcu") >= 5 * one
     assert rate(8, "write") <= 1.5 * one
+    assert rate(8, "legacy") <= 1.5 * rate(1, "legacy")     # tdp_mmu=0: the write lock too
 
 
 # Costs under which the part of a fault inside mmu_lock dominates it, as on a host
