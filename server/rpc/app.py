@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from vmmu.server.kvm import Kvm
 from vmmu.server.kvm.limits import DEFAULT_LIMITS, Limits
-from vmmu.server.rpc.auth import ServerTls, TokenInterceptor, Tokens, check_listener
+from vmmu.server.rpc.auth import ServerTls, Tokens, check_listener, identity_interceptor
 from vmmu.server.rpc.errors import ErrorInterceptor
 from vmmu.server.rpc.metrics import Metrics, serve_metrics
 from vmmu.server.rpc.servicers import add_servicers
@@ -101,12 +101,12 @@ async def start_server(address: str = "127.0.0.1:0", limits: Limits = DEFAULT_LI
     kvm = Kvm(limits)
     # A response may carry `response_bytes` of data and its framing.
     max_send = max(MAX_MESSAGE_BYTES, limits.response_bytes + (1 << 20))
-    # The token check comes first: the handlers it lets through run as the caller. The
-    # error guard is innermost: it decodes the request of a call the token check let
-    # through, so that undecodable bytes are INVALID_ARGUMENT like any error of the call.
-    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
-    if tokens is not None:
-        interceptors.insert(0, TokenInterceptor(tokens))
+    # The identity (the token check) comes first: the handlers it lets through run as the
+    # caller. The error guard is innermost: it decodes the request of a call the token
+    # check let through, so that undecodable bytes are INVALID_ARGUMENT like any error of
+    # the call.
+    interceptors: list[grpc.aio.ServerInterceptor] = [identity_interceptor(tokens),
+                                                      ErrorInterceptor()]
     recorder = Metrics(kvm) if metrics is not None else None
     if recorder is not None:
         interceptors.insert(0, recorder)        # first: it sees refusals by the others

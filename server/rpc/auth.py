@@ -8,6 +8,8 @@ caller owns.
                 UNAUTHENTICATED, a known one names the caller (`caller()`)
     ownership   a VM belongs to the identity that created it; to every other identity it
                 does not exist (NOT_FOUND, absent from ListVms, from a trace of every VM)
+    accounting  what a call creates is charged to `charged()` for the `identity_*` limits:
+                the token's identity, or without tokens the peer's host (`PeerInterceptor`)
 
 Without a token file there is one anonymous caller (`None`) who sees every VM. The
 servicers see the model through `CallerKvm`, which makes every lookup as `caller()`.
@@ -28,15 +30,18 @@ from grpc import StatusCode
 
 from vmmu.server.kvm import Kvm, Vm, VmConfig
 from vmmu.server.kvm.trace import DEFAULT_CAPACITY, Subscription
-from vmmu.server.rpc.errors import refuse
-from vmmu.server.rpc.handlers import Continuation, rewrap
+from vmmu.server.rpc.errors import SERVICE_PREFIX, refuse
+from vmmu.server.rpc.handlers import Continuation, prefixed, rewrap
 
-__all__ = ["ServerTls", "Tokens", "TokenInterceptor", "CallerKvm", "caller", "is_loopback",
-           "check_listener", "InsecureListener"]
+__all__ = ["ServerTls", "Tokens", "TokenInterceptor", "PeerInterceptor", "CallerKvm",
+           "caller", "charged", "identity_interceptor", "is_loopback", "check_listener",
+           "InsecureListener"]
 
 # The identity a call is made as; set by `TokenInterceptor` in the call's own task before
 # the handler runs, so it is the caller's for the whole call and for no other.
 _CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("caller", default=None)
+# Without tokens, the peer's host; set by `PeerInterceptor` in the call's own task.
+_PEER: contextvars.ContextVar[str | None] = contextvars.ContextVar("peer", default=None)
 
 UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.",)   # load balancers probe without a token
 BEARER = "bearer "
@@ -45,6 +50,19 @@ BEARER = "bearer "
 def caller() -> str | None:
     """The identity of the call being served (`None` on a server without tokens)."""
     return _CALLER.get()
+
+
+def charged() -> str | None:
+    """The identity the call's VMs and subscriptions are charged to: the caller's, or on a
+    server without tokens its peer's host (a client opening more connections is the same
+    identity; every client on the loopback is one)."""
+    return _CALLER.get() or _PEER.get()
+
+
+def peer_host(peer: str) -> str:
+    """"ipv4:10.0.0.7:51234" -> "ipv4:10.0.0.7"; a peer without a port as it is."""
+    scheme = peer.split(":", 1)[0]
+    return peer.rsplit(":", 1)[0] if scheme in ("ipv4", "ipv6") else peer
 
 
 @dataclass(frozen=True)
@@ -169,19 +187,48 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+class PeerInterceptor(grpc.aio.ServerInterceptor):
+    """On a server without tokens: makes each vmmu.v1 call charged to its peer's host."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, rewrap(handler, lambda behavior: prefixed(behavior, _as_peer)))
+            self._wrapped[method] = cached
+        return cached[1]
+
+
+def _as_peer(context: grpc.aio.ServicerContext) -> None:
+    _PEER.set(peer_host(context.peer()))
+
+
+def identity_interceptor(tokens: Tokens | None) -> grpc.aio.ServerInterceptor:
+    """What tells the callers apart: their tokens, or without tokens their peers."""
+    return TokenInterceptor(tokens) if tokens is not None else PeerInterceptor()
+
+
 class CallerKvm:
     """The `Kvm` as the identity of the call being served sees it: the servicers' model.
 
     Every method is `Kvm`'s, made as `caller()`: VMs are created owned by the caller, and
     looking up a VM of another identity is NoSuchObject (NOT_FOUND), as for one that never
-    existed.
+    existed. What a call creates is charged to `charged()`.
     """
 
     def __init__(self, kvm: Kvm) -> None:
         self._kvm = kvm
 
     def create_vm(self, config: VmConfig | None = None) -> Vm:
-        return self._kvm.create_vm(config, owner=caller())
+        return self._kvm.create_vm(config, owner=caller(), identity=charged())
 
     def get_vm(self, vm_id: int) -> Vm:
         return self._kvm.get_vm(vm_id, owner=caller())
@@ -194,4 +241,4 @@ class CallerKvm:
 
     def trace(self, vm_ids: Iterable[int] = (), events: Iterable[str] = (),
               capacity: int = DEFAULT_CAPACITY) -> Subscription:
-        return self._kvm.trace(vm_ids, events, capacity, owner=caller())
+        return self._kvm.trace(vm_ids, events, capacity, owner=caller(), identity=charged())

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
-__all__ = ["Behavior", "Continuation", "rewrap"]
+__all__ = ["Behavior", "Continuation", "rewrap", "prefixed"]
 
 Behavior = Callable[..., Any]
 # What `ServerInterceptor.intercept_service` calls for the handler of the interceptors after it.
@@ -39,3 +40,19 @@ def rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Behavior],
             return factory(wrap(behavior), request_deserializer=request_deserializer,
                            response_serializer=handler.response_serializer)
     raise AssertionError(f"a method handler of no kind: {handler}")
+
+
+def prefixed(behavior: Behavior, prologue: Callable[[grpc.aio.ServicerContext], None]
+             ) -> Behavior:
+    """`behavior`, of the same kind, calling `prologue(context)` first in the call's task."""
+    if inspect.isasyncgenfunction(behavior):
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            prologue(context)
+            async for response in behavior(request, context):
+                yield response
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        prologue(context)
+        return await behavior(request, context)
+    return unary
