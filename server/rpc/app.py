@@ -89,12 +89,15 @@ async def start_server(address: str = "127.0.0.1:0", limits: Limits = DEFAULT_LI
     a free port), over TLS if `tls` is given, with an identity per token if `tokens` are;
     a client that answers no ping for `keepalive_s` seconds loses its connection and its
     streams; Prometheus metrics are served over HTTP on `metrics` ("host:port") if it is
-    given.
+    given (over HTTPS with `tls`, to a known token only with `tokens`).
 
-    Raises InsecureListener (a ValueError) for a non-loopback `address` without `tls`
-    unless `insecure`, OSError if the address cannot be bound (in use, or not local).
+    Raises InsecureListener (a ValueError) for a non-loopback `address` or `metrics`
+    without `tls` unless `insecure`, OSError if an address cannot be bound (in use, or not
+    local).
     """
     check_listener(address, tls, insecure)
+    if metrics is not None:
+        check_listener(metrics, tls, insecure)
     if not keepalive_s > 0:
         raise ValueError(f"keepalive of {keepalive_s} s: it must be positive")
     ping_ms = max(1, round(keepalive_s * 1000 / 2))
@@ -142,7 +145,7 @@ async def start_server(address: str = "127.0.0.1:0", limits: Limits = DEFAULT_LI
     endpoint = None
     if recorder is not None:
         try:
-            endpoint = await serve_metrics(metrics, recorder)
+            endpoint = await serve_metrics(metrics, recorder, tls, tokens)
         except OSError:
             await server.stop(None)
             raise

@@ -20,6 +20,9 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import ipaddress
+import os
+import ssl
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +86,23 @@ class ServerTls:
         return grpc.ssl_server_credentials([(self.private_key, self.certificate_chain)],
                                            root_certificates=self.client_ca,
                                            require_client_auth=self.client_ca is not None)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same for other listeners of the server (its metrics over HTTPS)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        # `load_cert_chain` reads files only: the key lives in one readable by us alone
+        # (mkstemp's mode is 0600) for as long as it takes to load it.
+        fd, path = tempfile.mkstemp(suffix=".pem")
+        try:
+            with os.fdopen(fd, "wb") as pem:
+                pem.write(self.certificate_chain + b"\n" + self.private_key)
+            context.load_cert_chain(path)
+        finally:
+            os.unlink(path)
+        if self.client_ca is not None:
+            context.load_verify_locations(cadata=self.client_ca.decode())
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
 
 class InsecureListener(ValueError):

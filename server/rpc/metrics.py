@@ -15,6 +15,12 @@
 The model's figures are sums over the VMs that exist when scraped (a destroyed VM's go
 with it), read on the event loop's thread: `serve_metrics` answers HTTP on the server's
 own loop, so a scrape never reads the model while a task changes it.
+
+The endpoint is protected as the gRPC listener is: over HTTPS with the server's
+certificate when the server has TLS (a client certificate required under mutual TLS), and
+with tokens a scrape must carry `Authorization: Bearer <token>` of a known token (401
+otherwise). `start_server` refuses a plaintext endpoint beyond the loopback unless
+insecure, as it refuses such a gRPC listener.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from vmmu.server.kvm import Kvm
+from vmmu.server.rpc.auth import ServerTls, Tokens
 from vmmu.server.rpc.errors import SERVICE_PREFIX
 from vmmu.server.rpc.handlers import Continuation, rewrap
 
@@ -44,6 +51,7 @@ FAULT_STATS = {"taken": "pf_taken", "fixed": "pf_fixed", "emulate": "pf_emulate"
                "spurious": "pf_spurious", "fast": "pf_fast", "retry": "pf_retry"}
 EXIT_STATS = {"ept_violation": "ept_violations", "ept_misconfig": "ept_misconfigs",
               "mmio": "mmio_exits"}
+REQUEST_TIMEOUT_S = 10.0      # a scraper has this long to send its request's head
 
 
 class Metrics(grpc.aio.ServerInterceptor):
@@ -174,26 +182,47 @@ def _by_kind(name: str, documentation: str, kinds: dict[str, str],
     return family
 
 
-async def serve_metrics(address: str, metrics: Metrics) -> asyncio.Server:
+async def serve_metrics(address: str, metrics: Metrics, tls: ServerTls | None = None,
+                        tokens: Tokens | None = None) -> asyncio.Server:
     """Answer `GET /metrics` (any path) over HTTP/1.0 on `address` ("host:port", port 0
-    picks one), on the running loop."""
+    picks one), on the running loop; over HTTPS if `tls` is given; with `tokens`, only to
+    a request whose `Authorization: Bearer` names one of them."""
     host, port = address.rsplit(":", 1)
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await reader.readuntil(b"\r\n\r\n")
-            if request.startswith(b"GET "):
-                body = metrics.exposition()
-                head = (f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
-                        f"Content-Length: {len(body)}\r\n\r\n").encode()
-            else:
-                body = b"only GET\n"
-                head = b"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 9\r\n\r\n"
-            writer.write(head + body)
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                request = await reader.readuntil(b"\r\n\r\n")
+            writer.write(_response(request, metrics, tokens))
             await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass                                    # a scraper that went away, or junk
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                ConnectionError):
+            pass                        # a scraper that went away, was too slow, or junk
         finally:
             writer.close()
 
-    return await asyncio.start_server(answer, host.strip("[]"), int(port))
+    return await asyncio.start_server(answer, host.strip("[]"), int(port),
+                                      ssl=tls.ssl_context() if tls is not None else None)
+
+
+def _response(request: bytes, metrics: Metrics, tokens: Tokens | None) -> bytes:
+    """The whole HTTP response to `request` (its head)."""
+    if not request.startswith(b"GET "):
+        return _plain("405 Method Not Allowed", "only GET\n")
+    if tokens is not None:
+        headers = [line.decode("latin-1").partition(":")
+                   for line in request.split(b"\r\n")[1:] if b":" in line]
+        sent = [("authorization", value.strip()) for name, _, value in headers
+                if name.strip().lower() == "authorization"]
+        if tokens.identity(sent) is None:
+            return _plain("401 Unauthorized", "a known token is required: send "
+                          "'Authorization: Bearer <token>'\n",
+                          'WWW-Authenticate: Bearer realm="vmmu"\r\n')
+    body = metrics.exposition()
+    return (f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def _plain(status: str, text: str, headers: str = "") -> bytes:
+    return (f"HTTP/1.0 {status}\r\nContent-Type: text/plain\r\n{headers}"
+            f"Content-Length: {len(text)}\r\n\r\n{text}").encode()
