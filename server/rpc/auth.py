@@ -33,8 +33,9 @@ from grpc import StatusCode
 
 from vmmu.server.kvm import Kvm, Vm, VmConfig
 from vmmu.server.kvm.trace import DEFAULT_CAPACITY, Subscription
-from vmmu.server.rpc.errors import SERVICE_PREFIX, refuse
-from vmmu.server.rpc.handlers import Continuation, prefixed, rewrap
+from vmmu.server.rpc.errors import refuse
+from vmmu.server.rpc.handlers import (Behavior, BehaviorInterceptor, Continuation, prefixed,
+                                      rewrap)
 
 __all__ = ["ServerTls", "Tokens", "TokenInterceptor", "PeerInterceptor", "CallerKvm",
            "caller", "charged", "identity_interceptor", "is_loopback", "check_listener",
@@ -207,24 +208,11 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-class PeerInterceptor(grpc.aio.ServerInterceptor):
+class PeerInterceptor(BehaviorInterceptor):
     """On a server without tokens: makes each vmmu.v1 call charged to its peer's host."""
 
-    def __init__(self) -> None:
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        handler = await continuation(handler_call_details)
-        if handler is None or not method.startswith(SERVICE_PREFIX):
-            return handler
-        cached = self._wrapped.get(method)
-        if cached is None or cached[0] is not handler:
-            cached = (handler, rewrap(handler, lambda behavior: prefixed(behavior, _as_peer)))
-            self._wrapped[method] = cached
-        return cached[1]
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        return prefixed(behavior, _as_peer)
 
 
 def _as_peer(context: grpc.aio.ServicerContext) -> None:

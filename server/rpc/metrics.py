@@ -40,8 +40,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from vmmu.server.kvm import Kvm
 from vmmu.server.rpc.auth import ServerTls, Tokens
-from vmmu.server.rpc.errors import SERVICE_PREFIX
-from vmmu.server.rpc.handlers import Continuation, rewrap
+from vmmu.server.rpc.handlers import SERVICE_PREFIX, Behavior, BehaviorInterceptor
 
 __all__ = ["Metrics", "serve_metrics"]
 
@@ -54,11 +53,12 @@ EXIT_STATS = {"ept_violation": "ept_violations", "ept_misconfig": "ept_misconfig
 REQUEST_TIMEOUT_S = 10.0      # a scraper has this long to send its request's head
 
 
-class Metrics(grpc.aio.ServerInterceptor):
+class Metrics(BehaviorInterceptor):
     """The registry of one server; as its first interceptor, it times every vmmu.v1 RPC
     (refusals by the interceptors after it included) and records how it ended."""
 
     def __init__(self, kvm: Kvm) -> None:
+        super().__init__()
         self.registry = CollectorRegistry()
         self.rpcs = Counter("vmmu_rpcs", "RPCs ended, by method and status code",
                             ["method", "code"], registry=self.registry)
@@ -69,7 +69,6 @@ class Metrics(grpc.aio.ServerInterceptor):
                                   "RPCs refused RESOURCE_EXHAUSTED (a limit)", ["method"],
                                   registry=self.registry)
         self.registry.register(_ModelCollector(kvm))
-        self._timed: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def record(self, method: str, code: StatusCode, seconds: float) -> None:
         self.rpcs.labels(method, code.name).inc()
@@ -77,20 +76,8 @@ class Metrics(grpc.aio.ServerInterceptor):
         if code is StatusCode.RESOURCE_EXHAUSTED:
             self.rejections.labels(method).inc()
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        handler = await continuation(handler_call_details)
-        if handler is None or not method.startswith(SERVICE_PREFIX):
-            return handler
-        cached = self._timed.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        name = method.removeprefix(SERVICE_PREFIX)
-        timed = rewrap(handler, lambda behavior: _timed(behavior, self, name))
-        self._timed[method] = (handler, timed)
-        return timed
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        return _timed(behavior, self, method.removeprefix(SERVICE_PREFIX))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
