@@ -6,13 +6,17 @@ Certificates are made for each run by a throwaway CA (the `cryptography` package
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import errno
 import functools
 import ipaddress
 import shutil
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -154,6 +158,61 @@ async def test_mutual_tls_requires_a_client_certificate_from_the_client_ca(pki,
             await refused.list_vms()
 
 
+def _scrape(url: str, context: ssl.SSLContext | None = None, token: str | None = None
+            ) -> int:
+    """The HTTP status of a GET of `url` (with `token` as a bearer token)."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}
+                                     if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            assert b"vmmu_vms " in response.read()
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+async def test_metrics_over_https_with_the_servers_certificate(pki):
+    serving = await start_server("127.0.0.1:0", tls=_server_tls(pki), metrics="127.0.0.1:0")
+    try:
+        url = f"https://localhost:{serving.metrics_port}/metrics"
+        trusting = ssl.create_default_context(cadata=pki["ca.crt"].decode())
+        assert await asyncio.to_thread(_scrape, url, trusting) == 200
+        with pytest.raises(urllib.error.URLError):          # a CA it does not trust
+            await asyncio.to_thread(_scrape, url, ssl.create_default_context(
+                cadata=pki["other-ca.crt"].decode()))
+        with pytest.raises((urllib.error.URLError, ConnectionError)):   # plaintext
+            await asyncio.to_thread(_scrape, url.replace("https", "http"))
+    finally:
+        await serving.stop(grace=0)
+
+
+async def test_metrics_under_mutual_tls_need_a_client_certificate(pki, tmp_path):
+    serving = await start_server("127.0.0.1:0", tls=_server_tls(pki, mutual=True),
+                                 metrics="127.0.0.1:0")
+    try:
+        url = f"https://localhost:{serving.metrics_port}/metrics"
+        context = ssl.create_default_context(cadata=pki["ca.crt"].decode())
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            await asyncio.to_thread(_scrape, url, context)
+        (tmp_path / "client.pem").write_bytes(pki["client.crt"] + b"\n" + pki["client.key"])
+        context.load_cert_chain(tmp_path / "client.pem")
+        assert await asyncio.to_thread(_scrape, url, context) == 200
+    finally:
+        await serving.stop(grace=0)
+
+
+async def test_metrics_need_a_known_token_with_tokens():
+    serving = await start_server("127.0.0.1:0", tokens=Tokens.parse(TOKENS),
+                                 metrics="127.0.0.1:0")
+    try:
+        url = f"http://127.0.0.1:{serving.metrics_port}/metrics"
+        assert await asyncio.to_thread(_scrape, url) == 401
+        assert await asyncio.to_thread(_scrape, url, None, "not-a-token") == 401
+        assert await asyncio.to_thread(_scrape, url, None, "bob-secret") == 200
+    finally:
+        await serving.stop(grace=0)
+
+
 # -- tokens and ownership --------------------------------------------------------------
 
 async def test_calls_without_a_known_token_are_unauthenticated(open_clients):
@@ -260,8 +319,10 @@ def test_loopback_addresses(address, loopback):
 async def test_a_plaintext_listener_beyond_the_loopback_needs_insecure(pki):
     with pytest.raises(InsecureListener, match="without TLS"):
         await start_server("0.0.0.0:0")
+    with pytest.raises(InsecureListener, match="without TLS"):      # metrics alike
+        await start_server("127.0.0.1:0", metrics="0.0.0.0:0")
     for options in ({"insecure": True}, {"tls": _server_tls(pki)}):
-        serving = await start_server("0.0.0.0:0", **options)
+        serving = await start_server("0.0.0.0:0", metrics="0.0.0.0:0", **options)
         await serving.stop(grace=0)
 
 

@@ -1,6 +1,6 @@
 """The server's limits over the wire: each one refused with RESOURCE_EXHAUSTED naming it,
-before anything changes; the response-size cases; the hva allocator; memory released at
-destroy."""
+before anything changes; per identity as well as per server; the response-size cases; the
+hva allocator; memory released at destroy."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from vmmu.client import (KVM_MEM_LOG_DIRTY_PAGES, AsyncClient, Backing, BatchBui
                          ExitReason, ResourceExhausted)
 from vmmu.server.kvm.limits import Limits
 from vmmu.server.rpc.app import Serving, start_server
+from vmmu.server.rpc.auth import Tokens
 from vmmu.v1 import explore_pb2, explore_pb2_grpc
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -25,9 +26,12 @@ async def limited() -> AsyncIterator[tuple[AsyncClient, Serving]]:
     """`await limited(**limits)`: a client of a fresh server with those limits."""
     opened: list[tuple[AsyncClient, Serving]] = []
 
-    async def start(**limits: int) -> tuple[AsyncClient, Serving]:
-        serving = await start_server("127.0.0.1:0", Limits.from_mapping(limits))
-        client = AsyncClient(f"127.0.0.1:{serving.port}")
+    async def start(tokens: Tokens | None = None, **limits: int
+                    ) -> tuple[AsyncClient, Serving]:
+        serving = await start_server("127.0.0.1:0", Limits.from_mapping(limits),
+                                     tokens=tokens)
+        client = AsyncClient(f"127.0.0.1:{serving.port}",
+                             token="alice-secret" if tokens else None)
         opened.append((client, serving))
         return client, serving
 
@@ -37,12 +41,32 @@ async def limited() -> AsyncIterator[tuple[AsyncClient, Serving]]:
         await serving.stop(grace=1)
 
 
-async def _refused(limit: str, call) -> ResourceExhausted:
+async def _refused(limit: str, call, identity: str | None = None) -> ResourceExhausted:
     with pytest.raises(ResourceExhausted) as excinfo:
         await call
     error = excinfo.value
     assert error.metadata["limit"] == limit and f"(limit {limit} = " in error.reason
+    assert error.metadata.get("identity") == identity
+    if identity is not None:
+        assert f"for identity {identity!r}" in error.reason
     return error
+
+
+TOKENS = Tokens({"alice-secret": "alice", "bob-secret": "bob"})
+
+
+@pytest.fixture
+async def bob(limited) -> AsyncIterator:
+    """`await bob(serving)`: a second identity's client of that server."""
+    opened: list[AsyncClient] = []
+
+    async def connect(serving: Serving) -> AsyncClient:
+        opened.append(AsyncClient(f"127.0.0.1:{serving.port}", token="bob-secret"))
+        return opened[-1]
+
+    yield connect
+    for client in opened:
+        await client.close()
 
 
 async def test_vms_per_server(limited):
@@ -53,6 +77,67 @@ async def test_vms_per_server(limited):
     error = await _refused("vms", client.create_vm())
     assert error.errno == errno.ENOSPC
     assert await client.list_vms() == before
+
+
+async def test_vms_per_identity_and_per_server(limited, bob):
+    alice, serving = await limited(TOKENS, vms=3, identity_vms=2)
+    bobs = await bob(serving)
+    first = await alice.create_vm()
+    await alice.create_vm()
+    error = await _refused("identity_vms", alice.create_vm(), identity="alice")
+    assert error.errno == errno.ENOSPC
+    assert len(await alice.list_vms()) == 2
+    await bobs.create_vm()                        # bob's share is his own...
+    await _refused("vms", bobs.create_vm())       # ... within the server's
+    assert len(await bobs.list_vms()) == 1
+    await first.destroy()                         # alice's VM goes: her count goes down
+    await alice.create_vm()
+
+
+async def test_without_tokens_an_identity_is_the_peers_host(limited):
+    """Clients on the same host are one identity, whatever their connections."""
+    client, serving = await limited(identity_vms=1, vms=4)
+    await client.create_vm()
+    async with AsyncClient(f"127.0.0.1:{serving.port}") as other:
+        await _refused("identity_vms", other.create_vm(), identity="ipv4:127.0.0.1")
+    assert len(serving.kvm.vms()) == 1
+
+
+@pytest.mark.parametrize("kind", ["mapped", "populated"])
+async def test_memory_per_identity(limited, bob, kind):
+    """An identity's VMs together stay within its share; another's VMs are charged to
+    theirs, all within the server's."""
+    limit = f"identity_{kind}_bytes"
+    alice, serving = await limited(TOKENS, **{limit: 24 * MIB})
+    bobs = await bob(serving)
+    first, region, _ = await _guest(alice, 16 * MIB)
+    second = await alice.create_vm()
+    if kind == "mapped":
+        await _refused(limit, second.mmap(16 * MIB, Backing.THP), identity="alice")
+        assert await second.host_regions() == []
+        await second.mmap(8 * MIB, Backing.THP)
+    else:
+        await first.madvise_populate_write(region.hva, 16 * MIB)
+        other = await second.mmap(16 * MIB, Backing.PAGE_4K)
+        await _refused(limit, second.madvise_populate_write(other.hva, 16 * MIB),
+                       identity="alice")
+        assert (await second.host_regions())[0].populated_4k_pages == 0
+        await second.madvise_populate_write(other.hva, 8 * MIB)
+    theirs, region, _ = await _guest(bobs, 16 * MIB)
+    await theirs.madvise_populate_write(region.hva, 16 * MIB)
+    assert getattr(serving.kvm, kind).usage == (24 + 16) * MIB        # alice's and bob's
+    await first.destroy()                        # the charge goes back through alice's
+    await second.mmap(16 * MIB, Backing.THP)
+
+
+async def test_trace_subscribers_per_identity(limited, bob):
+    alice, serving = await limited(TOKENS, identity_trace_subscribers=1)
+    bobs = await bob(serving)
+    first = await alice.trace()
+    await _refused("identity_trace_subscribers", alice.trace(), identity="alice")
+    theirs = await bobs.trace()
+    first.cancel()
+    theirs.cancel()
 
 
 async def test_vcpus_per_vm(limited):

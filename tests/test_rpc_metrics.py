@@ -18,9 +18,12 @@ from vmmu.server.rpc.auth import Tokens
 MiB = 1 << 20
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(port: int, token: str | None = None
+           ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of the endpoint: (name, sorted labels) -> value."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={
+        "Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200
         text = response.read().decode()
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -102,7 +105,7 @@ def test_refused_calls_are_counted_too(serve):
         client.list_vms()
     with Client(running.address, token="secret") as client:
         client.list_vms()
-    samples = scrape(running.serving.metrics_port)
+    samples = scrape(running.serving.metrics_port, token="secret")
     assert samples[("vmmu_rpcs_total", (("code", "UNAUTHENTICATED"),
                                         ("method", "VmService/ListVms")))] == 1
     assert samples[("vmmu_rpcs_total", (("code", "OK"), ("method", "VmService/ListVms")))] == 1
@@ -125,7 +128,7 @@ def test_every_interceptor_applies_and_the_final_code_is_counted(serve):
             info = error_info(excinfo.value.trailing_metadata())
             assert info is not None and info.reason == errno_name
             assert info.metadata["method"] == "/vmmu.v1.VmService/CreateVm"
-    samples = scrape(running.serving.metrics_port)
+    samples = scrape(running.serving.metrics_port, token="secret")
     for code in ("INVALID_ARGUMENT", "UNAUTHENTICATED"):
         assert samples[("vmmu_rpcs_total", (("code", code),
                                             ("method", "VmService/CreateVm")))] == 1

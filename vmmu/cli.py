@@ -86,7 +86,8 @@ async def _serve(listen: str, limits: Limits, **options: Any) -> None:
     print(f"vmmu serving on {host}:{serving.port}", flush=True)
     if serving.metrics is not None:
         metrics_host = options["metrics"].rsplit(":", 1)[0]
-        print(f"vmmu metrics on http://{metrics_host}:{serving.metrics_port}/metrics",
+        scheme = "https" if options.get("tls") is not None else "http"
+        print(f"vmmu metrics on {scheme}://{metrics_host}:{serving.metrics_port}/metrics",
               flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -122,7 +123,8 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                              "SECONDS, ending its streams and holds (pinged every SECONDS/2; "
                              f"default {DEFAULT_KEEPALIVE_S:g})")
     parser.add_argument("--metrics", metavar="HOST:PORT",
-                        help="serve Prometheus metrics over HTTP on HOST:PORT")
+                        help="serve Prometheus metrics over HTTP on HOST:PORT (HTTPS with "
+                             "--tls-cert, a token needed with --token-file)")
     parser.add_argument("--limits-file", metavar="FILE",
                         help="a TOML file whose [limits] table sets limits (docs/limits.md)")
     parser.add_argument("--limit", type=_limit, action="append", default=[],

@@ -45,11 +45,18 @@ class MemoryFault(KvmError):
 
 class LimitExceeded(KvmError):
     """The call would pass the server's limit `limit` (ENOMEM for memory, ENOSPC for a
-    count, E2BIG for a size); checked before anything changes."""
+    count, E2BIG for a size), or `identity`'s share of it; checked before anything
+    changes."""
 
-    def __init__(self, errno: int, limit: str, value: int, message: str) -> None:
-        super().__init__(errno, f"{message} (limit {limit} = {value})", limit=limit,
-                         limit_value=str(value))
+    def __init__(self, errno: int, limit: str, value: int, message: str,
+                 identity: str | None = None) -> None:
+        if identity is None:
+            super().__init__(errno, f"{message} (limit {limit} = {value})", limit=limit,
+                             limit_value=str(value))
+        else:
+            super().__init__(errno, f"{message} (limit {limit} = {value} for identity "
+                             f"{identity!r})", limit=limit, limit_value=str(value),
+                             identity=identity)
 
 
 class VmBugged(Exception):

@@ -2,8 +2,11 @@
 
 Every limit is checked before the call changes anything; passing one raises
 `LimitExceeded` naming it (RESOURCE_EXHAUSTED on the wire, the limit's name and value in
-the message and in the ErrorInfo's metadata). Host memory is charged as a memory cgroup
-nested in another charges it: to the VM, and through it to the server. A guest access that
+the message and in the ErrorInfo's metadata, and the identity for an `identity_*` limit).
+The server-wide limits hold per identity too (the client a server tells apart: a token's
+identity, else the peer's host), each with its own, lower, `identity_*` limit. Host memory
+is charged as nested memory cgroups charge it: to the VM, through it to its identity, and
+through that to the server. A guest access that
 would populate past a memory limit fails as host memory the kernel cannot allocate does,
 with a MEMORY_FAULT exit (errno ENOMEM) at that access; the accesses before it stand.
 
@@ -32,16 +35,20 @@ KIB, MIB, GIB, TIB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 @dataclass(frozen=True)
 class Limits:
     vms: int = 256                          # VMs per server
+    identity_vms: int = 128                 # ... per identity
     vcpus: int = 64                         # vCPUs per VM (a max_vcpus above it is refused)
     vm_mapped_bytes: int = 1 * TIB          # hva a VM's regions may span
     server_mapped_bytes: int = 4 * TIB      # ... all VMs' regions together
+    identity_mapped_bytes: int = 2 * TIB    # ... one identity's VMs' regions together
     vm_populated_bytes: int = 2 * GIB       # host pages a VM may have populated
     server_populated_bytes: int = 8 * GIB   # ... all VMs together
+    identity_populated_bytes: int = 4 * GIB  # ... one identity's VMs together
     memslot_bytes: int = 1 * TIB            # the size of one memslot
     batch_accesses: int = 1 << 20           # accesses in one batch
     batch_bytes: int = 512 * MIB            # memory one batch may make the server allocate
     name_bytes: int = 256                   # a VM's name, in UTF-8 bytes
     trace_subscribers: int = 64             # open Trace streams per server
+    identity_trace_subscribers: int = 32    # ... per identity
     holds: int = 64                         # held invalidations (streams, leases) per VM
     explore_seeds: int = 10_000             # seeds one Explore call may run
     response_bytes: int = 16 * MIB          # the data one response may carry
@@ -66,11 +73,12 @@ class Limits:
             table = tomllib.load(f).get("limits", {})
         return cls.from_mapping(table)
 
-    def check(self, name: str, wanted: int, what: str, errno_: int = errno.ENOSPC) -> None:
-        """Raise LimitExceeded if `wanted` is above limit `name`."""
+    def check(self, name: str, wanted: int, what: str, errno_: int = errno.ENOSPC,
+              identity: str | None = None) -> None:
+        """Raise LimitExceeded if `wanted` is above limit `name` (of `identity`, if given)."""
         limit = getattr(self, name)
         if wanted > limit:
-            raise LimitExceeded(errno_, name, limit, what)
+            raise LimitExceeded(errno_, name, limit, what, identity)
 
     def check_name(self, name: str) -> None:
         size = len(name.encode())
@@ -89,17 +97,20 @@ NO_LIMITS = Limits(**{f.name: 1 << 62 for f in dataclasses.fields(Limits)})
 
 class MemoryCharge:
     """Bytes charged against limit `name` of `limits`, and against `parent` too (a VM's
-    charge inside its server's): a charge that would pass either is refused whole."""
+    charge inside its identity's, that one inside its server's): a charge that would pass
+    any of them is refused whole. `identity` names the identity whose charge this is."""
 
-    def __init__(self, limits: Limits, name: str, parent: MemoryCharge | None = None) -> None:
-        self.limits, self.name, self.parent = limits, name, parent
+    def __init__(self, limits: Limits, name: str, parent: MemoryCharge | None = None,
+                 identity: str | None = None) -> None:
+        self.limits, self.name, self.parent, self.identity = limits, name, parent, identity
         self.usage = 0
 
     def try_charge(self, size: int) -> None:
         self.check(size)
-        self.usage += size
-        if self.parent is not None:
-            self.parent.usage += size
+        charge: MemoryCharge | None = self
+        while charge is not None:
+            charge.usage += size
+            charge = charge.parent
 
     def check(self, size: int) -> None:
         """Raise LimitExceeded (ENOMEM) if `size` more bytes would pass a limit."""
@@ -108,11 +119,13 @@ class MemoryCharge:
             limit = getattr(charge.limits, charge.name)
             if charge.usage + size > limit:
                 raise LimitExceeded(errno.ENOMEM, charge.name, limit,
-                                    f"{size} more bytes on the {charge.usage} in use")
+                                    f"{size} more bytes on the {charge.usage} in use",
+                                    charge.identity)
             charge = charge.parent
 
     def uncharge(self, size: int) -> None:
-        self.usage -= size
-        if self.parent is not None:
-            self.parent.usage -= size
+        charge: MemoryCharge | None = self
+        while charge is not None:
+            charge.usage -= size
+            charge = charge.parent
 

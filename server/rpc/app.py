@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from vmmu.server.kvm import Kvm
 from vmmu.server.kvm.limits import DEFAULT_LIMITS, Limits
-from vmmu.server.rpc.auth import ServerTls, TokenInterceptor, Tokens, check_listener
+from vmmu.server.rpc.auth import ServerTls, Tokens, check_listener, identity_interceptor
 from vmmu.server.rpc.errors import ErrorInterceptor
 from vmmu.server.rpc.metrics import Metrics, serve_metrics
 from vmmu.server.rpc.servicers import add_servicers
@@ -89,24 +89,27 @@ async def start_server(address: str = "127.0.0.1:0", limits: Limits = DEFAULT_LI
     a free port), over TLS if `tls` is given, with an identity per token if `tokens` are;
     a client that answers no ping for `keepalive_s` seconds loses its connection and its
     streams; Prometheus metrics are served over HTTP on `metrics` ("host:port") if it is
-    given.
+    given (over HTTPS with `tls`, to a known token only with `tokens`).
 
-    Raises InsecureListener (a ValueError) for a non-loopback `address` without `tls`
-    unless `insecure`, OSError if the address cannot be bound (in use, or not local).
+    Raises InsecureListener (a ValueError) for a non-loopback `address` or `metrics`
+    without `tls` unless `insecure`, OSError if an address cannot be bound (in use, or not
+    local).
     """
     check_listener(address, tls, insecure)
+    if metrics is not None:
+        check_listener(metrics, tls, insecure)
     if not keepalive_s > 0:
         raise ValueError(f"keepalive of {keepalive_s} s: it must be positive")
     ping_ms = max(1, round(keepalive_s * 1000 / 2))
     kvm = Kvm(limits)
     # A response may carry `response_bytes` of data and its framing.
     max_send = max(MAX_MESSAGE_BYTES, limits.response_bytes + (1 << 20))
-    # The token check comes first: the handlers it lets through run as the caller. The
-    # error guard is innermost: it decodes the request of a call the token check let
-    # through, so that undecodable bytes are INVALID_ARGUMENT like any error of the call.
-    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
-    if tokens is not None:
-        interceptors.insert(0, TokenInterceptor(tokens))
+    # The identity (the token check) comes first: the handlers it lets through run as the
+    # caller. The error guard is innermost: it decodes the request of a call the token
+    # check let through, so that undecodable bytes are INVALID_ARGUMENT like any error of
+    # the call.
+    interceptors: list[grpc.aio.ServerInterceptor] = [identity_interceptor(tokens),
+                                                      ErrorInterceptor()]
     recorder = Metrics(kvm) if metrics is not None else None
     if recorder is not None:
         interceptors.insert(0, recorder)        # first: it sees refusals by the others
@@ -142,7 +145,7 @@ async def start_server(address: str = "127.0.0.1:0", limits: Limits = DEFAULT_LI
     endpoint = None
     if recorder is not None:
         try:
-            endpoint = await serve_metrics(metrics, recorder)
+            endpoint = await serve_metrics(metrics, recorder, tls, tokens)
         except OSError:
             await server.stop(None)
             raise

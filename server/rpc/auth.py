@@ -8,6 +8,8 @@ caller owns.
                 UNAUTHENTICATED, a known one names the caller (`caller()`)
     ownership   a VM belongs to the identity that created it; to every other identity it
                 does not exist (NOT_FOUND, absent from ListVms, from a trace of every VM)
+    accounting  what a call creates is charged to `charged()` for the `identity_*` limits:
+                the token's identity, or without tokens the peer's host (`PeerInterceptor`)
 
 Without a token file there is one anonymous caller (`None`) who sees every VM. The
 servicers see the model through `CallerKvm`, which makes every lookup as `caller()`.
@@ -18,6 +20,9 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import ipaddress
+import os
+import ssl
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +34,18 @@ from grpc import StatusCode
 from vmmu.server.kvm import Kvm, Vm, VmConfig
 from vmmu.server.kvm.trace import DEFAULT_CAPACITY, Subscription
 from vmmu.server.rpc.errors import refuse
-from vmmu.server.rpc.handlers import Continuation, rewrap
+from vmmu.server.rpc.handlers import (Behavior, BehaviorInterceptor, Continuation, prefixed,
+                                      rewrap)
 
-__all__ = ["ServerTls", "Tokens", "TokenInterceptor", "CallerKvm", "caller", "is_loopback",
-           "check_listener", "InsecureListener"]
+__all__ = ["ServerTls", "Tokens", "TokenInterceptor", "PeerInterceptor", "CallerKvm",
+           "caller", "charged", "identity_interceptor", "is_loopback", "check_listener",
+           "InsecureListener"]
 
 # The identity a call is made as; set by `TokenInterceptor` in the call's own task before
 # the handler runs, so it is the caller's for the whole call and for no other.
 _CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("caller", default=None)
+# Without tokens, the peer's host; set by `PeerInterceptor` in the call's own task.
+_PEER: contextvars.ContextVar[str | None] = contextvars.ContextVar("peer", default=None)
 
 UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.",)   # load balancers probe without a token
 BEARER = "bearer "
@@ -45,6 +54,19 @@ BEARER = "bearer "
 def caller() -> str | None:
     """The identity of the call being served (`None` on a server without tokens)."""
     return _CALLER.get()
+
+
+def charged() -> str | None:
+    """The identity the call's VMs and subscriptions are charged to: the caller's, or on a
+    server without tokens its peer's host (a client opening more connections is the same
+    identity; every client on the loopback is one)."""
+    return _CALLER.get() or _PEER.get()
+
+
+def peer_host(peer: str) -> str:
+    """"ipv4:10.0.0.7:51234" -> "ipv4:10.0.0.7"; a peer without a port as it is."""
+    scheme = peer.split(":", 1)[0]
+    return peer.rsplit(":", 1)[0] if scheme in ("ipv4", "ipv6") else peer
 
 
 @dataclass(frozen=True)
@@ -65,6 +87,23 @@ class ServerTls:
         return grpc.ssl_server_credentials([(self.private_key, self.certificate_chain)],
                                            root_certificates=self.client_ca,
                                            require_client_auth=self.client_ca is not None)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same for other listeners of the server (its metrics over HTTPS)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        # `load_cert_chain` reads files only: the key lives in one readable by us alone
+        # (mkstemp's mode is 0600) for as long as it takes to load it.
+        fd, path = tempfile.mkstemp(suffix=".pem")
+        try:
+            with os.fdopen(fd, "wb") as pem:
+                pem.write(self.certificate_chain + b"\n" + self.private_key)
+            context.load_cert_chain(path)
+        finally:
+            os.unlink(path)
+        if self.client_ca is not None:
+            context.load_verify_locations(cadata=self.client_ca.decode())
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
 
 class InsecureListener(ValueError):
@@ -169,19 +208,35 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+class PeerInterceptor(BehaviorInterceptor):
+    """On a server without tokens: makes each vmmu.v1 call charged to its peer's host."""
+
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        return prefixed(behavior, _as_peer)
+
+
+def _as_peer(context: grpc.aio.ServicerContext) -> None:
+    _PEER.set(peer_host(context.peer()))
+
+
+def identity_interceptor(tokens: Tokens | None) -> grpc.aio.ServerInterceptor:
+    """What tells the callers apart: their tokens, or without tokens their peers."""
+    return TokenInterceptor(tokens) if tokens is not None else PeerInterceptor()
+
+
 class CallerKvm:
     """The `Kvm` as the identity of the call being served sees it: the servicers' model.
 
     Every method is `Kvm`'s, made as `caller()`: VMs are created owned by the caller, and
     looking up a VM of another identity is NoSuchObject (NOT_FOUND), as for one that never
-    existed.
+    existed. What a call creates is charged to `charged()`.
     """
 
     def __init__(self, kvm: Kvm) -> None:
         self._kvm = kvm
 
     def create_vm(self, config: VmConfig | None = None) -> Vm:
-        return self._kvm.create_vm(config, owner=caller())
+        return self._kvm.create_vm(config, owner=caller(), identity=charged())
 
     def get_vm(self, vm_id: int) -> Vm:
         return self._kvm.get_vm(vm_id, owner=caller())
@@ -194,4 +249,4 @@ class CallerKvm:
 
     def trace(self, vm_ids: Iterable[int] = (), events: Iterable[str] = (),
               capacity: int = DEFAULT_CAPACITY) -> Subscription:
-        return self._kvm.trace(vm_ids, events, capacity, owner=caller())
+        return self._kvm.trace(vm_ids, events, capacity, owner=caller(), identity=charged())

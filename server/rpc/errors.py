@@ -36,7 +36,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc import StatusCode
 
 from vmmu.server.kvm.errors import KvmError, VmBugged
-from vmmu.server.rpc.handlers import Behavior, rewrap
+from vmmu.server.rpc.handlers import SERVICE_PREFIX, Behavior, rewrap
 from vmmu.v1 import vcpu_pb2
 
 T = TypeVar("T")
@@ -65,7 +65,6 @@ STATUS_BY_ERRNO: dict[int, StatusCode] = {
 
 DOMAIN = "vmmu.dev"
 DETAILS_KEY = "grpc-status-details-bin"
-SERVICE_PREFIX = "/vmmu.v1."
 
 log = logging.getLogger("vmmu.rpc")
 _incidents = itertools.count(1)

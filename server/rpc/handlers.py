@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
-__all__ = ["Behavior", "Continuation", "rewrap"]
+__all__ = ["Behavior", "Continuation", "SERVICE_PREFIX", "rewrap", "prefixed",
+           "BehaviorInterceptor"]
+
+SERVICE_PREFIX = "/vmmu.v1."
 
 Behavior = Callable[..., Any]
 # What `ServerInterceptor.intercept_service` calls for the handler of the interceptors after it.
@@ -39,3 +43,43 @@ def rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Behavior],
             return factory(wrap(behavior), request_deserializer=request_deserializer,
                            response_serializer=handler.response_serializer)
     raise AssertionError(f"a method handler of no kind: {handler}")
+
+
+def prefixed(behavior: Behavior, prologue: Callable[[grpc.aio.ServicerContext], None]
+             ) -> Behavior:
+    """`behavior`, of the same kind, calling `prologue(context)` first in the call's task."""
+    if inspect.isasyncgenfunction(behavior):
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            prologue(context)
+            async for response in behavior(request, context):
+                yield response
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        prologue(context)
+        return await behavior(request, context)
+    return unary
+
+
+class BehaviorInterceptor(grpc.aio.ServerInterceptor):
+    """Puts `wrap(method, behavior)` around the behavior of every vmmu.v1 method, once per
+    method handler (the wrapped handler is kept)."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        raise NotImplementedError
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, rewrap(handler, lambda behavior: self.wrap(method, behavior)))
+            self._wrapped[method] = cached
+        return cached[1]

@@ -15,6 +15,12 @@
 The model's figures are sums over the VMs that exist when scraped (a destroyed VM's go
 with it), read on the event loop's thread: `serve_metrics` answers HTTP on the server's
 own loop, so a scrape never reads the model while a task changes it.
+
+The endpoint is protected as the gRPC listener is: over HTTPS with the server's
+certificate when the server has TLS (a client certificate required under mutual TLS), and
+with tokens a scrape must carry `Authorization: Bearer <token>` of a known token (401
+otherwise). `start_server` refuses a plaintext endpoint beyond the loopback unless
+insecure, as it refuses such a gRPC listener.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from vmmu.server.kvm import Kvm
-from vmmu.server.rpc.errors import SERVICE_PREFIX
-from vmmu.server.rpc.handlers import Continuation, rewrap
+from vmmu.server.rpc.auth import ServerTls, Tokens
+from vmmu.server.rpc.handlers import SERVICE_PREFIX, Behavior, BehaviorInterceptor
 
 __all__ = ["Metrics", "serve_metrics"]
 
@@ -44,13 +50,15 @@ FAULT_STATS = {"taken": "pf_taken", "fixed": "pf_fixed", "emulate": "pf_emulate"
                "spurious": "pf_spurious", "fast": "pf_fast", "retry": "pf_retry"}
 EXIT_STATS = {"ept_violation": "ept_violations", "ept_misconfig": "ept_misconfigs",
               "mmio": "mmio_exits"}
+REQUEST_TIMEOUT_S = 10.0      # a scraper has this long to send its request's head
 
 
-class Metrics(grpc.aio.ServerInterceptor):
+class Metrics(BehaviorInterceptor):
     """The registry of one server; as its first interceptor, it times every vmmu.v1 RPC
     (refusals by the interceptors after it included) and records how it ended."""
 
     def __init__(self, kvm: Kvm) -> None:
+        super().__init__()
         self.registry = CollectorRegistry()
         self.rpcs = Counter("vmmu_rpcs", "RPCs ended, by method and status code",
                             ["method", "code"], registry=self.registry)
@@ -61,7 +69,6 @@ class Metrics(grpc.aio.ServerInterceptor):
                                   "RPCs refused RESOURCE_EXHAUSTED (a limit)", ["method"],
                                   registry=self.registry)
         self.registry.register(_ModelCollector(kvm))
-        self._timed: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def record(self, method: str, code: StatusCode, seconds: float) -> None:
         self.rpcs.labels(method, code.name).inc()
@@ -69,20 +76,8 @@ class Metrics(grpc.aio.ServerInterceptor):
         if code is StatusCode.RESOURCE_EXHAUSTED:
             self.rejections.labels(method).inc()
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        handler = await continuation(handler_call_details)
-        if handler is None or not method.startswith(SERVICE_PREFIX):
-            return handler
-        cached = self._timed.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        name = method.removeprefix(SERVICE_PREFIX)
-        timed = rewrap(handler, lambda behavior: _timed(behavior, self, name))
-        self._timed[method] = (handler, timed)
-        return timed
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        return _timed(behavior, self, method.removeprefix(SERVICE_PREFIX))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -174,26 +169,47 @@ def _by_kind(name: str, documentation: str, kinds: dict[str, str],
     return family
 
 
-async def serve_metrics(address: str, metrics: Metrics) -> asyncio.Server:
+async def serve_metrics(address: str, metrics: Metrics, tls: ServerTls | None = None,
+                        tokens: Tokens | None = None) -> asyncio.Server:
     """Answer `GET /metrics` (any path) over HTTP/1.0 on `address` ("host:port", port 0
-    picks one), on the running loop."""
+    picks one), on the running loop; over HTTPS if `tls` is given; with `tokens`, only to
+    a request whose `Authorization: Bearer` names one of them."""
     host, port = address.rsplit(":", 1)
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await reader.readuntil(b"\r\n\r\n")
-            if request.startswith(b"GET "):
-                body = metrics.exposition()
-                head = (f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
-                        f"Content-Length: {len(body)}\r\n\r\n").encode()
-            else:
-                body = b"only GET\n"
-                head = b"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 9\r\n\r\n"
-            writer.write(head + body)
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                request = await reader.readuntil(b"\r\n\r\n")
+            writer.write(_response(request, metrics, tokens))
             await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass                                    # a scraper that went away, or junk
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                ConnectionError):
+            pass                        # a scraper that went away, was too slow, or junk
         finally:
             writer.close()
 
-    return await asyncio.start_server(answer, host.strip("[]"), int(port))
+    return await asyncio.start_server(answer, host.strip("[]"), int(port),
+                                      ssl=tls.ssl_context() if tls is not None else None)
+
+
+def _response(request: bytes, metrics: Metrics, tokens: Tokens | None) -> bytes:
+    """The whole HTTP response to `request` (its head)."""
+    if not request.startswith(b"GET "):
+        return _plain("405 Method Not Allowed", "only GET\n")
+    if tokens is not None:
+        headers = [line.decode("latin-1").partition(":")
+                   for line in request.split(b"\r\n")[1:] if b":" in line]
+        sent = [("authorization", value.strip()) for name, _, value in headers
+                if name.strip().lower() == "authorization"]
+        if tokens.identity(sent) is None:
+            return _plain("401 Unauthorized", "a known token is required: send "
+                          "'Authorization: Bearer <token>'\n",
+                          'WWW-Authenticate: Bearer realm="vmmu"\r\n')
+    body = metrics.exposition()
+    return (f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def _plain(status: str, text: str, headers: str = "") -> bytes:
+    return (f"HTTP/1.0 {status}\r\nContent-Type: text/plain\r\n{headers}"
+            f"Content-Length: {len(text)}\r\n\r\n{text}").encode()

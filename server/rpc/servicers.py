@@ -1,7 +1,7 @@
 """The gRPC servicers of vmmu.v1: each method converts, makes one model call, converts.
 
-Servicers hold no state but the `Kvm` they adapt, take no locks and make no decisions;
-model errors rise through them to `errors.ErrorInterceptor`.
+Servicers hold no state but the `Kvm` they adapt (and the vCPU runs' `RunQueue`), take no
+locks and make no decisions; model errors rise through them to `errors.ErrorInterceptor`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from vmmu.server.rpc.errors import refusable
 from vmmu.server.rpc.explore import ExploreServicer
 from vmmu.server.rpc.gpc import GpcServicer
 from vmmu.server.rpc.guest_memfd import GuestMemfdServicer
+from vmmu.server.rpc.runqueue import RunQueue
 from vmmu.v1 import (dirty_log_pb2, dirty_log_pb2_grpc, explore_pb2, explore_pb2_grpc, gpc_pb2,
                      gpc_pb2_grpc, guest_memfd_pb2, guest_memfd_pb2_grpc,
                      host_memory_pb2, host_memory_pb2_grpc,
@@ -191,6 +192,10 @@ class MemslotServicer(_Servicer, memslot_pb2_grpc.MemslotServiceServicer):
 
 
 class VcpuServicer(_Servicer, vcpu_pb2_grpc.VcpuServiceServicer):
+    def __init__(self, kvm: Kvm) -> None:
+        super().__init__(kvm)
+        self.run_queue = RunQueue()       # RunBatch calls and Run steps start in turn
+
     async def CreateVcpu(self, request: vcpu_pb2.CreateVcpuRequest, context: Context
                          ) -> vcpu_pb2.CreateVcpuResponse:
         vcpu = self._vm(request).create_vcpu(request.vcpu_id)
@@ -224,6 +229,7 @@ class VcpuServicer(_Servicer, vcpu_pb2_grpc.VcpuServiceServicer):
 
     async def _run_step(self, request: vcpu_pb2.RunRequest | vcpu_pb2.RunBatchRequest,
                         pending: dict[Vcpu, Exit] | None = None) -> RunResult:
+        await self.run_queue.admit()
         vcpu = self._vcpu(request)
         result = await vcpu.run(**convert.run_step(request, vcpu.vm.config.gpa_bits))
         if pending is not None and result.exit.reason is ExitReason.MMIO:
