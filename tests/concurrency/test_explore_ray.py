@@ -1,9 +1,11 @@
-"""Exploration as Ray tasks on a local Ray cluster gives the sequential explorer's answer.
+"""Exploration and `vmmu scale`'s sweeps as Ray tasks on a local Ray cluster give the
+sequential explorer's answer and one process's rows.
 
-The cluster is started here with two CPUs; with `VMMU_EXPLORE_CRASH` set when it starts,
+The cluster is started here with two CPUs; with `VMMU_POOL_CRASH` set when it starts,
 its workers exit abruptly on seed DOOMED, which no other test runs.
 """
 
+import asyncio
 import os
 
 import pytest
@@ -50,3 +52,9 @@ async def test_a_seed_whose_ray_worker_dies_is_reported_not_clean(cluster):
     found = last.first_violation
     assert found is not None and found.seed == DOOMED and found.oracle == WORKER_DIED
     assert "Ray lost" in found.violation and last.workers_lost >= ATTEMPTS
+
+
+async def test_scale_sweeps_as_ray_tasks_give_the_rows_of_one_process(cluster):
+    from test_scale_pool import fanned_out, one_process
+    alone = await asyncio.to_thread(one_process)
+    assert await fanned_out(1, ray="") == (alone, 0)
