@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import threading
 from typing import Any
 
 from vmmu.server.kvm.errors import KvmError
@@ -35,32 +36,48 @@ MAX_BATCH = 256          # fewer, longer tasks than for local processes: docs/sc
 
 
 class _Connection:
-    """This process's Ray: who opened it, for which address, how many pools use it."""
+    """This process's Ray: who opened it, for which address, how many pools use it.
+    Changed under `lock`, in threads (ray.init may take seconds: not in the loop)."""
 
+    lock = threading.Lock()
     address: str | None = None
     users = 0
     ours = False
 
 
 def _connect(address: str, cpus: int) -> None:
-    if _Connection.users:
-        if address != _Connection.address:
+    with _Connection.lock:
+        if _Connection.users and address != _Connection.address:
             raise KvmError(errno.EBUSY, f"Ray is connected to "
                            f"{_Connection.address or 'a local cluster'} in this process; "
                            f"{address or 'a local cluster'} must wait until it is closed")
-    elif not ray.is_initialized():
-        try:
-            if address:
-                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-            else:
-                ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR",
-                         log_to_driver=False)
-        except ConnectionError as unreachable:
-            raise KvmError(errno.ECONNREFUSED, f"no Ray cluster at {address}: "
-                           f"{unreachable}") from None
-        _Connection.ours = True
-    _Connection.address = address
-    _Connection.users += 1
+        if ray.is_initialized() and not _Connection.ours:
+            here = ray.get_runtime_context().gcs_address
+            if address not in ("", "auto", here):
+                raise KvmError(errno.EBUSY, f"Ray is connected to {here} in this process, "
+                               f"not to {address}")
+        elif not _Connection.users:
+            try:
+                if address:
+                    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+                else:
+                    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR",
+                             log_to_driver=False)
+            except ConnectionError as unreachable:
+                raise KvmError(errno.ECONNREFUSED, f"no Ray cluster at {address}: "
+                               f"{unreachable}") from None
+            _Connection.ours = True
+        _Connection.address = address
+        _Connection.users += 1
+
+
+def _disconnect() -> None:
+    with _Connection.lock:
+        _Connection.users -= 1
+        if _Connection.users == 0:
+            if _Connection.ours:
+                ray.shutdown()
+            _Connection.address, _Connection.ours = None, False
 
 
 class RayPool(Pool):
@@ -69,10 +86,15 @@ class RayPool(Pool):
     chunks_per_lane = CHUNKS_PER_LANE
     max_batch = MAX_BATCH
 
-    def __init__(self, address: str, cpus: int) -> None:
-        _connect(address, cpus)
+    def __init__(self) -> None:
+        """Use `open`: a pool is made once this process is connected."""
         self.lanes = TASKS_PER_CPU * max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._task = ray.remote(num_cpus=1, max_retries=0)(run_call)
+
+    @classmethod
+    async def open(cls, address: str, cpus: int) -> RayPool:
+        await asyncio.to_thread(_connect, address, cpus)
+        return cls()
 
     async def run(self, lane: int, call: Call) -> Any:
         ref = self._task.remote(call)
@@ -85,8 +107,4 @@ class RayPool(Pool):
             raise
 
     async def close(self) -> None:
-        _Connection.users -= 1
-        if _Connection.users == 0:
-            if _Connection.ours:
-                ray.shutdown()
-            _Connection.address, _Connection.ours = None, False
+        await asyncio.to_thread(_disconnect)

@@ -43,7 +43,7 @@ from typing import Any, Protocol, TypeVar
 from vmmu.server.kvm.errors import KvmError, einval
 
 __all__ = ["ATTEMPTS", "CRASH_HOOK", "MAX_WORKERS", "RAY_INSTALL", "Call", "Jobs", "Pool", "Plan",
-           "RayMissing", "WorkerDied", "check_options", "default_workers", "drive", "open_pool", "run_call"]
+           "RayMissing", "WorkerDied", "check_options", "default_workers", "drive", "open_pool", "ray_option", "run_call"]
 
 ATTEMPTS = 3                 # deaths of a job's worker before it is reported
 MAX_WORKERS = 64
@@ -315,6 +315,13 @@ def check_options(workers: int, ray: str | None) -> None:
                      field="ray_address")
 
 
+def ray_option(use_ray: bool, address: str) -> str | None:
+    """`open_pool`'s `ray` from a request's two fields: None without Ray."""
+    if address and not use_ray:
+        raise einval(f"a Ray address ({address}) without Ray", field="ray_address")
+    return address if use_ray else None
+
+
 @asynccontextmanager
 async def open_pool(workers: int = 1, ray: str | None = None) -> AsyncIterator[Pool]:
     """`workers` local processes (1: this process), or with `ray` Ray tasks on the
@@ -323,7 +330,7 @@ async def open_pool(workers: int = 1, ray: str | None = None) -> AsyncIterator[P
     check_options(workers, ray)
     if ray is not None:
         from vmmu.server.explore_ray import RayPool    # imports ray
-        pool: Pool = RayPool(ray, workers)
+        pool: Pool = await RayPool.open(ray, workers)
     elif workers == 1:
         pool = _InProcess()
     else:
