@@ -17,10 +17,10 @@ from vmmu.client.sync import Client, InvalidationHold, RunStream, TraceStream, V
 from vmmu.client.types import (KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
                                KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_INTERNAL_ERROR_EMULATION,
                                KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Backing, ClientTls,
-                               DirtyGfn,
+                               DirtyGfn, Exploration,
                                Exit, ExitReason, Gpc, GpcState, HeldInvalidation, HoldState,
-                               HostRegion, Invalidations, Memslot, Protection, RunResult, Spte,
-                               TraceEvent, VcpuInfo, VmConfig, VmInfo)
+                               HostRegion, Invalidations, Memslot, Protection, RunResult,
+                               SeedOutcome, Spte, TraceEvent, VcpuInfo, VmConfig, VmInfo)
 
 __all__ = [
     "Client", "Vm", "Vcpu", "RunStream", "InvalidationHold", "TraceStream",
@@ -35,5 +35,5 @@ __all__ = [
     "KVM_INTERNAL_ERROR_EMULATION", "Backing", "ExitReason", "Protection",
     "VmConfig", "VmInfo", "Spte", "HostRegion", "Memslot", "VcpuInfo", "Exit", "RunResult",
     "HoldState", "HeldInvalidation", "Invalidations", "TraceEvent", "GpcState", "Gpc",
-    "DirtyGfn",
+    "DirtyGfn", "SeedOutcome", "Exploration",
 ]

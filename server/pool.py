@@ -42,8 +42,9 @@ from typing import Any, Protocol, TypeVar
 
 from vmmu.server.kvm.errors import KvmError, einval
 
-__all__ = ["ATTEMPTS", "CRASH_HOOK", "MAX_WORKERS", "RAY_INSTALL", "Call", "Jobs", "Pool", "Plan",
-           "RayMissing", "WorkerDied", "check_options", "default_workers", "drive", "open_pool", "ray_option", "run_call"]
+__all__ = ["ATTEMPTS", "CRASH_HOOK", "MAX_WORKERS", "RAY_INSTALL", "Call", "Jobs", "Pool",
+           "Plan", "RayMissing", "WorkerDied", "check_options", "default_workers", "drive",
+           "open_pool", "ray_option", "run_call"]
 
 ATTEMPTS = 3                 # deaths of a job's worker before it is reported
 MAX_WORKERS = 64
