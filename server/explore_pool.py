@@ -15,9 +15,9 @@ seed's outcome, oracle `worker-died`. Every death is counted (`workers_lost`).
     async with open_workers(workers=4) as pool:               # or ray="" / ray="ADDR"
         async for step in pool.explore_steps("tlb_vs_zap", 10_000, knobs): ...
 
-The chunks are calls on a pool (server/pool.py): worker processes or Ray tasks, which
-also retry nothing themselves; one worker is the model's own in-process explorer. The
-pool's crash hook (`CRASH_HOOK`) takes a seed here.
+The chunks are calls on a pool (server/pool.py): worker processes or Ray tasks; the
+`Plan`, not the pool, decides what a dead worker's chunk becomes. One worker is the
+model's own in-process explorer. The pool's crash hook (`CRASH_HOOK`) takes a seed here.
 """
 
 from __future__ import annotations
