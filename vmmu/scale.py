@@ -1,9 +1,11 @@
 """`vmmu scale`: the seeds' claims about cost under concurrency, measured in virtual time.
 
-Each sweep runs the model in-process on VMs in virtual time (server/kvm/clock.py) and
-yields one result per configuration: a dict of plain numbers, the same for the same seed
-and cost table on any machine (no wall time in it). docs/virtual-time.md says what each
-sweep asks and what it found.
+Each sweep is a list of configurations, each one run of the model on a VM in virtual time
+(server/kvm/clock.py) whose result is a dict of plain numbers, the same for the same seed
+and cost table on any machine (no wall time in it); the sweep's rows are made from the
+results in order. So the configurations can run anywhere, in any order: here
+(`run_sweep`) or fanned out on worker processes or Ray (`sweeps`), with the same rows.
+docs/virtual-time.md says what each sweep asks and what it found.
 
     seed002   demand faults of 1..256 vCPUs, each faulting its own memory, under three
               designs: faults under the read lock with RCU freeing, under the write lock,
@@ -351,6 +353,11 @@ def _rows_as_they_are(sweep: str) -> Callable[[list[Config], list[dict]], Iterat
     return rows
 
 
+async def _invalidate_and_refault_by_name(range_bytes: int, backing: str,
+                                          *args) -> dict:
+    return await invalidate_and_refault(range_bytes, Backing[backing], *args)
+
+
 @dataclass(frozen=True)
 class Sweep:
     """A sweep's configurations (for its options, seed and cost table) and its rows
@@ -371,7 +378,8 @@ SWEEPS: dict[str, Sweep] = {
 MEASURES: dict[str, Callable[..., Awaitable[dict]]] = {
     "demand_faults": demand_faults, "huge_over_tables": huge_over_tables,
     "gpc_refresh_latency": gpc_refresh_latency, "faults_while_aging": faults_while_aging,
-    "invalidate_and_refault": invalidate_and_refault, "dirty_logging": dirty_logging,
+    "invalidate_and_refault": _invalidate_and_refault_by_name,
+    "dirty_logging": dirty_logging,
 }
 
 
@@ -389,8 +397,6 @@ class Config:
 
 def run_config(measure: str, args: list) -> dict:
     """A configuration's result, in a fresh event loop (a worker's call)."""
-    args = [Backing[a] if measure == "invalidate_and_refault" and i == 1 else a
-            for i, a in enumerate(args)]
     return asyncio.run(MEASURES[measure](*args))
 
 
