@@ -14,7 +14,9 @@ pool's own cost is also measured in CPU time: seeds per CPU-second of the driver
 workers against one process's (`explore_scale.processes_cpu`; `scaling_if_cores_free` is
 K times that ratio). The machine's own answer is measured alongside, in every run: bare
 busy loops in K processes against one (`explore_scale.bare_loops`); the pool cannot scale
-better than that.
+better than that, and `explore_scale.processes_of_machine` is the pool's wall-clock
+scaling over the bare loops' in the same run (1.0: all the machine gave). Every line
+carries the CPUs this process may use (`affinity`), whether autogroup is on, and the load.
 
 One JSON line per result: `value` the median, `baseline_value` the baseline's median,
 `ratio` the median of the per-run ratios (each against the baseline of the same run).
@@ -54,10 +56,22 @@ def emit_loaded(name: str, value: float, unit: str, baseline: str | None = None,
          load=[round(x, 2) for x in os.getloadavg()])
 
 
+def machine() -> dict:
+    """What the machine gives this run: the CPUs this process may use, whether the
+    scheduler groups a session's processes (autogroup), and the load when it starts."""
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            autogroup = f.read().strip() == "1"
+    except OSError:
+        autogroup = None
+    return {"cores": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
+            "autogroup": autogroup, "load_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
 def cpu_seconds(pool) -> float:
     """CPU time of this process and of the pool's worker processes (Ray's: not counted)."""
     ticks = 0
-    for proc in getattr(pool, "_procs", {}).values():
+    for proc in getattr(pool.pool, "_procs", {}).values():
         with open(f"/proc/{proc.pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
         ticks += int(fields[11]) + int(fields[12])                   # utime, stime
@@ -117,7 +131,7 @@ async def ray_task_cost(cpus: int) -> tuple[float, float, float]:
 async def main(runs: int, seeds: int, workers: int, use_ray: bool) -> None:
     from contextlib import AsyncExitStack
     shared = {"scenario": SCENARIO, "seeds": seeds, "workers": workers, "runs": runs,
-              "cores": os.cpu_count()}
+              **machine()}
     for name in sorted(SCENARIOS):
         begun, cpu = time.perf_counter(), time.process_time()
         await explore(name, PER_SEED_SEEDS, frozenset(), 20_000_000)
@@ -159,6 +173,9 @@ async def main(runs: int, seeds: int, workers: int, use_ray: bool) -> None:
         emit_loaded("explore_scale.processes_cpu", statistics.median(per_cpu["processes"]),
                     "seeds/cpu-s", "one_process", statistics.median(per_cpu["one_process"]),
                     ratio=efficiency, samples=[round(r, 2) for r in per_cpu["processes"]],
+                    cpu_ms_per_seed=round(1e3 / statistics.median(per_cpu["processes"]), 3),
+                    one_process_cpu_ms_per_seed=round(
+                        1e3 / statistics.median(per_cpu["one_process"]), 3),
                     scaling_if_cores_free=round(workers * efficiency, 2), **shared)
         emit_loaded("explore_scale.one_process", statistics.median(one), "seeds/s",
                     samples=[round(r, 2) for r in one], **shared)
@@ -170,6 +187,11 @@ async def main(runs: int, seeds: int, workers: int, use_ray: bool) -> None:
                             ratio=statistics.median(r / b for r, b in zip(rates[mode], one)),
                             target=target, samples=[round(r, 2) for r in rates[mode]],
                             **shared)
+        emit_loaded("explore_scale.processes_of_machine", statistics.median(
+            r / b / loop for r, b, loop in zip(rates["processes"], one, loops)),
+            "x bare loops' ratio", samples=[round(r / b / loop, 2) for r, b, loop
+                                            in zip(rates["processes"], one, loops)],
+            **shared)
         if "ray" in pools:
             emit_loaded("explore_scale.ray_batch1", statistics.median(rates["ray_batch1"]),
                         "seeds/s", "ray", statistics.median(rates["ray"]),

@@ -8,16 +8,24 @@ the simulator's own lines (kind "simulator") are wall-clock measurements:
 - `events_per_s`: simulated events (preemption points passed, each a step of the
   simulation) per wall second at 1 and 256 vCPUs, and the actor switches among them;
 - `scale_256`: 256 vCPUs x 4096 demand faults each, wall seconds; target <= 60;
-- `deterministic`: a sweep run twice gives byte-identical JSON.
+- `deterministic`: a sweep run twice gives byte-identical JSON;
+- `fanned_out`: the sweeps' configurations on K worker processes (or Ray) against one
+  process, wall seconds of each and whether their JSON is byte-identical.
+
+The sweeps' own lines run on `--workers K` processes (default: this machine's cores) or
+`--ray [ADDRESS]`, as `vmmu scale` does.
 
     python benchmarks/scaling.py [--quick] [--runs N] [--sweeps seed002,...] [--plot DIR]
+                                 [--workers K] [--ray [ADDRESS]]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
+import os
 import statistics
 import sys
 import time
@@ -29,6 +37,7 @@ if __package__ in (None, ""):
 from benchmarks.report import row  # noqa: E402
 from vmmu.scale import QUICK, SWEEPS, demand_faults, run_sweep  # noqa: E402
 from vmmu.server.kvm import AccessBatch, AccessKind, Backing, Kvm, VmConfig  # noqa: E402
+from vmmu.server.pool import default_workers  # noqa: E402
 
 PAGE = 4096
 
@@ -89,6 +98,22 @@ def determinism(quick: bool) -> None:
          met=once == twice)
 
 
+def fanned_out(names: list[str], quick: bool, workers: int, ray: str | None) -> None:
+    from vmmu.scale import main as sweeps
+    lines, wall = {}, {}
+    for mode, pool in (("one_process", dict(workers=1)),
+                       ("fanned_out", dict(workers=workers, ray=ray))):
+        out = io.StringIO()
+        start = time.perf_counter()
+        sweeps(names, quick=quick, out=out, **pool)
+        wall[mode], lines[mode] = time.perf_counter() - start, out.getvalue()
+    same = lines["one_process"] == lines["fanned_out"]
+    row(kind="simulator", result="fanned_out", sweeps=names, workers=workers, ray=ray,
+         wall_s=round(wall["fanned_out"], 2), one_process_wall_s=round(wall["one_process"], 2),
+         ratio=round(wall["one_process"] / wall["fanned_out"], 3),
+         load=[round(x, 2) for x in os.getloadavg()], identical=same, met=same)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,11 +123,14 @@ def main() -> int:
     parser.add_argument("--no-simulator", action="store_true",
                         help="only the sweeps, no wall-clock measurements")
     parser.add_argument("--plot", metavar="DIR", help="write PNG charts there")
+    parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS")
     args = parser.parse_args()
     names = [n for n in args.sweeps.split(",") if n]
     from vmmu.scale import main as sweeps
-    sweeps(names, quick=args.quick, plot=args.plot)
+    sweeps(names, quick=args.quick, plot=args.plot, workers=args.workers, ray=args.ray)
     if not args.no_simulator:
+        fanned_out(names, args.quick, args.workers, args.ray)
         virtual_vs_wall(args.runs, 256 if args.quick else 2048)
         simulator_speed(256 if args.quick else 4096, 16 if args.quick else 256)
         determinism(args.quick)

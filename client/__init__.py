@@ -19,10 +19,10 @@ from vmmu.client.types import (KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_WI
                                KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_MEM_GUEST_MEMFD,
                                KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_EXIT_FLAG_PRIVATE,
                                FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Backing, ClientTls,
-                               DirtyGfn, GuestMemfd, GuestMemfdBinding,
+                               DirtyGfn, Exploration, GuestMemfd, GuestMemfdBinding,
                                Exit, ExitReason, Gpc, GpcState, HeldInvalidation, HoldState,
-                               HostRegion, Invalidations, Memslot, Protection, RunResult, Spte,
-                               TraceEvent, VcpuInfo, VmConfig, VmInfo)
+                               HostRegion, Invalidations, Memslot, Protection, RunResult,
+                               SeedOutcome, Spte, TraceEvent, VcpuInfo, VmConfig, VmInfo)
 
 __all__ = [
     "Client", "Vm", "Vcpu", "RunStream", "InvalidationHold", "TraceStream",
@@ -39,5 +39,5 @@ __all__ = [
     "HoldState", "HeldInvalidation", "Invalidations", "TraceEvent", "GpcState", "Gpc",
     "DirtyGfn", "KVM_MEM_GUEST_MEMFD", "KVM_MEMORY_ATTRIBUTE_PRIVATE",
     "KVM_MEMORY_EXIT_FLAG_PRIVATE", "FALLOC_FL_KEEP_SIZE", "FALLOC_FL_PUNCH_HOLE",
-    "GuestMemfd", "GuestMemfdBinding",
+    "GuestMemfd", "GuestMemfdBinding", "SeedOutcome", "Exploration",
 ]

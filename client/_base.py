@@ -17,12 +17,14 @@ from google.protobuf import duration_pb2
 
 from vmmu.client.batch import Batch
 from vmmu.client.errors import step_error
-from vmmu.client.types import (Backing, ClientTls, Exit, ExitReason, HeldInvalidation, HoldState,
-                               HostRegion, Invalidations, Memslot, Protection, RunResult, Spte,
-                               TraceEvent, VcpuInfo, VmConfig, VmInfo)
-from vmmu.v1 import (dirty_log_pb2_grpc, gpc_pb2_grpc, guest_memfd_pb2_grpc, host_memory_pb2,
-                     host_memory_pb2_grpc, memslot_pb2, memslot_pb2_grpc, notifier_pb2, notifier_pb2_grpc,
-                     trace_pb2, trace_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc, vm_pb2, vm_pb2_grpc)
+from vmmu.client.types import (Backing, ClientTls, Exit, ExitReason, Exploration,
+                               HeldInvalidation, HoldState, HostRegion, Invalidations, Memslot,
+                               Protection, RunResult, SeedOutcome, Spte, TraceEvent, VcpuInfo,
+                               VmConfig, VmInfo)
+from vmmu.v1 import (dirty_log_pb2_grpc, explore_pb2, explore_pb2_grpc, gpc_pb2_grpc,
+                     guest_memfd_pb2_grpc, host_memory_pb2, host_memory_pb2_grpc, memslot_pb2,
+                     memslot_pb2_grpc, notifier_pb2, notifier_pb2_grpc, trace_pb2,
+                     trace_pb2_grpc, vcpu_pb2, vcpu_pb2_grpc, vm_pb2, vm_pb2_grpc)
 
 __all__ = ["Call", "Stubs", "CHANNEL_OPTIONS", "channel_credentials"]
 
@@ -103,6 +105,7 @@ class Stubs:
         self.gpc = gpc_pb2_grpc.GpcServiceStub(channel)
         self.dirty_log = dirty_log_pb2_grpc.DirtyLogServiceStub(channel)
         self.guest_memfd = guest_memfd_pb2_grpc.GuestMemfdServiceStub(channel)
+        self.explore = explore_pb2_grpc.ExploreServiceStub(channel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,3 +472,21 @@ def trace_event(m: trace_pb2.TraceEvent) -> TraceEvent:
                               for name, value in m.fields.items()},
                       dropped_before=m.dropped_before,
                       virtual_ns=m.virtual_ns if m.HasField("virtual_ns") else None)
+
+
+def explore_request(scenario: str, seeds: int, knobs: Iterable[str], first_seed: int,
+                    workers: int, ray: str | None) -> explore_pb2.ExploreRequest:
+    """`ray`: None for the server's processes, "" for a local Ray cluster, else the
+    address of the Ray cluster to run the seeds on."""
+    return explore_pb2.ExploreRequest(scenario=scenario, seeds=seeds, knobs=list(knobs),
+                                      first_seed=first_seed, workers=workers,
+                                      ray=ray is not None, ray_address=ray or "")
+
+
+def exploration(m: explore_pb2.ExploreResponse) -> Exploration:
+    v = m.first_violation
+    return Exploration(seeds_run=m.seeds_run, workers_lost=m.workers_lost,
+                       first_violation=SeedOutcome(seed=v.seed, violation=v.violation,
+                                                   oracle=v.oracle, gfn=v.gfn, trace=v.trace,
+                                                   points=v.points)
+                       if m.HasField("first_violation") else None)

@@ -22,9 +22,9 @@ import grpc
 from vmmu.client import _base, _clock, _dirty_log, _gpc, _guest_memfd
 from vmmu.client.batch import Batch
 from vmmu.client.errors import VmmuError, error_from_rpc, error_from_status
-from vmmu.client.types import (Backing, ClientTls, DirtyGfn, Gpc, GuestMemfd, HeldInvalidation,
-                               HostRegion, Invalidations, Memslot, Protection, RunResult, Spte,
-                               TraceEvent, VcpuInfo, VmInfo)
+from vmmu.client.types import (Backing, ClientTls, DirtyGfn, Exploration, Gpc, GuestMemfd,
+                               HeldInvalidation, HostRegion, Invalidations, Memslot, Protection,
+                               RunResult, Spte, TraceEvent, VcpuInfo, VmInfo)
 
 __all__ = ["AsyncClient", "AsyncVm", "AsyncVcpu", "AsyncRunStream", "AsyncInvalidationHold",
            "AsyncTraceStream"]
@@ -114,6 +114,20 @@ class AsyncClient:
         call = self._stubs.trace.Trace(_base.trace_request(vm_ids, events, capacity))
         await _read(call)                       # no event: the subscription is live
         return AsyncTraceStream(call)
+
+    async def explore(self, scenario: str, seeds: int, *, knobs: Iterable[str] = (),
+                      first_seed: int = 0, workers: int = 1,
+                      ray: str | None = None) -> Exploration:
+        """Run a race scenario under `seeds` schedule seeds on the server, with the
+        protections `knobs` switched off: on `workers` of its processes, or with `ray`
+        as Ray tasks ("": a local cluster of `workers` CPUs, else a cluster's address)."""
+        request = _base.explore_request(scenario, seeds, knobs, first_seed, workers, ray)
+        try:
+            async for reply in self._stubs.explore.Explore(request):
+                last = reply
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return _base.exploration(last)
 
 
 class AsyncVm:

@@ -24,9 +24,9 @@ import grpc
 from vmmu.client import _base, _clock, _dirty_log, _gpc, _guest_memfd
 from vmmu.client.batch import Batch
 from vmmu.client.errors import VmmuError, error_from_rpc
-from vmmu.client.types import (Backing, ClientTls, DirtyGfn, Gpc, GuestMemfd, HeldInvalidation,
-                               HostRegion, Invalidations, Memslot, Protection, RunResult, Spte,
-                               TraceEvent, VcpuInfo, VmInfo)
+from vmmu.client.types import (Backing, ClientTls, DirtyGfn, Exploration, Gpc, GuestMemfd,
+                               HeldInvalidation, HostRegion, Invalidations, Memslot, Protection,
+                               RunResult, Spte, TraceEvent, VcpuInfo, VmInfo)
 
 __all__ = ["Client", "Vm", "Vcpu", "RunStream", "InvalidationHold", "TraceStream"]
 
@@ -111,6 +111,18 @@ class Client:
         """Subscribe to trace events of `vm_ids` (empty: every VM, later ones included),
         filtered by name (empty: all); returns once the subscription is live."""
         return TraceStream(self._stubs, _base.trace_request(vm_ids, events, capacity))
+
+    def explore(self, scenario: str, seeds: int, *, knobs: Iterable[str] = (),
+                first_seed: int = 0, workers: int = 1, ray: str | None = None) -> Exploration:
+        """Run a race scenario under `seeds` schedule seeds on the server, with the
+        protections `knobs` switched off: on `workers` of its processes, or with `ray`
+        as Ray tasks ("": a local cluster of `workers` CPUs, else a cluster's address)."""
+        request = _base.explore_request(scenario, seeds, knobs, first_seed, workers, ray)
+        try:
+            *_, last = self._stubs.explore.Explore(request)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return _base.exploration(last)
 
 
 class Vm:

@@ -307,6 +307,28 @@ class Gpc:
 
 
 @dataclass(frozen=True, slots=True)
+class SeedOutcome:
+    """What one seed of an exploration found: the oracle that fired and its report."""
+
+    seed: int
+    violation: str
+    oracle: str
+    gfn: int
+    trace: str
+    points: int
+
+
+@dataclass(frozen=True, slots=True)
+class Exploration:
+    """An exploration's result: the seeds run (up to the lowest violating one), that
+    seed's outcome or None if every seed passed, and the workers that died meanwhile."""
+
+    seeds_run: int
+    first_violation: SeedOutcome | None
+    workers_lost: int
+
+
+@dataclass(frozen=True, slots=True)
 class DirtyGfn:
     """One dirty ring entry: page `offset` (in pages from the slot's first gfn) of memslot
     `slot` (`as_id << 16 | id`)."""

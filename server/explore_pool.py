@@ -15,55 +15,29 @@ seed's outcome, oracle `worker-died`. Every death is counted (`workers_lost`).
     async with open_workers(workers=4) as pool:               # or ray="" / ray="ADDR"
         async for step in pool.explore_steps("tlb_vs_zap", 10_000, knobs): ...
 
-Workers are `python -m vmmu.server.explore_pool` processes speaking JSON lines on
-stdin/stdout (exec'd, never forked: a gRPC server must not fork), or Ray tasks; Ray is
-imported only when asked for. One worker is the model's own in-process explorer.
-
-Test hook: with `VMMU_EXPLORE_CRASH=SEED` in its environment, a worker exits abruptly
-(status 70) when handed a chunk that holds SEED; with `SEED:MARKER` only while the file
-MARKER does not exist (it creates it first), so that it dies once.
+The chunks are calls on a pool (server/pool.py): worker processes or Ray tasks; the
+`Plan`, not the pool, decides what a dead worker's chunk becomes. One worker is the
+model's own in-process explorer. The pool's crash hook (`CRASH_HOOK`) takes a seed here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
-import json
-import os
-import sys
-import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 
 from vmmu.server.kvm import explore as model
-from vmmu.server.kvm.errors import einval
 from vmmu.server.kvm.explore import ExploreResult, ExploreStep, Outcome
+from vmmu.server.pool import (ATTEMPTS, CRASH_HOOK, MAX_WORKERS, RAY_INSTALL, Call, Pool,
+                              RayMissing, WorkerDied, default_workers, drive, open_pool)
 
-__all__ = ["ATTEMPTS", "MAX_WORKERS", "Chunk", "Plan", "RayMissing", "WorkerDied",
-           "default_workers", "open_workers", "explore_steps", "run_chunk"]
+__all__ = ["ATTEMPTS", "CRASH_HOOK", "MAX_WORKERS", "RAY_INSTALL", "WORKER_DIED", "Chunk",
+           "Plan", "RayMissing", "WorkerDied", "Workers", "default_workers", "open_workers",
+           "explore_steps", "run_chunk"]
 
-ATTEMPTS = 3                 # deaths of a single seed's worker before it is a finding
-MAX_WORKERS = 64
-MAX_BATCH = 32               # seeds per chunk: ~1 s of work, a task's overhead amortized
-CRASH_HOOK = "VMMU_EXPLORE_CRASH"
-CRASH_STATUS = 70
 WORKER_DIED = "worker-died"
-RAY_INSTALL = "pip install 'vmmu[ray]'"
-
-
-class WorkerDied(Exception):
-    """The worker running a chunk went away before answering."""
-
-
-class RayMissing(RuntimeError):
-    """Ray was asked for and is not installed."""
-
-
-def default_workers() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
 
 
 @dataclass(frozen=True, order=True)
@@ -76,22 +50,7 @@ class Chunk:
 
 def run_chunk(scenario: str, knobs: frozenset[str], chunk: Chunk) -> ExploreResult:
     """A worker's body: the model's explorer over one chunk, in a loop of its own."""
-    _crash_hook(chunk)
     return asyncio.run(model.explore(scenario, chunk.count, knobs, chunk.first))
-
-
-def _crash_hook(chunk: Chunk) -> None:
-    hook = os.environ.get(CRASH_HOOK)
-    if not hook:
-        return
-    seed, _, marker = hook.partition(":")
-    if not chunk.first <= int(seed) < chunk.first + chunk.count:
-        return
-    if marker:
-        if os.path.exists(marker):
-            return
-        open(marker, "w").close()
-    os._exit(CRASH_STATUS)
 
 
 @dataclass
@@ -183,22 +142,17 @@ class Plan:
 
 
 class Workers:
-    """Lanes that each run one chunk at a time; subclasses say where a chunk runs."""
+    """An exploration's seeds on a pool (server/pool.py): the in-process pool runs the
+    model's explorer in this loop, the others run chunks of seeds as calls."""
 
-    lanes: int
-    chunks_per_lane = 8
-    max_batch = MAX_BATCH
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.lanes = pool.lanes
 
     def batch(self, seeds: int) -> int:
         """Seeds per chunk: several chunks per lane, to keep every lane busy to the end."""
-        return max(1, min(self.max_batch, seeds // (self.lanes * self.chunks_per_lane)))
-
-    async def run(self, lane: int, scenario: str, knobs: frozenset[str],
-                  chunk: Chunk) -> ExploreResult:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        raise NotImplementedError
+        pool = self.pool
+        return max(1, min(pool.max_batch, seeds // (pool.lanes * pool.chunks_per_lane)))
 
     async def explore_steps(self, name: str, seeds: int, knobs: frozenset[str] = frozenset(),
                             first_seed: int = 0, every: int = 0,
@@ -206,152 +160,47 @@ class Workers:
         """As the model's `explore_steps`: progress every `every` seeds done (in any
         order), then the last step with the lowest violating seed."""
         model.check(name, seeds, knobs)
+        if self.pool.lanes == 1:                 # this process: seed by seed, this loop
+            async for step in model.explore_steps(name, seeds, knobs, first_seed, every):
+                yield step
+            return
         plan = Plan(first_seed, seeds, batch or self.batch(seeds))
-        free = list(range(self.lanes))
-        running: dict[asyncio.Task, tuple[int, Chunk]] = {}
-        finished: asyncio.Queue[asyncio.Task] = asyncio.Queue()
+        ordered = sorted(knobs)
         reported = 0
-        try:
-            while True:
-                while free and (chunk := plan.take()) is not None:
-                    lane = free.pop()
-                    task = asyncio.create_task(self.run(lane, name, knobs, chunk))
-                    task.add_done_callback(finished.put_nowait)
-                    running[task] = lane, chunk
-                if plan.over():
-                    break
-                done = [await finished.get()]
-                while not finished.empty():
-                    done.append(finished.get_nowait())
-                for task in done:
-                    lane, chunk = running.pop(task)
-                    free.append(lane)
-                    try:
-                        plan.finish(chunk, task.result())
-                    except WorkerDied as died:
-                        plan.died(chunk, str(died))
-                if every and plan.seeds_done // every > reported and not plan.over():
-                    reported = plan.seeds_done // every
-                    yield ExploreStep(plan.seeds_done, False, None, plan.workers_lost)
-        finally:
-            for task in running:              # chunks beyond the lowest violation
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+
+        def call(chunk: Chunk) -> Call:
+            return Call(f"{__name__}:run_chunk_encoded", (name, ordered, chunk.first,
+                                                          chunk.count),
+                        (chunk.first, chunk.count))
+
+        async for _ in drive(self.pool, plan, call, lambda reply: _decode(name, knobs, reply)):
+            if every and plan.seeds_done // every > reported:
+                reported = plan.seeds_done // every
+                yield ExploreStep(plan.seeds_done, False, None, plan.workers_lost)
         yield plan.last_step()
 
 
-class _InProcess(Workers):
-    """One worker: the model's explorer in this process and this loop."""
-
-    lanes = 1
-
-    async def explore_steps(self, name: str, seeds: int, knobs: frozenset[str] = frozenset(),
-                            first_seed: int = 0, every: int = 0,
-                            batch: int = 0) -> AsyncIterator[ExploreStep]:
-        async for step in model.explore_steps(name, seeds, knobs, first_seed, every):
-            yield step
-
-    async def close(self) -> None:
-        pass
-
-
-def _encode(result: ExploreResult) -> str:
+def run_chunk_encoded(scenario: str, knobs: list[str], first: int, count: int) -> dict:
+    """A worker's call: `run_chunk`, its result as JSON values."""
+    result = run_chunk(scenario, frozenset(knobs), Chunk(first, count))
     found = result.first_violation
-    return json.dumps({"seeds_run": result.seeds_run,
-                       "first_violation": None if found is None else asdict(found)})
+    return {"seeds_run": result.seeds_run,
+            "first_violation": None if found is None else asdict(found)}
 
 
-class _Processes(Workers):
-    """`lanes` worker processes, each started on first use and again after it died."""
-
-    def __init__(self, lanes: int) -> None:
-        self.lanes = lanes
-        self._procs: dict[int, asyncio.subprocess.Process] = {}
-        self._gone: list[asyncio.subprocess.Process] = []
-
-    async def _proc(self, lane: int) -> asyncio.subprocess.Process:
-        proc = self._procs.get(lane)
-        if proc is None or proc.returncode is not None:
-            proc = self._procs[lane] = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", __name__, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, limit=1 << 24)
-        return proc
-
-    async def run(self, lane: int, scenario: str, knobs: frozenset[str],
-                  chunk: Chunk) -> ExploreResult:
-        request = {"scenario": scenario, "knobs": sorted(knobs), "first": chunk.first,
-                   "count": chunk.count}
-        try:
-            proc = await self._proc(lane)
-            proc.stdin.write(json.dumps(request).encode() + b"\n")
-            await proc.stdin.drain()
-            line = await proc.stdout.readline()
-        except (BrokenPipeError, ConnectionResetError):
-            line = b""
-        except asyncio.CancelledError:        # its seeds are no longer wanted
-            self._stop(lane)
-            raise
-        if not line:
-            status = await proc.wait()
-            del self._procs[lane]
-            raise WorkerDied(f"worker process {proc.pid} exited with status {status}")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(f"seeds {chunk.first}..{chunk.first + chunk.count - 1} of "
-                               f"{scenario} failed in a worker:\n{reply['error']}")
-        found = reply["first_violation"]
-        return ExploreResult(scenario, knobs, reply["seeds_run"],
-                             None if found is None else Outcome(**found))
-
-    def _stop(self, lane: int) -> None:
-        proc = self._procs.pop(lane, None)
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            self._gone.append(proc)
-
-    async def close(self) -> None:
-        for proc in self._procs.values():
-            proc.stdin.close()               # end of requests: the worker returns
-        self._gone.extend(self._procs.values())
-        self._procs.clear()
-        await asyncio.gather(*(proc.wait() for proc in self._gone))
-        self._gone.clear()
-
-
-def _serve_chunks() -> None:
-    """A worker process: one JSON request per line on stdin, one reply per line."""
-    replies = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)                            # anything else printed goes to stderr
-    for line in sys.stdin:
-        request = json.loads(line)
-        chunk = Chunk(request["first"], request["count"])
-        try:
-            reply = _encode(run_chunk(request["scenario"], frozenset(request["knobs"]),
-                                      chunk))
-        except Exception:
-            reply = json.dumps({"error": traceback.format_exc()})
-        replies.write(reply + "\n")
-        replies.flush()
+def _decode(scenario: str, knobs: frozenset[str], reply: dict) -> ExploreResult:
+    found = reply["first_violation"]
+    return ExploreResult(scenario, knobs, reply["seeds_run"],
+                         None if found is None else Outcome(**found))
 
 
 @asynccontextmanager
 async def open_workers(workers: int = 1, ray: str | None = None) -> AsyncIterator[Workers]:
     """Workers for explorations: `workers` local processes (1: this process), or with
     `ray` Ray tasks on the cluster at that address ("" for a local cluster of `workers`
-    CPUs; a Ray already initialized in this process is used as it is)."""
-    if not 1 <= workers <= MAX_WORKERS:
-        raise einval(f"workers {workers} is not in 1..{MAX_WORKERS}")
-    if ray is not None:
-        from vmmu.server.explore_ray import RayWorkers   # imports ray
-        pool: Workers = RayWorkers(ray, workers)
-    elif workers == 1:
-        pool = _InProcess()
-    else:
-        pool = _Processes(workers)
-    try:
-        yield pool
-    finally:
-        await pool.close()
+    CPUs); see `pool.open_pool`."""
+    async with open_pool(workers, ray) as pool:
+        yield Workers(pool)
 
 
 async def explore_steps(name: str, seeds: int, knobs: frozenset[str] = frozenset(),
@@ -363,6 +212,3 @@ async def explore_steps(name: str, seeds: int, knobs: frozenset[str] = frozenset
         async for step in pool.explore_steps(name, seeds, knobs, first_seed, every):
             yield step
 
-
-if __name__ == "__main__":
-    _serve_chunks()

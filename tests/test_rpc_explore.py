@@ -1,6 +1,8 @@
 """ExploreService over a real server: scenarios, progress, the first violation, errors,
 and the same answer from worker processes."""
 
+import sys
+
 import grpc
 import pytest
 
@@ -40,13 +42,38 @@ async def test_clean_exploration_reports_every_seed(explorer):
 @pytest.mark.parametrize("request_fields,reason", [
     ({"scenario": "nope", "seeds": 1}, "unknown scenario"),
     ({"scenario": "tlb_vs_zap", "seeds": 0}, "seeds 0"),
-    ({"scenario": "tlb_vs_zap", "seeds": 1, "knobs": ["bogus"]}, "unknown debug knobs")])
+    ({"scenario": "tlb_vs_zap", "seeds": 1, "knobs": ["bogus"]}, "unknown debug knobs"),
+    ({"scenario": "tlb_vs_zap", "seeds": 1, "ray": True, "ray_address": "10.0.0.1"},
+     "Ray address '10.0.0.1' is not HOST:PORT"),
+    ({"scenario": "tlb_vs_zap", "seeds": 1, "ray": True, "ray_address": "h:99999"},
+     "is not HOST:PORT"),
+    ({"scenario": "tlb_vs_zap", "seeds": 1, "ray_address": "10.0.0.1:6379"},
+     "a Ray address (10.0.0.1:6379) without Ray"),
+    ({"scenario": "tlb_vs_zap", "seeds": 1, "ray": True, "ray_address": "10.0.0.1:6379",
+      "workers": 2}, "the Ray cluster's CPUs set the parallelism")])
 async def test_bad_requests_get_invalid_argument(explorer, request_fields, reason):
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         async for _ in explorer.Explore(explore_pb2.ExploreRequest(**request_fields)):
             pass
     assert failed.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert reason in failed.value.details()
+    assert not ray_connected()                        # nothing was started
+
+
+def ray_connected() -> bool:
+    explore_ray = sys.modules.get("vmmu.server.explore_ray")
+    return explore_ray is not None and explore_ray._Connection.users > 0
+
+
+async def test_ray_missing_on_the_server_is_failed_precondition(explorer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)         # import ray fails
+    monkeypatch.delitem(sys.modules, "vmmu.server.explore_ray", raising=False)
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        async for _ in explorer.Explore(explore_pb2.ExploreRequest(
+                scenario="tlb_vs_zap", seeds=1, ray=True)):
+            pass
+    assert failed.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "Ray is not installed: pip install 'vmmu[ray]'" in failed.value.details()
 
 
 @pytest.mark.parametrize("request_fields", [

@@ -10,6 +10,7 @@
                 [--workers K] [--ray [ADDRESS]]   on K processes, or as Ray tasks
     vmmu explore --all --seeds N       every scenario with and without each knob, a table
     vmmu scale [SWEEP ...] [--quick]   the seeds' sweeps in virtual time, as JSON lines
+                [--workers K] [--ray [ADDRESS]]   on K processes, or as Ray tasks
     vmmu calibrate [--out FILE]        measure the cost table on the host's /dev/kvm
 
 A subcommand is a `_add_<name>(subparsers)` that declares its arguments and sets
@@ -153,7 +154,9 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 
 def scale(args: argparse.Namespace) -> int:
     """Run the seeds' sweeps on VMs in virtual time: one JSON line per result, the same
-    for the same seed and cost table on any machine."""
+    for the same seed and cost table on any machine, and whatever the parallelism (the
+    sweeps' configurations run on local worker processes or Ray tasks); exit 1 if a
+    configuration's worker died again and again."""
     from vmmu.scale import SWEEPS, main as run_scale
     from vmmu.server.kvm.costs import load_cost_file
     unknown = [name for name in args.sweep if name not in SWEEPS]
@@ -161,9 +164,10 @@ def scale(args: argparse.Namespace) -> int:
         print(f"vmmu scale: unknown sweeps {unknown}; known: {', '.join(SWEEPS)}",
               file=sys.stderr)
         return 2
-    costs = load_cost_file(args.costs) if args.costs else None
-    return run_scale(args.sweep or list(SWEEPS), quick=args.quick, costs=costs,
-                     seed=args.seed, plot=args.plot)
+    return _refusing("vmmu scale", lambda: run_scale(
+        args.sweep or list(SWEEPS), quick=args.quick,
+        costs=load_cost_file(args.costs) if args.costs else None, seed=args.seed,
+        plot=args.plot, workers=_workers(args), ray=args.ray))
 
 
 def _add_scale(subparsers: argparse._SubParsersAction) -> None:
@@ -176,7 +180,44 @@ def _add_scale(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--costs", metavar="FILE", help="a cost file (vmmu calibrate)")
     parser.add_argument("--plot", metavar="DIR", help="also write PNG charts there "
                         "(needs vmmu[plot])")
+    _add_parallelism(parser, "configurations")
     parser.set_defaults(run=scale)
+
+
+def _add_parallelism(parser: argparse.ArgumentParser, units: str) -> None:
+    from vmmu.server.pool import RAY_INSTALL
+    parser.add_argument("--workers", type=int, metavar="K",
+                        help="local worker processes, or the CPUs of the local Ray cluster "
+                             "(default: this machine's cores)")
+    parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                        help=f"run the {units} as Ray tasks on the cluster at ADDRESS "
+                             f"(HOST:PORT, ray://HOST:PORT or auto; a local cluster "
+                             f"without it); needs Ray: {RAY_INSTALL}")
+
+
+def _workers(args: argparse.Namespace) -> int:
+    """--workers, else the machine's cores (a Ray cluster at an address has its own)."""
+    from vmmu.server.pool import default_workers
+    if args.workers is not None:
+        return args.workers
+    return 1 if args.ray else default_workers()
+
+
+def _refusing(command: str, run: Callable[[], int]) -> int:
+    """run(), or exit status 2 with the reason it was refused (1: a worker kept dying)."""
+    from vmmu.server.kvm.errors import KvmError
+    from vmmu.server.pool import RAY_INSTALL, RayMissing, WorkerDied
+    try:
+        return run()
+    except RayMissing:
+        print(f"{command}: --ray needs Ray, an optional extra: {RAY_INSTALL}",
+              file=sys.stderr)
+    except KvmError as refused:
+        print(f"{command}: {refused.reason}", file=sys.stderr)
+    except WorkerDied as died:
+        print(f"{command}: {died}", file=sys.stderr)
+        return 1
+    return 2
 
 
 def explore(args: argparse.Namespace) -> int:
@@ -186,16 +227,15 @@ def explore(args: argparse.Namespace) -> int:
     protection on and with each knob off, as a table; exit 1 if a scenario violates with
     every protection on."""
     from vmmu.explore_cli import run_explore, run_explore_all
-    from vmmu.server.explore_pool import default_workers
-    workers = default_workers() if args.workers is None else args.workers
     if args.all:
-        return run_explore_all(args.seeds, args.first_seed, workers, args.ray)
-    return run_explore(args.scenario, args.seeds, frozenset(args.knob), args.first_seed,
-                       workers, args.ray)
+        return _refusing("vmmu explore", lambda: run_explore_all(
+            args.seeds, args.first_seed, _workers(args), args.ray))
+    return _refusing("vmmu explore", lambda: run_explore(
+        args.scenario, args.seeds, frozenset(args.knob), args.first_seed, _workers(args),
+        args.ray))
 
 
 def _add_explore(subparsers: argparse._SubParsersAction) -> None:
-    from vmmu.server.explore_pool import RAY_INSTALL
     from vmmu.server.kvm.explore import SCENARIOS
     from vmmu.server.kvm.vm import DEBUG_KNOBS
     parser = subparsers.add_parser("explore", help="explore a race scenario's schedules",
@@ -208,12 +248,7 @@ def _add_explore(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0)")
     parser.add_argument("--knob", action="append", default=[], choices=sorted(DEBUG_KNOBS),
                         help="switch a protection off (repeatable)")
-    parser.add_argument("--workers", type=int, metavar="K",
-                        help="local worker processes, or the CPUs of the local Ray cluster "
-                             "(default: this machine's cores)")
-    parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                        help="run the seeds as Ray tasks on the cluster at ADDRESS (a local "
-                             f"cluster without it); needs Ray: {RAY_INSTALL}")
+    _add_parallelism(parser, "seeds")
     parser.set_defaults(run=explore, check=functools.partial(_check_explore, parser))
 
 
@@ -222,9 +257,6 @@ def _check_explore(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error("explore: give a scenario or --all")
     if args.all and args.knob:
         parser.error("explore: --all switches every knob off in turn; --knob is not for it")
-    if args.ray and args.workers:
-        parser.error("explore: the Ray cluster's CPUs set the parallelism; --workers is for "
-                     "local processes or a local Ray cluster")
 
 
 def calibrate(args: argparse.Namespace) -> int:

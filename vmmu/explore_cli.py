@@ -11,8 +11,7 @@ import asyncio
 import sys
 import time
 
-from vmmu.server.explore_pool import RAY_INSTALL, RayMissing, open_workers
-from vmmu.server.kvm.errors import KvmError
+from vmmu.server.explore_pool import open_workers
 from vmmu.server.kvm.explore import SCENARIOS, ExploreStep
 from vmmu.server.kvm.vm import DEBUG_KNOBS
 
@@ -107,25 +106,14 @@ def _cell(step: ExploreStep) -> str:
     return "clean" if step.first_violation is None else f"seed {step.first_violation.seed}"
 
 
-def _main(explorations) -> int:
-    try:
-        return asyncio.run(explorations)
-    except RayMissing:
-        print(f"vmmu explore: --ray needs Ray, an optional extra: {RAY_INSTALL}",
-              file=sys.stderr)
-    except KvmError as refused:
-        print(f"vmmu explore: {refused.reason}", file=sys.stderr)
-    return 2
-
-
 def run_explore(scenario: str, seeds: int, knobs: frozenset[str], first_seed: int = 0,
                 workers: int = 1, ray: str | None = None) -> int:
     """One exploration; exit status 1 if a seed violated."""
-    return _main(_explore(scenario, seeds, knobs, first_seed, workers, ray))
+    return asyncio.run(_explore(scenario, seeds, knobs, first_seed, workers, ray))
 
 
 def run_explore_all(seeds: int, first_seed: int = 0, workers: int = 1,
                     ray: str | None = None) -> int:
     """Every scenario with every protection on and with each knob off; exit status 1 if
     a scenario violated with every protection on."""
-    return _main(_explore_all(seeds, first_seed, workers, ray))
+    return asyncio.run(_explore_all(seeds, first_seed, workers, ray))

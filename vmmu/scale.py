@@ -1,9 +1,11 @@
 """`vmmu scale`: the seeds' claims about cost under concurrency, measured in virtual time.
 
-Each sweep runs the model in-process on VMs in virtual time (server/kvm/clock.py) and
-yields one result per configuration: a dict of plain numbers, the same for the same seed
-and cost table on any machine (no wall time in it). docs/virtual-time.md says what each
-sweep asks and what it found.
+Each sweep is a list of configurations, each one run of the model on a VM in virtual time
+(server/kvm/clock.py) whose result is a dict of plain numbers, the same for the same seed
+and cost table on any machine (no wall time in it); the sweep's rows are made from the
+results in order. So the configurations can run anywhere, in any order: here
+(`run_sweep`) or fanned out on worker processes or Ray (`sweeps`), with the same rows.
+docs/virtual-time.md says what each sweep asks and what it found.
 
     seed002   demand faults of 1..256 vCPUs, each faulting its own memory, under four
               designs: faults under the read lock with RCU freeing, under the write lock,
@@ -22,16 +24,18 @@ sweep asks and what it found.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import statistics
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from vmmu.server.kvm import (AccessBatch, AccessKind, Backing, Kvm, Vm, VmConfig,
                              KVM_MEM_LOG_DIRTY_PAGES)
+from vmmu.server.pool import Call, Jobs, drive, open_pool
 
-__all__ = ["SWEEPS", "run_sweep", "main"]
+__all__ = ["SWEEPS", "Config", "run_sweep", "sweeps", "main"]
 
 PAGE = 4096
 MIB = 1 << 20
@@ -140,18 +144,27 @@ async def huge_over_tables(vcpus: int, hugepages: int, design: str, seed: int = 
     return out
 
 
-async def seed002(max_vcpus: int = 256, pages: int = 4096, hugepages: int = 8,
-                  seed: int = 0, costs: dict | None = None) -> Iterator[dict]:
+def seed002(max_vcpus: int = 256, pages: int = 4096, hugepages: int = 8, seed: int = 0,
+            costs: dict | None = None) -> list[Config]:
     counts = [1 << k for k in range(max_vcpus.bit_length()) if 1 << k <= max_vcpus]
-    for workload, measure, size in (("demand_4k", demand_faults, pages),
-                                    ("huge_over_tables", huge_over_tables, hugepages)):
-        for design in FAULT_DESIGNS:
-            one = None
-            for n in counts:
-                r = await measure(n, size, design, seed, costs)
-                one = one or r["faults_per_s"]
-                r["efficiency"] = round(r["faults_per_s"] / (n * one), 4)
-                yield dict(sweep="seed002", workload=workload, **r)
+    return [Config(measure, (n, size, design, seed, costs))
+            for measure, size in (("demand_faults", pages), ("huge_over_tables", hugepages))
+            for design in FAULT_DESIGNS for n in counts]
+
+
+def seed002_rows(configs: list[Config], results: list[dict]) -> Iterator[dict]:
+    """Each result with its efficiency: per vCPU, against the first (fewest vCPUs) of the
+    same workload and design."""
+    one: dict[tuple[str, str], int] = {}
+    for config, r in zip(configs, results):
+        workload = WORKLOADS[config.measure]
+        one.setdefault((workload, r["design"]), r["faults_per_s"])
+        r = dict(r, efficiency=round(r["faults_per_s"] /
+                                     (r["vcpus"] * one[workload, r["design"]]), 4))
+        yield dict(sweep="seed002", workload=workload, **r)
+
+
+WORKLOADS = {"demand_faults": "demand_4k", "huge_over_tables": "huge_over_tables"}
 
 
 # -- seed 003: GPC refresh against an invalidation storm -----------------------------
@@ -206,12 +219,10 @@ async def gpc_refresh_latency(invalidators: int, policy: str, refreshes: int = 4
     return out
 
 
-async def seed003(max_invalidators: int = 8, refreshes: int = 40, seed: int = 0,
-                  costs: dict | None = None) -> Iterator[dict]:
-    for policy in ("global", "range"):
-        for k in range(max_invalidators + 1):
-            yield dict(sweep="seed003", **await gpc_refresh_latency(k, policy, refreshes,
-                                                                    seed, costs))
+def seed003(max_invalidators: int = 8, refreshes: int = 40, seed: int = 0,
+            costs: dict | None = None) -> list[Config]:
+    return [Config("gpc_refresh_latency", (k, policy, refreshes, seed, costs))
+            for policy in ("global", "range") for k in range(max_invalidators + 1)]
 
 
 # -- seed 000: faults while aging sweeps ---------------------------------------------
@@ -256,11 +267,10 @@ async def faults_while_aging(aging_lock: str, vcpus: int = 64, faults: int = 64,
     return out
 
 
-async def seed000(vcpus: int = 64, faults: int = 64, sweep: int = 1 << 30, seed: int = 0,
-                  costs: dict | None = None) -> Iterator[dict]:
-    for aging_lock in ("none", "read", "write"):
-        yield dict(sweep="seed000", **await faults_while_aging(aging_lock, vcpus, faults,
-                                                               sweep, seed, costs))
+def seed000(vcpus: int = 64, faults: int = 64, sweep: int = 1 << 30, seed: int = 0,
+            costs: dict | None = None) -> list[Config]:
+    return [Config("faults_while_aging", (aging_lock, vcpus, faults, sweep, seed, costs))
+            for aging_lock in ("none", "read", "write")]
 
 
 # -- seed 001: what an invalidation zaps, leaf-only or not ---------------------------
@@ -294,14 +304,13 @@ async def invalidate_and_refault(range_bytes: int, backing: Backing, leafs_only:
     return out
 
 
-async def seed001(working_set: int = 1 << 30, seed: int = 0,
-                  costs: dict | None = None) -> Iterator[dict]:
+def seed001(working_set: int = 1 << 30, seed: int = 0,
+            costs: dict | None = None) -> list[Config]:
     ranges = [r for r in (4096, 64 * 1024, 2 * MIB, 64 * MIB, 1 << 30) if r <= working_set]
-    for backing in (Backing.PAGE_4K, Backing.THP):
-        for range_bytes in ranges:
-            for leafs_only in (True, False):
-                yield dict(sweep="seed001", **await invalidate_and_refault(
-                    range_bytes, backing, leafs_only, working_set, seed, costs))
+    return [Config("invalidate_and_refault",
+                   (range_bytes, backing.name, leafs_only, working_set, seed, costs))
+            for backing in (Backing.PAGE_4K, Backing.THP) for range_bytes in ranges
+            for leafs_only in (True, False)]
 
 
 # -- seed 004: the dirty-logging workload, fast page fault on and off ----------------
@@ -324,42 +333,129 @@ async def dirty_logging(size: int, fast_page_fault: bool, seed: int = 0,
     return out
 
 
-async def seed004(size: int = 256 * MIB, seed: int = 0,
-                  costs: dict | None = None) -> Iterator[dict]:
-    on = await dirty_logging(size, True, seed, costs)
-    off = await dirty_logging(size, False, seed, costs)
-    yield dict(sweep="seed004", size=size, on_ns_per_page=on["second_pass_ns_per_page"],
+def seed004(size: int = 256 * MIB, seed: int = 0,
+            costs: dict | None = None) -> list[Config]:
+    return [Config("dirty_logging", (size, fast_page_fault, seed, costs))
+            for fast_page_fault in (True, False)]
+
+
+def seed004_rows(configs: list[Config], results: list[dict]) -> Iterator[dict]:
+    """One row: the second pass with the fast page fault on against off."""
+    on, off = results
+    yield dict(sweep="seed004", size=on["size"], on_ns_per_page=on["second_pass_ns_per_page"],
                off_ns_per_page=off["second_pass_ns_per_page"],
                ratio=round(on["second_pass_ns_per_page"] / off["second_pass_ns_per_page"], 4),
                seed_ratio=round(196 / 532, 4),
                first_pass_ns_per_page=on["first_pass_ns_per_page"])
 
 
-SWEEPS: dict[str, Callable[..., Iterator[dict]]] = {
-    "seed002": seed002, "seed003": seed003, "seed000": seed000, "seed001": seed001,
-    "seed004": seed004,
+def _rows_as_they_are(sweep: str) -> Callable[[list[Config], list[dict]], Iterator[dict]]:
+    def rows(configs: list[Config], results: list[dict]) -> Iterator[dict]:
+        return (dict(sweep=sweep, **r) for r in results)
+    return rows
+
+
+async def _invalidate_and_refault_by_name(range_bytes: int, backing: str,
+                                          *args) -> dict:
+    return await invalidate_and_refault(range_bytes, Backing[backing], *args)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A sweep's configurations (for its options, seed and cost table) and its rows
+    (from the configurations' results, in the configurations' order)."""
+
+    configs: Callable[..., list[Config]]
+    rows: Callable[[list[Config], list[dict]], Iterator[dict]]
+
+
+SWEEPS: dict[str, Sweep] = {
+    "seed002": Sweep(seed002, seed002_rows),
+    "seed003": Sweep(seed003, _rows_as_they_are("seed003")),
+    "seed000": Sweep(seed000, _rows_as_they_are("seed000")),
+    "seed001": Sweep(seed001, _rows_as_they_are("seed001")),
+    "seed004": Sweep(seed004, seed004_rows),
+}
+
+MEASURES: dict[str, Callable[..., Awaitable[dict]]] = {
+    "demand_faults": demand_faults, "huge_over_tables": huge_over_tables,
+    "gpc_refresh_latency": gpc_refresh_latency, "faults_while_aging": faults_while_aging,
+    "invalidate_and_refault": _invalidate_and_refault_by_name,
+    "dirty_logging": dirty_logging,
 }
 
 
-async def _collect(name: str, **options) -> list[dict]:
-    return [r async for r in SWEEPS[name](**options)]
+@dataclass(frozen=True)
+class Config:
+    """One run of a sweep: a measure (MEASURES) and its arguments, JSON values (a
+    backing by its name): what a worker process or a Ray task is handed."""
+
+    measure: str
+    args: tuple
+
+    def call(self, number: int) -> Call:
+        return Call(f"{__name__}:run_config", (self.measure, self.args), (number, 1))
+
+
+def run_config(measure: str, args: list) -> dict:
+    """A configuration's result, in a fresh event loop (a worker's call)."""
+    return asyncio.run(MEASURES[measure](*args))
 
 
 def run_sweep(name: str, **options) -> list[dict]:
-    """The results of one sweep (SWEEPS), in a fresh event loop."""
-    return asyncio.run(_collect(name, **options))
+    """The results of one sweep (SWEEPS), here, one configuration after another."""
+    sweep = SWEEPS[name]
+    configs = sweep.configs(**options)
+    return list(sweep.rows(configs, [run_config(c.measure, c.args) for c in configs]))
+
+
+async def sweeps(names: list[str], options: dict[str, dict], workers: int = 1,
+                 ray: str | None = None) -> AsyncIterator[tuple[str, list[dict], int]]:
+    """Each sweep's rows, in the order of `names`, as soon as it and the sweeps before it
+    are done, with the workers lost so far; the configurations of all of them run on the
+    pool (`pool.open_pool`), so the rows are those of `run_sweep` whatever the
+    parallelism. Raises WorkerDied if a configuration's worker died ATTEMPTS times."""
+    configs = [SWEEPS[name].configs(**options[name]) for name in names]
+    ends = list(itertools.accumulate(map(len, configs)))
+    calls = [config.call(number) for number, config in enumerate(itertools.chain(*configs))]
+    plan = Jobs(len(calls))
+    shown = 0
+
+    def rows(i: int) -> tuple[str, list[dict], int]:
+        results = plan.results[ends[i] - len(configs[i]):ends[i]]
+        return names[i], list(SWEEPS[names[i]].rows(configs[i], results)), plan.workers_lost
+
+    async with open_pool(workers, ray) as pool:
+        async for _ in drive(pool, plan, calls.__getitem__):
+            while shown < len(names) and plan.done_prefix() >= ends[shown]:
+                yield rows(shown)
+                shown += 1
+    plan.raise_if_failed(lambda job: "{}{}".format(*calls[job].args))
+    for i in range(shown, len(names)):
+        yield rows(i)
 
 
 def main(names: list[str], quick: bool = False, costs: dict | None = None, seed: int = 0,
-         plot: str | None = None, out=sys.stdout) -> int:
-    """Print each result as a JSON line; with `plot`, write a PNG per sweep there."""
-    options = QUICK if quick else {}
+         plot: str | None = None, out=sys.stdout, workers: int = 1,
+         ray: str | None = None) -> int:
+    """Print each result as a JSON line, a sweep at a time in the order of `names`; with
+    `plot`, write a PNG per sweep there. The configurations run on `workers` local
+    processes or Ray (`sweeps`); the lines do not depend on it."""
+    size = QUICK if quick else {}
+    options = {name: dict(seed=seed, costs=costs, **size.get(name, {})) for name in names}
     results: dict[str, list[dict]] = {}
-    for name in names:
-        results[name] = []
-        for r in run_sweep(name, seed=seed, costs=costs, **options.get(name, {})):
-            results[name].append(r)
-            print(json.dumps(r, sort_keys=True), file=out, flush=True)
+
+    async def show() -> int:
+        lost = 0
+        async for name, rows, lost in sweeps(names, options, workers, ray):
+            results[name] = rows
+            for r in rows:
+                print(json.dumps(r, sort_keys=True), file=out, flush=True)
+        return lost
+
+    lost = asyncio.run(show())
+    if lost:
+        print(f"{lost} worker(s) died; their configurations ran again", file=sys.stderr)
     if plot:
         from vmmu.scale_plot import plot_results
         for path in plot_results(results, plot):

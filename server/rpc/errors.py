@@ -60,6 +60,7 @@ STATUS_BY_ERRNO: dict[int, StatusCode] = {
     errno.EOPNOTSUPP: StatusCode.FAILED_PRECONDITION,   # virtual time asked of a wall VM
     errno.EPERM: StatusCode.PERMISSION_DENIED,
     errno.EINTR: StatusCode.ABORTED,
+    errno.ECONNREFUSED: StatusCode.UNAVAILABLE,     # a Ray cluster that cannot be reached
     errno.EIO: StatusCode.INTERNAL,     # the VM is dead: an earlier call broke an invariant
 }
 

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from vmmu.server import explore_pool
+from vmmu.server import explore_pool, pool
 from vmmu.server.kvm import explore
 from vmmu.server.kvm.limits import Limits
 from vmmu.v1 import explore_pb2, explore_pb2_grpc
@@ -39,7 +39,8 @@ class ExploreServicer(explore_pb2_grpc.ExploreServiceServicer):
         self.limits.check("explore_seeds", request.seeds, f"{request.seeds} seeds")
         async for step in explore_pool.explore_steps(
                 request.scenario, request.seeds, frozenset(request.knobs), request.first_seed,
-                request.progress_every, workers=max(1, request.workers)):
+                request.progress_every, workers=max(1, request.workers),
+                ray=pool.ray_option(request.ray, request.ray_address)):
             yield explore_pb2.ExploreResponse(seeds_run=step.seeds_run, done=step.done,
                                               first_violation=_outcome(step.first_violation),
                                               workers_lost=step.workers_lost)

@@ -7,7 +7,7 @@ worker always dies is reported, never counted as clean.
 
 import pytest
 
-from vmmu.server import explore_pool
+from vmmu.server import explore_pool, pool
 from vmmu.server.explore_pool import (ATTEMPTS, CRASH_HOOK, WORKER_DIED, Chunk, Plan,
                                       explore_steps, open_workers)
 from vmmu.server.kvm.errors import KvmError
@@ -98,7 +98,7 @@ async def test_a_seed_whose_worker_always_dies_is_reported_not_clean(monkeypatch
     last = await last_step("tlb_vs_zap", 12, workers=2)
     found = last.first_violation
     assert found is not None and found.seed == 7 and found.oracle == WORKER_DIED
-    assert f"status {explore_pool.CRASH_STATUS}" in found.violation
+    assert f"status {pool.CRASH_STATUS}" in found.violation
     assert last.workers_lost >= ATTEMPTS and last.seeds_run == 8
 
 

@@ -1,9 +1,11 @@
-"""Exploration as Ray tasks on a local Ray cluster gives the sequential explorer's answer.
+"""Exploration and `vmmu scale`'s sweeps as Ray tasks on a local Ray cluster give the
+sequential explorer's answer and one process's rows.
 
-The cluster is started here with two CPUs; with `VMMU_EXPLORE_CRASH` set when it starts,
+The cluster is started here with two CPUs; with `VMMU_POOL_CRASH` set when it starts,
 its workers exit abruptly on seed DOOMED, which no other test runs.
 """
 
+import asyncio
 import os
 
 import pytest
@@ -50,3 +52,27 @@ async def test_a_seed_whose_ray_worker_dies_is_reported_not_clean(cluster):
     found = last.first_violation
     assert found is not None and found.seed == DOOMED and found.oracle == WORKER_DIED
     assert "Ray lost" in found.violation and last.workers_lost >= ATTEMPTS
+
+
+async def test_scale_sweeps_as_ray_tasks_give_the_rows_of_one_process(cluster):
+    from test_scale_pool import fanned_out, one_process
+    alone = await asyncio.to_thread(one_process)
+    assert await fanned_out(1, ray="") == (alone, 0)
+
+
+async def test_the_rpc_runs_seeds_as_ray_tasks_with_the_server_process_answer(cluster,
+                                                                               server):
+    import grpc
+    from vmmu.v1 import explore_pb2, explore_pb2_grpc
+    request = dict(scenario="fast_pf_vs_invalidate", seeds=12, knobs=["fast_pf_plain_write"])
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        explorer = explore_pb2_grpc.ExploreServiceStub(channel)
+        alone = [r async for r in explorer.Explore(explore_pb2.ExploreRequest(**request))]
+        on_ray = [r async for r in explorer.Explore(explore_pb2.ExploreRequest(
+            **request, ray=True))]
+        with pytest.raises(grpc.aio.AioRpcError) as busy:     # Ray is the cluster's here
+            async for _ in explorer.Explore(explore_pb2.ExploreRequest(
+                    **request, ray=True, ray_address="10.0.0.1:6379")):
+                pass
+    assert on_ray[-1] == alone[-1] and alone[-1].first_violation.oracle
+    assert busy.value.code() is grpc.StatusCode.FAILED_PRECONDITION

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15vmmu/v1/explore.proto\x12\x07vmmu.v1\"8\n\x08Scenario\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\r\n\x05knobs\x18\x03 \x03(\t\"\x16\n\x14ListScenariosRequest\"=\n\x15ListScenariosResponse\x12$\n\tscenarios\x18\x01 \x03(\x0b\x32\x11.vmmu.v1.Scenario\"}\n\x0e\x45xploreRequest\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\r\n\x05seeds\x18\x02 \x01(\r\x12\x12\n\nfirst_seed\x18\x03 \x01(\x04\x12\r\n\x05knobs\x18\x04 \x03(\t\x12\x16\n\x0eprogress_every\x18\x05 \x01(\r\x12\x0f\n\x07workers\x18\x06 \x01(\r\"j\n\x0bSeedOutcome\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12\x11\n\tviolation\x18\x02 \x01(\t\x12\x0e\n\x06oracle\x18\x03 \x01(\t\x12\x0b\n\x03gfn\x18\x04 \x01(\x03\x12\r\n\x05trace\x18\x05 \x01(\t\x12\x0e\n\x06points\x18\x06 \x01(\x04\"w\n\x0f\x45xploreResponse\x12\x11\n\tseeds_run\x18\x01 \x01(\r\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12-\n\x0f\x66irst_violation\x18\x03 \x01(\x0b\x32\x14.vmmu.v1.SeedOutcome\x12\x14\n\x0cworkers_lost\x18\x04 \x01(\r2\xa0\x01\n\x0e\x45xploreService\x12N\n\rListScenarios\x12\x1d.vmmu.v1.ListScenariosRequest\x1a\x1e.vmmu.v1.ListScenariosResponse\x12>\n\x07\x45xplore\x12\x17.vmmu.v1.ExploreRequest\x1a\x18.vmmu.v1.ExploreResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15vmmu/v1/explore.proto\x12\x07vmmu.v1\"8\n\x08Scenario\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\r\n\x05knobs\x18\x03 \x03(\t\"\x16\n\x14ListScenariosRequest\"=\n\x15ListScenariosResponse\x12$\n\tscenarios\x18\x01 \x03(\x0b\x32\x11.vmmu.v1.Scenario\"\x9f\x01\n\x0e\x45xploreRequest\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\r\n\x05seeds\x18\x02 \x01(\r\x12\x12\n\nfirst_seed\x18\x03 \x01(\x04\x12\r\n\x05knobs\x18\x04 \x03(\t\x12\x16\n\x0eprogress_every\x18\x05 \x01(\r\x12\x0f\n\x07workers\x18\x06 \x01(\r\x12\x0b\n\x03ray\x18\x07 \x01(\x08\x12\x13\n\x0bray_address\x18\x08 \x01(\t\"j\n\x0bSeedOutcome\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12\x11\n\tviolation\x18\x02 \x01(\t\x12\x0e\n\x06oracle\x18\x03 \x01(\t\x12\x0b\n\x03gfn\x18\x04 \x01(\x03\x12\r\n\x05trace\x18\x05 \x01(\t\x12\x0e\n\x06points\x18\x06 \x01(\x04\"w\n\x0f\x45xploreResponse\x12\x11\n\tseeds_run\x18\x01 \x01(\r\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12-\n\x0f\x66irst_violation\x18\x03 \x01(\x0b\x32\x14.vmmu.v1.SeedOutcome\x12\x14\n\x0cworkers_lost\x18\x04 \x01(\r2\xa0\x01\n\x0e\x45xploreService\x12N\n\rListScenarios\x12\x1d.vmmu.v1.ListScenariosRequest\x1a\x1e.vmmu.v1.ListScenariosResponse\x12>\n\x07\x45xplore\x12\x17.vmmu.v1.ExploreRequest\x1a\x18.vmmu.v1.ExploreResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,12 +37,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTSCENARIOSREQUEST']._serialized_end=114
   _globals['_LISTSCENARIOSRESPONSE']._serialized_start=116
   _globals['_LISTSCENARIOSRESPONSE']._serialized_end=177
-  _globals['_EXPLOREREQUEST']._serialized_start=179
-  _globals['_EXPLOREREQUEST']._serialized_end=304
-  _globals['_SEEDOUTCOME']._serialized_start=306
-  _globals['_SEEDOUTCOME']._serialized_end=412
-  _globals['_EXPLORERESPONSE']._serialized_start=414
-  _globals['_EXPLORERESPONSE']._serialized_end=533
-  _globals['_EXPLORESERVICE']._serialized_start=536
-  _globals['_EXPLORESERVICE']._serialized_end=696
+  _globals['_EXPLOREREQUEST']._serialized_start=180
+  _globals['_EXPLOREREQUEST']._serialized_end=339
+  _globals['_SEEDOUTCOME']._serialized_start=341
+  _globals['_SEEDOUTCOME']._serialized_end=447
+  _globals['_EXPLORERESPONSE']._serialized_start=449
+  _globals['_EXPLORERESPONSE']._serialized_end=568
+  _globals['_EXPLORESERVICE']._serialized_start=571
+  _globals['_EXPLORESERVICE']._serialized_end=731
 # @@protoc_insertion_point(module_scope)

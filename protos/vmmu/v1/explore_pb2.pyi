@@ -27,20 +27,24 @@ class ListScenariosResponse(_message.Message):
     def __init__(self, scenarios: _Optional[_Iterable[_Union[Scenario, _Mapping]]] = ...) -> None: ...
 
 class ExploreRequest(_message.Message):
-    __slots__ = ("scenario", "seeds", "first_seed", "knobs", "progress_every", "workers")
+    __slots__ = ("scenario", "seeds", "first_seed", "knobs", "progress_every", "workers", "ray", "ray_address")
     SCENARIO_FIELD_NUMBER: _ClassVar[int]
     SEEDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_SEED_FIELD_NUMBER: _ClassVar[int]
     KNOBS_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_EVERY_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    RAY_FIELD_NUMBER: _ClassVar[int]
+    RAY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     scenario: str
     seeds: int
     first_seed: int
     knobs: _containers.RepeatedScalarFieldContainer[str]
     progress_every: int
     workers: int
-    def __init__(self, scenario: _Optional[str] = ..., seeds: _Optional[int] = ..., first_seed: _Optional[int] = ..., knobs: _Optional[_Iterable[str]] = ..., progress_every: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
+    ray: bool
+    ray_address: str
+    def __init__(self, scenario: _Optional[str] = ..., seeds: _Optional[int] = ..., first_seed: _Optional[int] = ..., knobs: _Optional[_Iterable[str]] = ..., progress_every: _Optional[int] = ..., workers: _Optional[int] = ..., ray: _Optional[bool] = ..., ray_address: _Optional[str] = ...) -> None: ...
 
 class SeedOutcome(_message.Message):
     __slots__ = ("seed", "violation", "oracle", "gfn", "trace", "points")

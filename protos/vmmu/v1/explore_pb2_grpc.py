@@ -61,9 +61,9 @@ class ExploreServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Explore(self, request, context):
-        """Runs the seeds (in order in the server's process, or on worker processes); streams
-        progress, then one message with the result: the lowest violating seed, whatever the
-        number of workers.
+        """Runs the seeds (in order in the server's process, on worker processes, or as Ray
+        tasks); streams progress, then one message with the result: the lowest violating
+        seed, whatever the number of workers.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
