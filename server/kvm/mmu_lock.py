@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from asyncio import current_task
 
-from .clock import DONE, VirtualClock, park, wake, woken
+from .clock import DONE, VirtualClock, park, wake
 
 __all__ = ["MmuLock", "LockStatistics", "LockAssertion"]
 
@@ -149,7 +149,7 @@ class MmuLock:
         self._waiters.append(entry)
         start = time.perf_counter_ns()
         try:
-            await woken(clock, actor, fut)
+            await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():    # granted, then cancelled: give it back
                 if mode == self.READ:
