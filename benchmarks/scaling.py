@@ -7,7 +7,8 @@ the simulator's own lines (kind "simulator") are wall-clock measurements:
   wall time and one in virtual time, interleaved run by run; target <= 1.5;
 - `events_per_s`: simulated events (preemption points passed, each a step of the
   simulation) per wall second at 1 and 256 vCPUs, and the actor switches among them;
-- `scale_256`: 256 vCPUs x 4096 demand faults each, wall seconds; target <= 60;
+- `scale_256`: 256 vCPUs x 4096 demand faults each, wall seconds; target <= 60 (with the
+  process's CPU seconds beside: on a shared machine wall time also counts others' work);
 - `deterministic`: a sweep run twice gives byte-identical JSON;
 - `fanned_out`: the sweeps' configurations on K worker processes (or Ray) against one
   process, wall seconds of each and whether their JSON is byte-identical.
@@ -72,22 +73,22 @@ def virtual_vs_wall(runs: int, pages: int) -> None:
          target=1.5, met=ratio <= 1.5)
 
 
-async def _events_per_s(vcpus: int, pages: int) -> tuple[float, int, float]:
-    start = time.perf_counter()
+async def _events_per_s(vcpus: int, pages: int) -> tuple[float, float, int, float]:
+    start, cpu = time.perf_counter(), time.process_time()
     result = await demand_faults(vcpus, pages, "read+rcu")
-    wall = time.perf_counter() - start
-    return wall, result["points"], result["switches"]
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return wall, cpu, result["points"], result["switches"]
 
 
 def simulator_speed(pages: int, max_vcpus: int) -> None:
     for vcpus in sorted({1, max_vcpus}):
-        wall, events, switches = asyncio.run(_events_per_s(vcpus, pages))
+        wall, cpu, events, switches = asyncio.run(_events_per_s(vcpus, pages))
         row(kind="simulator", result="events_per_s", vcpus=vcpus, pages=pages,
-             wall_s=round(wall, 2), events=events, switches=switches,
+             wall_s=round(wall, 2), cpu_s=round(cpu, 2), events=events, switches=switches,
              events_per_s=round(events / wall), faults_per_wall_s=round(vcpus * pages / wall))
         if vcpus == 256 and pages == 4096:
             row(kind="simulator", result="scale_256", vcpus=vcpus, pages=pages,
-                 wall_s=round(wall, 2), target_s=60, met=wall <= 60)
+                 wall_s=round(wall, 2), cpu_s=round(cpu, 2), target_s=60, met=wall <= 60)
 
 
 def determinism(quick: bool) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import vmmu.cost_file
 import vmmu.server.kvm
 
 MODEL_DIR = Path(vmmu.server.kvm.__file__).parent
@@ -47,6 +48,14 @@ def test_the_model_has_modules():
 @pytest.mark.parametrize("path", MODEL_FILES, ids=lambda p: p.name)
 def test_model_module_imports_no_rpc_layer(path):
     assert sorted(filter(forbidden, imported_modules(path))) == []
+
+
+def test_the_cost_file_format_is_a_leaf_the_client_and_the_model_may_import():
+    """The client may not import the server, nor the model the client: the format they
+    both read is defined below both, and must stay there."""
+    path = Path(vmmu.cost_file.__file__)
+    assert sorted(name for name in imported_modules(path)
+                  if name.startswith(("vmmu", "."))) == []
 
 
 def test_the_checker_sees_forbidden_imports(tmp_path):

@@ -12,7 +12,10 @@ atomic as every synchronous stretch of the model is).
 Waiting is where time is lost. An actor that waits (for mmu_lock, a grace period, the end of
 an invalidation) is *parked*: not runnable. The task that ends the wait wakes it (`wake`),
 which makes it runnable at once at the waker's time, so no later event overtakes the wake;
-it resumes no earlier than the event it waited for.
+it resumes no earlier than the event it waited for. A task cancelled after it was given
+the turn keeps it while it unwinds, so that its cleanup (a lock released, a read-side
+section left) runs in its own virtual time, and gives it up where it leaves the
+simulation (`running`).
 
 Invariants: `now`, the time of the latest dispatch, never goes back; an actor entering the
 simulation starts no earlier than `now`; at most one actor holds the turn. Driving: the
@@ -35,7 +38,7 @@ from .costs import Costs
 from .errors import einval
 
 __all__ = ["VirtualClock", "Actor", "WaitQueue", "Mutex", "DONE", "simulated",
-           "simulated_sync", "park", "woken", "wake", "VIRTUAL_TIME_LIMIT"]
+           "simulated_sync", "park", "wake", "VIRTUAL_TIME_LIMIT"]
 
 
 class _NoLoop:
@@ -90,7 +93,7 @@ class VirtualClock:
         self.dispatches = 0                      # turns given: simulated events
         self._heap: list[tuple[int, float, int, Actor, asyncio.Future]] = []
         self._order = itertools.count()
-        self._rng = random.Random(seed)
+        self._random = random.Random(seed).random   # the ties' draws, one per queueing
         self._quiet: list[asyncio.Future] = []   # advance() callers
         self._dispatch_soon = False
 
@@ -116,20 +119,20 @@ class VirtualClock:
 
     def point(self):
         """The awaitable of a preemption point: the running actor gives the turn to an
-        earlier one if there is any (or parks past the horizon); else it goes on."""
+        earlier one if there is any (or parks past the horizon); else it goes on.
+
+        A switch is one future and one event-loop round trip, no coroutine: the actor
+        queues itself and the dispatch pops the earliest runnable in one heap operation,
+        and the future it gets back is the one the dispatch completes when the turn
+        comes back to it (already done if it never left)."""
         actor = self.current
         heap = self._heap
         t = actor.time
         if (not heap or t < heap[0][0]) and (self.horizon is None or t <= self.horizon):
             return DONE
-        return self._switch(actor)
-
-    async def _switch(self, actor: Actor) -> None:
         fut = asyncio.get_running_loop().create_future()
-        self._push(actor, fut)
-        self.current = None
-        self._dispatch()
-        await self.await_turn(actor, fut)
+        self._dispatch((t, self._random(), next(self._order), actor, fut))
+        return fut
 
     def sleep_until(self, t: int):
         """The running actor waits (is not working) until virtual time `t`."""
@@ -186,20 +189,10 @@ class VirtualClock:
                 self._push(actor, fut)
                 if self.current is None:
                     self._dispatch()
-                await self.await_turn(actor, fut)
-
-    async def await_turn(self, actor: Actor, fut: asyncio.Future) -> None:
-        """Wait until `fut`, pushed with `actor`, is dispatched: the turn is then ours."""
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled() and self.current is actor:
-                self.current = None          # given the turn, then cancelled: pass it on
-                self._dispatch()
-            raise
+                await fut
 
     def _push(self, actor: Actor, fut: asyncio.Future) -> None:
-        heapq.heappush(self._heap, (actor.time, self._rng.random(), next(self._order),
+        heapq.heappush(self._heap, (actor.time, self._random(), next(self._order),
                                     actor, fut))
 
     def _dispatch_later(self) -> None:
@@ -212,24 +205,30 @@ class VirtualClock:
         if self.current is None:
             self._dispatch()
 
-    def _dispatch(self) -> None:
-        """Give the turn to the earliest runnable actor within the horizon."""
+    def _dispatch(self, entry: tuple | None = None) -> None:
+        """Give the turn to the earliest runnable actor within the horizon; `entry`, the
+        running actor's own (from `point`), is queued first."""
         heap, horizon = self._heap, self.horizon
-        while heap:
-            t, _, _, actor, fut = heap[0]
+        while True:
+            if entry is not None:            # queue it and pop the earliest: one step
+                top = heapq.heappushpop(heap, entry)
+                entry = None
+            elif heap:
+                top = heapq.heappop(heap)
+            else:
+                break
+            t, _, _, actor, fut = top
             if fut.done():                   # its task was cancelled meanwhile
-                heapq.heappop(heap)
                 continue
             if actor.debt_ns:                # work it was made to do while it waited
-                heapq.heappop(heap)
                 actor.time += actor.debt_ns
                 actor.busy_ns += actor.debt_ns
                 actor.debt_ns = 0
                 self._push(actor, fut)
                 continue
             if horizon is not None and t > horizon:
+                heapq.heappush(heap, top)
                 break
-            heapq.heappop(heap)
             self.current = actor
             if t > self.now:
                 self.now = t
@@ -275,7 +274,7 @@ class VirtualClock:
                 # Not at once: the tasks ready now enter first, so that actors started
                 # together start together.
                 self._dispatch_later()
-            await self.await_turn(actor, fut)
+            await fut
             yield actor
         finally:
             actor.task = None
@@ -365,27 +364,26 @@ def simulated_sync(name: str):
 
 
 # A waiter, in wall or virtual time (clock None: wall): `actor = park(clock)` before it
-# queues `fut`, `await woken(clock, actor, fut)`; the waker calls `wake(clock, actor, fut)`.
+# queues `fut`, `await fut`; the waker calls `wake(clock, actor, fut)`, and in virtual time
+# `fut` completes when the woken actor's turn comes.
 
 def park(clock: VirtualClock | None) -> Actor | None:
     return clock.park() if clock is not None else None
 
 
-def woken(clock: VirtualClock | None, actor: Actor | None, fut: asyncio.Future):
-    return fut if actor is None else clock.await_turn(actor, fut)
-
-
-def wake(clock: VirtualClock | None, actor: Actor | None, fut: asyncio.Future) -> None:
+def wake(clock: VirtualClock | None, actor: Actor | None, fut: asyncio.Future,
+         at: int | None = None) -> None:
     if clock is not None:
-        clock.wake(actor, fut)
+        clock.wake(actor, fut, at)
     elif not fut.done():
         fut.set_result(None)
 
 
 class WaitQueue:
-    """Tasks waiting for something another task makes true. In wall time, futures; in
-    virtual time the waiters are parked actors, woken at the waker's virtual time. A
-    cancelled waiter leaves the queue."""
+    """Tasks waiting for something another task makes true, woken in FIFO order. In wall
+    time, futures; in virtual time the waiters are parked actors, woken at the waker's
+    virtual time (or later, `at`). A cancelled waiter leaves the queue; one woken and
+    cancelled before it ran owes nothing here (`_woken_then_cancelled`)."""
 
     __slots__ = ("clock", "_waiters")
 
@@ -399,48 +397,45 @@ class WaitQueue:
 
     async def wait(self) -> None:
         fut = asyncio.get_running_loop().create_future()
-        actor = park(self.clock)
-        entry = (fut, actor)
+        entry = (fut, park(self.clock))
         self._waiters.append(entry)
         try:
-            await woken(self.clock, actor, fut)
-        finally:
+            await fut
+        except asyncio.CancelledError:
             if entry in self._waiters:
                 self._waiters.remove(entry)
+            else:                            # a wake popped it first: it was woken
+                self._woken_then_cancelled()
+            raise
+
+    def _woken_then_cancelled(self) -> None:
+        """A waiter was woken, then cancelled before it could act on the wake."""
 
     def wake_one(self, at: int | None = None) -> bool:
         while self._waiters:
             fut, actor = self._waiters.popleft()
             if not fut.done():
-                self._wake(fut, actor, at)
+                wake(self.clock, actor, fut, at)
                 return True
         return False
 
     def wake_all(self, at: int | None = None) -> None:
         waiters, self._waiters = self._waiters, collections.deque()
         for fut, actor in waiters:
-            self._wake(fut, actor, at)
-
-    def _wake(self, fut: asyncio.Future, actor: Actor | None, at: int | None) -> None:
-        if self.clock is not None:
-            self.clock.wake(actor, fut, at)
-        elif not fut.done():
-            fut.set_result(None)
+            wake(self.clock, actor, fut, at)
 
 
-class Mutex:
+class Mutex(WaitQueue):
     """A FIFO sleeping lock (a kernel mutex) whose waiters wait in virtual time when the
-    VM has a virtual clock; `async with mutex:`. Ownership passes at release, so a task
-    arriving then cannot take it before the waiter it was handed to; a waiter cancelled
-    after the hand-over passes it on."""
+    VM has a virtual clock; `async with mutex:`. Ownership passes at release, with the
+    wake of the first waiter, so a task arriving then cannot take it before the waiter it
+    was handed to; a waiter cancelled after the hand-over passes it on."""
 
-    __slots__ = ("clock", "_locked", "_waiters")
+    __slots__ = ("_locked",)
 
     def __init__(self, clock: VirtualClock | None) -> None:
-        self.clock = clock
+        super().__init__(clock)
         self._locked = False
-        self._waiters: collections.deque[tuple[asyncio.Future, Actor | None]] = \
-            collections.deque()
 
     def locked(self) -> bool:
         return self._locked
@@ -449,27 +444,13 @@ class Mutex:
         if not self._locked:
             self._locked = True
             return
-        fut = asyncio.get_running_loop().create_future()
-        actor = park(self.clock)
-        entry = (fut, actor)
-        self._waiters.append(entry)
-        try:
-            await woken(self.clock, actor, fut)
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self._release()              # handed over, then cancelled
-            elif entry in self._waiters:
-                self._waiters.remove(entry)
-            raise
+        await self.wait()                    # woken: handed the mutex
 
     async def __aexit__(self, *exc) -> None:
         self._release()
 
     def _release(self) -> None:
-        while self._waiters:
-            fut, actor = self._waiters.popleft()
-            if fut.done():
-                continue
-            wake(self.clock, actor, fut)
-            return
-        self._locked = False
+        if not self.wake_one():
+            self._locked = False
+
+    _woken_then_cancelled = _release         # the hand-over goes on to the next

@@ -8,9 +8,10 @@ calibrate` writes a cost file measured on the host's /dev/kvm.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from types import MappingProxyType
+
+from vmmu.cost_file import read_cost_file
 
 from .errors import einval
 
@@ -85,13 +86,11 @@ def check_costs(overrides: Mapping[str, int]) -> None:
 
 
 def load_cost_file(path: str) -> dict[str, int]:
-    """A cost file: a JSON object of cost names to ns (what `vmmu calibrate` writes), or
-    one with such an object under "costs"."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if isinstance(data, dict) and isinstance(data.get("costs"), dict):
-        data = data["costs"]
-    if not isinstance(data, dict):
-        raise einval(f"{path}: a cost file holds a JSON object of cost names to ns")
-    check_costs(data)
-    return dict(data)
+    """The overrides in a cost file (its format: `vmmu.cost_file`), checked: EINVAL for a
+    file that is no cost file or names an unknown cost."""
+    try:
+        costs = read_cost_file(path)
+    except ValueError as e:
+        raise einval(str(e)) from None
+    check_costs(costs)
+    return costs

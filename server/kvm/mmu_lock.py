@@ -35,9 +35,12 @@ from dataclasses import dataclass
 
 from asyncio import current_task
 
-from .clock import DONE, VirtualClock, park, wake, woken
+from .clock import DONE, VirtualClock, park, wake
 
 __all__ = ["MmuLock", "LockStatistics", "LockAssertion"]
+
+_CONTENDED = {"read": "read_contended", "write": "write_contended"}
+_WAIT_NS = {"read": "read_wait_ns", "write": "write_wait_ns"}
 
 
 class LockAssertion(AssertionError):
@@ -149,7 +152,7 @@ class MmuLock:
         self._waiters.append(entry)
         start = time.perf_counter_ns()
         try:
-            await woken(clock, actor, fut)
+            await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():    # granted, then cancelled: give it back
                 if mode == self.READ:
@@ -201,43 +204,69 @@ class MmuLock:
 
     # -- virtual time ---------------------------------------------------------------
 
-    async def _acquire_read_virtual(self) -> None:
-        await self._acquire_virtual(self.READ)
+    def _acquire_read_virtual(self):
+        return self._acquire_virtual(self.READ)
 
-    async def _acquire_write_virtual(self) -> None:
-        await self._acquire_virtual(self.WRITE)
+    def _acquire_write_virtual(self):
+        return self._acquire_virtual(self.WRITE)
 
-    async def _acquire_virtual(self, mode: str) -> None:
+    def _acquire_virtual(self, mode: str):
+        """The acquire in virtual time: the preemption point, then the grant; an awaitable,
+        already done when neither the point switched nor the grant has to wait."""
         clock = self.clock
         task = current_task()
         actor = clock.current
         if actor is None or actor.task is not task:
             raise LockAssertion("mmu_lock taken outside the simulation of a VM in virtual "
                                 "time")
-        await clock.point()                  # acquires are taken in virtual-time order
-        asked = actor.time
+        turn = clock.point()                 # acquires are taken in virtual-time order
+        if turn is DONE:
+            return self._take_virtual(mode, task, actor)
+        return self._take_after(turn, mode, task, actor)
+
+    async def _take_after(self, turn, mode: str, task: asyncio.Task, actor) -> None:
+        await turn
+        await self._take_virtual(mode, task, actor)
+
+    def _take_virtual(self, mode: str, task: asyncio.Task, actor):
+        """Grant at the actor's time if the lock is free for `mode`; else queue."""
         if mode == self.READ:
             if self._writer is None and not self._waiters and task not in self._readers:
                 self._stats["read_acquisitions"] += 1
                 self._readers[task] = 1
-            else:
-                await self._queue(mode, task)
-            free_at = self._write_free_at
-        else:
-            if self._writer is None and not self._readers and not self._waiters:
-                self._stats["write_acquisitions"] += 1
-                self._writer = task
-            else:
-                await self._queue(mode, task)
-            free_at = max(self._write_free_at, self._read_free_at)
+                return self._granted(mode, task, actor, actor.time, self._write_free_at)
+        elif self._writer is None and not self._readers and not self._waiters:
+            self._stats["write_acquisitions"] += 1
+            self._writer = task
+            return self._granted(mode, task, actor, actor.time,
+                                 max(self._write_free_at, self._read_free_at))
+        return self._take_queued(mode, task, actor)
+
+    async def _take_queued(self, mode: str, task: asyncio.Task, actor) -> None:
+        asked = actor.time
+        await self._queue(mode, task)
+        free_at = self._write_free_at if mode == self.READ else \
+            max(self._write_free_at, self._read_free_at)
+        await self._granted(mode, task, actor, asked, free_at)
+
+    def _granted(self, mode: str, task: asyncio.Task, actor, asked: int, free_at: int):
+        """The lock is ours since virtual time `asked`; the holders before us let go at
+        `free_at`: pay the atomic and the line's transfers, and wait in virtual time."""
+        clock = self.clock
         costs = clock.costs
         clock.charge(costs.lock_acquire + costs.cacheline_transfer * self._sharers(actor))
         granted = max(actor.time, free_at)
         if granted > asked + costs.lock_acquire:          # waited beyond its own atomic
-            self._stats[f"{mode}_contended"] += 1
-            self._stats[f"{mode}_wait_ns"] += granted - asked
+            stats = self._stats
+            stats[_CONTENDED[mode]] += 1
+            stats[_WAIT_NS[mode]] += granted - asked
         if granted > actor.time:
-            await clock.sleep_until(granted)
+            return self._hold_from(clock.sleep_until(granted), task, actor)
+        self._granted_at[task] = actor.time
+        return DONE
+
+    async def _hold_from(self, sleep, task: asyncio.Task, actor) -> None:
+        await sleep
         self._granted_at[task] = actor.time
 
     def _sharers(self, actor) -> int:

@@ -95,10 +95,7 @@ class Rcu:
         shortest = clock.time() + clock.costs.rcu_grace_period
         actor = clock.park()
         self.call_rcu(lambda: clock.wake(actor, fut, shortest))
-        if actor is None:
-            await fut
-        else:
-            await clock.await_turn(actor, fut)
+        await fut
 
     async def barrier(self) -> None:
         """Wait until every callback queued so far has run."""

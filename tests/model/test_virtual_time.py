@@ -10,7 +10,7 @@ import json
 import pytest
 
 from vmmu.server.kvm import AccessBatch, AccessKind, Backing, KvmError, VmConfig
-from vmmu.server.kvm.clock import Actor, VirtualClock
+from vmmu.server.kvm.clock import Actor, Mutex, VirtualClock
 from vmmu.server.kvm.costs import DEFAULT_COSTS, Costs
 from vmmu.server.kvm.mmu_lock import MmuLock
 from vmmu.server.kvm.rcu import Rcu
@@ -60,6 +60,62 @@ async def test_a_sleep_is_waiting_not_work():
         clock.charge(50)
         await clock.sleep_until(1000)
     assert (actor.time, actor.busy_ns, actor.wait_ns) == (1000, 50, 950)
+
+
+async def test_an_actor_cancelled_after_it_was_given_the_turn_unwinds_holding_it():
+    clock = clock_with()
+    log = []
+
+    async def b_body():
+        async with clock.running(Actor("b", 50)):
+            try:
+                await clock.point()
+                clock.charge(1000)
+                await clock.point()          # a (at 100) goes first: a cancels b here
+            finally:
+                log.append(("b cleans up", clock.holds_turn(), clock.time()))
+
+    async with clock.running(Actor("a", 0)):
+        b = asyncio.ensure_future(b_body())
+        await asyncio.sleep(0)               # b enters the simulation, at 50
+        clock.charge(100)
+        await clock.point()                  # b runs to its second point
+        clock.charge(1000)
+        turn = clock.point()                 # the turn is given to b (1050 < 1100) ...
+        b.cancel()                           # ... which is cancelled before it runs
+        await turn
+        log.append(("a", clock.holds_turn(), clock.time()))
+    with pytest.raises(asyncio.CancelledError):
+        await b
+    assert log == [("b cleans up", True, 1050), ("a", True, 1100)]
+
+
+async def test_a_mutex_waiter_woken_and_cancelled_before_its_turn_passes_the_mutex_on():
+    clock = clock_with()
+    mutex = Mutex(clock)
+    log = []
+
+    async def waiter():
+        async with clock.running(Actor("b", 0)):
+            async with mutex:
+                log.append("b took it")
+
+    async with clock.running(Actor("a", 0)):
+        await mutex.__aenter__()
+        b = asyncio.ensure_future(waiter())
+        await asyncio.sleep(0)               # b enters the simulation, at 0
+        clock.charge(100)
+        await clock.point()                  # b goes first, queues on the mutex, parks
+        assert len(mutex) == 1
+        await mutex.__aexit__(None, None, None)   # handed to b: runnable, not yet run
+        b.cancel()
+        clock.charge(100)
+        await asyncio.wait_for(mutex.__aenter__(), 5)   # b passed it on to us
+        log.append("a took it again")
+        await mutex.__aexit__(None, None, None)
+    with pytest.raises(asyncio.CancelledError):
+        await b
+    assert log == ["a took it again"] and not mutex.locked()
 
 
 async def test_a_start_before_now_is_refused_and_changes_nothing():
