@@ -334,8 +334,7 @@ class Vm:
                 slots.replace(slot, None)
         self.host.release()
         for vcpu in self._vcpus.values():
-            vcpu.tlb.clear()
-            vcpu.pde_cache.clear()
+            vcpu.flush_tlb()
 
     def _kick_vcpus_dead(self) -> None:
         """`KVM_REQ_VM_DEAD` to every vCPU: one inside KVM_RUN leaves at its next entry."""
