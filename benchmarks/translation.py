@@ -43,7 +43,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.kvm_compare import check, vmmu_logged_guest  # noqa: E402
+from benchmarks.fault_instructions import VALGRIND_SLOWDOWN  # noqa: E402
 from benchmarks.report import emit, row  # noqa: E402
+from vmmu.server.kvm import resched  # noqa: E402
 from vmmu.server.kvm import AccessBatch, AccessKind, Backing, Kvm, VmConfig, make_op  # noqa
 from vmmu.server.kvm.spte import BASE_ADDR_MASK, make_leaf, make_nonleaf  # noqa: E402
 from vmmu.server.kvm.vcpu import TLB_CAPACITY  # noqa: E402
@@ -224,6 +226,7 @@ async def demand_fault(runs: int, size: int) -> tuple[float, float]:
 
 async def child(pages: int) -> None:
     """The floor over `pages` pages of a fresh logged guest (0: the setup alone)."""
+    resched.TIMESLICE_NS *= VALGRIND_SLOWDOWN        # as fault_instructions' children
     vm, _, _ = await vmmu_logged_guest(max(pages, 1) << 12, fast_page_fault=True)
     slot = vm.memslot_sets[0].by_id[1]
     pfns = _host_pfns(vm, slot.base_gfn, slot.userspace_addr, max(pages, 1))
