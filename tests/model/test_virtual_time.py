@@ -193,6 +193,16 @@ async def test_a_batch_reports_its_virtual_span_and_the_vcpu_its_time(make_guest
     assert stats["virtual_busy_ns"] + stats["virtual_wait_ns"] == again.end_ns
 
 
+async def test_tlb_misses_pay_their_hardware_walks(make_guest):
+    """After a TLB flush each access walks: the first from the root (one level each),
+    the others of the same 2 MiB from the paging-structure cache (one level)."""
+    g = await make_guest(clock="virtual", costs={"tlb_hit": 3, "ept_walk_level": 20})
+    await g.vcpu.run(touch(0, 16))                   # mapped writable and dirty
+    g.vcpu.flush_tlb()
+    again = await g.vcpu.run(touch(0, 16))
+    assert again.end_ns - again.start_ns == (g.vm.config.tdp_levels + 15) * 20
+
+
 async def test_a_driven_vm_runs_no_further_than_its_latest_advance(make_guest):
     g = await make_guest(clock="virtual")
     vm = g.vm
