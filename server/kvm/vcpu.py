@@ -29,8 +29,8 @@ from operator import indexOf
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
-from .spte import (ACCESSED, BASE_ADDR_MASK, DIRTY, EXECUTABLE, LARGE, MMIO_MASK, MMIO_VALUE,
-                   READABLE, RWX, WRITABLE)
+from .spte import (ACCESSED, BASE_ADDR_MASK, DIRTY, EXECUTABLE, LARGE, LOW_BITS, MMIO_MASK,
+                   MMIO_VALUE, READABLE, RWX, WRITABLE)
 from .batch import OP_HLT, OP_KIND_MASK, OP_WITH_DATA, AccessBatch, op_size
 from .clock import VIRTUAL_TIME_LIMIT, Actor
 from .errors import KvmError, VmBugged
@@ -71,9 +71,6 @@ _SET_AD = tuple(ACCESSED | DIRTY if op & OP_KIND_MASK == _WRITE else ACCESSED
                 for op in range(256))
 # A leaf with these bits set grants every kind and needs no A/D update: the common fill.
 _GRANTS_ALL = RWX | ACCESSED | DIRTY
-# The SPTE bits the walker tests: an SPTE is a 64-bit int (bit 63 set), each operation on it
-# costs about as much as a dict lookup; on its low bits, an operation on a small int.
-_LOW_BITS = (1 << 12) - 1
 
 
 def _access_error_code(kind: int, rwx: int) -> int:
@@ -589,7 +586,7 @@ class Vcpu:
         else:
             spt, index, shift = page.spt, gfn & 511, 0
         spte = spt[index]
-        low = spte & _LOW_BITS                 # tested as a small int from here on
+        low = spte & LOW_BITS                 # tested as a small int from here on
         error_code = exits[low & RWX]
         if error_code:
             self._exit_error_code = error_code
