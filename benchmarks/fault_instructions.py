@@ -32,6 +32,7 @@ if __package__ in (None, ""):
 from benchmarks.kvm_compare import (FAST_PF_TARGET, SLOT, check,  # noqa: E402
                                     vmmu_logged_guest)
 from benchmarks.report import emit, row  # noqa: E402
+from vmmu.server.kvm import resched  # noqa: E402
 
 MiB = 1 << 20
 # A child runs up to its phase: "setup", "first" (+ the first pass), "harvested"
@@ -39,8 +40,16 @@ MiB = 1 << 20
 PHASES = ("setup", "first", "harvested", "fast", "slow")
 
 
+# Under valgrind Python runs about this many times slower: the children's timeslice is
+# as much longer, so that the loop yields (`resched`) about as often per fault as natively
+# (with the native 2 ms slice it ended every few faults, and the count took in an event-loop
+# turn per few faults that a native run takes once per hundred or more).
+VALGRIND_SLOWDOWN = 100
+
+
 async def child(phase: str, size: int) -> None:
     """kvm_compare's vmmu workload, run up to `phase`."""
+    resched.TIMESLICE_NS *= VALGRIND_SLOWDOWN
     vm, vcpu, batch = await vmmu_logged_guest(size, fast_page_fault=phase != "slow")
     n = len(batch)
     if phase == "setup":

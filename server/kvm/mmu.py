@@ -43,7 +43,7 @@ from .mmu_internal import (ACCESS_NEEDS, PFERR_ACCESS_MASK, PFERR_FETCH_MASK,
                            PFERR_WRITE_MASK, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_INVALID,
                            RET_PF_RETRY, RET_PF_SPURIOUS, PageFault, RetPf)
 from .mmu_page import UseAfterFree
-from .spte import MMU_PRESENT, MMU_WRITABLE, RWX, WRITABLE
+from .spte import LOW_BITS, MMU_PRESENT, MMU_WRITABLE, RWX, WRITABLE
 from .tdp_iter import last_spte
 from .types import MAX_HUGEPAGE_LEVEL, PAGE_SHIFT, PG_LEVEL_4K, pages_per_level
 
@@ -67,8 +67,6 @@ _PRESENT_WRITE_RSVD = _PRESENT_WRITE | PFERR_RSVD_MASK
 # By the fault's bits: the SPTE bit the access needs, and the write bit, in one lookup.
 _FAST_PF_ACCESS = tuple((ACCESS_NEEDS[bits & PFERR_ACCESS_MASK], bits & PFERR_WRITE_MASK)
                         for bits in range(FAULT_BITS + 1))
-# The SPTE's bits below its pfn (present, R/W/X, A/D), as a small int.
-_LOW_BITS = (1 << PAGE_SHIFT) - 1
 
 
 def page_fault_can_be_fast(vm: "Vm", error_code: int) -> bool:
@@ -129,7 +127,7 @@ async def page_fault(vcpu: "Vcpu", gpa: int, error_code: int) -> RetPf:
         try:
             for _ in _FAST_PF_TRIES:
                 table, index, level, old = last_spte(vcpu.root, gfn)
-                flags = old & _LOW_BITS
+                flags = old & LOW_BITS
                 if not flags & MMU_PRESENT:
                     break                         # nothing to fix: the slow path maps it
                 if flags & need:

@@ -78,6 +78,9 @@ class _Guard:
         return DONE
 
 
+_NO_LOOP = object()         # a key no event loop matches: a lock's first use finds its loop
+
+
 class MmuLock:
     READ, WRITE = "read", "write"
 
@@ -88,6 +91,7 @@ class MmuLock:
             self.assert_held_read = self._assert_held_read_mode
             self.assert_held_write = self._assert_held_write_mode
             self.assert_held = self._assert_held_mode
+        self._loop: object = _NO_LOOP           # the event loop it last ran in
         self._readers: dict[asyncio.Task | None, int] = {}
         self._writer: asyncio.Task | None = None
         self._waiters: collections.deque[tuple[str, asyncio.Future, asyncio.Task, object]] = \
@@ -113,11 +117,19 @@ class MmuLock:
     # -- acquire/release ----------------------------------------------------------
 
     def _current_task(self) -> asyncio.Task | None:
-        return current_task()
+        """The running task, asked of the loop the lock last ran in: `current_task()`
+        without a loop finds the running loop first, which on Python 3.11 costs a
+        getpid() system call each time (two per fault)."""
+        return current_task(self._loop) or self._task_in_running_loop()
+
+    def _task_in_running_loop(self) -> asyncio.Task | None:
+        """The lock's first use, or its first in another event loop."""
+        self._loop = asyncio.get_running_loop()
+        return current_task(self._loop)
 
     def acquire_read(self):
         """Take the lock for read: returns an awaitable, already done when granted at once."""
-        task = current_task()
+        task = current_task(self._loop) or self._task_in_running_loop()
         readers = self._readers
         if self._writer is None and not self._waiters and task not in readers:
             self._stats["read_acquisitions"] += 1
@@ -127,7 +139,7 @@ class MmuLock:
 
     def acquire_write(self):
         """Take the lock for write: returns an awaitable, already done when granted at once."""
-        task = current_task()
+        task = current_task(self._loop) or self._task_in_running_loop()
         if self._writer is None and not self._readers and not self._waiters:
             self._stats["write_acquisitions"] += 1
             self._writer = task
@@ -170,13 +182,15 @@ class MmuLock:
                 self._stats[f"{mode}_wait_ns"] += time.perf_counter_ns() - start
 
     def release_read(self) -> None:
-        if self._readers.pop(current_task(), None) is None:
+        if self._readers.pop(current_task(self._loop) or self._task_in_running_loop(),
+                             None) is None:
             raise LockAssertion("mmu_lock released for read by a task that does not hold it")
         if self._waiters:
             self._grant()
 
     def release_write(self) -> None:
-        if self._writer is None or self._writer is not current_task():
+        if self._writer is None or \
+                self._writer is not (current_task(self._loop) or self._task_in_running_loop()):
             raise LockAssertion("mmu_lock released for write by a task that does not hold it")
         self._writer = None
         if self._waiters:

@@ -21,7 +21,8 @@ from .types import PG_LEVEL_4K
 
 __all__ = [
     "READABLE", "WRITABLE", "EXECUTABLE", "RWX", "LARGE", "ACCESSED", "DIRTY",
-    "MMU_PRESENT", "BASE_ADDR_MASK", "AD_DISABLED", "HOST_WRITABLE", "MMU_WRITABLE",
+    "MMU_PRESENT", "BASE_ADDR_MASK", "LOW_BITS", "AD_DISABLED", "HOST_WRITABLE",
+    "MMU_WRITABLE",
     "SUPPRESS_VE", "NONPRESENT", "FROZEN", "LEAF_BITS", "PRESENT_LARGE",
     "is_shadow_present", "is_large", "is_last", "is_leaf_present", "is_frozen",
     "is_mmio", "is_writable", "is_mmu_writable", "is_host_writable", "is_accessed",
@@ -41,6 +42,9 @@ ACCESSED = 1 << 8
 DIRTY = 1 << 9
 MMU_PRESENT = 1 << 11
 BASE_ADDR_MASK = ((1 << 52) - 1) & ~((1 << 12) - 1)
+# The SPTE's bits below its pfn (present, R/W/X, A/D): an SPTE is a 64-bit int (bit 63
+# set) and each operation on it costs about a dict lookup; on these bits, one on a small int.
+LOW_BITS = (1 << 12) - 1
 AD_DISABLED = 1 << 52
 AD_MASK = 3 << 52
 ACC_TRACK_SAVED_SHIFT = 54

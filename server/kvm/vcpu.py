@@ -11,8 +11,9 @@ task can have queued one.
 TLB entries are 4K-grained, one per permitted access kind: `gfn << 4 | kind` -> pfn. W is
 granted only once the leaf's Dirty bit is set, so that the first write through a clean
 entry walks and sets D, as hardware does. The TLB has a fixed capacity, like the hardware
-one: a fill that finds it full drops every entry first (hardware may drop any entry at any
-time), so its size does not grow with the guest memory the vCPU touches.
+one: a fill that finds it full first drops the oldest sixteenth of its entries (first in,
+first out: the dict's insertion order), so its size does not grow with the guest memory
+the vCPU touches and a working set a little larger than it still mostly hits.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import enum
 import errno
 from array import array
 from bisect import bisect_right
+from collections import deque
+from itertools import islice
 from operator import indexOf
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
-from .spte import (ACCESSED, BASE_ADDR_MASK, DIRTY, EXECUTABLE, LARGE, MMIO_MASK, MMIO_VALUE,
-                   READABLE, RWX, WRITABLE)
+from .spte import (ACCESSED, BASE_ADDR_MASK, DIRTY, EXECUTABLE, LARGE, LOW_BITS, MMIO_MASK,
+                   MMIO_VALUE, READABLE, RWX, WRITABLE)
 from .batch import OP_HLT, OP_KIND_MASK, OP_WITH_DATA, AccessBatch, op_size
 from .clock import VIRTUAL_TIME_LIMIT, Actor
 from .errors import KvmError, MemoryFault, VmBugged
@@ -47,7 +50,8 @@ __all__ = ["Vcpu", "VcpuInfo", "RunResult", "Exit", "ExitReason",
            "KVM_REQ_TLB_FLUSH", "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS", "KVM_REQ_VM_DEAD",
            "KVM_REQ_DIRTY_RING_SOFT_FULL", "TLB_CAPACITY", "KVM_INTERNAL_ERROR_EMULATION"]
 
-TLB_CAPACITY = 1 << 14                 # entries: 4096 pages with R, W and X
+TLB_CAPACITY = 1 << 14                 # entries: 5461 pages with R, W and X
+TLB_EVICT = TLB_CAPACITY // 16         # entries a fill into a full TLB drops
 KVM_REQ_TLB_FLUSH = 1 << 0
 KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 1
 KVM_REQ_VM_DEAD = 1 << 2           # never cleared: the VM is dead or destroyed
@@ -166,6 +170,8 @@ class Vcpu:
         self.actor = Actor(f"vcpu{vcpu_id}") if vm.clock is not None else None
         self.walks_cached = 0
         self.walks_full = 0
+        if self.clock is not None:
+            self._tlb_fill = self._tlb_fill_counted
         self._start_ns = 0
 
     def info(self) -> VcpuInfo:
@@ -428,8 +434,7 @@ class Vcpu:
             await self._load_root()
         if self.requests & KVM_REQ_TLB_FLUSH:
             self.requests &= ~KVM_REQ_TLB_FLUSH
-            self.tlb.clear()
-            self.pde_cache.clear()
+            self.flush_tlb()
             self.stat.tlb_flush += 1
             if self.clock is not None:
                 self.clock.charge(self.clock.costs.tlb_flush_local)
@@ -451,6 +456,11 @@ class Vcpu:
             if self.root is None:
                 self.root = vm.mmu.get_root(0)
                 self.requests |= KVM_REQ_TLB_FLUSH      # a fresh root flushes locally
+
+    def flush_tlb(self) -> None:
+        """INVEPT: drop every TLB entry and the paging-structure cache."""
+        self.tlb.clear()
+        self.pde_cache.clear()
 
     def release_root(self) -> None:
         if self.root is not None:
@@ -572,7 +582,6 @@ class Vcpu:
         gfn = gpa >> 12
         page = self.pde_cache.get(gfn >> 9)
         if page is None:
-            self.walks_full += 1
             stop = self._walk_upper(gfn)
             if stop is None:
                 self._exit_error_code = exits[0]
@@ -581,10 +590,10 @@ class Vcpu:
         elif page.freed:
             raise VmBugged(f"paging-structure cache holds freed {page!r}")
         else:
-            self.walks_cached += 1
             spt, index, shift = page.spt, gfn & 511, 0
         spte = spt[index]
-        error_code = exits[spte & RWX]
+        low = spte & LOW_BITS                 # tested as a small int from here on
+        error_code = exits[low & RWX]
         if error_code:
             self._exit_error_code = error_code
             return None
@@ -592,17 +601,18 @@ class Vcpu:
         if shift:
             pfn += gfn & ((1 << shift) - 1)      # the 4K page within a huge leaf
         key, tlb = gfn << 4, self.tlb
-        if len(tlb) >= TLB_CAPACITY:
-            tlb.clear()                        # full: make room, as replacement would
-        if spte & _GRANTS_ALL == _GRANTS_ALL:
+        if len(tlb) > TLB_CAPACITY - 3:        # no room for a page: drop the oldest, in C
+            deque(map(tlb.__delitem__, list(islice(tlb, TLB_EVICT))), 0)
+        if low & _GRANTS_ALL == _GRANTS_ALL:
             tlb[key | _READ] = tlb[key | _WRITE] = tlb[key | _EXEC] = pfn
             return pfn
-        perms = spte & RWX
+        perms = low & RWX
         if self._ad_enabled:
-            new = spte | _SET_AD[op]
-            if new != spte:
-                spt[index] = spte = new
-            if not spte & DIRTY:
+            ad = _SET_AD[op]
+            if low & ad != ad:
+                spt[index] = spte | ad
+                low |= ad
+            if not low & DIRTY:
                 perms &= ~WRITABLE
         if perms & READABLE:
             tlb[key | _READ] = pfn
@@ -611,6 +621,16 @@ class Vcpu:
         if perms & EXECUTABLE:
             tlb[key | _EXEC] = pfn
         return pfn
+
+    def _tlb_fill_counted(self, gpa: int, op: int) -> int | None:
+        """`_tlb_fill` in virtual time, which charges the walk: counted as one that starts
+        at the paging-structure cache or at the root (wall time counts none)."""
+        if _EXIT[op] is not _HALTS:
+            if gpa >> 21 in self.pde_cache:
+                self.walks_cached += 1
+            else:
+                self.walks_full += 1
+        return Vcpu._tlb_fill(self, gpa, op)
 
     def _walk_upper(self, gfn: int) -> tuple[array, int, int] | None:
         """The walk from the root down to the entry for gfn that is not a present table

@@ -348,8 +348,7 @@ class Vm:
         self.gmems.release()
         self.host.release()
         for vcpu in self._vcpus.values():
-            vcpu.tlb.clear()
-            vcpu.pde_cache.clear()
+            vcpu.flush_tlb()
 
     def _kick_vcpus_dead(self) -> None:
         """`KVM_REQ_VM_DEAD` to every vCPU: one inside KVM_RUN leaves at its next entry."""

@@ -210,3 +210,24 @@ async def test_recursion_is_a_bug(first, second):
     async with getattr(lock, first):
         with pytest.raises(LockAssertion):
             await getattr(lock, f"acquire_{second}")()
+
+
+def test_the_holder_is_known_in_each_event_loop_the_lock_runs_in():
+    """The lock finds the running task through the loop it last ran in: run again from
+    another event loop, it still tells its holder from another task."""
+    lock = MmuLock()
+
+    async def hold_then_release_from_elsewhere(mode: str) -> None:
+        await getattr(lock, f"acquire_{mode}")()
+        release = getattr(lock, f"release_{mode}")
+
+        async def other():
+            with pytest.raises(LockAssertion):
+                release()
+        await asyncio.create_task(other())
+        release()
+        stats = lock.statistics()
+        assert (stats.readers, stats.writer) == (0, False)
+
+    for mode in ("read", "write", "read"):
+        asyncio.run(hold_then_release_from_elsewhere(mode))   # a new event loop each time

@@ -191,7 +191,6 @@ async def test_walkers_report_a_present_table_pointer_with_no_recorded_child(kvm
     root.children[0] = None
     with pytest.raises(VmBugged, match="links no recorded table"):
         list(TdpIter(root, 0, 1))
-    vcpu.tlb.clear()
-    vcpu.pde_cache.clear()
+    vcpu.flush_tlb()
     with pytest.raises(VmBugged, match="no recorded table"):
         vcpu._tlb_fill(0x0, vcpu._batch.ops[0])

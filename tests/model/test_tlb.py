@@ -106,9 +106,10 @@ async def test_host_write_to_an_unmapped_page_is_read_by_the_guest(kvm_guest):
 
 @pytest.mark.parametrize("with_data", [True, False])
 async def test_a_full_tlb_drops_its_entries_and_the_walker_refills_it(make_guest, with_data):
-    """More pages than the TLB holds: it never grows past its capacity, and the pages it
-    dropped are walked again (no fault: the SPTEs are still there), with their data."""
-    from vmmu.server.kvm.vcpu import TLB_CAPACITY
+    """More pages than the TLB holds: it never grows past its capacity, it drops its
+    oldest entries first (the newest pages stay), and the pages it dropped are walked
+    again (no fault: the SPTEs are still there), with their data."""
+    from vmmu.server.kvm.vcpu import TLB_CAPACITY, TLB_EVICT
 
     pages = TLB_CAPACITY // 3 + 1024           # every page fills R, W and X once written
     g = await make_guest(Backing.PAGE_4K, pages * 4096)
@@ -117,6 +118,9 @@ async def test_a_full_tlb_drops_its_entries_and_the_walker_refills_it(make_guest
               for gfn in range(pages)]
     assert (await run(vcpu, *writes)).exit.reason is ExitReason.DONE
     assert len(vcpu.tlb) <= TLB_CAPACITY
+    newest = (TLB_CAPACITY - TLB_EVICT) // 3   # the pages a drop always leaves
+    assert all(gfn << 4 | int(kind) in vcpu.tlb
+               for gfn in range(pages - newest, pages) for kind in (R, W))
     faults = vcpu.stats()["pf_taken"]
     assert faults == pages
 

@@ -265,6 +265,16 @@ async def test_the_legacy_mmu_pays_its_own_costs_on_faults(make_guest, mmu, cost
         assert dear.end_ns == cheap.end_ns
 
 
+async def test_tlb_misses_pay_their_hardware_walks(make_guest):
+    """After a TLB flush each access walks: the first from the root (one level each),
+    the others of the same 2 MiB from the paging-structure cache (one level)."""
+    g = await make_guest(clock="virtual", costs={"tlb_hit": 3, "ept_walk_level": 20})
+    await g.vcpu.run(touch(0, 16))                   # mapped writable and dirty
+    g.vcpu.flush_tlb()
+    again = await g.vcpu.run(touch(0, 16))
+    assert again.end_ns - again.start_ns == (g.vm.config.tdp_levels + 15) * 20
+
+
 async def test_a_driven_vm_runs_no_further_than_its_latest_advance(make_guest):
     g = await make_guest(clock="virtual")
     vm = g.vm
