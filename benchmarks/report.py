@@ -16,22 +16,28 @@ __all__ = ["emit", "row", "delta"]
 
 def emit(name: str, value: float | None, unit: str, baseline: str | None,
          baseline_value: float | None, *, ratio: float | None = None,
-         target: str | None = None, limit: float | None = None, digits: int = 3,
-         ratio_digits: int = 3, **extra) -> None:
+         target: str | None = None, limit: float | None = None,
+         floor: float | None = None, digits: int = 3, ratio_digits: int = 3,
+         **extra) -> None:
     """Print one result line. `ratio` is `value / baseline_value` unless given (a
     throughput passes the ratio of its times); it is null when either is missing (a
     livelock, no baseline on this machine) or the baseline is zero. With `limit` the
-    result is held to `ratio <= limit`: `target` says so unless given, and `met` whether
-    it held. `value` and `baseline_value` are rounded to `digits` (0: whole numbers),
+    result is held to `ratio <= limit` (with `floor`, to `ratio >= floor`): `target` says
+    so unless given, and `met` whether it held. `value` and `baseline_value` are rounded to `digits` (0: whole numbers),
     `ratio` to `ratio_digits`."""
     if ratio is None and value is not None and baseline_value:
         ratio = value / baseline_value
     if limit is not None and target is None:
         target = f"ratio <= {limit}"
+    if floor is not None and target is None:
+        target = f"ratio >= {floor}"
+    met = None
+    if ratio is not None and (limit is not None or floor is not None):
+        met = (limit is None or ratio <= limit) and (floor is None or ratio >= floor)
     line = {"benchmark": name, "value": _round(value, digits), "unit": unit,
             "baseline": baseline, "baseline_value": _round(baseline_value, digits),
             "ratio": _round(ratio, ratio_digits), "target": target,
-            "met": None if limit is None or ratio is None else ratio <= limit, **extra}
+            "met": met, **extra}
     print(json.dumps(line), flush=True)
 
 
