@@ -192,7 +192,9 @@ def _add_parallelism(parser: argparse.ArgumentParser, units: str) -> None:
     parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                         help=f"run the {units} as Ray tasks on the cluster at ADDRESS "
                              f"(HOST:PORT, ray://HOST:PORT or auto; a local cluster "
-                             f"without it); needs Ray: {RAY_INSTALL}")
+                             f"without it), waiting at most $VMMU_RAY_CONNECT_TIMEOUT "
+                             f"seconds (default 15) for it to answer; needs Ray: "
+                             f"{RAY_INSTALL}")
 
 
 def _workers(args: argparse.Namespace) -> int:

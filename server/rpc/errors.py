@@ -61,6 +61,7 @@ STATUS_BY_ERRNO: dict[int, StatusCode] = {
     errno.EPERM: StatusCode.PERMISSION_DENIED,
     errno.EINTR: StatusCode.ABORTED,
     errno.ECONNREFUSED: StatusCode.UNAVAILABLE,     # a Ray cluster that cannot be reached
+    errno.ETIMEDOUT: StatusCode.UNAVAILABLE,        # ... or does not answer in time
     errno.EIO: StatusCode.INTERNAL,     # the VM is dead: an earlier call broke an invariant
 }
 
