@@ -11,8 +11,9 @@ share that connection while it is open, and the last one to close shuts it down;
 asking for another address meanwhile is refused (EBUSY). A Ray initialized in this
 process by someone else is used as it is, and left running.
 
-Connecting waits at most `connect_timeout()` seconds (VMMU_RAY_CONNECT_TIMEOUT, default
-CONNECT_TIMEOUT_S): Ray itself retries an address where no cluster answers for minutes.
+Connecting to an address waits at most `connect_timeout()` seconds (VMMU_RAY_CONNECT_TIMEOUT,
+default CONNECT_TIMEOUT_S): Ray itself retries an address where no cluster answers for
+minutes. Starting a local cluster takes what it takes (15 s and more on a loaded machine).
 Past that the pool is refused (ETIMEDOUT) and `ray.init` is abandoned: it goes on in its
 thread, and whenever it returns, what it connected is shut down; until then this process
 refuses other connections (EBUSY). A pool whose caller goes away while it connects
@@ -145,12 +146,13 @@ def _connect(address: str, cpus: int, timeout: float) -> None:
 
 
 def _initialize(address: str, cpus: int, timeout: float) -> None:
-    """ray.init within `timeout` seconds, else ETIMEDOUT with it abandoned. Holds
-    _Connection.lock (which the abandoned init takes when it returns)."""
+    """ray.init, at an address within `timeout` seconds, else ETIMEDOUT with it abandoned
+    (a local cluster is started however long that takes). Holds _Connection.lock (which
+    the abandoned init takes when it returns)."""
     assert _Connection.lock.locked()
     init = _Init(address, cpus)
     init.start()
-    init.join(timeout)
+    init.join(timeout if address else None)
     if init.is_alive() and init.give_up():
         _Connection.abandoned = init
         raise KvmError(errno.ETIMEDOUT, f"no Ray cluster answered at {_where(address)} "
