@@ -80,6 +80,14 @@ def _where(address: str | None) -> str:
     return address or "a local cluster"
 
 
+def _ray_init(address: str, cpus: int) -> None:
+    if address:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    else:
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False)
+
+
 class _Init(threading.Thread):
     """`ray.init` for `address`, waited for by one pool; if that pool gives up first, the
     connection made when it returns is shut down (under _Connection.lock)."""
@@ -93,11 +101,7 @@ class _Init(threading.Thread):
 
     def run(self) -> None:
         try:
-            if self.address:
-                ray.init(address=self.address, logging_level="ERROR", log_to_driver=False)
-            else:
-                ray.init(num_cpus=self.cpus, include_dashboard=False,
-                         logging_level="ERROR", log_to_driver=False)
+            _ray_init(self.address, self.cpus)
         except Exception as failed:            # reported to the waiting pool, if any
             self.error = failed
         with self.lock:
@@ -146,13 +150,18 @@ def _connect(address: str, cpus: int, timeout: float) -> None:
 
 
 def _initialize(address: str, cpus: int, timeout: float) -> None:
-    """ray.init, at an address within `timeout` seconds, else ETIMEDOUT with it abandoned
-    (a local cluster is started however long that takes). Holds _Connection.lock (which
-    the abandoned init takes when it returns)."""
+    """ray.init, at an address within `timeout` seconds, else ETIMEDOUT with it abandoned.
+    A local cluster is started however long that takes, in this thread: its processes
+    die with the thread that started them (PR_SET_PDEATHSIG), which must outlive them
+    (the loop's executor threads do). Holds _Connection.lock (which the abandoned init
+    takes when it returns)."""
     assert _Connection.lock.locked()
+    if not address:
+        _ray_init(address, cpus)
+        return
     init = _Init(address, cpus)
     init.start()
-    init.join(timeout if address else None)
+    init.join(timeout)
     if init.is_alive() and init.give_up():
         _Connection.abandoned = init
         raise KvmError(errno.ETIMEDOUT, f"no Ray cluster answered at {_where(address)} "
