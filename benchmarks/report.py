@@ -23,8 +23,8 @@ def emit(name: str, value: float | None, unit: str, baseline: str | None,
     throughput passes the ratio of its times); it is null when either is missing (a
     livelock, no baseline on this machine) or the baseline is zero. With `limit` the
     result is held to `ratio <= limit` (with `floor`, to `ratio >= floor`): `target` says
-    so unless given, and `met` whether it held. `value` and `baseline_value` are rounded to `digits` (0: whole numbers),
-    `ratio` to `ratio_digits`."""
+    so unless given, and `met` whether it held. `value` and `baseline_value` are rounded
+    to `digits` (0: whole numbers), `ratio` to `ratio_digits`."""
     if ratio is None and value is not None and baseline_value:
         ratio = value / baseline_value
     if limit is not None and target is None:
