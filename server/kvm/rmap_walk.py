@@ -79,6 +79,30 @@ class RmapWalk:
                 if self.visited >= YIELD_BATCH or mmu.mmu_lock.needbreak():
                     await self.cond_resched()
 
+    async def spans(self, slot: "Memslot", first: int, last: int, min_level: int,
+                    max_level: int) -> AsyncIterator[tuple[array, int, int, int]]:
+        """(heads, level, lo, hi): the walk of `chunks` with the chunks between two of its
+        checks for a yield joined into one span, for callers that do a span's work in
+        bulk. The checks fall where `chunks` makes them: a waiter can appear only while
+        the walk awaits, so a span begun with no waiter runs until the batch is used up
+        (or the level ends), and one begun with a waiter is one chunk."""
+        mmu = self.mmu
+        rmaps = mmu.slot_rmaps.get((slot.as_id, slot.id))
+        for level in range(min_level, max_level + 1) if rmaps is not None else ():
+            i, end = rmaps.span(first, last, level)
+            heads = rmaps.heads[level]
+            while i < end:
+                if mmu.mmu_lock.needbreak():
+                    stop = min(end, i + RMAP_CHUNK)
+                else:
+                    chunks = -(-(YIELD_BATCH - self.visited) // RMAP_CHUNK)
+                    stop = min(end, i + max(chunks, 1) * RMAP_CHUNK)
+                yield heads, level, i, stop
+                self.visited += stop - i
+                i = stop
+                if self.visited >= YIELD_BATCH or mmu.mmu_lock.needbreak():
+                    await self.cond_resched()
+
     async def cond_resched(self) -> None:
         """Flush if one is pending and the caller wants it, then yield mmu_lock."""
         mmu = self.mmu
