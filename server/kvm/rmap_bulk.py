@@ -45,7 +45,7 @@ __all__ = ["write_protect_heads"]
 
 _U64 = np.uint64
 _MANY = _U64(RMAP_MANY)
-_ADDR = _U64(((1 << 64) - 1) & ~(RMAP_MANY | RMAP_LOCKED))
+_NOT_LOCKED = _U64(((1 << 64) - 1) & ~RMAP_LOCKED)
 _TWELVE, _THREE, _INDEX = _U64(12), _U64(3), _U64(511)
 
 
@@ -54,7 +54,7 @@ def write_protect_heads(mmu: "ShadowMmu", heads: "array", lo: int, hi: int,
     """`rmap_write_protect` of the heads [lo, hi) of `heads` (those with a true `where[i -
     lo]`, or all): W (and MMU-writable for `pt_protect`) off their SPTEs. Returns the
     heads that had an SPTE to change."""
-    values = np.frombuffer(heads, dtype=_U64)[lo:hi] & _ADDR
+    values = np.frombuffer(heads, dtype=_U64)[lo:hi] & _NOT_LOCKED
     if where is not None:
         values = values[where]
     values = values[values != 0]
@@ -66,6 +66,8 @@ def write_protect_heads(mmu: "ShadowMmu", heads: "array", lo: int, hi: int,
         for val in values[many].tolist():
             done += mmu._write_protect_head(val, pt_protect)
         values = values[~many]
+        if not len(values):
+            return done
     values.sort()                          # by table, then index
     pfns = values >> _TWELVE
     indices = ((values >> _THREE) & _INDEX).astype(np.intp)
