@@ -91,7 +91,11 @@ async def test_bulk_write_protect_does_what_rmap_write_protect_does_head_by_head
 async def test_bulk_write_protect_through_a_freed_table_is_a_use_after_free(make_kvm_vm):
     mmu = make_kvm_vm().shadow
     pages, heads = await heads_of_every_shape(mmu, random.Random(1))
+    single = array("Q", [h for h in heads if h and not h & RMAP_MANY])   # the bulk part
+    assert any(h >> 12 == pages[1].pfn for h in single)
     mmu.tables.free(pages[1])
+    with pytest.raises(UseAfterFree):
+        write_protect_heads(mmu, single, 0, len(single), None, False)
     with pytest.raises(UseAfterFree):
         write_protect_heads(mmu, heads, 0, HEADS, None, False)
 
