@@ -14,9 +14,9 @@ rules hold:
 - the return value is the per-SPTE path's: the number of heads whose SPTEs changed
   (`rmap_write_protect`'s flush, summed);
 - a head that holds a descriptor chain (`RMAP_MANY`) goes through the per-SPTE path
-  (`ShadowMmu._write_protect_head`): with TDP a gfn has one SPTE per address space, so
-  such heads are rare; the lock bit of a head is ignored, as `kvm_rmap_get` does under
-  mmu_lock held for write;
+  (`ShadowMmu._write_protect_head`): with TDP a gfn has one SPTE per address space but
+  while `zap_all_fast` is under way, so such heads are rare; the lock bit of a head is
+  ignored, as `kvm_rmap_get` does under mmu_lock held for write;
 - an rmap entry into a freed table raises `UseAfterFree`, as `_sptep_table` does;
 - virtual time pays `spte_write` per SPTE changed, as the per-SPTE path does.
 
