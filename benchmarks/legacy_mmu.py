@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bulk import per_spte  # noqa: E402
 from benchmarks.report import emit  # noqa: E402
 from vmmu.server.kvm import AccessBatch, AccessKind, Backing, Kvm, VmConfig  # noqa: E402
 from vmmu.server.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES  # noqa: E402
@@ -58,17 +58,6 @@ async def _guest(mmu: str, size: int, ad_bits: bool = True):
     region = vm.mmap(size, Backing.PAGE_4K)
     await vm.set_user_memory_region(0, 0, 0, size, region.hva)
     return kvm, vm, region, vm.create_vcpu(0)
-
-
-@contextlib.contextmanager
-def per_spte():
-    """The legacy MMU's per-SPTE write-protection, as with tracing on (no events)."""
-    saved = ShadowMmu.bulk
-    ShadowMmu.bulk = property(lambda self: False)
-    try:
-        yield
-    finally:
-        ShadowMmu.bulk = saved
 
 
 async def faults(mmu: str, size: int) -> tuple[float, float, float, float]:
@@ -95,7 +84,7 @@ async def faults(mmu: str, size: int) -> tuple[float, float, float, float]:
 
 
 async def legacy_per_spte(size: int) -> tuple[float, float, float, float]:
-    with per_spte():
+    with per_spte(ShadowMmu):
         return await faults("legacy", size)
 
 
