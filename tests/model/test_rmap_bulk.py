@@ -14,6 +14,7 @@ import pytest
 
 from vmmu.server.kvm import AccessBatch, AccessKind, Backing
 from vmmu.server.kvm import spte as S
+from vmmu.server.kvm.errors import VmBugged
 from vmmu.server.kvm.mmu_page import UseAfterFree
 from vmmu.server.kvm.rmap import RMAP_LOCKED, RMAP_MANY, sptep_of
 from vmmu.server.kvm.rmap_bulk import write_protect_heads
@@ -139,3 +140,19 @@ async def test_the_bulk_slot_walk_yields_where_the_per_chunk_walk_does(make_gues
     flush, yields, seen, left = bulk
     # The waiter got the lock after the first chunk; the batch made the walk yield more.
     assert flush and yields > 1 and 0 < seen[0] < 48 * MIB // 4096 and left == 0
+
+
+async def test_a_bitmap_past_the_slot_is_a_bug_unless_its_tail_is_clear(make_guest):
+    """The last word of a bitmap may reach past the slot's end; a set bit there is a bug."""
+    g = await make_guest(Backing.PAGE_4K, 4 * MIB - 3 * 4096)
+    await g.vcpu.run(AccessBatch.build((gpa, AccessKind.WRITE, 8, None)
+                                       for gpa in range(0, g.size, 4096)))
+    slot = g.vm.memslot_sets[0].by_id[0]
+    dirty = np.zeros(slot.npages + 3, np.bool_)
+    dirty[-4] = True                                   # the slot's last page
+    async with g.vm.mmu_lock.write:
+        assert g.vm.shadow.clear_dirty_pages(slot, slot.base_gfn, dirty) == 1
+        assert g.vm.shadow.clear_dirty_pages(slot, slot.base_gfn, dirty) == 0
+        dirty[-1] = True
+        with pytest.raises(VmBugged, match="past the end"):
+            g.vm.shadow.clear_dirty_pages(slot, slot.base_gfn, dirty)
