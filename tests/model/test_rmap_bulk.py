@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from vmmu.server.kvm import AccessBatch, AccessKind, Backing
+from vmmu.server.kvm import KVM_MEM_LOG_DIRTY_PAGES, AccessBatch, AccessKind, Backing
 from vmmu.server.kvm import spte as S
 from vmmu.server.kvm.errors import VmBugged
 from vmmu.server.kvm.mmu_page import UseAfterFree
@@ -156,3 +156,19 @@ async def test_a_bitmap_past_the_slot_is_a_bug_unless_its_tail_is_clear(make_gue
         dirty[-1] = True
         with pytest.raises(VmBugged, match="past the end"):
             g.vm.shadow.clear_dirty_pages(slot, slot.base_gfn, dirty)
+
+
+async def test_with_tracing_on_write_protection_takes_the_per_spte_path_and_traces_it(
+        make_guest):
+    g = await make_guest(Backing.PAGE_4K, 4 * MIB)
+    await g.vcpu.run(AccessBatch.build([(7 * 4096, AccessKind.WRITE, 8, None)]))
+    sub = g.vm.tracer.subscribe(frozenset({"kvm_mmu_set_spte"}))
+    assert not g.vm.shadow.bulk
+    await g.vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, 4 * MIB, g.region.hva)
+    sub.close()
+    events = []
+    while (event := await sub.get()) is not None:
+        events.append(event)
+    [event] = events
+    assert (event.fields["gfn"], event.fields["level"]) == (7, PG_LEVEL_4K)
+    assert event.fields["old"] & ~event.fields["new"] == S.WRITABLE
