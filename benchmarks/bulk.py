@@ -59,14 +59,15 @@ def check(ok: bool, message: str) -> None:
 
 
 @contextlib.contextmanager
-def per_spte():
-    """The TDP MMU's per-SPTE paths, as with tracing on (without emitting events)."""
-    saved = TdpMmu.bulk
-    TdpMmu.bulk = property(lambda self: False)
+def per_spte(mmu: type = TdpMmu):
+    """The MMU's per-SPTE paths (the TDP MMU's unless another MMU class is given), as
+    with tracing on (without emitting events)."""
+    saved = mmu.bulk
+    mmu.bulk = property(lambda self: False)
     try:
         yield
     finally:
-        TdpMmu.bulk = saved
+        mmu.bulk = saved
 
 
 def young_bitmap_per_spte(vm, start: int, end: int) -> bytes:

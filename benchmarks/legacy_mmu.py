@@ -6,7 +6,11 @@ baseline measured beside it:
 - `wrprot_fault_legacy_vs_tdp`: µs per write fault on a page GET_DIRTY_LOG protected
   (the fast page fault fixes it on both);
 - `get_dirty_log_legacy_vs_tdp`: ns per page of GET_DIRTY_LOG with every page dirty
-  (harvest, re-protect through the rmaps or the TDP walk, flush);
+  (harvest, re-protect through the rmaps or the TDP walk, flush), both in bulk;
+- `get_dirty_log_legacy_bulk_vs_per_spte`: the same on the legacy MMU, its bulk
+  write-protection (rmap_bulk) against `rmap_write_protect` head by head (as with
+  tracing on), and `enable_logging_legacy_bulk_vs_per_spte`: ns per page of enabling
+  logging on the slot (`kvm_mmu_slot_remove_write_access`), the same two paths;
 - `aging_lockless_vs_write_lock`: clear_young of a fully mapped guest on the legacy MMU,
   the lockless walk (A/D bits on) against the write-lock walk (A/D bits off, which marks
   SPTEs for access tracking); ms for the whole range, scaled to 1 GiB in the line, the
@@ -16,6 +20,9 @@ baseline measured beside it:
   legacy MMU needs about 8 + 8; target <= 20), against the TDP MMU's page tables.
 
     python benchmarks/legacy_mmu.py [--runs 3] [--mib 64]
+
+The runs alternate between the MMUs (and paths) so that they share the machine's noise;
+each line is the median of its runs.
 """
 
 from __future__ import annotations
@@ -30,9 +37,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bulk import per_spte  # noqa: E402
 from benchmarks.report import emit  # noqa: E402
 from vmmu.server.kvm import AccessBatch, AccessKind, Backing, Kvm, VmConfig  # noqa: E402
 from vmmu.server.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES  # noqa: E402
+from vmmu.server.kvm.shadow_mmu import ShadowMmu  # noqa: E402
 from vmmu.server.kvm.types import PAGE_SIZE  # noqa: E402
 
 MiB = 1 << 20
@@ -51,15 +60,18 @@ async def _guest(mmu: str, size: int, ad_bits: bool = True):
     return kvm, vm, region, vm.create_vcpu(0)
 
 
-async def faults(mmu: str, size: int) -> tuple[float, float, float]:
-    """(µs per demand fault, µs per write-protect fault, ns per page of GET_DIRTY_LOG)."""
+async def faults(mmu: str, size: int) -> tuple[float, float, float, float]:
+    """(µs per demand fault, µs per write-protect fault, ns per page of GET_DIRTY_LOG,
+    ns per page of enabling logging)."""
     kvm, vm, region, vcpu = await _guest(mmu, size)
     pages = size // PAGE_SIZE
     writes = _batch(pages, AccessKind.WRITE)
     start = time.perf_counter()
     await vcpu.run(writes)
     demand = (time.perf_counter() - start) / pages * 1e6
+    start = time.perf_counter()
     await vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, size, region.hva)
+    enable = (time.perf_counter() - start) / pages * 1e9
     await vm.get_dirty_log(0)
     start = time.perf_counter()
     await vcpu.run(writes)                       # each write: a fast page fault
@@ -68,7 +80,12 @@ async def faults(mmu: str, size: int) -> tuple[float, float, float]:
     await vm.get_dirty_log(0)                    # every page dirty: all re-protected
     harvest = (time.perf_counter() - start) / pages * 1e9
     await kvm.shutdown()
-    return demand, wrprot, harvest
+    return demand, wrprot, harvest, enable
+
+
+async def legacy_per_spte(size: int) -> tuple[float, float, float, float]:
+    with per_spte(ShadowMmu):
+        return await faults("legacy", size)
 
 
 async def aging(size: int, ad_bits: bool) -> float:
@@ -96,13 +113,21 @@ async def bytes_per_page(mmu: str, size: int) -> float:
 
 async def main(runs: int, mib: int) -> None:
     size = mib * MiB
-    results = {mmu: [await faults(mmu, size) for _ in range(runs)] for mmu in ("tdp", "legacy")}
-    med = {mmu: [statistics.median(r[i] for r in rs) for i in range(3)]
-           for mmu, rs in results.items()}
+    kinds = {"tdp": lambda: faults("tdp", size), "legacy": lambda: faults("legacy", size),
+             "legacy_per_spte": lambda: legacy_per_spte(size)}
+    results: dict[str, list] = {kind: [] for kind in kinds}
+    for _ in range(runs):                 # interleaved: the same noise for each
+        for kind, run in kinds.items():
+            results[kind].append(await run())
+    med = {kind: [statistics.median(r[i] for r in rs) for i in range(4)]
+           for kind, rs in results.items()}
     for i, (name, unit) in enumerate((("demand_fault", "us/fault"), ("wrprot_fault", "us/fault"),
                                       ("get_dirty_log", "ns/page"))):
         emit(f"{name}_legacy_vs_tdp", med["legacy"][i], unit, "tdp", med["tdp"][i],
              runs=runs, mib=mib)
+    for i, name in ((2, "get_dirty_log"), (3, "enable_logging")):
+        emit(f"{name}_legacy_bulk_vs_per_spte", med["legacy"][i], "ns/page", "per_spte",
+             med["legacy_per_spte"][i], runs=runs, mib=mib)
     pairs = [(await aging(size, True), await aging(size, False)) for _ in range(runs)]
     lockless = statistics.median(p[0] for p in pairs)    # interleaved: the same noise
     locked = statistics.median(p[1] for p in pairs)

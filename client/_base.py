@@ -244,6 +244,17 @@ def recover_nx_huge_pages(vm_id: int, ratio: int) -> Call[int]:
                 vm_pb2.RecoverNxHugePagesRequest(vm_id=vm_id, ratio=ratio), lambda r: r.zapped)
 
 
+def set_nr_mmu_pages(vm_id: int, nr_mmu_pages: int) -> Call[None]:
+    return Call("vm", "SetNrMmuPages",
+                vm_pb2.SetNrMmuPagesRequest(vm_id=vm_id, nr_mmu_pages=nr_mmu_pages), _none)
+
+
+def mmu_shrink_scan(vm_id: int, nr_to_scan: int) -> Call[int]:
+    return Call("vm", "MmuShrinkScan",
+                vm_pb2.MmuShrinkScanRequest(vm_id=vm_id, nr_to_scan=nr_to_scan),
+                lambda r: r.freed)
+
+
 def walk(vm_id: int, gpa: int, as_id: int) -> Call[list[Spte]]:
     return Call("vm", "WalkEpt", vm_pb2.WalkEptRequest(vm_id=vm_id, gpa=gpa, as_id=as_id),
                 lambda r: [spte(s) for s in r.sptes])

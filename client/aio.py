@@ -162,6 +162,16 @@ class AsyncVm:
         FailedPrecondition for a VM without nx_huge_pages."""
         return await self._client._invoke(_base.recover_nx_huge_pages(self.id, ratio))
 
+    async def set_nr_mmu_pages(self, nr_mmu_pages: int) -> None:
+        """KVM_SET_NR_MMU_PAGES: at most this many shadow pages (legacy MMU; the oldest
+        above it are zapped). InvalidArgument below 64; no effect on the TDP MMU."""
+        await self._client._invoke(_base.set_nr_mmu_pages(self.id, nr_mmu_pages))
+
+    async def mmu_shrink_scan(self, nr_to_scan: int) -> int:
+        """The MMU shrinker: zap up to `nr_to_scan` of the oldest shadow pages (legacy
+        MMU); returns how many were freed."""
+        return await self._client._invoke(_base.mmu_shrink_scan(self.id, nr_to_scan))
+
     async def virtual_now(self) -> int:
         """The VM's virtual now in ns (FailedPrecondition for a VM in wall time)."""
         return await self._client._invoke(_clock.virtual_now(self.id))

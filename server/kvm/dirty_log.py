@@ -202,17 +202,18 @@ def _protect_huge(vm: "Vm", slot: Memslot, offset: int, mask: int) -> None:
 
 def _protect_dirty(vm: "Vm", slot: Memslot, offset: int, words: np.ndarray) -> None:
     """`enable_log_dirty_pt_masked` for each word of a bitmap (mmu_lock held for write):
-    bit i of word j stands for page `offset + 64 * j + i` of the slot. In bulk over the
-    TDP MMU's tables unless tracing wants an event per SPTE; the same SPTEs either way."""
+    bit i of word j stands for page `offset + 64 * j + i` of the slot. In bulk (over the
+    TDP MMU's tables, or the legacy MMU's rmaps) unless tracing wants an event per SPTE;
+    the same SPTEs either way."""
     nonzero = np.flatnonzero(words).tolist()
-    if vm.shadow is not None or not vm.tdp.bulk:
+    if not vm.mmu.bulk:
         for j in nonzero:
             enable_log_dirty_pt_masked(vm, slot, offset + 64 * j, int(words[j]))
         return
     if _initially_set(vm):
         for j in nonzero:
             _protect_huge(vm, slot, offset + 64 * j, int(words[j]))
-    vm.tdp.clear_dirty_pages(slot, slot.base_gfn + offset, bits_to_pages(words))
+    vm.mmu.clear_dirty_pages(slot, slot.base_gfn + offset, bits_to_pages(words))
 
 
 # -- KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG -------------------------------------------------
@@ -351,7 +352,7 @@ async def reset_dirty_rings(vm: "Vm") -> int:
         # The entries stay in the rings until their pages are protected and TLBs flushed:
         # until then a write through a stale TLB entry is still covered by them.
         work = [(vcpu, vcpu.dirty_ring.harvested()) for vcpu in vm.vcpus()]
-        if vm.shadow is None and vm.tdp.bulk and not _initially_set(vm):
+        if vm.mmu.bulk and not _initially_set(vm):
             await _reset_dirty_slots(vm, [batch for _, entries in work
                                           for batch in coalesce(entries)])
         else:
@@ -403,4 +404,4 @@ async def _reset_dirty_slots(vm: "Vm", batches: list[tuple[int, int, int]]) -> N
         dirty[offset:offset + n] |= bits_to_pages(np.array([mask], np.uint64))[:n]
     for memslot, dirty in pages.values():
         async with vm.mmu_lock.write:
-            vm.tdp.clear_dirty_pages(memslot, memslot.base_gfn, dirty)
+            vm.mmu.clear_dirty_pages(memslot, memslot.base_gfn, dirty)

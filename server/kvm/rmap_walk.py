@@ -66,14 +66,29 @@ class RmapWalk:
     async def chunks(self, slot: "Memslot", first: int, last: int, min_level: int,
                      max_level: int) -> AsyncIterator[tuple[array, int, list[int]]]:
         """(heads, level, indices of its non-empty heads) for each chunk of the walk."""
+        async for heads, level, i, stop in self.spans(slot, first, last, min_level, max_level,
+                                                      joined=False):
+            yield heads, level, list(compress(range(i, stop), heads[i:stop]))
+
+    async def spans(self, slot: "Memslot", first: int, last: int, min_level: int,
+                    max_level: int, joined: bool = True
+                    ) -> AsyncIterator[tuple[array, int, int, int]]:
+        """(heads, level, lo, hi): each chunk of the walk, or (`joined`) the chunks between
+        two of its checks for a yield joined into one span, for callers that do a span's
+        work in bulk. The checks fall where they fall chunk by chunk: a waiter can appear
+        only while the walk awaits, so a span begun with no waiter runs until the batch is
+        used up (or the level ends), and one begun with a waiter is one chunk."""
         mmu = self.mmu
         rmaps = mmu.slot_rmaps.get((slot.as_id, slot.id))
         for level in range(min_level, max_level + 1) if rmaps is not None else ():
             i, end = rmaps.span(first, last, level)
             heads = rmaps.heads[level]
             while i < end:
-                stop = min(end, i + RMAP_CHUNK)
-                yield heads, level, list(compress(range(i, stop), heads[i:stop]))
+                chunks = 1
+                if joined and not mmu.mmu_lock.needbreak():
+                    chunks = max(1, -(-(YIELD_BATCH - self.visited) // RMAP_CHUNK))
+                stop = min(end, i + chunks * RMAP_CHUNK)
+                yield heads, level, i, stop
                 self.visited += stop - i
                 i = stop
                 if self.visited >= YIELD_BATCH or mmu.mmu_lock.needbreak():

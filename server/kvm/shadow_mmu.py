@@ -33,6 +33,8 @@ from array import array
 from itertools import compress
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
+
 from . import spte as S
 from .errors import VmBugged
 from .mmu_internal import (ACCESS_NEEDS, PFERR_ACCESS_MASK, RET_PF_EMULATE, RET_PF_FIXED,
@@ -41,6 +43,7 @@ from .mmu_lock import MmuLock
 from .mmu_page import MmuPage, PageTables, UseAfterFree
 from .rcu import Rcu
 from .rmap import PTE_LIST_DESC_BYTES, Rmaps, SlotRmaps, sptep_index, sptep_of
+from .rmap_bulk import write_protect_heads
 from .rmap_walk import RmapWalk, yield_write_lock
 from .spte import MMU_PRESENT, MMU_WRITABLE, NONPRESENT, PRESENT_LARGE, WRITABLE
 from .stats import VmStats
@@ -106,6 +109,12 @@ class ShadowMmu:
         self.slot_rmaps: dict[tuple[int, int], SlotRmaps] = {}
         self.max_gfn = max_gfn           # the VM's `kvm_mmu_max_gfn()`, inclusive
         self.n_max_mmu_pages: int | None = None   # KVM_SET_NR_MMU_PAGES; None: no limit
+
+    @property
+    def bulk(self) -> bool:
+        """Whether write-protection takes its bulk path (`rmap_bulk`): when no tracepoint
+        wants an event per SPTE."""
+        return not self.tracer.on
 
     def valid_roots(self, as_id: int):
         """The roots of `as_id` that vCPUs may still load (not obsolete)."""
@@ -474,6 +483,9 @@ class ShadowMmu:
                 sp.spt[index] = new
                 self._charge("spte_write")
                 flush = True
+                if self.tracer.on:
+                    self.tracer.emit("kvm_mmu_set_spte", level=sp.level, old=old, new=new,
+                                     gfn=sp.gfn + index * pages_per_level(sp.level))
         return flush
 
     async def slot_remove_write_access(self, slot: "Memslot", start_level: int) -> bool:
@@ -483,6 +495,12 @@ class ShadowMmu:
         translation meanwhile does so before logging begins (the caller flushes before it
         returns)."""
         walk = RmapWalk(self, flush_on_yield=False)
+        if self.bulk:
+            async for heads, _, lo, hi in walk.spans(slot, slot.base_gfn, slot.end_gfn,
+                                                     start_level, MAX_HUGEPAGE_LEVEL):
+                walk.flush = write_protect_heads(self, heads, lo, hi, None, False) > 0 or \
+                    walk.flush
+            return walk.flush
         async for heads, level, indices in walk.chunks(slot, slot.base_gfn, slot.end_gfn,
                                                        start_level, MAX_HUGEPAGE_LEVEL):
             for i in indices:
@@ -512,6 +530,20 @@ class ShadowMmu:
             mask &= mask - 1
             done += self._write_protect_head(heads[base + bit], False)
         return done
+
+    def clear_dirty_pages(self, slot: "Memslot", gfn: int, dirty: np.ndarray) -> int:
+        """`clear_dirty_pt_masked` in bulk (mmu_lock held for write): W off the 4K leaves
+        of `gfn + i` for every true `dirty[i]`. Returns the heads that had a writable
+        SPTE, as the masked calls summed; the caller flushes."""
+        self.mmu_lock.assert_held_write()
+        rmaps = self.slot_rmaps[(slot.as_id, slot.id)]
+        lo = rmaps.index(gfn, PG_LEVEL_4K)
+        # A bitmap's last word may reach past the slot: those pages have no heads.
+        n = min(len(dirty), slot.end_gfn - gfn)
+        if dirty[n:].any():
+            raise VmBugged(f"dirty pages past the end of slot {slot.as_id}:{slot.id}")
+        return write_protect_heads(self, rmaps.heads[PG_LEVEL_4K], lo, lo + n, dirty[:n],
+                                   False)
 
     async def recover_huge_pages(self, slot: "Memslot",
                                  host_mapping_level: Callable[[int], int]) -> int:

@@ -82,6 +82,16 @@ class VmServicer(_Servicer, vm_pb2_grpc.VmServiceServicer):
         zapped = await self._vm(request).recover_nx_huge_pages(request.ratio)
         return vm_pb2.RecoverNxHugePagesResponse(zapped=zapped)
 
+    async def SetNrMmuPages(self, request: vm_pb2.SetNrMmuPagesRequest,
+                            context: Context) -> vm_pb2.SetNrMmuPagesResponse:
+        await self._vm(request).set_nr_mmu_pages(request.nr_mmu_pages)
+        return vm_pb2.SetNrMmuPagesResponse()
+
+    async def MmuShrinkScan(self, request: vm_pb2.MmuShrinkScanRequest,
+                            context: Context) -> vm_pb2.MmuShrinkScanResponse:
+        freed = await self._vm(request).mmu_shrink_scan(request.nr_to_scan)
+        return vm_pb2.MmuShrinkScanResponse(freed=freed)
+
     async def GetClock(self, request: vm_pb2.GetClockRequest, context: Context
                        ) -> vm_pb2.GetClockResponse:
         return convert.clock(self._vm(request))

@@ -1,10 +1,11 @@
-"""The bulk SPTE paths (tdp_bulk) leave exactly what the per-SPTE paths leave.
+"""The bulk SPTE paths (tdp_bulk, and rmap_bulk for the legacy MMU) leave exactly what the
+per-SPTE paths leave.
 
 Two VMs get the same random story of guest accesses, dirty logging (enable, GET, CLEAR,
 ring resets, disable), aging, zaps and slot deletion; one listens to its tracepoints, so
-its TDP MMU takes the per-SPTE paths, the other takes the bulk ones. After every step
-both hold the same SPTEs in the same tables, the same dirty bitmaps and stats, and the
-calls returned the same values."""
+its MMU takes the per-SPTE paths, the other takes the bulk ones. After every step both
+hold the same SPTEs in the same tables (and, on the legacy MMU, the same rmaps), the same
+dirty bitmaps and stats, and the calls returned the same values."""
 
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ SMALL_GPA = SLOT0_SIZE
 
 
 def snapshot(vm) -> dict:
-    """Every SPTE of every root (by root, level, gfn and index), the bitmaps, the stats."""
+    """Every SPTE of every root (by root, level, gfn and index), the bitmaps, the stats;
+    on the legacy MMU every SPTE of every shadow page and the rmap heads."""
+    if vm.shadow is not None:
+        return shadow_snapshot(vm)
     sptes = {}
 
     def dump(key, page):
@@ -50,6 +54,18 @@ def snapshot(vm) -> dict:
     return {"sptes": sptes, "stats": stats, "bitmaps": bitmaps, "tables": len(vm.tdp.tables)}
 
 
+def shadow_snapshot(vm) -> dict:
+    """The legacy MMU's pages (by pfn, role and index), rmaps, bitmaps and stats; the
+    walks yield where the per-SPTE walks do, so `shadow_mmu_yields` stays in."""
+    mmu = vm.shadow
+    sptes = {(pfn, page.level, page.gfn, page.as_id, page.invalid, i): value
+             for pfn, page in mmu.tables.by_pfn.items() for i, value in enumerate(page.spt)}
+    rmaps = {key: [bytes(heads) for heads in r.heads[1:]] for key, r in mmu.slot_rmaps.items()}
+    bitmaps = {slot.id: bytes(slot.dirty_bitmap) for slot in vm.memslot_sets[0].by_id.values()
+               if slot.dirty_bitmap is not None}
+    return {"sptes": sptes, "stats": vm.stats(), "bitmaps": bitmaps, "rmaps": rmaps}
+
+
 class Twins:
     """The same calls on a per-SPTE VM and a bulk VM, compared after each."""
 
@@ -58,7 +74,7 @@ class Twins:
         self.vms = [kvm.create_vm(VmConfig(name=f"twin-{i}", sanitizers=True, **config))
                     for i in range(2)]
         self.subscription = self.vms[0].tracer.subscribe()
-        assert [vm.tdp.bulk for vm in self.vms] == [False, True]
+        assert [vm.mmu.bulk for vm in self.vms] == [False, True]
 
     async def call(self, name: str, *args):
         results = []
@@ -114,9 +130,10 @@ CONFIGS = [
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}"
                                                                    for k, v in c.items()))
-async def test_bulk_paths_leave_what_the_per_spte_paths_leave(config, seed):
+@pytest.mark.parametrize("mmu", ["tdp", "legacy"])
+async def test_bulk_paths_leave_what_the_per_spte_paths_leave(mmu, config, seed):
     rng = random.Random(seed)
-    twins = Twins(**config)
+    twins = Twins(mmu=mmu, **config)
     await twins.setup()
     await twins.run(random_accesses(rng, 600))
     for slot, gpa, size in ((0, 0, SLOT0_SIZE), (1, SMALL_GPA, SMALL_SIZE)):

@@ -308,3 +308,29 @@ class RecoverNxHugePagesResponse(_message.Message):
     ZAPPED_FIELD_NUMBER: _ClassVar[int]
     zapped: int
     def __init__(self, zapped: _Optional[int] = ...) -> None: ...
+
+class SetNrMmuPagesRequest(_message.Message):
+    __slots__ = ("vm_id", "nr_mmu_pages")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    NR_MMU_PAGES_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    nr_mmu_pages: int
+    def __init__(self, vm_id: _Optional[int] = ..., nr_mmu_pages: _Optional[int] = ...) -> None: ...
+
+class SetNrMmuPagesResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MmuShrinkScanRequest(_message.Message):
+    __slots__ = ("vm_id", "nr_to_scan")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    NR_TO_SCAN_FIELD_NUMBER: _ClassVar[int]
+    vm_id: int
+    nr_to_scan: int
+    def __init__(self, vm_id: _Optional[int] = ..., nr_to_scan: _Optional[int] = ...) -> None: ...
+
+class MmuShrinkScanResponse(_message.Message):
+    __slots__ = ("freed",)
+    FREED_FIELD_NUMBER: _ClassVar[int]
+    freed: int
+    def __init__(self, freed: _Optional[int] = ...) -> None: ...

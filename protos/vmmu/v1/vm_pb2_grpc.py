@@ -85,6 +85,16 @@ class VmServiceStub:
                 request_serializer=vmmu_dot_v1_dot_vm__pb2.RecoverNxHugePagesRequest.SerializeToString,
                 response_deserializer=vmmu_dot_v1_dot_vm__pb2.RecoverNxHugePagesResponse.FromString,
                 _registered_method=True)
+        self.SetNrMmuPages = channel.unary_unary(
+                '/vmmu.v1.VmService/SetNrMmuPages',
+                request_serializer=vmmu_dot_v1_dot_vm__pb2.SetNrMmuPagesRequest.SerializeToString,
+                response_deserializer=vmmu_dot_v1_dot_vm__pb2.SetNrMmuPagesResponse.FromString,
+                _registered_method=True)
+        self.MmuShrinkScan = channel.unary_unary(
+                '/vmmu.v1.VmService/MmuShrinkScan',
+                request_serializer=vmmu_dot_v1_dot_vm__pb2.MmuShrinkScanRequest.SerializeToString,
+                response_deserializer=vmmu_dot_v1_dot_vm__pb2.MmuShrinkScanResponse.FromString,
+                _registered_method=True)
 
 
 class VmServiceServicer:
@@ -172,6 +182,25 @@ class VmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetNrMmuPages(self, request, context):
+        """SetNrMmuPages is KVM_SET_NR_MMU_PAGES: at most `nr_mmu_pages` shadow pages for the
+        legacy MMU; the oldest above it are zapped now, and faults zap the oldest to make
+        room. The TDP MMU's tables are not limited (the call changes nothing), as in KVM.
+        INVALID_ARGUMENT (EINVAL) below 64 (KVM_MIN_ALLOC_MMU_PAGES).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MmuShrinkScan(self, request, context):
+        """MmuShrinkScan runs the MMU shrinker on the VM as host memory pressure does
+        (mmu_shrink_scan): it zaps up to `nr_to_scan` of the oldest shadow pages, skipping
+        roots in use. The TDP MMU's tables are not on its list (0 freed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VmServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -224,6 +253,16 @@ def add_VmServiceServicer_to_server(servicer, server):
                     servicer.RecoverNxHugePages,
                     request_deserializer=vmmu_dot_v1_dot_vm__pb2.RecoverNxHugePagesRequest.FromString,
                     response_serializer=vmmu_dot_v1_dot_vm__pb2.RecoverNxHugePagesResponse.SerializeToString,
+            ),
+            'SetNrMmuPages': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetNrMmuPages,
+                    request_deserializer=vmmu_dot_v1_dot_vm__pb2.SetNrMmuPagesRequest.FromString,
+                    response_serializer=vmmu_dot_v1_dot_vm__pb2.SetNrMmuPagesResponse.SerializeToString,
+            ),
+            'MmuShrinkScan': grpc.unary_unary_rpc_method_handler(
+                    servicer.MmuShrinkScan,
+                    request_deserializer=vmmu_dot_v1_dot_vm__pb2.MmuShrinkScanRequest.FromString,
+                    response_serializer=vmmu_dot_v1_dot_vm__pb2.MmuShrinkScanResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -497,6 +536,60 @@ class VmService:
             '/vmmu.v1.VmService/RecoverNxHugePages',
             vmmu_dot_v1_dot_vm__pb2.RecoverNxHugePagesRequest.SerializeToString,
             vmmu_dot_v1_dot_vm__pb2.RecoverNxHugePagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetNrMmuPages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmu.v1.VmService/SetNrMmuPages',
+            vmmu_dot_v1_dot_vm__pb2.SetNrMmuPagesRequest.SerializeToString,
+            vmmu_dot_v1_dot_vm__pb2.SetNrMmuPagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MmuShrinkScan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmmu.v1.VmService/MmuShrinkScan',
+            vmmu_dot_v1_dot_vm__pb2.MmuShrinkScanRequest.SerializeToString,
+            vmmu_dot_v1_dot_vm__pb2.MmuShrinkScanResponse.FromString,
             options,
             channel_credentials,
             insecure,
