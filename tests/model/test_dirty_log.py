@@ -191,8 +191,13 @@ async def test_a_read_only_slot_is_neither_split_nor_protected(make_guest):
 
 async def test_enabling_waits_for_a_lockless_fault_that_saw_the_slot_before(make_guest):
     """A fast page fault that looked at the slot before logging was on finishes before the
-    slot is write-protected (KVM: synchronize_srcu), so the W it sets does not survive."""
-    g = await make_guest(Backing.THP, 4 * MIB, eager_page_split=False)
+    slot is write-protected (KVM: synchronize_srcu), so the W it sets does not survive.
+
+    The schedule seed turns the wall-clock time slice off (resched.py): the test's own
+    point is the only task switch, so the vCPU retires its write before enabling logging
+    goes on, whatever the machine's load (with a slice, a vCPU parked longer than it may
+    give the loop away after the fixed fault, and its write then faults again, logged)."""
+    g = await make_guest(Backing.THP, 4 * MIB, eager_page_split=False, schedule_seed=0)
     await run(g.vcpu, W, 0)
     await set_log(g, True)
     await set_log(g, False)              # the 2M leaf stays write-protected, MMU-writable
@@ -209,7 +214,7 @@ async def test_enabling_waits_for_a_lockless_fault_that_saw_the_slot_before(make
     fault = asyncio.create_task(run(g.vcpu, W, 5))
     await at_cas.wait()                 # the fast path read the SPTE, the slot did not log
     enable = asyncio.create_task(set_log(g, True))
-    for _ in range(20):
+    for _ in range(20):                 # unprotected, enabling is done in far fewer turns
         await asyncio.sleep(0)
     assert not enable.done()
     go.set()
