@@ -13,6 +13,10 @@
                 [--workers K] [--ray [ADDRESS]]   on K processes, or as Ray tasks
     vmmu calibrate [--out FILE]        measure the cost table on the host's /dev/kvm
 
+serve, demo, scale and explore run on uvloop when it is installed (`vmmu[fast]`), else on
+asyncio's default loop; `--event-loop asyncio` (or VMMU_EVENT_LOOP=asyncio) keeps the
+default (vmmu.event_loop).
+
 A subcommand is a `_add_<name>(subparsers)` that declares its arguments and sets
 `run=<function(args) -> exit status>` (and `check=<function(args)>` if it refuses some
 combinations of options); `main` registers every one listed in `SUBCOMMANDS`.
@@ -29,6 +33,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from vmmu import event_loop
 from vmmu.server.kvm.limits import Limits
 from vmmu.server.kvm.vm import MMUS
 from vmmu.server.rpc.app import DEFAULT_KEEPALIVE_S, start_server
@@ -58,7 +63,7 @@ def serve(args: argparse.Namespace) -> int:
         tls = (ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
                if args.tls_cert else None)
         tokens = Tokens.from_file(args.token_file) if args.token_file else None
-        asyncio.run(_serve(args.listen, limits, tls=tls, tokens=tokens,
+        event_loop.run(_serve(args.listen, limits, tls=tls, tokens=tokens,
                            insecure=args.insecure, keepalive_s=args.keepalive,
                            metrics=args.metrics))
     except (OSError, InsecureListener, ValueError) as exc:
@@ -132,6 +137,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                         metavar="NAME=VALUE",
                         help="set one limit, after the file (e.g. vms=16, "
                              "vm_populated_bytes=4G); repeatable")
+    _add_event_loop(parser)
     parser.set_defaults(run=serve)
 
 
@@ -149,6 +155,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mmu", choices=MMUS, default="tdp",
                         help="the VM's MMU: the TDP MMU or the legacy (shadow) MMU with "
                              "rmaps (default tdp)")
+    _add_event_loop(parser)
     parser.set_defaults(run=demo)
 
 
@@ -181,6 +188,7 @@ def _add_scale(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--plot", metavar="DIR", help="also write PNG charts there "
                         "(needs vmmu[plot])")
     _add_parallelism(parser, "configurations")
+    _add_event_loop(parser)
     parser.set_defaults(run=scale)
 
 
@@ -193,6 +201,12 @@ def _add_parallelism(parser: argparse.ArgumentParser, units: str) -> None:
                         help=f"run the {units} as Ray tasks on the cluster at ADDRESS "
                              f"(HOST:PORT, ray://HOST:PORT or auto; a local cluster "
                              f"without it); needs Ray: {RAY_INSTALL}")
+
+
+def _add_event_loop(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--event-loop", choices=event_loop.CHOICES, metavar="LOOP",
+                        help="auto (uvloop when installed: vmmu[fast]), uvloop or asyncio "
+                             f"(default: ${event_loop.ENV}, else auto)")
 
 
 def _workers(args: argparse.Namespace) -> int:
@@ -249,6 +263,7 @@ def _add_explore(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--knob", action="append", default=[], choices=sorted(DEBUG_KNOBS),
                         help="switch a protection off (repeatable)")
     _add_parallelism(parser, "seeds")
+    _add_event_loop(parser)
     parser.set_defaults(run=explore, check=functools.partial(_check_explore, parser))
 
 
@@ -309,6 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if "check" in args:
         args.check(args)
+    if getattr(args, "event_loop", None):
+        try:
+            event_loop.choose(args.event_loop)
+        except event_loop.UvloopMissing as exc:
+            print(f"vmmu: --event-loop uvloop: {exc}", file=sys.stderr)
+            return 2
     return args.run(args)
 
 
