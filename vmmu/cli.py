@@ -13,9 +13,9 @@
                 [--workers K] [--ray [ADDRESS]]   on K processes, or as Ray tasks
     vmmu calibrate [--out FILE]        measure the cost table on the host's /dev/kvm
 
-serve, demo, scale and explore run on uvloop when it is installed (`vmmu[fast]`), else on
-asyncio's default loop; `--event-loop asyncio` (or VMMU_EVENT_LOOP=asyncio) keeps the
-default (vmmu.event_loop).
+`vmmu scale` runs on uvloop when it is installed (`vmmu[fast]`), else on asyncio's default
+loop; serve, demo and explore run on asyncio's unless asked for uvloop. `--event-loop`
+(or VMMU_EVENT_LOOP) chooses (vmmu.event_loop; docs/benchmarks.md, "Event loop", says why).
 
 A subcommand is a `_add_<name>(subparsers)` that declares its arguments and sets
 `run=<function(args) -> exit status>` (and `check=<function(args)>` if it refuses some
@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import functools
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -137,7 +138,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                         metavar="NAME=VALUE",
                         help="set one limit, after the file (e.g. vms=16, "
                              "vm_populated_bytes=4G); repeatable")
-    _add_event_loop(parser)
+    _add_event_loop(parser, "asyncio")
     parser.set_defaults(run=serve)
 
 
@@ -155,7 +156,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mmu", choices=MMUS, default="tdp",
                         help="the VM's MMU: the TDP MMU or the legacy (shadow) MMU with "
                              "rmaps (default tdp)")
-    _add_event_loop(parser)
+    _add_event_loop(parser, "asyncio")
     parser.set_defaults(run=demo)
 
 
@@ -188,7 +189,7 @@ def _add_scale(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--plot", metavar="DIR", help="also write PNG charts there "
                         "(needs vmmu[plot])")
     _add_parallelism(parser, "configurations")
-    _add_event_loop(parser)
+    _add_event_loop(parser, "auto")
     parser.set_defaults(run=scale)
 
 
@@ -203,10 +204,13 @@ def _add_parallelism(parser: argparse.ArgumentParser, units: str) -> None:
                              f"without it); needs Ray: {RAY_INSTALL}")
 
 
-def _add_event_loop(parser: argparse.ArgumentParser) -> None:
+def _add_event_loop(parser: argparse.ArgumentParser, default: str) -> None:
+    """--event-loop; without it $VMMU_EVENT_LOOP, else `default`: `auto` where uvloop was
+    measured to help (the simulator), `asyncio` where it did not (the gRPC server)."""
     parser.add_argument("--event-loop", choices=event_loop.CHOICES, metavar="LOOP",
                         help="auto (uvloop when installed: vmmu[fast]), uvloop or asyncio "
-                             f"(default: ${event_loop.ENV}, else auto)")
+                             f"(default: ${event_loop.ENV}, else {default})")
+    parser.set_defaults(default_event_loop=default)
 
 
 def _workers(args: argparse.Namespace) -> int:
@@ -263,7 +267,7 @@ def _add_explore(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--knob", action="append", default=[], choices=sorted(DEBUG_KNOBS),
                         help="switch a protection off (repeatable)")
     _add_parallelism(parser, "seeds")
-    _add_event_loop(parser)
+    _add_event_loop(parser, "asyncio")
     parser.set_defaults(run=explore, check=functools.partial(_check_explore, parser))
 
 
@@ -324,11 +328,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if "check" in args:
         args.check(args)
-    if getattr(args, "event_loop", None):
+    if "default_event_loop" in args:
         try:
-            event_loop.choose(args.event_loop)
-        except event_loop.UvloopMissing as exc:
-            print(f"vmmu: --event-loop uvloop: {exc}", file=sys.stderr)
+            event_loop.choose(args.event_loop or os.environ.get(event_loop.ENV)
+                              or args.default_event_loop)
+        except (event_loop.UvloopMissing, ValueError) as exc:
+            print(f"vmmu: event loop: {exc}", file=sys.stderr)
             return 2
     return args.run(args)
 

@@ -2,12 +2,16 @@
 `vmmu[fast]`), else asyncio's default loop.
 
 The choice is `auto` (uvloop if importable, else asyncio), `uvloop` (refused with the
-reason if it is not installed) or `asyncio`; it comes from the command's `--event-loop`
-or, without one, from the environment variable VMMU_EVENT_LOOP, which a command sets so
-that its worker processes (`vmmu scale`'s, `vmmu explore`'s) run on the same loop. What
-the loop changes is speed only: the model and the virtual clock use the public asyncio
-API, so a virtual-time run gives the same results on either (docs/benchmarks.md, "Event
-loop").
+reason if it is not installed) or `asyncio`; it comes from the command's `--event-loop`,
+else the environment variable VMMU_EVENT_LOOP, else the command's default (vmmu/cli.py:
+`auto` for `vmmu scale`, `asyncio` for the others), and the command sets the variable so
+that its worker processes run on the same loop. The model and the virtual clock use the
+public asyncio API, so a virtual-time run gives the same results on either loop.
+
+Measured (docs/benchmarks.md, "Event loop"): uvloop makes the simulator faster and the
+gRPC Run stream slower, and a gRPC server on uvloop that starts worker processes
+(Explore with workers) sometimes loses one to SIGSEGV (libuv starts it with fork() while
+gRPC's threads run; not seen on asyncio's loop), hence the defaults.
 """
 
 from __future__ import annotations
