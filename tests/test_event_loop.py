@@ -88,3 +88,16 @@ async def test_the_suite_runs_on_the_loop_it_asked_for():
     asked = event_loop.loop_name(os.environ[event_loop.ENV])     # conftest: asyncio unless set
     running = type(asyncio.get_running_loop()).__module__.split(".")[0]
     assert running == asked
+
+
+def test_scale_defaults_to_auto_and_the_server_to_asyncio(monkeypatch, capsys):
+    monkeypatch.delenv(event_loop.ENV)
+    assert cli_main(["scale", "no-such-sweep"]) == 2        # refused after the choice
+    assert os.environ[event_loop.ENV] == "auto"
+    monkeypatch.delenv(event_loop.ENV)
+    assert cli_main(["serve", "--tls-cert", "cert.pem"]) == 2
+    assert os.environ[event_loop.ENV] == "asyncio"
+    monkeypatch.setenv(event_loop.ENV, "uvloop")             # the variable beats the default
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    assert cli_main(["scale", "no-such-sweep"]) == 2
+    assert "pip install 'vmmu[fast]'" in capsys.readouterr().err
