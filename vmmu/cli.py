@@ -15,7 +15,8 @@
 
 `vmmu scale` runs on uvloop when it is installed (`vmmu[fast]`), else on asyncio's default
 loop; serve, demo and explore run on asyncio's unless asked for uvloop. `--event-loop`
-(or VMMU_EVENT_LOOP) chooses (vmmu.event_loop; docs/benchmarks.md, "Event loop", says why).
+(or VMMU_EVENT_LOOP) chooses (vmmu.event_loop; docs/benchmarks.md, "Event loop and
+grpc.aio settings", says why).
 
 A subcommand is a `_add_<name>(subparsers)` that declares its arguments and sets
 `run=<function(args) -> exit status>` (and `check=<function(args)>` if it refuses some
@@ -65,8 +66,8 @@ def serve(args: argparse.Namespace) -> int:
                if args.tls_cert else None)
         tokens = Tokens.from_file(args.token_file) if args.token_file else None
         event_loop.run(_serve(args.listen, limits, tls=tls, tokens=tokens,
-                           insecure=args.insecure, keepalive_s=args.keepalive,
-                           metrics=args.metrics))
+                              insecure=args.insecure, keepalive_s=args.keepalive,
+                              metrics=args.metrics))
     except (OSError, InsecureListener, ValueError) as exc:
         print(f"vmmu: {exc}", file=sys.stderr)
         return 1

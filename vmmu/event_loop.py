@@ -8,7 +8,7 @@ else the environment variable VMMU_EVENT_LOOP, else the command's default (vmmu/
 that its worker processes run on the same loop. The model and the virtual clock use the
 public asyncio API, so a virtual-time run gives the same results on either loop.
 
-Measured (docs/benchmarks.md, "Event loop"): uvloop makes the simulator faster and the
+Measured (docs/benchmarks.md, "Event loop and grpc.aio settings"): uvloop makes the simulator faster and the
 gRPC Run stream slower, and a gRPC server on uvloop that starts worker processes
 (Explore with workers) sometimes loses one to SIGSEGV (libuv starts it with fork() while
 gRPC's threads run; not seen on asyncio's loop), hence the defaults.
