@@ -22,12 +22,12 @@ model's own in-process explorer. The pool's crash hook (`CRASH_HOOK`) takes a se
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 
+from vmmu import event_loop
 from vmmu.server.kvm import explore as model
 from vmmu.server.kvm.explore import ExploreResult, ExploreStep, Outcome
 from vmmu.server.pool import (ATTEMPTS, CRASH_HOOK, MAX_WORKERS, RAY_INSTALL, Call, Pool,
@@ -50,7 +50,7 @@ class Chunk:
 
 def run_chunk(scenario: str, knobs: frozenset[str], chunk: Chunk) -> ExploreResult:
     """A worker's body: the model's explorer over one chunk, in a loop of its own."""
-    return asyncio.run(model.explore(scenario, chunk.count, knobs, chunk.first))
+    return event_loop.run(model.explore(scenario, chunk.count, knobs, chunk.first))
 
 
 @dataclass

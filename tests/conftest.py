@@ -4,6 +4,10 @@
 `Client` can talk to it from a test without stalling the server. `client` is
 parametrized over both clients; the blocking one is seen through `AsAsync`, which gives
 it the coroutine methods of its async twin, so one test body serves both.
+
+The tests run on asyncio's default loop; with VMMU_EVENT_LOOP=uvloop in the environment
+(`vmmu.event_loop`), the servers, the asyncio tests and the `vmmu` commands the tests
+start all run on uvloop instead.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from vmmu import event_loop
 from vmmu.client import (AsyncClient, AsyncInvalidationHold, AsyncRunStream, AsyncTraceStream,
                          AsyncVcpu, AsyncVm, Backing, Client, InvalidationHold, RunStream,
                          TraceStream, Vcpu, Vm)
@@ -26,6 +31,7 @@ T = TypeVar("T")
 
 # Every VM a test creates runs with the sanitizers on (VmConfig's default follows this).
 os.environ.setdefault("VMMU_SANITIZERS", "1")
+os.environ.setdefault(event_loop.ENV, "asyncio")
 
 
 class ServerThread:
@@ -33,7 +39,7 @@ class ServerThread:
     `options` are `start_server`'s."""
 
     def __init__(self, **options: Any) -> None:
-        self._loop = asyncio.new_event_loop()
+        self._loop = (event_loop.loop_factory() or asyncio.new_event_loop)()     # the ENV's
         self._thread = threading.Thread(target=self._loop.run_forever, name="vmmu-server",
                                         daemon=True)
         self._thread.start()
@@ -49,6 +55,12 @@ class ServerThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+
+if event_loop.loop_name() == "uvloop":
+    def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:
+        """pytest-asyncio's loops are uvloop's under VMMU_EVENT_LOOP=uvloop."""
+        return {"uvloop": event_loop.loop_factory()}
 
 
 @pytest.fixture

@@ -13,6 +13,11 @@
                 [--workers K] [--ray [ADDRESS]]   on K processes, or as Ray tasks
     vmmu calibrate [--out FILE]        measure the cost table on the host's /dev/kvm
 
+`vmmu scale` runs on uvloop when it is installed (`vmmu[fast]`), else on asyncio's default
+loop; serve, demo and explore run on asyncio's unless asked for uvloop. `--event-loop`
+(or VMMU_EVENT_LOOP) chooses (vmmu.event_loop; docs/benchmarks.md, "Event loop and
+grpc.aio settings", says why).
+
 A subcommand is a `_add_<name>(subparsers)` that declares its arguments and sets
 `run=<function(args) -> exit status>` (and `check=<function(args)>` if it refuses some
 combinations of options); `main` registers every one listed in `SUBCOMMANDS`.
@@ -24,11 +29,13 @@ import argparse
 import asyncio
 import functools
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from vmmu import event_loop
 from vmmu.server.kvm.limits import Limits
 from vmmu.server.kvm.vm import MMUS
 from vmmu.server.rpc.app import DEFAULT_KEEPALIVE_S, start_server
@@ -58,9 +65,9 @@ def serve(args: argparse.Namespace) -> int:
         tls = (ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
                if args.tls_cert else None)
         tokens = Tokens.from_file(args.token_file) if args.token_file else None
-        asyncio.run(_serve(args.listen, limits, tls=tls, tokens=tokens,
-                           insecure=args.insecure, keepalive_s=args.keepalive,
-                           metrics=args.metrics))
+        event_loop.run(_serve(args.listen, limits, tls=tls, tokens=tokens,
+                              insecure=args.insecure, keepalive_s=args.keepalive,
+                              metrics=args.metrics))
     except (OSError, InsecureListener, ValueError) as exc:
         print(f"vmmu: {exc}", file=sys.stderr)
         return 1
@@ -132,6 +139,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                         metavar="NAME=VALUE",
                         help="set one limit, after the file (e.g. vms=16, "
                              "vm_populated_bytes=4G); repeatable")
+    _add_event_loop(parser, "asyncio")
     parser.set_defaults(run=serve)
 
 
@@ -149,6 +157,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mmu", choices=MMUS, default="tdp",
                         help="the VM's MMU: the TDP MMU or the legacy (shadow) MMU with "
                              "rmaps (default tdp)")
+    _add_event_loop(parser, "asyncio")
     parser.set_defaults(run=demo)
 
 
@@ -181,6 +190,7 @@ def _add_scale(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--plot", metavar="DIR", help="also write PNG charts there "
                         "(needs vmmu[plot])")
     _add_parallelism(parser, "configurations")
+    _add_event_loop(parser, "auto")
     parser.set_defaults(run=scale)
 
 
@@ -195,6 +205,15 @@ def _add_parallelism(parser: argparse.ArgumentParser, units: str) -> None:
                              f"without it), waiting at most $VMMU_RAY_CONNECT_TIMEOUT "
                              f"seconds (default 15) for it to answer; needs Ray: "
                              f"{RAY_INSTALL}")
+
+
+def _add_event_loop(parser: argparse.ArgumentParser, default: str) -> None:
+    """--event-loop; without it $VMMU_EVENT_LOOP, else `default`: `auto` where uvloop was
+    measured to help (the simulator), `asyncio` where it did not (the gRPC server)."""
+    parser.add_argument("--event-loop", choices=event_loop.CHOICES, metavar="LOOP",
+                        help="auto (uvloop when installed: vmmu[fast]), uvloop or asyncio "
+                             f"(default: ${event_loop.ENV}, else {default})")
+    parser.set_defaults(default_event_loop=default)
 
 
 def _workers(args: argparse.Namespace) -> int:
@@ -251,6 +270,7 @@ def _add_explore(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--knob", action="append", default=[], choices=sorted(DEBUG_KNOBS),
                         help="switch a protection off (repeatable)")
     _add_parallelism(parser, "seeds")
+    _add_event_loop(parser, "asyncio")
     parser.set_defaults(run=explore, check=functools.partial(_check_explore, parser))
 
 
@@ -311,6 +331,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if "check" in args:
         args.check(args)
+    if "default_event_loop" in args:
+        try:
+            event_loop.choose(args.event_loop or os.environ.get(event_loop.ENV)
+                              or args.default_event_loop)
+        except (event_loop.UvloopMissing, ValueError) as exc:
+            print(f"vmmu: event loop: {exc}", file=sys.stderr)
+            return 2
     return args.run(args)
 
 

@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from vmmu import event_loop
 from vmmu.client import AsyncClient, AsyncVcpu, Backing, BatchBuilder, ExitReason
 from vmmu.server.rpc.app import start_server
 
@@ -124,4 +125,4 @@ async def _scenario(client: AsyncClient, port: int, accesses_per_vcpu: int, mmu:
 
 
 def run_demo(accesses_per_vcpu: int = 200_000, mmu: str = "tdp") -> int:
-    return asyncio.run(_demo(accesses_per_vcpu, mmu))
+    return event_loop.run(_demo(accesses_per_vcpu, mmu))

@@ -7,10 +7,10 @@ each debug knob off. Progress goes to stderr: a bar on a terminal, plain lines o
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 
+from vmmu import event_loop
 from vmmu.server.explore_pool import open_workers
 from vmmu.server.kvm.explore import SCENARIOS, ExploreStep
 from vmmu.server.kvm.vm import DEBUG_KNOBS
@@ -109,11 +109,11 @@ def _cell(step: ExploreStep) -> str:
 def run_explore(scenario: str, seeds: int, knobs: frozenset[str], first_seed: int = 0,
                 workers: int = 1, ray: str | None = None) -> int:
     """One exploration; exit status 1 if a seed violated."""
-    return asyncio.run(_explore(scenario, seeds, knobs, first_seed, workers, ray))
+    return event_loop.run(_explore(scenario, seeds, knobs, first_seed, workers, ray))
 
 
 def run_explore_all(seeds: int, first_seed: int = 0, workers: int = 1,
                     ray: str | None = None) -> int:
     """Every scenario with every protection on and with each knob off; exit status 1 if
     a scenario violated with every protection on."""
-    return asyncio.run(_explore_all(seeds, first_seed, workers, ray))
+    return event_loop.run(_explore_all(seeds, first_seed, workers, ray))

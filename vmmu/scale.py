@@ -31,6 +31,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
+from vmmu import event_loop
 from vmmu.server.kvm import (AccessBatch, AccessKind, Backing, Kvm, Vm, VmConfig,
                              KVM_MEM_LOG_DIRTY_PAGES)
 from vmmu.server.pool import Call, Jobs, drive, open_pool
@@ -399,7 +400,7 @@ class Config:
 
 def run_config(measure: str, args: list) -> dict:
     """A configuration's result, in a fresh event loop (a worker's call)."""
-    return asyncio.run(MEASURES[measure](*args))
+    return event_loop.run(MEASURES[measure](*args))
 
 
 def run_sweep(name: str, **options) -> list[dict]:
@@ -453,7 +454,7 @@ def main(names: list[str], quick: bool = False, costs: dict | None = None, seed:
                 print(json.dumps(r, sort_keys=True), file=out, flush=True)
         return lost
 
-    lost = asyncio.run(show())
+    lost = event_loop.run(show())
     if lost:
         print(f"{lost} worker(s) died; their configurations ran again", file=sys.stderr)
     if plot:
