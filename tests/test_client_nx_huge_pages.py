@@ -55,6 +55,14 @@ async def test_the_mitigation_is_off_by_default_and_its_bad_calls_change_nothing
     with pytest.raises(InvalidArgument, match="EINVAL"):
         await nx.recover_nx_huge_pages(0)
     assert (await nx.stats())["nx_lpage_splits"] == 1
-    with pytest.raises(InvalidArgument, match="nx_huge_pages"):
-        await client.create_vm(mmu="legacy", nx_huge_pages=True)
-    assert len(await client.list_vms()) == 2
+
+
+async def test_a_legacy_mmu_vm_takes_the_mitigation(client):
+    vm, vcpu = await nx_guest(client, mmu="legacy", nx_huge_pages=True)
+    assert (await vm.info()).config.nx_huge_pages
+    await run(vcpu, BatchBuilder().fetch(0))
+    assert (await vm.walk(0))[-1].level == 1
+    assert (await vm.stats())["nx_lpage_splits"] == 1
+    assert await vm.recover_nx_huge_pages(1) == 1
+    await run(vcpu, BatchBuilder().read(PAGE))
+    assert (await vm.walk(0))[-1].level == 2

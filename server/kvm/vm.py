@@ -167,9 +167,6 @@ class VmConfig:
         if self.mmu == "legacy" and (self.table_free != "rcu" or not self.zap_leafs_only):
             raise einval("table_free and zap_leafs_only are policies of the TDP MMU; the "
                          "legacy MMU frees on commit and zaps leafs only")
-        if self.mmu == "legacy" and self.nx_huge_pages:
-            raise einval("nx_huge_pages is modelled for the TDP MMU only; the legacy MMU "
-                         "maps fetches like reads")
         if self.table_free == "write_section" and (self.fast_page_fault or
                                                    self.aging_lock == "none"):
             # The exclusive section waits out mmu_lock's holders, not lockless walkers.
@@ -263,6 +260,7 @@ class Vm:
                 mmu_lock=self.mmu_lock, rcu=self.rcu, stats=self.stat,
                 flush_remote_tlbs=self.flush_remote_tlbs, tracer=self.tracer,
                 sched=self.sched, knobs=self.knobs, memslot_sets=self.memslot_sets)
+            self.shadow.nx_huge_pages = config.nx_huge_pages
         else:
             self.mmu = self.tdp = TdpMmu(
                 root_level=config.tdp_levels, max_gfn=self.max_gfn, ad_enabled=config.ad_bits,
@@ -653,7 +651,7 @@ class Vm:
                            "are no NX huge pages to recover")
         async with self.mmu_lock.write:
             with self._dies_on_bug():
-                return await self.tdp.recover_nx_huge_pages(self.memslot_sets, ratio)
+                return await self.mmu.recover_nx_huge_pages(self.memslot_sets, ratio)
 
     @simulated("harvester")
     async def get_dirty_log(self, slot: int) -> bytes:
