@@ -89,7 +89,7 @@ class AsyncClient:
         `aging_lock` ("none", "read" or "write") and `zap_leafs_only`. ValueError for a
         clock or policy name the wire has no value for. `mmu` "legacy" runs KVM's MMU
         with tdp_mmu=0 (rmaps) instead of the TDP MMU. `nx_huge_pages` turns the NX huge
-        page mitigation on (TDP MMU only): fetches map 4K, `recover_nx_huge_pages`
+        page mitigation on (either MMU): fetches map 4K, `recover_nx_huge_pages`
         lets their ranges map huge again."""
         info = await self._invoke(_base.create_vm(max_vcpus, tdp_levels, ad_bits, name,
                                                   schedule_seed, sanitizers, debug,
