@@ -4,12 +4,14 @@ On both MMUs (the `mmu` fixture)."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 
 import pytest
 
 from vmmu.server.kvm import (KVM_MEM_LOG_DIRTY_PAGES, AccessBatch, AccessKind, Backing,
-                             ExitReason, KvmError, VmConfig)
+                             ExitReason, KvmError, VmBugged, VmConfig)
+from vmmu.server.kvm.nx_recovery import recovery_period_ms
 
 MIB = 1 << 20
 R, W, X = AccessKind.READ, AccessKind.WRITE, AccessKind.EXEC
@@ -188,3 +190,90 @@ async def test_recovery_of_a_1g_range_leaves_no_table_on_the_list(make_guest):
     assert splits(g.vm) == 0 and len(g.vm.mmu.possible_nx_huge_pages) == 0
     await run(g.vcpu, R, 7)
     assert (leaf(g.vm, 7).level, leaf(g.vm, 7).executable) == (3, False)
+
+
+# -- the periodic recovery worker (nx_recovery.py) -------------------------------------
+
+async def wait_for(predicate, timeout_s: float = 5.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+async def test_the_worker_starts_at_the_first_run_and_recovers_every_period(make_guest):
+    g = await thp_guest(make_guest, nx_huge_pages=True, nx_huge_pages_recovery_ratio=1,
+                        nx_huge_pages_recovery_period_ms=10)
+    worker = g.vm.nx_recovery
+    assert not worker.running                      # no KVM_RUN yet
+    await run(g.vcpu, X, 5, 600)
+    assert worker.running
+    await wait_for(lambda: splits(g.vm) == 0)
+    assert g.vm.walk(5 << 12)[-1].kind != "leaf"   # the fetches' tables were zapped
+    await run(g.vcpu, R, 5)
+    assert leaf(g.vm, 5).level == 2
+    await run(g.vcpu, X, 1030)                     # and later fetches are recovered too
+    await wait_for(lambda: splits(g.vm) == 0)
+    assert worker.passes >= 2
+    await g.vm.destroy()
+    assert not worker.running
+
+
+async def test_destroy_stops_the_worker_in_its_pass_and_leaves_nothing_held(make_guest):
+    """Destroy while the worker's pass waits for mmu_lock: the pass ends, then the
+    teardown takes the lock; nothing stays held or running."""
+    g = await thp_guest(make_guest, nx_huge_pages=True, nx_huge_pages_recovery_ratio=1,
+                        nx_huge_pages_recovery_period_ms=1)
+    await run(g.vcpu, X, 5)
+    worker = g.vm.nx_recovery
+    await g.vm.mmu_lock.acquire_read()             # the next pass queues for the write lock
+    await wait_for(lambda: g.vm.mmu_lock.statistics().waiters == 1)
+    destroy = asyncio.create_task(g.vm.destroy())
+    await asyncio.sleep(0.01)
+    assert not destroy.done()                      # waits for the pass under way
+    g.vm.mmu_lock.release_read()
+    await asyncio.wait_for(destroy, 5)
+    assert not worker.running and g.vm.destroyed
+    assert g.vm.mmu_lock.statistics().waiters == 0
+
+
+async def test_a_dead_vm_ends_its_worker(make_guest):
+    g = await thp_guest(make_guest, nx_huge_pages=True, nx_huge_pages_recovery_ratio=1,
+                        nx_huge_pages_recovery_period_ms=1)
+    await run(g.vcpu, X, 5)
+    g.vm.mark_dead(VmBugged("test: the VM is bugged"))
+    worker = g.vm.nx_recovery
+    await wait_for(lambda: not worker.running)
+    assert worker.failure is None                  # ended, not failed
+    assert splits(g.vm) == 1                       # a dead VM is not touched
+    await g.vm.destroy()
+
+
+async def test_destroy_wakes_a_sleeping_worker(make_guest):
+    g = await thp_guest(make_guest, nx_huge_pages=True, nx_huge_pages_recovery_ratio=1,
+                        nx_huge_pages_recovery_period_ms=3_600_000)
+    await run(g.vcpu, X, 5)
+    worker = g.vm.nx_recovery
+    assert worker.running
+    await asyncio.wait_for(g.vm.destroy(), 5)      # not after the hour
+    assert not worker.running and worker.failure is None and worker.passes == 0
+
+
+@pytest.mark.parametrize("config, reason", [
+    (dict(nx_huge_pages_recovery_ratio=1), "needs nx_huge_pages"),
+    (dict(nx_huge_pages=True, nx_huge_pages_recovery_period_ms=10), "needs a recovery ratio"),
+    (dict(nx_huge_pages=True, nx_huge_pages_recovery_ratio=1 << 32), "not a u32"),
+    (dict(nx_huge_pages=True, nx_huge_pages_recovery_ratio=-1), "not a u32"),
+    (dict(nx_huge_pages=True, nx_huge_pages_recovery_ratio=1,
+          nx_huge_pages_recovery_period_ms=1 << 32), "not a u32"),
+    (dict(nx_huge_pages=True, nx_huge_pages_recovery_ratio=1, clock="virtual"), "wall time"),
+])
+def test_bad_worker_configs_are_einval(config, reason, mmu):
+    with pytest.raises(KvmError) as err:
+        VmConfig(mmu=mmu, **config).validate()
+    assert err.value.errno == errno.EINVAL and reason in str(err.value)
+
+
+def test_the_period_defaults_to_an_hour_over_the_ratio_and_at_least_a_second():
+    assert recovery_period_ms(60, 0) == 60_000           # KVM's default ratio: a minute
+    assert recovery_period_ms(1 << 20, 0) == 1000
+    assert recovery_period_ms(60, 250) == 250
