@@ -144,6 +144,9 @@ def vm_info(m: vm_pb2.VmInfo) -> VmInfo:
                                   costs=tuple(sorted(c.costs.items())),
                                   zap_leafs_only=c.zap_leafs_only,
                                   nx_huge_pages=c.nx_huge_pages,
+                                  nx_huge_pages_recovery_ratio=c.nx_huge_pages_recovery_ratio,
+                                  nx_huge_pages_recovery_period_ms=(
+                                      c.nx_huge_pages_recovery_period_ms),
                                   **{choice.field: choice.from_wire[getattr(c, choice.field)]
                                      for choice in _CHOICES}),
                   nr_vcpus=m.nr_vcpus, nr_memslots=m.nr_memslots,
@@ -199,7 +202,9 @@ def create_vm(max_vcpus: int, tdp_levels: int, ad_bits: bool, name: str,
               dirty_ring_size: int, dirty_ring_with_bitmap: bool,
               fast_page_fault: bool, clock: str, costs: Mapping[str, int] | None,
               fault_lock: str, table_free: str, aging_lock: str,
-              zap_leafs_only: bool, mmu: str, nx_huge_pages: bool) -> Call[VmInfo]:
+              zap_leafs_only: bool, mmu: str, nx_huge_pages: bool,
+              nx_huge_pages_recovery_ratio: int = 0,
+              nx_huge_pages_recovery_period_ms: int = 0) -> Call[VmInfo]:
     names = {"clock": clock, "fault_lock": fault_lock, "table_free": table_free,
              "aging_lock": aging_lock}
     config = vm_pb2.VmConfig(max_vcpus=max_vcpus, tdp_levels=tdp_levels, ad_bits=ad_bits,
@@ -211,6 +216,8 @@ def create_vm(max_vcpus: int, tdp_levels: int, ad_bits: bool, name: str,
                              dirty_ring_with_bitmap=dirty_ring_with_bitmap,
                              fast_page_fault=fast_page_fault, costs=costs, mmu=mmu,
                              zap_leafs_only=zap_leafs_only, nx_huge_pages=nx_huge_pages,
+                             nx_huge_pages_recovery_ratio=nx_huge_pages_recovery_ratio,
+                             nx_huge_pages_recovery_period_ms=nx_huge_pages_recovery_period_ms,
                              **{choice.field: choice.to_wire(names[choice.field])
                                 for choice in _CHOICES})
     return Call("vm", "CreateVm", vm_pb2.CreateVmRequest(config=config),

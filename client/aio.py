@@ -73,7 +73,9 @@ class AsyncClient:
                         costs: Mapping[str, int] | None = None, fault_lock: str = "read",
                         table_free: str = "rcu", aging_lock: str = "none",
                         zap_leafs_only: bool = True, mmu: str = "tdp",
-                        nx_huge_pages: bool = False) -> AsyncVm:
+                        nx_huge_pages: bool = False,
+                        nx_huge_pages_recovery_ratio: int = 0,
+                        nx_huge_pages_recovery_period_ms: int = 0) -> AsyncVm:
         """Create a VM. `sanitizers` None keeps the server's default; `debug` names debug
         knobs to switch protections off; `gpc_policy` ("global" or "range") says which
         invalidations make a gfn-to-pfn cache refresh retry. Dirty logging:
@@ -89,8 +91,10 @@ class AsyncClient:
         `aging_lock` ("none", "read" or "write") and `zap_leafs_only`. ValueError for a
         clock or policy name the wire has no value for. `mmu` "legacy" runs KVM's MMU
         with tdp_mmu=0 (rmaps) instead of the TDP MMU. `nx_huge_pages` turns the NX huge
-        page mitigation on (TDP MMU only): fetches map 4K, `recover_nx_huge_pages`
-        lets their ranges map huge again."""
+        page mitigation on (either MMU): fetches map 4K, `recover_nx_huge_pages`
+        lets their ranges map huge again; `nx_huge_pages_recovery_ratio` (0: none) runs
+        a recovery pass every `nx_huge_pages_recovery_period_ms` (0: one hour / ratio)
+        from the first run."""
         info = await self._invoke(_base.create_vm(max_vcpus, tdp_levels, ad_bits, name,
                                                   schedule_seed, sanitizers, debug,
                                                   gpc_policy, eager_page_split,
@@ -98,7 +102,9 @@ class AsyncClient:
                                                   dirty_ring_with_bitmap, fast_page_fault,
                                                   clock, costs, fault_lock, table_free,
                                                   aging_lock, zap_leafs_only, mmu,
-                                                  nx_huge_pages))
+                                                  nx_huge_pages,
+                                                  nx_huge_pages_recovery_ratio,
+                                                  nx_huge_pages_recovery_period_ms))
         return AsyncVm(self, info.id)
 
     def vm(self, vm_id: int) -> AsyncVm:

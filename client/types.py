@@ -96,7 +96,8 @@ class VmConfig:
     "virtual"), `costs` (the cost overrides given at creation, (name, ns) pairs sorted
     by name); the policies `fault_lock` ("read" or "write"), `table_free` ("rcu" or
     "write_section"), `aging_lock` ("none", "read" or "write"), `zap_leafs_only`; `mmu`, "tdp" or "legacy";
-    `nx_huge_pages`, the NX huge page mitigation."""
+    `nx_huge_pages`, the NX huge page mitigation, and its recovery worker's
+    `nx_huge_pages_recovery_ratio` (0: none) and `nx_huge_pages_recovery_period_ms`."""
 
     max_vcpus: int
     tdp_levels: int
@@ -119,6 +120,8 @@ class VmConfig:
     zap_leafs_only: bool = True
     mmu: str = "tdp"
     nx_huge_pages: bool = False
+    nx_huge_pages_recovery_ratio: int = 0
+    nx_huge_pages_recovery_period_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,8 @@ mapped 4K, the stat, the recovery call, and bad input refused with nothing chang
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from vmmu.client import (Backing, BatchBuilder, ExitReason, FailedPrecondition,
@@ -55,6 +57,36 @@ async def test_the_mitigation_is_off_by_default_and_its_bad_calls_change_nothing
     with pytest.raises(InvalidArgument, match="EINVAL"):
         await nx.recover_nx_huge_pages(0)
     assert (await nx.stats())["nx_lpage_splits"] == 1
-    with pytest.raises(InvalidArgument, match="nx_huge_pages"):
-        await client.create_vm(mmu="legacy", nx_huge_pages=True)
-    assert len(await client.list_vms()) == 2
+
+
+async def test_a_legacy_mmu_vm_takes_the_mitigation(client):
+    vm, vcpu = await nx_guest(client, mmu="legacy", nx_huge_pages=True)
+    assert (await vm.info()).config.nx_huge_pages
+    await run(vcpu, BatchBuilder().fetch(0))
+    assert (await vm.walk(0))[-1].level == 1
+    assert (await vm.stats())["nx_lpage_splits"] == 1
+    assert await vm.recover_nx_huge_pages(1) == 1
+    await run(vcpu, BatchBuilder().read(PAGE))
+    assert (await vm.walk(0))[-1].level == 2
+
+
+async def test_the_recovery_worker_over_the_wire(client):
+    vm, vcpu = await nx_guest(client, mmu="legacy", nx_huge_pages=True,
+                              nx_huge_pages_recovery_ratio=1,
+                              nx_huge_pages_recovery_period_ms=10)
+    config = (await vm.info()).config
+    assert (config.nx_huge_pages_recovery_ratio,
+            config.nx_huge_pages_recovery_period_ms) == (1, 10)
+    await run(vcpu, BatchBuilder().fetch(0))
+    async with asyncio.timeout(5):
+        while (await vm.stats())["nx_lpage_splits"]:
+            await asyncio.sleep(0.01)
+    await run(vcpu, BatchBuilder().read(PAGE))
+    assert (await vm.walk(0))[-1].level == 2
+    vms = len(await client.list_vms())
+    for bad in (dict(nx_huge_pages_recovery_ratio=1),
+                dict(nx_huge_pages=True, nx_huge_pages_recovery_period_ms=10),
+                dict(nx_huge_pages=True, nx_huge_pages_recovery_ratio=1, clock="virtual")):
+        with pytest.raises(InvalidArgument, match="nx_huge_pages_recovery|wall time"):
+            await client.create_vm(**bad)
+    assert len(await client.list_vms()) == vms

@@ -41,6 +41,7 @@ from .mmu_internal import (ACCESS_NEEDS, PFERR_ACCESS_MASK, RET_PF_EMULATE, RET_
                            RET_PF_SPURIOUS, PageFault, RetPf, fault_spte)
 from .mmu_lock import MmuLock
 from .mmu_page import MmuPage, PageTables, UseAfterFree
+from .nx_huge_pages import PossibleNxHugePages, disallowed_hugepage_adjust, executable
 from .rcu import Rcu
 from .rmap import PTE_LIST_DESC_BYTES, Rmaps, SlotRmaps, sptep_index, sptep_of
 from .rmap_bulk import write_protect_heads
@@ -109,6 +110,8 @@ class ShadowMmu:
         self.slot_rmaps: dict[tuple[int, int], SlotRmaps] = {}
         self.max_gfn = max_gfn           # the VM's `kvm_mmu_max_gfn()`, inclusive
         self.n_max_mmu_pages: int | None = None   # KVM_SET_NR_MMU_PAGES; None: no limit
+        self.nx_huge_pages = False            # VmConfig.nx_huge_pages (nx_huge_pages.py)
+        self.possible_nx_huge_pages = PossibleNxHugePages(stats)
 
     @property
     def bulk(self) -> bool:
@@ -227,18 +230,26 @@ class ShadowMmu:
     async def map(self, fault: PageFault, root: ShadowPage) -> RetPf:
         """`direct_map`: walk to the goal level, linking pages, then `mmu_set_spte`."""
         self.mmu_lock.assert_held_write()
-        gfn, goal = fault.gfn, fault.goal_level
+        gfn = fault.gfn
         sp, level = root, root.level
         if self.clock is not None:
             costs = self.clock.costs
-            self.clock.charge(costs.tdp_walk_level * (level - goal + 1) + costs.make_spte)
-        while level > goal:
+            self.clock.charge(costs.tdp_walk_level * (level - fault.goal_level + 1) +
+                              costs.make_spte)
+        while True:
             index = gfn >> level_shift(level) & 511
+            if self.nx_huge_pages:
+                disallowed_hugepage_adjust(fault, sp, index, sp.spt[index])
+            if level == fault.goal_level:
+                break
             if sp.spt[index] & PRESENT_LARGE != MMU_PRESENT:
-                await self._link(sp, index, self.get_child_sp(sp, index))
+                child = self.get_child_sp(sp, index)
+                await self._link(sp, index, child)
+                if fault.huge_page_disallowed:
+                    self.possible_nx_huge_pages.account(child, fault.req_level >= level)
             sp = sp.children[index]
             level -= 1
-        return await self._set_spte(fault, sp, gfn >> level_shift(goal) & 511)
+        return await self._set_spte(fault, sp, index)
 
     async def _set_spte(self, fault: PageFault, sp: ShadowPage, index: int) -> RetPf:
         """`mmu_set_spte`: install the leaf (or MMIO SPTE) and add it to its rmap."""
@@ -258,7 +269,8 @@ class ShadowMmu:
                 flush = True
             else:
                 rmapped = True
-        new = fault_spte(fault, level, self.ad_enabled)
+        new = fault_spte(fault, level, self.ad_enabled,
+                         executable=executable(level, self.nx_huge_pages))
         if new == old:
             return RET_PF_SPURIOUS
         sp.spt[index] = new
@@ -333,6 +345,7 @@ class ShadowMmu:
                 await self._drop_parent_pte(sp.children[index], sp, index)
         for sptep in list(self.rmaps.sptes(sp.parent_ptes[0])):
             await self._drop_parent_pte(sp, self._sptep_table(sptep), sptep_index(sptep))
+        self.possible_nx_huge_pages.unlink(sp)       # unaccount_nx_huge_page
         sp.invalid = True
         self.hash[(sp.gfn, sp.level, sp.as_id)].remove(sp)
         self.active.pop(sp, None)
@@ -447,6 +460,29 @@ class ShadowMmu:
             if sp in self.active:
                 await self.prepare_zap(sp, invalid_list)
         self._commit_zap(invalid_list)
+
+    # -- the NX huge page recovery worker ----------------------------------------------
+
+    async def recover_nx_huge_pages(self, memslot_sets: list["Memslots"], ratio: int) -> int:
+        """`kvm_recover_nx_huge_pages` (mmu_lock held for write): take the oldest
+        ceil(n / ratio) of the n possible NX huge pages off the list
+        (`PossibleNxHugePages.recover`). Each is zapped (`kvm_mmu_prepare_zap_page`), so
+        that the next fault that is not a fetch maps its range huge. When a task waits for
+        mmu_lock, the zapped pages are committed (flushed) before it is yielded
+        (`kvm_mmu_remote_flush_or_zap`). Returns the pages zapped."""
+        self.mmu_lock.assert_held_write()
+        invalid_list: list[ShadowPage] = []
+        zapped = 0
+        for sp, zap in self.possible_nx_huge_pages.recover(memslot_sets, ratio):
+            if zap:
+                await self.prepare_zap(sp, invalid_list)
+                zapped += 1
+            if self.mmu_lock.needbreak():
+                self._commit_zap(invalid_list)
+                invalid_list = []
+                await yield_write_lock(self)
+        self._commit_zap(invalid_list)
+        return zapped
 
     # -- zapping gfn ranges through the rmaps ----------------------------------------
 

@@ -37,7 +37,7 @@ from .mmu_internal import (ACCESS_NEEDS, PFERR_ACCESS_MASK, RET_PF_EMULATE, RET_
                            RET_PF_RETRY, RET_PF_SPURIOUS, PageFault, RetPf, fault_spte)
 from .mmu_lock import MmuLock
 from .mmu_page import MmuPage, PageTables
-from .nx_huge_pages import PossibleNxHugePages
+from .nx_huge_pages import PossibleNxHugePages, disallowed_hugepage_adjust, executable
 from .rcu import Rcu
 from .resched import Timeslice
 from .stats import VmStats
@@ -327,7 +327,8 @@ class TdpMmu:
                 if old == FROZEN:
                     return RET_PF_RETRY
                 if it.level == goal:
-                    if not (self.nx_huge_pages and self._disallowed_hugepage_adjust(fault, it)):
+                    if not (self.nx_huge_pages and disallowed_hugepage_adjust(
+                            fault, it.table, it.index, old)):
                         return self._map_target_level(fault, it)
                     goal = it.min_level = fault.goal_level
                     it.step_down(far=True)
@@ -353,19 +354,6 @@ class TdpMmu:
         finally:
             self.rcu.exit(token)
 
-    @staticmethod
-    def _disallowed_hugepage_adjust(fault: PageFault, it: TdpIter) -> bool:
-        """`disallowed_hugepage_adjust`: the fault would make a huge leaf at `it`, where a
-        table a fetch linked under the NX huge page mitigation is: map one level lower
-        instead (the pfn gets back the gfn's bits of that level). Whether it did."""
-        level, old = it.level, it.old_spte
-        if level == PG_LEVEL_4K or old & PRESENT_LARGE != MMU_PRESENT or \
-                not it.table.children[it.index].nx_huge_page_disallowed:
-            return False
-        fault.pfn |= fault.gfn & (pages_per_level(level) - pages_per_level(level - 1))
-        fault.goal_level = level - 1
-        return True
-
     def _map_target_level(self, fault: PageFault, it: TdpIter) -> RetPf:
         old, level = it.old_spte, it.level
         needs = ACCESS_NEEDS[fault.error_code & PFERR_ACCESS_MASK]      # is_access_allowed
@@ -373,7 +361,7 @@ class TdpMmu:
             return RET_PF_SPURIOUS
         slot = fault.slot
         new = fault_spte(fault, level, self.ad_enabled,
-                         executable=level == PG_LEVEL_4K or not self.nx_huge_pages)
+                         executable=executable(level, self.nx_huge_pages))
         if new == old:
             return RET_PF_SPURIOUS
         if not self.set_spte_atomic(it, new):
@@ -679,26 +667,16 @@ class TdpMmu:
 
     async def recover_nx_huge_pages(self, memslot_sets: "list[Memslots]", ratio: int) -> int:
         """`kvm_recover_nx_huge_pages` (mmu_lock held for write): take the oldest
-        ceil(n / ratio) of the n possible NX huge pages off the list. Each is zapped (the
-        entry that links it), so that the next fault that is not a fetch maps its range
-        huge, unless its memslot logs dirty pages: there it would fault back 4K, and is
-        only unaccounted (turning logging off recovers it). Yields mmu_lock when a task
+        ceil(n / ratio) of the n possible NX huge pages off the list
+        (`PossibleNxHugePages.recover`). Each is zapped (the entry that links it), so that
+        the next fault that is not a fetch maps its range huge. Yields mmu_lock when a task
         waits for it, flushing first. Returns the tables zapped."""
         self.mmu_lock.assert_held_write()
-        pages = self.possible_nx_huge_pages
         zapped = 0
         flush = False
         with _YieldingWalk(self, shared=False) as walk:
-            for _ in range(-(-len(pages) // ratio)):
-                if not len(pages):
-                    break
-                sp = pages.oldest()
-                if not sp.nx_huge_page_disallowed:
-                    raise VmBugged(f"{sp!r} is a possible NX huge page but not disallowed")
-                slot = memslot_sets[sp.as_id].lookup(sp.gfn)
-                if slot is not None and slot.dirty_logging:
-                    pages.untrack(sp)
-                else:
+            for sp, zap in self.possible_nx_huge_pages.recover(memslot_sets, ratio):
+                if zap:
                     self._zap_sp(sp)
                     flush = True
                     zapped += 1

@@ -222,6 +222,8 @@ class Vcpu:
                            "run needs a batch")
         elif batch is not None:
             self._check_batch_limits(batch)
+        if self.vm.nx_recovery is not None:
+            self.vm.nx_recovery.start()          # KVM starts the worker at the first KVM_RUN
         if self.clock is not None:
             async with self.clock.running(self.actor, start_ns=start_ns):
                 return await self._run(batch, mmio_data)

@@ -37,6 +37,7 @@ from .mmu import can_be_fast_table
 from .limits import NO_LIMITS, Limits, MemoryCharge
 from .mmu_lock import MmuLock
 from .notifier import Notifier
+from .nx_recovery import NxRecoveryWorker, check_nx_recovery
 from .rcu import Rcu
 from .sanitizers import Sanitizers
 from .sched import Scheduler
@@ -129,9 +130,13 @@ class VmConfig:
     table_free: str = "rcu"
     aging_lock: str = "none"
     zap_leafs_only: bool = True
-    # KVM's nx_huge_pages (the iTLB multihit mitigation, nx_recovery.py): huge leaves are
+    # KVM's nx_huge_pages (the iTLB multihit mitigation, nx_huge_pages.py): huge leaves are
     # not executable and a fetch maps 4K. Off, as KVM's "auto" on a CPU without the bug.
     nx_huge_pages: bool = False
+    # KVM's recovery worker (nx_recovery.py): 1/ratio of the possible NX huge pages every
+    # period_ms (0: one hour / ratio), from the first KVM_RUN; ratio 0 (the default): none.
+    nx_huge_pages_recovery_ratio: int = 0
+    nx_huge_pages_recovery_period_ms: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.costs, dict):       # a mapping is welcome; kept as sorted pairs
@@ -167,9 +172,7 @@ class VmConfig:
         if self.mmu == "legacy" and (self.table_free != "rcu" or not self.zap_leafs_only):
             raise einval("table_free and zap_leafs_only are policies of the TDP MMU; the "
                          "legacy MMU frees on commit and zaps leafs only")
-        if self.mmu == "legacy" and self.nx_huge_pages:
-            raise einval("nx_huge_pages is modelled for the TDP MMU only; the legacy MMU "
-                         "maps fetches like reads")
+        check_nx_recovery(self)
         if self.table_free == "write_section" and (self.fast_page_fault or
                                                    self.aging_lock == "none"):
             # The exclusive section waits out mmu_lock's holders, not lockless walkers.
@@ -263,6 +266,7 @@ class Vm:
                 mmu_lock=self.mmu_lock, rcu=self.rcu, stats=self.stat,
                 flush_remote_tlbs=self.flush_remote_tlbs, tracer=self.tracer,
                 sched=self.sched, knobs=self.knobs, memslot_sets=self.memslot_sets)
+            self.shadow.nx_huge_pages = config.nx_huge_pages
         else:
             self.mmu = self.tdp = TdpMmu(
                 root_level=config.tdp_levels, max_gfn=self.max_gfn, ad_enabled=config.ad_bits,
@@ -275,6 +279,9 @@ class Vm:
         self.host.notifiers.append(self.notifier)
         self.holds = HeldInvalidations(self)
         self.gpcs = Gpcs(self, config.gpc_policy)
+        self.nx_recovery = NxRecoveryWorker(self, config.nx_huge_pages_recovery_ratio,
+                                            config.nx_huge_pages_recovery_period_ms) \
+            if config.nx_huge_pages_recovery_ratio else None
         self.notifier.start_hooks.append(self.gpcs.invalidate_start)
         self._vcpus: dict[int, Vcpu] = {}
         # Private memory (guest_memfd.py, mem_attributes.py): every TDP-MMU VM is a
@@ -314,6 +321,8 @@ class Vm:
         self._kick_vcpus_dead()
         if self.clock is not None:
             self.clock.run_free()
+        if self.nx_recovery is not None:
+            await self.nx_recovery.stop()
         await self._teardown()
 
     @simulated("teardown")
@@ -653,7 +662,7 @@ class Vm:
                            "are no NX huge pages to recover")
         async with self.mmu_lock.write:
             with self._dies_on_bug():
-                return await self.tdp.recover_nx_huge_pages(self.memslot_sets, ratio)
+                return await self.mmu.recover_nx_huge_pages(self.memslot_sets, ratio)
 
     @simulated("harvester")
     async def get_dirty_log(self, slot: int) -> bytes:

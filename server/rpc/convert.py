@@ -109,7 +109,9 @@ def vm_config(request: vm_pb2.CreateVmRequest) -> VmConfig:
                     dirty_ring_size=c.dirty_ring_size,
                     dirty_ring_with_bitmap=c.dirty_ring_with_bitmap,
                     costs=dict(c.costs), **zap_leafs_only, **choices,
-                    nx_huge_pages=c.nx_huge_pages)
+                    nx_huge_pages=c.nx_huge_pages,
+                    nx_huge_pages_recovery_ratio=c.nx_huge_pages_recovery_ratio,
+                    nx_huge_pages_recovery_period_ms=c.nx_huge_pages_recovery_period_ms)
 
 
 def _vm_config_to_wire(config: VmConfig) -> vm_pb2.VmConfig:
@@ -124,6 +126,9 @@ def _vm_config_to_wire(config: VmConfig) -> vm_pb2.VmConfig:
                            fast_page_fault=config.fast_page_fault,
                            costs=dict(config.costs), zap_leafs_only=config.zap_leafs_only,
                            mmu=config.mmu, nx_huge_pages=config.nx_huge_pages,
+                           nx_huge_pages_recovery_ratio=config.nx_huge_pages_recovery_ratio,
+                           nx_huge_pages_recovery_period_ms=(
+                               config.nx_huge_pages_recovery_period_ms),
                            **{choice.field: choice.to_wire[getattr(config, choice.field)]
                               for choice in _CHOICES})
 

@@ -61,7 +61,7 @@ SPTE_KIND_TABLE: SpteKind
 SPTE_KIND_LEAF: SpteKind
 
 class VmConfig(_message.Message):
-    __slots__ = ("max_vcpus", "tdp_levels", "ad_bits", "name", "schedule_seed", "sanitizers", "debug_knobs", "gpc_policy", "eager_page_split", "manual_dirty_log_protect", "dirty_ring_size", "dirty_ring_with_bitmap", "fast_page_fault", "clock", "costs", "fault_lock", "table_free", "aging_lock", "zap_leafs_only", "mmu", "nx_huge_pages")
+    __slots__ = ("max_vcpus", "tdp_levels", "ad_bits", "name", "schedule_seed", "sanitizers", "debug_knobs", "gpc_policy", "eager_page_split", "manual_dirty_log_protect", "dirty_ring_size", "dirty_ring_with_bitmap", "fast_page_fault", "clock", "costs", "fault_lock", "table_free", "aging_lock", "zap_leafs_only", "mmu", "nx_huge_pages", "nx_huge_pages_recovery_ratio", "nx_huge_pages_recovery_period_ms")
     class CostsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,8 @@ class VmConfig(_message.Message):
     ZAP_LEAFS_ONLY_FIELD_NUMBER: _ClassVar[int]
     MMU_FIELD_NUMBER: _ClassVar[int]
     NX_HUGE_PAGES_FIELD_NUMBER: _ClassVar[int]
+    NX_HUGE_PAGES_RECOVERY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    NX_HUGE_PAGES_RECOVERY_PERIOD_MS_FIELD_NUMBER: _ClassVar[int]
     max_vcpus: int
     tdp_levels: int
     ad_bits: bool
@@ -111,7 +113,9 @@ class VmConfig(_message.Message):
     zap_leafs_only: bool
     mmu: str
     nx_huge_pages: bool
-    def __init__(self, max_vcpus: _Optional[int] = ..., tdp_levels: _Optional[int] = ..., ad_bits: _Optional[bool] = ..., name: _Optional[str] = ..., schedule_seed: _Optional[int] = ..., sanitizers: _Optional[bool] = ..., debug_knobs: _Optional[_Iterable[str]] = ..., gpc_policy: _Optional[str] = ..., eager_page_split: _Optional[bool] = ..., manual_dirty_log_protect: _Optional[int] = ..., dirty_ring_size: _Optional[int] = ..., dirty_ring_with_bitmap: _Optional[bool] = ..., fast_page_fault: _Optional[bool] = ..., clock: _Optional[_Union[Clock, str]] = ..., costs: _Optional[_Mapping[str, int]] = ..., fault_lock: _Optional[_Union[FaultLock, str]] = ..., table_free: _Optional[_Union[TableFree, str]] = ..., aging_lock: _Optional[_Union[AgingLock, str]] = ..., zap_leafs_only: _Optional[bool] = ..., mmu: _Optional[str] = ..., nx_huge_pages: _Optional[bool] = ...) -> None: ...
+    nx_huge_pages_recovery_ratio: int
+    nx_huge_pages_recovery_period_ms: int
+    def __init__(self, max_vcpus: _Optional[int] = ..., tdp_levels: _Optional[int] = ..., ad_bits: _Optional[bool] = ..., name: _Optional[str] = ..., schedule_seed: _Optional[int] = ..., sanitizers: _Optional[bool] = ..., debug_knobs: _Optional[_Iterable[str]] = ..., gpc_policy: _Optional[str] = ..., eager_page_split: _Optional[bool] = ..., manual_dirty_log_protect: _Optional[int] = ..., dirty_ring_size: _Optional[int] = ..., dirty_ring_with_bitmap: _Optional[bool] = ..., fast_page_fault: _Optional[bool] = ..., clock: _Optional[_Union[Clock, str]] = ..., costs: _Optional[_Mapping[str, int]] = ..., fault_lock: _Optional[_Union[FaultLock, str]] = ..., table_free: _Optional[_Union[TableFree, str]] = ..., aging_lock: _Optional[_Union[AgingLock, str]] = ..., zap_leafs_only: _Optional[bool] = ..., mmu: _Optional[str] = ..., nx_huge_pages: _Optional[bool] = ..., nx_huge_pages_recovery_ratio: _Optional[int] = ..., nx_huge_pages_recovery_period_ms: _Optional[int] = ...) -> None: ...
 
 class VmInfo(_message.Message):
     __slots__ = ("id", "name", "config", "nr_vcpus", "nr_memslots", "nr_host_regions", "dead")
