@@ -282,7 +282,7 @@ def handle_changed_sptes(mmu: "TdpMmu", group: TableGroup, changed: np.ndarray,
         for k in np.flatnonzero(appeared).tolist():
             mmu.sanitizers.check_new_mapping(group.pages[0].as_id, int(gfns[k]), level)
     if delta:
-        mmu._account_leaf(level, delta)
+        mmu.stat.account_leaf(level, delta)
     if level > PG_LEVEL_4K:
         unlinked = ((old & _PRESENT_LARGE) == _PRESENT) & (is_leaf | ((new & _PRESENT) == 0))
         for spte in old[unlinked].tolist():

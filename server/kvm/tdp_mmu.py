@@ -1,7 +1,9 @@
 """The TDP MMU: roots of EPT page tables and every change made to their SPTEs.
 
 Two doors write an SPTE: `set_spte_atomic` (mmu_lock held for read: compare-and-exchange
-against the iterator's snapshot) and `iter_set_spte` (mmu_lock held for write). A door that
+against the iterator's snapshot; the fault's 4K install, which walks without an iterator,
+goes through the same compare-and-exchange, `_cmpxchg`) and `iter_set_spte` (mmu_lock held
+for write). A door that
 writes an entry above 4K records in the page's `children` the table the entry now links (or
 None), in the same step. Both end in `handle_changed_spte`, the one place that keeps the
 books: page counts, teardown of an unlinked table, the present-leaf-pfn-never-changes
@@ -43,7 +45,7 @@ from .resched import Timeslice
 from .stats import VmStats
 from .tdp_bulk import (TableGroup, leaf_present, set_sptes, shadow_present, tables,
                        walk_tables, writable, write_protected, zapped)
-from .tdp_iter import TdpIter
+from .tdp_iter import TdpIter, last_spte
 from .trace import Tracer
 from .types import (MAX_HUGEPAGE_LEVEL, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, PT_ENTRIES,
                     pages_per_level)
@@ -193,20 +195,26 @@ class TdpMmu:
         old = it.old_spte
         if old == FROZEN or it.yielded:
             raise VmBugged("atomic SPTE write from a frozen or stale snapshot")
-        table, i = it.table, it.index
+        if not self._cmpxchg(it.table, it.index, it.level, it.gfn, old, new):
+            it.old_spte = it.table.spt[it.index]
+            return False
+        it.old_spte = new
+        return True
+
+    def _cmpxchg(self, table: MmuPage, i: int, level: int, gfn: int, old: int,
+                 new: int) -> bool:
+        """`set_spte_atomic`'s write, for a snapshot `old` of entry i of `table` (at
+        `level`, mapping from `gfn`) that is not FROZEN: the door for iterators, and the
+        fault's install at 4K, whose walk needs no iterator (`map`)."""
         spt = table.spt
-        current = spt[i]
-        if current != old:
-            it.old_spte = current
+        if spt[i] != old:
             return False
         spt[i] = new
-        level = it.level
         if level > PG_LEVEL_4K:
             self._record_child(table, i, new)
         if self.clock is not None:
             self.clock.charge(self.clock.costs.spte_cmpxchg)
-        self.handle_changed_spte(table.as_id, it.gfn, current, new, level, True)
-        it.old_spte = new
+        self.handle_changed_spte(table.as_id, gfn, old, new, level, True)
         return True
 
     def iter_set_spte(self, it: TdpIter, new: int) -> None:
@@ -246,12 +254,9 @@ class TdpMmu:
         if was_leaf != is_leaf:
             if is_leaf and self.sanitizers is not None:
                 self.sanitizers.check_new_mapping(as_id, gfn, level)
-            self._account_leaf(level, 1 if is_leaf else -1)
+            self.stat.account_leaf(level, 1 if is_leaf else -1)
         if old & MMU_PRESENT and not was_leaf and (is_leaf or not new & MMU_PRESENT):
             self.handle_removed_pt(self.tables.child(S.spte_to_pfn(old)), shared)
-
-    def _account_leaf(self, level: int, delta: int) -> None:
-        self.stat.account_leaf(level, delta)
 
     def handle_removed_pt(self, page: MmuPage, shared: bool) -> None:
         """Tear down an unlinked table: freeze every entry, free the page after RCU."""
@@ -319,6 +324,14 @@ class TdpMmu:
             self.clock.charge(costs.tdp_walk_level * (root.level - goal + 1) + costs.make_spte)
         token = self.rcu.enter()
         try:
+            if goal == PG_LEVEL_4K:
+                # The usual fault: its tables are all linked, and its 4K SPTE is what to
+                # set. `last_spte` finds it without an iterator (nothing here awaits, so
+                # the path is the one the iterator would step down); a table to link or
+                # a FROZEN entry on the way takes the iterator's walk below.
+                table, index, level, old = last_spte(root, fault.gfn)
+                if level == PG_LEVEL_4K and old != FROZEN:
+                    return self._map_target_level(fault, table, index, level, fault.gfn, old)
             # The range is one gfn, so the walk only ever steps down (as far as it can).
             it = TdpIter(root, fault.gfn, fault.gfn + 1, goal)
             it.step_down(far=True)
@@ -329,7 +342,8 @@ class TdpMmu:
                 if it.level == goal:
                     if not (self.nx_huge_pages and disallowed_hugepage_adjust(
                             fault, it.table, it.index, old)):
-                        return self._map_target_level(fault, it)
+                        return self._map_target_level(fault, it.table, it.index, it.level,
+                                                      it.gfn, old)
                     goal = it.min_level = fault.goal_level
                     it.step_down(far=True)
                     continue
@@ -346,7 +360,7 @@ class TdpMmu:
                     return RET_PF_RETRY
                 self.stat.tdp_mmu_pages += 1
                 if huge:
-                    self._account_leaf(it.level - 1, PT_ENTRIES)
+                    self.stat.account_leaf(it.level - 1, PT_ENTRIES)
                 if fault.huge_page_disallowed and fault.req_level >= it.level:
                     self.possible_nx_huge_pages.track(sp)
                 if not it.step_down(far=True):
@@ -354,8 +368,10 @@ class TdpMmu:
         finally:
             self.rcu.exit(token)
 
-    def _map_target_level(self, fault: PageFault, it: TdpIter) -> RetPf:
-        old, level = it.old_spte, it.level
+    def _map_target_level(self, fault: PageFault, table: MmuPage, index: int, level: int,
+                          gfn: int, old: int) -> RetPf:
+        """Install the fault's SPTE at entry `index` of `table`, read as `old` (not
+        FROZEN), which maps from `gfn` at the goal level."""
         needs = ACCESS_NEEDS[fault.error_code & PFERR_ACCESS_MASK]      # is_access_allowed
         if S.is_leaf_present(old, level) and old & needs:
             return RET_PF_SPURIOUS
@@ -364,7 +380,7 @@ class TdpMmu:
                          executable=executable(level, self.nx_huge_pages))
         if new == old:
             return RET_PF_SPURIOUS
-        if not self.set_spte_atomic(it, new):
+        if not self._cmpxchg(table, index, level, gfn, old, new):
             return RET_PF_RETRY
         if old & MMU_PRESENT and not S.is_last(old, level):
             self.flush_remote_tlbs()          # a table was replaced by a huge leaf
@@ -614,7 +630,7 @@ class TdpMmu:
                 self.tables.free(sp)             # another task changed it: look again
                 continue
             self.stat.tdp_mmu_pages += 1
-            self._account_leaf(it.level - 1, PT_ENTRIES)
+            self.stat.account_leaf(it.level - 1, PT_ENTRIES)
             if self.tracer.on:
                 self.tracer.emit("kvm_mmu_split_huge_page", gfn=it.gfn, level=it.level)
             return 1

@@ -513,8 +513,12 @@ class Vcpu:
                 yield i
                 tick = i + GUEST_TICK
             pfn = tlb_get(key)
-            if pfn is None:
-                pfn = yield from self._miss(i, gpa, op, wpos)
+            if pfn is None:                    # a miss: walk; exit until the host fixed it
+                pfn = fill(gpa, op)
+                while pfn is None:
+                    self._wpos = wpos
+                    yield i
+                    pfn = fill(gpa, op)
             if check is not None:
                 check(gpa >> 12, pfn, op & OP_KIND_MASK == _WRITE)
             # The access moves its bytes (within one page: batches are checked).
@@ -533,16 +537,6 @@ class Vcpu:
                 self._read_data += host.read_pfn(pfn, gpa & _PAGE_OFFSET, _SIZE[op])
         self._wpos = wpos
 
-    def _miss(self, i: int, gpa: int, op: int, wpos: int) -> Iterator[int]:
-        """A TLB miss of access i: walk; exit until the host has fixed it, and walk
-        again. Returns the pfn."""
-        pfn = self._tlb_fill(gpa, op)
-        while pfn is None:
-            self._wpos = wpos
-            yield i
-            pfn = self._tlb_fill(gpa, op)
-        return pfn
-
     def _guest_runs(self, runs: list[int], i: int) -> Iterator[int]:
         """`_guest` over a batch of contiguous runs (`AccessBatch.runs`), sanitizers off:
         the accesses of a run share a TLB entry and a page, so a run takes one TLB lookup
@@ -550,14 +544,18 @@ class Vcpu:
         exits, as alone; resumed after an exit, the run goes on from the next access."""
         batch = self._batch
         gpas, ops, keys, write_data = batch.gpas, batch.ops, batch.tlb_keys, batch.write_data
-        tlb_get, host, wpos = self.tlb.get, self._host, self._wpos
+        tlb_get, fill, host, wpos = self.tlb.get, self._tlb_fill, self._host, self._wpos
         memory, read_data = host.contents, self._read_data
         k = bisect_right(runs, i)              # runs[k] is where the run holding i ends
         for end in runs[k:]:
             gpa, op = gpas[i], ops[i]
             pfn = tlb_get(keys[i])
-            if pfn is None:
-                pfn = yield from self._miss(i, gpa, op, wpos)
+            if pfn is None:                    # as in `_guest`
+                pfn = fill(gpa, op)
+                while pfn is None:
+                    self._wpos = wpos
+                    yield i
+                    pfn = fill(gpa, op)
             if op & OP_WITH_DATA:
                 offset = gpa & _PAGE_OFFSET
                 length = gpas[end - 1] + _SIZE[op] - gpa
