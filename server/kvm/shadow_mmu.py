@@ -51,7 +51,7 @@ from .stats import VmStats
 from .tdp_mmu import max_mapping_level
 from .trace import Tracer
 from .types import MAX_HUGEPAGE_LEVEL, PAGE_SIZE, PG_LEVEL_4K, gfn_round_down, \
-    level_shift, pages_per_level
+    LEVEL_SHIFT, pages_per_level
 
 if TYPE_CHECKING:
     from .memslots import Memslot, Memslots
@@ -237,7 +237,7 @@ class ShadowMmu:
             self.clock.charge(costs.tdp_walk_level * (level - fault.goal_level + 1) +
                               costs.make_spte)
         while True:
-            index = gfn >> level_shift(level) & 511
+            index = gfn >> LEVEL_SHIFT[level] & 511
             if self.nx_huge_pages:
                 disallowed_hugepage_adjust(fault, sp, index, sp.spt[index])
             if level == fault.goal_level:
@@ -610,7 +610,7 @@ class ShadowMmu:
         path = []
         sp, level = root, root.level
         while True:
-            index = gfn >> level_shift(level) & 511
+            index = gfn >> LEVEL_SHIFT[level] & 511
             spte = sp.spt[index]
             path.append((level, gfn_round_down(gfn, level), index, spte))
             if level == PG_LEVEL_4K or spte & PRESENT_LARGE != MMU_PRESENT:

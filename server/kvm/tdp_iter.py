@@ -15,12 +15,12 @@ from __future__ import annotations
 from .errors import VmBugged
 from .mmu_page import MmuPage, UseAfterFree
 from .spte import MMU_PRESENT, NONPRESENT, PRESENT_LARGE
-from .types import PG_LEVEL_4K, PT_ENTRIES, level_shift, pages_per_level
+from .types import LEVEL_SHIFT, PG_LEVEL_4K, PT_ENTRIES, pages_per_level
 
 __all__ = ["TdpIter", "last_spte"]
 
-# `level_shift` by level (index 0 unused), and the mask of an index into a table.
-_SHIFT = (0,) + tuple(level_shift(level) for level in range(1, 6))
+# `level_shift` by level, and the mask of an index into a table.
+_SHIFT = LEVEL_SHIFT
 _INDEX_MASK = PT_ENTRIES - 1
 
 

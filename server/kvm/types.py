@@ -14,7 +14,7 @@ __all__ = [
     "Gpa", "Gfn", "Hva", "Pfn",
     "PAGE_SHIFT", "PAGE_SIZE", "PAGE_MASK", "PT_ENTRIES", "TASK_SIZE_MAX",
     "PG_LEVEL_4K", "PG_LEVEL_2M", "PG_LEVEL_1G", "MAX_HUGEPAGE_LEVEL",
-    "level_shift", "pages_per_level", "gfn_round_down",
+    "level_shift", "LEVEL_SHIFT", "pages_per_level", "gfn_round_down",
     "Backing", "AccessKind",
 ]
 
@@ -42,6 +42,10 @@ MAX_HUGEPAGE_LEVEL = PG_LEVEL_1G
 def level_shift(level: int) -> int:
     """Number of gfn bits covered below an SPTE at `level` (0 for a 4K leaf)."""
     return (level - 1) * PT_INDEX_BITS
+
+
+# `level_shift` by level (index 0 unused), for the walks that take it at every level.
+LEVEL_SHIFT = (0,) + tuple(level_shift(level) for level in range(1, 6))
 
 
 def pages_per_level(level: int) -> int:
