@@ -130,6 +130,8 @@ class HostRegion:
     def frame_level(self, hva: int) -> int:
         """The largest page a fault at hva may populate: a whole aligned frame inside the
         region, not split, under one protection."""
+        if self.page_level == PG_LEVEL_4K:
+            return PG_LEVEL_4K              # a 4K backing: no huge frame (every fault of it)
         for start, size in self._unsplit_frames(hva):
             if self.uniform(start, start + size):
                 return PG_LEVEL_2M if size == HPAGE_SIZE else PG_LEVEL_1G

@@ -228,7 +228,7 @@ class MmuLock:
         """The acquire in virtual time: the preemption point, then the grant; an awaitable,
         already done when neither the point switched nor the grant has to wait."""
         clock = self.clock
-        task = current_task()
+        task = current_task(self._loop) or self._task_in_running_loop()
         actor = clock.current
         if actor is None or actor.task is not task:
             raise LockAssertion("mmu_lock taken outside the simulation of a VM in virtual "
@@ -305,14 +305,16 @@ class MmuLock:
         t = clock.time()
         if t > self._read_free_at:
             self._read_free_at = t
-        self._stats["read_hold_ns"] += t - self._granted_at.pop(current_task(), t)
+        self._stats["read_hold_ns"] += t - self._granted_at.pop(
+            current_task(self._loop) or self._task_in_running_loop(), t)
         MmuLock.release_read(self)           # the lock itself, under the virtual override
 
     def _release_write_virtual(self) -> None:
         clock = self.clock
         clock.charge(clock.costs.lock_acquire)
         t = self._write_free_at = clock.time()
-        self._stats["write_hold_ns"] += t - self._granted_at.pop(current_task(), t)
+        self._stats["write_hold_ns"] += t - self._granted_at.pop(
+            current_task(self._loop) or self._task_in_running_loop(), t)
         MmuLock.release_write(self)
 
     # -- contracts ----------------------------------------------------------------
