@@ -3,9 +3,8 @@
 Two doors write an SPTE: `set_spte_atomic` (mmu_lock held for read: compare-and-exchange
 against the iterator's snapshot; the fault's 4K install, which walks without an iterator,
 goes through the same compare-and-exchange, `_cmpxchg`) and `iter_set_spte` (mmu_lock held
-for write). A door that
-writes an entry above 4K records in the page's `children` the table the entry now links (or
-None), in the same step. Both end in `handle_changed_spte`, the one place that keeps the
+for write). A door that writes an entry above 4K records in the page's `children` the table
+the entry now links (or None), in the same step. Both end in `handle_changed_spte`, the one place that keeps the
 books: page counts, teardown of an unlinked table, the present-leaf-pfn-never-changes
 invariant. A table unlinked from a tree is frozen entry by entry and freed after an RCU
 grace period. Functions that may need a TLB flush return `flush` and leave it to the
