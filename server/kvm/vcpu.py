@@ -502,7 +502,7 @@ class Vcpu:
         check = self._check_access
         if check is None and not batch.has_data:
             keys = memoryview(batch.tlb_keys)[i:]
-            if i == 0 and tlb.keys() >= set(keys):
+            if i == 0 and keys[0] in tlb and tlb.keys() >= set(keys):
                 return                         # every access hits
             hits = map(tlb.__contains__, keys)
             while True:
