@@ -67,6 +67,7 @@ _WRITE_SIZE = tuple(op_size(op) if op & OP_WITH_DATA and op & OP_KIND_MASK == Ac
                     else 0 for op in range(256))
 _READ, _WRITE, _EXEC = int(AccessKind.READ), int(AccessKind.WRITE), int(AccessKind.EXEC)
 _AD = ACCESSED | DIRTY
+_RX = READABLE | EXECUTABLE
 _LEAF_BITS = RWX | _AD                 # what the walker's use of a leaf depends on
 _TLB_FULL = TLB_CAPACITY - 3           # more entries than this leave no room for a page
 
@@ -619,8 +620,13 @@ class Vcpu:
         key, tlb = gfn << 4, self.tlb
         if len(tlb) > _TLB_FULL:               # no room for a page: drop the oldest, in C
             deque(map(tlb.__delitem__, list(islice(tlb, TLB_EVICT))), 0)
-        if use == RWX:                         # the common fill: every kind, no A/D update
+        # The common fills, no A/D update: every kind (a Dirty leaf), or reads and fetches
+        # (a clean one); the lines below do them too, in more steps.
+        if use == RWX:
             tlb[key | _READ] = tlb[key | _WRITE] = tlb[key | _EXEC] = pfn
+            return pfn
+        if use == _RX:
+            tlb[key | _READ] = tlb[key | _EXEC] = pfn
             return pfn
         if use & _AD:
             spt[index] = spte | use & _AD
