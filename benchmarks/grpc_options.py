@@ -18,8 +18,9 @@ On these calls:
   that all hit the TLB (a 9 MiB request; the largest message a client sends).
 
 One line per setting and call: the value is the setting's MiB/s (harvests/s, accesses/s),
-the baseline today's, the ratio the setting's throughput over today's; the client's CPU
-seconds over the runs of each side beside them.
+the baseline today's, the ratio the setting's throughput over today's (medians of the
+runs); beside them the server's CPU seconds in that call over all runs (from
+/proc/PID/stat, in clock ticks) and the client's over all of each side's calls.
 
     python benchmarks/grpc_options.py [--runs N]
 """
@@ -92,7 +93,8 @@ class Guest:
     """A VM with a zero region, a random region and a dirty-logged 256 MiB slot, and the
     batch of TLB hits it runs."""
 
-    def __init__(self, client: Client, hits: Batch) -> None:
+    def __init__(self, client: Client, hits: Batch, server_pid: int) -> None:
+        self.server_pid = server_pid
         self.vm = client.create_vm(max_vcpus=1)
         self.zeros = self.vm.mmap(READ, Backing.PAGE_4K)
         self.random = self.vm.mmap(READ, Backing.PAGE_4K)
@@ -111,27 +113,33 @@ class Guest:
         self.hits = hits
         self.vcpu.run(hits)                    # maps the pages: every later access hits
 
-    def read(self, hva: int) -> float:
-        start = time.perf_counter()
-        data = self.vm.read_hva(hva, READ)
-        elapsed = time.perf_counter() - start
+    def timed(self, call, *args) -> tuple[object, float, float]:
+        """call(*args)'s result, wall seconds and the server's CPU seconds."""
+        cpu, start = _cpu_s(self.server_pid), time.perf_counter()
+        result = call(*args)
+        return result, time.perf_counter() - start, _cpu_s(self.server_pid) - cpu
+
+    def read(self, hva: int) -> tuple[float, float]:
+        data, wall, cpu = self.timed(self.vm.read_hva, hva, READ)
         assert len(data) == READ
-        return elapsed
+        return wall, cpu
 
-    def harvest(self) -> float:
+    def harvest(self) -> tuple[float, float]:
         self.vcpu.run(self.dirty)
-        start = time.perf_counter()
-        bitmap = self.vm.get_dirty_log(0)
-        elapsed = time.perf_counter() - start
+        bitmap, wall, cpu = self.timed(self.vm.get_dirty_log, 0)
         assert bitmap.count(0xff) == len(bitmap) == DIRTY_SLOT // 4096 // 8
-        return elapsed
+        return wall, cpu
 
-    def run_batch(self) -> float:
-        start = time.perf_counter()
-        result = self.vcpu.run(self.hits)
-        elapsed = time.perf_counter() - start
+    def run_batch(self) -> tuple[float, float]:
+        result, wall, cpu = self.timed(self.vcpu.run, self.hits)
         assert result.completed == RUN_ACCESSES
-        return elapsed
+        return wall, cpu
+
+
+def _cpu_s(pid: int) -> float:
+    """The CPU seconds (user and system) process `pid` has used: /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 CALLS = {"zeros": ("read_hva_16m_zeros", "MiB/s", READ / MiB),
@@ -149,6 +157,7 @@ def main() -> int:
     names = list(SETTINGS)
     servers = {s: _start(s) for s in names}
     samples = {(s, what): [] for s in names for what in CALLS}
+    server_cpu = {(s, what): 0.0 for s in names for what in CALLS}
     cpu = {s: 0.0 for s in names}
     clients = {}
     try:
@@ -156,15 +165,16 @@ def main() -> int:
         hits = BatchBuilder()
         for i in range(RUN_ACCESSES):
             hits.read(i % 512 * 4096, 8)
-        guests = {s: Guest(c, hits.build()) for s, c in clients.items()}
+        guests = {s: Guest(c, hits.build(), servers[s][0].pid) for s, c in clients.items()}
         for i in range(args.runs):
             for s in names[i % len(names):] + names[:i % len(names)]:
                 g = guests[s]
                 cpu0 = time.process_time()
-                samples[s, "zeros"].append(g.read(g.zeros.hva))
-                samples[s, "random"].append(g.read(g.random.hva))
-                samples[s, "dirty"].append(g.harvest())
-                samples[s, "run"].append(g.run_batch())
+                for what, (wall, spent) in (("zeros", g.read(g.zeros.hva)),
+                                            ("random", g.read(g.random.hva)),
+                                            ("dirty", g.harvest()), ("run", g.run_batch())):
+                    samples[s, what].append(wall)
+                    server_cpu[s, what] += spent
                 cpu[s] += time.process_time() - cpu0
     finally:
         for c in clients.values():
@@ -177,6 +187,8 @@ def main() -> int:
             t, base = (statistics.median(samples[side, what]) for side in (s, BASELINE))
             emit(f"grpc_options.{name}", amount / t, unit, "today's settings", amount / base,
                  ratio=base / t, digits=1, runs=args.runs, setting=s,
+                 server_cpu_s=round(server_cpu[s, what], 2),
+                 baseline_server_cpu_s=round(server_cpu[BASELINE, what], 2),
                  client_cpu_s=round(cpu[s], 2), baseline_client_cpu_s=round(cpu[BASELINE], 2),
                  server="separate process on 127.0.0.1")
     return 0
