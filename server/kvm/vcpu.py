@@ -29,7 +29,7 @@ from operator import indexOf
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
-from .spte import (ACCESSED, BASE_ADDR_MASK, DIRTY, EXECUTABLE, LARGE, LOW_BITS, MMIO_MASK,
+from .spte import (ACCESSED, BASE_ADDR_MASK, DIRTY, EXECUTABLE, LARGE, MMIO_MASK,
                    MMIO_VALUE, READABLE, RWX, WRITABLE)
 from .batch import OP_HLT, OP_KIND_MASK, OP_WITH_DATA, AccessBatch, op_size
 from .clock import VIRTUAL_TIME_LIMIT, Actor
@@ -66,11 +66,10 @@ _PAGE_OFFSET = PAGE_SIZE - 1
 _WRITE_SIZE = tuple(op_size(op) if op & OP_WITH_DATA and op & OP_KIND_MASK == AccessKind.WRITE
                     else 0 for op in range(256))
 _READ, _WRITE, _EXEC = int(AccessKind.READ), int(AccessKind.WRITE), int(AccessKind.EXEC)
-# By op: the bits the walker sets in a leaf it uses (A/D on): D too for a write.
-_SET_AD = tuple(ACCESSED | DIRTY if op & OP_KIND_MASK == _WRITE else ACCESSED
-                for op in range(256))
-# A leaf with these bits set grants every kind and needs no A/D update: the common fill.
-_GRANTS_ALL = RWX | ACCESSED | DIRTY
+_AD = ACCESSED | DIRTY
+_RX = READABLE | EXECUTABLE
+_LEAF_BITS = RWX | _AD                 # what the walker's use of a leaf depends on
+_TLB_FULL = TLB_CAPACITY - 3           # more entries than this leave no room for a page
 
 
 def _access_error_code(kind: int, rwx: int) -> int:
@@ -85,12 +84,29 @@ def _access_error_code(kind: int, rwx: int) -> int:
     return error_code_from_qualification(ept_violation_qualification(kind, rwx))
 
 
-# By op and the leaf's R/W/X: `_access_error_code`. A table, as it is on every fault's path.
-# (An op without a kind is no access: batches reject it.)
-_EXIT = tuple(tuple(_access_error_code(op & OP_KIND_MASK, rwx) for rwx in range(8))
-              if op & OP_KIND_MASK else None for op in range(256))
-_HALTS = (_HLT,) * 8
-_EXIT = _EXIT[:OP_HLT] + (_HALTS,) + _EXIT[OP_HLT + 1:]
+def _leaf_use(kind: int, low: int, ad_enabled: bool) -> int:
+    """What the walker does with a leaf whose low bits are `low` for an access of `kind`:
+    ~error code (negative) for an exit; else the A/D bits it sets in the leaf (A, and D
+    for a write, when A/D bits are on) or'ed with the kinds the TLB entry grants, R/W/X as
+    in the SPTE (W only through a Dirty leaf when A/D bits are on, so that the first write
+    through a clean entry walks and sets D, as hardware does)."""
+    error_code = _access_error_code(kind, low & RWX)
+    if error_code:
+        return ~error_code
+    perms = low & RWX
+    if low & _LEAF_BITS == _LEAF_BITS or not ad_enabled:
+        return perms
+    ad = _AD if kind == _WRITE else ACCESSED
+    if not (low | ad) & DIRTY:
+        perms &= ~WRITABLE
+    return (ad if low & ad != ad else 0) | perms
+
+
+# By A/D on, then op, then the leaf's `low & _LEAF_BITS`: `_leaf_use`, one table lookup on
+# every TLB fill. (An op without a kind is no access: batches reject it; HLT walks nothing.)
+_LEAF_USE = {ad_enabled: tuple(
+    tuple(_leaf_use(op & OP_KIND_MASK, low, ad_enabled) for low in range(_LEAF_BITS + 1))
+    if op & OP_KIND_MASK else None for op in range(256)) for ad_enabled in (False, True)}
 
 
 class ExitReason(enum.Enum):
@@ -162,6 +178,7 @@ class Vcpu:
         self.memslots = vm.memslot_sets[0]     # kvm_vcpu_memslots: no SMM, address space 0
         self._max_gfn = vm.max_gfn
         self._ad_enabled = vm.ad_enabled
+        self._leaf_use = _LEAF_USE[vm.ad_enabled]
         self._host = vm.host
         self._check_access = vm.sanitizers.check_access if vm.sanitizers is not None else None
         # Virtual time: the simulated CPU this vCPU runs on, and the hardware walks done
@@ -476,27 +493,27 @@ class Vcpu:
         it again when resumed. The #PF error code of the exit is in `_exit_error_code`.
 
         Without data to move, hits are found in C: a batch whose keys are all in the TLB
-        is done at once, else `indexOf(map(tlb.__contains__, keys))` stops at the first
-        key the TLB lacks; only misses come back to Python.
+        is done at once, else one lazy `map(tlb.__contains__, keys)` runs over the batch
+        and `indexOf(..., False)` stops it at the next key the TLB lacks (each key is
+        looked up after the fills before it); only misses come back to Python.
         """
         batch = self._batch
         gpas, ops, i = batch.gpas, batch.ops, self._pos
         n, tlb, fill = len(gpas), self.tlb, self._tlb_fill
         check = self._check_access
         if check is None and not batch.has_data:
-            keys = memoryview(batch.tlb_keys)
-            if i == 0 and tlb.keys() >= set(keys):
+            keys = memoryview(batch.tlb_keys)[i:]
+            if i == 0 and keys[0] in tlb and tlb.keys() >= set(keys):
                 return                         # every access hits
-            contains = tlb.__contains__
-            while i < n:
+            hits = map(tlb.__contains__, keys)
+            while True:
                 try:
-                    i += indexOf(map(contains, keys[i:]), False)
+                    i += indexOf(hits, False)  # past the miss: `hits` is at i + 1
                 except ValueError:
                     return
                 while fill(gpas[i], ops[i]) is None:
                     yield i
                 i += 1
-            return
         if check is None:
             runs = batch.runs()
             if runs is not None:
@@ -575,8 +592,7 @@ class Vcpu:
 
         A walk starts at the 4K-level table the paging-structure cache holds for the gfn,
         else at the root."""
-        exits = _EXIT[op]
-        if exits is _HALTS:
+        if op == OP_HLT:
             self._exit_error_code = _HLT
             return None
         gfn = gpa >> 12
@@ -584,7 +600,7 @@ class Vcpu:
         if page is None:
             stop = self._walk_upper(gfn)
             if stop is None:
-                self._exit_error_code = exits[0]
+                self._exit_error_code = ~self._leaf_use[op][0]
                 return None
             spt, index, shift = stop
         elif page.freed:
@@ -592,40 +608,38 @@ class Vcpu:
         else:
             spt, index, shift = page.spt, gfn & 511, 0
         spte = spt[index]
-        low = spte & LOW_BITS                 # tested as a small int from here on
-        error_code = exits[low & RWX]
-        if error_code:
-            self._exit_error_code = error_code
+        use = self._leaf_use[op][spte & _LEAF_BITS]
+        if use < 0:
+            self._exit_error_code = ~use
             return None
         pfn = (spte & BASE_ADDR_MASK) >> 12
         if shift:
             pfn += gfn & ((1 << shift) - 1)      # the 4K page within a huge leaf
         key, tlb = gfn << 4, self.tlb
-        if len(tlb) > TLB_CAPACITY - 3:        # no room for a page: drop the oldest, in C
+        if len(tlb) > _TLB_FULL:               # no room for a page: drop the oldest, in C
             deque(map(tlb.__delitem__, list(islice(tlb, TLB_EVICT))), 0)
-        if low & _GRANTS_ALL == _GRANTS_ALL:
+        # The common fills, no A/D update: every kind (a Dirty leaf), or reads and fetches
+        # (a clean one); the lines below do them too, in more steps.
+        if use == RWX:
             tlb[key | _READ] = tlb[key | _WRITE] = tlb[key | _EXEC] = pfn
             return pfn
-        perms = low & RWX
-        if self._ad_enabled:
-            ad = _SET_AD[op]
-            if low & ad != ad:
-                spt[index] = spte | ad
-                low |= ad
-            if not low & DIRTY:
-                perms &= ~WRITABLE
-        if perms & READABLE:
+        if use == _RX:
+            tlb[key | _READ] = tlb[key | _EXEC] = pfn
+            return pfn
+        if use & _AD:
+            spt[index] = spte | use & _AD
+        if use & READABLE:
             tlb[key | _READ] = pfn
-        if perms & WRITABLE:
+        if use & WRITABLE:
             tlb[key | _WRITE] = pfn
-        if perms & EXECUTABLE:
+        if use & EXECUTABLE:
             tlb[key | _EXEC] = pfn
         return pfn
 
     def _tlb_fill_counted(self, gpa: int, op: int) -> int | None:
         """`_tlb_fill` in virtual time, which charges the walk: counted as one that starts
         at the paging-structure cache or at the root (wall time counts none)."""
-        if _EXIT[op] is not _HALTS:
+        if op != OP_HLT:
             if gpa >> 21 in self.pde_cache:
                 self.walks_cached += 1
             else:

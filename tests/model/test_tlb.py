@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import random
 
 import pytest
 
@@ -131,3 +132,27 @@ async def test_a_full_tlb_drops_its_entries_and_the_walker_refills_it(make_guest
     assert (0 << 4 | int(R)) not in vcpu.tlb             # the first pages were dropped
     if with_data:
         assert result.read_data == b"".join(gfn.to_bytes(8, "little") for gfn in range(pages))
+
+
+async def test_translations_meet_the_tlb_in_order_as_reads_with_data_do(make_guest):
+    """A batch without data finds its hits in C, a batch with data looks each access up
+    in turn: over random pages of a working set larger than the TLB (fills drop entries
+    that later accesses would have hit, and pages come back after their fill) both see
+    the same hits and walks in the same order: the same TLB afterwards and the same
+    virtual time."""
+    from vmmu.server.kvm.vcpu import TLB_CAPACITY
+
+    pages = TLB_CAPACITY // 2 * 5 // 4         # a read fills R and X: more than it holds
+    rng = random.Random(7)
+    gfns = [rng.randrange(pages) for _ in range(4 * pages)]
+    seen = []
+    for with_data in (False, True):
+        g = await make_guest(Backing.PAGE_4K, pages * 4096, clock="virtual",
+                             sanitizers=False)   # (which check each access in Python)
+        await run(g.vcpu, *[(gfn << 12, R, 8, None) for gfn in range(pages)])
+        g.vcpu.flush_tlb()
+        result = await run(g.vcpu, *[(gfn << 12, R, 8, b"" if with_data else None)
+                                     for gfn in gfns])
+        assert result.completed == len(gfns)
+        seen.append((list(g.vcpu.tlb), result.end_ns - result.start_ns))
+    assert seen[0] == seen[1]
