@@ -23,7 +23,6 @@ docs/virtual-time.md says what each sweep asks and what it found.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import statistics
@@ -90,7 +89,7 @@ async def demand_faults(vcpus: int, pages: int, design: str, seed: int = 0,
     g = await _guest(vcpus * pages * PAGE, vcpus=vcpus, schedule_seed=seed,
                      fast_page_fault=False, aging_lock="read", costs=costs or {},
                      **FAULT_DESIGNS[design])
-    results = await asyncio.gather(*[
+    results = await g.vm.clock.gather(*[
         g.vm.vcpu(i).run(_touch(i * pages * PAGE, pages)) for i in range(vcpus)])
     span = max(r.end_ns for r in results) - min(r.start_ns for r in results)
     stats = g.vm.stats()
@@ -122,14 +121,14 @@ async def huge_over_tables(vcpus: int, hugepages: int, design: str, seed: int = 
         for offset in range(0, size, HPAGE):
             await vm.madvise_populate_write(g.hva + offset, HPAGE)
             await vm.thp_split(g.hva + offset)
-    await asyncio.gather(*[vm.vcpu(i).run(_touch(i * hugepages * HPAGE, hugepages, HPAGE),
-                                          start_ns=host.time) for i in range(vcpus)])
+    await vm.clock.gather(*[vm.vcpu(i).run(_touch(i * hugepages * HPAGE, hugepages, HPAGE),
+                                           start_ns=host.time) for i in range(vcpus)])
     async with vm.clock.running(name="host") as host:
         for offset in range(0, size, HPAGE):
             await vm.thp_collapse(g.hva + offset)
     start = max(host.time, *(vm.vcpu(i).actor.time for i in range(vcpus)))
     before = vm.stats()
-    results = await asyncio.gather(*[
+    results = await vm.clock.gather(*[
         vm.vcpu(i).run(_touch(i * hugepages * HPAGE, hugepages, HPAGE), start_ns=start)
         for i in range(vcpus)])
     after = vm.stats()
@@ -209,7 +208,7 @@ async def gpc_refresh_latency(invalidators: int, policy: str, refreshes: int = 4
     for i in range(invalidators):
         await vm.madvise_populate_write(g.hva + i * storm, storm)
     await vm.madvise_populate_write(g.hva + size - PAGE, PAGE)
-    await asyncio.gather(refresher(), *[invalidator(i) for i in range(invalidators)])
+    await clock.gather(refresher(), *[invalidator(i) for i in range(invalidators)])
     out = dict(invalidators=invalidators, policy=policy, refreshes=refreshes,
                p50_us=statistics.median(latencies) / 1000,
                p99_us=_percentile(latencies, 0.99) / 1000,
@@ -259,7 +258,7 @@ async def faults_while_aging(aging_lock: str, vcpus: int = 64, faults: int = 64,
                 sweeps += 1
                 await clock.point()          # between two calls from reclaim
 
-    await asyncio.gather(ager(), *[vcpu_loop(i) for i in range(vcpus)])
+    await clock.gather(ager(), *[vcpu_loop(i) for i in range(vcpus)])
     out = dict(aging_lock=aging_lock, vcpus=vcpus, faults=vcpus * faults,
                sweep_bytes=sweep, sweeps=sweeps,
                p50_us=statistics.median(latencies) / 1000,

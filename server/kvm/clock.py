@@ -21,6 +21,13 @@ Invariants: `now`, the time of the latest dispatch, never goes back; an actor en
 simulation starts no earlier than `now`; at most one actor holds the turn. Driving: the
 clock runs whatever is runnable (free-running) until a simulator calls `advance(until)`;
 from then on nothing runs past the latest `until` (the horizon).
+
+Stepping: an actor is usually a task, and a switch between two tasks is a round trip of the
+event loop. `clock.gather(*coros)` runs coroutines that are actors (vCPU runs, say) in the
+calling task instead, stepping each itself (`coro.send`) as a task would: the switch from
+one of them to another is then a call. Who runs is `me()`: the coroutine being stepped, or
+the current task. The order of the simulation is the clock's either way, so the results
+are the same to the byte (tests/model/test_stepping.py).
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ def _finished_future() -> asyncio.Future:
 
 
 DONE = _finished_future()      # awaiting it never switches tasks
+_NO_LOOP = object()            # a key no event loop matches: the first `me()` finds the loop
 VIRTUAL_TIME_LIMIT = 1 << 63   # virtual times stay below it: they travel as uint64
 
 
@@ -78,6 +86,30 @@ class Actor:
         return f"<Actor {self.name} @{self.time}ns>"
 
 
+class _Stepped:
+    """A coroutine the clock steps itself (`VirtualClock.gather`): what a task would be.
+    It stands in for the task as the owner of an actor and of locks."""
+
+    __slots__ = ("coro", "waiting", "finished", "result", "error", "cancelling",
+                 "outside", "on_done", "clock")
+
+    def __init__(self, clock: "VirtualClock", coro) -> None:
+        self.clock = clock
+        self.coro = coro
+        self.waiting: asyncio.Future | None = None   # what it awaits now
+        self.finished = False
+        self.result = None
+        self.error: BaseException | None = None
+        self.cancelling = False
+        self.outside = False                     # awaits something outside the simulation
+        self.on_done = self._woken               # one bound method for every wait
+
+    def _woken(self, fut: asyncio.Future) -> None:
+        """A future it awaits is done (a done callback, from the loop): step it soon."""
+        if self.waiting is fut and not self.finished:
+            self.clock._make_ready(self)
+
+
 class VirtualClock:
     """The simulation of one VM. Its plain methods never let time pass for anyone else;
     its awaitables may."""
@@ -96,6 +128,11 @@ class VirtualClock:
         self._random = random.Random(seed).random   # the ties' draws, one per queueing
         self._quiet: list[asyncio.Future] = []   # advance() callers
         self._dispatch_soon = False
+        self._loop: object = _NO_LOOP            # the event loop it last ran in
+        self._stepping: _Stepped | None = None   # the coroutine `gather` steps now
+        self._stepper: asyncio.Task | None = None   # the task running `gather`
+        self._ready: collections.deque[_Stepped] = collections.deque()
+        self._idle: asyncio.Future | None = None    # `gather` waits: nothing to step
 
     # -- charging -------------------------------------------------------------------
 
@@ -105,6 +142,21 @@ class VirtualClock:
         if actor is not None:
             actor.time += ns
             actor.busy_ns += ns
+
+    def me(self):
+        """Who runs now: the coroutine `gather` is stepping, else the current task. An
+        actor's `task` and a lock's owner are this."""
+        stepping = self._stepping
+        if stepping is not None:
+            return stepping
+        return current_task(self._loop) or self._task_in_running_loop()
+
+    def _task_in_running_loop(self) -> asyncio.Task | None:
+        """`current_task()` asked of the loop the clock last ran in: without a loop it
+        looks the running loop up, which costs a getpid() on 3.11. Here the first time,
+        or in another loop."""
+        self._loop = asyncio.get_running_loop()
+        return current_task(self._loop)
 
     def time(self) -> int:
         """Virtual now as the running actor sees it."""
@@ -146,7 +198,7 @@ class VirtualClock:
         """The running actor stops being runnable until someone `wake`s it: the turn goes
         to the next. Returns it (None outside the simulation)."""
         actor = self.current
-        if actor is None or actor.task is not current_task():
+        if actor is None or actor.task is not self.me():
             return None                      # the caller is not in the simulation
         self.current = None
         self._dispatch()
@@ -175,12 +227,17 @@ class VirtualClock:
         """Await `aw`, something outside the simulation (a client, a wall-clock lease),
         without holding the turn; resume at the VM's now or later."""
         actor = self.park()
+        stepped = self._stepping
+        if stepped is not None:
+            stepped.outside = True           # its wait does not end with a turn
         try:
             return await aw
         except asyncio.CancelledError:
             actor = None                     # nobody resumes: the caller unwinds
             raise
         finally:
+            if stepped is not None:
+                stepped.outside = False
             if actor is not None:
                 if self.now > actor.time:
                     actor.wait_ns += self.now - actor.time
@@ -235,6 +292,8 @@ class VirtualClock:
             self.dispatches += 1
             actor.events += 1
             fut.set_result(None)
+            if self._idle is not None and actor.task.__class__ is _Stepped:
+                self._wake_stepper()         # `gather` steps it
             return
         self.current = None
         if self._quiet:
@@ -251,7 +310,7 @@ class VirtualClock:
         """`async with clock.running(...)`: the body runs as `actor` (a new one named
         `name` if None), from `start_ns` or its own time, and never before `now`. Nested
         in a task that already runs as an actor, the body simply goes on as that one."""
-        task = current_task()
+        task = self.me()
         holder = self.current
         if holder is not None and holder.task is task:
             yield holder
@@ -287,7 +346,7 @@ class VirtualClock:
         """A synchronous call as an actor of its own at `now` (or as the running actor
         when one runs it): nothing else runs meanwhile, so it needs no turn."""
         holder = self.current
-        if holder is not None and holder.task is current_task():
+        if holder is not None and holder.task is self.me():
             yield holder
             return
         actor = Actor(name, self.now)
@@ -299,7 +358,126 @@ class VirtualClock:
 
     def holds_turn(self) -> bool:
         actor = self.current
-        return actor is not None and actor.task is current_task()
+        return actor is not None and actor.task is self.me()
+
+    # -- stepping -----------------------------------------------------------------------
+
+    YIELD_EVERY = 256              # steps between two turns `gather` gives the event loop
+
+    async def gather(self, *coros) -> list:
+        """Run `coros` to their ends in this task and return their results in order, as
+        `asyncio.gather` would with each as a task; the first error is raised once every
+        one has ended (none is left half-run, holding a turn or a lock). Cancelling the
+        caller cancels them all. Only one `gather` steps a clock at a time: a second one
+        meanwhile runs its coroutines as tasks."""
+        if self._stepper is not None:
+            return list(await asyncio.gather(*coros))
+        self._stepper = current_task()
+        stepped = [_Stepped(self, coro) for coro in coros]
+        try:
+            await self._step_all(stepped)
+        finally:
+            self._stepper = None
+            self._ready.clear()
+        for s in stepped:
+            if s.error is not None:
+                raise s.error
+        return [s.result for s in stepped]
+
+    async def _step_all(self, stepped: list[_Stepped]) -> None:
+        """Step whichever of `stepped` can go on: the one holding the turn first, then
+        those whose wait outside the simulation ended; when none can, wait for the loop
+        to make one ready (the turn given to one of them, or a wait ended)."""
+        loop = asyncio.get_running_loop()
+        ready = self._ready
+        ready.extend(stepped)                # first steps in order, as tasks would start
+        left, steps, cancelled = len(stepped), 0, None
+        while left:
+            actor = self.current
+            s = actor.task if actor is not None else None
+            if s.__class__ is _Stepped and s.waiting is not None and s.waiting.done():
+                pass                         # the turn went to one of ours: step it
+            elif ready:
+                s = ready.popleft()
+                if s.finished or (s.waiting is not None and not s.waiting.done()):
+                    continue                 # already stepped past that wake-up
+            else:
+                try:
+                    self._idle = loop.create_future()
+                    await self._idle
+                except asyncio.CancelledError as exc:
+                    cancelled = exc
+                    self._cancel(stepped)
+                finally:
+                    self._idle = None
+                continue
+            if self._step(s, loop):
+                left -= 1
+            steps += 1
+            if steps % self.YIELD_EVERY == 0:
+                try:
+                    await asyncio.sleep(0)   # the loop's other tasks (and callbacks) run
+                except asyncio.CancelledError as exc:
+                    cancelled = exc
+                    self._cancel(stepped)
+        if cancelled is not None:
+            raise cancelled
+
+    def _step(self, s: _Stepped, loop: asyncio.AbstractEventLoop) -> bool:
+        """One step of `s`, as a task's: until it awaits a future that is not done (it
+        then resumes when that future is; awaiting one sends `result()` or its error
+        in), or ends. True when it ended."""
+        waited, s.waiting = s.waiting, None
+        self._stepping = s
+        try:
+            if s.cancelling:                 # one CancelledError, as a task gets
+                s.cancelling = False
+                if waited is None or not waited.cancelled():
+                    yielded = s.coro.throw(asyncio.CancelledError())
+                else:                        # awaiting it raises CancelledError
+                    yielded = s.coro.send(None)
+            else:
+                yielded = s.coro.send(None)
+        except StopIteration as stop:
+            s.finished, s.result = True, stop.value
+            return True
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:         # noqa: BLE001 - the caller of gather gets it
+            s.finished, s.error = True, exc
+            return True
+        finally:
+            self._stepping = None
+        if yielded is None:                  # a bare yield (sleep(0)): again after a turn
+            yielded = loop.create_future()
+            loop.call_soon(yielded.set_result, None)
+        s.waiting = yielded
+        actor = self.current
+        if s.outside or (actor is not None and actor.task is s):
+            # Not a wait for the turn (which `_dispatch` ends, and `_step_all` sees):
+            # something else ends it.
+            yielded.add_done_callback(s.on_done)
+        return False
+
+    def _make_ready(self, s: _Stepped) -> None:
+        self._ready.append(s)
+        self._wake_stepper()
+
+    def _wake_stepper(self) -> None:
+        idle = self._idle
+        if idle is not None and not idle.done():
+            idle.set_result(None)
+
+    def _cancel(self, stepped: list[_Stepped]) -> None:
+        """The caller of `gather` was cancelled: cancel each coroutine as a task is, at the
+        future it awaits (or at its next step)."""
+        for s in stepped:
+            if s.finished:
+                continue
+            s.cancelling = True
+            if s.waiting is not None and not s.waiting.done():
+                s.waiting.cancel()
+            self._ready.append(s)
 
     # -- driving ------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ Behaviour:
 - Ownership is handed over at release: a granted waiter owns the lock before it runs.
 - Cancellation: a cancelled waiter leaves the queue; if it was granted in the meantime, the
   grant is released as if it had run, so cancellation never leaks the lock.
-- The owner is the asyncio task. Read recursion is a bug. With `lockdep` (the VM's
+- The owner is the asyncio task (in virtual time, `clock.me()`: a coroutine the clock
+  steps itself owns it as a task would). Read recursion is a bug. With `lockdep` (the VM's
   sanitizers) `assert_held_read/write` check that the running task is an owner; without
   it, as in a kernel built without lockdep, they check only that the lock is held in
   that mode.
@@ -107,6 +108,7 @@ class MmuLock:
                        "write_contended": 0, "read_wait_ns": 0, "write_wait_ns": 0,
                        "read_hold_ns": 0, "write_hold_ns": 0}
         if clock is not None:
+            self._current_task = clock.me        # a coroutine the clock steps owns too
             self.acquire_read = self._acquire_read_virtual
             self.acquire_write = self._acquire_write_virtual
             self.release_read = self._release_read_virtual
@@ -182,15 +184,19 @@ class MmuLock:
                 self._stats[f"{mode}_wait_ns"] += time.perf_counter_ns() - start
 
     def release_read(self) -> None:
-        if self._readers.pop(current_task(self._loop) or self._task_in_running_loop(),
-                             None) is None:
+        self._release_read_by(current_task(self._loop) or self._task_in_running_loop())
+
+    def release_write(self) -> None:
+        self._release_write_by(current_task(self._loop) or self._task_in_running_loop())
+
+    def _release_read_by(self, owner) -> None:
+        if self._readers.pop(owner, None) is None:
             raise LockAssertion("mmu_lock released for read by a task that does not hold it")
         if self._waiters:
             self._grant()
 
-    def release_write(self) -> None:
-        if self._writer is None or \
-                self._writer is not (current_task(self._loop) or self._task_in_running_loop()):
+    def _release_write_by(self, owner) -> None:
+        if self._writer is None or self._writer is not owner:
             raise LockAssertion("mmu_lock released for write by a task that does not hold it")
         self._writer = None
         if self._waiters:
@@ -228,7 +234,7 @@ class MmuLock:
         """The acquire in virtual time: the preemption point, then the grant; an awaitable,
         already done when neither the point switched nor the grant has to wait."""
         clock = self.clock
-        task = current_task(self._loop) or self._task_in_running_loop()
+        task = clock.me()
         actor = clock.current
         if actor is None or actor.task is not task:
             raise LockAssertion("mmu_lock taken outside the simulation of a VM in virtual "
@@ -305,17 +311,17 @@ class MmuLock:
         t = clock.time()
         if t > self._read_free_at:
             self._read_free_at = t
-        self._stats["read_hold_ns"] += t - self._granted_at.pop(
-            current_task(self._loop) or self._task_in_running_loop(), t)
-        MmuLock.release_read(self)           # the lock itself, under the virtual override
+        owner = clock.me()
+        self._stats["read_hold_ns"] += t - self._granted_at.pop(owner, t)
+        self._release_read_by(owner)         # the lock itself
 
     def _release_write_virtual(self) -> None:
         clock = self.clock
         clock.charge(clock.costs.lock_acquire)
         t = self._write_free_at = clock.time()
-        self._stats["write_hold_ns"] += t - self._granted_at.pop(
-            current_task(self._loop) or self._task_in_running_loop(), t)
-        MmuLock.release_write(self)
+        owner = clock.me()
+        self._stats["write_hold_ns"] += t - self._granted_at.pop(owner, t)
+        self._release_write_by(owner)
 
     # -- contracts ----------------------------------------------------------------
 

@@ -80,7 +80,7 @@ class Scheduler:
         self.points_passed += 1
         clock = self.clock
         actor = clock.current
-        if actor is None or actor.task is not current_task():
+        if actor is None or actor.task is not clock.me():
             self.trace.append(("?", name))
             return DONE                      # a task outside the simulation: no switch
         self.trace.append((actor.name, name))
