@@ -1,6 +1,6 @@
-"""The run queue: vCPU runs start in order, and each is followed by two turns of the event
-loop for every completion gRPC brings for it, so that the loop turns over faster than
-gRPC's completions arrive.
+"""The run queue: vCPU runs start in order, and each is followed by a turn of the event loop
+for every completion gRPC brings for it and one spare, so that the loop turns over faster
+than gRPC's completions arrive.
 
 Why: grpc.aio learns of completions (a call accepted, a message read or sent) from a
 thread blocked in the completion queue, which queues each one and writes one byte to a
@@ -15,9 +15,9 @@ second between them, and a lone GetVm waited 100-400 ms before its handler start
 
 Counting turns per completion keeps the loop ahead of them: a RunBatch call brings four
 (accepted, request read, answer sent, call closed), a Run stream's step two (request read,
-answer sent). After a run the queue lets two turns pass per completion before it starts
-the next: one per completion, and as many spare for the completions of calls that are not
-runs (a GetVm) and for a backlog to drain. The socket then stays nearly empty and each
+answer sent). After a run the queue lets a turn pass per completion and one more before it
+starts the next: the spare turn is for the completions of calls that are not runs (a
+GetVm) and for a backlog to drain. The socket then stays nearly empty and each
 turn handles every completion that has come. The spare turns are cheap (no run in them)
 and only taken while runs are waiting. A run waits only to start: once started it holds
 nothing, so one that blocks (on `mmu_lock`, a held invalidation, its clock) keeps no other
@@ -37,8 +37,8 @@ RUN_STEP_COMPLETIONS = 2    # a step of a Run stream: request read, answer sent
 
 def turns_after(completions: int) -> int:
     """The turns of the loop that follow a run bringing `completions` before the next run
-    starts: one per completion and as many spare."""
-    return 2 * completions
+    starts: one per completion and one spare."""
+    return completions + 1
 
 
 class RunQueue:

@@ -1,5 +1,5 @@
 """The run queue: runs start in arrival order, each after the turns of the event loop that
-the run before it was given (two per completion gRPC brings for it), and an idle queue
+the run before it was given (one per completion gRPC brings for it and one spare), and an idle queue
 costs no task switch; the servicers charge a RunBatch call and a Run stream's step their
 own completions."""
 
@@ -44,9 +44,9 @@ async def test_each_run_starts_after_the_turns_of_the_one_before():
     assert [name for name, _ in log] == list("abcd")
     gaps = [(earlier_name, later - earlier)
             for (earlier_name, earlier), (_, later) in zip(log, log[1:])]
-    # The next run waits a turn for each completion of the one before it and one spare
-    # for each, and no more than the turns of that run's kind.
-    assert all(2 * completions[name] <= gap <= turns_after(completions[name]) + 1
+    # The next run waits a turn for each completion of the one before it and a spare one,
+    # and no more than the turns of that run's kind.
+    assert all(completions[name] + 1 <= gap <= turns_after(completions[name]) + 1
                for name, gap in gaps), gaps
 
 
