@@ -17,7 +17,8 @@ Counting turns per completion keeps the loop ahead of them: a RunBatch call brin
 (accepted, request read, answer sent, call closed), a Run stream's step two (request read,
 answer sent). After a run the queue lets a turn pass per completion and one more before it
 starts the next: the spare turn is for the completions of calls that are not runs (a
-GetVm) and for a backlog to drain. The socket then stays nearly empty and each
+GetVm) and for a backlog that a burst built to drain. The socket then stays nearly empty
+(a median of 7 bytes under the load benchmark, against 224 at three turns a run) and each
 turn handles every completion that has come. The spare turns are cheap (no run in them)
 and only taken while runs are waiting. A run waits only to start: once started it holds
 nothing, so one that blocks (on `mmu_lock`, a held invalidation, its clock) keeps no other
