@@ -1,7 +1,7 @@
 """The run queue: runs start in arrival order, each after the turns of the event loop that
-the run before it was given (one per completion gRPC brings for it and one spare), and an idle queue
-costs no task switch; the servicers charge a RunBatch call and a Run stream's step their
-own completions."""
+the run before it was given (one per completion gRPC brings for it and one spare), and an
+idle queue costs no task switch; the servicers charge a RunBatch call and a Run stream's
+step their own completions."""
 
 from __future__ import annotations
 
@@ -44,10 +44,11 @@ async def test_each_run_starts_after_the_turns_of_the_one_before():
     assert [name for name, _ in log] == list("abcd")
     gaps = [(earlier_name, later - earlier)
             for (earlier_name, earlier), (_, later) in zip(log, log[1:])]
-    # The next run waits a turn for each completion of the one before it and a spare one,
-    # and no more than the turns of that run's kind.
-    assert all(completions[name] + 1 <= gap <= turns_after(completions[name]) + 1
-               for name, gap in gaps), gaps
+    # The next run waits a turn for each completion of the one before it and a spare one
+    # (`turns_after`), and not the turns of the other kind (at most one turn more: the
+    # turn of the admission itself).
+    assert all(completions[name] + 1 == turns_after(completions[name]) <= gap
+               <= completions[name] + 2 for name, gap in gaps), gaps
 
 
 async def test_an_idle_queue_admits_without_a_task_switch():
