@@ -14,6 +14,10 @@ One JSON line per result, each with its same-run baseline:
 - `load_rss_mib`: the server's resident memory at the end, against its value after the
   warm-up (target: flat), with the samples taken every second.
 
+Every line also carries the host's load average over the measured time and how long the
+server's event loop thread ran and waited for a CPU then (`/proc/PID/schedstat`): on a
+shared host, what the loop waits for a CPU every call waits too.
+
     python benchmarks/load.py [--clients 64] [--duration 60] [--warmup 5]
 """
 
@@ -72,6 +76,12 @@ def percentile(values: list[float], q: float) -> float:
 def rss_mib(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def schedstat_s(pid: int) -> tuple[float, float]:
+    """Seconds the process's main thread (the event loop's) has run, and waited to run."""
+    ran, waited, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+    return int(ran) / 1e9, int(waited) / 1e9
 
 
 def batch(rng: random.Random) -> object:
@@ -185,9 +195,14 @@ async def load(address: str, server_pid: int, clients: int, workers: int, durati
     for pipe in pipes:
         pipe.send(until)
     rss: list[tuple[float, float]] = []
+    sched = load_average = None
     while time.time() < until:
+        if sched is None and time.time() >= start + warmup:
+            sched, load_average = schedstat_s(server_pid), os.getloadavg()[0]
         rss.append((round(time.time() - start, 1), round(rss_mib(server_pid), 1)))
         await asyncio.sleep(1.0)
+    ran, waited = (now - then for now, then in zip(schedstat_s(server_pid), sched))
+    load_average = (load_average, os.getloadavg()[0])
     results = [await asyncio.to_thread(pipe.recv) for pipe in pipes]
     runs = [run for worker_runs, _ in results for run in worker_runs]
     client_cpu = {kind: round(sum(cpu for w, (_, cpu) in enumerate(results)
@@ -203,7 +218,9 @@ async def load(address: str, server_pid: int, clients: int, workers: int, durati
     kinds = {kind: [s for streaming, end, s in runs if streaming is (kind == "stream")
                     and end >= measured_from] for kind in ("unary", "stream")}
     common = {"clients": clients, "vcpus_per_client": VCPUS, "client_processes": workers,
-              "duration_s": duration, "warmup_s": warmup, "batch_accesses": BATCH}
+              "duration_s": duration, "warmup_s": warmup, "batch_accesses": BATCH,
+              "host_load_average": load_average, "server_loop_ran_s": round(ran, 1),
+              "server_loop_waited_s": round(waited, 1)}
     stream_p99, stream_p50 = percentile(kinds["stream"], 0.99), percentile(kinds["stream"], 0.5)
     emit("load_unary_p99_ms", percentile(kinds["unary"], 0.99) * 1e3, "ms",
          "stream p99 under the same load", stream_p99 * 1e3, limit=3, **common)

@@ -1,24 +1,28 @@
-"""The run queue: vCPU runs start in order, at most one every `TURNS_PER_RUN` turns of the
-event loop, so that the loop turns over faster than gRPC's completions arrive.
+"""The run queue: vCPU runs start in order, and each is followed by a turn of the event loop
+for every completion gRPC brings for it and one spare, so that the loop turns over faster
+than gRPC's completions arrive.
 
 Why: grpc.aio learns of completions (a call accepted, a message read or sent) from a
 thread blocked in the completion queue, which queues each one and writes one byte to a
 socket the event loop watches; the loop's reader reads one byte a turn and handles every
 completion queued. While completions arrive faster than the loop turns, the bytes pile
-up until the socket's buffer is full (about 200 one-byte writes); from then on the thread
+up until the socket's buffer is full (about 270 one-byte writes); from then on the thread
 blocks after each completion, and the server receives one completion per turn, each behind
-the ~200 already waiting. A unary call needs about four completions one after the other,
-and grpc.aio accepts the calls of one method one at a time, so under 128 Run streams (two
-completions a step) 128 RunBatch callers got 16 calls a second between them, and a lone
-GetVm waited hundreds of milliseconds: every call waited its turn in a queue hundreds of
-turns long, once per completion (docs/benchmarks.md, load).
+the ~270 already waiting. Every call then waits its turn in a queue hundreds of turns
+long, once per completion: 128 RunBatch callers under 128 Run streams got 16 calls a
+second between them, and a lone GetVm waited 100-400 ms before its handler started
+(docs/benchmarks.md, load).
 
-Starting a run only every `TURNS_PER_RUN` turns leaves the loop turns to spare: the
-socket drains, the thread no longer blocks, each turn handles every completion that has
-arrived, and a RunBatch call and a stream's step wait in the same queue. The spare turns
-are cheap (no run in them) and only taken while runs are waiting. A run waits only to
-start: once started it holds nothing, so one that blocks (on `mmu_lock`, a held
-invalidation, its clock) keeps no other run from starting.
+Counting turns per completion keeps the loop ahead of them: a RunBatch call brings four
+(accepted, request read, answer sent, call closed), a Run stream's step two (request read,
+answer sent). After a run the queue lets a turn pass per completion and one more before it
+starts the next: the spare turn is for the completions of calls that are not runs (a
+GetVm) and for a backlog that a burst built to drain. The socket then stays nearly empty
+(a median of 7 bytes under the load benchmark, against 224 at three turns a run) and each
+turn handles every completion that has come. The spare turns are cheap (no run in them)
+and only taken while runs are waiting. A run waits only to start: once started it holds
+nothing, so one that blocks (on `mmu_lock`, a held invalidation, its clock) keeps no other
+run from starting.
 """
 
 from __future__ import annotations
@@ -26,47 +30,54 @@ from __future__ import annotations
 import asyncio
 import collections
 
-__all__ = ["RunQueue", "TURNS_PER_RUN"]
+__all__ = ["RunQueue", "RUN_BATCH_COMPLETIONS", "RUN_STEP_COMPLETIONS", "turns_after"]
 
-# A step of a Run stream brings two completions (its request read, its answer sent) and
-# a RunBatch call about four; three turns a run kept the loop ahead of them under load.
-TURNS_PER_RUN = 3
+RUN_BATCH_COMPLETIONS = 4   # a RunBatch call: accepted, request read, answer sent, closed
+RUN_STEP_COMPLETIONS = 2    # a step of a Run stream: request read, answer sent
+
+
+def turns_after(completions: int) -> int:
+    """The turns of the loop that follow a run bringing `completions` before the next run
+    starts: one per completion and one spare."""
+    return completions + 1
 
 
 class RunQueue:
     """Admission of runs to the event loop of the server that made it.
 
-    `await queue.admit()` returns at once (without a task switch) when no run was
-    admitted in the last `TURNS_PER_RUN` turns of the loop and none is waiting; otherwise
-    the caller waits, in arrival order, for its turn. A waiter cancelled while it waits is
-    skipped; one cancelled after its turn came costs that turn only."""
+    `await queue.admit(completions)` returns at once (without a task switch) when the
+    turns that followed the last run admitted have passed and no run is waiting;
+    otherwise the caller waits, in arrival order, for its turn. After it the queue lets
+    `turns_after(completions)` turns pass before it admits the next. A waiter cancelled
+    while it waits is skipped; one cancelled after its turn came costs its turns only."""
 
     def __init__(self) -> None:
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiters: collections.deque[tuple[asyncio.Future[None], int]] = \
+            collections.deque()
         self._turns_left = 0    # turns before the next admission; > 0 while `_tick` is due
 
-    async def admit(self) -> None:
+    async def admit(self, completions: int) -> None:
         if not self._turns_left:
-            self._start_turn()
+            self._start_turns(completions)
             return
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        self._waiters.append((waiter, completions))
         await waiter
 
-    def _start_turn(self) -> None:
-        self._turns_left = TURNS_PER_RUN
+    def _start_turns(self, completions: int) -> None:
+        self._turns_left = turns_after(completions)
         asyncio.get_running_loop().call_soon(self._tick)
 
     def _tick(self) -> None:
-        """A turn of the loop since the last admission: after `TURNS_PER_RUN` of them,
-        admit the first waiter still waiting, if any."""
+        """A turn of the loop since the last admission: when the turns after it have
+        passed, admit the first waiter still waiting, if any."""
         self._turns_left -= 1
         if self._turns_left:
             asyncio.get_running_loop().call_soon(self._tick)
             return
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter, completions = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                self._start_turn()
+                self._start_turns(completions)
                 return

@@ -18,7 +18,7 @@ from vmmu.server.rpc.errors import refusable
 from vmmu.server.rpc.explore import ExploreServicer
 from vmmu.server.rpc.gpc import GpcServicer
 from vmmu.server.rpc.guest_memfd import GuestMemfdServicer
-from vmmu.server.rpc.runqueue import RunQueue
+from vmmu.server.rpc.runqueue import RUN_BATCH_COMPLETIONS, RUN_STEP_COMPLETIONS, RunQueue
 from vmmu.v1 import (dirty_log_pb2, dirty_log_pb2_grpc, explore_pb2, explore_pb2_grpc, gpc_pb2,
                      gpc_pb2_grpc, guest_memfd_pb2, guest_memfd_pb2_grpc,
                      host_memory_pb2, host_memory_pb2_grpc,
@@ -239,7 +239,9 @@ class VcpuServicer(_Servicer, vcpu_pb2_grpc.VcpuServiceServicer):
 
     async def _run_step(self, request: vcpu_pb2.RunRequest | vcpu_pb2.RunBatchRequest,
                         pending: dict[Vcpu, Exit] | None = None) -> RunResult:
-        await self.run_queue.admit()
+        # `pending` is a Run stream's; without it the run is a RunBatch call's.
+        await self.run_queue.admit(RUN_BATCH_COMPLETIONS if pending is None
+                                   else RUN_STEP_COMPLETIONS)
         vcpu = self._vcpu(request)
         result = await vcpu.run(**convert.run_step(request, vcpu.vm.config.gpa_bits))
         if pending is not None and result.exit.reason is ExitReason.MMIO:
