@@ -362,7 +362,8 @@ class VirtualClock:
 
     # -- stepping -----------------------------------------------------------------------
 
-    YIELD_EVERY = 256              # steps between two turns `gather` gives the event loop
+    YIELD_EVERY = 64               # steps between two turns `gather` gives the event loop
+                                   # (a step is tens of µs: the loop waits a few ms at most)
 
     async def gather(self, *coros) -> list:
         """Run `coros` to their ends in this task and return their results in order, as
