@@ -391,8 +391,12 @@ class VirtualClock:
         to make one ready (the turn given to one of them, or a wait ended)."""
         loop = asyncio.get_running_loop()
         ready = self._ready
-        ready.extend(stepped)                # first steps in order, as tasks would start
         left, steps, cancelled = len(stepped), 0, None
+        # Their first steps, in order and in one go: tasks just created all take theirs
+        # in one turn of the loop, before what they schedule (`_dispatch_later`) runs.
+        for s in stepped:
+            if self._step(s, loop):
+                left -= 1
         while left:
             actor = self.current
             s = actor.task if actor is not None else None
@@ -415,7 +419,9 @@ class VirtualClock:
             if self._step(s, loop):
                 left -= 1
             steps += 1
-            if steps % self.YIELD_EVERY == 0:
+            if steps % self.YIELD_EVERY == 0 and self.current is not None:
+                # Only with the turn held: a dispatch the loop has pending is then a
+                # no-op, so giving the loop a turn leaves the simulation's order alone.
                 try:
                     await asyncio.sleep(0)   # the loop's other tasks (and callbacks) run
                 except asyncio.CancelledError as exc:

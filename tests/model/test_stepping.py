@@ -92,6 +92,32 @@ async def test_stepped_vcpus_over_huge_pages_give_what_tasks_give(monkeypatch):
     assert stepped == await faults_and_invalidations("read+rcu", 1, Backing.THP)
 
 
+async def many_vcpus(vcpus: int, pages: int) -> str:
+    kvm = Kvm()
+    vm = kvm.create_vm(VmConfig(max_vcpus=vcpus, clock="virtual", schedule_seed=4,
+                                fast_page_fault=False))
+    size = vcpus * pages * PAGE
+    region = vm.mmap(size, Backing.PAGE_4K)
+    await vm.set_user_memory_region(0, 0, 0, size, region.hva)
+    for i in range(vcpus):
+        vm.create_vcpu(i)
+    runs = await asyncio.wait_for(vm.clock.gather(*[
+        vm.vcpu(i).run(touch(i * pages * PAGE, pages)) for i in range(vcpus)]), BOUND_S)
+    out = json.dumps(dict(runs=[(r.start_ns, r.end_ns) for r in runs], stats=vm.stats(),
+                          dispatches=vm.clock.dispatches), sort_keys=True)
+    await kvm.shutdown()
+    return out
+
+
+async def test_more_stepped_vcpus_than_steps_between_loop_turns_give_what_tasks_give(
+        monkeypatch):
+    """All of them enter the simulation before it starts, as tasks do, however many."""
+    vcpus = 2 * VirtualClock.YIELD_EVERY + 5
+    stepped = await many_vcpus(vcpus, 3)
+    as_tasks(monkeypatch)
+    assert stepped == await many_vcpus(vcpus, 3)
+
+
 def test_the_seeds_sweeps_give_what_tasks_give(monkeypatch):
     from vmmu.scale import QUICK, run_sweep
     options = {"seed002": dict(QUICK["seed002"], max_vcpus=8, seed=2),
