@@ -189,13 +189,16 @@ async def test_cancelling_gather_cancels_each_coroutine_which_unwinds(mode, monk
     clock = clock_with()
     lock = MmuLock(clock=clock)
     unwound = []
-    started = asyncio.Event()
+    inside: set[str] = set()
+    both_inside = asyncio.Event()
 
     async def spinner(name):
         async with clock.running(Actor(name, 0)):
             try:
                 async with lock.read:
-                    started.set()
+                    inside.add(name)
+                    if len(inside) == 2:
+                        both_inside.set()
                     while True:
                         clock.charge(50)
                         await clock.point()
@@ -204,7 +207,7 @@ async def test_cancelling_gather_cancels_each_coroutine_which_unwinds(mode, monk
                 unwound.append((name, clock.holds_turn()))
 
     run = asyncio.ensure_future(clock.gather(spinner("a"), spinner("b")))
-    await asyncio.wait_for(started.wait(), BOUND_S)
+    await asyncio.wait_for(both_inside.wait(), BOUND_S)   # both hold the lock for read
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
         await run
