@@ -146,3 +146,26 @@ async def test_a_vm_with_a_schedule_seed_never_yields_for_its_timeslice():
     result, turns = await probe_turns(vcpu.run(writes(gpas)))
     assert result.completed == len(gpas)
     assert turns <= 1
+
+
+async def test_runs_that_gave_the_loop_away_get_it_back_one_a_turn():
+    """Two long batches at once: once both have started, a turn of the loop resumes one of
+    them, never both, so a turn holds one slice and not one per run."""
+    runs = [await guest(64 * MIB) for _ in range(2)]
+    batches = [vcpu.run(writes(range(0, 64 * MIB, PAGE))) for _, _, vcpu in runs]
+    tasks = [asyncio.create_task(batch) for batch in batches]
+    exits = [0, 0]
+    started = [False, False]
+    turns_with_progress = turns_with_both = 0
+    while not all(task.done() for task in tasks):
+        await asyncio.sleep(0)                      # one turn of the loop
+        now = [vcpu.stats()["exits"] for _, _, vcpu in runs]
+        moved = [a != b for a, b in zip(now, exits)]
+        if all(started):
+            turns_with_progress += any(moved)
+            turns_with_both += all(moved)
+        started = [s or m for s, m in zip(started, moved)]
+        exits = now
+    assert [task.result().completed for task in tasks] == [64 * MIB // PAGE] * 2
+    assert turns_with_progress >= MIN_TURNS
+    assert turns_with_both == 0
