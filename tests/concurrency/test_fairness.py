@@ -169,3 +169,23 @@ async def test_runs_that_gave_the_loop_away_get_it_back_one_a_turn():
     assert [task.result().completed for task in tasks] == [64 * MIB // PAGE] * 2
     assert turns_with_progress >= MIN_TURNS
     assert turns_with_both == 0
+
+
+async def test_a_run_cancelled_while_it_waits_for_its_turn_is_skipped():
+    """Three long batches; one is cancelled while it waits to get the loop back: the
+    other two still get their turns and finish."""
+    runs = [await guest(64 * MIB) for _ in range(3)]
+    tasks = [asyncio.create_task(vcpu.run(writes(range(0, 64 * MIB, PAGE))))
+             for _, _, vcpu in runs]
+    victim = runs[2][2]
+    while not all(vcpu.stats()["exits"] for _, _, vcpu in runs):
+        await asyncio.sleep(0)                      # all three have had a slice
+    before = victim.stats()["exits"]
+    await asyncio.sleep(0)
+    while victim.stats()["exits"] != before:        # it ran this turn: wait for one it did not
+        before = victim.stats()["exits"]
+        await asyncio.sleep(0)
+    tasks[2].cancel()
+    done, _ = await asyncio.wait(tasks[:2], timeout=60)     # a hang guard, not a timing
+    assert [task.result().completed for task in done] == [64 * MIB // PAGE] * 2
+    assert tasks[2].cancelled()
