@@ -3,7 +3,7 @@
 KVM's long loops (KVM_RUN of a guest that keeps exiting, MADV_POPULATE_WRITE, a KSM scan)
 call `cond_resched()`: the scheduler tick sets need_resched, and the loop gives the CPU
 away at its next safe point. Here the CPU is the event loop that serves every VM and every
-client: a loop whose `Timeslice` has run out gives it away (`await asyncio.sleep(0)`) at
+client: a loop whose `Timeslice` has run out gives it away at
 its next safe point, so that no single request holds the others up for longer than about
 a slice. Walks under `mmu_lock` yield by `tdp_mmu`'s own `cond_resched`, which drops the
 lock as well.
@@ -11,11 +11,11 @@ lock as well.
 The event loop is one CPU, and a loop that gave it away gets it back in its turn: one
 such loop resumes per turn of the event loop, in the order they gave it away, each for a
 new slice. With `asyncio.sleep(0)` alone, every loop that yielded in a turn resumed in
-the next, each for a whole slice: under the load benchmark a turn held two or three
-vCPU runs' slices (6 ms and more), and every gRPC completion waited behind them. Now a
-turn holds at most the resumed slice and the first slice of a run just started (the run
-queue starts at most one a turn), and the others' slices are turns later, with the
-completions handled in between.
+the next, each for a whole slice: a turn held as many slices as loops had yielded (two
+or three populates' in the load benchmark's setup: 6 ms), and every gRPC completion
+waited behind them. Now a turn holds at most one resumed slice and the first slice of an
+operation just started (the run queue starts at most one vCPU run a turn); the others'
+slices come turns later, with the completions handled in between.
 
 A VM with a schedule seed never yields here: only its seeded preemption points switch
 tasks, so that a seed replays the same interleaving.
