@@ -146,3 +146,46 @@ async def test_a_vm_with_a_schedule_seed_never_yields_for_its_timeslice():
     result, turns = await probe_turns(vcpu.run(writes(gpas)))
     assert result.completed == len(gpas)
     assert turns <= 1
+
+
+async def test_runs_that_gave_the_loop_away_get_it_back_one_a_turn():
+    """Two long batches at once: once both have started, a turn of the loop resumes one of
+    them, never both, so a turn holds one slice and not one per run."""
+    runs = [await guest(64 * MIB) for _ in range(2)]
+    batches = [vcpu.run(writes(range(0, 64 * MIB, PAGE))) for _, _, vcpu in runs]
+    tasks = [asyncio.create_task(batch) for batch in batches]
+    exits = [0, 0]
+    started = [False, False]
+    turns_with_progress = turns_with_both = 0
+    while not all(task.done() for task in tasks):
+        await asyncio.sleep(0)                      # one turn of the loop
+        now = [vcpu.stats()["exits"] for _, _, vcpu in runs]
+        moved = [a != b for a, b in zip(now, exits)]
+        if all(started):
+            turns_with_progress += any(moved)
+            turns_with_both += all(moved)
+        started = [s or m for s, m in zip(started, moved)]
+        exits = now
+    assert [task.result().completed for task in tasks] == [64 * MIB // PAGE] * 2
+    assert turns_with_progress >= MIN_TURNS
+    assert turns_with_both == 0
+
+
+async def test_a_run_cancelled_while_it_waits_for_its_turn_is_skipped():
+    """Three long batches; one is cancelled while it waits to get the loop back: the
+    other two still get their turns and finish."""
+    runs = [await guest(64 * MIB) for _ in range(3)]
+    tasks = [asyncio.create_task(vcpu.run(writes(range(0, 64 * MIB, PAGE))))
+             for _, _, vcpu in runs]
+    victim = runs[2][2]
+    while not all(vcpu.stats()["exits"] for _, _, vcpu in runs):
+        await asyncio.sleep(0)                      # all three have had a slice
+    before = victim.stats()["exits"]
+    await asyncio.sleep(0)
+    while victim.stats()["exits"] != before:        # it ran this turn: wait for one it did not
+        before = victim.stats()["exits"]
+        await asyncio.sleep(0)
+    tasks[2].cancel()
+    done, _ = await asyncio.wait(tasks[:2], timeout=60)     # a hang guard, not a timing
+    assert [task.result().completed for task in done] == [64 * MIB // PAGE] * 2
+    assert tasks[2].cancelled()
