@@ -110,6 +110,22 @@ class _Stepped:
             self.clock._make_ready(self)
 
 
+class _Turn:
+    """The turn a coroutine `gather` steps waits for at a point: what a future is to a
+    task, at a fraction of a future's cost. Only the clock settles it (given by
+    `_dispatch`, called off by `_cancel`) and only `_step_all` waits for it: no event
+    loop, no callbacks."""
+
+    given = False                            # class defaults: no __init__ to run
+    called_off = False
+
+    def done(self) -> bool:
+        return self.given or self.called_off
+
+    def __await__(self):
+        yield self                           # `_step` gets it; resumed once given
+
+
 class VirtualClock:
     """The simulation of one VM. Its plain methods never let time pass for anyone else;
     its awaitables may."""
@@ -173,18 +189,22 @@ class VirtualClock:
         """The awaitable of a preemption point: the running actor gives the turn to an
         earlier one if there is any (or parks past the horizon); else it goes on.
 
-        A switch is one future and one event-loop round trip, no coroutine: the actor
-        queues itself and the dispatch pops the earliest runnable in one heap operation,
-        and the future it gets back is the one the dispatch completes when the turn
-        comes back to it (already done if it never left)."""
+        A switch is no coroutine: the actor queues itself and the dispatch pops the
+        earliest runnable in one heap operation, and what it gets back is completed by
+        the dispatch that gives the turn back to it (DONE if it never left): a future
+        and an event-loop round trip for a task, a `_Turn` for a coroutine `gather`
+        steps."""
         actor = self.current
         heap = self._heap
         t = actor.time
         if (not heap or t < heap[0][0]) and (self.horizon is None or t <= self.horizon):
             return DONE
-        fut = asyncio.get_running_loop().create_future()
-        self._dispatch((t, self._random(), next(self._order), actor, fut))
-        return fut
+        if self._stepping is not None:
+            waiter = _Turn()
+        else:
+            waiter = asyncio.get_running_loop().create_future()
+        self._dispatch((t, self._random(), next(self._order), actor, waiter))
+        return DONE if self.current is actor else waiter
 
     def sleep_until(self, t: int):
         """The running actor waits (is not working) until virtual time `t`."""
@@ -275,7 +295,8 @@ class VirtualClock:
             else:
                 break
             t, _, _, actor, fut = top
-            if fut.done():                   # its task was cancelled meanwhile
+            turn = fut.__class__ is _Turn    # no future: its attributes, no method call
+            if fut.called_off if turn else fut.done():   # cancelled meanwhile
                 continue
             if actor.debt_ns:                # work it was made to do while it waited
                 actor.time += actor.debt_ns
@@ -291,7 +312,10 @@ class VirtualClock:
                 self.now = t
             self.dispatches += 1
             actor.events += 1
-            fut.set_result(None)
+            if turn:
+                fut.given = True
+            else:
+                fut.set_result(None)
             if self._idle is not None and actor.task.__class__ is _Stepped:
                 self._wake_stepper()         # `gather` steps it
             return
@@ -400,8 +424,10 @@ class VirtualClock:
         while left:
             actor = self.current
             s = actor.task if actor is not None else None
-            if s.__class__ is _Stepped and s.waiting is not None and s.waiting.done():
-                pass                         # the turn went to one of ours: step it
+            if s.__class__ is _Stepped and (s.waiting.__class__ is _Turn or
+                                            s.waiting is not None and s.waiting.done()):
+                pass                         # the turn went to one of ours: step it (its
+                                             # actor holds it: its `_Turn` was given)
             elif ready:
                 s = ready.popleft()
                 if s.finished or (s.waiting is not None and not s.waiting.done()):
@@ -439,7 +465,7 @@ class VirtualClock:
         try:
             if s.cancelling:                 # one CancelledError, as a task gets
                 s.cancelling = False
-                if waited is None or not waited.cancelled():
+                if waited is None or waited.__class__ is _Turn or not waited.cancelled():
                     yielded = s.coro.throw(asyncio.CancelledError())
                 else:                        # awaiting it raises CancelledError
                     yielded = s.coro.send(None)
@@ -482,8 +508,12 @@ class VirtualClock:
             if s.finished:
                 continue
             s.cancelling = True
-            if s.waiting is not None and not s.waiting.done():
-                s.waiting.cancel()
+            waiting = s.waiting
+            if waiting is not None and not waiting.done():
+                if waiting.__class__ is _Turn:
+                    waiting.called_off = True
+                else:
+                    waiting.cancel()
             self._ready.append(s)
 
     # -- driving ------------------------------------------------------------------------

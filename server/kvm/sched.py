@@ -80,7 +80,8 @@ class Scheduler:
         self.points_passed += 1
         clock = self.clock
         actor = clock.current
-        if actor is None or actor.task is not clock.me():
+        # `_stepping` answers for a coroutine `gather` steps: `me()` only for a task.
+        if actor is None or actor.task is not (clock._stepping or clock.me()):
             self.trace.append(("?", name))
             return DONE                      # a task outside the simulation: no switch
         self.trace.append((actor.name, name))
