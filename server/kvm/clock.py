@@ -25,7 +25,8 @@ from then on nothing runs past the latest `until` (the horizon).
 Stepping: an actor is usually a task, and a switch between two tasks is a round trip of the
 event loop. `clock.gather(*coros)` runs coroutines that are actors (vCPU runs, say) in the
 calling task instead, stepping each itself (`coro.send`) as a task would: the switch from
-one of them to another is then a call. Who runs is `me()`: the coroutine being stepped, or
+one of them to another is then a call, and the turn such a coroutine waits for at a point
+a `_Turn`, not a future. Who runs is `me()`: the coroutine being stepped, or
 the current task. The order of the simulation is the clock's either way, so the results
 are the same to the byte (tests/model/test_stepping.py).
 """
