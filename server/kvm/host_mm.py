@@ -247,23 +247,43 @@ class HostMm:
         clock = self.clock
         if clock is not None:
             clock.charge(clock.costs.gup_slow)
+        return await self.hva_to_pfn_slow(hva, write)
+
+    async def hva_to_pfn_slow(self, hva: int, write: bool) -> tuple[int, bool, int]:
+        """`hva_to_pfn` past its charge: look up, breaking copy-on-write (for a write)
+        until hva maps a page of its own."""
         while True:
             region, _ = self._region_for_access(hva, write)
-            if not (write and self.is_cow(region, hva)):
-                return self._get_page(region, hva, write)
+            found = self._get_page_nowait(region, hva, write, region.mapped(hva))
+            if found is not None:
+                return found
             await self.unshare(region, hva)
 
-    def hva_to_pfn_fast(self, hva: int, write: bool) -> tuple[int, bool, int] | None:
-        """GUP-fast (`hva_to_pfn_fast`): what `hva_to_pfn` returns when the page is mapped
-        and nothing has to sleep, else None (not populated, swapped out, or a write that
-        must break a KSM page's copy-on-write): the caller then takes the slow lookup.
-        Raises as `hva_to_pfn` does."""
+    def hva_to_pfn_nowait(self, hva: int, write: bool) -> tuple[int, bool, int] | None:
+        """A fault's lookup up to where it would sleep: GUP-fast, else the slow lookup,
+        charging each it takes; None when a write must first break copy-on-write, which
+        may sleep (`hva_to_pfn_slow` does it). Raises as `hva_to_pfn` does. One region
+        lookup serves both: this runs on every slow page fault."""
         region, writable = self._region_for_access(hva, write)
         found = region.mapped(hva)
+        fast = self._gup_fast(found, write, writable)
+        clock = self.clock
+        if clock is not None:
+            clock.charge(clock.costs.gup_fast)
+            if fast is None:
+                clock.charge(clock.costs.gup_slow)
+        return fast if fast is not None else self._get_page_nowait(region, hva, write, found)
+
+    def _gup_fast(self, found: tuple[int, int] | None, write: bool,
+                  writable: bool) -> tuple[int, bool, int] | None:
+        """GUP-fast (`hva_to_pfn_fast`), given `found = region.mapped(hva)` and whether hva
+        is writable: what `hva_to_pfn` returns when the page is mapped and nothing has to
+        sleep, else None (not populated, swapped out, or a write that must break
+        copy-on-write)."""
         if found is None:
             return None
         pfn, level = found
-        shared = pfn in self.ksm_pages or is_zero_pfn(pfn)
+        shared = self.is_cow_pfn(pfn)
         if write and shared:
             return None
         return pfn, writable and not shared, level
@@ -293,8 +313,17 @@ class HostMm:
             raise KvmError(errno.EFAULT, f"write to read-only hva {hva:#x}")
         return region, writable
 
-    def _get_page(self, region: HostRegion, hva: int, write: bool) -> tuple[int, bool, int]:
-        found = region.mapped(hva)
+    def _get_page_nowait(self, region: HostRegion, hva: int, write: bool,
+                         found: tuple[int, int] | None) -> tuple[int, bool, int] | None:
+        """`_get_page`, or None for a write to a copy-on-write page (break it first)."""
+        if write and found is not None and self.is_cow_pfn(found[0]):
+            return None
+        return self._get_page(region, hva, write, found)
+
+    def _get_page(self, region: HostRegion, hva: int, write: bool,
+                  found: tuple[int, int] | None) -> tuple[int, bool, int]:
+        """The page at hva, populated or swapped in if `found` (`region.mapped(hva)`) is
+        None: (pfn, writable, host mapping level)."""
         if found is None:
             page = hva >> PAGE_SHIFT
             if page in region.swapped:
@@ -304,7 +333,7 @@ class HostMm:
             else:
                 found = self._populate(region, hva)
         pfn, level = found
-        shared = pfn in self.ksm_pages or is_zero_pfn(pfn)
+        shared = self.is_cow_pfn(pfn)
         if write and shared:
             raise VmBugged(f"write mapping of copy-on-write page {pfn:#x} without a COW "
                            "break")
@@ -314,9 +343,9 @@ class HostMm:
         """Touch the page at hva of `region` as `hva_to_pfn` does once its checks passed
         and any KSM page there broke copy-on-write (for a write): (pfn, host mapping
         level, 4K pages this populated or swapped in, 0 if hva was mapped already)."""
-        was_mapped = region.mapped(hva) is not None
-        pfn, _, level = self._get_page(region, hva, write)
-        return pfn, level, 0 if was_mapped else pages_per_level(level)
+        found = region.mapped(hva)
+        pfn, _, level = self._get_page(region, hva, write, found)
+        return pfn, level, 0 if found is not None else pages_per_level(level)
 
     def _populate(self, region: HostRegion, hva: int) -> tuple[int, int]:
         level = region.frame_level(hva)
@@ -378,7 +407,11 @@ class HostMm:
     def is_cow(self, region: HostRegion, hva: int) -> bool:
         """Does hva map a page a write must copy first: a KSM page, or the zero page?"""
         found = region.mapped(hva)
-        return found is not None and (found[0] in self.ksm_pages or is_zero_pfn(found[0]))
+        return found is not None and self.is_cow_pfn(found[0])
+
+    def is_cow_pfn(self, pfn: int) -> bool:
+        """Is pfn a page a write must copy first: a KSM page, or the zero page?"""
+        return pfn in self.ksm_pages or is_zero_pfn(pfn)
 
     def cow_hvas(self, region: HostRegion, start: int, end: int) -> list[int]:
         """An hva in each page of [start, end) of `region` that a write must copy first
@@ -443,7 +476,8 @@ class HostMm:
             if timeslice.need_resched():
                 await timeslice.cond_resched()
                 self._check_access(chunk_hva, end - chunk_hva, write=False)
-            pfn, _, _ = self._get_page(self.find(chunk_hva), chunk_hva, write=False)
+            region = self.find(chunk_hva)
+            pfn, _, _ = self._get_page(region, chunk_hva, False, region.mapped(chunk_hva))
             out += self.read_pfn(pfn, chunk_hva & (PAGE_SIZE - 1), chunk_len)
         return bytes(out)
 
@@ -475,7 +509,8 @@ class HostMm:
                     await self.unshare(self.find(chunk_hva), chunk_hva)
             offset = 0
             for chunk_hva, n in chunks:
-                pfn = self._get_page(self.find(chunk_hva), chunk_hva, write=True)[0]
+                region = self.find(chunk_hva)
+                pfn = self._get_page(region, chunk_hva, True, region.mapped(chunk_hva))[0]
                 self.write_pfn(pfn, chunk_hva & (PAGE_SIZE - 1), window[offset:offset + n])
                 offset += n
 
