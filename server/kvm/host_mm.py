@@ -81,6 +81,14 @@ class PfnAllocator:
             self.charge.uncharge(PAGE_SIZE << level_shift(level))
         self._free[level].append(pfn)
 
+    def free_all(self) -> None:
+        """Free every frame at once (whatever held them is gone); none is handed out again."""
+        if self.charge is not None:
+            self.charge.uncharge(self.allocated_4k << PAGE_SHIFT)
+        self.allocated_4k = 0
+        for free in self._free.values():
+            free.clear()
+
 
 class HostMm:
     """The VMM's mm: regions, their host pages, KSM pages and the page contents."""
@@ -143,11 +151,27 @@ class HostMm:
         await self.invalidate(hva, hva + size, lambda: self._drop_region(region))
 
     def release(self) -> None:
-        """Drop every region and its pages at once (the VM is gone: no notifier listens)."""
-        for region in list(self._regions):
-            self._drop_region(region)
+        """Drop every region and its pages at once (the VM is gone: no notifier listens).
+        Its guest_memfd files gave their pages back first, so every frame still allocated
+        is a region's (or a KSM page regions share): they are freed, and uncharged, in
+        bulk rather than one `put` each."""
+        held = sum(region.info().populated_4k_pages for region in self._regions) - \
+            sum(self.ksm_pages.values()) + len(self.ksm_pages)
+        if held != self.pfns.allocated_4k:
+            raise VmBugged(f"{self.pfns.allocated_4k} 4K host frames are allocated but the "
+                           f"regions hold {held}")
+        for region in self._regions:
+            if self.mapped is not None:
+                self.mapped.uncharge(region.size)
+            for frames in region.frames.values():
+                frames.clear()
+            region.swapped.clear()
+        self._regions.clear()
+        self._starts.clear()
+        self._last_found = None
         self.contents.clear()
         self.ksm_pages.clear()
+        self.pfns.free_all()
 
     def _drop_region(self, region: HostRegion) -> None:
         i = self._regions.index(region)
