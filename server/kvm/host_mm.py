@@ -28,8 +28,9 @@ from .host_region import (HPAGE_SHIFT, HPAGE_SIZE, HUGE_ZERO_PFN, PROT_READ, PRO
                           ZERO_PFN, HostRegion, HostRegionInfo, is_zero_pfn, keys_in)
 from .limits import MemoryCharge
 from .resched import Timeslice
-from .types import (PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_1G, PG_LEVEL_2M,
-                    PG_LEVEL_4K, TASK_SIZE_MAX, Backing, level_shift, pages_per_level)
+from .types import (LEVEL_SHIFT, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_1G,
+                    PG_LEVEL_2M, PG_LEVEL_4K, TASK_SIZE_MAX, Backing, level_shift,
+                    pages_per_level)
 
 __all__ = ["HostMm", "HostRegion", "HostRegionInfo", "MmuNotifier", "PfnAllocator",
            "HVA_BASE"]
@@ -65,20 +66,22 @@ class PfnAllocator:
         self.charge = charge           # refuses, before anything changes, past its limit
 
     def alloc(self, level: int) -> int:
-        count = pages_per_level(level)
+        count = 1 << LEVEL_SHIFT[level]
         if self.charge is not None:
             self.charge.try_charge(count << PAGE_SHIFT)
         self.allocated_4k += count
-        if len(self._free[level]) > self.REUSE_DELAY:
-            return self._free[level].popleft()
+        free = self._free[level]
+        if len(free) > self.REUSE_DELAY:
+            return free.popleft()
         pfn = (self._next + count - 1) & ~(count - 1)
         self._next = pfn + count
         return pfn
 
     def free(self, pfn: int, level: int) -> None:
-        self.allocated_4k -= pages_per_level(level)
+        count = 1 << LEVEL_SHIFT[level]
+        self.allocated_4k -= count
         if self.charge is not None:
-            self.charge.uncharge(PAGE_SIZE << level_shift(level))
+            self.charge.uncharge(count << PAGE_SHIFT)
         self._free[level].append(pfn)
 
     def free_all(self) -> None:
@@ -382,8 +385,9 @@ class HostMm:
             clock.charge(costs.page_alloc_4k + costs.page_zero_4k if level == PG_LEVEL_4K
                          else (costs.page_alloc_2m + costs.page_zero_2m) *
                          pages_per_level(level) // pages_per_level(PG_LEVEL_2M))
-        region.frames[level][hva >> (PAGE_SHIFT + level_shift(level))] = base
-        return base + ((hva >> PAGE_SHIFT) & (pages_per_level(level) - 1)), level
+        shift = LEVEL_SHIFT[level]
+        region.frames[level][hva >> (PAGE_SHIFT + shift)] = base
+        return base + ((hva >> PAGE_SHIFT) & ((1 << shift) - 1)), level
 
     def _map_zero_page(self, region: HostRegion, hva: int) -> tuple[int, int]:
         """`do_anonymous_page` (and `do_huge_pmd_anonymous_page`) for a read: map the
