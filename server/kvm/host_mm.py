@@ -28,8 +28,9 @@ from .host_region import (HPAGE_SHIFT, HPAGE_SIZE, HUGE_ZERO_PFN, PROT_READ, PRO
                           ZERO_PFN, HostRegion, HostRegionInfo, is_zero_pfn, keys_in)
 from .limits import MemoryCharge
 from .resched import Timeslice
-from .types import (PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_1G, PG_LEVEL_2M,
-                    PG_LEVEL_4K, TASK_SIZE_MAX, Backing, level_shift, pages_per_level)
+from .types import (LEVEL_SHIFT, PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_1G,
+                    PG_LEVEL_2M, PG_LEVEL_4K, TASK_SIZE_MAX, Backing, level_shift,
+                    pages_per_level)
 
 __all__ = ["HostMm", "HostRegion", "HostRegionInfo", "MmuNotifier", "PfnAllocator",
            "HVA_BASE"]
@@ -65,21 +66,31 @@ class PfnAllocator:
         self.charge = charge           # refuses, before anything changes, past its limit
 
     def alloc(self, level: int) -> int:
-        count = pages_per_level(level)
+        count = 1 << LEVEL_SHIFT[level]
         if self.charge is not None:
             self.charge.try_charge(count << PAGE_SHIFT)
         self.allocated_4k += count
-        if len(self._free[level]) > self.REUSE_DELAY:
-            return self._free[level].popleft()
+        free = self._free[level]
+        if len(free) > self.REUSE_DELAY:
+            return free.popleft()
         pfn = (self._next + count - 1) & ~(count - 1)
         self._next = pfn + count
         return pfn
 
     def free(self, pfn: int, level: int) -> None:
-        self.allocated_4k -= pages_per_level(level)
+        count = 1 << LEVEL_SHIFT[level]
+        self.allocated_4k -= count
         if self.charge is not None:
-            self.charge.uncharge(PAGE_SIZE << level_shift(level))
+            self.charge.uncharge(count << PAGE_SHIFT)
         self._free[level].append(pfn)
+
+    def free_all(self) -> None:
+        """Free every frame at once (whatever held them is gone); none is handed out again."""
+        if self.charge is not None:
+            self.charge.uncharge(self.allocated_4k << PAGE_SHIFT)
+        self.allocated_4k = 0
+        for free in self._free.values():
+            free.clear()
 
 
 class HostMm:
@@ -143,11 +154,27 @@ class HostMm:
         await self.invalidate(hva, hva + size, lambda: self._drop_region(region))
 
     def release(self) -> None:
-        """Drop every region and its pages at once (the VM is gone: no notifier listens)."""
-        for region in list(self._regions):
-            self._drop_region(region)
+        """Drop every region and its pages at once (the VM is gone: no notifier listens).
+        Its guest_memfd files gave their pages back first, so every frame still allocated
+        is a region's (or a KSM page regions share): they are freed, and uncharged, in
+        bulk rather than one `put` each."""
+        held = sum(region.info().populated_4k_pages for region in self._regions) - \
+            sum(self.ksm_pages.values()) + len(self.ksm_pages)
+        if held != self.pfns.allocated_4k:
+            raise VmBugged(f"{self.pfns.allocated_4k} 4K host frames are allocated but the "
+                           f"regions hold {held}")
+        for region in self._regions:
+            if self.mapped is not None:
+                self.mapped.uncharge(region.size)
+            for frames in region.frames.values():
+                frames.clear()
+            region.swapped.clear()
+        self._regions.clear()
+        self._starts.clear()
+        self._last_found = None
         self.contents.clear()
         self.ksm_pages.clear()
+        self.pfns.free_all()
 
     def _drop_region(self, region: HostRegion) -> None:
         i = self._regions.index(region)
@@ -247,23 +274,43 @@ class HostMm:
         clock = self.clock
         if clock is not None:
             clock.charge(clock.costs.gup_slow)
+        return await self.hva_to_pfn_slow(hva, write)
+
+    async def hva_to_pfn_slow(self, hva: int, write: bool) -> tuple[int, bool, int]:
+        """`hva_to_pfn` past its charge: look up, breaking copy-on-write (for a write)
+        until hva maps a page of its own."""
         while True:
             region, _ = self._region_for_access(hva, write)
-            if not (write and self.is_cow(region, hva)):
-                return self._get_page(region, hva, write)
+            found = self._get_page_nowait(region, hva, write, region.mapped(hva))
+            if found is not None:
+                return found
             await self.unshare(region, hva)
 
-    def hva_to_pfn_fast(self, hva: int, write: bool) -> tuple[int, bool, int] | None:
-        """GUP-fast (`hva_to_pfn_fast`): what `hva_to_pfn` returns when the page is mapped
-        and nothing has to sleep, else None (not populated, swapped out, or a write that
-        must break a KSM page's copy-on-write): the caller then takes the slow lookup.
-        Raises as `hva_to_pfn` does."""
+    def hva_to_pfn_nowait(self, hva: int, write: bool) -> tuple[int, bool, int] | None:
+        """A fault's lookup up to where it would sleep: GUP-fast, else the slow lookup,
+        charging each it takes; None when a write must first break copy-on-write, which
+        may sleep (`hva_to_pfn_slow` does it). Raises as `hva_to_pfn` does. One region
+        lookup serves both: this runs on every slow page fault."""
         region, writable = self._region_for_access(hva, write)
         found = region.mapped(hva)
+        fast = self._gup_fast(found, write, writable)
+        clock = self.clock
+        if clock is not None:
+            clock.charge(clock.costs.gup_fast)
+            if fast is None:
+                clock.charge(clock.costs.gup_slow)
+        return fast if fast is not None else self._get_page_nowait(region, hva, write, found)
+
+    def _gup_fast(self, found: tuple[int, int] | None, write: bool,
+                  writable: bool) -> tuple[int, bool, int] | None:
+        """GUP-fast (`hva_to_pfn_fast`), given `found = region.mapped(hva)` and whether hva
+        is writable: what `hva_to_pfn` returns when the page is mapped and nothing has to
+        sleep, else None (not populated, swapped out, or a write that must break
+        copy-on-write)."""
         if found is None:
             return None
         pfn, level = found
-        shared = pfn in self.ksm_pages or is_zero_pfn(pfn)
+        shared = self.is_cow_pfn(pfn)
         if write and shared:
             return None
         return pfn, writable and not shared, level
@@ -293,8 +340,17 @@ class HostMm:
             raise KvmError(errno.EFAULT, f"write to read-only hva {hva:#x}")
         return region, writable
 
-    def _get_page(self, region: HostRegion, hva: int, write: bool) -> tuple[int, bool, int]:
-        found = region.mapped(hva)
+    def _get_page_nowait(self, region: HostRegion, hva: int, write: bool,
+                         found: tuple[int, int] | None) -> tuple[int, bool, int] | None:
+        """`_get_page`, or None for a write to a copy-on-write page (break it first)."""
+        if write and found is not None and self.is_cow_pfn(found[0]):
+            return None
+        return self._get_page(region, hva, write, found)
+
+    def _get_page(self, region: HostRegion, hva: int, write: bool,
+                  found: tuple[int, int] | None) -> tuple[int, bool, int]:
+        """The page at hva, populated or swapped in if `found` (`region.mapped(hva)`) is
+        None: (pfn, writable, host mapping level)."""
         if found is None:
             page = hva >> PAGE_SHIFT
             if page in region.swapped:
@@ -304,7 +360,7 @@ class HostMm:
             else:
                 found = self._populate(region, hva)
         pfn, level = found
-        shared = pfn in self.ksm_pages or is_zero_pfn(pfn)
+        shared = self.is_cow_pfn(pfn)
         if write and shared:
             raise VmBugged(f"write mapping of copy-on-write page {pfn:#x} without a COW "
                            "break")
@@ -314,9 +370,9 @@ class HostMm:
         """Touch the page at hva of `region` as `hva_to_pfn` does once its checks passed
         and any KSM page there broke copy-on-write (for a write): (pfn, host mapping
         level, 4K pages this populated or swapped in, 0 if hva was mapped already)."""
-        was_mapped = region.mapped(hva) is not None
-        pfn, _, level = self._get_page(region, hva, write)
-        return pfn, level, 0 if was_mapped else pages_per_level(level)
+        found = region.mapped(hva)
+        pfn, _, level = self._get_page(region, hva, write, found)
+        return pfn, level, 0 if found is not None else pages_per_level(level)
 
     def _populate(self, region: HostRegion, hva: int) -> tuple[int, int]:
         level = region.frame_level(hva)
@@ -329,8 +385,9 @@ class HostMm:
             clock.charge(costs.page_alloc_4k + costs.page_zero_4k if level == PG_LEVEL_4K
                          else (costs.page_alloc_2m + costs.page_zero_2m) *
                          pages_per_level(level) // pages_per_level(PG_LEVEL_2M))
-        region.frames[level][hva >> (PAGE_SHIFT + level_shift(level))] = base
-        return base + ((hva >> PAGE_SHIFT) & (pages_per_level(level) - 1)), level
+        shift = LEVEL_SHIFT[level]
+        region.frames[level][hva >> (PAGE_SHIFT + shift)] = base
+        return base + ((hva >> PAGE_SHIFT) & ((1 << shift) - 1)), level
 
     def _map_zero_page(self, region: HostRegion, hva: int) -> tuple[int, int]:
         """`do_anonymous_page` (and `do_huge_pmd_anonymous_page`) for a read: map the
@@ -378,7 +435,11 @@ class HostMm:
     def is_cow(self, region: HostRegion, hva: int) -> bool:
         """Does hva map a page a write must copy first: a KSM page, or the zero page?"""
         found = region.mapped(hva)
-        return found is not None and (found[0] in self.ksm_pages or is_zero_pfn(found[0]))
+        return found is not None and self.is_cow_pfn(found[0])
+
+    def is_cow_pfn(self, pfn: int) -> bool:
+        """Is pfn a page a write must copy first: a KSM page, or the zero page?"""
+        return pfn in self.ksm_pages or is_zero_pfn(pfn)
 
     def cow_hvas(self, region: HostRegion, start: int, end: int) -> list[int]:
         """An hva in each page of [start, end) of `region` that a write must copy first
@@ -443,7 +504,8 @@ class HostMm:
             if timeslice.need_resched():
                 await timeslice.cond_resched()
                 self._check_access(chunk_hva, end - chunk_hva, write=False)
-            pfn, _, _ = self._get_page(self.find(chunk_hva), chunk_hva, write=False)
+            region = self.find(chunk_hva)
+            pfn, _, _ = self._get_page(region, chunk_hva, False, region.mapped(chunk_hva))
             out += self.read_pfn(pfn, chunk_hva & (PAGE_SIZE - 1), chunk_len)
         return bytes(out)
 
@@ -475,7 +537,8 @@ class HostMm:
                     await self.unshare(self.find(chunk_hva), chunk_hva)
             offset = 0
             for chunk_hva, n in chunks:
-                pfn = self._get_page(self.find(chunk_hva), chunk_hva, write=True)[0]
+                region = self.find(chunk_hva)
+                pfn = self._get_page(region, chunk_hva, True, region.mapped(chunk_hva))[0]
                 self.write_pfn(pfn, chunk_hva & (PAGE_SIZE - 1), window[offset:offset + n])
                 offset += n
 

@@ -37,13 +37,15 @@ PROT_RW = PROT_READ | PROT_WRITE
 # private anonymous memory never touched maps, read-only, in every region. Below the
 # frames of page tables and of the host: they are never allocated or freed.
 HUGE_ZERO_PFN = 0x200
-ZERO_PFN = 0x400
-_HUGE_ZERO_END = HUGE_ZERO_PFN + pages_per_level(PG_LEVEL_2M)
+ZERO_PFN = HUGE_ZERO_PFN + pages_per_level(PG_LEVEL_2M)      # 0x400, right after it
+# Every zero pfn in one range, whose membership test runs in C: faults, first writes and
+# the accounting of a whole region ask it.
+_ZERO_PFNS = range(HUGE_ZERO_PFN, ZERO_PFN + 1)
 
 
 def is_zero_pfn(pfn: int) -> bool:
     """Is pfn the zero page or a 4K page of the huge zero page?"""
-    return pfn == ZERO_PFN or HUGE_ZERO_PFN <= pfn < _HUGE_ZERO_END
+    return pfn in _ZERO_PFNS
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,9 @@ class HostRegion:
         populated = zero = 0
         for level, frames in self.frames.items():
             pages = pages_per_level(level)
-            for base in frames.values():
-                if is_zero_pfn(base):
-                    zero += pages
-                else:
-                    populated += pages
+            zeros = sum(map(_ZERO_PFNS.__contains__, frames.values()))
+            zero += zeros * pages
+            populated += (len(frames) - zeros) * pages
         return HostRegionInfo(self.hva, self.size, self.backing, self.writable, populated,
                               zero)
 

@@ -103,6 +103,7 @@ class MemoryCharge:
     def __init__(self, limits: Limits, name: str, parent: MemoryCharge | None = None,
                  identity: str | None = None) -> None:
         self.limits, self.name, self.parent, self.identity = limits, name, parent, identity
+        self.limit: int = getattr(limits, name)     # Limits is frozen: looked up once
         self.usage = 0
 
     def try_charge(self, size: int) -> None:
@@ -116,9 +117,8 @@ class MemoryCharge:
         """Raise LimitExceeded (ENOMEM) if `size` more bytes would pass a limit."""
         charge: MemoryCharge | None = self
         while charge is not None:
-            limit = getattr(charge.limits, charge.name)
-            if charge.usage + size > limit:
-                raise LimitExceeded(errno.ENOMEM, charge.name, limit,
+            if charge.usage + size > charge.limit:
+                raise LimitExceeded(errno.ENOMEM, charge.name, charge.limit,
                                     f"{size} more bytes on the {charge.usage} in use",
                                     charge.identity)
             charge = charge.parent

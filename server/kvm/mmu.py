@@ -234,11 +234,9 @@ async def tdp_page_fault(vcpu: "Vcpu", fault: PageFault) -> RetPf:
             hva = fault.hva = slot.gfn_to_hva(gfn)
             await sched.point("fault.hva_to_pfn")
             host = vm.host
-            found = host.hva_to_pfn_fast(hva, write)
-            if clock is not None:
-                clock.charge(clock.costs.gup_fast)
-            if found is None:
-                found = await host.hva_to_pfn(hva, write)   # charges the slow lookup
+            found = host.hva_to_pfn_nowait(hva, write)     # charges GUP-fast and slow
+            if found is None:                              # a write must break COW first
+                found = await host.hva_to_pfn_slow(hva, write)
             fault.pfn, writable, fault.host_level = found
             fault.map_writable = writable and not slot.readonly
             if check_retry and notifier.retry_gfn_unsafe(mmu_seq, gfn):

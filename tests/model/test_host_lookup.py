@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from vmmu.server.kvm import PROT_NONE, PROT_READ, PROT_WRITE, Backing
+from vmmu.server.kvm import PROT_NONE, PROT_READ, PROT_WRITE, Backing, VmBugged
 from vmmu.server.kvm.host_mm import HostMm
+from vmmu.server.kvm.host_region import ZERO_PFN
 from vmmu.server.kvm.types import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -55,9 +56,33 @@ async def test_mapped_gives_the_4k_pfn_and_the_host_level(backing, size, level):
     mm = HostMm()
     region = mm.mmap(size, backing)
     hva = region.hva + 3 * PAGE
-    assert region.mapped(hva) is None and mm.hva_to_pfn_fast(hva, write=True) is None
+    assert region.mapped(hva) is None
     pfn, writable, got = await mm.hva_to_pfn(hva, write=True)
     assert writable and got == level
     assert region.mapped(hva) == (pfn, level)
     assert region.mapped(hva + PAGE) == (None if level == PG_LEVEL_4K else (pfn + 1, level))
-    assert mm.hva_to_pfn_fast(hva, write=False) == (pfn, True, level)
+    assert mm.hva_to_pfn_nowait(hva, write=False) == (pfn, True, level)
+
+
+async def test_a_write_to_the_zero_page_leaves_the_cow_break_to_the_lookup_that_may_sleep():
+    mm = HostMm()
+    region = mm.mmap(2 * MIB, Backing.PAGE_4K)
+    hva = region.hva + PAGE
+    assert mm.hva_to_pfn_nowait(hva, write=False) == (ZERO_PFN, False, PG_LEVEL_4K)
+    assert mm.hva_to_pfn_nowait(hva, write=True) is None
+    assert region.mapped(hva) == (ZERO_PFN, PG_LEVEL_4K) and mm.pfns.allocated_4k == 0
+    pfn, writable, level = await mm.hva_to_pfn_slow(hva, write=True)
+    assert pfn != ZERO_PFN and writable and level == PG_LEVEL_4K
+    assert mm.hva_to_pfn_nowait(hva, write=True) == (pfn, True, PG_LEVEL_4K)
+    assert mm.pfns.allocated_4k == 1
+
+
+def test_release_refuses_to_free_in_bulk_a_frame_no_region_holds():
+    mm = HostMm()
+    region = mm.mmap(2 * MIB, Backing.PAGE_4K)
+    assert mm.hva_to_pfn_nowait(region.hva, write=True) is not None
+    mm.pfns.alloc(PG_LEVEL_4K)                   # held elsewhere (a guest_memfd page)
+    with pytest.raises(VmBugged, match="2 4K host frames are allocated but the regions "
+                       "hold 1"):
+        mm.release()
+    assert mm.regions() == [region] and mm.pfns.allocated_4k == 2

@@ -481,3 +481,30 @@ async def test_spte_after_a_host_change_is_a_fresh_leaf(make_guest):
     spte = leaf(g, 0x1000).spte
     assert S.spte_to_pfn(spte) == host_pfn(g, 0x1000) and S.is_accessed(spte)
     assert S.is_writable(spte) and S.is_host_writable(spte)   # KVM maps writable when it can
+
+
+async def test_a_destroyed_vm_frees_its_host_pages_and_uncharges_them_exactly(make_guest):
+    g = await make_guest(Backing.THP, 8 * MIB)
+    for gpa in (0x1000, 0x201000):
+        await write(g, gpa, b"twin....")
+    assert await g.vm.ksm_merge([g.hva(0x1000), g.hva(0x201000)]) == 1    # one KSM page
+    await write(g, 0x3000, b"gone....")
+    assert await g.vm.swap_out(g.hva(0x3000), PAGE) == 1
+    assert await read(g, 0x400000) == bytes(8)                   # the huge zero page
+    await write(g, 0x600000, b"huge....")                          # a THP
+    host = g.vm.host
+    charges, charge = [], host.pfns.charge
+    while charge is not None:
+        charges.append(charge)
+        charge = charge.parent
+    # The first two 2M frames were THPs that KSM split: their 1024 pages less the one
+    # merged into the other's KSM page and the one swapped out; the third THP; the huge
+    # zero page holds none.
+    populated = (512 + 512 - 1 - 1 + 512) * PAGE
+    assert host.pfns.allocated_4k * PAGE == populated
+    assert [c.usage for c in charges] == [populated] * len(charges)
+
+    await g.vm.destroy()
+
+    assert [c.usage for c in charges] == [0] * len(charges)
+    assert host.pfns.allocated_4k == 0 and host.contents == {} and host.ksm_pages == {}
