@@ -11,6 +11,13 @@ One JSON line per result, each with its same-run baseline:
 - `load_probe_max_ms`: the longest a GetVm from a separate process waited, every 20 ms
   through the run, against its p50 on the idle server (target: under 50 ms: no call
   waits long behind any single request);
+- `load_loop_busy_max_ms`: the most CPU the server's event loop thread spent between two
+  timers of its loop watch (`vmmu_event_loop_busy_seconds`, 5 ms apart, scraped from
+  `--metrics` when the measured time starts and ends), as the upper bound of its
+  histogram bucket, against the 50 ms target: no step of a request spans two timers, so
+  no call waited more than that much work behind any single request; and
+  `load_loop_lag_max_ms`, the latest such a timer ran, against the same (it also counts
+  the loop thread's waits for a CPU);
 - `load_rss_mib`: the server's resident memory at the end, against its value after the
   warm-up (target: flat), with the samples taken every second.
 
@@ -34,10 +41,13 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from benchmarks.report import emit  # noqa: E402
 from vmmu.client import AsyncClient, Backing, BatchBuilder  # noqa: E402
@@ -47,6 +57,7 @@ VCPUS = 4
 MEMORY = 16 * MiB
 BATCH = 64              # accesses per batch: a write and a read of 8 bytes, 32 times
 PROBE_PERIOD = 0.02
+TARGET_MS = 50          # no call waits longer than this behind any single request
 
 # The probe runs in its own process, so that its waits are the server's, not this
 # process's event loop's: it calls GetVm every PROBE_PERIOD until its stdin closes.
@@ -82,6 +93,29 @@ def schedstat_s(pid: int) -> tuple[float, float]:
     """Seconds the process's main thread (the event loop's) has run, and waited to run."""
     ran, waited, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
     return int(ran) / 1e9, int(waited) / 1e9
+
+
+def loop_histograms(metrics_port: int) -> dict[str, dict[float, float]]:
+    """The server's event-loop histograms: name -> {bucket upper bound: count}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out: dict[str, dict[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name in ("vmmu_event_loop_busy_seconds", "vmmu_event_loop_lag_seconds"):
+            out[family.name] = {float(sample.labels["le"]): sample.value
+                                for sample in family.samples
+                                if sample.name.endswith("_bucket")}
+    return out
+
+
+def histogram_max_ms(before: dict[float, float], after: dict[float, float]) -> float:
+    """The upper bound (ms) of the highest bucket that gained an observation between two
+    scrapes of one histogram (inf: above the last bound; 0: none)."""
+    gained = {le: after[le] - before.get(le, 0) for le in after}
+    total = gained[float("inf")]
+    if not total:
+        return 0.0
+    return min(le for le, count in gained.items() if count == total) * 1e3
 
 
 def batch(rng: random.Random) -> object:
@@ -171,9 +205,12 @@ def worker(address: str, first: int, count: int, streaming: bool, pipe) -> None:
     pipe.close()
 
 
-async def load(address: str, server_pid: int, clients: int, workers: int, duration: float,
-               warmup: float) -> None:
+async def load(address: str, server_pid: int, metrics_port: int, clients: int, workers: int,
+               duration: float, warmup: float) -> None:
+    idle_loop = await asyncio.to_thread(loop_histograms, metrics_port)
     idle = await idle_baselines(address)
+    idle_loop = {name: histogram_max_ms(idle_loop[name], after) for name, after in
+                 (await asyncio.to_thread(loop_histograms, metrics_port)).items()}
     async with AsyncClient(address) as client:
         probe_vm, _ = await make_vm(client)
     probe = subprocess.Popen([sys.executable, "-c", PROBE, address, str(probe_vm.id),
@@ -199,9 +236,11 @@ async def load(address: str, server_pid: int, clients: int, workers: int, durati
     while time.time() < until:
         if sched is None and time.time() >= start + warmup:
             sched, load_average = schedstat_s(server_pid), os.getloadavg()[0]
+            loop_start = await asyncio.to_thread(loop_histograms, metrics_port)
         rss.append((round(time.time() - start, 1), round(rss_mib(server_pid), 1)))
         await asyncio.sleep(1.0)
     ran, waited = (now - then for now, then in zip(schedstat_s(server_pid), sched))
+    loop_end = await asyncio.to_thread(loop_histograms, metrics_port)
     load_average = (load_average, os.getloadavg()[0])
     results = [await asyncio.to_thread(pipe.recv) for pipe in pipes]
     runs = [run for worker_runs, _ in results for run in worker_runs]
@@ -237,6 +276,15 @@ async def load(address: str, server_pid: int, clients: int, workers: int, durati
     emit("load_probe_max_ms", max(waits) * 1e3, "ms", "GetVm p50 on the idle server",
          idle["probe"] * 1e3, target="< 50 ms", probe_calls=len(waits),
          probe_p99_ms=round(percentile(waits, 0.99) * 1e3, 3), **common)
+    for what, name in (("busy", "vmmu_event_loop_busy_seconds"),
+                       ("lag", "vmmu_event_loop_lag_seconds")):
+        gained = {le: count - loop_start[name].get(le, 0)
+                  for le, count in loop_end[name].items()}
+        emit(f"load_loop_{what}_max_ms", histogram_max_ms(loop_start[name], loop_end[name]),
+             "ms", f"the target: {TARGET_MS} ms", TARGET_MS, limit=1.0,
+             intervals=gained[float("inf")],
+             intervals_over_target=gained[float("inf")] - gained[TARGET_MS / 1e3],
+             idle_server_max_ms=idle_loop[name], bucket_upper_bound=True, **common)
     after_warmup = next((mib for t, mib in rss if t >= warmup), rss[0][1])
     emit("load_rss_mib", rss[-1][1], "MiB", "RSS after the warm-up", after_warmup,
          target="flat", samples=rss, **common)
@@ -251,13 +299,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds not measured")
     args = parser.parse_args()
     server = subprocess.Popen([sys.executable, "-m", "vmmu.cli", "serve", "--listen",
-                               "127.0.0.1:0"], stdout=subprocess.PIPE, text=True,
+                               "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+                              stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "VMMU_SANITIZERS": "0"})
     try:
-        line = server.stdout.readline()
-        port = int(line.rsplit(":", 1)[1])
-        asyncio.run(load(f"127.0.0.1:{port}", server.pid, args.clients, args.workers,
-                         args.duration, args.warmup))
+        port = int(server.stdout.readline().rsplit(":", 1)[1])
+        metrics_port = int(server.stdout.readline().rsplit(":", 1)[1].split("/")[0])
+        asyncio.run(load(f"127.0.0.1:{port}", server.pid, metrics_port, args.clients,
+                         args.workers, args.duration, args.warmup))
     finally:
         server.terminate()
         server.wait(timeout=30)

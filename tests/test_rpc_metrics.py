@@ -113,7 +113,10 @@ def test_the_model_is_read_at_the_scrape(metered):
         assert samples[("vmmu_exits", (("kind", "ept_violation"),))] >= 5
         assert ("vmmu_mmu_lock_wait_seconds", (("mode", "write"),)) in samples
         vm.destroy()
-    assert scrape(metered.serving.metrics_port)[("vmmu_vms", ())] == 0
+    samples = scrape(metered.serving.metrics_port)
+    assert samples[("vmmu_vms", ())] == 0
+    assert samples[("vmmu_host_memory_bytes", (("state", "mapped"),))] == 0
+    assert samples[("vmmu_host_memory_bytes", (("state", "populated"),))] == 0
 
 
 def test_refused_calls_are_counted_too(serve):
@@ -169,3 +172,32 @@ def test_serve_announces_its_metrics_endpoint():
         server.terminate()
         server.wait(timeout=30)
         server.stdout.close()
+
+
+def test_the_loop_watch_tells_a_step_that_held_the_loop_from_a_wait(metered):
+    """A step that keeps the loop's thread on the CPU for 60 ms shows as a busy interval
+    above 50 ms and a late timer; one that blocks it for 60 ms without the CPU (a sleep)
+    shows as a late timer only."""
+    port = metered.serving.metrics_port
+
+    def over_50ms(samples: dict, name: str) -> float:
+        return samples[(f"{name}_count", ())] - samples[(f"{name}_bucket", (("le", "0.05"),))]
+
+    async def hold(spin: bool) -> None:
+        if spin:
+            end = time.thread_time() + 0.06
+            while time.thread_time() < end:
+                pass
+        else:
+            time.sleep(0.06)
+
+    for spin in (True, False):
+        before = scrape(port)
+        metered.call(hold(spin))
+        after = scrape(port)      # answered after the timer the step made late
+        lag, busy = (over_50ms(after, name) - over_50ms(before, name)
+                     for name in ("vmmu_event_loop_lag_seconds", "vmmu_event_loop_busy_seconds"))
+        assert lag >= 1
+        assert busy == (1 if spin else 0)
+    assert after[("vmmu_event_loop_busy_seconds_count", ())] > \
+        before[("vmmu_event_loop_busy_seconds_count", ())]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import functools
 import logging
 import os
@@ -90,6 +91,11 @@ def _limit(text: str) -> tuple[str, int]:
 
 async def _serve(listen: str, limits: Limits, **options: Any) -> None:
     serving = await start_server(listen, limits, **options)
+    # What start-up made (the modules, the server) lives as long as the process: frozen,
+    # a full collection no longer scans it while every caller waits (a collection of
+    # gen 2 held the loop for 27-42 ms under the load benchmark, docs/benchmarks.md).
+    gc.collect()
+    gc.freeze()
     host = listen.rsplit(":", 1)[0]
     print(f"vmmu serving on {host}:{serving.port}", flush=True)
     if serving.metrics is not None:

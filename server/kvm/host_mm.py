@@ -447,7 +447,7 @@ class HostMm:
         hvas = [page << PAGE_SHIFT for page, pfn in
                 ((page, region.frames[PG_LEVEL_4K][page]) for page in
                  keys_in(region.frames[PG_LEVEL_4K], start >> PAGE_SHIFT, end >> PAGE_SHIFT))
-                if pfn in self.ksm_pages or is_zero_pfn(pfn)]
+                if self.is_cow_pfn(pfn)]
         huge = region.frames[PG_LEVEL_2M]
         hvas += [max(start, frame << HPAGE_SHIFT) for frame in
                  keys_in(huge, start >> HPAGE_SHIFT, ((end - 1) >> HPAGE_SHIFT) + 1)
@@ -580,27 +580,47 @@ class HostMm:
             if region is None:
                 hva += PAGE_SIZE
                 continue
-            found = region.mapped(hva)
-            if found is not None:
-                if write and self.is_cow(region, hva):
-                    frame = PAGE_SIZE << level_shift(found[1]) if is_zero_pfn(found[0]) \
-                        else PAGE_SIZE
-                    need += frame
-                    hva = (hva & ~(frame - 1)) + frame
-                else:
-                    hva += PAGE_SIZE
+            if region.page_level == PG_LEVEL_4K:
+                # Every frame is a 4K page: counted over what is present, not page by page
+                # (1 GiB is 262,144 pages, a second of this loop without a yield).
+                stop = min(region.end, (end + PAGE_SIZE - 1) & PAGE_MASK)
+                need += self._populate_need_4k(region, hva, stop, write)
+                hva = stop
                 continue
-            if hva >> PAGE_SHIFT in region.swapped:
-                need += PAGE_SIZE
-                hva += PAGE_SIZE
-                continue
-            if not write and region.backing is not Backing.HUGETLB_1G:
-                hva += PAGE_SIZE
-                continue
-            frame = PAGE_SIZE << level_shift(region.frame_level(hva))
-            need += frame
-            hva = (hva & ~(frame - 1)) + frame
+            cost, hva = self._populate_need_at(region, hva, write)
+            need += cost
         charge.check(need)
+
+    def _populate_need_at(self, region: HostRegion, hva: int, write: bool) -> tuple[int, int]:
+        """What touching the page at hva of `region` may allocate (`check_populate`), and
+        the next hva to ask about: past the whole frame when it costs one."""
+        found = region.mapped(hva)
+        if found is not None:
+            if write and self.is_cow(region, hva):
+                frame = PAGE_SIZE << level_shift(found[1]) if is_zero_pfn(found[0]) \
+                    else PAGE_SIZE
+                return frame, (hva & ~(frame - 1)) + frame
+            return 0, hva + PAGE_SIZE
+        if hva >> PAGE_SHIFT in region.swapped:
+            return PAGE_SIZE, hva + PAGE_SIZE
+        if not write and region.backing is not Backing.HUGETLB_1G:
+            return 0, hva + PAGE_SIZE
+        frame = PAGE_SIZE << level_shift(region.frame_level(hva))
+        return frame, (hva & ~(frame - 1)) + frame
+
+    def _populate_need_4k(self, region: HostRegion, start: int, stop: int,
+                          write: bool) -> int:
+        """`_populate_need_at` summed over the pages of [start, stop) of a region of 4K
+        frames, from the pages present and swapped out: a write costs a page for every
+        page but those present and not copy-on-write, a read one for every page swapped
+        out."""
+        first, last = start >> PAGE_SHIFT, stop >> PAGE_SHIFT
+        if not write:
+            return len(keys_in(region.swapped, first, last)) * PAGE_SIZE
+        frames, is_cow_pfn = region.frames[PG_LEVEL_4K], self.is_cow_pfn
+        owned = sum(1 for page in keys_in(frames, first, last)
+                    if not is_cow_pfn(frames[page]))
+        return (last - first - owned) * PAGE_SIZE
 
     def read_pfn(self, pfn: int, offset: int, length: int) -> bytes:
         page = self.contents.get(pfn)

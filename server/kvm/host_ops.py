@@ -84,7 +84,10 @@ async def madvise_populate_write(mm: HostMm, hva: int, size: int) -> int:
     is not mapped, EINVAL if a part is not writable; the whole range is checked before
     anything changes. A long population lets other tasks run when its timeslice is used
     up, as the kernel's reschedules: the rest of the range is then checked again, so one
-    that another task unmapped meanwhile fails part-way, as it may in the kernel. Returns
+    that another task unmapped meanwhile fails part-way, as it may in the kernel. The
+    pages that must break copy-on-write break it before any page is populated; one that
+    becomes so while the population yields breaks it when the population reaches it.
+    Returns
     the 4K pages populated or swapped in (a huge page that this populated counts whole,
     as in `migrate`)."""
     timeslice = Timeslice(mm.sched)
@@ -92,19 +95,23 @@ async def madvise_populate_write(mm: HostMm, hva: int, size: int) -> int:
     populated = 0
     _populate_range(mm, hva, size)
     mm.check_populate(hva, end, write=True)       # once, before anything changes
+    # Every page that must break copy-on-write breaks it first (each break is an
+    # invalidation, which may sleep): a range changed meanwhile fails with nothing
+    # populated.
     while True:
-        chunks = _populate_range(mm, hva, end - hva)
+        chunks = _populate_range(mm, hva, size)
         shared = [(region, page_hva) for region, start, stop in chunks
                   for page_hva in mm.cow_hvas(region, start, stop)]
-        if shared:
-            try:
-                for region, page_hva in shared:
-                    await mm.unshare(region, page_hva)
-            except KvmError as error:
-                if error.errno != errno.EFAULT:
-                    raise
-                # A region was unmapped meanwhile (EFAULT): the range is checked again.
-            continue
+        if not shared:
+            break
+        try:
+            for region, page_hva in shared:
+                await mm.unshare(region, page_hva)
+        except KvmError as error:
+            if error.errno != errno.EFAULT:
+                raise
+            # A region was unmapped meanwhile (EFAULT): the range is checked again.
+    while True:
         # Synchronous until the slice is used up: nothing can change the range under it.
         for region, start, stop in chunks:
             new, hva = _populate_write(mm, region, start, stop, timeslice)
@@ -113,7 +120,18 @@ async def madvise_populate_write(mm: HostMm, hva: int, size: int) -> int:
                 break
         if hva == end:
             return populated
-        await timeslice.cond_resched()
+        if mm.is_cow(region, hva):
+            # It became copy-on-write while this yielded (a KSM merge, a read mapping the
+            # zero page): it breaks as it comes, the rest of the range is not looked
+            # over again.
+            try:
+                await mm.unshare(region, hva)
+            except KvmError as error:
+                if error.errno != errno.EFAULT:
+                    raise
+        else:
+            await timeslice.cond_resched()
+        chunks = _populate_range(mm, hva, end - hva)
 
 
 def _populate_range(mm: HostMm, hva: int, size: int) -> list[tuple[HostRegion, int, int]]:
@@ -133,12 +151,15 @@ POPULATE_STEP = 64 * PAGE_SIZE      # the most populated between two need_resche
 
 def _populate_write(mm: HostMm, region: HostRegion, start: int, end: int,
                     timeslice: Timeslice) -> tuple[int, int]:
-    """Populate [start, end) until done or the timeslice is used up: (the 4K pages
-    populated, the hva it stopped at)."""
+    """Populate [start, end) until done, the timeslice is used up, or a page must break
+    copy-on-write first (a KSM page, the zero page): (the 4K pages populated, the hva it
+    stopped at)."""
     new = 0
     contents = mm.contents
     hva = start
     while hva < end:
+        if mm.is_cow(region, hva):
+            break                   # the caller breaks it, and may sleep for that
         pfn, level, populated = mm.fault_in(region, hva, write=True)
         new += populated
         host_page_end = (hva | ((PAGE_SIZE << level_shift(level)) - 1)) + 1

@@ -28,7 +28,7 @@ import collections
 import weakref
 from time import perf_counter_ns
 
-__all__ = ["Timeslice", "TIMESLICE_NS"]
+__all__ = ["Timeslice", "TIMESLICE_NS", "TurnQueue"]
 
 TIMESLICE_NS = 2_000_000        # how long a loop may keep the event loop before it yields
 
@@ -52,45 +52,68 @@ class Timeslice:
         """Let other tasks run if the slice is used up; returns whether it did."""
         if not self.need_resched():
             return False
-        await _cpu(asyncio.get_running_loop()).resched()
+        await _cpu(asyncio.get_running_loop()).take(1, wait=True)
         self._end = perf_counter_ns() + TIMESLICE_NS
         return True
 
 
-class _Cpu:
-    """The event loop as a CPU for the loops that gave it away: `resched()` returns in
-    a later turn, after the callers that came before it, one caller per turn. A caller
-    cancelled while it waits is skipped."""
+class TurnQueue:
+    """Callers let through one at a time, in arrival order, on the event loop that runs
+    them: after a caller goes through, `gap` turns of the loop pass before the next does.
+    A caller cancelled while it waits is skipped; one cancelled after it went through
+    costs its gap only.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+    The two users: a loop whose timeslice ran out always waits for a later turn and
+    leaves one turn to the next (`Timeslice.cond_resched`); the server's run queue lets a
+    run start at once when nobody waits and the turns after the last run have passed
+    (`rpc/runqueue.py`)."""
 
-    async def resched(self) -> None:
-        waiter = self._loop.create_future()
-        self._waiters.append(waiter)
-        if len(self._waiters) == 1:
-            self._loop.call_soon(self._tick)
+    def __init__(self) -> None:
+        self._waiters: collections.deque[tuple[asyncio.Future[None], int]] = \
+            collections.deque()
+        self._turns_left = 0    # turns before the next caller goes; > 0 while `_tick` is due
+
+    async def take(self, gap: int, *, wait: bool) -> None:
+        """Go through in turn, then let `gap` (>= 1) turns pass before the next caller. A
+        caller that need not `wait` goes through at once, without a task switch, when no
+        turns are left to pass (so nobody waits); one that must waits for one turn at
+        least."""
+        if not self._turns_left:
+            if not wait:
+                self._start_turns(gap)
+                return
+            self._start_turns(1)            # the turn it waits for
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((waiter, gap))
         await waiter
 
+    def _start_turns(self, gap: int) -> None:
+        assert gap >= 1, gap
+        self._turns_left = gap
+        asyncio.get_running_loop().call_soon(self._tick)
+
     def _tick(self) -> None:
-        """A turn of the loop: the first caller still waiting gets the CPU back; the next
-        one the turn after (`_tick` is due while anyone waits)."""
+        """A turn of the loop: once the turns to pass have, the first caller still
+        waiting goes through, and its gap starts."""
+        self._turns_left -= 1
+        if self._turns_left:
+            asyncio.get_running_loop().call_soon(self._tick)
+            return
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter, gap = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                break
-        if self._waiters:
-            self._loop.call_soon(self._tick)
+                self._start_turns(gap)
+                return
 
 
-_cpus: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Cpu] = \
+# The event loop as a CPU for the loops that gave it away: one of them a turn, in order.
+_cpus: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TurnQueue] = \
     weakref.WeakKeyDictionary()
 
 
-def _cpu(loop: asyncio.AbstractEventLoop) -> _Cpu:
+def _cpu(loop: asyncio.AbstractEventLoop) -> TurnQueue:
     cpu = _cpus.get(loop)
     if cpu is None:
-        cpu = _cpus[loop] = _Cpu(loop)
+        cpu = _cpus[loop] = TurnQueue()
     return cpu

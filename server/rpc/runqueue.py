@@ -27,8 +27,7 @@ run from starting.
 
 from __future__ import annotations
 
-import asyncio
-import collections
+from vmmu.server.kvm.resched import TurnQueue
 
 __all__ = ["RunQueue", "RUN_BATCH_COMPLETIONS", "RUN_STEP_COMPLETIONS", "turns_after"]
 
@@ -48,36 +47,11 @@ class RunQueue:
     `await queue.admit(completions)` returns at once (without a task switch) when the
     turns that followed the last run admitted have passed and no run is waiting;
     otherwise the caller waits, in arrival order, for its turn. After it the queue lets
-    `turns_after(completions)` turns pass before it admits the next. A waiter cancelled
-    while it waits is skipped; one cancelled after its turn came costs its turns only."""
+    `turns_after(completions)` turns pass before it admits the next (the model's
+    `TurnQueue`)."""
 
     def __init__(self) -> None:
-        self._waiters: collections.deque[tuple[asyncio.Future[None], int]] = \
-            collections.deque()
-        self._turns_left = 0    # turns before the next admission; > 0 while `_tick` is due
+        self._turns = TurnQueue()
 
     async def admit(self, completions: int) -> None:
-        if not self._turns_left:
-            self._start_turns(completions)
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append((waiter, completions))
-        await waiter
-
-    def _start_turns(self, completions: int) -> None:
-        self._turns_left = turns_after(completions)
-        asyncio.get_running_loop().call_soon(self._tick)
-
-    def _tick(self) -> None:
-        """A turn of the loop since the last admission: when the turns after it have
-        passed, admit the first waiter still waiting, if any."""
-        self._turns_left -= 1
-        if self._turns_left:
-            asyncio.get_running_loop().call_soon(self._tick)
-            return
-        while self._waiters:
-            waiter, completions = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                self._start_turns(completions)
-                return
+        await self._turns.take(turns_after(completions), wait=False)

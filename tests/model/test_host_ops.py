@@ -508,3 +508,32 @@ async def test_a_destroyed_vm_frees_its_host_pages_and_uncharges_them_exactly(ma
 
     assert [c.usage for c in charges] == [0] * len(charges)
     assert host.pfns.allocated_4k == 0 and host.contents == {} and host.ksm_pages == {}
+
+
+async def test_the_populate_check_counts_a_4k_region_as_it_would_page_by_page(make_guest):
+    """`check_populate` counts a region of 4K frames from its present and swapped pages;
+    over every range of a region holding each kind of page, the count is the sum of the
+    page-by-page rule's (`_populate_need_at`), for a write and for a read."""
+    g = await make_guest(Backing.PAGE_4K, 4 * MIB)
+    host, base = g.vm.host, g.region.hva
+    region = host.find(base)
+    for page in (1, 2, 3, 5, 8, 9):
+        await g.vm.write_hva(base + page * PAGE, b"same" if page in (2, 3) else bytes([page]))
+    await g.vm.read_hva(base + 6 * PAGE, 8)                      # maps the zero page
+    assert await g.vm.ksm_merge([base + 2 * PAGE, base + 3 * PAGE]) == 1
+    assert await g.vm.swap_out(base + 8 * PAGE, 2 * PAGE) == 2
+    states = {page: (region.mapped(base + page * PAGE), (base >> 12) + page in region.swapped)
+              for page in range(12)}
+    assert {mapped is None for mapped, _ in states.values()} == {True, False}
+    assert any(swapped for _, swapped in states.values())
+    assert any(host.is_cow(region, base + page * PAGE) for page in (2, 6))
+    for write in (True, False):
+        for first in range(12):
+            for last in range(first + 1, 13):
+                by_page, hva = 0, base + first * PAGE
+                while hva < base + last * PAGE:
+                    cost, hva = host._populate_need_at(region, hva, write)
+                    by_page += cost
+                assert host._populate_need_4k(region, base + first * PAGE,
+                                              base + last * PAGE, write) == by_page, \
+                    (write, first, last)
