@@ -211,8 +211,9 @@ class TdpMmu:
         spt[i] = new
         if level > PG_LEVEL_4K:
             self._record_child(table, i, new)
-        if self.clock is not None:
-            self.clock.charge(self.clock.costs.spte_cmpxchg)
+        clock = self.clock
+        if clock is not None:
+            clock.charge(clock.costs.spte_cmpxchg)
         self.handle_changed_spte(table.as_id, gfn, old, new, level, True)
         return True
 
@@ -318,9 +319,10 @@ class TdpMmu:
         else:
             self.mmu_lock.assert_held_write()
         goal = fault.goal_level
-        if self.clock is not None:
-            costs = self.clock.costs
-            self.clock.charge(costs.tdp_walk_level * (root.level - goal + 1) + costs.make_spte)
+        clock = self.clock
+        if clock is not None:
+            costs = clock.costs
+            clock.charge(costs.tdp_walk_level * (root.level - goal + 1) + costs.make_spte)
         token = self.rcu.enter()
         try:
             if goal == PG_LEVEL_4K:
@@ -328,9 +330,10 @@ class TdpMmu:
                 # set. `last_spte` finds it without an iterator (nothing here awaits, so
                 # the path is the one the iterator would step down); a table to link or
                 # a FROZEN entry on the way takes the iterator's walk below.
-                table, index, level, old = last_spte(root, fault.gfn)
+                gfn = fault.gfn
+                table, index, level, old = last_spte(root, gfn)
                 if level == PG_LEVEL_4K and old != FROZEN:
-                    return self._map_target_level(fault, table, index, level, fault.gfn, old)
+                    return self._map_target_level(fault, table, index, level, gfn, old)
             # The range is one gfn, so the walk only ever steps down (as far as it can).
             it = TdpIter(root, fault.gfn, fault.gfn + 1, goal)
             it.step_down(far=True)
@@ -348,8 +351,8 @@ class TdpMmu:
                     continue
                 # Not present, or a huge leaf above the goal: link a table in its place.
                 sp = self.tables.alloc(it.level - 1, it.gfn, root.as_id)
-                if self.clock is not None:
-                    self.clock.charge(self.clock.costs.table_alloc)
+                if clock is not None:
+                    clock.charge(clock.costs.table_alloc)
                 sp.nx_huge_page_disallowed = fault.huge_page_disallowed
                 huge = S.is_leaf_present(old, it.level)
                 if huge:
@@ -372,7 +375,8 @@ class TdpMmu:
         """Install the fault's SPTE at entry `index` of `table`, read as `old` (not
         FROZEN), which maps from `gfn` at the goal level."""
         needs = ACCESS_NEEDS[fault.error_code & PFERR_ACCESS_MASK]      # is_access_allowed
-        if S.is_leaf_present(old, level) and old & needs:
+        leaf = LEAF_BITS[level]                 # `is_leaf_present`, spelled out
+        if old & leaf == leaf and old & needs:
             return RET_PF_SPURIOUS
         slot = fault.slot
         new = fault_spte(fault, level, self.ad_enabled,

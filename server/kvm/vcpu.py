@@ -104,9 +104,13 @@ def _leaf_use(kind: int, low: int, ad_enabled: bool) -> int:
 
 # By A/D on, then op, then the leaf's `low & _LEAF_BITS`: `_leaf_use`, one table lookup on
 # every TLB fill. (An op without a kind is no access: batches reject it; HLT walks nothing.)
-_LEAF_USE = {ad_enabled: tuple(
-    tuple(_leaf_use(op & OP_KIND_MASK, low, ad_enabled) for low in range(_LEAF_BITS + 1))
-    if op & OP_KIND_MASK else None for op in range(256)) for ad_enabled in (False, True)}
+# The ops of one kind share their kind's row: made per op, the rows cost every import of
+# the module half a second.
+_LEAF_USE = {ad_enabled: tuple(rows[op & OP_KIND_MASK] for op in range(256))
+             for ad_enabled in (False, True)
+             for rows in [(None,) + tuple(
+                 tuple(_leaf_use(kind, low, ad_enabled) for low in range(_LEAF_BITS + 1))
+                 for kind in (_READ, _WRITE, _EXEC))]}
 
 
 class ExitReason(enum.Enum):
@@ -178,6 +182,7 @@ class Vcpu:
         self.memslots = vm.memslot_sets[0]     # kvm_vcpu_memslots: no SMM, address space 0
         self._max_gfn = vm.max_gfn
         self._ad_enabled = vm.ad_enabled
+        self._tdp_levels = vm.config.tdp_levels
         self._leaf_use = _LEAF_USE[vm.ad_enabled]
         self._host = vm.host
         self._check_access = vm.sanitizers.check_access if vm.sanitizers is not None else None
@@ -342,8 +347,8 @@ class Vcpu:
                 if (self.requests or self.root is None) and not await self._enter_guest():
                     return self._dirty_ring_full_exit()
                 i = self._pos = next(guest, n)
-                if clock is not None:
-                    charged = self._charge_guest(clock, charged, min(i, n), i < n and
+                if clock is not None:             # (the guest yields indices below n)
+                    charged = self._charge_guest(clock, charged, i, i < n and
                                                  self._exit_error_code != TIMER_TICK)
                 if i >= n:
                     return self._result(_DONE)
@@ -399,10 +404,10 @@ class Vcpu:
         host's timer tick costs the model nothing: it is not a VM exit of the guest's
         making). Returns i, the accesses charged for."""
         costs = clock.costs
-        walks = self.walks_cached + self.walks_full
-        ns = (i - charged - walks) * costs.tlb_hit if i > charged + walks else 0
-        ns += (self.walks_cached + self.walks_full * self.vm.config.tdp_levels) * \
-            costs.ept_walk_level
+        cached, full = self.walks_cached, self.walks_full
+        hits = i - charged - cached - full
+        ns = hits * costs.tlb_hit if hits > 0 else 0
+        ns += (cached + full * self._tdp_levels) * costs.ept_walk_level
         if exits:
             ns += costs.vmexit_entry
         self.walks_cached = self.walks_full = 0
