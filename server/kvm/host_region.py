@@ -21,6 +21,8 @@ import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 from .types import (PAGE_SHIFT, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, Backing,
                     level_shift, pages_per_level)
 
@@ -80,10 +82,14 @@ class HostRegion:
         return all(prot & PROT_WRITE for prot in self._prot)
 
     def info(self) -> HostRegionInfo:
+        """Counted in bulk: a region of 1 GiB has 262,144 frames of 4K, and a call per
+        frame held the event loop for 30-80 ms. No frame holds a pfn below the zero
+        pages', so a frame maps a zero page iff its pfn is at most ZERO_PFN."""
         populated = zero = 0
         for level, frames in self.frames.items():
             pages = pages_per_level(level)
-            zeros = sum(map(_ZERO_PFNS.__contains__, frames.values()))
+            pfns = np.fromiter(frames.values(), dtype=np.int64, count=len(frames))
+            zeros = int(np.count_nonzero(pfns <= ZERO_PFN))
             zero += zeros * pages
             populated += (len(frames) - zeros) * pages
         return HostRegionInfo(self.hva, self.size, self.backing, self.writable, populated,
