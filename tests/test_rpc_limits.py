@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import random
 from collections.abc import AsyncIterator
 
 import grpc
@@ -341,3 +342,30 @@ async def test_a_destroyed_vm_gives_its_memory_back_at_once(limited):
     await vm.destroy()
     assert kvm.populated.usage == kvm.mapped.usage == 0
     assert model.host.contents == {} and model.host.regions() == []
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_batchs_allocation_bound_counts_each_page_and_table_once(seed):
+    """`batch_bytes` bounds a batch by a host page per distinct page and a page table per
+    distinct table of each level below the root, whatever order and repeats its accesses
+    come in: a batch needing exactly the limit runs, one byte less refuses it."""
+    from vmmu.server.kvm import AccessBatch, AccessKind, Kvm, KvmError, VmConfig
+    rng = random.Random(seed)
+    gpas = []
+    for _ in range(3000):
+        kind = rng.randrange(3)
+        gpas.append(rng.randrange(0, 1 << 39, 8) if kind == 0 else        # anywhere
+                    rng.randrange(0, 4 * MIB, 8) if kind == 1 else        # a few tables
+                    rng.choice(gpas) if gpas else 0)                      # a repeat
+    levels = 4                                  # the page, and a table at 4K, 2M and 1G
+    need = 4096 * sum(len({gpa >> (12 + 9 * level) for gpa in gpas}) for level in range(levels))
+    batch = AccessBatch.build((gpa, AccessKind.READ, 1, None) for gpa in gpas)
+    for limit, refused in ((need, False), (need - 1, True)):
+        vm = Kvm(Limits.from_mapping({"batch_bytes": limit})).create_vm(VmConfig())
+        vcpu = vm.create_vcpu(0)
+        if refused:
+            with pytest.raises(KvmError) as error:
+                vcpu._check_batch_limits(batch)
+            assert error.value.errno == errno.E2BIG
+        else:
+            vcpu._check_batch_limits(batch)
