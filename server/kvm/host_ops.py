@@ -57,19 +57,24 @@ def _range(mm: HostMm, hva: int, size: int, *, huge_aligned: bool = False) -> Ho
 # -- madvise(MADV_DONTNEED) -------------------------------------------------------------
 
 async def madvise_dontneed(mm: HostMm, hva: int, size: int) -> None:
-    """Drop the pages of [hva, hva + size), swapped ones included."""
+    """Drop the pages of [hva, hva + size), swapped ones included: a frame at a time, as
+    a migration (`_update_in_parts`)."""
     region = _range(mm, hva, size, huge_aligned=True)
-    await mm.update(region, hva, hva + size, partial(_zap, mm, region, hva, hva + size))
+    await _update_in_parts(mm, region, hva, hva + size, _zap)
 
 
-def _zap(mm: HostMm, region: HostRegion, start: int, end: int) -> None:
+def _zap(mm: HostMm, region: HostRegion, start: int, end: int) -> int:
+    """Drop [start, end) of `region`; returns the frames dropped."""
     region.split_partial(start, end)
+    dropped = 0
     for level, frames in region.frames.items():
         shift = PAGE_SHIFT + level_shift(level)
         for frame in keys_in(frames, start >> shift, end >> shift):
             mm.put(frames.pop(frame), level)
+            dropped += 1
     for page in keys_in(region.swapped, start >> PAGE_SHIFT, end >> PAGE_SHIFT):
         del region.swapped[page]
+    return dropped
 
 
 # -- madvise(MADV_POPULATE_WRITE) -------------------------------------------------------
@@ -179,9 +184,10 @@ async def _update_in_parts(mm: HostMm, region: HostRegion, start: int, end: int,
                            apply: Callable[[HostMm, HostRegion, int, int], int]) -> int:
     """`apply(mm, region, lo, hi)` over [start, end) of `region` a part at a time, each
     part a frame (2M, or a 1G hugetlb page) under its own invalidation, as the kernel
-    migrates and pages out a folio at a time: a long range lets other tasks run when its
-    timeslice is used up (1 GiB of 4K pages took 1.2-1.8 s without a yield), and a
-    range unmapped meanwhile fails part-way. Returns the sum of what the parts return."""
+    migrates and pages out a folio at a time (MADV_DONTNEED too: docs/differences.md):
+    a long range lets other tasks run when its timeslice is used up (1 GiB of 4K pages
+    took 1.2-1.8 s without a yield), and a range unmapped meanwhile fails part-way.
+    Returns the sum of what the parts return."""
     timeslice = Timeslice(mm.sched)
     part = max(HPAGE_SIZE, PAGE_SIZE << level_shift(region.page_level))
     done, lo = 0, start

@@ -130,12 +130,14 @@ async def test_pages_that_turn_copy_on_write_while_a_populate_yields_break_it_th
     assert [await vm.read_hva(hva, 8) for hva in twins] == [b"twins..."] * len(twins)
 
 
-@pytest.mark.parametrize("operation", ["migrate_pages", "swap_out"])
-async def test_migrating_or_swapping_out_a_large_range_yields(operation):
+@pytest.mark.parametrize("operation", ["migrate_pages", "swap_out", "madvise_dontneed"])
+async def test_migrating_swapping_out_or_dropping_a_large_range_yields(operation):
     vm, region, _ = await guest(64 * MIB)
     await vm.madvise_populate_write(region.hva, 64 * MIB)
     done, turns = await probe_turns(getattr(vm, operation)(region.hva, 64 * MIB))
-    assert done == 64 * MIB // PAGE
+    assert done == (None if operation == "madvise_dontneed" else 64 * MIB // PAGE)
+    assert vm.host_regions()[0].populated_4k_pages == \
+        (0 if operation != "migrate_pages" else 64 * MIB // PAGE)
     assert turns >= MIN_TURNS
 
 
