@@ -157,12 +157,14 @@ class HostMm:
         """Drop every region and its pages at once (the VM is gone: no notifier listens).
         Its guest_memfd files gave their pages back first, so every frame still allocated
         is a region's (or a KSM page regions share): they are freed, and uncharged, in
-        bulk rather than one `put` each."""
+        bulk rather than one `put` each. Should a frame be held elsewhere all the same,
+        the regions go page by page, and only their frames are freed."""
         held = sum(region.info().populated_4k_pages for region in self._regions) - \
             sum(self.ksm_pages.values()) + len(self.ksm_pages)
         if held != self.pfns.allocated_4k:
-            raise VmBugged(f"{self.pfns.allocated_4k} 4K host frames are allocated but the "
-                           f"regions hold {held}")
+            for region in list(self._regions):
+                self._drop_region(region)
+            return
         for region in self._regions:
             if self.mapped is not None:
                 self.mapped.uncharge(region.size)
