@@ -368,12 +368,16 @@ class HostMm:
                            "break")
         return pfn, region.writable_at(hva) and not shared, level
 
-    def fault_in(self, region: HostRegion, hva: int, write: bool) -> tuple[int, int, int]:
-        """Touch the page at hva of `region` as `hva_to_pfn` does once its checks passed
-        and any KSM page there broke copy-on-write (for a write): (pfn, host mapping
-        level, 4K pages this populated or swapped in, 0 if hva was mapped already)."""
+    def fault_in(self, region: HostRegion, hva: int,
+                 write: bool) -> tuple[int, int, int] | None:
+        """Touch the page at hva of `region` as `hva_to_pfn` does once its checks passed:
+        (pfn, host mapping level, 4K pages this populated or swapped in, 0 if hva was
+        mapped already); None for a write to a copy-on-write page (break it first)."""
         found = region.mapped(hva)
-        pfn, _, level = self._get_page(region, hva, write, found)
+        got = self._get_page_nowait(region, hva, write, found)
+        if got is None:
+            return None
+        pfn, _, level = got
         return pfn, level, 0 if found is not None else pages_per_level(level)
 
     def _populate(self, region: HostRegion, hva: int) -> tuple[int, int]:
@@ -598,7 +602,7 @@ class HostMm:
         the next hva to ask about: past the whole frame when it costs one."""
         found = region.mapped(hva)
         if found is not None:
-            if write and self.is_cow(region, hva):
+            if write and self.is_cow_pfn(found[0]):
                 frame = PAGE_SIZE << level_shift(found[1]) if is_zero_pfn(found[0]) \
                     else PAGE_SIZE
                 return frame, (hva & ~(frame - 1)) + frame

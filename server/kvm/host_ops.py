@@ -163,9 +163,10 @@ def _populate_write(mm: HostMm, region: HostRegion, start: int, end: int,
     contents = mm.contents
     hva = start
     while hva < end:
-        if mm.is_cow(region, hva):
-            break                   # the caller breaks it, and may sleep for that
-        pfn, level, populated = mm.fault_in(region, hva, write=True)
+        touched = mm.fault_in(region, hva, write=True)
+        if touched is None:
+            break                   # copy-on-write: the caller breaks it, and may sleep
+        pfn, level, populated = touched
         new += populated
         host_page_end = (hva | ((PAGE_SIZE << level_shift(level)) - 1)) + 1
         stop = min(end, host_page_end, hva + POPULATE_STEP)

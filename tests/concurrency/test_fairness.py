@@ -84,9 +84,9 @@ async def test_a_populate_that_yields_often_looks_at_each_page_a_bounded_number_
         monkeypatch):
     """After a yield a populate goes on where it stopped: it does not look over the whole
     rest of the range for pages that must break copy-on-write again (which made 256 MiB
-    take 23 s, 128 MiB 1.1 s). It looks the range over once before it populates, then
-    asks about each page as it comes and once more where it stopped: within three times
-    the range's pages however many times it yields."""
+    take 23 s, 128 MiB 1.1 s). It looks the range over once before it populates, and
+    once more where it stopped after each yield: within three times the range's pages
+    however many times it yields."""
     from vmmu.server.kvm import resched
     monkeypatch.setattr(resched, "TIMESLICE_NS", 50_000)        # a yield every 50 us
     vm, region, _ = await guest(64 * MIB)
