@@ -108,10 +108,14 @@ def loop_histograms(metrics_port: int) -> dict[str, dict[float, float]]:
     return out
 
 
-def histogram_max_ms(before: dict[float, float], after: dict[float, float]) -> float:
-    """The upper bound (ms) of the highest bucket that gained an observation between two
-    scrapes of one histogram (inf: above the last bound; 0: none)."""
-    gained = {le: after[le] - before.get(le, 0) for le in after}
+def gained(before: dict[float, float], after: dict[float, float]) -> dict[float, float]:
+    """The observations each bucket of one histogram gained between two scrapes."""
+    return {le: count - before.get(le, 0) for le, count in after.items()}
+
+
+def highest_bucket_ms(gained: dict[float, float]) -> float:
+    """The upper bound (ms) of the highest bucket in `gained` with an observation (inf:
+    above the last bound; 0: none)."""
     total = gained[float("inf")]
     if not total:
         return 0.0
@@ -209,7 +213,7 @@ async def load(address: str, server_pid: int, metrics_port: int, clients: int, w
                duration: float, warmup: float) -> None:
     idle_loop = await asyncio.to_thread(loop_histograms, metrics_port)
     idle = await idle_baselines(address)
-    idle_loop = {name: histogram_max_ms(idle_loop[name], after) for name, after in
+    idle_loop = {name: highest_bucket_ms(gained(idle_loop[name], after)) for name, after in
                  (await asyncio.to_thread(loop_histograms, metrics_port)).items()}
     async with AsyncClient(address) as client:
         probe_vm, _ = await make_vm(client)
@@ -278,12 +282,11 @@ async def load(address: str, server_pid: int, metrics_port: int, clients: int, w
          probe_p99_ms=round(percentile(waits, 0.99) * 1e3, 3), **common)
     for what, name in (("busy", "vmmu_event_loop_busy_seconds"),
                        ("lag", "vmmu_event_loop_lag_seconds")):
-        gained = {le: count - loop_start[name].get(le, 0)
-                  for le, count in loop_end[name].items()}
-        emit(f"load_loop_{what}_max_ms", histogram_max_ms(loop_start[name], loop_end[name]),
-             "ms", f"the target: {TARGET_MS} ms", TARGET_MS, limit=1.0,
-             intervals=gained[float("inf")],
-             intervals_over_target=gained[float("inf")] - gained[TARGET_MS / 1e3],
+        measured = gained(loop_start[name], loop_end[name])
+        emit(f"load_loop_{what}_max_ms", highest_bucket_ms(measured), "ms",
+             f"the target: {TARGET_MS} ms", TARGET_MS, limit=1.0,
+             intervals=measured[float("inf")],
+             intervals_over_target=measured[float("inf")] - measured[TARGET_MS / 1e3],
              idle_server_max_ms=idle_loop[name], bucket_upper_bound=True, **common)
     after_warmup = next((mib for t, mib in rss if t >= warmup), rss[0][1])
     emit("load_rss_mib", rss[-1][1], "MiB", "RSS after the warm-up", after_warmup,
